@@ -1,0 +1,30 @@
+"""aelib: the autoencoders of "Building Autoencoders in Keras" as a Keras 3 library.
+
+    import aelib
+    aelib.list_models()                      # the seven variant names
+    model = aelib.build_model("deep")        # .autoencoder, .encoder, .decoder
+    result = aelib.train(aelib.TrainConfig(model="denoise", epochs=1, limit=2000))
+    model = aelib.load("runs/denoise.keras") # reload with its config and metrics
+
+aelib never imports Ray: Ray jobs live in the project's `jobs/` folder.
+"""
+
+from aelib import layers  # noqa: F401  (registers the custom layers for load_model)
+from aelib.registry import Autoencoder, build_model, list_models, model_defaults
+from aelib.saving import load, read_info, save
+from aelib.train import TrainConfig, TrainResult, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Autoencoder",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "list_models",
+    "load",
+    "model_defaults",
+    "read_info",
+    "save",
+    "train",
+]

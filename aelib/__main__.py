@@ -1,0 +1,110 @@
+"""Command line: `python -m aelib train --model NAME ...` (also the `aelib` script)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+
+from aelib.registry import list_models
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE. Received: {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aelib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the variants and their default options")
+
+    t = sub.add_parser("train", help="train, evaluate and save one variant (no Ray)")
+    t.add_argument("--model", required=True, choices=list_models())
+    t.add_argument(
+        "--epochs",
+        type=_positive,
+        default=None,
+        help="default: the tutorial's (50; 100 for deep, 30 for denoise)",
+    )
+    t.add_argument("--limit", type=_positive, default=None, help="use the first N training images")
+    t.add_argument(
+        "--test-limit", type=_positive, default=None, help="evaluate on the first N test images"
+    )
+    t.add_argument("--batch-size", type=_positive, default=None)
+    t.add_argument("--learning-rate", type=float, default=None)
+    t.add_argument("--noise-factor", type=float, default=None)
+    t.add_argument("--val-split", type=float, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--data",
+        default=None,
+        help="path to mnist.npz (default: $AELIB_MNIST, then Keras's download)",
+    )
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument(
+        "--set",
+        dest="options",
+        type=_parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model option, e.g. --set encoding_dim=64",
+    )
+    t.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard logs")
+    t.add_argument("--no-figures", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from aelib.registry import model_defaults
+
+        for name in list_models():
+            print(f"{name:8s} {model_defaults(name)}")
+        return 0
+
+    from aelib.train import TrainConfig, train
+    from aelib.tutorial import tutorial_settings
+
+    values = {
+        **tutorial_settings(args.model),
+        "seed": args.seed,
+        "data": args.data,
+        "limit": args.limit,
+        "test_limit": args.test_limit,
+        "model_options": dict(args.options),
+    }
+    for field in ("epochs", "batch_size", "learning_rate", "noise_factor", "val_split"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    try:
+        config = TrainConfig(model=args.model, **values)
+        result = train(
+            config, out_dir=args.out, tensorboard_dir=args.tensorboard, figures=not args.no_figures
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"aelib: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, **result.metrics}, indent=2, default=float))
+    for kind, path in result.paths.items():
+        print(f"wrote {kind}: {path}")
+    return 1 if result.metrics["nan"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""NumPy-only data helpers: MNIST by path, scaling, noise, reshaping, image folders."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+MNIST_ENV = "AELIB_MNIST"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+_MNIST_KEYS = {"x_train": 3, "y_train": 1, "x_test": 3, "y_test": 1}
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def resolve_mnist_path(path: str | os.PathLike | None = None) -> Path | None:
+    """The MNIST file to use: `path`, else `$AELIB_MNIST`, else None (download)."""
+    chosen = path if path not in (None, "") else os.environ.get(MNIST_ENV) or None
+    return None if chosen is None else Path(chosen).expanduser()
+
+
+def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
+    """Loads MNIST as `((x_train, y_train), (x_test, y_test))`, uint8 0..255.
+
+    Looks at `path`, then the `AELIB_MNIST` environment variable, and only then
+    falls back to `keras.datasets.mnist.load_data()` (which needs internet).
+
+    Raises:
+        FileNotFoundError: `path` (or `$AELIB_MNIST`) does not exist.
+        ValueError: the file is not an `.npz` in Keras's MNIST layout.
+    """
+    resolved = resolve_mnist_path(path)
+    if resolved is None:
+        import keras
+
+        return keras.datasets.mnist.load_data()
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"MNIST file not found: {resolved}. Pass --data PATH or set ${MNIST_ENV} to "
+            "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
+        )
+    try:
+        with np.load(resolved, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in _MNIST_KEYS if key in f.files}
+            found = list(f.files)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{resolved} is not a readable .npz file: {e}") from e
+    missing = [key for key in _MNIST_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(
+            f"{resolved} is not an MNIST .npz: missing keys {missing}. Found keys: {found}. "
+            f"Expected {list(_MNIST_KEYS)}."
+        )
+    for key, ndim in _MNIST_KEYS.items():
+        if arrays[key].ndim != ndim:
+            raise ValueError(
+                f"{resolved}: {key} must have {ndim} dimensions. "
+                f"Received shape {arrays[key].shape}."
+            )
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise ValueError(
+                f"{resolved}: x_{split} and y_{split} differ in length "
+                f"({len(arrays[f'x_{split}'])} != {len(arrays[f'y_{split}'])})."
+            )
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def scale(x: np.ndarray) -> np.ndarray:
+    """uint8 0..255 -> float32 0..1 (float input is checked, not rescaled)."""
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype("float32") / 255.0
+    x = x.astype("float32", copy=False)
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise ValueError(
+            f"Float images must already lie in [0, 1]. Received range [{x.min()}, {x.max()}]."
+        )
+    return x
+
+
+def flatten(x: np.ndarray) -> np.ndarray:
+    """(N, H, W[, 1]) -> (N, H * W)."""
+    return x.reshape((len(x), -1))
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H, W, 1), channels-last."""
+    return x.reshape((*x.shape[:3], 1)) if x.ndim == 3 else x
+
+
+def as_sequences(x: np.ndarray) -> np.ndarray:
+    """(N, H, W[, 1]) -> (N, H, W): each image as H time steps of W features."""
+    return x.reshape(x.shape[:3])
+
+
+def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) -> np.ndarray:
+    """The tutorial's synthetic noise: x + noise_factor * N(0, 1), clipped to [0, 1].
+
+    Args:
+        x: images scaled to [0, 1].
+        noise_factor: standard deviation of the Gaussian noise, in [0, 1].
+        seed: seed of the noise, so noisy sets are reproducible.
+    """
+    if not 0.0 <= noise_factor <= 1.0:
+        raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+    rng = np.random.default_rng(seed)
+    noisy = x + noise_factor * rng.standard_normal(x.shape, dtype="float32")
+    return np.clip(noisy, 0.0, 1.0).astype("float32")
+
+
+def prepare(x: np.ndarray, input_kind: str) -> np.ndarray:
+    """Scales uint8 images (N, H, W) and shapes them for a variant's input kind."""
+    x = scale(x)
+    if input_kind == "flat":
+        return flatten(x)
+    if input_kind == "image":
+        return as_images(x)
+    if input_kind == "sequence":
+        return as_sequences(x)
+    raise ValueError(f"input_kind must be flat, image or sequence. Received: {input_kind!r}")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder`, recursively, sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """Reads one image file as a uint8 (H, W) grayscale array.
+
+    Raises:
+        ValueError: the file is missing, corrupt, truncated or not an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read image {path}: {e}") from e
+
+
+def load_image_folder(
+    folder: str | os.PathLike,
+    size: tuple[int, int] = (28, 28),
+    mode: str = "resize",
+    invert: bool = False,
+    on_error: str = "raise",
+) -> np.ndarray:
+    """Loads a folder of the user's own images as uint8 (N, H, W) grayscale.
+
+    An autoencoder only works on data like its training data, so the images
+    are brought to the model's input size: `mode="resize"` resizes each whole
+    image, `mode="patch"` cuts it into non-overlapping `size` patches (an
+    image smaller than a patch gives none).
+
+    Args:
+        folder: a folder, searched recursively for image files.
+        size: (height, width) of the model's input.
+        mode: "resize" or "patch".
+        invert: turn dark-on-light images into MNIST's light-on-dark.
+        on_error: "raise" on the first unreadable file, or "skip" it.
+
+    Raises:
+        ValueError: a bad argument, no usable image, or (on_error="raise") an unreadable file.
+    """
+    from PIL import Image
+
+    if mode not in ("resize", "patch"):
+        raise ValueError(f"mode must be 'resize' or 'patch'. Received: mode={mode!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip'. Received: on_error={on_error!r}")
+    height, width = size
+    out = []
+    for path in list_images(folder):
+        try:
+            img = read_gray(path)
+        except ValueError:
+            if on_error == "raise":
+                raise
+            continue
+        if mode == "resize":
+            resized = Image.fromarray(img).resize((width, height), Image.Resampling.LANCZOS)
+            out.append(np.asarray(resized)[None])
+        else:
+            rows, cols = img.shape[0] // height, img.shape[1] // width
+            if rows and cols:
+                tiles = img[: rows * height, : cols * width].reshape(rows, height, cols, width)
+                out.append(tiles.transpose(0, 2, 1, 3).reshape(-1, height, width))
+    if not out:
+        raise ValueError(
+            f"No usable images of at least {height}x{width} in {folder} "
+            f"(looked for {', '.join(IMAGE_SUFFIXES)})."
+        )
+    images = np.concatenate(out).astype(np.uint8)
+    return 255 - images if invert else images

@@ -1,0 +1,44 @@
+"""Image-quality metrics: scikit-image's PSNR and SSIM, averaged over a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+
+def _as_hw(x: np.ndarray) -> np.ndarray:
+    """(N, H, W[, 1]) or (N, H*W) square images -> (N, H, W) float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        side = int(round(np.sqrt(x.shape[1])))
+        if side * side != x.shape[1]:
+            raise ValueError(f"Flat images must be square. Received shape {x.shape}")
+        x = x.reshape(len(x), side, side)
+    return x
+
+
+def psnr(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-image PSNR in dB (the mean over images is what we report)."""
+    ref, img = _as_hw(reference), _as_hw(images)
+    if ref.shape != img.shape:
+        raise ValueError(f"Shapes differ: reference {ref.shape} vs images {img.shape}")
+    pairs = zip(ref, img, strict=True)
+    return np.array([peak_signal_noise_ratio(r, i, data_range=data_range) for r, i in pairs])
+
+
+def ssim(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-image SSIM (scikit-image, 7x7 window)."""
+    ref, img = _as_hw(reference), _as_hw(images)
+    if ref.shape != img.shape:
+        raise ValueError(f"Shapes differ: reference {ref.shape} vs images {img.shape}")
+    pairs = zip(ref, img, strict=True)
+    return np.array([structural_similarity(r, i, data_range=data_range) for r, i in pairs])
+
+
+def binary_crossentropy(targets: np.ndarray, outputs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean per-pixel binary cross-entropy, as Keras computes it."""
+    t = np.asarray(targets, dtype=np.float64)
+    o = np.clip(np.asarray(outputs, dtype=np.float64), eps, 1.0 - eps)
+    return float(np.mean(-(t * np.log(o) + (1.0 - t) * np.log(1.0 - o))))

@@ -1,0 +1,84 @@
+"""Convolutional autoencoders: `conv` and the fully convolutional `denoise`."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from aelib.registry import register_model
+
+
+@register_model("image")
+def conv(
+    filters: tuple[int, int, int] = (16, 8, 8),  # encoder convs; the code is (4, 4, filters[-1])
+    kernel_size: int = 3,
+    activation: str = "relu",
+):
+    """The tutorial's convolutional autoencoder on 28x28x1 digits.
+
+    Conv16-Pool-Conv8-Pool-Conv8-Pool gives a (4, 4, 8) = 128-float code; the
+    decoder mirrors it, and its one unpadded conv turns 16x16 into 14x14 so the
+    output is 28x28 again.
+    """
+    f1, f2, f3 = filters
+    conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
+    inputs = keras.Input(shape=(28, 28, 1), name="image")
+    x = layers.Conv2D(f1, **conv_kw, name="enc_conv_0")(inputs)
+    x = layers.MaxPooling2D(2, padding="same")(x)  # 14
+    x = layers.Conv2D(f2, **conv_kw, name="enc_conv_1")(x)
+    x = layers.MaxPooling2D(2, padding="same")(x)  # 7
+    x = layers.Conv2D(f3, **conv_kw, name="enc_conv_2")(x)
+    code = layers.MaxPooling2D(2, padding="same", name="code")(x)  # 4
+    encoder = keras.Model(inputs, code, name="encoder")
+
+    code_in = keras.Input(shape=(4, 4, f3), name="code")
+    x = layers.Conv2D(f3, **conv_kw, name="dec_conv_0")(code_in)
+    x = layers.UpSampling2D(2)(x)  # 8
+    x = layers.Conv2D(f2, **conv_kw, name="dec_conv_1")(x)
+    x = layers.UpSampling2D(2)(x)  # 16
+    x = layers.Conv2D(f1, kernel_size, activation=activation, name="dec_conv_2")(x)  # 14, unpadded
+    x = layers.UpSampling2D(2)(x)  # 28
+    outputs = layers.Conv2D(
+        1, kernel_size, activation="sigmoid", padding="same", name="reconstruction"
+    )(x)
+    decoder = keras.Model(code_in, outputs, name="decoder")
+    return encoder, decoder
+
+
+@register_model("image")
+def denoise(
+    filters: int = 32,
+    depth: int = 2,  # conv-pool stages; inputs must be a multiple of 2**depth in size
+    convs_per_stage: int = 1,  # the tutorial has one conv per stage
+    kernel_size: int = 3,
+    activation: str = "relu",
+    channels: int = 1,  # 1 for grayscale, 3 to denoise RGB images jointly
+):
+    """The tutorial's denoiser: Conv32-Pool-Conv32-Pool, a (7, 7, 32) code on
+    28x28 digits, decoder Conv32-Up-Conv32-Up-Conv1 sigmoid.
+
+    Fully convolutional (spatial dims are None), so a model trained on 28x28
+    digits also runs on larger images whose sides are multiples of 2**depth.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1. Received: depth={depth}")
+    conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
+    inputs = keras.Input(shape=(None, None, channels), name="image")
+    x = inputs
+    for stage in range(depth):
+        for i in range(convs_per_stage):
+            x = layers.Conv2D(filters, **conv_kw, name=f"enc_conv_{stage}_{i}")(x)
+        x = layers.MaxPooling2D(2, padding="same", name=f"enc_pool_{stage}")(x)
+    encoder = keras.Model(inputs, x, name="encoder")
+
+    code_in = keras.Input(shape=(None, None, filters), name="code")
+    x = code_in
+    for stage in range(depth):
+        for i in range(convs_per_stage):
+            x = layers.Conv2D(filters, **conv_kw, name=f"dec_conv_{stage}_{i}")(x)
+        x = layers.UpSampling2D(2, name=f"dec_up_{stage}")(x)
+    outputs = layers.Conv2D(
+        channels, kernel_size, activation="sigmoid", padding="same", name="reconstruction"
+    )(x)
+    decoder = keras.Model(code_in, outputs, name="decoder")
+    return encoder, decoder

@@ -1,0 +1,173 @@
+"""The tutorial's figures, drawn with matplotlib's Agg backend into PNG files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from aelib.registry import Autoencoder
+    from aelib.train import Splits
+
+
+def _as_hw(x: np.ndarray) -> np.ndarray:
+    """Model arrays (flat, sequence or channels-last) -> (N, 28, 28)-like images."""
+    x = np.asarray(x)
+    if x.ndim == 4:
+        return x[..., 0] if x.shape[-1] == 1 else x
+    if x.ndim == 2:
+        side = int(round(np.sqrt(x.shape[1])))
+        return x.reshape(len(x), side, side)
+    return x
+
+
+def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10) -> Path:
+    """Draws each array's first `n` images as one labelled row (originals over
+    reconstructions, noisy over denoised, ...)."""
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.2, len(rows) * 1.3), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        images = _as_hw(images)
+        for c in range(n):
+            ax = axes[r][c]
+            if c < len(images):
+                ax.imshow(images[c], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
+    """Draws (N, h, w, c) conv codes as images of (h, w * c), as the tutorial does."""
+    codes = np.asarray(codes)[:n]
+    h, w, c = codes.shape[1:]
+    tiles = codes.transpose(0, 1, 3, 2).reshape(len(codes), h, c * w)
+    fig, axes = plt.subplots(1, len(tiles), figsize=(len(tiles) * 1.6, 1.6), squeeze=False)
+    for ax, tile in zip(axes[0], tiles, strict=False):
+        ax.imshow(tile, cmap="gray")
+        ax.axis("off")
+    fig.suptitle(f"codes ({h}x{w}x{c}) drawn as {h}x{w * c} images")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
+    keys = [k for k in ("loss", "val_loss") if k in history]
+    extra = [k for k in ("val_psnr",) if k in history]
+    fig, axes = plt.subplots(
+        1, 1 + bool(extra), figsize=(5 * (1 + bool(extra)), 3.5), squeeze=False
+    )
+    for k in keys:
+        axes[0][0].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
+    axes[0][0].set_xlabel("epoch")
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend()
+    for k in extra:
+        axes[0][1].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_ylabel("dB")
+        axes[0][1].legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latent_plane(
+    z: np.ndarray,
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "VAE latent plane (z_mean of test digits)",
+) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=4)
+    fig.colorbar(sc, ax=ax, label="digit")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def digit_manifold(decoder, path: str | os.PathLike, n: int = 15, digit_size: int = 28) -> Path:
+    """Decodes an n x n grid of the 2-D latent plane, spaced by the Gaussian's
+    quantiles as in the tutorial."""
+    from scipy.stats import norm
+
+    grid = norm.ppf(np.linspace(0.05, 0.95, n))
+    z = np.array([[xi, yi] for yi in grid[::-1] for xi in grid], dtype="float32")
+    decoded = _as_hw(decoder.predict(z, verbose=0)).reshape(n, n, digit_size, digit_size)
+    figure = decoded.transpose(0, 2, 1, 3).reshape(n * digit_size, n * digit_size)
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.imshow(figure, cmap="Greys_r")
+    ax.axis("off")
+    ax.set_title(f"{n}x{n} digit manifold")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def tsne_codes(
+    codes: np.ndarray, labels: np.ndarray, path: str | os.PathLike, limit: int = 1000, seed: int = 0
+) -> Path:
+    """A t-SNE map (scikit-learn) of the codes of up to `limit` test digits."""
+    from sklearn.manifold import TSNE
+
+    codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
+    perplexity = float(min(30, max(2, len(codes) // 4)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        codes
+    )
+    return latent_plane(xy, labels, path, title=f"t-SNE of {codes.shape[1]}-float codes")
+
+
+def tutorial_figures(
+    model: Autoencoder, splits: Splits, history: dict[str, list[float]], out_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Every figure the tutorial shows for this variant."""
+    out_dir = Path(out_dir)
+    name = model.name
+    n = 10
+    x, y = splits.x_test[:n], splits.y_test[:n]
+    out = model.autoencoder.predict(x, verbose=0)
+    figures = {"learning_curves": learning_curves(history, out_dir / f"{name}_learning_curves.png")}
+    if name == "denoise":
+        figures["denoised"] = image_rows(
+            {"noisy": x, "denoised": out, "clean": y}, out_dir / f"{name}_noisy_vs_denoised.png"
+        )
+    else:
+        figures["reconstructions"] = image_rows(
+            {"original": y, "reconstructed": out}, out_dir / f"{name}_reconstructions.png"
+        )
+    limit = min(len(splits.x_test), 2000)
+    if name in ("conv", "denoise"):
+        codes = model.encoder.predict(x, verbose=0)
+        if codes.ndim == 4:
+            figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
+    if name in ("dense", "sparse", "deep"):
+        codes = model.encoder.predict(splits.x_test[:limit], verbose=0)
+        figures["tsne"] = tsne_codes(
+            codes, splits.labels_test[:limit], out_dir / f"{name}_codes_tsne.png"
+        )
+    if name == "vae":
+        import keras
+
+        z_mean = keras.Model(model.encoder.inputs, model.encoder.get_layer("z_mean").output)
+        z = z_mean.predict(splits.x_test[:limit], verbose=0)
+        if z.shape[1] == 2:
+            figures["latent_plane"] = latent_plane(
+                z, splits.labels_test[:limit], out_dir / f"{name}_latent_plane.png"
+            )
+            figures["manifold"] = digit_manifold(model.decoder, out_dir / f"{name}_manifold.png")
+    return figures
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,313 @@
+"""The one training path: the CLI and every Ray Tune trial call `train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from aelib import data as data_lib
+from aelib import metrics as metrics_lib
+from aelib.registry import Autoencoder, build_model, list_models, model_defaults
+from aelib.saving import save
+
+MnistArrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved with every model."""
+
+    model: str = "dense"  # a name from aelib.list_models()
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # build_model overrides
+    epochs: int = 50  # the tutorial's 50 (100 for deep, 30 for denoise)
+    batch_size: int = 256  # the tutorial's 256 (128 for denoise)
+    learning_rate: float = 1e-3  # Adam
+    noise_factor: float = 0.5  # std of the Gaussian noise the denoiser is trained to remove
+    limit: int | None = None  # use the first N training images (None: all 60,000)
+    val_split: float = 0.1  # last fraction of the training images held out for validation
+    test_limit: int | None = None  # evaluate on the first N test images (None: all 10,000)
+    metrics_limit: int = 1000  # images used for the per-epoch PSNR/SSIM of `denoise`
+    seed: int = 0
+    data: str | None = None  # path to mnist.npz (None: $AELIB_MNIST, then Keras's download)
+
+    def __post_init__(self):
+        if self.model not in list_models():
+            raise ValueError(
+                f"Unknown model {self.model!r}. Valid names: {', '.join(list_models())}"
+            )
+        unknown = sorted(set(self.model_options) - set(model_defaults(self.model)))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for model {self.model!r}. "
+                f"Valid options: {sorted(model_defaults(self.model))}"
+            )
+        _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0. Received: {self.learning_rate}")
+        _check(
+            0.0 <= self.noise_factor <= 1.0,
+            f"noise_factor must be in [0, 1]. Received: noise_factor={self.noise_factor}",
+        )
+        _check(
+            self.limit is None or self.limit >= 2,
+            f"limit must be >= 2 (or None for all). Received: limit={self.limit}",
+        )
+        _check(
+            0.0 <= self.val_split < 1.0,
+            f"val_split must be in [0, 1). Received: val_split={self.val_split}",
+        )
+        _check(
+            self.test_limit is None or self.test_limit >= 1,
+            f"test_limit must be >= 1. Received: test_limit={self.test_limit}",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig field(s) {unknown}. Valid: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Autoencoder
+    metrics: dict[str, float]  # final test metrics (see `evaluate`)
+    history: dict[str, list[float]]  # per-epoch Keras logs
+    config: TrainConfig
+    paths: dict[str, str]  # what was written under out_dir
+
+
+@dataclasses.dataclass
+class Splits:
+    """Model-ready arrays: inputs and targets differ only for `denoise`."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels_test: np.ndarray
+
+
+def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Splits:
+    """Limits, scales, reshapes and (for `denoise`) adds noise, reproducibly."""
+    (x_train, _), (x_test, labels_test) = arrays
+    if config.limit is not None:
+        x_train = x_train[: config.limit]
+    if config.test_limit is not None:
+        x_test, labels_test = x_test[: config.test_limit], labels_test[: config.test_limit]
+    clean_train = data_lib.prepare(x_train, input_kind)
+    clean_test = data_lib.prepare(x_test, input_kind)
+    n_val = int(round(len(clean_train) * config.val_split))
+    if n_val:
+        clean_train, clean_val = clean_train[:-n_val], clean_train[-n_val:]
+    else:  # the tutorial's choice: validate on the test split
+        clean_val = clean_test
+    if config.model == "denoise":
+        # Distinct seeds per split so no split's noise repeats another's.
+        noisy = [
+            data_lib.add_noise(x, config.noise_factor, seed=config.seed + i)
+            for i, x in enumerate((clean_train, clean_val, clean_test))
+        ]
+        return Splits(noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test)
+    return Splits(
+        clean_train, clean_train, clean_val, clean_val, clean_test, clean_test, labels_test
+    )
+
+
+class DenoiseMetrics(keras.callbacks.Callback):
+    """Adds `val_psnr` and `val_ssim` (on up to `limit` validation images) to the epoch logs,
+    so every later callback (Tune's reporter, TensorBoard, History) sees them."""
+
+    def __init__(
+        self, x_val: np.ndarray, y_val: np.ndarray, limit: int = 1000, batch_size: int = 256
+    ):
+        super().__init__()
+        self.x_val, self.y_val = x_val[:limit], y_val[:limit]
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        out = self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
+        logs["val_psnr"] = float(np.mean(metrics_lib.psnr(self.y_val, out)))
+        logs["val_ssim"] = float(np.mean(metrics_lib.ssim(self.y_val, out)))
+
+
+def compile_model(model: Autoencoder, learning_rate: float) -> None:
+    model.autoencoder.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="binary_crossentropy",
+    )
+
+
+def evaluate(model: Autoencoder, splits: Splits, batch_size: int = 256) -> dict[str, float]:
+    """Test metrics: `test_loss` (what training minimises: BCE plus any penalty),
+    `test_bce` (pure reconstruction BCE, comparable across variants), and per variant
+    PSNR/SSIM of input and output, mean code activation, ..."""
+    model_out = model.autoencoder.predict(splits.x_test, batch_size=batch_size, verbose=0)
+    results = {
+        "test_loss": float(
+            model.autoencoder.evaluate(
+                splits.x_test, splits.y_test, batch_size=batch_size, verbose=0
+            )
+        ),
+        "test_bce": metrics_lib.binary_crossentropy(splits.y_test, model_out),
+        "test_images": len(splits.x_test),
+    }
+    n = min(len(splits.x_test), 10_000)
+    psnr_out = metrics_lib.psnr(splits.y_test[:n], model_out[:n])
+    results["test_psnr"] = float(np.mean(psnr_out))
+    results["test_ssim"] = float(np.mean(metrics_lib.ssim(splits.y_test[:n], model_out[:n])))
+    if model.name == "denoise":
+        results["noisy_psnr"] = float(
+            np.mean(metrics_lib.psnr(splits.y_test[:n], splits.x_test[:n]))
+        )
+        results["noisy_ssim"] = float(
+            np.mean(metrics_lib.ssim(splits.y_test[:n], splits.x_test[:n]))
+        )
+        results["psnr_gain"] = results["test_psnr"] - results["noisy_psnr"]
+    if model.name in ("dense", "sparse", "deep"):
+        codes = model.encoder.predict(splits.x_test, batch_size=batch_size, verbose=0)
+        results["code_mean"] = float(np.mean(codes))
+        results["code_active_fraction"] = float(np.mean(codes > 0))
+    return results
+
+
+def train(
+    config: TrainConfig | dict[str, Any],
+    data: MnistArrays | None = None,
+    out_dir: str | os.PathLike | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
+    figures: bool = True,
+    verbose: str | int = "auto",
+) -> TrainResult:
+    """Builds, trains and evaluates one variant; optionally saves it with its figures.
+
+    Args:
+        config: a `TrainConfig` (or a dict of its fields).
+        data: MNIST as `load_mnist` returns it; loaded from `config.data` if None
+            (Ray trials pass it from the object store instead).
+        out_dir: if set, writes `NAME.keras`, `metrics.json` and `figures/*.png` there.
+        callbacks: extra Keras callbacks, run after aelib's own (so they see
+            `val_psnr`/`val_ssim` for `denoise`).
+        tensorboard_dir: if set, Keras's TensorBoard callback logs there.
+        figures: draw the tutorial's figures into out_dir.
+        verbose: Keras's fit verbosity ("auto": a progress bar on a terminal).
+
+    Returns:
+        A `TrainResult`. Training stops early if the loss turns NaN; then
+        `metrics["nan"]` is True.
+    """
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    keras.utils.set_random_seed(config.seed)
+    arrays = data if data is not None else data_lib.load_mnist(config.data)
+    model = build_model(config.model, **config.model_options)
+    splits = make_splits(config, arrays, model.input_kind)
+    compile_model(model, config.learning_rate)
+
+    own = [keras.callbacks.TerminateOnNaN()]
+    if config.model == "denoise":
+        own.append(
+            DenoiseMetrics(splits.x_val, splits.y_val, config.metrics_limit, config.batch_size)
+        )
+    if tensorboard_dir is not None:
+        own.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
+    start = time.perf_counter()
+    history = model.autoencoder.fit(
+        splits.x_train,
+        splits.y_train,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        validation_data=(splits.x_val, splits.y_val),
+        callbacks=own + list(callbacks or []),
+        verbose=verbose,
+    )
+    train_seconds = time.perf_counter() - start
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    last_loss = hist.get("loss", [math.nan])[-1]
+    metrics: dict[str, Any] = {
+        "train_loss": last_loss,
+        "val_loss": hist.get("val_loss", [math.nan])[-1],
+        "epochs_run": len(hist.get("loss", [])),
+        "train_seconds": train_seconds,
+        "nan": not math.isfinite(last_loss),
+    }
+    if not metrics["nan"]:
+        metrics.update(evaluate(model, splits, config.batch_size))
+
+    paths: dict[str, str] = {}
+    if out_dir is not None:
+        paths = write_outputs(model, config, metrics, hist, splits, Path(out_dir), figures)
+    return TrainResult(model, metrics, hist, config, paths)
+
+
+def run_record(
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    history: dict[str, list[float]],
+    n_train: int,
+    n_val: int,
+) -> dict[str, Any]:
+    """What gets stored with a model: config, data settings, metrics, history."""
+    return {
+        "train_config": config.to_dict(),
+        "data_settings": {
+            "source": str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist"),
+            "train_images": n_train,
+            "val_images": n_val,
+            "noise_factor": config.noise_factor if config.model == "denoise" else None,
+            "scaling": "uint8 / 255 -> [0, 1]",
+        },
+        "metrics": metrics,
+        "history": history,
+    }
+
+
+def write_outputs(
+    model: Autoencoder,
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    history: dict[str, list[float]],
+    splits: Splits,
+    out_dir: Path,
+    figures: bool,
+) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = run_record(config, metrics, history, len(splits.x_train), len(splits.x_val))
+    paths = {"model": str(save(model, out_dir / f"{config.model}.keras", record))}
+    metrics_path = out_dir / "metrics.json"
+    tmp = metrics_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"model": config.model, **record}, indent=2, default=float))
+    os.replace(tmp, metrics_path)
+    paths["metrics"] = str(metrics_path)
+    if figures and not metrics["nan"]:
+        from aelib import plots
+
+        for name, path in plots.tutorial_figures(
+            model, splits, history, out_dir / "figures"
+        ).items():
+            paths[f"figure_{name}"] = str(path)
+    return paths
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
