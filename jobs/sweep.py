@@ -1,0 +1,825 @@
+"""Ray Tune search over aelib's seven autoencoders, every trial in parallel.
+
+    python jobs/sweep.py --smoke-test --data /work/shared/data/mnist.npz
+    python jobs/sweep.py --models dense conv vae --num-samples 8 --epochs 20 \
+        --storage-path ~/ray_results --name ae-sweep --data /path/to/mnist.npz
+    ray submit cluster.yaml jobs/sweep.py -- --gpus-per-trial 0.5 --storage-path s3://bucket/sweeps
+
+One Tuner runs every variant's trials side by side. Each trial calls
+`aelib.train` on MNIST taken from Ray's object store, reports the validation
+loss per epoch (plus PSNR/SSIM for `denoise`) with a `.keras` checkpoint, and
+its final test metrics. ASHA stops poor trials early, comparing a trial only
+with trials of its own variant (their losses differ in kind: `vae` adds a KL
+term, `sparse` an L1 penalty); `--search optuna` adds a model-based search.
+
+Everything lands under `<storage-path>/<name>/`:
+    best/<variant>.keras   the best model of each variant (aelib.load reloads it)
+    best/<variant>.json    its config, test metrics and trial
+    trials.csv, trials.parquet   one row per trial (hyperparameters, metrics, node, status)
+    report/report.md       best config, test metrics and the tutorial's figures per
+                           variant, and report/compare.png comparing the variants
+    <trial dirs>           Tune's results, checkpoints and per-trial TensorBoard logs
+                           (tensorboard --logdir <storage-path>/<name>)
+
+The file runs alone (`ray submit` copies only this file): it needs aelib
+installed, nothing else from the repository. `ray.init()` takes the cluster
+address from RAY_ADDRESS (or the cluster `ray start` made on this machine);
+RAY_ADDRESS=local forces a fresh local Ray. On a multi-node cluster give a
+--storage-path every node can reach (a cloud URI or a shared filesystem).
+
+Faults: a failing trial is retried (--max-failures); a trial whose loss turns
+NaN stops and is marked `nan` in the table while the sweep goes on; after the
+driver dies, rerun the same command with --resume: finished trials are kept,
+unfinished ones continue from their last epoch's checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+# Per variant, the hyperparameters that matter. `learning_rate`, `batch_size`
+# and `noise_factor` are aelib.TrainConfig fields; every other key is a
+# build_model option of that variant.
+SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "dense": {
+        "encoding_dim": tune.choice([16, 32, 64]),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([128, 256]),
+    },
+    "sparse": {
+        "encoding_dim": tune.choice([32, 64]),
+        "l1": tune.loguniform(1e-6, 1e-4),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([128, 256]),
+    },
+    "deep": {
+        "hidden_units": tune.choice([[128, 64], [256, 128]]),
+        "encoding_dim": tune.choice([16, 32, 64]),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([128, 256]),
+    },
+    "conv": {
+        "filters": tune.choice([[16, 8, 8], [32, 16, 8], [32, 16, 16]]),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([64, 128]),
+    },
+    "denoise": {
+        "filters": tune.choice([16, 32]),
+        "depth": tune.choice([1, 2]),
+        "noise_factor": tune.uniform(0.3, 0.6),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([64, 128]),
+    },
+    "seq2seq": {
+        "latent_dim": tune.choice([32, 64, 128]),
+        "learning_rate": tune.loguniform(5e-4, 5e-3),
+        "batch_size": tune.choice([128, 256]),
+    },
+    "vae": {
+        "latent_dim": tune.choice([2, 4, 8]),
+        "intermediate_dim": tune.choice([128, 256]),
+        "learning_rate": tune.loguniform(3e-4, 3e-3),
+        "batch_size": tune.choice([100, 200]),
+    },
+}
+VARIANTS = tuple(SEARCH_SPACE)
+TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor")  # the rest are model options
+METRIC, MODE = "val_loss", "min"
+SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
+CHECKPOINT_STATE = "state.json"
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1. Received: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0. Received: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0. Received: {text}")
+    return value
+
+
+def _pin(text: str) -> tuple[str, str, Any]:
+    """VARIANT.KEY=VALUE -> (variant, key, value)."""
+    name, sep, raw = text.partition("=")
+    variant, dot, key = name.partition(".")
+    if not sep or not dot:
+        raise argparse.ArgumentTypeError(
+            f"expects VARIANT.KEY=VALUE, e.g. vae.learning_rate=1e-3. Received: {text!r}"
+        )
+    if variant not in SEARCH_SPACE:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant {variant!r} in {text!r}. Valid variants: {', '.join(VARIANTS)}"
+        )
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return variant, key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants to search (default: all of {', '.join(VARIANTS)})",
+    )
+    p.add_argument("--num-samples", type=_positive_int, default=4, help="trials per variant")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="max epochs per trial")
+    p.add_argument("--cpus-per-trial", type=_non_negative_float, default=1.0)
+    p.add_argument(
+        "--gpus-per-trial", type=_non_negative_float, default=0.0, help="fractions allowed"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=_positive_int,
+        default=None,
+        help="trials at once (default: as many as the resources allow)",
+    )
+    p.add_argument(
+        "--allow-autoscale",
+        action="store_true",
+        help="accept trial resources no node has now (an autoscaler will add such nodes)",
+    )
+    p.add_argument(
+        "--storage-path",
+        default=os.path.expanduser("~/ray_results"),
+        help="local folder or cloud URI (s3://, gs://, ...); default ~/ray_results",
+    )
+    p.add_argument("--name", default="aelib-sweep", help="experiment name (a folder in storage)")
+    p.add_argument(
+        "--data", default=None, help="path to mnist.npz (default: $AELIB_MNIST, then Keras's)"
+    )
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N training images")
+    p.add_argument("--test-limit", type=_positive_int, default=None, help="first N test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--grace-period", type=_positive_int, default=1, help="ASHA's min epochs")
+    p.add_argument("--search", choices=("random", "optuna"), default="random")
+    p.add_argument("--max-failures", type=int, default=2, help="retries per failing trial")
+    p.add_argument(
+        "--set",
+        dest="pins",
+        type=_pin,
+        action="append",
+        default=[],
+        metavar="VARIANT.KEY=VALUE",
+        help="fix one hyperparameter of a variant instead of searching it",
+    )
+    p.add_argument("--no-figures", action="store_true", help="skip the report's figures")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"tiny run: {SMOKE}, 1 sample per variant (explicit flags still win)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the flags that need no cluster; exits 2 on a bad one."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = set(_given_flags(argv if argv is not None else sys.argv[1:]))
+    if args.smoke_test:
+        for key in ("limit", "test_limit", "epochs", "num_samples"):
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, SMOKE[key])
+    unknown = [m for m in args.models if m not in SEARCH_SPACE]
+    if unknown:
+        parser.error(
+            f"--models: unknown variant(s) {', '.join(map(repr, unknown))}. "
+            f"Valid variants: {', '.join(VARIANTS)}"
+        )
+    args.models = list(dict.fromkeys(args.models))  # dedupe, keep order
+    if args.cpus_per_trial <= 0:
+        parser.error(f"--cpus-per-trial must be > 0. Received: {args.cpus_per_trial}")
+    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        parser.error(
+            f"--gpus-per-trial above 1 must be a whole number. Received: {args.gpus_per_trial}"
+        )
+    if args.max_failures < 0:
+        parser.error(f"--max-failures must be >= 0. Received: {args.max_failures}")
+    if args.scheduler == "asha" and args.grace_period > args.epochs:
+        parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
+    if not args.name or "/" in args.name or args.name in (".", ".."):
+        parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
+    if "://" not in args.storage_path:
+        args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
+    if args.data is not None:
+        args.data = os.path.abspath(os.path.expanduser(args.data))
+        if not os.path.isfile(args.data):
+            parser.error(f"--data: MNIST file not found: {args.data}")
+    for variant, key, _ in args.pins:
+        if variant not in args.models:
+            parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
+    if args.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            parser.error("--search optuna needs the optuna package: pip install optuna")
+    return args
+
+
+def _given_flags(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> None:
+    """Every searched or pinned key must be a TrainConfig field or a model option."""
+    import aelib
+
+    known = set(aelib.list_models())
+    for model in models:
+        if model not in known:
+            raise SystemExit(f"sweep.py: error: installed aelib has no variant {model!r}")
+        options = set(aelib.model_defaults(model))
+        keys = set(SEARCH_SPACE[model]) | {k for v, k, _ in pins if v == model}
+        bad = sorted(k for k in keys if k not in options and k not in TRAIN_FIELDS)
+        if bad:
+            raise SystemExit(
+                f"sweep.py: error: {model}: {bad} are neither model options {sorted(options)} "
+                f"nor training fields {list(TRAIN_FIELDS)}"
+            )
+
+
+def check_resources(args: argparse.Namespace) -> None:
+    """Fails before any trial starts if no node can ever hold one trial."""
+    need = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [
+        n
+        for n in nodes
+        if all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items() if v > 0)
+    ]
+    if fits:
+        return
+    total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    what = (
+        f"--gpus-per-trial {args.gpus_per_trial:g} asks for GPUs"
+        if args.gpus_per_trial > 0 and not total.get("GPU")
+        else f"a trial needs {{CPU: {args.cpus_per_trial:g}, GPU: {args.gpus_per_trial:g}}}"
+    )
+    message = (
+        f"{what} but no node of this Ray cluster has that much "
+        f"(cluster resources now: {total or 'none'}; {len(nodes)} node(s))."
+    )
+    if args.allow_autoscale:
+        print(f"sweep.py: warning: {message} Waiting for the autoscaler (--allow-autoscale).")
+        return
+    raise SystemExit(
+        f"sweep.py: error: {message} Lower the request, or pass --allow-autoscale on a "
+        "cluster whose autoscaler can add such nodes."
+    )
+
+
+# ---------------------------------------------------------------- search space
+
+
+def effective_hparams(model: str, sampled: dict[str, Any], pins: dict[str, dict]) -> dict:
+    return {**sampled, **pins.get(model, {})}
+
+
+def _sample_hparams(spec) -> dict[str, Any]:
+    """Resolves the searched variant's own space only (random search)."""
+    space = SEARCH_SPACE[spec.config["model"]]
+    return {k: (v.sample() if hasattr(v, "sample") else v) for k, v in space.items()}
+
+
+def _optuna_space(models: list[str]):
+    """A define-by-run space: each variant's keys are namespaced, so Optuna's model of
+    one variant's hyperparameters learns only from that variant's trials."""
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+
+    def define(trial) -> dict[str, Any]:
+        model = trial.suggest_categorical("model", models)
+        hparams = {}
+        for key, domain in SEARCH_SPACE[model].items():
+            name = f"{model}.{key}"
+            if isinstance(domain, Categorical):
+                labels = [json.dumps(c) for c in domain.categories]
+                hparams[key] = json.loads(trial.suggest_categorical(name, labels))
+            elif isinstance(domain, Integer):
+                hparams[key] = trial.suggest_int(name, domain.lower, domain.upper - 1)
+            elif isinstance(domain, Float):
+                log = isinstance(domain.get_sampler(), LogUniform)
+                hparams[key] = trial.suggest_float(name, domain.lower, domain.upper, log=log)
+            else:
+                hparams[key] = domain
+        return {"hparams": hparams}
+
+    return define
+
+
+# ---------------------------------------------------------------- trials
+
+
+def _configure_tensorflow(cpus: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:  # only possible before TF's runtime starts (a reused actor has started it)
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(min(cpus, 2))
+    except RuntimeError:
+        pass
+    for gpu in tf.config.list_physical_devices("GPU"):  # none: TF just runs on CPU
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+
+
+def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
+    """One Tune trial: aelib.train on object-store MNIST, reporting every epoch."""
+    started_at = time.time()
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    _configure_tensorflow(max(1, int(cpus)))
+    import keras
+
+    import aelib
+    from aelib.train import TrainConfig, make_splits, write_outputs
+
+    model = config["model"]
+    hparams = effective_hparams(model, config["hparams"], settings["pins"])
+    train_fields = {k: v for k, v in hparams.items() if k in TRAIN_FIELDS}
+    options = {k: v for k, v in hparams.items() if k not in TRAIN_FIELDS}
+    if "filters" in options and isinstance(options["filters"], list):
+        options["filters"] = tuple(options["filters"])
+    if "hidden_units" in options:
+        options["hidden_units"] = tuple(options["hidden_units"])
+    base = dict(
+        model=model,
+        model_options=options,
+        epochs=settings["epochs"],
+        limit=settings["limit"],
+        test_limit=settings["test_limit"],
+        metrics_limit=settings["metrics_limit"],
+        seed=settings["seed"],
+        data=settings["data"],
+        **train_fields,
+    )
+    total = TrainConfig(**base)
+    where = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": started_at,
+    }
+
+    # Resume: continue from the last epoch's checkpoint, or re-report a finished one.
+    done_epochs, past_history, weights = 0, {}, None
+    checkpoint = tune.get_checkpoint()
+    resume_dir = None
+    if checkpoint is not None:
+        resume_dir = tempfile.mkdtemp(prefix="aelib-resume-")
+        checkpoint.to_directory(resume_dir)
+        state = json.loads(Path(resume_dir, CHECKPOINT_STATE).read_text())
+        if state.get("finished"):
+            tune.report({**state["final_metrics"], **where, "resumed": True}, checkpoint=checkpoint)
+            shutil.rmtree(resume_dir, ignore_errors=True)
+            return
+        done_epochs, past_history = state["epochs_done"], state["history"]
+        weights = str(Path(resume_dir, f"{model}.keras"))
+
+    keras.backend.clear_session()
+    run = TrainConfig(**{**base, "epochs": total.epochs - done_epochs})
+    reporter = _TuneReporter(model, total.to_dict(), done_epochs, past_history, where, weights)
+    tensorboard_dir = os.path.join(os.getcwd(), "tensorboard")  # Tune syncs it to storage
+    result = aelib.train(
+        run,
+        data=data,
+        callbacks=[reporter],
+        tensorboard_dir=tensorboard_dir,
+        figures=False,
+        verbose=0,
+    )
+    if resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+
+    history = _merge(past_history, result.history)
+    final = {
+        **reporter.last_logs,
+        **{k: v for k, v in result.metrics.items() if k != "train_seconds"},
+        "epochs_run": done_epochs + result.metrics["epochs_run"],
+        **where,
+    }
+    final[METRIC] = final.get(METRIC, math.nan)
+    if final["nan"]:  # stopped by TerminateOnNaN: mark it, keep no model
+        tune.report(final)
+        return
+    with tempfile.TemporaryDirectory(prefix="aelib-ckpt-") as tmp:
+        arrays_for_record = make_splits(run, data, result.model.input_kind)
+        write_outputs(result.model, total, final, history, arrays_for_record, Path(tmp), False)
+        state = {"finished": True, "epochs_done": final["epochs_run"], "history": history}
+        state["final_metrics"] = final
+        Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _merge(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
+    return {k: list(a.get(k, [])) + list(b.get(k, [])) for k in dict.fromkeys([*a, *b])}
+
+
+def _TuneReporter(model, config, done_epochs, past_history, where, weights):  # noqa: N802
+    """Builds the per-epoch Keras callback (Keras is imported inside the trial only)."""
+    import keras
+
+    from aelib.registry import Autoencoder, model_input_kind
+    from aelib.saving import save
+
+    class TuneReporter(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.last_logs: dict[str, Any] = {}
+            self.history: dict[str, list] = copy.deepcopy(past_history)
+
+        def on_train_begin(self, logs=None):
+            if weights:
+                self.model.load_weights(weights)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            for k, v in logs.items():
+                self.history.setdefault(k, []).append(v)
+            epoch_no = done_epochs + epoch + 1
+            nan = not math.isfinite(logs.get("loss", math.nan))
+            self.last_logs = {**logs, "epoch": epoch_no, "nan": nan}
+            if nan or epoch_no >= config["epochs"] or self.model.stop_training:
+                return  # the trial reports the last epoch itself, with its test metrics
+            bundle = Autoencoder.from_autoencoder(
+                self.model, model, model_input_kind(model), config["model_options"]
+            )
+            with tempfile.TemporaryDirectory(prefix="aelib-ckpt-") as tmp:
+                save(bundle, Path(tmp, f"{model}.keras"), {"train_config": config})
+                state = {"finished": False, "epochs_done": epoch_no, "history": self.history}
+                Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
+                tune.report(
+                    {**self.last_logs, **where}, checkpoint=tune.Checkpoint.from_directory(tmp)
+                )
+
+    return TuneReporter()
+
+
+# ---------------------------------------------------------------- scheduler
+
+
+class VariantASHA(ASHAScheduler):
+    """ASHA with one bracket per variant: a trial's rung cutoffs come only from
+    trials of its own variant, since losses are not comparable across variants."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._fresh_brackets = copy.deepcopy(self._brackets)
+        self._variant_brackets: dict[str, list] = {}
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)  # checks metric/mode
+        variant = trial.config.get("model", "")
+        brackets = self._variant_brackets.setdefault(variant, copy.deepcopy(self._fresh_brackets))
+        self._trial_info[trial.trial_id] = brackets[0]
+
+
+# ---------------------------------------------------------------- results
+
+
+def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
+    config = result.config or {}
+    metrics = result.metrics or {}
+    model = config.get("model")
+    row: dict[str, Any] = {
+        "trial_id": metrics.get("trial_id") or Path(result.path).name,
+        "model": model,
+    }
+    hparams = effective_hparams(model, config.get("hparams", {}), pins) if model else {}
+    for key, value in hparams.items():
+        row[f"hp_{key}"] = json.dumps(value) if isinstance(value, list | tuple) else value
+    if result.error is not None:
+        status = "error"
+    elif metrics.get("nan"):
+        status = "nan"
+    elif "test_loss" in metrics:
+        status = "finished"
+    else:
+        status = "stopped_early"
+    row["status"] = status
+    row["error"] = None if result.error is None else str(result.error).splitlines()[0][:300]
+    for key in (
+        "epoch",
+        "loss",
+        "val_loss",
+        "val_psnr",
+        "val_ssim",
+        "test_loss",
+        "test_bce",
+        "test_psnr",
+        "test_ssim",
+        "noisy_psnr",
+        "psnr_gain",
+        "code_mean",
+        "code_active_fraction",
+        "time_total_s",
+        "node_id",
+        "node_ip",
+        "hostname",
+        "pid",
+        "started_at",
+    ):
+        row[key] = metrics.get(key)
+    row["max_epochs"] = epochs
+    row["path"] = result.path
+    return row
+
+
+def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Writes the trial table, best models and report into `out_dir` (local)."""
+    import pandas as pd
+
+    pins = _pins_by_model(args.pins)
+    rows = [_flatten_row(r, args.epochs, pins) for r in results]
+    rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
+    table = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "trials.csv", index=False)
+    table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
+        out_dir / "trials.parquet", index=False
+    )
+
+    by_path = {r.path: r for r in results}
+    best: dict[str, dict] = {}
+    for model in args.models:
+        candidates = [
+            row
+            for row in rows
+            if row["model"] == model
+            and row["status"] == "finished"
+            and row["val_loss"] is not None
+            and math.isfinite(row["val_loss"])
+            and by_path[row["path"]].checkpoint is not None
+        ]
+        if not candidates:
+            continue
+        winner = min(candidates, key=lambda row: row["val_loss"])
+        checkpoint = by_path[winner["path"]].checkpoint
+        (out_dir / "best").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="aelib-best-") as tmp:
+            checkpoint.to_directory(tmp)
+            shutil.copyfile(Path(tmp, f"{model}.keras"), out_dir / "best" / f"{model}.keras")
+        record = dict(winner)
+        sampled = by_path[winner["path"]].config["hparams"]
+        record["hparams"] = effective_hparams(model, sampled, pins)
+        (out_dir / "best" / f"{model}.json").write_text(json.dumps(record, indent=2, default=str))
+        best[model] = record
+    write_report(best, rows, args, arrays, out_dir)
+    return rows, best
+
+
+def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> None:
+    import aelib
+    from aelib import plots
+    from aelib.train import TrainConfig, make_splits
+
+    report = out_dir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# aelib sweep `{args.name}`",
+        "",
+        f"{len(rows)} trials over {', '.join(args.models)}; up to {args.epochs} epochs, "
+        f"scheduler {args.scheduler}, search {args.search}. "
+        f"Statuses: {_counts(r['status'] for r in rows)}. Table: `trials.csv`, `trials.parquet`.",
+        "",
+    ]
+    if best:
+        _compare_chart(best, report / "compare.png")
+        lines += ["## Variants compared", "", "![compare](compare.png)", ""]
+        lines += ["| variant | val_loss | test_bce | test_psnr | test_ssim | trial |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for model, rec in best.items():
+            lines.append(
+                f"| {model} | {rec['val_loss']:.4f} | {rec['test_bce']:.4f} | "
+                f"{rec['test_psnr']:.2f} | {rec['test_ssim']:.3f} | {rec['trial_id']} |"
+            )
+        lines.append("")
+    for model in args.models:
+        lines += [f"## {model}", ""]
+        if model not in best:
+            lines += ["No finished trial with a finite loss: no best model.", ""]
+            continue
+        rec = best[model]
+        lines += [f"Best config: `{json.dumps(rec['hparams'])}`", ""]
+        metrics = {k: rec[k] for k in rec if k.startswith("test_") or k in ("psnr_gain",)}
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float)]
+        lines += ["", f"Model: `best/{model}.keras`", ""]
+        if args.no_figures:
+            continue
+        bundle = aelib.load(out_dir / "best" / f"{model}.keras")
+        info = bundle.config
+        config = TrainConfig.from_dict(info["train_config"])
+        splits = make_splits(config, arrays, bundle.input_kind)
+        figures = plots.tutorial_figures(bundle, splits, info["history"], report / model)
+        for name, path in figures.items():
+            lines += [f"![{model} {name}]({Path(path).relative_to(report).as_posix()})", ""]
+    (report / "report.md").write_text("\n".join(lines))
+
+
+def _compare_chart(best: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(best)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("test_bce", "test_psnr", "test_ssim"), strict=True):
+        ax.bar(names, [best[n][key] for n in names], color="tab:blue")
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle("best trial per variant (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _counts(values) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+
+
+def _pins_by_model(pins: list[tuple[str, str, Any]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for variant, key, value in pins:
+        out.setdefault(variant, {})[key] = value
+    return out
+
+
+def _publish(local_dir: Path, experiment_uri: str) -> None:
+    """Copies the staged results to a cloud experiment folder."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment_uri)
+    pyarrow.fs.copy_files(str(local_dir), path, destination_filesystem=fs)
+
+
+# ---------------------------------------------------------------- main
+
+
+def load_arrays(args: argparse.Namespace):
+    """MNIST, cut to what the trials use, loaded once by the driver."""
+    from aelib.data import load_mnist
+
+    (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
+    if args.limit is not None:
+        x_train, y_train = x_train[: args.limit], y_train[: args.limit]
+    if args.test_limit is not None:
+        x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
+    return (x_train, y_train), (x_test, y_test)
+
+
+def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.Tuner:
+    settings = {
+        "epochs": args.epochs,
+        "limit": args.limit,
+        "test_limit": args.test_limit,
+        "metrics_limit": SMOKE["metrics_limit"] if args.smoke_test else 1000,
+        "seed": args.seed,
+        "data": args.data,
+        "pins": _pins_by_model(args.pins),
+    }
+    # with_parameters puts the arrays in Ray's object store once; trials get them from there.
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=arrays, settings=settings),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+    if args.resume:
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+
+    if args.scheduler == "asha":
+        scheduler = VariantASHA(max_t=args.epochs, grace_period=args.grace_period)
+    else:
+        scheduler = FIFOScheduler()
+    if args.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        points = [{"model": m} for m in args.models for _ in range(args.num_samples)]
+        search_alg = OptunaSearch(
+            space=_optuna_space(args.models), points_to_evaluate=points, seed=args.seed
+        )
+        param_space: dict[str, Any] = {}
+        num_samples = len(points)
+    else:
+        search_alg = None
+        param_space = {
+            "model": tune.grid_search(args.models),
+            "hparams": tune.sample_from(_sample_hparams),
+        }
+        num_samples = args.num_samples  # the grid repeats: num_samples trials per variant
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=args.max_concurrent,
+            reuse_actors=True,  # one TensorFlow import per worker, not per trial
+        ),
+        run_config=tune.RunConfig(
+            name=args.name,
+            storage_path=args.storage_path,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            sync_config=tune.SyncConfig(sync_artifacts=True),  # per-trial TensorBoard logs
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    experiment_path = f"{args.storage_path.rstrip('/')}/{args.name}"
+    exists = tune.Tuner.can_restore(experiment_path)
+    if args.resume and not exists:
+        raise SystemExit(f"sweep.py: error: --resume: no experiment to resume at {experiment_path}")
+    if exists and not args.resume:
+        raise SystemExit(
+            f"sweep.py: error: {experiment_path} already holds an experiment. "
+            "Pass --resume to continue it, or choose another --name."
+        )
+    check_search_space(args.models, args.pins)
+    arrays = load_arrays(args)
+
+    start = time.perf_counter()
+    ray.init()
+    try:
+        check_resources(args)
+        print(f"sweep.py: experiment {experiment_path}; cluster {ray.cluster_resources()}")
+        results = build_tuner(args, arrays, experiment_path).fit()
+        local = "://" not in experiment_path
+        with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
+            out_dir = Path(experiment_path) if local else Path(staging)
+            rows, best = write_results(results, args, arrays, out_dir)
+            if not local:
+                _publish(out_dir, experiment_path)
+    finally:
+        ray.shutdown()
+
+    print(f"\nsweep.py: {len(rows)} trials in {time.perf_counter() - start:.0f}s")
+    print(f"  trial table: {experiment_path}/trials.csv (and .parquet)")
+    print(f"  report:      {experiment_path}/report/report.md")
+    print(f"  TensorBoard: tensorboard --logdir {experiment_path}")
+    for model in args.models:
+        if model in best:
+            rec = best[model]
+            print(
+                f"  best {model:8s} {experiment_path}/best/{model}.keras  val_loss "
+                f"{rec['val_loss']:.4f}  test_bce {rec['test_bce']:.4f}  test_psnr "
+                f"{rec['test_psnr']:.2f}  on {rec['hostname']} ({rec['node_ip']})  "
+                f"{json.dumps(rec['hparams'])}"
+            )
+        else:
+            print(f"  best {model:8s} NONE: no trial finished with a finite loss")
+    missing = [m for m in args.models if m not in best]
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
