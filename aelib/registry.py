@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,8 @@ def register_model(input_kind: str) -> Callable:
                     f"Unknown option(s) {unknown} for model {fn.__name__!r}. "
                     f"Valid options: {sorted(defaults)}"
                 )
-            config = {**defaults, **overrides}
+            # JSON-native (tuples become lists) so a reloaded config equals this one.
+            config = json.loads(json.dumps({**defaults, **overrides}))
             encoder, decoder = fn(**config)
             inputs = keras.Input(shape=encoder.input_shape[1:], name="input")
             outputs = decoder(encoder(inputs))

@@ -1,0 +1,103 @@
+"""aelib.data: MNIST by path, scaling, noise, shapes, image folders, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aelib import data as data_lib
+from helpers import MNIST
+
+
+def test_load_mnist_by_path_and_env(monkeypatch):
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(MNIST)
+    assert x_train.shape == (60000, 28, 28) and x_train.dtype == np.uint8
+    assert y_train.shape == (60000,) and x_test.shape == (10000, 28, 28)
+    assert y_test.shape == (10000,)
+    monkeypatch.setenv("AELIB_MNIST", str(MNIST))
+    (x_env, _), _ = data_lib.load_mnist()
+    assert np.array_equal(x_env[:5], x_train[:5])
+
+
+def test_missing_file_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz.*--data PATH or set \$AELIB_MNIST"):
+        data_lib.load_mnist(tmp_path / "nope.npz")
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "mnist.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated garbage")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        data_lib.load_mnist(bad)
+
+
+def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
+    wrong_keys = tmp_path / "keys.npz"
+    np.savez(wrong_keys, images=np.zeros((2, 28, 28)))
+    with pytest.raises(ValueError, match=r"missing keys \['x_train'.*Found keys: \['images'\]"):
+        data_lib.load_mnist(wrong_keys)
+    wrong_shape = tmp_path / "shape.npz"
+    z = np.zeros((4, 28, 28), np.uint8)
+    np.savez(wrong_shape, x_train=z.reshape(4, -1), y_train=np.zeros(4), x_test=z,
+             y_test=np.zeros(4))
+    with pytest.raises(ValueError, match=r"x_train must have 3 dimensions.*\(4, 784\)"):
+        data_lib.load_mnist(wrong_shape)
+
+
+def test_scale_and_shapes():
+    x = np.array([[[0, 255], [51, 102]]], np.uint8)
+    scaled = data_lib.scale(x)
+    assert scaled.dtype == np.float32 and scaled.max() == 1.0 and scaled[0, 1, 0] == 0.2
+    assert data_lib.prepare(x, "flat").shape == (1, 4)
+    assert data_lib.prepare(x, "image").shape == (1, 2, 2, 1)
+    assert data_lib.prepare(x, "sequence").shape == (1, 2, 2)
+    with pytest.raises(ValueError, match=r"must already lie in \[0, 1\]"):
+        data_lib.scale(np.full((1, 2), 3.0))
+    with pytest.raises(ValueError, match="input_kind"):
+        data_lib.prepare(x, "video")
+
+
+def test_add_noise_is_seeded_clipped_and_checked():
+    x = np.full((100, 28, 28), 0.5, np.float32)
+    a = data_lib.add_noise(x, 0.5, seed=3)
+    assert np.array_equal(a, data_lib.add_noise(x, 0.5, seed=3))
+    assert not np.array_equal(a, data_lib.add_noise(x, 0.5, seed=4))
+    assert a.min() == 0.0 and a.max() == 1.0 and a.dtype == np.float32
+    assert abs(float(np.std(data_lib.add_noise(x, 0.1, seed=0) - x)) - 0.1) < 0.005
+    with pytest.raises(ValueError, match=r"noise_factor must be in \[0, 1\]. Received: noise"):
+        data_lib.add_noise(x, 1.5)
+
+
+def _write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_resize_patch_invert_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    _write(tmp_path / "a.png", rng.integers(0, 255, (56, 84), dtype=np.uint8))
+    _write(tmp_path / "sub" / "b.jpg", rng.integers(0, 255, (30, 30), dtype=np.uint8))
+    rgb = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    _write(tmp_path / "sub" / "c.png", rgb)
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    resized = data_lib.load_image_folder(tmp_path, size=(28, 28))
+    assert resized.shape == (3, 28, 28) and resized.dtype == np.uint8
+    patches = data_lib.load_image_folder(tmp_path, size=(28, 28), mode="patch")
+    assert patches.shape == (2 * 3 + 1 + 1, 28, 28)
+    a = np.asarray(Image.open(tmp_path / "a.png"))
+    assert np.array_equal(patches[1], a[:28, 28:56])  # row-major tiles
+    inverted = data_lib.load_image_folder(tmp_path, size=(28, 28), invert=True)
+    assert np.array_equal(inverted, 255 - resized)
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png"):
+        data_lib.load_image_folder(tmp_path)
+    assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
+    with pytest.raises(FileNotFoundError, match="Image folder not found"):
+        data_lib.load_image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="No usable images of at least 64x64"):
+        data_lib.load_image_folder(tmp_path / "sub", size=(64, 64), mode="patch")
+    with pytest.raises(ValueError, match="mode must be"):
+        data_lib.load_image_folder(tmp_path, mode="crop")

@@ -1,0 +1,141 @@
+"""Every variant builds, trains, splits into encoder/decoder and round-trips as .keras
+(under the default TensorFlow backend; tests/test_backends.py repeats this under JAX)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import aelib
+import keras
+from aelib import data as data_lib
+from aelib.layers import ActivityL1, Sampling
+from aelib.train import compile_model
+
+NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x_train, _), _ = data_lib.load_mnist()  # $AELIB_MNIST, defaulted by conftest.py
+    return x_train[:512]
+
+
+def test_list_models_is_the_tutorials_seven():
+    assert aelib.list_models() == NAMES
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="Unknown model 'pca'.*dense, sparse, deep"):
+        aelib.build_model("pca")
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="Unknown option.*'filterz'.*Valid options"):
+        aelib.build_model("denoise", filterz=3)
+
+
+def test_defaults_follow_the_tutorial():
+    assert aelib.build_model("dense").encoder.output_shape == (None, 32)
+    deep = aelib.build_model("deep")
+    widths = [layer.units for layer in deep.encoder.layers + deep.decoder.layers
+              if isinstance(layer, keras.layers.Dense)]
+    assert widths == [128, 64, 32, 64, 128, 784]
+    assert aelib.build_model("conv").encoder.output_shape == (None, 4, 4, 8)
+    denoise = aelib.build_model("denoise")
+    assert denoise.encoder.compute_output_shape((None, 28, 28, 1)) == (None, 7, 7, 32)
+    assert aelib.build_model("seq2seq").autoencoder.input_shape == (None, 28, 28)
+    assert aelib.build_model("vae").encoder.output_shape == (None, 2)
+
+
+def test_overrides_change_the_model():
+    assert aelib.build_model("dense", encoding_dim=64).encoder.output_shape == (None, 64)
+    assert aelib.build_model("vae", latent_dim=3).encoder.output_shape == (None, 3)
+    sparse = aelib.build_model("sparse", l1=1e-3)
+    assert sparse.encoder.get_layer("code_l1").l1 == 1e-3
+    assert aelib.build_model("deep", hidden_units=(256,)).autoencoder.count_params() > 0
+
+
+def test_denoise_is_fully_convolutional():
+    model = aelib.build_model("denoise")
+    x = np.random.default_rng(0).random((2, 64, 48, 1)).astype("float32")
+    assert model.autoencoder.predict(x, verbose=0).shape == (2, 64, 48, 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
+    model = aelib.build_model(name)
+    x = data_lib.prepare(digits, model.input_kind)
+    target = x
+    if name == "denoise":
+        x = data_lib.add_noise(x, 0.5, seed=0)
+    compile_model(model, learning_rate=3e-3)
+    keras.utils.set_random_seed(0)
+    before = model.autoencoder.evaluate(x, target, batch_size=128, verbose=0)
+    model.autoencoder.fit(x, target, epochs=3, batch_size=64, verbose=0)
+    after = model.autoencoder.evaluate(x, target, batch_size=128, verbose=0)
+    assert after < before, f"{name}: loss did not fall ({before:.4f} -> {after:.4f})"
+
+    # decoder(encoder(x)) is the autoencoder, for every variant.
+    out = model.autoencoder.predict(x[:16], verbose=0)
+    via_code = model.decoder.predict(model.encoder.predict(x[:16], verbose=0), verbose=0)
+    np.testing.assert_allclose(via_code, out, atol=1e-5)
+
+    path = aelib.save(model, tmp_path / f"{name}.keras", {"note": "test"})
+    reloaded = keras.models.load_model(path)  # safe_mode stays on
+    np.testing.assert_allclose(reloaded.predict(x[:16], verbose=0), out, atol=1e-6)
+    bundle = aelib.load(path)
+    assert bundle.name == name and bundle.config["note"] == "test"
+    assert bundle.config["model_config"] == model.config
+    np.testing.assert_allclose(
+        bundle.decoder.predict(bundle.encoder.predict(x[:16], verbose=0), verbose=0), out,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "layer", [ActivityL1(l1=3e-4, name="a"), Sampling(kl_weight=0.5, seed=7, name="s")]
+)
+def test_custom_layer_config_round_trips(layer):
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_activity_l1_is_batch_size_invariant():
+    row = np.ones((1, 4), "float32")
+    for batch in (1, 8):
+        model = keras.Sequential([keras.Input((4,)), ActivityL1(l1=0.1)])
+        model.compile(loss="mse")
+        loss = model.evaluate(np.repeat(row, batch, 0), np.repeat(row, batch, 0), verbose=0)
+        assert loss == pytest.approx(0.1 * 4), batch
+
+
+def test_vae_samples_only_while_training():
+    model = aelib.build_model("vae", seed=1)
+    x = np.random.default_rng(0).random((4, 784)).astype("float32")
+    z_mean = keras.Model(model.encoder.inputs, model.encoder.get_layer("z_mean").output)
+    np.testing.assert_allclose(model.encoder.predict(x, verbose=0), z_mean.predict(x, verbose=0))
+    sampled = model.encoder(x, training=True)
+    assert not np.allclose(keras.ops.convert_to_numpy(sampled), z_mean.predict(x, verbose=0))
+
+
+def test_load_refuses_plain_keras_file(tmp_path):
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain.save(tmp_path / "plain.keras")
+    assert aelib.read_info(tmp_path / "plain.keras") == {}
+    with pytest.raises(ValueError, match="not saved by aelib.save"):
+        aelib.load(tmp_path / "plain.keras")
+
+
+def test_load_refuses_non_zip_and_missing(tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_text("not a zip")
+    with pytest.raises(ValueError, match="not a .keras file"):
+        aelib.read_info(bad)
+    with pytest.raises(FileNotFoundError, match="Model file not found"):
+        aelib.load(tmp_path / "missing.keras")
+
+
+def test_save_wants_keras_suffix(tmp_path):
+    with pytest.raises(ValueError, match="must end in .keras"):
+        aelib.save(aelib.build_model("dense"), tmp_path / "model.h5")
