@@ -7,10 +7,10 @@ import json
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 from helpers import subprocess_env
 
 SCRIPT = r"""
@@ -46,19 +46,23 @@ print("REPORT" + json.dumps(report))
 def jax_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("jax")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(out_dir)], env=subprocess_env(KERAS_BACKEND="jax"),
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", SCRIPT, str(out_dir)],
+        env=subprocess_env(KERAS_BACKEND="jax"),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
-    return out_dir, json.loads(line[len("REPORT"):])
+    return out_dir, json.loads(line[len("REPORT") :])
 
 
 def test_every_variant_trains_and_round_trips_under_jax(jax_run):
     _, report = jax_run
     assert report["backend"] == "jax"
     assert sorted(report["models"]) == sorted(
-        ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"])
+        ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
+    )
     for name, r in report["models"].items():
         assert r["loss"][-1] < r["loss"][0], (name, r["loss"])
         assert r["reload_diff"] < 1e-6, name

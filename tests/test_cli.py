@@ -12,15 +12,28 @@ from helpers import MNIST, REPO, subprocess_env
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aelib", *args], cwd=cwd, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "aelib", *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 FIGURES = {
-    "denoise": {"denoise_learning_curves.png", "denoise_noisy_vs_denoised.png",
-                "denoise_codes.png"},
-    "vae": {"vae_learning_curves.png", "vae_reconstructions.png", "vae_latent_plane.png",
-            "vae_manifold.png"},
+    "denoise": {
+        "denoise_learning_curves.png",
+        "denoise_noisy_vs_denoised.png",
+        "denoise_codes.png",
+    },
+    "vae": {
+        "vae_learning_curves.png",
+        "vae_reconstructions.png",
+        "vae_latent_plane.png",
+        "vae_manifold.png",
+    },
     "deep": {"deep_learning_curves.png", "deep_reconstructions.png", "deep_codes_tsne.png"},
 }
 
@@ -29,9 +42,23 @@ FIGURES = {
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_train_writes_model_metrics_and_figures(name, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("train", "--model", name, "--epochs", "1", "--limit", "600",
-                   "--test-limit", "300", "--data", str(MNIST), "--out", str(out),
-                   "--tensorboard", str(tmp_path / "tb"))
+    proc = run_cli(
+        "train",
+        "--model",
+        name,
+        "--epochs",
+        "1",
+        "--limit",
+        "600",
+        "--test-limit",
+        "300",
+        "--data",
+        str(MNIST),
+        "--out",
+        str(out),
+        "--tensorboard",
+        str(tmp_path / "tb"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / f"{name}.keras").is_file()
     record = json.loads((out / "metrics.json").read_text())
@@ -49,14 +76,21 @@ def test_train_writes_model_metrics_and_figures(name, tmp_path):
 
     # A fresh interpreter reloads and runs it with plain Keras after `import aelib`.
     check = subprocess.run(
-        [sys.executable, "-c",
-         "import sys, numpy as np, aelib, keras;"
-         "m = keras.models.load_model(sys.argv[1]);"
-         "shape = [d or 28 for d in m.input_shape[1:]];"
-         "print(m.predict(np.zeros([2, *shape], 'float32'), verbose=0).shape);"
-         "print(aelib.read_info(sys.argv[1])['train_config']['model'])",
-         str(out / f"{name}.keras")],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import sys, numpy as np, aelib, keras;"
+            "m = keras.models.load_model(sys.argv[1]);"
+            "shape = [d or 28 for d in m.input_shape[1:]];"
+            "print(m.predict(np.zeros([2, *shape], 'float32'), verbose=0).shape);"
+            "print(aelib.read_info(sys.argv[1])['train_config']['model'])",
+            str(out / f"{name}.keras"),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stderr[-2000:]
     assert check.stdout.split()[-1] == name
 
@@ -65,7 +99,14 @@ def test_models_command_lists_the_seven():
     proc = run_cli("models")
     assert proc.returncode == 0
     assert [line.split()[0] for line in proc.stdout.splitlines()] == [
-        "dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
+        "dense",
+        "sparse",
+        "deep",
+        "conv",
+        "denoise",
+        "seq2seq",
+        "vae",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -73,8 +114,10 @@ def test_models_command_lists_the_seven():
     [
         (["--model", "pca"], "invalid choice: 'pca'"),
         (["--model", "dense", "--epochs", "0"], "--epochs: must be >= 1. Received: 0"),
-        (["--model", "dense", "--data", "/nonexistent/mnist.npz"],
-         "MNIST file not found: /nonexistent/mnist.npz"),
+        (
+            ["--model", "dense", "--data", "/nonexistent/mnist.npz"],
+            "MNIST file not found: /nonexistent/mnist.npz",
+        ),
         (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
         (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
         (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),

@@ -39,8 +39,9 @@ def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
         data_lib.load_mnist(wrong_keys)
     wrong_shape = tmp_path / "shape.npz"
     z = np.zeros((4, 28, 28), np.uint8)
-    np.savez(wrong_shape, x_train=z.reshape(4, -1), y_train=np.zeros(4), x_test=z,
-             y_test=np.zeros(4))
+    np.savez(
+        wrong_shape, x_train=z.reshape(4, -1), y_train=np.zeros(4), x_test=z, y_test=np.zeros(4)
+    )
     with pytest.raises(ValueError, match=r"x_train must have 3 dimensions.*\(4, 784\)"):
         data_lib.load_mnist(wrong_shape)
 

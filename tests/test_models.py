@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 import aelib
-import keras
 from aelib import data as data_lib
 from aelib.layers import ActivityL1, Sampling
 from aelib.train import compile_model
@@ -38,8 +38,11 @@ def test_unknown_option_is_refused():
 def test_defaults_follow_the_tutorial():
     assert aelib.build_model("dense").encoder.output_shape == (None, 32)
     deep = aelib.build_model("deep")
-    widths = [layer.units for layer in deep.encoder.layers + deep.decoder.layers
-              if isinstance(layer, keras.layers.Dense)]
+    widths = [
+        layer.units
+        for layer in deep.encoder.layers + deep.decoder.layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
     assert widths == [128, 64, 32, 64, 128, 784]
     assert aelib.build_model("conv").encoder.output_shape == (None, 4, 4, 8)
     denoise = aelib.build_model("denoise")
@@ -88,7 +91,8 @@ def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     assert bundle.name == name and bundle.config["note"] == "test"
     assert bundle.config["model_config"] == model.config
     np.testing.assert_allclose(
-        bundle.decoder.predict(bundle.encoder.predict(x[:16], verbose=0), verbose=0), out,
+        bundle.decoder.predict(bundle.encoder.predict(x[:16], verbose=0), verbose=0),
+        out,
         atol=1e-5,
     )
 
