@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="path to mnist.npz (default: $AELIB_MNIST, then Keras's download)",
     )
+    t.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="train on a folder of your own images (grayscale, 28x28) instead of MNIST",
+    )
+    t.add_argument(
+        "--image-mode",
+        choices=["resize", "patch"],
+        default="resize",
+        help="bring own images to 28x28 by resizing or by cutting patches",
+    )
+    t.add_argument("--invert", action="store_true", help="own images are dark on light")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument(
         "--set",
@@ -88,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
         "test_limit": args.test_limit,
         "model_options": dict(args.options),
+        "images": args.images,
+        "image_mode": args.image_mode,
+        "invert": args.invert,
     }
     for field in ("epochs", "batch_size", "learning_rate", "noise_factor", "val_split"):
         if getattr(args, field) is not None:

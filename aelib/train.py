@@ -37,8 +37,15 @@ class TrainConfig:
     metrics_limit: int = 1000  # images used for the per-epoch PSNR/SSIM of `denoise`
     seed: int = 0
     data: str | None = None  # path to mnist.npz (None: $AELIB_MNIST, then Keras's download)
+    images: str | None = None  # train on a folder of your own images instead of MNIST
+    image_mode: str = "resize"  # how own images become 28x28: "resize" or "patch"
+    invert: bool = False  # own images dark-on-light: invert to MNIST's light-on-dark
 
     def __post_init__(self):
+        _check(
+            self.image_mode in ("resize", "patch"),
+            f"image_mode must be 'resize' or 'patch'. Received: {self.image_mode!r}",
+        )
         if self.model not in list_models():
             raise ValueError(
                 f"Unknown model {self.model!r}. Valid names: {', '.join(list_models())}"
@@ -101,6 +108,21 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     labels_test: np.ndarray
+
+
+def load_arrays(config: TrainConfig) -> MnistArrays:
+    """MNIST (by path), or the user's image folder as 28x28 digits-like arrays with
+    its last tenth (at least one image) as the test split and no labels (zeros)."""
+    if config.images is None:
+        return data_lib.load_mnist(config.data)
+    x = data_lib.load_image_folder(
+        config.images, size=(28, 28), mode=config.image_mode, invert=config.invert
+    )
+    if len(x) < 3:
+        raise ValueError(f"{config.images} gives {len(x)} images; training needs at least 3.")
+    n_test = max(1, len(x) // 10)
+    labels = np.zeros(len(x), np.uint8)
+    return (x[:-n_test], labels[:-n_test]), (x[-n_test:], labels[-n_test:])
 
 
 def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Splits:
@@ -217,7 +239,7 @@ def train(
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     keras.utils.set_random_seed(config.seed)
-    arrays = data if data is not None else data_lib.load_mnist(config.data)
+    arrays = data if data is not None else load_arrays(config)
     model = build_model(config.model, **config.model_options)
     splits = make_splits(config, arrays, model.input_kind)
     compile_model(model, config.learning_rate)
@@ -270,7 +292,8 @@ def run_record(
     return {
         "train_config": config.to_dict(),
         "data_settings": {
-            "source": str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist"),
+            "source": config.images
+            or str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist"),
             "train_images": n_train,
             "val_images": n_val,
             "noise_factor": config.noise_factor if config.model == "denoise" else None,

@@ -129,3 +129,33 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_train_on_own_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        sub = tmp_path / "imgs" / f"d{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (56, 56), dtype=np.uint8)).save(sub / f"{i}.png")
+    proc = run_cli(
+        "train",
+        "--model",
+        "denoise",
+        "--epochs",
+        "1",
+        "--images",
+        str(tmp_path / "imgs"),
+        "--image-mode",
+        "patch",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-figures",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert record["data_settings"]["source"] == str(tmp_path / "imgs")
+    assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
+    assert record["data_settings"]["train_images"] == 14  # 15, minus 10% for validation
