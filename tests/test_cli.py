@@ -158,4 +158,4 @@ def test_train_on_own_image_folder(tmp_path):
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
-    assert record["data_settings"]["train_images"] == 14  # 15, minus 10% for validation
+    assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
