@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Start, inspect and stop a local fake multi-node Ray cluster with autoscaling "GPU" workers.
+
+    python cluster/local.py start            # head + autoscaler (workers come on demand)
+    eval "$(python cluster/local.py env)"    # RAY_ADDRESS / token variables for this shell
+    python jobs/sweep.py --smoke-test --gpus-per-trial 1   # runs on the fake GPU workers
+    python cluster/local.py status
+    python cluster/local.py stop
+
+What it does (see cluster/local-fake-gpu.yaml):
+
+* ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`` with Ray's
+  ``fake_multinode`` provider: the head has no CPUs/GPUs for work, and the autoscaler starts
+  worker "nodes" (separate raylets on this machine, each declaring ``GPU: 1``) when tasks,
+  Tune trials or Ray Data actors ask for GPUs.
+* Everything lives in one state directory (default ``/tmp/aelib-fakecluster``): Ray's temp
+  dir, the rendered autoscaling config, the auth token and ``state.json``. The GCS, dashboard,
+  client-server and agent ports are free ports chosen at start, never Ray's defaults, and the
+  address is written only inside the state directory, so a plain ``ray.init()`` elsewhere on
+  the machine does not attach to this cluster by accident.
+* Token authentication is on (``RAY_AUTH_MODE=token``), with a fresh 256-bit token stored
+  0600 in the state directory (``RAY_AUTH_TOKEN_PATH``), not in ``~/.ray/auth_token``. Clients
+  need the variables printed by ``env``; requests without the token are refused.
+* ``stop`` kills only the processes of *this* cluster (those whose command line mentions the
+  state directory, and their descendants), unlike ``ray stop``, which kills every Ray process
+  on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "local-fake-gpu.yaml"
+DEFAULT_DIR = Path(os.environ.get("AELIB_FAKE_CLUSTER_DIR", "/tmp/aelib-fakecluster"))
+HOST = "127.0.0.1"
+STATE_FILE = "state.json"
+TOKEN_FILE = "auth_token"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    """The `ray` CLI of the running interpreter's environment."""
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _read_state(state_dir: Path) -> dict | None:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def client_env(state: dict, base: dict | None = None) -> dict:
+    """Environment for a driver/CLI that talks to the fake cluster (address + auth token)."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        RAY_ADDRESS=state["address"],
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=state["token_path"],
+    )
+    env.pop("RAY_AUTH_TOKEN", None)
+    return env
+
+
+def _ensure_token(state_dir: Path) -> Path:
+    token_path = state_dir / TOKEN_FILE
+    if not token_path.exists():
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, like `ray get-auth-token --generate`
+    return token_path
+
+
+def start(
+    config: Path | None = DEFAULT_CONFIG,
+    state_dir: Path = DEFAULT_DIR,
+    head_cpus: int | None = None,
+    head_object_store_bytes: int = 200_000_000,
+    autoscaler_interval_s: int = 1,
+) -> dict:
+    """Start the head; return the cluster state (address, dashboard URL, token path, ...).
+
+    With a `config` (the default), the head runs Ray's autoscaler on the fake_multinode
+    provider and advertises the head resources of that config. With ``config=None`` it is a
+    plain single-node Ray head with `head_cpus` CPUs (the "local head" of the Jobs path).
+    """
+    state_dir = Path(state_dir).resolve()
+    if _read_state(state_dir) and _cluster_pids(state_dir):
+        raise RuntimeError(f"a cluster is already running in {state_dir}; stop it first")
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_path = _ensure_token(state_dir)
+    temp_dir = state_dir / "ray"  # short: Ray's unix sockets live below it (107-byte limit)
+
+    ports = {
+        "gcs": _free_port(),
+        "dashboard": _free_port(),
+        "client_server": _free_port(),
+        "dashboard_agent": _free_port(),
+    }
+    address = f"{HOST}:{ports['gcs']}"
+    env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        # job entrypoints (`python ...`) and fake nodes use this interpreter's environment
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    cmd = [
+        _ray_bin(),
+        "start",
+        "--head",
+        f"--node-ip-address={HOST}",
+        f"--port={ports['gcs']}",
+        f"--temp-dir={temp_dir}",
+        f"--object-store-memory={head_object_store_bytes}",
+        "--include-dashboard=true",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
+        f"--ray-client-server-port={ports['client_server']}",
+        "--disable-usage-stats",
+    ]
+    rendered = None
+    if config is not None:
+        cfg = yaml.safe_load(Path(config).read_text())
+        cfg["provider"]["gcs_address"] = address
+        rendered = state_dir / "autoscaling.yaml"
+        rendered.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        head = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
+        cmd += [
+            f"--autoscaling-config={rendered}",
+            f"--num-cpus={int(head.get('CPU', 0)) if head_cpus is None else head_cpus}",
+            f"--num-gpus={int(head.get('GPU', 0))}",
+        ]
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S=str(autoscaler_interval_s))
+    else:
+        cmd += [f"--num-cpus={head_cpus if head_cpus is not None else 2}", "--num-gpus=0"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        stop(state_dir)
+        raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    state = {
+        "address": address,
+        "dashboard_url": f"http://{HOST}:{ports['dashboard']}",
+        "ports": ports,
+        "token_path": str(token_path),
+        "temp_dir": str(temp_dir),
+        "state_dir": str(state_dir),
+        "config": str(rendered) if rendered else None,
+        "python": sys.executable,
+        "start_seconds": round(time.monotonic() - started, 1),
+    }
+    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+# --- stopping only this cluster's processes -------------------------------------------------
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) for every process we can read, from /proc (Linux)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # the command name (field 2) may contain spaces/parentheses: split after the last ')'
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        table[pid] = (ppid, cmdline)
+    return table
+
+
+def _cluster_pids(state_dir: Path) -> list[int]:
+    """Ray processes of this cluster, plus all their descendants.
+
+    Ray's daemons (GCS, raylets, dashboard, autoscaler, agents) all carry a path inside the
+    cluster's Ray temp dir on their command line; workers and job drivers are their children.
+    This process and its ancestors (e.g. the shell that runs ``local.py stop``) are spared.
+    """
+    temp_dir = re.escape(str(Path(state_dir).resolve() / "ray"))
+    marker = re.compile(temp_dir + r"(/|\s|$)")
+    table = _proc_table()
+    spared, pid = set(), os.getpid()
+    while pid > 1 and pid not in spared:
+        spared.add(pid)
+        pid = table.get(pid, (0, ""))[0]
+    roots = {pid for pid, (_, cmd) in table.items() if marker.search(cmd) and pid not in spared}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in found or pid in spared:
+            continue
+        found.add(pid)
+        stack.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def stop(state_dir: Path = DEFAULT_DIR, grace_s: float = 10.0, remove: bool = False) -> int:
+    """Terminate this cluster's processes (SIGTERM, then SIGKILL); return how many there were."""
+    state_dir = Path(state_dir).resolve()
+    pids = _cluster_pids(state_dir)
+    found = set(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5)
+        while time.monotonic() < deadline:
+            # new descendants may appear while the old ones die: rescan
+            current = _cluster_pids(state_dir)
+            found.update(current)
+            alive = [p for p in set(pids) | set(current) if _alive(p)]
+            if not alive:
+                break
+            pids = alive
+            time.sleep(0.2)
+    state_file = state_dir / STATE_FILE
+    if state_file.exists():
+        state_file.unlink()
+    if remove:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return len(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def status(state_dir: Path = DEFAULT_DIR) -> str:
+    state = _read_state(Path(state_dir).resolve())
+    if state is None:
+        return f"no fake cluster state in {state_dir}"
+    proc = subprocess.run(
+        [_ray_bin(), "status", f"--address={state['address']}"],
+        env=client_env(state),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.dumps(state, indent=2) + "\n" + proc.stdout + proc.stderr
+
+
+def nodes(state_dir: Path = DEFAULT_DIR) -> list[dict]:
+    """Every node the cluster has had (alive or not): id, alive, resources, head or not.
+
+    Runs in a subprocess (a short-lived Ray driver), so the caller does not become one.
+    """
+    state = _read_state(Path(state_dir).resolve())
+    if state is None:
+        raise RuntimeError(f"no cluster state in {state_dir}")
+    code = (
+        "import json, ray\n"
+        "ray.init(logging_level='ERROR', log_to_driver=False)\n"
+        "rows = [dict(node_id=n['NodeID'], alive=n['Alive'], resources=n['Resources'],"
+        " is_head='node:__internal_head__' in n['Resources'] or n.get('IsHeadNode', False))"
+        " for n in ray.nodes()]\n"
+        "print('NODES=' + json.dumps(rows))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=client_env(state),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("NODES="):
+            return json.loads(line[len("NODES=") :])
+    raise RuntimeError(f"could not list nodes ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["start", "stop", "status", "env", "nodes"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument(
+        "--single-node",
+        action="store_true",
+        help="start: a plain one-node head (no fake workers, no autoscaler)",
+    )
+    parser.add_argument("--head-cpus", type=int, default=None, help="start: CPUs of the head")
+    parser.add_argument("--remove", action="store_true", help="stop: also delete the state dir")
+    args = parser.parse_args(argv)
+
+    if args.action == "start":
+        config = None if args.single_node else args.config
+        state = start(config, args.dir, head_cpus=args.head_cpus)
+        print(json.dumps(state, indent=2))
+        print(f'# next: eval "$(python {sys.argv[0]} env --dir {args.dir})"')
+    elif args.action == "stop":
+        print(f"stopped {stop(args.dir, remove=args.remove)} processes")
+    elif args.action == "status":
+        print(status(args.dir))
+    elif args.action == "nodes":
+        print(json.dumps(nodes(args.dir), indent=2))
+    else:  # env: shell exports for clients (drivers, `ray job submit`, `ray status`)
+        state = _read_state(args.dir.resolve())
+        if state is None:
+            print(f"no fake cluster state in {args.dir}", file=sys.stderr)
+            return 1
+        print(f"export RAY_ADDRESS={state['address']}")
+        print("export RAY_AUTH_MODE=token")
+        print(f"export RAY_AUTH_TOKEN_PATH={state['token_path']}")
+        print(f"export AELIB_DASHBOARD_URL={state['dashboard_url']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

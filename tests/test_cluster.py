@@ -1,0 +1,384 @@
+"""cluster.yaml and cluster/: Ray's schema checks, and real runs on a local multi-node cluster.
+
+Select with `-m cluster` (all of it) or `-m "cluster and not slow"` (the configs only, ~1 s).
+
+* Configs: every YAML (cluster.yaml, cluster/*.yaml) passes Ray's own
+  `prepare_config` + `validate_config`, has an autoscaling GPU worker type, and the cloud
+  ones install the project on every node and open nothing but SSH.
+* Fake multi-node cluster (cluster/local.py + cluster/local-fake-gpu.yaml): a CPU head with
+  no CPUs/GPUs for work plus autoscaled workers declaring `GPU: 1`. `jobs/sweep.py` with
+  `--gpus-per-trial 1` and `jobs/denoise.py` with GPU actors must finish there, and the
+  trial table / manifest must show every trial and batch on an autoscaled GPU worker node.
+* Jobs path: `ray job submit --working-dir . -- python jobs/sweep.py --smoke-test` against a
+  local head with token authentication on (requests without the token are refused).
+
+Each cluster lives in its own temp dir with free ports (never Ray's defaults) and is stopped
+by killing only its own processes (cluster/local.py stop), never `ray stop`, so other Ray
+clusters on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import MNIST, REPO, subprocess_env
+
+_spec = importlib.util.spec_from_file_location("aelib_cluster_local", REPO / "cluster" / "local.py")
+local = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(local)
+
+CONFIGS = [REPO / "cluster.yaml", *sorted((REPO / "cluster").glob("*.yaml"))]
+CLOUD_CONFIGS = [c for c in CONFIGS if "fake" not in c.name]
+FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
+SWEEP_MODELS = ["denoise", "dense"]
+TIMINGS: dict[str, float] = {}
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _prepared(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Ray's own preparation of a cluster config (defaults merged, min/max workers filled)."""
+    from ray.autoscaler._private import providers
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = _load(path)
+    if config["provider"]["type"] == "fake_multinode":
+        # Ray's wheel lacks the provider's defaults file (fake_multi_node/example.yaml), so
+        # prepare_config cannot open it; our config spells out every field, so it serves as
+        # its own defaults.
+        monkeypatch.setitem(providers._DEFAULT_CONFIGS, "fake_multinode", lambda: str(path))
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _worker_types(config: dict) -> dict[str, dict]:
+    head = config["head_node_type"]
+    return {k: v for k, v in config["available_node_types"].items() if k != head}
+
+
+# ---------------------------------------------------------------------------- the configs
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_passes_ray_schema_and_has_autoscaling_gpu_workers(path, monkeypatch):
+    config = _prepared(path, monkeypatch)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0, (
+        "the head must offer no CPUs/GPUs for work, so trials and actors go to workers"
+    )
+    gpu_types = {
+        name: t for name, t in _worker_types(config).items() if t["resources"].get("GPU", 0) >= 1
+    }
+    assert gpu_types, f"{path.name}: no worker type declares a GPU"
+    for name, t in gpu_types.items():
+        assert t["resources"]["GPU"] == 1, f"{name}: one GPU per worker"
+        assert t["min_workers"] == 0, f"{name}: GPU workers must scale to zero"
+        assert 1 <= t["max_workers"] <= config["max_workers"], name
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
+def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path, monkeypatch):
+    config = _prepared(path, monkeypatch)
+    docker = config["docker"]
+    images = [docker["image"], docker.get("head_image", ""), docker.get("worker_image", "")]
+    assert all(i.startswith("rayproject/ray:2.60.") and "py311" in i for i in images if i)
+    assert not any("ray-ml" in i for i in images), "the frozen ray-ml images are not wanted"
+    assert "gpu" in (docker.get("worker_image") or docker["image"])
+    # The project is synced from the repository root to every node ...
+    remote = [r for r, local_path in config["file_mounts"].items() if local_path == "."]
+    assert len(remote) == 1, "file_mounts must copy the repository ('.') to the nodes"
+    # ... and pip-installed on head and workers (prepare_config merges setup_commands in).
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        installs = [c for c in config[key] if "pip install" in c and remote[0] in c]
+        assert installs, f"{key}: no `pip install {remote[0]}`"
+    assert any("tensorflow[and-cuda]" in c for c in config["worker_setup_commands"]), (
+        "GPU workers need TensorFlow's GPU build"
+    )
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
+def test_cloud_config_opens_only_ssh_turns_on_token_auth_and_holds_no_secrets(path, monkeypatch):
+    config = _prepared(path, monkeypatch)
+    text = path.read_text()
+    provider = config["provider"]
+    if provider["type"] == "aws":
+        assert provider["security_group"]["IpPermissions"] == [], "no inbound rule beyond SSH"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("0.0.0.0" in c for c in starts), "the dashboard must stay on localhost"
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
+    assert "~/.ray/auth_token" in config["file_mounts"], "the token is copied, not written here"
+    assert re.search(r"(s3|gs)://CHANGE-ME", text), "a shared-storage URI placeholder for Tune"
+    for pattern in (
+        r"AKIA[0-9A-Z]{16}",
+        r"(?i)aws_secret_access_key",
+        r"-----BEGIN",
+        r"(?i)password\s*:",
+        r"\b[0-9a-f]{64}\b",  # a Ray auth token
+    ):
+        assert not re.search(pattern, text), f"{path.name} looks like it holds a secret"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_key_is_commented(path):
+    """Each mapping key has a comment on its line or on the line(s) just above it."""
+    lines = path.read_text().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not re.match(r"^(- )?[~\w.\-/\"']+\s*:(\s|$)", stripped):
+            continue
+        j = i - 1
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        if "#" not in line and not (j >= 0 and lines[j].strip().startswith("#")):
+            missing.append(f"{i + 1}: {stripped}")
+    assert not missing, f"{path.name}: keys without a comment:\n" + "\n".join(missing)
+
+
+# ------------------------------------------------------------------- the fake multi-node run
+
+
+def _run(cmd: list[str], env: dict, timeout: float, cwd: Path = REPO):
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def _tail(proc) -> str:
+    out, err = proc.stdout[-4000:], proc.stderr[-4000:]
+    return f"rc={proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
+
+
+def _worker_nodes(state_dir: Path) -> dict[str, dict]:
+    return {n["node_id"]: n for n in local.nodes(state_dir) if not n["is_head"]}
+
+
+def _assert_on_autoscaled_gpu_workers(used: set[str], workers: dict[str, dict]) -> None:
+    assert used, "no node recorded"
+    assert FAKE_HEAD_ID not in used, "work ran on the head, which offers no CPU/GPU"
+    for node_id in used:
+        assert node_id in workers, f"{node_id} is not a worker node of this cluster"
+        assert workers[node_id]["resources"].get("GPU", 0) >= 1, f"{node_id} declares no GPU"
+
+
+@pytest.fixture(scope="class")
+def fake_cluster():
+    state_dir = Path(tempfile.mkdtemp(prefix="aefc-", dir="/tmp"))  # short: unix socket paths
+    start = time.monotonic()
+    try:
+        state = local.start(local.DEFAULT_CONFIG, state_dir)
+        TIMINGS["fake cluster start"] = time.monotonic() - start
+        state["dir"] = state_dir
+        state["nodes_at_start"] = local.nodes(state_dir)
+        yield state
+    finally:
+        local.stop(state_dir, remove=True)
+        TIMINGS["fake cluster total"] = time.monotonic() - start
+        leftover = local._cluster_pids(state_dir)
+        print(f"\nfake cluster timings (s): {json.dumps(TIMINGS, indent=None, default=round)}")
+        assert not leftover, f"processes of the fake cluster survived stop: {leftover}"
+
+
+@pytest.fixture(scope="class")
+def sweep_run(fake_cluster):
+    out = fake_cluster["dir"] / "sweeps"
+    cmd = [
+        sys.executable,
+        "jobs/sweep.py",
+        "--smoke-test",
+        "--models",
+        *SWEEP_MODELS,
+        "--gpus-per-trial",
+        "1",
+        "--cpus-per-trial",
+        "1",
+        "--allow-autoscale",  # no GPU node exists until the autoscaler adds one
+        "--storage-path",
+        str(out),
+        "--name",
+        "fake-gpu",
+        "--data",
+        str(MNIST),
+        "--no-figures",
+    ]
+    env = local.client_env(fake_cluster, subprocess_env())
+    proc, seconds = _run(cmd, env, timeout=240)
+    TIMINGS["sweep"] = seconds
+    return proc, out / "fake-gpu", _worker_nodes(fake_cluster["dir"])
+
+
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}")
+class TestFakeMultiNodeGPUCluster:
+    def test_starts_with_the_head_alone_and_refuses_requests_without_the_token(self, fake_cluster):
+        assert [n["node_id"] for n in fake_cluster["nodes_at_start"]] == [FAKE_HEAD_ID]
+        url = fake_cluster["dashboard_url"] + "/api/jobs/"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        token = Path(fake_cluster["token_path"]).read_text().strip()
+        assert oct(Path(fake_cluster["token_path"]).stat().st_mode & 0o777) == "0o600"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as ok:
+            assert ok.status == 200
+
+    def test_sweep_trials_ran_on_autoscaled_gpu_workers(self, sweep_run):
+        proc, experiment, workers = sweep_run
+        assert proc.returncode == 0, _tail(proc)
+        trials = pq.read_table(experiment / "trials.parquet").to_pandas()
+        assert sorted(trials["model"]) == sorted(SWEEP_MODELS)
+        assert (trials["status"] == "finished").all(), trials[["model", "status", "error"]]
+        placement = dict(
+            zip(trials["trial_id"] + " " + trials["model"], trials["node_id"], strict=True)
+        )
+        print(f"\nsweep trial -> node: {json.dumps(placement, indent=1)}")
+        _assert_on_autoscaled_gpu_workers(set(trials["node_id"]), workers)
+        # one GPU per worker and one GPU per trial: trials that overlapped used two workers
+        assert len(workers) <= 2, "max_workers is 2"
+
+    def test_bulk_denoise_gpu_actors_ran_on_autoscaled_gpu_workers(self, fake_cluster, sweep_run):
+        model = sweep_run[1] / "best" / "denoise.keras"
+        env = local.client_env(fake_cluster, subprocess_env())
+        if not model.is_file():  # the sweep failed (its own test says why): train one here
+            out = fake_cluster["dir"] / "model"
+            train = [sys.executable, "-m", "aelib", "train", "--model", "denoise", "--epochs"]
+            train += ["1", "--limit", "500", "--test-limit", "100", "--no-figures"]
+            train += ["--data", str(MNIST), "--out", str(out)]
+            proc, _ = _run(train, subprocess_env(), timeout=180)
+            assert proc.returncode == 0, _tail(proc)
+            model = next(out.rglob("*.keras"))
+        noisy, dst = fake_cluster["dir"] / "noisy", fake_cluster["dir"] / "denoised"
+        make = [sys.executable, "jobs/make_noisy.py", "--data", str(MNIST), "--count", "200"]
+        proc, _ = _run(make + ["--out", str(noisy)], env, timeout=120)
+        assert proc.returncode == 0, _tail(proc)
+        cmd = [sys.executable, "jobs/denoise.py", "--model", str(model), "--input", str(noisy)]
+        cmd += ["--output", str(dst), "--gpus-per-worker", "1", "--workers", "2"]
+        cmd += ["--batch-size", "50"]
+        proc, seconds = _run(cmd, env, timeout=240)
+        TIMINGS["denoise"] = seconds
+        assert proc.returncode == 0, _tail(proc)
+        manifest = pq.read_table(dst / "manifest.parquet").to_pandas()
+        assert len(manifest) == 200 and (manifest["status"] == "ok").all()
+        print(f"\ndenoise images per node: {manifest.groupby('node').size().to_dict()}")
+        _assert_on_autoscaled_gpu_workers(set(manifest["node"]), _worker_nodes(fake_cluster["dir"]))
+
+
+# --------------------------------------------------------------------------- the Jobs path
+
+
+@pytest.fixture(scope="class")
+def local_head():
+    """A plain one-node head (2 CPUs) with token auth, for `ray job submit`.
+
+    Not the fake multi-node cluster: its nodes share one session dir on this machine, so each
+    node's runtime-env agent re-extracts the job's --working-dir in place and can pull it from
+    under the running driver (real clusters have one dir per node).
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="aejh-", dir="/tmp"))
+    try:
+        yield local.start(None, state_dir, head_cpus=2) | {"dir": state_dir}
+    finally:
+        local.stop(state_dir, remove=True)
+        assert not local._cluster_pids(state_dir)
+
+
+@pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}")
+class TestJobsPath:
+    def test_job_api_refuses_a_missing_or_wrong_token(self, local_head):
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        base = local.client_env(local_head, subprocess_env())
+        no_token = {k: v for k, v in base.items() if not k.startswith("RAY_AUTH")}
+        wrong = base | {"RAY_AUTH_TOKEN": "0" * 64}
+        wrong.pop("RAY_AUTH_TOKEN_PATH")
+        for env in (no_token, wrong):
+            proc, _ = _run(
+                [ray_cli, "job", "list", "--address", local_head["dashboard_url"]], env, 60
+            )
+            assert proc.returncode != 0, _tail(proc)
+            assert re.search(r"Authentication|Unauthorized|Forbidden", proc.stdout + proc.stderr)
+
+    def test_ray_job_submit_working_dir_sweep_smoke_test(self, local_head):
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        out = local_head["dir"] / "job-results"
+        cmd = [ray_cli, "job", "submit", "--address", local_head["dashboard_url"]]
+        cmd += ["--working-dir", ".", "--", "python", "jobs/sweep.py", "--smoke-test"]
+        cmd += ["--storage-path", str(out), "--name", "job", "--data", str(MNIST), "--no-figures"]
+        proc, seconds = _run(cmd, local.client_env(local_head, subprocess_env()), timeout=300)
+        TIMINGS["jobs path"] = seconds
+        print(f"\nray job submit ... sweep.py --smoke-test: {seconds:.0f}s")
+        assert proc.returncode == 0, _tail(proc)
+        assert re.search(r"Job '\S+' succeeded", proc.stdout + proc.stderr), _tail(proc)
+        trials = pq.read_table(out / "job" / "trials.parquet").to_pandas()
+        assert (trials["status"] == "finished").all() and len(trials) == 7
+        # the upload was the sources only (.rayignore / .gitignore), not .venv or .git
+        pattern = "session_*/runtime_resources/working_dir_files/_ray_pkg_*"
+        uploads = list(Path(local_head["temp_dir"]).glob(pattern))
+        unpacked = [p for p in uploads if p.is_dir()]
+        assert unpacked, "no unpacked working dir found on the head"
+        for pkg in unpacked:
+            names = {p.name for p in pkg.iterdir()}
+            assert {"jobs", "aelib"} <= names and not names & {".venv", ".git", "runs"}, names
+            size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+            assert size < 20e6, f"working dir upload is {size / 1e6:.0f} MB"
+
+
+@pytest.mark.cluster
+def test_stop_selects_only_this_clusters_processes(tmp_path):
+    """local.py stop kills processes naming <dir>/ray (and their children), nothing else."""
+    ours, other = tmp_path / "a", tmp_path / "a-other"
+    sleeper = "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ours / 'ray'}"]),
+        subprocess.Popen([sys.executable, "-c", sleeper, f"--log_dir={ours / 'ray'}/session_x"]),
+        subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={other / 'ray'}"]),
+        subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ours / 'ray2'}"]),
+    ]
+    try:
+        time.sleep(1.0)  # let each start its child
+        selected = set(local._cluster_pids(ours))
+        assert {procs[0].pid, procs[1].pid} <= selected
+        assert not {procs[2].pid, procs[3].pid} & selected
+        assert len(selected) == 4, "each selected process brings its `sleep` child"
+        assert local.stop(ours, grace_s=5) == 4
+        assert procs[0].wait(5) is not None and procs[1].wait(5) is not None
+        assert procs[2].poll() is None and procs[3].poll() is None, "another cluster was hit"
+    finally:
+        parents = {proc.pid for proc in procs}
+        children = [pid for pid, (ppid, _) in local._proc_table().items() if ppid in parents]
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
