@@ -1,0 +1,769 @@
+"""Quality benchmark: the tutorial's table, reproduced, and the denoisers compared.
+
+Trains each variant at the tutorial's settings on full MNIST (Adam, the tutorial's
+epochs and batch sizes, validating on the test split as the tutorial does) through
+`aelib.train`, and compares the learned denoiser with scikit-image's classical
+denoisers (and BM3D where its package installs), each tuned on a held-out slice of
+noisy *training* digits and evaluated on the same noisy test digits as the model.
+
+Writes, under `--out`:
+    results.json   every row: settings, metrics, the tutorial's numbers, the command
+                   that reproduces it, the machine and backend it ran on
+    results.md     the tables
+    *.png          charts (test BCE against the tutorial, denoiser PSNR/SSIM, sample
+                   digits per denoiser, the VAE's figures)
+
+Rows are saved as each one finishes; a rerun skips rows already in results.json
+with the same settings (unless `--force`), so a killed run resumes.
+
+    python jobs/bench_quality.py --data /work/shared/data/mnist.npz --out jobs/results
+    python jobs/bench_quality.py --quick --out /tmp/bench     # 1 epoch, small subset
+    KERAS_BACKEND=jax python jobs/bench_quality.py ...        # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+# Priority order of a full run: the denoising comparison first.
+ROWS = ("classical", "denoise", "denoise_plus", "dense", "sparse", "deep", "conv", "vae", "seq2seq")
+DEFAULT_DENOISE_PLUS = "depth=1,filters=64"
+QUICK = {
+    "epochs": 1,
+    "limit": 2000,
+    "test_limit": 200,
+    "tune_limit": 40,
+    "slow_limit": 10,
+    "slow_tune_limit": 5,
+}
+SCHEMA = 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """'filters=64,convs_per_stage=2' -> {'filters': 64, 'convs_per_stage': 2}."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "=" not in part:
+            raise ValueError(f"Expected KEY=VALUE in {text!r}. Received: {part!r}")
+        key, value = part.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import keras
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": mem_gib,
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "accelerator": _accelerator(),
+    }
+    label = os.environ.get("BENCH_MACHINE")  # e.g. "shared 2-core CPU VM"
+    if label:
+        info["label"] = label
+    return info
+
+
+def _accelerator() -> str:
+    import keras
+
+    try:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            devices = jax.devices()
+            return f"{devices[0].platform}: {devices[0].device_kind} x{len(devices)}"
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            return f"gpu x{len(gpus)}" if gpus else "cpu"
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"unknown ({e.__class__.__name__})"
+    return "unknown"
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    parts = [m.get("label"), f"{m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB)"]
+    parts.append(f"Keras {m['keras']} / {m['backend']} backend on {m['accelerator']}")
+    return ", ".join(p for p in parts if p)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        results = json.loads(path.read_text())
+        if results.get("schema") == SCHEMA:
+            return results
+    return {"schema": SCHEMA, "rows": {}}
+
+
+def save_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def command_for(args: argparse.Namespace, row: str, epochs: int | None = None) -> str:
+    """The command line that reproduces one row."""
+    cmd = ["python", "jobs/bench_quality.py", "--models", row]
+    if args.data:
+        cmd += ["--data", args.data]
+    if args.quick:
+        cmd += ["--quick"]
+    if epochs is not None and args.epochs is not None and not args.quick:
+        cmd += ["--epochs", str(epochs)]
+    for flag, value, default in (
+        ("--limit", args.limit, None),
+        ("--test-limit", args.test_limit, None),
+        ("--tune-limit", args.tune_limit, None),
+        ("--slow-limit", args.slow_limit, None),
+        ("--slow-tune-limit", args.slow_tune_limit, 40),
+        ("--denoisers", args.denoisers, None),
+        ("--seed", args.seed, 0),
+    ):
+        classical_only = flag in (
+            "--tune-limit",
+            "--slow-limit",
+            "--slow-tune-limit",
+            "--denoisers",
+        )
+        quick_set = flag in ("--limit", "--test-limit", "--tune-limit", "--slow-limit")
+        if classical_only and row != "classical" and flag != "--slow-limit":
+            continue  # (--slow-limit also sets the learned denoisers' subset)
+        if value != default and not (args.quick and (quick_set or flag == "--slow-tune-limit")):
+            cmd += [flag, str(value)]
+    if row == "denoise_plus":
+        cmd += ["--denoise-config", args.denoise_config]
+    cmd += ["--out", args.out]
+    env = "KERAS_BACKEND=jax " if os.environ.get("KERAS_BACKEND") == "jax" else ""
+    return env + shlex.join(cmd)
+
+
+# --------------------------------------------------------------------------- learned rows
+
+
+def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
+    import aelib
+    from aelib import metrics as metrics_lib
+    from aelib.train import make_splits
+    from aelib.tutorial import REPORTED_DENSE_CODE_MEAN, TUTORIAL, tutorial_settings
+
+    model = "denoise" if row == "denoise_plus" else row
+    settings = tutorial_settings(model)
+    overrides = parse_options(args.denoise_config) if row == "denoise_plus" else {}
+    train_fields = {k: overrides.pop(k) for k in ("learning_rate", "batch_size") if k in overrides}
+    epochs = args.epochs if args.epochs is not None else settings["epochs"]
+    config = aelib.TrainConfig(
+        model=model,
+        model_options=overrides,
+        epochs=epochs,
+        batch_size=train_fields.get("batch_size", settings["batch_size"]),
+        learning_rate=train_fields.get("learning_rate", 1e-3),
+        limit=args.limit,
+        val_split=0.0,  # the tutorial validates on the test split
+        test_limit=args.test_limit,
+        seed=args.seed,
+        data=args.data,
+    )
+    out_dir = runs_dir / row
+    result = aelib.train(config, data=arrays, out_dir=out_dir, figures=True, verbose=args.verbose)
+    m = dict(result.metrics)
+    epochs_run = m.get("epochs_run", 0)
+    m["seconds_per_epoch"] = m["train_seconds"] / epochs_run if epochs_run else None
+    tutorial = dict(TUTORIAL.get(model, {}))
+    if model == "dense":
+        tutorial["reported_code_mean"] = REPORTED_DENSE_CODE_MEAN
+    record = {
+        "kind": "learned",
+        "model": model,
+        "model_options": overrides,
+        "settings": settings_key(args, row),
+        "epochs": epochs,
+        "epochs_run": epochs_run,
+        "tutorial_epochs": settings["epochs"],
+        "is_tutorial_setting": (
+            epochs == settings["epochs"]
+            and args.limit is None
+            and args.test_limit is None
+            and row != "denoise_plus"
+        ),
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "train_images": len(arrays[0][0][: args.limit] if args.limit else arrays[0][0]),
+        "metrics": m,
+        "tutorial": tutorial,
+        "history": result.history,
+        "figures": {k: v for k, v in result.paths.items() if k.startswith("figure_")},
+    }
+    if model == "denoise" and not m.get("nan"):
+        # The learned denoiser on the first `slow_limit` test digits, for the rows
+        # (NL-means, BM3D) that are evaluated on that subset only.
+        splits = make_splits(config, arrays, "image")
+        n = min(args.slow_limit, len(splits.x_test))
+        out = result.model.autoencoder.predict(splits.x_test[:n], verbose=0)
+        record["subset"] = {
+            "images": n,
+            "psnr": float(np.mean(metrics_lib.psnr(splits.y_test[:n], out))),
+            "ssim": float(np.mean(metrics_lib.ssim(splits.y_test[:n], out))),
+        }
+        t0 = time.perf_counter()
+        result.model.autoencoder.predict(splits.x_test, batch_size=256, verbose=0)
+        record["images_per_second"] = len(splits.x_test) / (time.perf_counter() - t0)
+        save_samples(runs_dir, row, result.model.autoencoder.predict(splits.x_test[:8], verbose=0))
+    return record
+
+
+def settings_key(args, row: str) -> dict[str, Any]:
+    """What decides a row's numbers: a rerun with the same key is skipped."""
+    key = {
+        "epochs": args.epochs,
+        "limit": args.limit,
+        "test_limit": args.test_limit,
+        "seed": args.seed,
+    }
+    if row == "denoise_plus":
+        key["denoise_config"] = args.denoise_config
+    if row == "classical":
+        key.update(tune_limit=args.tune_limit, slow_limit=args.slow_limit, denoisers=args.denoisers)
+        key.pop("epochs")
+    return key
+
+
+def save_samples(runs_dir: Path, name: str, images: np.ndarray) -> None:
+    path = runs_dir / "samples" / f"{name}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(images, dtype="float32").reshape(len(images), 28, 28))
+
+
+# --------------------------------------------------------------------------- classical rows
+
+
+def classical_methods() -> dict[str, dict[str, Any]]:
+    """name -> {param, grid, fn(batch (N, H, W) noisy, value) -> batch, slow}."""
+    from scipy import ndimage
+    from skimage import restoration
+
+    def per_image(f):
+        return lambda x, v: np.stack([f(img, v) for img in x])
+
+    methods = {
+        "median_3x3": {
+            "param": None,
+            "grid": [None],
+            "fn": lambda x, v: ndimage.median_filter(x, size=(1, 3, 3), mode="reflect"),
+        },
+        "gaussian": {
+            "param": "sigma",
+            "grid": [0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
+            "fn": lambda x, v: ndimage.gaussian_filter(x, sigma=(0, v, v), mode="reflect"),
+        },
+        "total_variation": {
+            "param": "weight",
+            "grid": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8],
+            "fn": per_image(lambda img, v: restoration.denoise_tv_chambolle(img, weight=v)),
+        },
+        "wavelet": {
+            "param": "sigma",
+            "grid": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            "fn": per_image(
+                lambda img, v: restoration.denoise_wavelet(
+                    img, sigma=v, mode="soft", rescale_sigma=True
+                )
+            ),
+        },
+        "nl_means": {
+            "param": "h",
+            "grid": [0.03, 0.06, 0.1, 0.15, 0.25, 0.4],
+            "fn": per_image(
+                lambda img, v: restoration.denoise_nl_means(
+                    img, h=v, sigma=0.5, patch_size=3, patch_distance=5, fast_mode=True
+                )
+            ),
+        },
+    }
+    try:
+        import bm3d  # noqa: F401
+
+        methods["bm3d"] = {
+            "param": "sigma_psd",
+            "grid": [0.2, 0.3, 0.4, 0.5, 0.6],
+            "fn": per_image(lambda img, v: _bm3d(img, v)),
+            "slow": True,
+        }
+    except ImportError:
+        print("bm3d is not installed (pip install bm3d): skipping BM3D", flush=True)
+    return methods
+
+
+def _bm3d(img: np.ndarray, sigma: float) -> np.ndarray:
+    import bm3d
+
+    return np.asarray(bm3d.bm3d(img, sigma_psd=sigma), dtype=np.float64)
+
+
+def run_classical(args, arrays, runs_dir: Path) -> dict[str, Any]:
+    import aelib
+    from aelib import data as data_lib
+    from aelib import metrics as metrics_lib
+    from aelib.train import make_splits
+
+    # The exact noisy test digits the learned denoiser is scored on.
+    config = aelib.TrainConfig(
+        model="denoise",
+        epochs=1,
+        limit=args.limit,
+        val_split=0.0,
+        test_limit=args.test_limit,
+        seed=args.seed,
+        data=args.data,
+    )
+    splits = make_splits(config, arrays, "image")
+    clean_test, noisy_test = splits.y_test[..., 0], splits.x_test[..., 0]
+    # Tuning slice: the last `tune_limit` *training* digits, with their own noise seed.
+    tune_clean = data_lib.scale(arrays[0][0][-args.tune_limit :])
+    tune_noisy = data_lib.add_noise(tune_clean, config.noise_factor, seed=args.seed + 1000)
+    save_samples(runs_dir, "clean", clean_test[:8])
+    save_samples(runs_dir, "noisy", noisy_test[:8])
+
+    def score(clean, out):
+        out = np.clip(out, 0.0, 1.0)
+        return (
+            float(np.mean(metrics_lib.psnr(clean, out))),
+            float(np.mean(metrics_lib.ssim(clean, out))),
+        )
+
+    denoisers: dict[str, Any] = {}
+    p, s = score(clean_test, noisy_test)
+    denoisers["noisy"] = {"psnr": p, "ssim": s, "test_images": len(clean_test)}
+    n_slow = min(args.slow_limit, len(clean_test))
+    p, s = score(clean_test[:n_slow], noisy_test[:n_slow])
+    denoisers["noisy"]["subset"] = {"images": n_slow, "psnr": p, "ssim": s}
+
+    methods = classical_methods()
+    if args.denoisers:
+        wanted = [n.strip() for n in args.denoisers.split(",") if n.strip()]
+        methods = {n: methods[n] for n in wanted if n in methods}
+    for name, method in methods.items():
+        slow = method.get("slow", False) or name == "nl_means"
+        n_tune = min(args.tune_limit, args.slow_tune_limit) if slow else args.tune_limit
+        tuning = []
+        for value in method["grid"]:
+            out = method["fn"](tune_noisy[:n_tune].astype(np.float64), value)
+            tuning.append({"value": value, "psnr": score(tune_clean[:n_tune], out)[0]})
+        best = max(tuning, key=lambda t: t["psnr"])
+        n_eval = n_slow if method.get("slow") else len(clean_test)
+        t0 = time.perf_counter()
+        out = method["fn"](noisy_test[:n_eval].astype(np.float64), best["value"])
+        seconds = time.perf_counter() - t0
+        p, s = score(clean_test[:n_eval], out)
+        entry = {
+            "param": method["param"],
+            "value": best["value"],
+            "tuning": {"images": n_tune, "source": "last training digits", "grid": tuning},
+            "psnr": p,
+            "ssim": s,
+            "test_images": n_eval,
+            "images_per_second": n_eval / seconds if seconds > 0 else None,
+        }
+        if n_eval != n_slow:
+            entry["subset"] = dict(
+                zip(("psnr", "ssim"), score(clean_test[:n_slow], out[:n_slow]), strict=True),
+                images=n_slow,
+            )
+        denoisers[name] = entry
+        save_samples(runs_dir, name, np.clip(out[:8], 0, 1))
+        print(
+            f"  {name:16s} {method['param']}={best['value']}: {p:.2f} dB, SSIM {s:.3f} "
+            f"on {n_eval} test digits ({entry['images_per_second']:.1f} img/s)",
+            flush=True,
+        )
+    return {
+        "kind": "classical",
+        "settings": settings_key(args, "classical"),
+        "noise": {
+            "factor": config.noise_factor,
+            "clipped": [0, 1],
+            "test_seed": args.seed + 2,
+            "tune_seed": args.seed + 1000,
+        },
+        "denoisers": denoisers,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(x, digits=4):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    lines = ["# Quality benchmark results", ""]
+    machines = {r.get("machine_line") for r in rows.values() if r.get("machine_line")}
+    for m in sorted(machines):
+        lines.append(f"Machine: {m}")
+    lines += [
+        "",
+        "## Reconstruction (test split, binary cross-entropy)",
+        "",
+        "| variant | epochs run (tutorial's) | batch | train images | test loss | "
+        "test BCE | tutorial's loss | code mean (tutorial's) | PSNR dB | SSIM | s/epoch |"
+        " command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", "denoise_plus"):
+        r = rows.get(name)
+        if not r:
+            continue
+        m, t = r["metrics"], r["tutorial"]
+        code = "-"
+        if "code_mean" in m:
+            code = f"{m['code_mean']:.2f}"
+            if "reported_code_mean" in t:
+                code += f" ({t['reported_code_mean']:.2f})"
+        label = name if name != "denoise_plus" else f"denoise_plus ({r['model_options']})"
+        lines.append(
+            f"| {label} | {r['epochs_run']} ({r['tutorial_epochs']}) | {r['batch_size']} | "
+            f"{r['train_images']} | {_fmt(m.get('test_loss'))} | {_fmt(m.get('test_bce'))} | "
+            f"{_fmt(t.get('reported_test_loss'), 3)} | {code} | {_fmt(m.get('test_psnr'), 2)} | "
+            f"{_fmt(m.get('test_ssim'), 3)} | {_fmt(m.get('seconds_per_epoch'), 1)} | "
+            f"`{r['command']}` |"
+        )
+    if "classical" in rows:
+        lines += denoise_table(results)
+    if "vae" in rows:
+        r = rows["vae"]
+        lines += [
+            "",
+            "## VAE",
+            "",
+            f"Test loss (BCE per pixel + KL / 784) after {r['epochs_run']} epochs: "
+            f"{r['metrics']['test_loss']:.4f} (pure BCE {r['metrics']['test_bce']:.4f}). "
+            "Figures: `vae_latent_plane.png`, `vae_manifold.png`.",
+            f"Command: `{r['command']}`",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def denoise_table(results: dict[str, Any]) -> list[str]:
+    rows = results["rows"]
+    c = rows["classical"]
+    d = c["denoisers"]
+    n_full = d["noisy"]["test_images"]
+    n_sub = d["noisy"]["subset"]["images"]
+    lines = [
+        "",
+        f"## Denoising (Gaussian noise, factor {c['noise']['factor']}, clipped to [0, 1],"
+        f" seed {c['noise']['test_seed']})",
+        "",
+        f"Classical parameters tuned on {d['median_3x3']['tuning']['images']} held-out noisy "
+        "*training* digits (NL-means and BM3D on fewer, see results.json); every method is "
+        f"scored on the same noisy test digits: all {n_full}, and the first {n_sub} "
+        "(the subset BM3D, too slow for all, is scored on).",
+        "",
+        f"| method | tuned parameter | PSNR dB ({n_full}) | SSIM ({n_full}) | "
+        f"PSNR dB (first {n_sub}) | SSIM (first {n_sub}) | images/s | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cmd = f"`{c['command']}`"
+    for name, e in d.items():
+        full = e["test_images"] == n_full
+        sub = e.get("subset", {"psnr": e["psnr"], "ssim": e["ssim"]})
+        param = f"{e['param']}={e['value']}" if e.get("param") else "-"
+        lines.append(
+            f"| {name} | {param} | {_fmt(e['psnr'], 2) if full else '-'} | "
+            f"{_fmt(e['ssim'], 3) if full else '-'} | {_fmt(sub['psnr'], 2)} | "
+            f"{_fmt(sub['ssim'], 3)} | {_fmt(e.get('images_per_second'), 1)} | {cmd} |"
+        )
+    for name in ("denoise", "denoise_plus"):
+        r = rows.get(name)
+        if not r:
+            continue
+        m = r["metrics"]
+        sub = r.get("subset", {})
+        label = f"{name} (learned, {r['epochs_run']} epochs"
+        label += f", {r['model_options']})" if r["model_options"] else ")"
+        lines.append(
+            f"| {label} | - | {_fmt(m['test_psnr'], 2)} | {_fmt(m['test_ssim'], 3)} | "
+            f"{_fmt(sub.get('psnr'), 2)} | {_fmt(sub.get('ssim'), 3)} | "
+            f"{_fmt(r.get('images_per_second'), 1)} | `{r['command']}` |"
+        )
+    return lines
+
+
+def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    written = []
+    learned = [
+        n
+        for n in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", "denoise_plus")
+        if n in rows and "test_bce" in rows[n]["metrics"]
+    ]
+    recon = [n for n in learned if n not in ("denoise", "denoise_plus")]
+    if recon:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        x = np.arange(len(recon))
+        ours = [rows[n]["metrics"]["test_loss"] for n in recon]
+        theirs = [rows[n]["tutorial"].get("reported_test_loss", np.nan) for n in recon]
+        ax.bar(x - 0.2, ours, 0.4, label="aelib (this run)")
+        ax.bar(x + 0.2, theirs, 0.4, label="tutorial's reported")
+        ax.set_xticks(x, [f"{n}\n{rows[n]['epochs_run']} ep" for n in recon])
+        ax.set_ylabel("test loss (BCE)")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_savefig(fig, out / "test_loss.png"))
+    if "classical" in rows:
+        d = rows["classical"]["denoisers"]
+        names, psnrs, ssims, n_imgs = [], [], [], []
+        for name, e in d.items():
+            names.append(name)
+            psnrs.append(e["psnr"])
+            ssims.append(e["ssim"])
+            n_imgs.append(e["test_images"])
+        for name in ("denoise", "denoise_plus"):
+            if name in rows:
+                names.append(f"{name}\n({rows[name]['epochs_run']} ep)")
+                psnrs.append(rows[name]["metrics"]["test_psnr"])
+                ssims.append(rows[name]["metrics"]["test_ssim"])
+                n_imgs.append(rows[name]["metrics"]["test_images"])
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for ax, vals, label in ((axes[0], psnrs, "PSNR (dB)"), (axes[1], ssims, "SSIM")):
+            bars = ax.bar(
+                range(len(names)), vals, color=["C1" if "denoise" in n else "C0" for n in names]
+            )
+            for b, v, k in zip(bars, vals, n_imgs, strict=True):
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    v,
+                    f"{v:.2f}" + ("" if k == n_imgs[0] else f"\n({k} img)"),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+        fig.suptitle("Denoising MNIST test digits (noise factor 0.5, clipped)")
+        fig.tight_layout()
+        written.append(_savefig(fig, out / "denoise_psnr_ssim.png"))
+        sample_dir = runs_dir / "samples"
+        order = ["clean", "noisy", *d.keys(), "denoise", "denoise_plus"]
+        found = [
+            (n, np.load(sample_dir / f"{n}.npy"))
+            for n in dict.fromkeys(order)
+            if (sample_dir / f"{n}.npy").is_file()
+        ]
+        if len(found) > 2:
+            from aelib import plots
+
+            written.append(plots.image_rows(dict(found), out / "denoise_samples.png", n=8))
+    for name, fig_names in (
+        ("vae", ("vae_latent_plane.png", "vae_manifold.png")),
+        ("denoise", ("denoise_learning_curves.png",)),
+        ("denoise_plus", ("denoise_learning_curves.png",)),
+    ):
+        for f in fig_names:
+            src = runs_dir / name / "figures" / f
+            if name in rows and src.is_file():
+                dst = out / (f if name != "denoise_plus" else f"denoise_plus_{f[8:]}")
+                shutil.copyfile(src, dst)
+                written.append(dst)
+    return written
+
+
+def _savefig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models",
+        default=",".join(ROWS),
+        help=f"comma-separated rows, in order (default: {','.join(ROWS)})",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override every variant's epochs (default: the tutorial's)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N training digits (all)")
+    p.add_argument("--test-limit", type=int, default=None, help="first N test digits (all)")
+    p.add_argument(
+        "--tune-limit",
+        type=int,
+        default=500,
+        help="held-out training digits the classical parameters are tuned on",
+    )
+    p.add_argument(
+        "--slow-tune-limit",
+        type=int,
+        default=40,
+        help="tuning digits for the slow NL-means and BM3D",
+    )
+    p.add_argument(
+        "--slow-limit",
+        type=int,
+        default=300,
+        help="test digits BM3D (~3 img/s) is scored on; all methods also on these",
+    )
+    p.add_argument(
+        "--denoise-config",
+        default=DEFAULT_DENOISE_PLUS,
+        help="the beyond-tutorial denoiser, e.g. filters=64,convs_per_stage=2 "
+        "(learning_rate= and batch_size= go to the training config)",
+    )
+    p.add_argument(
+        "--denoisers",
+        default=None,
+        help="classical denoisers to run (default: all: median_3x3,gaussian,total_variation,"
+        "wavelet,nl_means,bm3d)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="mnist.npz (default: $AELIB_MNIST)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: jobs/results; runs/bench_quick with --quick)",
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="models, figures and samples (default: runs/bench[_quick])"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"smoke run: {QUICK} (overrides those settings)"
+    )
+    p.add_argument("--force", action="store_true", help="rerun rows already in results.json")
+    p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.epochs, args.limit, args.test_limit = (
+            QUICK["epochs"],
+            QUICK["limit"],
+            QUICK["test_limit"],
+        )
+        args.tune_limit, args.slow_limit = QUICK["tune_limit"], QUICK["slow_limit"]
+        args.slow_tune_limit = QUICK["slow_tune_limit"]
+    args.out = args.out or ("runs/bench_quick" if args.quick else "jobs/results")
+    runs_dir = Path(args.runs_dir or ("runs/bench_quick" if args.quick else "runs/bench"))
+    if args.quick and args.runs_dir is None:
+        runs_dir = Path(args.out) / "runs"
+    selected = [r.strip() for r in args.models.split(",") if r.strip()]
+    unknown = sorted(set(selected) - set(ROWS))
+    if unknown:
+        print(f"bench_quality: unknown rows {unknown}. Valid: {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if args.data is None and os.environ.get("AELIB_MNIST"):
+        args.data = os.environ["AELIB_MNIST"]
+
+    from aelib import data as data_lib
+
+    arrays = data_lib.load_mnist(args.data)
+    out = Path(args.out)
+    results_path = out / "results.json"
+    results = load_results(results_path)
+    machine = machine_info()
+    for row in selected:
+        old = results["rows"].get(row)
+        if old and old.get("settings") == settings_key(args, row) and not args.force:
+            print(
+                f"[{row}] already in {results_path} with these settings: skipped "
+                "(--force reruns it)",
+                flush=True,
+            )
+            continue
+        print(f"[{row}] running ...", flush=True)
+        t0 = time.perf_counter()
+        if row == "classical":
+            record = run_classical(args, arrays, runs_dir)
+        else:
+            record = run_variant(args, row, arrays, runs_dir)
+        record["wall_seconds"] = time.perf_counter() - t0
+        record["command"] = command_for(args, row, record.get("epochs"))
+        record["machine"] = machine
+        record["machine_line"] = machine_line(machine)
+        record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        results = load_results(results_path)  # another process may have added rows
+        results["rows"][row] = record
+        save_results(results, results_path)
+        (out / "results.md").write_text(markdown(results))
+        charts(results, out, runs_dir)
+        print(f"[{row}] done in {record['wall_seconds']:.0f} s -> {results_path}", flush=True)
+    (out / "results.md").write_text(markdown(results))
+    charts(results, out, runs_dir)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
