@@ -229,7 +229,7 @@ def _cluster_pids(state_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def stop(state_dir: Path = DEFAULT_DIR, grace_s: float = 10.0, remove: bool = False) -> int:
+def stop(state_dir: Path = DEFAULT_DIR, grace_s: float = 3.0, remove: bool = False) -> int:
     """Terminate this cluster's processes (SIGTERM, then SIGKILL); return how many there were."""
     state_dir = Path(state_dir).resolve()
     pids = _cluster_pids(state_dir)
