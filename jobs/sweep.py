@@ -410,8 +410,8 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         resume_dir = tempfile.mkdtemp(prefix="aelib-resume-")
         checkpoint.to_directory(resume_dir)
         state = json.loads(Path(resume_dir, CHECKPOINT_STATE).read_text())
-        if state.get("finished"):
-            tune.report({**state["final_metrics"], **where, "resumed": True}, checkpoint=checkpoint)
+        if state.get("finished"):  # the driver died before it recorded the trial's end
+            tune.report({**state["final_metrics"], "rereported": True}, checkpoint=checkpoint)
             shutil.rmtree(resume_dir, ignore_errors=True)
             return
         done_epochs, past_history = state["epochs_done"], state["history"]
@@ -728,9 +728,6 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         tune.with_parameters(train_trial, data=arrays, settings=settings),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
-    if args.resume:
-        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
-
     if args.scheduler == "asha":
         scheduler = VariantASHA(max_t=args.epochs, grace_period=args.grace_period)
     else:
@@ -751,6 +748,11 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
             "hparams": tune.sample_from(_sample_hparams),
         }
         num_samples = args.num_samples  # the grid repeats: num_samples trials per variant
+    if args.resume:
+        # The param space again: Tune stored its sample_from function as a placeholder.
+        return tune.Tuner.restore(
+            experiment_path, trainable=trainable, param_space=param_space, resume_errored=True
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -784,13 +786,12 @@ def main(argv: list[str] | None = None) -> int:
             f"sweep.py: error: {experiment_path} already holds an experiment. "
             "Pass --resume to continue it, or choose another --name."
         )
-    check_search_space(args.models, args.pins)
-    arrays = load_arrays(args)
-
     start = time.perf_counter()
     ray.init()
     try:
         check_resources(args)
+        check_search_space(args.models, args.pins)
+        arrays = load_arrays(args)
         print(f"sweep.py: experiment {experiment_path}; cluster {ray.cluster_resources()}")
         results = build_tuner(args, arrays, experiment_path).fit()
         local = "://" not in experiment_path

@@ -1,0 +1,295 @@
+"""jobs/sweep.py on a real local Ray: the lone-file smoke sweep over all seven
+variants, resume after the driver is killed, and bad flags.
+
+    pytest tests/test_sweep.py -x -q --durations=0
+
+Every sweep runs as its own process with RAY_ADDRESS=local (a fresh local Ray,
+never a cluster another process started on this machine) and RAY_TMPDIR set to
+a folder of the test's own, so the test can check that no Ray process of its
+own is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "jobs" / "sweep.py"
+MNIST = Path(os.environ.get("AELIB_MNIST") or "/work/shared/data/mnist.npz")
+VARIANTS = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}"),
+]
+
+
+def _env(ray_tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = "local"
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    # aelib as if installed: the copied sweep.py must not find it next to itself.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+def _ray_pids(ray_tmp: Path) -> list[int]:
+    """Processes whose command line names our own Ray temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if str(ray_tmp) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _ray_pids(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture()
+def ray_tmp():
+    # Short path: Ray's unix sockets live under it (sun_path is ~107 bytes).
+    path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    yield path
+    for pid in _ray_pids(path):  # only processes of this test's own Ray
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep_under_test", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------ lone-file smoke sweep
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Runs the smoke sweep once, from a copy of sweep.py alone in an empty folder."""
+    lone = tmp_path_factory.mktemp("lone")
+    shutil.copy(SWEEP, lone / "sweep.py")
+    assert [p.name for p in lone.iterdir()] == ["sweep.py"]
+    store = tmp_path_factory.mktemp("store")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    cmd = [sys.executable, "sweep.py", "--smoke-test", "--data", str(MNIST)]
+    cmd += ["--storage-path", str(store), "--name", "smoke"]
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd, cwd=lone, env=_env(ray_tmp), capture_output=True, text=True, timeout=600
+    )
+    seconds = time.monotonic() - start
+    leftover = _wait_no_ray(ray_tmp)
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"proc": proc, "exp": store / "smoke", "seconds": seconds, "leftover": leftover}
+
+
+def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
+    proc = smoke["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for variant in VARIANTS:  # the job prints where the best of each variant went
+        assert f"best {variant}" in proc.stdout
+    assert str(smoke["exp"] / "trials.csv") in proc.stdout
+    assert smoke["leftover"] == [], "Ray processes outlived the sweep"
+    print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
+
+
+def test_smoke_sweep_best_models_reload(smoke):
+    import aelib
+
+    best = smoke["exp"] / "best"
+    assert sorted(p.stem for p in best.glob("*.keras")) == sorted(VARIANTS)
+    for variant in VARIANTS:
+        model = aelib.load(best / f"{variant}.keras")
+        assert model.name == variant
+        info = aelib.read_info(best / f"{variant}.keras")
+        assert info["train_config"]["model"] == variant
+        assert info["train_config"]["epochs"] == 1 and info["train_config"]["limit"] == 600
+        assert info["metrics"]["test_images"] == 200
+        record = json.loads((best / f"{variant}.json").read_text())
+        assert record["model"] == variant and record["status"] == "finished"
+        assert record["test_bce"] == pytest.approx(info["metrics"]["test_bce"])
+        # its best config is what the model was built with
+        for key, value in record["hparams"].items():
+            if key in ("learning_rate", "batch_size", "noise_factor"):
+                assert info["train_config"][key] == pytest.approx(value)
+            else:
+                assert info["train_config"]["model_options"][key] == value
+        n = 4
+        x = aelib.data.prepare(aelib.data.load_mnist(MNIST)[1][0][:n], model.input_kind)
+        out = model.autoencoder.predict(x, verbose=0)
+        assert out.shape == x.shape
+
+
+def test_smoke_sweep_trial_table(smoke):
+    import pandas as pd
+
+    exp = smoke["exp"]
+    with open(exp / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model"] for r in rows) == sorted(VARIANTS)  # one trial each
+    for row in rows:
+        assert row["status"] == "finished", row
+        assert float(row["val_loss"]) > 0 and float(row["test_psnr"]) > 0
+        assert row["node_id"] and row["hostname"] and row["node_ip"]
+        assert Path(row["path"]).is_dir()
+    denoise = next(r for r in rows if r["model"] == "denoise")
+    assert float(denoise["val_psnr"]) > 0 and float(denoise["val_ssim"]) > -1
+    assert denoise["hp_noise_factor"] and denoise["hp_depth"]
+    sparse = next(r for r in rows if r["model"] == "sparse")
+    assert float(sparse["hp_l1"]) > 0
+    table = pd.read_parquet(exp / "trials.parquet")
+    assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
+
+
+def test_smoke_sweep_report_and_tensorboard(smoke):
+    exp = smoke["exp"]
+    report = (exp / "report" / "report.md").read_text()
+    assert (exp / "report" / "compare.png").stat().st_size > 0
+    images = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if "![" in line]
+    for image in images:
+        assert (exp / "report" / image).is_file(), image
+    for variant in VARIANTS:
+        assert f"## {variant}" in report
+        assert any(image.startswith(f"{variant}/") for image in images), variant
+    vae = json.loads((exp / "best" / "vae.json").read_text())
+    if vae["hparams"]["latent_dim"] == 2:  # the tutorial's latent plane and manifold
+        assert any(image.endswith("vae_manifold.png") for image in images)
+    events = list(exp.glob("*/tensorboard/*/events.out.tfevents.*"))
+    assert len({e.parts[-4] for e in events}) == len(VARIANTS)
+
+
+# ------------------------------------------------------------ resume
+
+
+def _finished_trials(exp: Path) -> dict[str, float]:
+    """trial_id -> started_at of every trial whose final (test) result is on disk."""
+    done = {}
+    for result in exp.glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "test_loss" in record:
+                done[record["trial_id"]] = record["started_at"]
+    return done
+
+
+def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
+    models = ["dense", "sparse", "deep", "vae"]
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", *models]
+    cmd += ["--epochs", "2", "--limit", "300", "--test-limit", "100", "--num-samples", "1"]
+    cmd += ["--max-concurrent", "1", "--scheduler", "fifo", "--no-figures"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "resumed"]
+    exp = tmp_path / "resumed"
+    driver = subprocess.Popen(
+        cmd,
+        env=_env(ray_tmp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _finished_trials(exp) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.3)
+        time.sleep(1.0)  # let Tune snapshot its experiment state
+        before = _finished_trials(exp)
+        assert before, "no trial finished within 240s"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver dies; its local Ray goes with it
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert len(before) < len(models), "all trials finished before the kill: nothing resumed"
+    left = _wait_no_ray(ray_tmp)
+    for pid in left:  # what the killed driver's Ray left behind (fate-sharing missed it)
+        os.kill(pid, signal.SIGKILL)
+
+    resumed = subprocess.run(
+        [*cmd, "--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    with open(exp / "trials.csv") as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert sorted(r["model"] for r in rows.values()) == sorted(models)  # no trial lost or doubled
+    assert all(r["status"] == "finished" for r in rows.values()), rows
+    for trial_id, started_at in before.items():  # finished trials were not trained again
+        assert float(rows[trial_id]["started_at"]) == pytest.approx(started_at)
+    later = [r for t, r in rows.items() if t not in before]
+    assert later and all(float(r["started_at"]) > max(before.values()) for r in later)
+    assert sorted(p.stem for p in (exp / "best").glob("*.keras")) == sorted(models)
+    assert _wait_no_ray(ray_tmp) == []
+
+
+# ------------------------------------------------------------ bad flags
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--models", "dense", "gan"], "unknown variant(s) 'gan'"),
+        (["--epochs", "0"], "--epochs: must be >= 1"),
+        (["--num-samples", "-2"], "--num-samples: must be >= 1"),
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be a finite number >= 0"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+        (["--data", "/nonexistent/mnist.npz"], "MNIST file not found"),
+        (["--set", "gan.l1=0.1"], "unknown variant 'gan'"),
+        (["--set", "vae.learning_rate=1e-3", "--models", "dense"], "not among --models"),
+    ],
+)
+def test_bad_flags_fail_at_once(flags, message, capsys):
+    sweep = _load_sweep_module()
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_an_experiment_fails_clearly(tmp_path):
+    sweep = _load_sweep_module()
+    args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "none", "--resume"]
+    with pytest.raises(SystemExit, match="no experiment to resume at"):
+        sweep.main(args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, ray_tmp):
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--gpus-per-trial", "1", "--storage-path", str(tmp_path), "--name", "gpu"]
+    env = _env(ray_tmp)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # this machine's Ray must see no GPU
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "--gpus-per-trial 1 asks for GPUs but no node" in proc.stderr
+    assert "--allow-autoscale" in proc.stderr
+    assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
+    assert _wait_no_ray(ray_tmp) == []
