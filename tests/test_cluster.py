@@ -228,7 +228,8 @@ def sweep_run(fake_cluster):
     env = local.client_env(fake_cluster, subprocess_env())
     proc, seconds = _run(cmd, env, timeout=240)
     TIMINGS["sweep"] = seconds
-    return proc, out / "fake-gpu", _worker_nodes(fake_cluster["dir"])
+    status = local.status(fake_cluster["dir"])  # `ray status`: the autoscaler's nodes by type
+    return proc, out / "fake-gpu", _worker_nodes(fake_cluster["dir"]), status
 
 
 @pytest.mark.cluster
@@ -249,7 +250,7 @@ class TestFakeMultiNodeGPUCluster:
             assert ok.status == 200
 
     def test_sweep_trials_ran_on_autoscaled_gpu_workers(self, sweep_run):
-        proc, experiment, workers = sweep_run
+        proc, experiment, workers, status = sweep_run
         assert proc.returncode == 0, _tail(proc)
         trials = pq.read_table(experiment / "trials.parquet").to_pandas()
         assert sorted(trials["model"]) == sorted(SWEEP_MODELS)
@@ -259,8 +260,10 @@ class TestFakeMultiNodeGPUCluster:
         )
         print(f"\nsweep trial -> node: {json.dumps(placement, indent=1)}")
         _assert_on_autoscaled_gpu_workers(set(trials["node_id"]), workers)
-        # one GPU per worker and one GPU per trial: trials that overlapped used two workers
         assert len(workers) <= 2, "max_workers is 2"
+        assert "Active:" in status and "Pending:" in status, status
+        active = status.split("Active:")[1].split("Pending:")[0]
+        assert re.search(r"\b[12] gpu_worker\b", active), status
 
     def test_bulk_denoise_gpu_actors_ran_on_autoscaled_gpu_workers(self, fake_cluster, sweep_run):
         model = sweep_run[1] / "best" / "denoise.keras"
