@@ -3,9 +3,11 @@
 
     python cluster/local.py start            # head + autoscaler (workers come on demand)
     eval "$(python cluster/local.py env)"    # RAY_ADDRESS / token variables for this shell
-    python jobs/sweep.py --smoke-test --gpus-per-trial 1   # runs on the fake GPU workers
-    python cluster/local.py status
-    python cluster/local.py stop
+    python jobs/sweep.py --smoke-test --gpus-per-trial 1 --allow-autoscale  # on fake GPU workers
+    python cluster/local.py status           # `ray status` of this cluster
+    python cluster/local.py nodes            # every node so far: id, alive, resources, head?
+    python cluster/local.py stop             # this cluster's processes only
+    python cluster/local.py start --single-node --head-cpus 2   # a plain head (ray job submit)
 
 What it does (see cluster/local-fake-gpu.yaml):
 
@@ -21,8 +23,8 @@ What it does (see cluster/local-fake-gpu.yaml):
 * Token authentication is on (``RAY_AUTH_MODE=token``), with a fresh 256-bit token stored
   0600 in the state directory (``RAY_AUTH_TOKEN_PATH``), not in ``~/.ray/auth_token``. Clients
   need the variables printed by ``env``; requests without the token are refused.
-* ``stop`` kills only the processes of *this* cluster (those whose command line mentions the
-  state directory, and their descendants), unlike ``ray stop``, which kills every Ray process
+* ``stop`` kills only the processes of *this* cluster (those whose command line names
+  ``<dir>/ray``, and their descendants), unlike ``ray stop``, which kills every Ray process
   on the machine.
 """
 
