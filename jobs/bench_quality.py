@@ -215,7 +215,9 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
         data=args.data,
     )
     out_dir = runs_dir / row
-    result = aelib.train(config, data=arrays, out_dir=out_dir, figures=True, verbose=args.verbose)
+    result = aelib.train(
+        config, data=arrays, out_dir=out_dir, figures=not args.no_figures, verbose=args.verbose
+    )
     m = dict(result.metrics)
     epochs_run = m.get("epochs_run", 0)
     m["seconds_per_epoch"] = m["train_seconds"] / epochs_run if epochs_run else None
@@ -273,9 +275,17 @@ def settings_key(args, row: str) -> dict[str, Any]:
     if row == "denoise_plus":
         key["denoise_config"] = args.denoise_config
     if row == "classical":
-        key.update(tune_limit=args.tune_limit, slow_limit=args.slow_limit, denoisers=args.denoisers)
+        # (which denoisers ran, and on how many tuning digits, is recorded per denoiser)
+        key.update(tune_limit=args.tune_limit, slow_limit=args.slow_limit)
         key.pop("epochs")
     return key
+
+
+def same_settings(old: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    if old is None:
+        return False
+    settings = {k: v for k, v in old.get("settings", {}).items() if k != "denoisers"}
+    return settings == key
 
 
 def save_samples(runs_dir: Path, name: str, images: np.ndarray) -> None:
@@ -321,11 +331,11 @@ def classical_methods() -> dict[str, dict[str, Any]]:
             ),
         },
         "nl_means": {
-            "param": "h",
-            "grid": [0.03, 0.06, 0.1, 0.15, 0.25, 0.4],
+            "param": "h, sigma",  # both tuned: sigma sets the patch-distance offset 2 sigma^2
+            "grid": [(h, sg) for h in (0.05, 0.1, 0.2, 0.3) for sg in (0.0, 0.1, 0.2, 0.3, 0.5)],
             "fn": per_image(
                 lambda img, v: restoration.denoise_nl_means(
-                    img, h=v, sigma=0.5, patch_size=3, patch_distance=5, fast_mode=True
+                    img, h=v[0], sigma=v[1], patch_size=3, patch_distance=5, fast_mode=True
                 )
             ),
         },
@@ -393,7 +403,7 @@ def run_classical(args, arrays, runs_dir: Path) -> dict[str, Any]:
         wanted = [n.strip() for n in args.denoisers.split(",") if n.strip()]
         methods = {n: methods[n] for n in wanted if n in methods}
     for name, method in methods.items():
-        slow = method.get("slow", False) or name == "nl_means"
+        slow = method.get("slow", False)
         n_tune = min(args.tune_limit, args.slow_tune_limit) if slow else args.tune_limit
         tuning = []
         for value in method["grid"]:
@@ -519,7 +529,6 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
         f"PSNR dB (first {n_sub}) | SSIM (first {n_sub}) | images/s | command |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    cmd = f"`{c['command']}`"
     for name, e in d.items():
         full = e["test_images"] == n_full
         sub = e.get("subset", {"psnr": e["psnr"], "ssim": e["ssim"]})
@@ -527,7 +536,8 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {param} | {_fmt(e['psnr'], 2) if full else '-'} | "
             f"{_fmt(e['ssim'], 3) if full else '-'} | {_fmt(sub['psnr'], 2)} | "
-            f"{_fmt(sub['ssim'], 3)} | {_fmt(e.get('images_per_second'), 1)} | {cmd} |"
+            f"{_fmt(sub['ssim'], 3)} | {_fmt(e.get('images_per_second'), 1)} | "
+            f"`{e.get('command', c['command'])}` |"
         )
     for name in ("denoise", "denoise_plus"):
         r = rows.get(name)
@@ -700,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help=f"smoke run: {QUICK} (overrides those settings)"
     )
     p.add_argument("--force", action="store_true", help="rerun rows already in results.json")
+    p.add_argument(
+        "--no-figures", action="store_true", help="skip aelib's per-variant figures (t-SNE, ...)"
+    )
     p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
     return p
 
@@ -734,8 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path)
     machine = machine_info()
     for row in selected:
-        old = results["rows"].get(row)
-        if old and old.get("settings") == settings_key(args, row) and not args.force:
+        same = same_settings(results["rows"].get(row), settings_key(args, row))
+        if row == "classical" and same and args.denoisers and not args.force:
+            # Run only the named denoisers the row lacks, and merge them into it.
+            done = results["rows"][row]["denoisers"]
+            missing = [n for n in args.denoisers.split(",") if n.strip() and n.strip() not in done]
+            same = not missing
+            args.denoisers = ",".join(missing) or args.denoisers
+        if same and not args.force:
             print(
                 f"[{row}] already in {results_path} with these settings: skipped "
                 "(--force reruns it)",
@@ -754,6 +773,15 @@ def main(argv: list[str] | None = None) -> int:
         record["machine_line"] = machine_line(machine)
         record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         results = load_results(results_path)  # another process may have added rows
+        old = results["rows"].get(row)
+        if row == "classical":
+            for entry in record["denoisers"].values():
+                entry["command"] = record["command"]
+            if args.denoisers and same_settings(old, record["settings"]):
+                # Keep the other denoisers' entries, each with the command that made it.
+                for entry in old["denoisers"].values():
+                    entry.setdefault("command", old["command"])
+                record["denoisers"] = {**old["denoisers"], **record["denoisers"]}
         results["rows"][row] = record
         save_results(results, results_path)
         (out / "results.md").write_text(markdown(results))

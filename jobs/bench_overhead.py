@@ -1,0 +1,218 @@
+"""aelib's training overhead: seconds per epoch through `aelib.train` against a plain
+`keras.Model.fit` of the same built model on the same arrays, run side by side.
+
+For each variant, the two runs alternate (aelib first, then plain first, ...) so
+machine load drifts hit both alike. Each run trains `--epochs` epochs; the first
+epoch (tracing/compilation) is reported apart, and the steady-state figure is the
+median of the later epochs. Both fits validate on the same validation arrays, so
+the difference is what aelib adds per epoch: its callbacks (TerminateOnNaN, and for
+`denoise` the per-epoch PSNR/SSIM on `metrics_limit` validation images).
+
+    python jobs/bench_overhead.py --data /work/shared/data/mnist.npz --out jobs/results
+    python jobs/bench_overhead.py --models denoise --metrics-limits 1000,100 ...
+
+Writes `overhead.json` and `overhead.md` under --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ALL = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+
+
+def _timer_class():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall time of each epoch, from its start to the end of every callback before it
+        (it runs last, so aelib's own epoch-end callbacks are inside the interval)."""
+
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self._t0)
+
+    return EpochTimer
+
+
+def run_aelib(config, arrays) -> list[float]:
+    import aelib
+
+    timer = _timer_class()()
+    aelib.train(config, data=arrays, callbacks=[timer], figures=False, verbose=0)
+    return timer.times
+
+
+def run_plain(config, arrays) -> list[float]:
+    import keras
+
+    from aelib.registry import build_model
+    from aelib.train import make_splits
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.model, **config.model_options)
+    splits = make_splits(config, arrays, model.input_kind)
+    model.autoencoder.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss="binary_crossentropy",
+    )
+    timer = _timer_class()()
+    model.autoencoder.fit(
+        splits.x_train,
+        splits.y_train,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        validation_data=(splits.x_val, splits.y_val),
+        callbacks=[timer],
+        verbose=0,
+    )
+    return timer.times
+
+
+def measure(args, name: str, metrics_limit: int | None, arrays) -> dict[str, Any]:
+    import aelib
+    from aelib.tutorial import tutorial_settings
+
+    fields = dict(
+        model=name,
+        epochs=args.epochs,
+        batch_size=tutorial_settings(name)["batch_size"],
+        limit=args.limit,
+        test_limit=args.test_limit,
+        data=args.data,
+        seed=args.seed,
+    )
+    if metrics_limit is not None:
+        fields["metrics_limit"] = metrics_limit
+    config = aelib.TrainConfig(**fields)
+    runs: dict[str, list[list[float]]] = {"aelib": [], "plain": []}
+    for r in range(args.repeats):
+        order = ("aelib", "plain") if r % 2 == 0 else ("plain", "aelib")
+        for who in order:
+            times = (run_aelib if who == "aelib" else run_plain)(config, arrays)
+            runs[who].append(times)
+    first = {w: statistics.median(t[0] for t in runs[w]) for w in runs}
+    later = {w: statistics.median(x for t in runs[w] for x in t[1:]) for w in runs}
+    return {
+        "model": name,
+        "metrics_limit": config.metrics_limit if name == "denoise" else None,
+        "batch_size": config.batch_size,
+        "train_images": int(round((args.limit or 60000) * (1 - config.val_split))),
+        "val_images": int(round((args.limit or 60000) * config.val_split)),
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "epoch_seconds": runs,
+        "first_epoch_seconds": first,
+        "steady_epoch_seconds": later,
+        "ratio_first": first["aelib"] / first["plain"],
+        "ratio_steady": later["aelib"] / later["plain"],
+        "overhead_seconds_per_epoch": later["aelib"] - later["plain"],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# aelib.train against plain keras Model.fit (seconds per epoch)",
+        "",
+        f"Machine: {result['machine_line']}",
+        f"Command: `{result['command']}`",
+        "",
+        "| variant | train images | aelib s/epoch | plain s/epoch | ratio (steady) | "
+        "overhead s/epoch | ratio (1st epoch) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        label = r["model"]
+        if r["metrics_limit"] is not None:
+            label += f" (metrics_limit={r['metrics_limit']})"
+        s = r["steady_epoch_seconds"]
+        lines.append(
+            f"| {label} | {r['train_images']} | {s['aelib']:.2f} | {s['plain']:.2f} | "
+            f"{r['ratio_steady']:.3f} | {r['overhead_seconds_per_epoch']:+.2f} | "
+            f"{r['ratio_first']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Steady: median over epochs 2..{result['epochs']} of {result['repeats']} alternating "
+        "runs each; 1st epoch includes tracing. Ratios < 1 are noise.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(ALL))
+    p.add_argument("--epochs", type=int, default=3, help="per run (>= 2: the 1st is apart)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
+    p.add_argument("--limit", type=int, default=12000, help="training digits (0: all 60,000)")
+    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument(
+        "--metrics-limits",
+        default=None,
+        help="denoise only: comma-separated metrics_limit values to compare (default: aelib's)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=os.environ.get("AELIB_MNIST"))
+    p.add_argument("--out", default="jobs/results")
+    args = p.parse_args(argv)
+    if args.epochs < 2:
+        p.error("--epochs must be >= 2")
+    args.limit = args.limit or None
+
+    import aelib  # noqa: F401
+    from aelib import data as data_lib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_quality import machine_info, machine_line
+
+    arrays = data_lib.load_mnist(args.data)
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        limits = [None]
+        if name == "denoise" and args.metrics_limits:
+            limits = [int(x) for x in args.metrics_limits.split(",")]
+        for ml in limits:
+            row = measure(args, name, ml, arrays)
+            rows.append(row)
+            print(
+                f"{name:8s} metrics_limit={row['metrics_limit']}: aelib "
+                f"{row['steady_epoch_seconds']['aelib']:.2f} s/epoch, plain "
+                f"{row['steady_epoch_seconds']['plain']:.2f} -> ratio {row['ratio_steady']:.3f}"
+                f" (1st epoch {row['ratio_first']:.3f})",
+                flush=True,
+            )
+    machine = machine_info()
+    result = {
+        "command": "python jobs/bench_overhead.py " + shlex.join(argv or sys.argv[1:]),
+        "machine": machine,
+        "machine_line": machine_line(machine),
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "rows": rows,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "overhead.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Quick mode of jobs/bench_quality.py: 1 epoch on a small subset writes every field."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = os.environ.get("AELIB_MNIST", "/work/shared/data/mnist.npz")
+
+pytestmark = pytest.mark.skipif(not Path(MNIST).is_file(), reason=f"no MNIST at {MNIST}")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "jobs/bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_mode_writes_results(tmp_path, capsys):
+    bench = _bench()
+    argv = [
+        "--quick",
+        "--models",
+        "classical,denoise,dense",
+        "--denoisers",
+        "median_3x3,gaussian",
+        "--data",
+        MNIST,
+        "--out",
+        str(tmp_path),
+        "--verbose",
+        "0",
+        "--no-figures",
+    ]
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert set(rows) == {"classical", "denoise", "dense"}
+    for name in ("denoise", "dense"):
+        r = rows[name]
+        assert r["epochs_run"] == 1 and r["tutorial_epochs"] > 1
+        assert r["is_tutorial_setting"] is False
+        assert r["train_images"] == bench.QUICK["limit"]
+        for key in ("test_loss", "test_bce", "test_psnr", "test_ssim", "seconds_per_epoch"):
+            assert isinstance(r["metrics"][key], float)
+        assert r["command"].startswith("python jobs/bench_quality.py --models " + name)
+        assert "--quick" in r["command"]
+        assert r["machine"]["backend"] and r["machine_line"]
+    assert rows["dense"]["tutorial"]["reported_test_loss"] == 0.09
+    assert "code_mean" in rows["dense"]["metrics"]
+    assert {"noisy_psnr", "psnr_gain"} <= set(rows["denoise"]["metrics"])
+    assert rows["denoise"]["subset"]["images"] == bench.QUICK["slow_limit"]
+    den = rows["classical"]["denoisers"]
+    assert list(den) == ["noisy", "median_3x3", "gaussian"]
+    assert den["gaussian"]["param"] == "sigma"
+    assert den["gaussian"]["value"] in [g["value"] for g in den["gaussian"]["tuning"]["grid"]]
+    # The noisy baseline is the same noisy test set aelib scores the model on.
+    assert den["noisy"]["psnr"] == pytest.approx(rows["denoise"]["metrics"]["noisy_psnr"])
+    assert den["median_3x3"]["psnr"] > den["noisy"]["psnr"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| dense | 1 (50) |" in md and "median_3x3" in md
+    for png in ("test_loss.png", "denoise_psnr_ssim.png", "denoise_samples.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+    # A rerun with the same settings resumes: nothing is retrained.
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.count("skipped") == 3
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+
+
+def test_parse_options():
+    bench = _bench()
+    assert bench.parse_options("filters=64,convs_per_stage=2, learning_rate=2e-3") == {
+        "filters": 64,
+        "convs_per_stage": 2,
+        "learning_rate": 0.002,
+    }
+    assert bench.parse_options("") == {}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.parse_options("filters")
