@@ -87,6 +87,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("channels", pa.int32()),
+        ("input_bytes", pa.int64()),  # size of the input file (to tell a changed file on rerun)
         ("psnr_noisy", pa.float64()),  # input vs --clean reference, dB
         ("psnr", pa.float64()),  # output vs --clean reference, dB
         ("ssim_noisy", pa.float64()),
@@ -482,24 +483,56 @@ class Denoiser:
         return np.concatenate(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Denoises one block: file paths, or Parquet row groups (file, index) to read here."""
+        rows: list[dict[str, Any]] = []
+        if "row_group" in batch:
+            for source, group in zip(batch["path"], batch["row_group"], strict=True):
+                rows.extend(self._parquet_group(str(source), int(group)))
+        else:
+            rels = [str(rel) for rel in batch["path"]]
+            for i in range(0, len(rels), self.s.max_batch):
+                chunk = rels[i : i + self.s.max_batch]
+                rows.extend(self._process([(rel, None) for rel in chunk]))
+        for row in rows:
+            row.update(node=self.node, device=self.device)
+        return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+
+    def _parquet_group(self, source: str, group: int) -> list[dict[str, Any]]:
+        columns = [self.s.extra["path_column"], self.s.extra["image_column"]]
+        try:
+            table = _parquet_file(source).read_row_group(group, columns=columns)
+        except Exception as e:  # a bad row group fails as one row naming it
+            where = f"{source}#row_group={group}"
+            return [{"path": where, "status": "failed", "error": f"cannot read: {_reason(e)}"}]
+        rels = table.column(0).to_pylist()
+        payloads = table.column(1).to_pylist()
+        rows = []
+        for i in range(0, len(rels), self.s.max_batch):
+            pairs = zip(
+                rels[i : i + self.s.max_batch], payloads[i : i + self.s.max_batch], strict=True
+            )
+            rows.extend(self._process(list(pairs)))
+        return rows
+
+    def _process(self, items: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
+        """Reads (or takes) each image, denoises them together, writes them; one row each."""
         rows: list[dict[str, Any]] = []
         todo: list[dict[str, Any]] = []
-        payloads = batch.get("bytes")
-        for i, rel in enumerate(batch["path"]):
+        for rel, payload in items:
             rel = str(rel)
             row = {"path": rel, "output": None, "status": "failed", "error": None}
             rows.append(row)
             try:
-                out_rel = safe_relative(rel)
-                if payloads is None:
+                out_rel = output_path(safe_relative(rel), self.s.fmt)
+                if self.src is not None:
                     payload = self.src.read(rel)
                 else:
-                    payload = payloads[i]
                     if payload is None:
                         raise ValueError("no image bytes in this row")
-                    if self._exists(output_path(out_rel, self.s.fmt)):  # Parquet resume
-                        row.update(status="skipped", output=output_path(out_rel, self.s.fmt))
+                    if self._exists(out_rel):  # Parquet resume: the output is complete
+                        row.update(status="skipped", output=out_rel)
                         continue
+                row["input_bytes"] = len(payload)
                 array, maxval, fmt, alpha = decode(bytes(payload), self.s.rgb)
             except Exception as e:  # loss-free: one bad file never stops the block
                 row["error"] = _reason(e)
@@ -520,7 +553,7 @@ class Denoiser:
                 dict(
                     row=row,
                     rel=rel,
-                    out_rel=output_path(out_rel, self.s.fmt),
+                    out_rel=out_rel,
                     array=array,
                     maxval=maxval,
                     fmt=out_fmt,
@@ -530,9 +563,7 @@ class Denoiser:
         self._denoise(todo)
         for item in todo:
             self._finish(item)
-        for row in rows:
-            row.update(node=self.node, device=self.device)
-        return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+        return rows
 
     def _exists(self, rel: str) -> bool:
         if self.out.local:
@@ -616,6 +647,15 @@ class Denoiser:
                 row["error"] = f"no metrics: {_reason(e)}"
 
 
+def _parquet_file(source: str) -> pq.ParquetFile:
+    if "://" in source:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(source)
+        return pq.ParquetFile(fs.open_input_file(path))
+    return pq.ParquetFile(source)
+
+
 def _reason(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
@@ -631,7 +671,7 @@ class Inputs:
 
     kind: str  # "files" or "parquet"
     storage: Storage | None  # the root of file inputs
-    files: list[str]  # relative paths (file inputs)
+    files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
 
 
@@ -668,10 +708,13 @@ def find_inputs(location: str, input_format: str) -> Inputs:
         pattern = location[len(root) :].lstrip("/")
         if storage.local:
             full = sorted(glob.glob(location, recursive=True))
-            files = [os.path.relpath(p, storage.root) for p in full if os.path.isfile(p)]
-            files = [f.replace(os.sep, "/") for f in files]
+            files = [
+                (os.path.relpath(p, storage.root).replace(os.sep, "/"), os.path.getsize(p))
+                for p in full
+                if os.path.isfile(p)
+            ]
         else:
-            files = [rel for rel, _ in storage.walk() if fnmatch.fnmatch(rel, pattern)]
+            files = [(rel, n) for rel, n in storage.walk() if fnmatch.fnmatch(rel, pattern)]
     else:
         storage = Storage(location)
         if not storage.is_dir():
@@ -679,24 +722,22 @@ def find_inputs(location: str, input_format: str) -> Inputs:
                 f"--input {location} is not a folder, a glob or a Parquet file. "
                 "Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
             )
-        files = [rel for rel, _ in storage.walk()]
+        files = storage.walk()
     if not files:
         raise ValueError(f"--input {location}: no files found.")
     return Inputs("files", storage, files, [])
 
 
 def check_locations(source: Inputs, location: str, output: Storage) -> None:
-    """DST may not be SRC or inside it (it would feed the job its own outputs)."""
-    if source.storage is not None:
-        src_root = source.storage.root
-    elif source.parquet and "://" not in source.parquet[0]:
-        src_root = None  # Parquet files are read, never listed as images: DST may be beside
-    else:
-        src_root = None
-    if src_root is None or source.storage.local != output.local:
+    """DST may not be SRC or inside it: the job would list its own outputs as inputs.
+
+    (Parquet inputs are files that are read, never listed, so any DST is fine for them.)
+    """
+    if source.storage is None or source.storage.local != output.local:
         return
-    src = os.path.realpath(src_root) if output.local else src_root
-    dst = os.path.realpath(output.root) if output.local else output.root
+    src, dst = source.storage.root, output.root
+    if output.local:
+        src, dst = os.path.realpath(src), os.path.realpath(dst)
     if dst == src or dst.startswith(src.rstrip("/") + "/"):
         raise ValueError(
             f"--output {output.location} is {'--input' if dst == src else 'inside --input'} "
@@ -726,7 +767,7 @@ def previous_rows(output: Storage) -> dict[str, dict[str, Any]]:
         table = pq.read_table(io.BytesIO(output.read(MANIFEST)))
     except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
         return {}
-    return {row["path"]: row for row in table.to_pylist() if row.get("status") in ("ok", "skipped")}
+    return {row["path"]: row for row in table.to_pylist()}
 
 
 class ManifestWriter:
@@ -817,7 +858,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--format must be 'same' or one of {sorted(FORMATS)}: {args.format}")
 
     done = existing_outputs(output)
-    before = previous_rows(output) if done else {}
+    before = previous_rows(output)
     metadata = {
         "job": "jobs/denoise.py",
         "model": args.model,
@@ -831,22 +872,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = ManifestWriter(output, metadata)
     early: list[dict[str, Any]] = []
     todo: list[str] = []
-    for rel in inputs.files:
+    for rel, size in inputs.files:
         try:
             out_rel = output_path(safe_relative(rel), args.format)
         except ValueError as e:
-            early.append({"path": rel, "status": "failed", "error": str(e)})
+            early.append({"path": rel, "status": "failed", "error": str(e), "input_bytes": size})
             continue
-        if out_rel in done:
-            carried = {k: before.get(rel, {}).get(k) for k in _COLUMNS}
+        last = before.get(rel, {})
+        if out_rel in done:  # outputs are renamed into place, so an existing one is complete
+            carried = {k: last.get(k) for k in _COLUMNS}
             carried.update(path=rel, output=out_rel, status="skipped", error=None)
+            carried["input_bytes"] = size
+            early.append(carried)
+        elif (
+            last.get("status") == "failed"
+            and last.get("input_bytes") == size
+            and not args.retry_failed
+        ):  # the same bytes would fail the same way: keep the reason, skip the work
+            carried = {k: last.get(k) for k in _COLUMNS}
+            carried["error"] = last["error"].removeprefix("(earlier run) ")
+            carried["error"] = f"(earlier run) {carried['error']}"
             early.append(carried)
         else:
             todo.append(rel)
     manifest.add_rows(early)
 
-    if todo or inputs.kind == "parquet":
-        _run_ray(args, spec, model_bytes, inputs, todo, manifest)
+    units = _parquet_units(inputs, args) if inputs.kind == "parquet" else []
+    if todo or units:
+        _run_ray(args, spec, model_bytes, inputs, todo, units, manifest)
     manifest.close()
     seconds = time.perf_counter() - start
     counts = manifest.counts
@@ -878,7 +931,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _run_ray(args, spec, model_bytes, inputs, todo, manifest) -> None:
+def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(file, row group) work units; checks the columns up front."""
+    units = []
+    for source in inputs.parquet:
+        try:
+            parquet = _parquet_file(source)
+        except Exception as e:
+            raise ValueError(f"--input {source} is not a readable Parquet file: {e}") from e
+        names = parquet.schema_arrow.names
+        missing = [c for c in (args.path_column, args.image_column) if c not in names]
+        if missing:
+            raise ValueError(
+                f"--input {source} has no column(s) {missing}; found {names}. The job needs a "
+                "column of relative output paths (--path-column) and one of encoded image "
+                "bytes (--image-column)."
+            )
+        units.extend((source, group) for group in range(parquet.num_row_groups))
+    return units
+
+
+def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest) -> None:
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=True)
@@ -894,6 +967,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, manifest) -> None:
         rgb=args.rgb,
         max_batch=args.batch_size,
         threads=max(1, int(round(cpus))),
+        extra={"path_column": args.path_column, "image_column": args.image_column},
     )
     if inputs.kind == "files":
         # One block per --batch-size paths: a block is one actor call, not one task per file.
@@ -902,19 +976,24 @@ def _run_ray(args, spec, model_bytes, inputs, todo, manifest) -> None:
             pa.table({"path": names.slice(i, args.batch_size)})
             for i in range(0, len(todo), args.batch_size)
         ]
-        ds = ray.data.from_arrow(blocks)
+        batch_size = args.batch_size
+        what = f"{len(todo)} files"
     else:
-        ds = ray.data.read_parquet(inputs.parquet, columns=[args.path_column, args.image_column])
-        ds = ds.rename_columns({args.path_column: "path", args.image_column: "bytes"})
+        # One block per row group, read inside the actor: no read tasks competing with
+        # the actors for CPUs (which can deadlock a small node), and streaming by row group.
+        blocks = [pa.table({"path": [src], "row_group": [group]}) for src, group in units]
+        batch_size = 1
+        what = f"{len(units)} Parquet row groups"
+    ds = ray.data.from_arrow(blocks)
     print(
-        f"denoise: {len(todo) if inputs.kind == 'files' else 'Parquet'} inputs to do on "
-        f"{workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; batch {args.batch_size}",
+        f"denoise: {what} to do on {workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; "
+        f"up to {args.batch_size} images per model call",
         flush=True,
     )
     ds = ds.map_batches(
         Denoiser,
         fn_constructor_kwargs={"settings": settings},
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
@@ -952,6 +1031,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="RGB through a grayscale model: each channel alone, or converted to gray",
     )
     p.add_argument("--input-format", choices=("auto", "files", "parquet"), default="auto")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on a rerun, retry inputs that failed before even if their size is unchanged",
+    )
     p.add_argument("--image-column", default="image", help="Parquet column of image bytes")
     p.add_argument("--path-column", default="path", help="Parquet column of relative paths")
     return p

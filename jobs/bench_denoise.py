@@ -1,0 +1,303 @@
+"""Benchmark of jobs/denoise.py against a plain loop and a documentation-shaped Ray pipeline.
+
+    python jobs/bench_denoise.py --data /work/shared/data/mnist.npz --work /tmp/bench_denoise \
+        --count 50000 --memory-counts 10000,100000
+
+Writes --count noisy MNIST digits as PNGs once (cached under WORK/images_N),
+trains a `denoise` model for one epoch unless --model is given, then times three
+ways of denoising every file, each as a fresh process so startup (Python,
+TensorFlow, Ray) is included:
+
+  plain  one process: PIL read, `model.predict` on batches of 1,024, PIL write
+  docs   the shape of Ray's batch-inference docs: `ray.data.read_images` ->
+         `map_batches` with an actor class that loads the model once ->
+         `write_images`
+  job    `python jobs/denoise.py --model M --input IMAGES --output OUT`
+
+and prints images/s side by side with the job's ratios to both. With
+--memory-counts it then runs the job on each count and samples the proportional
+set size (PSS: shared pages split between the processes that map them, so Ray's
+shared-memory object store is not counted once per worker) of the whole process
+tree (driver, GCS, raylet, workers) every 0.2 s, and prints the peaks.
+The machine's load is printed too: other work on it skews every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("RAY_ADDRESS", "local")  # a fresh local Ray per run, not someone's cluster
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# ----------------------------------------------------------------------------
+# The two baselines, run as `python jobs/bench_denoise.py _plain|_docs ...`.
+
+
+def plain_loop(model_path: str, input_dir: str, output_dir: str, batch_size: int = 1024) -> int:
+    """The plain single-process loop: PIL read, model.predict on batches, PIL write."""
+    import numpy as np
+    from PIL import Image
+
+    import aelib
+    from aelib import data as data_lib
+
+    model = aelib.load(model_path, compile=False).autoencoder
+    root, out = Path(input_dir), Path(output_dir)
+    files = data_lib.list_images(root)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        x = np.stack([data_lib.read_gray(p) for p in chunk]).astype("float32") / 255.0
+        y = model.predict(x[..., None], batch_size=batch_size, verbose=0)
+        y = np.rint(np.clip(y[..., 0], 0, 1) * 255).astype(np.uint8)
+        for path, image in zip(chunk, y, strict=True):
+            target = out / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(target)
+    return len(files)
+
+
+class DocsDenoiser:
+    """The model class of Ray's batch-inference docs: load in __init__, predict in __call__."""
+
+    def __init__(self, model_path: str):
+        import aelib
+
+        self.model = aelib.load(model_path, compile=False).autoencoder
+
+    def __call__(self, batch):
+        import numpy as np
+
+        x = batch["image"].astype("float32")[..., None] / 255.0
+        y = self.model.predict(x, batch_size=len(x), verbose=0)
+        batch["image"] = np.rint(np.clip(y[..., 0], 0, 1) * 255).astype(np.uint8)
+        return batch
+
+
+def docs_pipeline(model_path: str, input_dir: str, output_dir: str, batch_size: int = 1024) -> int:
+    """read_images -> map_batches(actor) -> write_images, as Ray's documentation shows it."""
+    import ray
+
+    ray.init(include_dashboard=False)
+    # One CPU stays free for the read and write tasks: actors on every CPU leave
+    # read_images no CPU and the pipeline waits forever (seen on a 2-CPU machine).
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    ds = ray.data.read_images(input_dir, mode="L")
+    ds = ds.map_batches(
+        DocsDenoiser,
+        fn_constructor_kwargs={"model_path": model_path},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+        num_gpus=0,
+    )
+    ds.write_images(output_dir, column="image", file_format="png")
+    return sum(1 for p in Path(output_dir).rglob("*.png"))
+
+
+# ----------------------------------------------------------------------------
+# Timing and memory.
+
+
+def _pss_tree(root_pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over `root_pid` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    pss = rss = 0
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return pss, rss
+
+
+def timed(cmd: list[str], log: Path, sample_memory: bool = False) -> dict[str, float]:
+    """Runs `cmd`, returns wall seconds and (optionally) the tree's peak PSS/RSS."""
+    peak = {"pss": 0, "rss": 0}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        if sample_memory:
+
+            def sample():
+                while proc.poll() is None:
+                    pss, rss = _pss_tree(proc.pid)
+                    peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                    time.sleep(0.2)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+        rc = proc.wait()
+        seconds = time.perf_counter() - start
+        if sample_memory:
+            sampler.join()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
+    return {"seconds": seconds, "peak_pss": peak["pss"], "peak_rss": peak["rss"]}
+
+
+def ensure_images(data: str | None, work: Path, count: int, largest: int) -> Path:
+    """WORK/images_N/noisy with N noisy digits, made once: the largest set is written,
+    smaller ones are hard links to its first N files (same digits, same noise)."""
+    folder = work / f"images_{count}"
+    noisy = folder / "noisy"
+    done = folder / "complete.json"
+    if done.is_file() and json.loads(done.read_text()).get("count") == count:
+        return noisy
+    if count < largest:
+        source = ensure_images(data, work, largest, largest)
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in source.rglob("*.png"):
+            if int(path.stem) < count:
+                target = noisy / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, target)
+    else:
+        print(f"bench: writing {count} noisy digits to {noisy} (once) ...", flush=True)
+        sys.path.insert(0, str(HERE))
+        import make_noisy
+
+        make_noisy.make_noisy(data, count, noisy, folder / "clean")
+    done.write_text(json.dumps({"count": count}))
+    return noisy
+
+
+def ensure_model(args: argparse.Namespace, work: Path) -> str:
+    if args.model:
+        return args.model
+    path = work / "model" / "denoise.keras"
+    if not path.is_file():
+        print("bench: training a denoise model for one epoch ...", flush=True)
+        cmd = [sys.executable, "-m", "aelib", "train", "--model", "denoise", "--epochs", "1"]
+        cmd += ["--out", str(path.parent), "--no-figures", "--test-limit", "1000"]
+        if args.data:
+            cmd += ["--data", args.data]
+        subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    return str(path)
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("_plain", "_docs"):  # the baselines' own processes
+        model, src, dst = argv[1:4]
+        run = plain_loop if argv[0] == "_plain" else docs_pipeline
+        print(f"{argv[0]}: {run(model, src, dst)} images", flush=True)
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="mnist.npz (default: $AELIB_MNIST)")
+    p.add_argument("--work", required=True, help="folder for images, model, outputs, logs")
+    p.add_argument("--count", type=int, default=50_000, help="images for the speed comparison")
+    p.add_argument("--model", default=None, help="a denoise .keras (default: train one)")
+    p.add_argument("--only", default="plain,docs,job", help="comma list of runs: plain, docs, job")
+    p.add_argument(
+        "--memory-counts",
+        default="",
+        help="comma list of image counts for the job's peak-memory runs, e.g. 10000,100000",
+    )
+    p.add_argument("--prepare-only", action="store_true", help="write the images, then stop")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(args, work)
+    memory_counts = [int(c) for c in args.memory_counts.split(",") if c]
+    largest = max([args.count, *memory_counts])
+    if args.prepare_only:
+        for count in sorted({args.count, *memory_counts} - {0}, reverse=True):
+            ensure_images(args.data, work, count, largest)
+        return 0
+    results: dict[str, dict[str, float]] = {}
+    if args.count:
+        images = ensure_images(args.data, work, args.count, largest)
+        job = [sys.executable, str(HERE / "denoise.py"), "--model", model, "--input", str(images)]
+        commands = {
+            "plain": [sys.executable, str(HERE / "bench_denoise.py"), "_plain", model, str(images)],
+            "docs": [sys.executable, str(HERE / "bench_denoise.py"), "_docs", model, str(images)],
+            "job": [*job, "--output"],
+        }
+        for name in args.only.split(","):
+            out = work / f"out_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"bench: {name} on {args.count} images (load {_load()}) ...", flush=True)
+            result = timed([*commands[name], str(out)], work / f"{name}.log")
+            result["images_per_s"] = args.count / result["seconds"]
+            results[name] = result
+            print(
+                f"bench: {name:6s} {result['seconds']:7.1f} s  {result['images_per_s']:7.0f} "
+                f"images/s  (load {_load()})",
+                flush=True,
+            )
+    if "job" in results:
+        line = f"bench: job at {results['job']['images_per_s']:.0f} images/s"
+        for base in ("plain", "docs"):
+            if base in results:
+                ratio = results["job"]["images_per_s"] / results[base]["images_per_s"]
+                line += f"; {ratio:.2f}x {base} ({results[base]['images_per_s']:.0f} images/s)"
+        print(line, flush=True)
+    memory = {}
+    for count in memory_counts:
+        images = ensure_images(args.data, work, count, largest)
+        out = work / f"out_memory_{count}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(HERE / "denoise.py"), "--model", model]
+        cmd += ["--input", str(images), "--output", str(out)]
+        print(f"bench: job on {count} images, sampling memory (load {_load()}) ...", flush=True)
+        result = timed(cmd, work / f"memory_{count}.log", sample_memory=True)
+        memory[count] = result
+        print(
+            f"bench: memory {count:7d} images: peak PSS {result['peak_pss'] / 2**20:7.0f} MiB, "
+            f"peak RSS sum {result['peak_rss'] / 2**20:7.0f} MiB, {result['seconds']:.1f} s "
+            f"({count / result['seconds']:.0f} images/s)",
+            flush=True,
+        )
+    if len(memory) >= 2:
+        low, high = min(memory), max(memory)
+        growth = memory[high]["peak_pss"] / memory[low]["peak_pss"] - 1
+        print(f"bench: peak PSS grows {growth:+.1%} from {low} to {high} images", flush=True)
+    (work / "results.json").write_text(
+        json.dumps({"speed": results, "memory": memory}, indent=2, default=float)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

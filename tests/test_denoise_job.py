@@ -1,0 +1,285 @@
+"""jobs/denoise.py end to end: real files, a real model, a real local Ray.
+
+Each job run is the real command line in a subprocess with RAY_ADDRESS=local, so
+it starts its own Ray even when someone else's cluster runs on this machine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "denoise.py"
+MNIST = Path(os.environ.get("AELIB_MNIST", ROOT.parent / "shared" / "data" / "mnist.npz"))
+if not MNIST.is_file():
+    MNIST = Path("/work/shared/data/mnist.npz")
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}"),
+]
+
+sys.path.insert(0, str(ROOT / "jobs"))
+import denoise as job  # noqa: E402
+import make_noisy  # noqa: E402
+
+N_DIGITS = 40
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = "local"  # never attach to a cluster another engineer started
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_job(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(JOB), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def manifest(dst: Path) -> dict[str, dict]:
+    rows = pq.read_table(dst / "manifest.parquet").to_pylist()
+    return {row["path"]: row for row in rows}
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """A denoise model trained just enough to beat the noisy input on PSNR."""
+    import aelib
+
+    out = tmp_path_factory.mktemp("model")
+    config = aelib.TrainConfig(
+        model="denoise",
+        epochs=1,
+        limit=3000,
+        batch_size=64,
+        learning_rate=3e-3,
+        test_limit=100,
+        metrics_limit=100,
+        data=str(MNIST),
+    )
+    aelib.train(config, out_dir=out, figures=False, verbose=0)
+    return out / "denoise.keras"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    """Noisy digits in ten nested folders, clean references, odd sizes, RGB, junk."""
+    root = tmp_path_factory.mktemp("data")
+    src, clean = root / "noisy", root / "clean"
+    make_noisy.make_noisy(str(MNIST), N_DIGITS, src, clean, corrupt=3)
+    rng = np.random.default_rng(1)
+    odd = (rng.random((30, 45)) * 255).astype(np.uint8)  # not a multiple of 4
+    (src / "sizes" / "deep").mkdir(parents=True)
+    (src / "sizes" / "odd.png").write_bytes(png(odd))
+    (src / "sizes" / "deep" / "big.png").write_bytes(png(np.tile(odd, (2, 2))))  # 60x90
+    rgb = (rng.random((21, 33, 3)) * 255).astype(np.uint8)
+    (src / "sizes" / "color.png").write_bytes(png(rgb))
+    return {"src": src, "clean": clean, "root": root}
+
+
+@pytest.fixture(scope="module")
+def first_run(model_path, dataset):
+    dst = dataset["root"] / "out"
+    result = run_job(
+        "--model", model_path, "--input", dataset["src"], "--output", dst,
+        "--clean", dataset["clean"], "--batch-size", 16,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dst, result
+
+
+def test_every_valid_image_is_denoised_at_its_relative_path(first_run, dataset):
+    dst, result = first_run
+    inputs = sorted(
+        p.relative_to(dataset["src"]).as_posix() for p in dataset["src"].rglob("*") if p.is_file()
+    )
+    rows = manifest(dst)
+    assert sorted(rows) == inputs  # one row per input file, nothing lost or invented
+    ok = [p for p, r in rows.items() if r["status"] == "ok"]
+    assert len(ok) == N_DIGITS + 3
+    for rel in ok:
+        assert rows[rel]["output"] == rel
+        with Image.open(dst / rel) as out, Image.open(dataset["src"] / rel) as inp:
+            assert out.size == inp.size and out.mode == inp.mode  # same size, 8-bit kept
+    assert "0 skipped" in result.stdout and f"{N_DIGITS + 3} ok, 3 failed" in result.stdout
+    assert not list(dst.rglob("*.denoise-tmp"))  # no temp file left behind
+
+
+def test_corrupt_and_non_image_files_fail_with_a_reason(first_run):
+    dst, _ = first_run
+    rows = manifest(dst)
+    failed = {p: r for p, r in rows.items() if r["status"] == "failed"}
+    assert sorted(failed) == [
+        "broken/garbage_1.png",
+        "broken/notes_2.txt",
+        "broken/truncated_0.png",
+    ]
+    for path, row in failed.items():
+        assert "not a readable image" in row["error"], row
+        assert row["output"] is None and not (dst / path).exists()
+
+
+def test_mixed_sizes_and_rgb_keep_shape_and_values_change(first_run, dataset):
+    dst, _ = first_run
+    rows = manifest(dst)
+    assert (rows["sizes/odd.png"]["width"], rows["sizes/odd.png"]["height"]) == (45, 30)
+    assert rows["sizes/deep/big.png"]["width"] == 90
+    assert rows["sizes/color.png"]["channels"] == 3
+    color_in = np.asarray(Image.open(dataset["src"] / "sizes" / "color.png"))
+    color_out = np.asarray(Image.open(dst / "sizes" / "color.png"))
+    assert color_out.shape == color_in.shape == (21, 33, 3) and color_out.dtype == np.uint8
+    assert not np.array_equal(color_in, color_out)  # the model did something
+
+
+def test_psnr_rises_against_clean_references(first_run):
+    dst, result = first_run
+    digits = [r for p, r in manifest(dst).items() if p[0].isdigit() and r["status"] == "ok"]
+    assert len(digits) == N_DIGITS
+    noisy = np.mean([r["psnr_noisy"] for r in digits])
+    denoised = np.mean([r["psnr"] for r in digits])
+    assert denoised > noisy + 2.0, (noisy, denoised)
+    assert np.mean([r["ssim"] for r in digits]) > np.mean([r["ssim_noisy"] for r in digits])
+    assert "mean PSNR" in result.stdout
+    # images without a clean reference are still denoised, with a note instead of metrics
+    odd = manifest(dst)["sizes/odd.png"]
+    assert odd["status"] == "ok" and odd["psnr"] is None and "no metrics" in odd["error"]
+
+
+def test_manifest_records_node_and_device(first_run):
+    dst, _ = first_run
+    rows = [r for r in manifest(dst).values() if r["status"] == "ok"]
+    assert {r["device"] for r in rows} == {"CPU"}
+    assert all(r["node"] and len(r["node"]) > 20 for r in rows)
+    meta = pq.read_schema(dst / "manifest.parquet").metadata
+    assert meta[b"model_name"] == b"denoise"
+
+
+def test_rerun_skips_everything_without_starting_ray(first_run, model_path, dataset):
+    dst, _ = first_run
+    before = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
+    start = time.perf_counter()
+    result = run_job("--model", model_path, "--input", dataset["src"], "--output", dst)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    statuses = {r["status"] for p, r in rows.items() if not p.startswith("broken/")}
+    assert statuses == {"skipped"}
+    # the corrupt files keep their reason instead of being retried
+    assert all(rows[p]["error"].startswith("(earlier run)") for p in rows if "broken" in p)
+    # carried over from the first run
+    assert rows["sizes/odd.png"]["width"] == 45
+    assert "Started a local Ray" not in result.stdout + result.stderr
+    after = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
+    assert after == before  # nothing rewritten
+    print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
+
+
+def test_resume_redoes_only_missing_outputs(model_path, dataset, tmp_path):
+    dst = tmp_path / "out"
+    result = run_job(
+        "--model", model_path, "--input", f"{dataset['src']}/**/*.png", "--output", dst,
+        "--batch-size", 8,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = manifest(dst)
+    assert "broken/notes_2.txt" not in first  # the glob chose .png files only
+    removed = ["0/000003.png", "sizes/deep/big.png"]
+    for rel in removed:
+        (dst / rel).unlink()
+    stale = dst / "1" / ".000002.png.0123456789ab.denoise-tmp"  # as a crash would leave it
+    stale.write_bytes(b"half")
+    result = run_job(
+        "--model", model_path, "--input", f"{dataset['src']}/**/*.png", "--output", dst,
+        "--retry-failed",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert sorted(rows) == sorted(first)
+    assert sorted(p for p, r in rows.items() if r["status"] == "ok") == sorted(removed)
+    assert {r["status"] for p, r in rows.items() if p not in removed} == {"skipped", "failed"}
+    assert all((dst / rel).is_file() for rel in removed)
+    assert not stale.exists()
+
+
+def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
+    digits = (np.random.default_rng(0).random((5, 28, 28)) * 255).astype(np.uint8)
+    paths = ["a/0.png", "a/1.png", "b/2.png", "../escape.png", "/abs/x.png", "bad.png"]
+    payloads = [png(d) for d in digits[:3]] + [png(digits[3]), png(digits[4]), b"junk"]
+    table = pa.table({"path": paths, "image": pa.array(payloads, pa.binary())})
+    source = tmp_path / "images.parquet"
+    pq.write_table(table, source, row_group_size=4)  # two row groups
+    dst = tmp_path / "out"
+    result = run_job("--model", model_path, "--input", source, "--output", dst)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert sorted(rows) == sorted(paths)
+    assert [p for p in paths if rows[p]["status"] == "ok"] == ["a/0.png", "a/1.png", "b/2.png"]
+    for bad in ("../escape.png", "/abs/x.png"):
+        assert rows[bad]["status"] == "failed" and "leave the output folder" in rows[bad]["error"]
+    assert rows["bad.png"]["status"] == "failed"
+    assert not (tmp_path / "escape.png").exists() and not Path("/abs/x.png").exists()
+    written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
+    assert written == ["a/0.png", "a/1.png", "b/2.png"]
+    assert np.asarray(Image.open(dst / "a" / "0.png")).shape == (28, 28)
+
+
+def test_output_inside_input_is_refused(model_path, dataset):
+    for dst in (dataset["src"], dataset["src"] / "0" / "out"):
+        result = run_job("--model", model_path, "--input", dataset["src"], "--output", dst)
+        assert result.returncode == 2
+        assert "outside the input tree" in result.stderr, result.stderr[-2000:]
+    assert not (dataset["src"] / "0" / "out").exists()
+
+
+def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
+    import aelib
+
+    path = aelib.save(aelib.build_model("dense"), tmp_path / "dense.keras")
+    result = run_job("--model", path, "--input", dataset["src"], "--output", tmp_path / "o")
+    assert result.returncode == 2
+    assert "needs an image model" in result.stderr, result.stderr[-2000:]
+    assert "784" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
+    result = run_job("--model", model_path, "--input", tmp_path / "nope", "--output", tmp_path)
+    assert result.returncode == 2 and "--input" in result.stderr and "nope" in result.stderr
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a zip")
+    result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
+    assert result.returncode == 2 and "not a .keras file" in result.stderr
+
+
+def test_safe_relative_and_png_encoder():
+    assert job.safe_relative("a/./b/../c.png") == "a/c.png"
+    for bad in ("../x.png", "/etc/passwd", "a/../../x", "", ".", "C:/x.png", "..\\x.png"):
+        with pytest.raises(ValueError, match="leave the output folder"):
+            job.safe_relative(bad)
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((5, 7, 1), np.uint8), ((4, 3, 3), np.uint8), ((6, 2, 1), np.uint16)):
+        top = 65535 if dtype == np.uint16 else 255
+        array = rng.integers(0, top + 1, shape).astype(dtype)
+        decoded, maxval, fmt, alpha = job.decode(job.encode_png(array), "per-channel")
+        assert fmt == "PNG" and maxval == top and alpha is None
+        np.testing.assert_array_equal(decoded, array)
