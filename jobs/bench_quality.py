@@ -28,6 +28,7 @@ import ast
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -50,6 +51,15 @@ QUICK = {
     "slow_tune_limit": 5,
 }
 SCHEMA = 1
+
+
+def is_plus(row: str) -> bool:
+    """denoise_plus, denoise_plus2, ...: beyond-tutorial denoisers (--denoise-config)."""
+    return re.fullmatch(r"denoise_plus\w*", row) is not None
+
+
+def plus_rows(rows) -> list[str]:
+    return sorted(r for r in rows if is_plus(r))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,8 +174,8 @@ def command_for(args: argparse.Namespace, row: str, epochs: int | None = None) -
     for flag, value, default in (
         ("--limit", args.limit, None),
         ("--test-limit", args.test_limit, None),
-        ("--tune-limit", args.tune_limit, None),
-        ("--slow-limit", args.slow_limit, None),
+        ("--tune-limit", args.tune_limit, 500),
+        ("--slow-limit", args.slow_limit, 300),
         ("--slow-tune-limit", args.slow_tune_limit, 40),
         ("--denoisers", args.denoisers, None),
         ("--seed", args.seed, 0),
@@ -177,11 +187,12 @@ def command_for(args: argparse.Namespace, row: str, epochs: int | None = None) -
             "--denoisers",
         )
         quick_set = flag in ("--limit", "--test-limit", "--tune-limit", "--slow-limit")
-        if classical_only and row != "classical" and flag != "--slow-limit":
-            continue  # (--slow-limit also sets the learned denoisers' subset)
+        if classical_only and row != "classical":
+            if not (flag == "--slow-limit" and (row == "denoise" or is_plus(row))):
+                continue  # (--slow-limit also sets the learned denoisers' subset)
         if value != default and not (args.quick and (quick_set or flag == "--slow-tune-limit")):
             cmd += [flag, str(value)]
-    if row == "denoise_plus":
+    if is_plus(row):
         cmd += ["--denoise-config", args.denoise_config]
     cmd += ["--out", args.out]
     env = "KERAS_BACKEND=jax " if os.environ.get("KERAS_BACKEND") == "jax" else ""
@@ -197,9 +208,9 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     from aelib.train import make_splits
     from aelib.tutorial import REPORTED_DENSE_CODE_MEAN, TUTORIAL, tutorial_settings
 
-    model = "denoise" if row == "denoise_plus" else row
+    model = "denoise" if is_plus(row) else row
     settings = tutorial_settings(model)
-    overrides = parse_options(args.denoise_config) if row == "denoise_plus" else {}
+    overrides = parse_options(args.denoise_config) if is_plus(row) else {}
     train_fields = {k: overrides.pop(k) for k in ("learning_rate", "batch_size") if k in overrides}
     epochs = args.epochs if args.epochs is not None else settings["epochs"]
     config = aelib.TrainConfig(
@@ -228,6 +239,7 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
         "kind": "learned",
         "model": model,
         "model_options": overrides,
+        "denoise_config": args.denoise_config if is_plus(row) else None,
         "settings": settings_key(args, row),
         "epochs": epochs,
         "epochs_run": epochs_run,
@@ -236,7 +248,7 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
             epochs == settings["epochs"]
             and args.limit is None
             and args.test_limit is None
-            and row != "denoise_plus"
+            and not is_plus(row)
         ),
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
@@ -272,7 +284,7 @@ def settings_key(args, row: str) -> dict[str, Any]:
         "test_limit": args.test_limit,
         "seed": args.seed,
     }
-    if row == "denoise_plus":
+    if is_plus(row):
         key["denoise_config"] = args.denoise_config
     if row == "classical":
         # (which denoisers ran, and on how many tuning digits, is recorded per denoiser)
@@ -475,7 +487,7 @@ def markdown(results: dict[str, Any]) -> str:
         " command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", "denoise_plus"):
+    for name in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", *plus_rows(rows)):
         r = rows.get(name)
         if not r:
             continue
@@ -485,7 +497,9 @@ def markdown(results: dict[str, Any]) -> str:
             code = f"{m['code_mean']:.2f}"
             if "reported_code_mean" in t:
                 code += f" ({t['reported_code_mean']:.2f})"
-        label = name if name != "denoise_plus" else f"denoise_plus ({r['model_options']})"
+        label = (
+            f"{name} ({r.get('denoise_config') or r['model_options']})" if is_plus(name) else name
+        )
         lines.append(
             f"| {label} | {r['epochs_run']} ({r['tutorial_epochs']}) | {r['batch_size']} | "
             f"{r['train_images']} | {_fmt(m.get('test_loss'))} | {_fmt(m.get('test_bce'))} | "
@@ -539,14 +553,14 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
             f"{_fmt(sub['ssim'], 3)} | {_fmt(e.get('images_per_second'), 1)} | "
             f"`{e.get('command', c['command'])}` |"
         )
-    for name in ("denoise", "denoise_plus"):
+    for name in ("denoise", *plus_rows(rows)):
         r = rows.get(name)
         if not r:
             continue
         m = r["metrics"]
         sub = r.get("subset", {})
         label = f"{name} (learned, {r['epochs_run']} epochs"
-        label += f", {r['model_options']})" if r["model_options"] else ")"
+        label += f", {r.get('denoise_config') or r['model_options']})" if is_plus(name) else ")"
         lines.append(
             f"| {label} | - | {_fmt(m['test_psnr'], 2)} | {_fmt(m['test_ssim'], 3)} | "
             f"{_fmt(sub.get('psnr'), 2)} | {_fmt(sub.get('ssim'), 3)} | "
@@ -565,10 +579,10 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
     written = []
     learned = [
         n
-        for n in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", "denoise_plus")
+        for n in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", *plus_rows(rows))
         if n in rows and "test_bce" in rows[n]["metrics"]
     ]
-    recon = [n for n in learned if n not in ("denoise", "denoise_plus")]
+    recon = [n for n in learned if n != "denoise" and not is_plus(n)]
     if recon:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         x = np.arange(len(recon))
@@ -589,7 +603,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
             psnrs.append(e["psnr"])
             ssims.append(e["ssim"])
             n_imgs.append(e["test_images"])
-        for name in ("denoise", "denoise_plus"):
+        for name in ("denoise", *plus_rows(rows)):
             if name in rows:
                 names.append(f"{name}\n({rows[name]['epochs_run']} ep)")
                 psnrs.append(rows[name]["metrics"]["test_psnr"])
@@ -615,7 +629,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_savefig(fig, out / "denoise_psnr_ssim.png"))
         sample_dir = runs_dir / "samples"
-        order = ["clean", "noisy", *d.keys(), "denoise", "denoise_plus"]
+        order = ["clean", "noisy", *d.keys(), "denoise", *plus_rows(rows)]
         found = [
             (n, np.load(sample_dir / f"{n}.npy"))
             for n in dict.fromkeys(order)
@@ -628,12 +642,12 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
     for name, fig_names in (
         ("vae", ("vae_latent_plane.png", "vae_manifold.png")),
         ("denoise", ("denoise_learning_curves.png",)),
-        ("denoise_plus", ("denoise_learning_curves.png",)),
+        *((p, ("denoise_learning_curves.png",)) for p in plus_rows(rows)),
     ):
         for f in fig_names:
             src = runs_dir / name / "figures" / f
             if name in rows and src.is_file():
-                dst = out / (f if name != "denoise_plus" else f"denoise_plus_{f[8:]}")
+                dst = out / (f if not is_plus(name) else f"{name}_{f[8:]}")
                 shutil.copyfile(src, dst)
                 written.append(dst)
     return written
@@ -732,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.runs_dir is None:
         runs_dir = Path(args.out) / "runs"
     selected = [r.strip() for r in args.models.split(",") if r.strip()]
-    unknown = sorted(set(selected) - set(ROWS))
+    unknown = sorted(r for r in selected if r not in ROWS and not is_plus(r))
     if unknown:
         print(f"bench_quality: unknown rows {unknown}. Valid: {', '.join(ROWS)}", file=sys.stderr)
         return 2
