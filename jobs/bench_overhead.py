@@ -57,7 +57,7 @@ def run_aelib(config, arrays) -> list[float]:
     return timer.times
 
 
-def run_plain(config, arrays) -> list[float]:
+def run_plain(config, arrays, extra_callbacks=()) -> list[float]:
     import keras
 
     from aelib.registry import build_model
@@ -78,10 +78,20 @@ def run_plain(config, arrays) -> list[float]:
         batch_size=config.batch_size,
         shuffle=True,
         validation_data=(splits.x_val, splits.y_val),
-        callbacks=[timer],
+        callbacks=[*extra_callbacks, timer],
         verbose=0,
     )
     return timer.times
+
+
+def run_plain_nan(config, arrays) -> list[float]:
+    """Plain fit plus keras.callbacks.TerminateOnNaN, aelib's one per-batch callback."""
+    import keras
+
+    return run_plain(config, arrays, [keras.callbacks.TerminateOnNaN()])
+
+
+ARMS = {"aelib": run_aelib, "plain": run_plain, "plain+nan": run_plain_nan}
 
 
 def measure(args, name: str, metrics_limit: int | None, arrays) -> dict[str, Any]:
@@ -100,12 +110,12 @@ def measure(args, name: str, metrics_limit: int | None, arrays) -> dict[str, Any
     if metrics_limit is not None:
         fields["metrics_limit"] = metrics_limit
     config = aelib.TrainConfig(**fields)
-    runs: dict[str, list[list[float]]] = {"aelib": [], "plain": []}
+    arms = ["aelib", "plain"] + (["plain+nan"] if args.attribute else [])
+    runs: dict[str, list[list[float]]] = {a: [] for a in arms}
     for r in range(args.repeats):
-        order = ("aelib", "plain") if r % 2 == 0 else ("plain", "aelib")
+        order = arms if r % 2 == 0 else arms[::-1]
         for who in order:
-            times = (run_aelib if who == "aelib" else run_plain)(config, arrays)
-            runs[who].append(times)
+            runs[who].append(ARMS[who](config, arrays))
     first = {w: statistics.median(t[0] for t in runs[w]) for w in runs}
     later = {w: statistics.median(x for t in runs[w] for x in t[1:]) for w in runs}
     return {
@@ -122,6 +132,11 @@ def measure(args, name: str, metrics_limit: int | None, arrays) -> dict[str, Any
         "ratio_first": first["aelib"] / first["plain"],
         "ratio_steady": later["aelib"] / later["plain"],
         "overhead_seconds_per_epoch": later["aelib"] - later["plain"],
+        **(
+            {"ratio_steady_plain_nan": later["plain+nan"] / later["plain"]}
+            if "plain+nan" in later
+            else {}
+        ),
     }
 
 
@@ -133,8 +148,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         "",
         "| variant | train images | aelib s/epoch | plain s/epoch | ratio (steady) | "
-        "overhead s/epoch | ratio (1st epoch) |",
-        "|---|---|---|---|---|---|---|",
+        "overhead s/epoch | ratio (1st epoch) | plain+TerminateOnNaN / plain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         label = r["model"]
@@ -144,7 +159,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {r['train_images']} | {s['aelib']:.2f} | {s['plain']:.2f} | "
             f"{r['ratio_steady']:.3f} | {r['overhead_seconds_per_epoch']:+.2f} | "
-            f"{r['ratio_first']:.3f} |"
+            f"{r['ratio_first']:.3f} | "
+            + (f"{r['ratio_steady_plain_nan']:.3f} |" if "ratio_steady_plain_nan" in r else "- |")
         )
     lines += [
         "",
@@ -166,9 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="denoise only: comma-separated metrics_limit values to compare (default: aelib's)",
     )
+    p.add_argument(
+        "--attribute",
+        action="store_true",
+        help="add a third arm: plain fit + TerminateOnNaN (aelib's per-batch callback)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=os.environ.get("AELIB_MNIST"))
     p.add_argument("--out", default="jobs/results")
+    p.add_argument("--name", default=None, help="file stem under --out (default: overhead)")
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
@@ -208,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "overhead.md").write_text(markdown(result))
+    stem = args.name or "overhead"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
