@@ -314,12 +314,6 @@ def effective_hparams(model: str, sampled: dict[str, Any], pins: dict[str, dict]
     return {**sampled, **pins.get(model, {})}
 
 
-def _sample_hparams(spec) -> dict[str, Any]:
-    """Resolves the searched variant's own space only (random search)."""
-    space = SEARCH_SPACE[spec.config["model"]]
-    return {k: (v.sample() if hasattr(v, "sample") else v) for k, v in space.items()}
-
-
 def _optuna_space(models: list[str]):
     """A define-by-run space: each variant's keys are namespaced, so Optuna's model of
     one variant's hyperparameters learns only from that variant's trials."""
@@ -340,7 +334,7 @@ def _optuna_space(models: list[str]):
                 hparams[key] = trial.suggest_float(name, domain.lower, domain.upper, log=log)
             else:
                 hparams[key] = domain
-        return {"hparams": hparams}
+        return {"hparams": {model: hparams}}
 
     return define
 
@@ -375,7 +369,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     from aelib.train import TrainConfig, make_splits, write_outputs
 
     model = config["model"]
-    hparams = effective_hparams(model, config["hparams"], settings["pins"])
+    hparams = effective_hparams(model, config["hparams"][model], settings["pins"])
     train_fields = {k: v for k, v in hparams.items() if k in TRAIN_FIELDS}
     options = {k: v for k, v in hparams.items() if k not in TRAIN_FIELDS}
     if "filters" in options and isinstance(options["filters"], list):
@@ -526,7 +520,8 @@ def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
         "trial_id": metrics.get("trial_id") or Path(result.path).name,
         "model": model,
     }
-    hparams = effective_hparams(model, config.get("hparams", {}), pins) if model else {}
+    sampled = config.get("hparams", {}).get(model, {})
+    hparams = effective_hparams(model, sampled, pins) if model else {}
     for key, value in hparams.items():
         row[f"hp_{key}"] = json.dumps(value) if isinstance(value, list | tuple) else value
     if result.error is not None:
@@ -601,7 +596,7 @@ def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dic
             checkpoint.to_directory(tmp)
             shutil.copyfile(Path(tmp, f"{model}.keras"), out_dir / "best" / f"{model}.keras")
         record = dict(winner)
-        sampled = by_path[winner["path"]].config["hparams"]
+        sampled = by_path[winner["path"]].config["hparams"][model]
         record["hparams"] = effective_hparams(model, sampled, pins)
         (out_dir / "best" / f"{model}.json").write_text(json.dumps(record, indent=2, default=str))
         best[model] = record
@@ -736,23 +731,28 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         from ray.tune.search.optuna import OptunaSearch
 
         points = [{"model": m} for m in args.models for _ in range(args.num_samples)]
+        # A define-by-run space ignores TuneConfig's metric/mode: hand them over here too.
         search_alg = OptunaSearch(
-            space=_optuna_space(args.models), points_to_evaluate=points, seed=args.seed
+            space=_optuna_space(args.models),
+            metric=METRIC,
+            mode=MODE,
+            points_to_evaluate=points,
+            seed=args.seed,
         )
         param_space: dict[str, Any] = {}
         num_samples = len(points)
     else:
         search_alg = None
+        # Every trial samples each variant's space and uses its own variant's values.
+        # (No tune.sample_from: Tune re-runs such functions when it restores a trial,
+        # which would give a resumed trial other hyperparameters than its checkpoint.)
         param_space = {
             "model": tune.grid_search(args.models),
-            "hparams": tune.sample_from(_sample_hparams),
+            "hparams": {model: SEARCH_SPACE[model] for model in args.models},
         }
         num_samples = args.num_samples  # the grid repeats: num_samples trials per variant
     if args.resume:
-        # The param space again: Tune stored its sample_from function as a placeholder.
-        return tune.Tuner.restore(
-            experiment_path, trainable=trainable, param_space=param_space, resume_errored=True
-        )
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=param_space,
