@@ -775,9 +775,14 @@ class ManifestWriter:
 
     def __init__(self, output: Storage, metadata: dict[str, str]):
         self.output = output
-        self.buffer = io.BytesIO()
         schema = MANIFEST_SCHEMA.with_metadata(metadata)
-        self.writer = pq.ParquetWriter(self.buffer, schema)
+        if output.local:  # rows go to disk as they come: driver memory stays flat
+            os.makedirs(output.root, exist_ok=True)
+            self.tmp = output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
+            self.writer = pq.ParquetWriter(self.tmp, schema)
+        else:  # an object store has no rename: buffer, then one PUT
+            self.buffer = io.BytesIO()
+            self.writer = pq.ParquetWriter(self.buffer, schema)
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
@@ -815,7 +820,10 @@ class ManifestWriter:
 
     def close(self) -> None:
         self.writer.close()
-        self.output.write_atomic(MANIFEST, self.buffer.getvalue())
+        if self.output.local:
+            os.replace(self.tmp, self.output.full(MANIFEST))
+        else:
+            self.output.write_atomic(MANIFEST, self.buffer.getvalue())
 
     def means(self) -> dict[str, float]:
         if not self.measured:
