@@ -314,13 +314,18 @@ def effective_hparams(model: str, sampled: dict[str, Any], pins: dict[str, dict]
     return {**sampled, **pins.get(model, {})}
 
 
-def _optuna_space(models: list[str]):
+class OptunaSpace:
     """A define-by-run space: each variant's keys are namespaced, so Optuna's model of
-    one variant's hyperparameters learns only from that variant's trials."""
-    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+    one variant's hyperparameters learns only from that variant's trials. (A class,
+    not a closure: Tune pickles the searcher into its experiment state.)"""
 
-    def define(trial) -> dict[str, Any]:
-        model = trial.suggest_categorical("model", models)
+    def __init__(self, models: list[str]):
+        self.models = list(models)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+
+        model = trial.suggest_categorical("model", self.models)
         hparams = {}
         for key, domain in SEARCH_SPACE[model].items():
             name = f"{model}.{key}"
@@ -335,8 +340,6 @@ def _optuna_space(models: list[str]):
             else:
                 hparams[key] = domain
         return {"hparams": {model: hparams}}
-
-    return define
 
 
 # ---------------------------------------------------------------- trials
@@ -568,7 +571,7 @@ def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dic
     pins = _pins_by_model(args.pins)
     rows = [_flatten_row(r, args.epochs, pins) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trials.csv", index=False)
     table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
@@ -733,7 +736,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         points = [{"model": m} for m in args.models for _ in range(args.num_samples)]
         # A define-by-run space ignores TuneConfig's metric/mode: hand them over here too.
         search_alg = OptunaSearch(
-            space=_optuna_space(args.models),
+            space=OptunaSpace(args.models),
             metric=METRIC,
             mode=MODE,
             points_to_evaluate=points,
