@@ -19,7 +19,9 @@ and prints images/s side by side with the job's ratios to both. With
 set size (PSS: shared pages split between the processes that map them, so Ray's
 shared-memory object store is not counted once per worker) of the whole process
 tree (driver, GCS, raylet, workers) every 0.2 s, and prints the peaks.
-The machine's load is printed too: other work on it skews every number.
+Every run also reports the CPU seconds (user + system) of its whole process
+tree: on a machine shared with other work, wall-clock images/s follow the
+others' load, CPU seconds much less. The load average is printed beside each run.
 """
 
 from __future__ import annotations
@@ -115,23 +117,27 @@ def docs_pipeline(model_path: str, input_dir: str, output_dir: str, batch_size: 
 # Timing and memory.
 
 
-def _pss_tree(root_pid: int) -> tuple[int, int]:
-    """(PSS, RSS) in bytes summed over `root_pid` and all its descendants."""
+def _tree_sample(root_pid: int, cpu: dict[int, float]) -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over `root_pid` and its descendants; records each one's
+    CPU seconds (user + system) so far in `cpu`."""
     children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        children.setdefault(parent, []).append(int(entry))
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS
     pss = rss = 0
     stack = [root_pid]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
+        cpu[pid] = max(cpu.get(pid, 0.0), times.get(pid, 0.0))
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
@@ -144,29 +150,40 @@ def _pss_tree(root_pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def timed(cmd: list[str], log: Path, sample_memory: bool = False) -> dict[str, float]:
-    """Runs `cmd`, returns wall seconds and (optionally) the tree's peak PSS/RSS."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], log: Path) -> dict[str, float]:
+    """Runs `cmd`; returns wall seconds, CPU seconds and peak PSS/RSS of its process tree.
+
+    The tree is sampled every 0.2 s, so CPU time of processes that live less than
+    that is missed; on a loaded machine CPU seconds are a steadier measure than wall.
+    """
     peak = {"pss": 0, "rss": 0}
+    cpu: dict[int, float] = {}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
-        if sample_memory:
 
-            def sample():
-                while proc.poll() is None:
-                    pss, rss = _pss_tree(proc.pid)
-                    peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-                    time.sleep(0.2)
+        def sample():
+            while proc.poll() is None:
+                pss, rss = _tree_sample(proc.pid, cpu)
+                peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                time.sleep(0.2)
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         rc = proc.wait()
         seconds = time.perf_counter() - start
-        if sample_memory:
-            sampler.join()
+        sampler.join()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
-    return {"seconds": seconds, "peak_pss": peak["pss"], "peak_rss": peak["rss"]}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": sum(cpu.values()),
+        "peak_pss": peak["pss"],
+        "peak_rss": peak["rss"],
+    }
 
 
 def ensure_images(data: str | None, work: Path, count: int, largest: int) -> Path:
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = result
             print(
                 f"bench: {name:6s} {result['seconds']:7.1f} s  {result['images_per_s']:7.0f} "
-                f"images/s  (load {_load()})",
+                f"images/s  {result['cpu_seconds']:7.1f} CPU-s  (load {_load()})",
                 flush=True,
             )
     if "job" in results:
@@ -273,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = results["job"]["images_per_s"] / results[base]["images_per_s"]
                 line += f"; {ratio:.2f}x {base} ({results[base]['images_per_s']:.0f} images/s)"
         print(line, flush=True)
+        line = f"bench: job used {results['job']['cpu_seconds']:.1f} CPU-s"
+        for base in ("plain", "docs"):
+            if base in results:
+                ratio = results[base]["cpu_seconds"] / results["job"]["cpu_seconds"]
+                line += f"; {ratio:.2f}x less than {base} ({results[base]['cpu_seconds']:.1f})"
+        print(line, flush=True)
     memory = {}
     for count in memory_counts:
         images = ensure_images(args.data, work, count, largest)
@@ -281,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(HERE / "denoise.py"), "--model", model]
         cmd += ["--input", str(images), "--output", str(out)]
         print(f"bench: job on {count} images, sampling memory (load {_load()}) ...", flush=True)
-        result = timed(cmd, work / f"memory_{count}.log", sample_memory=True)
+        result = timed(cmd, work / f"memory_{count}.log")
         memory[count] = result
         print(
             f"bench: memory {count:7d} images: peak PSS {result['peak_pss'] / 2**20:7.0f} MiB, "
