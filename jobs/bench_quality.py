@@ -523,6 +523,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tuning_text(denoisers: dict[str, Any]) -> str:
+    counts: dict[int, list[str]] = {}
+    for name, e in denoisers.items():
+        if "tuning" in e:
+            counts.setdefault(e["tuning"]["images"], []).append(name)
+    if len(counts) <= 1:
+        return str(next(iter(counts), 0))
+    most = max(counts, key=lambda k: len(counts[k]))
+    rest = "; ".join(f"{', '.join(v)}: {k}" for k, v in counts.items() if k != most)
+    return f"{most} ({rest})"
+
+
 def denoise_table(results: dict[str, Any]) -> list[str]:
     rows = results["rows"]
     c = rows["classical"]
@@ -534,8 +546,8 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
         f"## Denoising (Gaussian noise, factor {c['noise']['factor']}, clipped to [0, 1],"
         f" seed {c['noise']['test_seed']})",
         "",
-        f"Classical parameters tuned on {d['median_3x3']['tuning']['images']} held-out noisy "
-        "*training* digits (NL-means and BM3D on fewer, see results.json); every method is "
+        f"Classical parameters tuned on {_tuning_text(d)} held-out noisy "
+        "*training* digits (the last ones of the training split); every method is "
         f"scored on the same noisy test digits: all {n_full}, and the first {n_sub} "
         "(the subset BM3D, too slow for all, is scored on).",
         "",
