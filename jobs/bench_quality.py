@@ -737,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="rerun rows already in results.json")
     p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: rewrite results.md and the charts from results.json",
+    )
+    p.add_argument(
         "--no-figures", action="store_true", help="skip aelib's per-variant figures (t-SNE, ...)"
     )
     p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
@@ -757,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir or ("runs/bench_quick" if args.quick else "runs/bench"))
     if args.quick and args.runs_dir is None:
         runs_dir = Path(args.out) / "runs"
-    selected = [r.strip() for r in args.models.split(",") if r.strip()]
+    selected = [] if args.report else [r.strip() for r in args.models.split(",") if r.strip()]
     unknown = sorted(r for r in selected if r not in ROWS and not is_plus(r))
     if unknown:
         print(f"bench_quality: unknown rows {unknown}. Valid: {', '.join(ROWS)}", file=sys.stderr)
