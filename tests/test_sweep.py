@@ -102,14 +102,16 @@ def smoke(tmp_path_factory):
     cmd = [sys.executable, "sweep.py", "--smoke-test", "--data", str(MNIST)]
     cmd += ["--storage-path", str(store), "--name", "smoke"]
     start = time.monotonic()
-    proc = subprocess.run(
-        cmd, cwd=lone, env=_env(ray_tmp), capture_output=True, text=True, timeout=600
-    )
-    seconds = time.monotonic() - start
-    leftover = _wait_no_ray(ray_tmp)
-    for pid in leftover:
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=lone, env=_env(ray_tmp), capture_output=True, text=True, timeout=600
+        )
+        seconds = time.monotonic() - start
+        leftover = _wait_no_ray(ray_tmp)
+    finally:
+        for pid in _ray_pids(ray_tmp):  # only this test's own Ray processes
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {"proc": proc, "exp": store / "smoke", "seconds": seconds, "leftover": leftover}
 
 
@@ -211,17 +213,16 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     cmd += ["--max-concurrent", "1", "--scheduler", "fifo", "--no-figures"]
     cmd += ["--storage-path", str(tmp_path), "--name", "resumed"]
     exp = tmp_path / "resumed"
-    driver = subprocess.Popen(
-        cmd,
-        env=_env(ray_tmp),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "first-run.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 240
         while not _finished_trials(exp) and time.monotonic() < deadline:
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            if driver.poll() is not None:
+                pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
             time.sleep(0.3)
         time.sleep(1.0)  # let Tune snapshot its experiment state
         before = _finished_trials(exp)
