@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SEQUENTIAL = r"""
 import json, sys, time
 import aelib
@@ -73,7 +74,7 @@ def pins(models: list[str]) -> list[str]:
 
 
 def timed(cmd: list[str], env: dict[str, str], label: str) -> float:
-    print(f"({label}) {' '.join(cmd[:3])} ...", flush=True)
+    print(f"({label}) ...", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -92,8 +93,8 @@ def main() -> int:
         "--models", nargs="+", default=["dense", "sparse", "deep", "conv", "seq2seq", "vae"]
     )
     parser.add_argument("--num-samples", type=int, default=1, help="trials per variant")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=20000)
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
     args = parser.parse_args()
