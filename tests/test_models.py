@@ -143,3 +143,21 @@ def test_load_refuses_non_zip_and_missing(tmp_path):
 def test_save_wants_keras_suffix(tmp_path):
     with pytest.raises(ValueError, match="must end in .keras"):
         aelib.save(aelib.build_model("dense"), tmp_path / "model.h5")
+
+
+def test_sparse_penalty_makes_codes_sparser_than_dense():
+    from aelib.train import TrainConfig, train
+
+    arrays = data_lib.load_mnist()
+    means = {}
+    for name, options in (("dense", {}), ("sparse", {"l1": 1e-3})):
+        config = TrainConfig(
+            model=name,
+            model_options=options,
+            epochs=3,
+            limit=2000,
+            test_limit=200,
+            learning_rate=3e-3,
+        )
+        means[name] = train(config, data=arrays, figures=False, verbose=0).metrics["code_mean"]
+    assert means["sparse"] < 0.7 * means["dense"], means
