@@ -821,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"  best {model:8s} NONE: no trial finished with a finite loss")
+    nodes = _counts(f"{r['hostname']} ({r['node_ip']})" for r in rows if r.get("hostname"))
+    print(f"  trials per node: {nodes or 'none reported'}")
     missing = [m for m in args.models if m not in best]
     return 1 if missing else 0
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     for variant in VARIANTS:  # the job prints where the best of each variant went
         assert f"best {variant}" in proc.stdout
     assert str(smoke["exp"] / "trials.csv") in proc.stdout
+    assert f"trials per node: {socket.gethostname()} (" in proc.stdout  # where trials ran
     assert smoke["leftover"] == [], "Ray processes outlived the sweep"
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
 
