@@ -14,6 +14,15 @@ Each side is timed end to end as its own process (interpreter and TensorFlow
 start, Ray start, writing results), and the script prints the ratios
 (b)/(a) (target: <= 0.75 on 2 cores) and (b)/(c). Nothing is asserted: on a
 shared machine the numbers move, so run it on an otherwise idle one, or twice.
+
+Measured on the 2-core dev VM (shared, load average ~5 from other work):
+    defaults (6 trials, 20k images, 3 epochs):  a 28.7s  b 37.1s  c 48.6s
+        (b)/(a) = 1.29, (b)/(c) = 0.76  (an earlier, busier run: 0.91 and 0.62)
+    --limit 60000 --epochs 5:                   a 126.4s  b 94.8s  c 138.0s
+        (b)/(a) = 0.75, (b)/(c) = 0.69
+The sweep pays ~15-20 s once (Ray start, TensorFlow import in each worker, the
+results and report), so it beats sequential training only when the trials
+are long; the sequential side also uses both cores for each model.
 """
 
 from __future__ import annotations
