@@ -19,22 +19,22 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def psnr(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
-    """Per-image PSNR in dB (the mean over images is what we report)."""
+def _per_image(metric, reference: np.ndarray, images: np.ndarray, data_range: float):
     ref, img = _as_hw(reference), _as_hw(images)
     if ref.shape != img.shape:
         raise ValueError(f"Shapes differ: reference {ref.shape} vs images {img.shape}")
     pairs = zip(ref, img, strict=True)
-    return np.array([peak_signal_noise_ratio(r, i, data_range=data_range) for r, i in pairs])
+    return np.array([metric(r, i, data_range=data_range) for r, i in pairs])
+
+
+def psnr(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-image PSNR in dB (the mean over images is what we report)."""
+    return _per_image(peak_signal_noise_ratio, reference, images, data_range)
 
 
 def ssim(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
     """Per-image SSIM (scikit-image, 7x7 window)."""
-    ref, img = _as_hw(reference), _as_hw(images)
-    if ref.shape != img.shape:
-        raise ValueError(f"Shapes differ: reference {ref.shape} vs images {img.shape}")
-    pairs = zip(ref, img, strict=True)
-    return np.array([structural_similarity(r, i, data_range=data_range) for r, i in pairs])
+    return _per_image(structural_similarity, reference, images, data_range)
 
 
 def binary_crossentropy(targets: np.ndarray, outputs: np.ndarray, eps: float = 1e-7) -> float:
