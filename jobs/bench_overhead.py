@@ -5,7 +5,7 @@ For each variant, the two runs alternate (aelib first, then plain first, ...) so
 machine load drifts hit both alike. Each run trains `--epochs` epochs; the first
 epoch (tracing/compilation) is reported apart, and the steady-state figure is the
 median of the later epochs. Both fits validate on the same validation arrays, so
-the difference is what aelib adds per epoch: its callbacks (TerminateOnNaN, and for
+the difference is what aelib adds per epoch: its callbacks (StopOnNaN, and for
 `denoise` the per-epoch PSNR/SSIM on `metrics_limit` validation images).
 
     python jobs/bench_overhead.py --data /work/shared/data/mnist.npz --out jobs/results
@@ -88,7 +88,7 @@ def run_plain(config, arrays, extra_callbacks=()) -> list[float]:
 
 
 def run_plain_nan(config, arrays) -> list[float]:
-    """Plain fit plus keras.callbacks.TerminateOnNaN, aelib's one per-batch callback."""
+    """Plain fit plus keras.callbacks.TerminateOnNaN: what a per-batch NaN check costs."""
     import keras
 
     return run_plain(config, arrays, [keras.callbacks.TerminateOnNaN()])
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--attribute",
         action="store_true",
-        help="add a third arm: plain fit + TerminateOnNaN (aelib's per-batch callback)",
+        help="add a third arm: plain fit + Keras TerminateOnNaN (a per-batch NaN check)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=os.environ.get("AELIB_MNIST"))

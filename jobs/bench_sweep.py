@@ -40,22 +40,41 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SEQUENTIAL = r"""
-import json, sys, time
-import aelib
-from aelib.data import load_mnist
-from aelib.train import TrainConfig
+import json, multiprocessing, sys, time
+
+def init_worker(threads):
+    if threads:  # one TensorFlow thread per process, as each sweep trial has
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    global aelib, arrays
+    import aelib
+    from aelib.data import load_mnist
+    arrays = load_mnist(spec["data"])
+
+def run(model):
+    config = aelib.TrainConfig(model=model, epochs=spec["epochs"], limit=spec["limit"],
+                               test_limit=spec["test_limit"], seed=0)
+    start = time.perf_counter()
+    result = aelib.train(config, data=arrays, figures=False, verbose=0)
+    return model, result.metrics["val_loss"], time.perf_counter() - start
 
 spec = json.loads(sys.argv[1])
-arrays = load_mnist(spec["data"])
-total = 0.0
-for model in spec["models"]:
-    for _ in range(spec["num_samples"]):
-        config = TrainConfig(model=model, epochs=spec["epochs"], limit=spec["limit"],
-                             test_limit=spec["test_limit"], seed=0)
-        result = aelib.train(config, data=arrays, figures=False, verbose=0)
-        total += result.metrics["train_seconds"]
-        print(f"  {model:8s} val_loss {result.metrics['val_loss']:.4f}", flush=True)
-print(json.dumps({"fit_seconds": total}))
+if __name__ == "__main__":
+    trials = [m for m in spec["models"] for _ in range(spec["num_samples"])]
+    if spec["workers"] == 1:  # (a): this process, TensorFlow's default threading
+        init_worker(0)
+        results = map(run, trials)
+    else:  # (d): a pool of plain processes, heaviest trials first like the sweep
+        pool = multiprocessing.get_context("spawn").Pool(
+            spec["workers"], init_worker, (1,), maxtasksperchild=None
+        )
+        results = pool.imap_unordered(run, spec["order"])
+    total = 0.0
+    for model, loss, seconds in results:
+        total += seconds
+        print(f"  {model:8s} val_loss {loss:.4f}  {seconds:6.1f}s", flush=True)
+    print(f"  trials took {total:.1f}s in all", flush=True)
 """
 
 
@@ -82,8 +101,10 @@ def pins(models: list[str]) -> list[str]:
     return flags
 
 
-def timed(cmd: list[str], env: dict[str, str], label: str) -> float:
+def timed(cmd: list[str], env: dict[str, str], label: str) -> tuple[float, float]:
+    """Runs cmd; returns its wall seconds and its start (epoch time)."""
     print(f"({label}) ...", flush=True)
+    wall_start = time.time()
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -92,7 +113,26 @@ def timed(cmd: list[str], env: dict[str, str], label: str) -> float:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     print("\n".join(lines[-8:]))
     print(f"({label}) {seconds:.1f}s", flush=True)
-    return seconds
+    return seconds, wall_start
+
+
+def breakdown(experiment: Path, wall_start: float, wall: float) -> str:
+    """Where a sweep's wall time went, from its trial table: start-up until the
+    first trial began, the span trials ran, the tail after the last ended, and
+    the summed trial time (each trial from its actor's start to its last report)."""
+    import pandas as pd
+
+    table = pd.read_csv(experiment / "trials.csv")
+    begin = table["started_at"].min()
+    end = (table["started_at"] + table["time_total_s"]).max()
+    per_trial = ", ".join(
+        f"{m} {t:.1f}s" for m, t in zip(table["model"], table["time_total_s"], strict=True)
+    )
+    return (
+        f"start-up {begin - wall_start:.1f}s, trials {end - begin:.1f}s "
+        f"(sum {table['time_total_s'].sum():.1f}s: {per_trial}), "
+        f"results {wall_start + wall - end:.1f}s"
+    )
 
 
 def main() -> int:
@@ -106,6 +146,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=20000)
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
+    parser.add_argument("--skip-plain", action="store_true", help="skip (d)")
     args = parser.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -118,26 +159,48 @@ def main() -> int:
         f"{args.limit} training images, {os.cpu_count()} CPUs"
     )
 
-    seq = timed([sys.executable, "-c", SEQUENTIAL, json.dumps(spec)], env, "a: sequential")
+    sweep_module = _sweep_module()
+    order = [m for m in sweep_module.heaviest_first(args.models) for _ in range(args.num_samples)]
+    script = Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "trials.py"
+    script.write_text(SEQUENTIAL)  # a file, so the process pool's children can import it
+    run = [sys.executable, str(script)]
+    seq, _ = timed([*run, json.dumps({**spec, "workers": 1})], env, "a: sequential")
+    plain = None
+    if not args.skip_plain:
+        cmd = [*run, json.dumps({**spec, "workers": 2, "order": order})]
+        plain, _ = timed(cmd, env, "d: 2 plain processes")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as store:
         sweep = [sys.executable, str(HERE / "sweep.py"), "--data", args.data]
         sweep += ["--models", *args.models, "--num-samples", str(args.num_samples)]
         sweep += ["--epochs", str(args.epochs), "--limit", str(args.limit)]
         sweep += ["--test-limit", str(args.test_limit), "--scheduler", "fifo", "--no-figures"]
         sweep += ["--cpus-per-trial", "1", "--storage-path", store, *pins(args.models)]
-        two = timed([*sweep, "--max-concurrent", "2", "--name", "two"], env, "b: sweep, 2 at once")
+        two, began = timed([*sweep, "--max-concurrent", "2", "--name", "two"], env, "b: sweep, 2")
+        notes = {"b": breakdown(Path(store, "two"), began, two)}
         one = None
         if not args.skip_scaling:
-            one = timed([*sweep, "--max-concurrent", "1", "--name", "one"], env, "c: sweep, 1")
+            cmd = [*sweep, "--max-concurrent", "1", "--name", "one"]
+            one, began = timed(cmd, env, "c: sweep, 1")
+            notes["c"] = breakdown(Path(store, "one"), began, one)
 
     print("\nwall time (s)            ")
     print(f"  (a) sequential aelib.train      {seq:7.1f}")
     print(f"  (b) sweep, 2 concurrent trials  {two:7.1f}")
     if one is not None:
         print(f"  (c) sweep, 1 trial at a time    {one:7.1f}")
+    if plain is not None:
+        print(f"  (d) 2 plain processes, no Ray   {plain:7.1f}")
+    for label, note in notes.items():
+        print(f"  ({label}) {note}")
     print(f"ratio (b)/(a) = {two / seq:.2f}   (target <= 0.75)")
     if one is not None:
         print(f"ratio (b)/(c) = {two / one:.2f}   (scaling 1 -> 2 concurrent trials; ideal 0.50)")
+    if plain is not None:
+        print(
+            f"ratio (d)/(a) = {plain / seq:.2f}   (what 2 concurrent trials give on this machine "
+            "without Ray)"
+        )
+        print(f"ratio (b)/(d) = {two / plain:.2f}   (Ray Tune's own cost; ideal 1.00)")
     return 0
 
 

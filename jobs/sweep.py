@@ -18,8 +18,8 @@ Everything lands under `<storage-path>/<name>/`:
     trials.csv, trials.parquet   one row per trial (hyperparameters, metrics, node, status)
     report/report.md       best config, test metrics and the tutorial's figures per
                            variant, and report/compare.png comparing the variants
-    <trial dirs>           Tune's results, checkpoints and per-trial TensorBoard logs
-                           (tensorboard --logdir <storage-path>/<name>)
+    <variant>_<trial id>/  Tune's results, checkpoints and TensorBoard logs of each
+                           trial (tensorboard --logdir <storage-path>/<name>)
 
 The file runs alone (`ray submit` copies only this file): it needs aelib
 installed, nothing else from the repository. `ray.init()` takes the cluster
@@ -45,6 +45,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+# num_to_keep=1 makes Tune snapshot the experiment state after every checkpoint (so a
+# resume never points at a deleted one). That is cheap here; its warning is noise.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 # Per variant, the hyperparameters that matter. `learning_rate`, `batch_size`
 # and `noise_factor` are aelib.TrainConfig fields; every other key is a
@@ -99,6 +104,10 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     },
 }
 VARIANTS = tuple(SEARCH_SPACE)
+# Rough relative cost of one training epoch (CPU, tutorial-sized models). Trials
+# start heaviest first, so the sweep does not end with one long trial running alone
+# while the other CPUs idle (longest-processing-time-first scheduling).
+EPOCH_COST = {"denoise": 10, "conv": 6, "seq2seq": 5, "vae": 2, "deep": 1.5}
 TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor")  # the rest are model options
 METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
@@ -369,7 +378,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     import keras
 
     import aelib
-    from aelib.train import TrainConfig, make_splits, write_outputs
+    from aelib.train import TrainConfig, write_outputs
 
     model = config["model"]
     hparams = effective_hparams(model, config["hparams"][model], settings["pins"])
@@ -417,15 +426,8 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     keras.backend.clear_session()
     run = TrainConfig(**{**base, "epochs": total.epochs - done_epochs})
     reporter = _TuneReporter(model, total.to_dict(), done_epochs, past_history, where, weights)
-    tensorboard_dir = os.path.join(os.getcwd(), "tensorboard")  # Tune syncs it to storage
-    result = aelib.train(
-        run,
-        data=data,
-        callbacks=[reporter],
-        tensorboard_dir=tensorboard_dir,
-        figures=False,
-        verbose=0,
-    )
+    # No Keras TensorBoard callback: Tune logs every reported epoch to TensorBoard itself.
+    result = aelib.train(run, data=data, callbacks=[reporter], figures=False, verbose=0)
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
 
@@ -437,12 +439,11 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         **where,
     }
     final[METRIC] = final.get(METRIC, math.nan)
-    if final["nan"]:  # stopped by TerminateOnNaN: mark it, keep no model
+    if final["nan"]:  # stopped by StopOnNaN: mark it, keep no model
         tune.report(final)
         return
     with tempfile.TemporaryDirectory(prefix="aelib-ckpt-") as tmp:
-        arrays_for_record = make_splits(run, data, result.model.input_kind)
-        write_outputs(result.model, total, final, history, arrays_for_record, Path(tmp), False)
+        write_outputs(result.model, total, final, history, result.splits, Path(tmp), False)
         state = {"finished": True, "epochs_done": final["epochs_run"], "history": history}
         state["final_metrics"] = final
         Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
@@ -733,7 +734,8 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        points = [{"model": m} for m in args.models for _ in range(args.num_samples)]
+        order = heaviest_first(args.models)
+        points = [{"model": m} for m in order for _ in range(args.num_samples)]
         # A define-by-run space ignores TuneConfig's metric/mode: hand them over here too.
         search_alg = OptunaSearch(
             space=OptunaSpace(args.models),
@@ -750,7 +752,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         # (No tune.sample_from: Tune re-runs such functions when it restores a trial,
         # which would give a resumed trial other hyperparameters than its checkpoint.)
         param_space = {
-            "model": tune.grid_search(args.models),
+            "model": tune.grid_search(heaviest_first(args.models)),
             "hparams": {model: SEARCH_SPACE[model] for model in args.models},
         }
         num_samples = args.num_samples  # the grid repeats: num_samples trials per variant
@@ -767,15 +769,37 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
             num_samples=num_samples,
             max_concurrent_trials=args.max_concurrent,
             reuse_actors=True,  # one TensorFlow import per worker, not per trial
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=args.name,
             storage_path=args.storage_path,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            sync_config=tune.SyncConfig(sync_artifacts=True),  # per-trial TensorBoard logs
         ),
     )
+
+
+def heaviest_first(models: list[str]) -> list[str]:
+    return sorted(models, key=lambda m: -EPOCH_COST.get(m, 1))  # stable: ties keep order
+
+
+def _trial_dirname(trial) -> str:
+    # Tune's default name lists every variant's sampled values; only one variant's apply.
+    return f"{trial.config.get('model', 'trial')}_{trial.trial_id}"
+
+
+def _import_aelib_early() -> None:
+    """Starts importing aelib (and TensorFlow, ~3 s) beside Ray's start-up, which
+    mostly waits on its processes; the driver needs it for the checks and report."""
+
+    def target():
+        try:
+            import aelib  # noqa: F401
+        except Exception:  # check_search_space imports it again and reports the error
+            pass
+
+    threading.Thread(target=target, name="import-aelib", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -790,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             "Pass --resume to continue it, or choose another --name."
         )
     start = time.perf_counter()
+    _import_aelib_early()
     ray.init()
     try:
         check_resources(args)

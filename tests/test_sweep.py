@@ -188,8 +188,13 @@ def test_smoke_sweep_report_and_tensorboard(smoke):
     vae = json.loads((exp / "best" / "vae.json").read_text())
     if vae["hparams"]["latent_dim"] == 2:  # the tutorial's latent plane and manifold
         assert any(image.endswith("vae_manifold.png") for image in images)
-    events = list(exp.glob("*/tensorboard/*/events.out.tfevents.*"))
-    assert len({e.parts[-4] for e in events}) == len(VARIANTS)
+    # Tune's own TensorBoard logs, one trial folder per variant named after it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(exp.glob("*/events.out.tfevents.*"))
+    assert {e.parent.name.split("_")[0] for e in events} == set(VARIANTS)
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert any(tag.endswith("val_loss") for tag in scalars), scalars
 
 
 # ------------------------------------------------------------ resume
