@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--batch-size", type=_positive, default=None)
     t.add_argument("--learning-rate", type=float, default=None)
+    t.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="constant (the tutorial's) or a cosine decay to 0 over the epochs",
+    )
     t.add_argument("--noise-factor", type=float, default=None)
     t.add_argument("--val-split", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_mode": args.image_mode,
         "invert": args.invert,
     }
-    for field in ("epochs", "batch_size", "learning_rate", "noise_factor", "val_split"):
+    fields = ("epochs", "batch_size", "learning_rate", "lr_schedule", "noise_factor", "val_split")
+    for field in fields:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     try:
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             config, out_dir=args.out, tensorboard_dir=args.tensorboard, figures=not args.no_figures
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"aelib: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"model": args.model, **result.metrics}, indent=2, default=float))

@@ -30,12 +30,19 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
     Raises:
         FileNotFoundError: `path` (or `$AELIB_MNIST`) does not exist.
         ValueError: the file is not an `.npz` in Keras's MNIST layout.
+        RuntimeError: no path is given and Keras's download fails (e.g. offline).
     """
     resolved = resolve_mnist_path(path)
     if resolved is None:
         import keras
 
-        return keras.datasets.mnist.load_data()
+        try:
+            return keras.datasets.mnist.load_data()
+        except Exception as e:  # offline: say what to do, not only the URL error
+            raise RuntimeError(
+                f"No MNIST path given (--data PATH or ${MNIST_ENV}) and Keras's download "
+                f"failed: {e}. Point --data or ${MNIST_ENV} at a local mnist.npz."
+            ) from e
     if not resolved.is_file():
         raise FileNotFoundError(
             f"MNIST file not found: {resolved}. Pass --data PATH or set ${MNIST_ENV} to "

@@ -30,6 +30,7 @@ class TrainConfig:
     epochs: int = 50  # the tutorial's 50 (100 for deep, 30 for denoise)
     batch_size: int = 256  # the tutorial's 256 (128 for denoise)
     learning_rate: float = 1e-3  # Adam
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 over the run's epochs
     noise_factor: float = 0.5  # std of the Gaussian noise the denoiser is trained to remove
     limit: int | None = None  # use the first N training images (None: all 60,000)
     val_split: float = 0.1  # last fraction of the training images held out for validation
@@ -59,6 +60,10 @@ class TrainConfig:
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0. Received: {self.learning_rate}")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}",
+        )
         _check(
             0.0 <= self.noise_factor <= 1.0,
             f"noise_factor must be in [0, 1]. Received: noise_factor={self.noise_factor}",
@@ -186,7 +191,11 @@ class DenoiseMetrics(keras.callbacks.Callback):
         logs["val_ssim"] = float(np.mean(metrics_lib.ssim(self.y_val, out)))
 
 
-def compile_model(model: Autoencoder, learning_rate: float) -> None:
+def compile_model(model: Autoencoder, learning_rate: float, decay_steps: int | None = None) -> None:
+    """Adam on binary cross-entropy; with `decay_steps`, a cosine decay of the
+    learning rate to 0 over that many steps."""
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.autoencoder.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="binary_crossentropy",
@@ -258,7 +267,10 @@ def train(
     arrays = data if data is not None else load_arrays(config)
     model = build_model(config.model, **config.model_options)
     splits = make_splits(config, arrays, model.input_kind)
-    compile_model(model, config.learning_rate)
+    decay_steps = None
+    if config.lr_schedule == "cosine":
+        decay_steps = config.epochs * math.ceil(len(splits.x_train) / config.batch_size)
+    compile_model(model, config.learning_rate, decay_steps)
 
     own: list[keras.callbacks.Callback] = [StopOnNaN()]
     if config.model == "denoise":

@@ -22,6 +22,13 @@ tree (driver, GCS, raylet, workers) every 0.2 s, and prints the peaks.
 Every run also reports the CPU seconds (user + system) of its whole process
 tree: on a machine shared with other work, wall-clock images/s follow the
 others' load, CPU seconds much less. The load average is printed beside each run.
+
+Hygiene: the methods run --repeats rounds, each round in a rotated order, and
+the median run of each is reported. Before every run the previous outputs are
+deleted, flushed (sync) and given --settle seconds, since deleting and creating
+tens of thousands of small files costs this VM's disk a lot and would otherwise
+be billed to whichever run comes next. One more run of each method on
+--startup-count images splits the time into start-up and steady images/s.
 """
 
 from __future__ import annotations
@@ -226,6 +233,20 @@ def ensure_model(args: argparse.Namespace, work: Path) -> str:
     return str(path)
 
 
+def _command(name: str, model: str, images: Path) -> list[str]:
+    """The command of one method, without its output folder (the last argument)."""
+    if name == "job":
+        return [sys.executable, str(HERE / "denoise.py"), "--model", model, "--input", str(images)]
+    return [sys.executable, str(HERE / "bench_denoise.py"), f"_{name}", model, str(images)]
+
+
+def settle(seconds: float) -> None:
+    """Flushes the deleted outputs of the last run and lets the disk's discards finish,
+    so no run pays for the one before it (on this VM's disk that cost is large)."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -252,6 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of image counts for the job's peak-memory runs, e.g. 10000,100000",
     )
     p.add_argument("--prepare-only", action="store_true", help="write the images, then stop")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of every method (median reported)"
+    )
+    p.add_argument(
+        "--startup-count",
+        type=int,
+        default=1000,
+        help="also time each method once on this many images, to split start-up from "
+        "steady throughput (0: skip)",
+    )
+    p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after sync")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -259,30 +291,61 @@ def main(argv: list[str] | None = None) -> int:
     memory_counts = [int(c) for c in args.memory_counts.split(",") if c]
     largest = max([args.count, *memory_counts])
     if args.prepare_only:
-        for count in sorted({args.count, *memory_counts} - {0}, reverse=True):
+        sizes = {args.count, *memory_counts, args.startup_count if args.count else 0}
+        for count in sorted(sizes - {0}, reverse=True):
             ensure_images(args.data, work, count, largest)
         return 0
     results: dict[str, dict[str, float]] = {}
+    names = [n for n in args.only.split(",") if n]
     if args.count:
-        images = ensure_images(args.data, work, args.count, largest)
-        job = [sys.executable, str(HERE / "denoise.py"), "--model", model, "--input", str(images)]
-        commands = {
-            "plain": [sys.executable, str(HERE / "bench_denoise.py"), "_plain", model, str(images)],
-            "docs": [sys.executable, str(HERE / "bench_denoise.py"), "_docs", model, str(images)],
-            "job": [*job, "--output"],
-        }
-        for name in args.only.split(","):
-            out = work / f"out_{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"bench: {name} on {args.count} images (load {_load()}) ...", flush=True)
-            result = timed([*commands[name], str(out)], work / f"{name}.log")
-            result["images_per_s"] = args.count / result["seconds"]
-            results[name] = result
-            print(
-                f"bench: {name:6s} {result['seconds']:7.1f} s  {result['images_per_s']:7.0f} "
-                f"images/s  {result['cpu_seconds']:7.1f} CPU-s  (load {_load()})",
-                flush=True,
+        runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        small: dict[str, dict[str, float]] = {}
+        counts = [args.count] * args.repeats
+        if 0 < args.startup_count < args.count:
+            counts.append(args.startup_count)
+        for r, count in enumerate(counts):
+            images = ensure_images(args.data, work, count, largest)
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+            for name in order:
+                out = work / f"out_{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                settle(args.settle)
+                print(f"bench: {name} on {count} images (load {_load()}) ...", flush=True)
+                cmd = [*_command(name, model, images), str(out)]
+                result = timed(cmd, work / f"{name}.log")
+                result["images_per_s"] = count / result["seconds"]
+                if r < args.repeats:
+                    runs[name].append(result)
+                else:
+                    small[name] = result
+                print(
+                    f"bench: {name:6s} {result['seconds']:7.1f} s  {result['images_per_s']:7.0f} "
+                    f"images/s  {result['cpu_seconds']:7.1f} CPU-s  (load {_load()})",
+                    flush=True,
+                )
+        for name in names:
+            ordered = sorted(runs[name], key=lambda run: run["seconds"])
+            results[name] = dict(ordered[len(ordered) // 2])  # the median run
+            results[name]["all_seconds"] = [run["seconds"] for run in runs[name]]
+            if name in small:  # fixed cost and steady rate from the two sizes
+                extra = results[name]["seconds"] - small[name]["seconds"]
+                results[name]["small_run"] = {"images": args.startup_count, **small[name]}
+                results[name]["steady_images_per_s"] = (
+                    (args.count - args.startup_count) / extra if extra > 0 else None
+                )
+        print(f"bench: medians of {args.repeats} run(s) each, {args.count} images:", flush=True)
+        for name in names:
+            r = results[name]
+            line = (
+                f"bench:   {name:6s} {r['seconds']:7.1f} s  {r['images_per_s']:7.0f} images/s "
+                f"(runs: {', '.join(f'{x:.1f}' for x in r['all_seconds'])} s)"
             )
+            if r.get("steady_images_per_s"):
+                line += (
+                    f"; {args.startup_count} images took {r['small_run']['seconds']:.1f} s, "
+                    f"so about {r['steady_images_per_s']:.0f} images/s after start-up"
+                )
+            print(line, flush=True)
     if "job" in results:
         line = f"bench: job at {results['job']['images_per_s']:.0f} images/s"
         for base in ("plain", "docs"):
@@ -301,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         images = ensure_images(args.data, work, count, largest)
         out = work / f"out_memory_{count}"
         shutil.rmtree(out, ignore_errors=True)
+        settle(args.settle)
         cmd = [sys.executable, str(HERE / "denoise.py"), "--model", model]
         cmd += ["--input", str(images), "--output", str(out)]
         print(f"bench: job on {count} images, sampling memory (load {_load()}) ...", flush=True)

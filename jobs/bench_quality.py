@@ -211,7 +211,8 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     model = "denoise" if is_plus(row) else row
     settings = tutorial_settings(model)
     overrides = parse_options(args.denoise_config) if is_plus(row) else {}
-    train_fields = {k: overrides.pop(k) for k in ("learning_rate", "batch_size") if k in overrides}
+    train_keys = ("learning_rate", "batch_size", "lr_schedule")
+    train_fields = {k: overrides.pop(k) for k in train_keys if k in overrides}
     epochs = args.epochs if args.epochs is not None else settings["epochs"]
     config = aelib.TrainConfig(
         model=model,
@@ -219,6 +220,7 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
         epochs=epochs,
         batch_size=train_fields.get("batch_size", settings["batch_size"]),
         learning_rate=train_fields.get("learning_rate", 1e-3),
+        lr_schedule=train_fields.get("lr_schedule", "constant"),
         limit=args.limit,
         val_split=0.0,  # the tutorial validates on the test split
         test_limit=args.test_limit,

@@ -87,6 +87,8 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "denoise": {
         "filters": tune.choice([16, 32]),
         "depth": tune.choice([1, 2]),
+        "convs_per_stage": tune.choice([1, 2]),
+        "upsample": tune.choice(["nearest", "transpose"]),
         "noise_factor": tune.uniform(0.3, 0.6),
         "learning_rate": tune.loguniform(3e-4, 3e-3),
         "batch_size": tune.choice([64, 128]),
@@ -108,7 +110,7 @@ VARIANTS = tuple(SEARCH_SPACE)
 # start heaviest first, so the sweep does not end with one long trial running alone
 # while the other CPUs idle (longest-processing-time-first scheduling).
 EPOCH_COST = {"denoise": 10, "conv": 6, "seq2seq": 5, "vae": 2, "deep": 1.5}
-TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor")  # the rest are model options
+TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "lr_schedule")  # rest: model options
 METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
@@ -819,7 +821,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_resources(args)
         check_search_space(args.models, args.pins)
-        arrays = load_arrays(args)
+        try:
+            arrays = load_arrays(args)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"sweep.py: error: {e}") from e
         print(f"sweep.py: experiment {experiment_path}; cluster {ray.cluster_resources()}")
         results = build_tuner(args, arrays, experiment_path).fit()
         local = "://" not in experiment_path

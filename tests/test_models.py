@@ -161,3 +161,16 @@ def test_sparse_penalty_makes_codes_sparser_than_dense():
         )
         means[name] = train(config, data=arrays, figures=False, verbose=0).metrics["code_mean"]
     assert means["sparse"] < 0.7 * means["dense"], means
+
+
+def test_cosine_lr_schedule_decays_to_zero_over_the_run():
+    config = aelib.TrainConfig(
+        model="dense", epochs=2, limit=600, test_limit=100, lr_schedule="cosine", batch_size=100
+    )
+    result = aelib.train(config, figures=False, verbose=0)
+    optimizer = result.model.autoencoder.optimizer
+    steps = int(optimizer.iterations.numpy())
+    assert steps == 2 * 6  # 540 training digits in batches of 100, twice
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        aelib.TrainConfig(lr_schedule="step")

@@ -53,15 +53,22 @@ def denoise(
     kernel_size: int = 3,
     activation: str = "relu",
     channels: int = 1,  # 1 for grayscale, 3 to denoise RGB images jointly
+    upsample: str = "nearest",  # "nearest" (the tutorial's UpSampling2D) or "transpose"
 ):
     """The tutorial's denoiser: Conv32-Pool-Conv32-Pool, a (7, 7, 32) code on
     28x28 digits, decoder Conv32-Up-Conv32-Up-Conv1 sigmoid.
+
+    `upsample="transpose"` swaps each UpSampling2D for a learned stride-2
+    Conv2DTranspose, so the decoder also computes features at full resolution
+    (as keras.io's current denoising example does) instead of copying pixels.
 
     Fully convolutional (spatial dims are None), so a model trained on 28x28
     digits also runs on larger images whose sides are multiples of 2**depth.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1. Received: depth={depth}")
+    if upsample not in ("nearest", "transpose"):
+        raise ValueError(f"upsample must be 'nearest' or 'transpose'. Received: {upsample!r}")
     conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
     inputs = keras.Input(shape=(None, None, channels), name="image")
     x = inputs
@@ -76,7 +83,10 @@ def denoise(
     for stage in range(depth):
         for i in range(convs_per_stage):
             x = layers.Conv2D(filters, **conv_kw, name=f"dec_conv_{stage}_{i}")(x)
-        x = layers.UpSampling2D(2, name=f"dec_up_{stage}")(x)
+        if upsample == "transpose":
+            x = layers.Conv2DTranspose(filters, strides=2, **conv_kw, name=f"dec_up_{stage}")(x)
+        else:
+            x = layers.UpSampling2D(2, name=f"dec_up_{stage}")(x)
     outputs = layers.Conv2D(
         channels, kernel_size, activation="sigmoid", padding="same", name="reconstruction"
     )(x)
