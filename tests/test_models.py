@@ -65,6 +65,23 @@ def test_denoise_is_fully_convolutional():
     assert model.autoencoder.predict(x, verbose=0).shape == (2, 64, 48, 1)
 
 
+def test_denoise_transposed_upsampling_is_learned_and_keeps_shapes(tmp_path):
+    model = aelib.build_model("denoise", depth=1, convs_per_stage=2, upsample="transpose")
+    ups = [layer for layer in model.decoder.layers if layer.name.startswith("dec_up_")]
+    assert [type(layer).__name__ for layer in ups] == ["Conv2DTranspose"]
+    assert ups[0].count_params() == 32 * 32 * 9 + 32
+    x = np.random.default_rng(0).random((2, 30, 44, 1)).astype("float32")
+    assert model.autoencoder.predict(x, verbose=0).shape == (2, 30, 44, 1)
+    path = aelib.save(model, tmp_path / "d.keras")
+    reloaded = aelib.load(path)
+    assert reloaded.config["model_config"]["upsample"] == "transpose"
+    np.testing.assert_allclose(
+        reloaded.autoencoder.predict(x, verbose=0), model.autoencoder.predict(x, verbose=0)
+    )
+    with pytest.raises(ValueError, match="upsample must be"):
+        aelib.build_model("denoise", upsample="bilinear")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     model = aelib.build_model(name)
