@@ -478,8 +478,11 @@ def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     lines = ["# Quality benchmark results", ""]
     machines = {r.get("machine_line") for r in rows.values() if r.get("machine_line")}
-    for m in sorted(machines):
-        lines.append(f"Machine: {m}")
+    if len(machines) == 1:
+        lines.append(f"Machine: {machines.pop()}")
+    else:  # rows rerun at different times: each row's machine_line is in results.json
+        lines.append("Machines (rows ran at different times; each row's is in results.json):")
+        lines += [f"- {m}" for m in sorted(machines)]
     lines += [
         "",
         "## Reconstruction (test split, binary cross-entropy)",
