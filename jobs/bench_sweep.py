@@ -8,21 +8,20 @@ aelib's default, so both sides train exactly the same models), side by side:
   (a) sequential: one Python process calls aelib.train for each trial in turn
       (TensorFlow's default threading, so it may use every core);
   (b) the sweep: `jobs/sweep.py` with --max-concurrent 2, 1 CPU per trial, FIFO;
-  (c) the sweep with --max-concurrent 1, to show how it scales from 1 to 2.
+  (c) the sweep with --max-concurrent 1, to show how it scales from 1 to 2;
+  (d) two plain Python processes (no Ray), one TensorFlow thread each, taking
+      the trials heaviest first as the sweep does: what two concurrent trials
+      can give on this machine at all, so (b)/(d) is Tune's own cost.
 
 Each side is timed end to end as its own process (interpreter and TensorFlow
-start, Ray start, writing results), and the script prints the ratios
-(b)/(a) (target: <= 0.75 on 2 cores) and (b)/(c). Nothing is asserted: on a
-shared machine the numbers move, so run it on an otherwise idle one, or twice.
+start, Ray start, writing results). With --repeats N the sides run N rounds,
+each round in a rotated order, and the medians are compared; the (b)/(a) ratio
+of each round is printed too, since the two ran minutes apart on the same
+machine. Nothing is asserted: on a shared machine the numbers move.
 
-Measured on the 2-core dev VM (shared, load average ~5 from other work):
-    defaults (6 trials, 20k images, 3 epochs):  a 28.7s  b 37.1s  c 48.6s
-        (b)/(a) = 1.29, (b)/(c) = 0.76  (an earlier, busier run: 0.91 and 0.62)
-    --limit 60000 --epochs 5:                   a 126.4s  b 94.8s  c 138.0s
-        (b)/(a) = 0.75, (b)/(c) = 0.69
-The sweep pays ~15-20 s once (Ray start, TensorFlow import in each worker, the
-results and report), so it beats sequential training only when the trials
-are long; the sequential side also uses both cores for each model.
+The sweep's own costs show in the breakdown printed for (b) and (c): start-up
+(Ray, the driver's imports) until the first trial begins, the trials, and the
+results (table, best models, report) after the last one ends.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,7 @@ def main() -> int:
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
     parser.add_argument("--skip-plain", action="store_true", help="skip (d)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds, in rotated order")
     args = parser.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -161,46 +163,68 @@ def main() -> int:
 
     sweep_module = _sweep_module()
     order = [m for m in sweep_module.heaviest_first(args.models) for _ in range(args.num_samples)]
-    script = Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "trials.py"
-    script.write_text(SEQUENTIAL)  # a file, so the process pool's children can import it
-    run = [sys.executable, str(script)]
-    seq, _ = timed([*run, json.dumps({**spec, "workers": 1})], env, "a: sequential")
-    plain = None
-    if not args.skip_plain:
-        cmd = [*run, json.dumps({**spec, "workers": 2, "order": order})]
-        plain, _ = timed(cmd, env, "d: 2 plain processes")
-    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as store:
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as work:
+        script = Path(work, "trials.py")
+        script.write_text(SEQUENTIAL)  # a file, so the process pool's children can import it
+        run = [sys.executable, str(script)]
         sweep = [sys.executable, str(HERE / "sweep.py"), "--data", args.data]
         sweep += ["--models", *args.models, "--num-samples", str(args.num_samples)]
         sweep += ["--epochs", str(args.epochs), "--limit", str(args.limit)]
         sweep += ["--test-limit", str(args.test_limit), "--scheduler", "fifo", "--no-figures"]
-        sweep += ["--cpus-per-trial", "1", "--storage-path", store, *pins(args.models)]
-        two, began = timed([*sweep, "--max-concurrent", "2", "--name", "two"], env, "b: sweep, 2")
-        notes = {"b": breakdown(Path(store, "two"), began, two)}
-        one = None
-        if not args.skip_scaling:
-            cmd = [*sweep, "--max-concurrent", "1", "--name", "one"]
-            one, began = timed(cmd, env, "c: sweep, 1")
-            notes["c"] = breakdown(Path(store, "one"), began, one)
+        sweep += ["--cpus-per-trial", "1", *pins(args.models)]
 
-    print("\nwall time (s)            ")
-    print(f"  (a) sequential aelib.train      {seq:7.1f}")
-    print(f"  (b) sweep, 2 concurrent trials  {two:7.1f}")
-    if one is not None:
-        print(f"  (c) sweep, 1 trial at a time    {one:7.1f}")
-    if plain is not None:
-        print(f"  (d) 2 plain processes, no Ray   {plain:7.1f}")
-    for label, note in notes.items():
-        print(f"  ({label}) {note}")
-    print(f"ratio (b)/(a) = {two / seq:.2f}   (target <= 0.75)")
-    if one is not None:
-        print(f"ratio (b)/(c) = {two / one:.2f}   (scaling 1 -> 2 concurrent trials; ideal 0.50)")
-    if plain is not None:
+        def arm_sweep(concurrent: int, label: str, name: str) -> tuple[float, str]:
+            cmd = [*sweep, "--storage-path", work, "--name", name]
+            seconds, began = timed([*cmd, "--max-concurrent", str(concurrent)], env, label)
+            note = breakdown(Path(work, name), began, seconds)
+            shutil.rmtree(Path(work, name), ignore_errors=True)
+            return seconds, note
+
+        arms = {
+            "a": lambda r: (
+                timed([*run, json.dumps({**spec, "workers": 1})], env, "a: sequential")[0],
+                "",
+            ),
+            "b": lambda r: arm_sweep(2, "b: sweep, 2", f"two{r}"),
+        }
+        if not args.skip_scaling:
+            arms["c"] = lambda r: arm_sweep(1, "c: sweep, 1", f"one{r}")
+        if not args.skip_plain:
+            cmd = [*run, json.dumps({**spec, "workers": 2, "order": order})]
+            arms["d"] = lambda r: (timed(cmd, env, "d: 2 plain processes")[0], "")
+        seconds: dict[str, list[float]] = {k: [] for k in arms}
+        notes: dict[str, list[str]] = {k: [] for k in arms}
+        labels = list(arms)
+        for r in range(args.repeats):
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:  # rotate
+                wall, note = arms[label](r)
+                seconds[label].append(wall)
+                notes[label].append(note)
+
+    names = {
+        "a": "sequential aelib.train",
+        "b": "sweep, 2 concurrent trials",
+        "c": "sweep, 1 trial at a time",
+        "d": "2 plain processes, no Ray",
+    }
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    print(f"\nwall time (s), median of {args.repeats} round(s) in rotated order")
+    for label in sorted(seconds):
+        runs = ", ".join(f"{x:.1f}" for x in seconds[label])
+        print(f"  ({label}) {names[label]:28s} {med[label]:7.1f}   (runs: {runs})")
+    for label in sorted(notes):
+        for note in filter(None, notes[label]):
+            print(f"  ({label}) {note}")
+    paired = ", ".join(f"{b / a:.2f}" for a, b in zip(seconds["a"], seconds["b"], strict=True))
+    print(f"ratio (b)/(a) = {med['b'] / med['a']:.2f}   (target <= 0.75; per round: {paired})")
+    if "c" in med:
+        print(f"ratio (b)/(c) = {med['b'] / med['c']:.2f}   (1 -> 2 concurrent trials; ideal 0.50)")
+    if "d" in med:
         print(
-            f"ratio (d)/(a) = {plain / seq:.2f}   (what 2 concurrent trials give on this machine "
-            "without Ray)"
+            f"ratio (d)/(a) = {med['d'] / med['a']:.2f}   (what 2 concurrent trials give on this "
+            "machine without Ray)"
         )
-        print(f"ratio (b)/(d) = {two / plain:.2f}   (Ray Tune's own cost; ideal 1.00)")
+        print(f"ratio (b)/(d) = {med['b'] / med['d']:.2f}   (Ray Tune's own cost; ideal 1.00)")
     return 0
 
 
