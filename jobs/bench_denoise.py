@@ -243,8 +243,8 @@ def _command(name: str, model: str, images: Path) -> list[str]:
 
 
 def settle(seconds: float) -> None:
-    """Flushes the deleted outputs of the last run and lets the disk's discards finish,
-    so no run pays for the one before it (on this VM's disk that cost is large)."""
+    """Flushes what the last run wrote and lets the disk settle, so no run pays for
+    the one before it (on this VM's disk that cost is large)."""
     os.sync()
     time.sleep(seconds)
 
@@ -357,18 +357,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(line, flush=True)
     if "job" in results:
-        line = f"bench: job at {results['job']['images_per_s']:.0f} images/s"
+        job = results["job"]
+        speed = f"bench: job at {job['images_per_s']:.0f} images/s"
+        cpu = f"bench: CPU seconds: job {job['cpu_seconds']:.1f}"
         for base in ("plain", "docs"):
             if base in results:
-                ratio = results["job"]["images_per_s"] / results[base]["images_per_s"]
-                line += f"; {ratio:.2f}x {base} ({results[base]['images_per_s']:.0f} images/s)"
-        print(line, flush=True)
-        line = f"bench: CPU seconds: job {results['job']['cpu_seconds']:.1f}"
-        for base in ("plain", "docs"):
-            if base in results:
-                ratio = results["job"]["cpu_seconds"] / results[base]["cpu_seconds"]
-                line += f", {base} {results[base]['cpu_seconds']:.1f} (job/{base} {ratio:.2f}x)"
-        print(line, flush=True)
+                other = results[base]
+                ratio = job["images_per_s"] / other["images_per_s"]
+                speed += f"; {ratio:.2f}x {base} ({other['images_per_s']:.0f} images/s)"
+                ratio = job["cpu_seconds"] / other["cpu_seconds"]
+                cpu += f", {base} {other['cpu_seconds']:.1f} (job/{base} {ratio:.2f}x)"
+        print(speed, flush=True)
+        print(cpu, flush=True)
     memory = {}
     for count in memory_counts:
         images = ensure_images(args.data, work, count, largest)

@@ -58,9 +58,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 # resume never points at a deleted one). That is cheap here; its warning is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-# Per variant, the hyperparameters that matter. `learning_rate`, `batch_size`
-# and `noise_factor` are aelib.TrainConfig fields; every other key is a
-# build_model option of that variant.
+# Per variant, the hyperparameters that matter. Keys in TRAIN_FIELDS are
+# aelib.TrainConfig fields; every other key is a build_model option of that variant.
 SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "dense": {
         "encoding_dim": tune.choice([16, 32, 64]),
