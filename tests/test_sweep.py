@@ -288,6 +288,12 @@ def test_bad_flags_fail_at_once(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_trials_start_heaviest_variant_first_and_ties_keep_their_order():
+    sweep = _load_sweep_module()
+    order = sweep.heaviest_first(["dense", "vae", "sparse", "conv", "denoise", "seq2seq"])
+    assert order == ["denoise", "conv", "seq2seq", "vae", "dense", "sparse"]
+
+
 def test_resume_without_an_experiment_fails_clearly(tmp_path):
     sweep = _load_sweep_module()
     args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "none", "--resume"]
