@@ -6,9 +6,10 @@ machine load drifts hit both alike. Each run trains `--epochs` epochs; the first
 epoch (tracing/compilation) is reported apart. The headline is the ratio of the
 fastest later epoch of each side (best-of-N, as `timeit` reports: on a shared VM
 whose epochs come out bimodal, e.g. 5.5 s or 10 s for the same conv epoch, noise
-only adds time); the medians are printed beside it. Both fits validate on the same validation arrays, so
-the difference is what aelib adds per epoch: its callbacks (StopOnNaN, and for
-`denoise` the per-epoch PSNR/SSIM on `metrics_limit` validation images).
+only adds time); the medians are printed beside it. Both fits validate on the
+same validation arrays, so the difference is what aelib adds per epoch: its
+callbacks (StopOnNaN, and for `denoise` the per-epoch PSNR/SSIM on
+`metrics_limit` validation images).
 
     python jobs/bench_overhead.py --data /work/shared/data/mnist.npz --out jobs/results
     python jobs/bench_overhead.py --models denoise --metrics-limits 1000,100 ...
@@ -198,8 +199,7 @@ def markdown(result: dict[str, Any]) -> str:
         "costs). Median: the median of the same epochs. 1st epoch includes tracing. "
         "CPU = process time of all threads. Ratios < 1 are noise.",
         "",
-        f"Largest best-of ratio: {worst['model']} {worst['ratio_best']:.3f} "
-        f"(target <= 1.05).",
+        f"Largest best-of ratio: {worst['model']} {worst['ratio_best']:.3f} (target <= 1.05).",
     ]
     return "\n".join(lines) + "\n"
 
