@@ -145,6 +145,8 @@ def tutorial_figures(
     limit = min(len(splits.x_test), 2000)
     if name in ("conv", "denoise"):
         codes = model.encoder.predict(x, verbose=0)
+        if isinstance(codes, list | tuple):  # denoise(skips=True): the code comes first
+            codes = codes[0]
         if codes.ndim == 4:
             figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
     if name in ("dense", "sparse", "deep"):

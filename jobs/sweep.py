@@ -84,10 +84,11 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
         "batch_size": tune.choice([64, 128]),
     },
     "denoise": {
-        "filters": tune.choice([16, 32]),
+        "filters": tune.choice([16, 32, 64]),
         "depth": tune.choice([1, 2]),
         "convs_per_stage": tune.choice([1, 2]),
         "upsample": tune.choice(["nearest", "transpose"]),
+        "skips": tune.choice([False, True]),
         "noise_factor": tune.uniform(0.3, 0.6),
         "learning_rate": tune.loguniform(3e-4, 3e-3),
         "batch_size": tune.choice([64, 128]),

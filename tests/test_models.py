@@ -9,8 +9,9 @@ import pytest
 
 import aelib
 from aelib import data as data_lib
+from aelib import plots
 from aelib.layers import ActivityL1, Sampling
-from aelib.train import compile_model
+from aelib.train import Splits, compile_model
 
 NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
 
@@ -80,6 +81,27 @@ def test_denoise_transposed_upsampling_is_learned_and_keeps_shapes(tmp_path):
     )
     with pytest.raises(ValueError, match="upsample must be"):
         aelib.build_model("denoise", upsample="bilinear")
+
+
+def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
+    model = aelib.build_model("denoise", depth=2, skips=True, upsample="transpose")
+    x = data_lib.add_noise(data_lib.prepare(digits[:8], "image"), 0.5, seed=0)
+    code, *skips = model.encoder.predict(x, verbose=0)
+    assert code.shape == (8, 7, 7, 32)
+    assert [s.shape for s in skips] == [(8, 14, 14, 32), (8, 28, 28, 32)]  # deepest first
+    out = model.autoencoder.predict(x, verbose=0)
+    np.testing.assert_allclose(model.decoder.predict([code, *skips], verbose=0), out, atol=1e-5)
+    # The skips carry information: zeroing them changes the output.
+    zeroed = model.decoder.predict([code, *(np.zeros_like(s) for s in skips)], verbose=0)
+    assert np.abs(zeroed - out).max() > 1e-3
+    big = np.random.default_rng(0).random((2, 32, 44, 1)).astype("float32")
+    assert model.autoencoder.predict(big, verbose=0).shape == (2, 32, 44, 1)
+    reloaded = aelib.load(aelib.save(model, tmp_path / "skips.keras"))
+    assert reloaded.config["model_config"]["skips"] is True
+    np.testing.assert_allclose(reloaded.autoencoder.predict(x, verbose=0), out, atol=1e-6)
+    splits = Splits(x, x, x, x, x, x, labels_test=np.zeros(len(x), "int64"))
+    figures = plots.tutorial_figures(reloaded, splits, {"loss": [1.0]}, tmp_path / "fig")
+    assert figures["codes"].is_file()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -54,6 +54,7 @@ def denoise(
     activation: str = "relu",
     channels: int = 1,  # 1 for grayscale, 3 to denoise RGB images jointly
     upsample: str = "nearest",  # "nearest" (the tutorial's UpSampling2D) or "transpose"
+    skips: bool = False,  # U-Net-style: decoder stages also see the encoder's features
 ):
     """The tutorial's denoiser: Conv32-Pool-Conv32-Pool, a (7, 7, 32) code on
     28x28 digits, decoder Conv32-Up-Conv32-Up-Conv1 sigmoid.
@@ -61,6 +62,12 @@ def denoise(
     `upsample="transpose"` swaps each UpSampling2D for a learned stride-2
     Conv2DTranspose, so the decoder also computes features at full resolution
     (as keras.io's current denoising example does) instead of copying pixels.
+
+    `skips=True` makes it U-Net-like: the encoder also outputs each stage's
+    features before pooling, and each decoder stage concatenates the matching
+    ones after upsampling (then merges them with one conv), so fine detail need
+    not pass through the code. The encoder's first output is still the code;
+    `decoder([code, *skips])` takes them in the order the encoder returns them.
 
     Fully convolutional (spatial dims are None), so a model trained on 28x28
     digits also runs on larger images whose sides are multiples of 2**depth.
@@ -72,13 +79,19 @@ def denoise(
     conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
     inputs = keras.Input(shape=(None, None, channels), name="image")
     x = inputs
+    features = []  # each stage's output before pooling, for the skips
     for stage in range(depth):
         for i in range(convs_per_stage):
             x = layers.Conv2D(filters, **conv_kw, name=f"enc_conv_{stage}_{i}")(x)
+        features.append(x)
         x = layers.MaxPooling2D(2, padding="same", name=f"enc_pool_{stage}")(x)
-    encoder = keras.Model(inputs, x, name="encoder")
+    features.reverse()  # deepest first: the order the decoder upsamples through them
+    encoder = keras.Model(inputs, [x, *features] if skips else x, name="encoder")
 
     code_in = keras.Input(shape=(None, None, filters), name="code")
+    skip_in = [
+        keras.Input(shape=(None, None, filters), name=f"skip_{stage}") for stage in range(depth)
+    ]
     x = code_in
     for stage in range(depth):
         for i in range(convs_per_stage):
@@ -87,8 +100,11 @@ def denoise(
             x = layers.Conv2DTranspose(filters, strides=2, **conv_kw, name=f"dec_up_{stage}")(x)
         else:
             x = layers.UpSampling2D(2, name=f"dec_up_{stage}")(x)
+        if skips:
+            x = layers.Concatenate(name=f"dec_skip_{stage}")([x, skip_in[stage]])
+            x = layers.Conv2D(filters, **conv_kw, name=f"dec_merge_{stage}")(x)
     outputs = layers.Conv2D(
         channels, kernel_size, activation="sigmoid", padding="same", name="reconstruction"
     )(x)
-    decoder = keras.Model(code_in, outputs, name="decoder")
+    decoder = keras.Model([code_in, *skip_in] if skips else code_in, outputs, name="decoder")
     return encoder, decoder
