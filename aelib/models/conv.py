@@ -89,8 +89,9 @@ def denoise(
     encoder = keras.Model(inputs, [x, *features] if skips else x, name="encoder")
 
     code_in = keras.Input(shape=(None, None, filters), name="code")
-    skip_in = [
-        keras.Input(shape=(None, None, filters), name=f"skip_{stage}") for stage in range(depth)
+    skip_in = [  # one input per encoder stage, only when the decoder takes skips
+        keras.Input(shape=(None, None, filters), name=f"skip_{stage}")
+        for stage in range(depth if skips else 0)
     ]
     x = code_in
     for stage in range(depth):
