@@ -372,6 +372,44 @@ def _configure_tensorflow(cpus: int) -> None:
             pass
 
 
+_STAGED: list[str] = []  # this process's staging folders (see _staging_dir)
+
+
+def _staging_dir(kind: str) -> str:
+    """A new temp folder, named after this process, to stage a checkpoint in.
+
+    Tune ends a trial (ASHA's stop, the last epoch) by ending its actor while the
+    trial is still blocked inside `tune.report`, so a `with TemporaryDirectory()`
+    around the report never deletes its folder: each stopped trial left a model in
+    /tmp. Instead, each call removes this process's earlier folders (their reports
+    returned, or their trial ended before this one began) and those of processes
+    that no longer run; the driver sweeps once more at the end."""
+    while _STAGED:
+        shutil.rmtree(_STAGED.pop(), ignore_errors=True)
+    remove_stale_staging()
+    path = tempfile.mkdtemp(prefix=f"aelib-{kind}-pid{os.getpid()}-")
+    _STAGED.append(path)
+    return path
+
+
+def remove_stale_staging() -> None:
+    """Deletes the staging folders (see _staging_dir) of processes that have ended."""
+    for path in Path(tempfile.gettempdir()).glob("aelib-*-pid*-*"):
+        pid = path.name.split("-pid", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     """One Tune trial: aelib.train on object-store MNIST, reporting every epoch."""
     started_at = time.time()
@@ -415,7 +453,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     resume_dir = None
     if checkpoint is not None:
-        resume_dir = tempfile.mkdtemp(prefix="aelib-resume-")
+        resume_dir = _staging_dir("resume")
         checkpoint.to_directory(resume_dir)
         state = json.loads(Path(resume_dir, CHECKPOINT_STATE).read_text())
         if state.get("finished"):  # the driver died before it recorded the trial's end
@@ -444,12 +482,12 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     if final["nan"]:  # stopped by StopOnNaN: mark it, keep no model
         tune.report(final)
         return
-    with tempfile.TemporaryDirectory(prefix="aelib-ckpt-") as tmp:
-        write_outputs(result.model, total, final, history, result.splits, Path(tmp), False)
-        state = {"finished": True, "epochs_done": final["epochs_run"], "history": history}
-        state["final_metrics"] = final
-        Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+    tmp = _staging_dir("ckpt")
+    write_outputs(result.model, total, final, history, result.splits, Path(tmp), False)
+    state = {"finished": True, "epochs_done": final["epochs_run"], "history": history}
+    state["final_metrics"] = final
+    Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
+    tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _merge(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
@@ -485,13 +523,11 @@ def _TuneReporter(model, config, done_epochs, past_history, where, weights):  # 
             bundle = Autoencoder.from_autoencoder(
                 self.model, model, model_input_kind(model), config["model_options"]
             )
-            with tempfile.TemporaryDirectory(prefix="aelib-ckpt-") as tmp:
-                save(bundle, Path(tmp, f"{model}.keras"), {"train_config": config})
-                state = {"finished": False, "epochs_done": epoch_no, "history": self.history}
-                Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
-                tune.report(
-                    {**self.last_logs, **where}, checkpoint=tune.Checkpoint.from_directory(tmp)
-                )
+            tmp = _staging_dir("ckpt")  # the next epoch's call deletes it
+            save(bundle, Path(tmp, f"{model}.keras"), {"train_config": config})
+            state = {"finished": False, "epochs_done": epoch_no, "history": self.history}
+            Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
+            tune.report({**self.last_logs, **where}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     return TuneReporter()
 
@@ -835,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                 _publish(out_dir, experiment_path)
     finally:
         ray.shutdown()
+        remove_stale_staging()  # the last trials' checkpoints on this node
 
     print(f"\nsweep.py: {len(rows)} trials in {time.perf_counter() - start:.0f}s")
     print(f"  trial table: {experiment_path}/trials.csv (and .parquet)")

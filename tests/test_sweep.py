@@ -100,12 +100,18 @@ def smoke(tmp_path_factory):
     assert [p.name for p in lone.iterdir()] == ["sweep.py"]
     store = tmp_path_factory.mktemp("store")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    scratch = tmp_path_factory.mktemp("scratch")  # the sweep's TMPDIR (Ray's is RAY_TMPDIR)
     cmd = [sys.executable, "sweep.py", "--smoke-test", "--data", str(MNIST)]
     cmd += ["--storage-path", str(store), "--name", "smoke"]
     start = time.monotonic()
     try:
         proc = subprocess.run(
-            cmd, cwd=lone, env=_env(ray_tmp), capture_output=True, text=True, timeout=600
+            cmd,
+            cwd=lone,
+            env={**_env(ray_tmp), "TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         seconds = time.monotonic() - start
         leftover = _wait_no_ray(ray_tmp)
@@ -113,7 +119,8 @@ def smoke(tmp_path_factory):
         for pid in _ray_pids(ray_tmp):  # only this test's own Ray processes
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"proc": proc, "exp": store / "smoke", "seconds": seconds, "leftover": leftover}
+    exp = store / "smoke"
+    return {"proc": proc, "exp": exp, "seconds": seconds, "leftover": leftover, "tmp": scratch}
 
 
 def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
@@ -125,6 +132,40 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     assert f"trials per node: {socket.gethostname()} (" in proc.stdout  # where trials ran
     assert smoke["leftover"] == [], "Ray processes outlived the sweep"
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
+
+
+def test_smoke_sweep_leaves_no_checkpoint_staging_behind(smoke):
+    # Trials stage each checkpoint in TMPDIR; Tune ends them inside tune.report, so
+    # these folders are deleted by later trials and by the driver, not by the trial.
+    assert smoke["proc"].returncode == 0
+    assert sorted(p.name for p in smoke["tmp"].glob("aelib-*")) == []
+
+
+def test_checkpoint_staging_of_ended_processes_is_removed(tmp_path, monkeypatch):
+    """What _staging_dir leaves when Tune ends a trial inside tune.report (its actor is
+    killed) is removed by the next trial on the node, or by the driver at the end."""
+    sweep = _load_sweep_module()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('s', {str(SWEEP)!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m._staging_dir('ckpt'))"
+    )
+    env = {**_env(tmp_path), "TMPDIR": str(tmp_path)}
+    ended = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    dead = Path(ended.stdout.strip())
+    assert dead.parent == tmp_path and dead.is_dir()  # its process ended without deleting it
+    first = Path(sweep._staging_dir("ckpt"))  # this (live) process's own
+    assert not dead.exists()
+    second = Path(sweep._staging_dir("resume"))
+    assert not first.exists() and second.is_dir()  # its earlier one: that report returned
+    other = tmp_path / "aelib-ckpt-pid1-keep"  # a live process's (pid 1 never ends)
+    other.mkdir()
+    sweep.remove_stale_staging()
+    assert other.is_dir() and second.is_dir()
 
 
 def test_smoke_sweep_best_models_reload(smoke):
