@@ -125,6 +125,64 @@ def docs_pipeline(model_path: str, input_dir: str, output_dir: str, batch_size: 
 # Timing and memory.
 
 
+def actor_stages(model: str, images: Path, out: Path) -> None:
+    """Where an actor's time per image goes: one `Denoiser` in this process on one CPU
+    (one TensorFlow thread, one I/O thread), fed the job's blocks of 1,024 files.
+    The first block warms up and is not counted. Prints microseconds per image."""
+    sys.path.insert(0, str(HERE))
+    import denoise as job
+    import numpy as np
+    import ray
+
+    payload = Path(model).read_bytes()
+    files = [rel for rel, _ in job.find_inputs(str(images), "auto").files]
+    settings = job.JobSettings(
+        model_bytes=payload,
+        spec=job.inspect_model(payload, model),
+        output=str(out),
+        source=str(images),
+        clean=None,
+        fmt="same",
+        rgb="per-channel",
+        max_batch=1024,
+        threads=1,
+        io_threads=1,
+    )
+    ray.init(num_cpus=1, include_dashboard=False)  # the actor asks Ray for its node id
+    try:
+        actor = job.Denoiser(settings)
+        spent = {"_prepare": 0.0, "_denoise": 0.0, "predict": 0.0, "_finish": 0.0}
+        for name in spent:
+            method = getattr(actor, name)
+
+            def timed_call(*a, _method=method, _name=name):
+                begin = time.perf_counter()
+                try:
+                    return _method(*a)
+                finally:
+                    spent[_name] += time.perf_counter() - begin
+
+            setattr(actor, name, timed_call)
+        blocks = [files[i : i + 1024] for i in range(0, len(files), 1024)]
+        actor({"path": np.array(blocks[0], dtype=object)})  # warm-up
+        spent = dict.fromkeys(spent, 0.0)
+        begin = time.perf_counter()
+        for block in blocks[1:]:
+            actor({"path": np.array(block, dtype=object)})
+        total = time.perf_counter() - begin
+    finally:
+        ray.shutdown()
+    n = sum(len(b) for b in blocks[1:])
+    us = {k: v / n * 1e6 for k, v in spent.items()}
+    print(
+        f"stages: {n} images on one CPU, microseconds per image: total {total / n * 1e6:.0f}; "
+        f"read + decode {us['_prepare']:.0f}; model {us['predict']:.0f}; "
+        f"pad/crop {us['_denoise'] - us['predict']:.0f}; encode + write {us['_finish']:.0f}; "
+        f"rows {(total - sum(spent.values()) + spent['predict']) / n * 1e6:.0f}",
+        flush=True,
+    )
+
+
 def _tree_sample(root_pid: int, cpu: dict[int, float]) -> tuple[int, int]:
     """(PSS, RSS) in bytes summed over `root_pid` and its descendants; records each one's
     CPU seconds (user + system) so far in `cpu`."""
@@ -276,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prepare-only", action="store_true", help="write the images, then stop")
     p.add_argument(
+        "--stages",
+        type=int,
+        default=0,
+        help="instead: time one denoise actor's stages (read+decode, model, encode+write) "
+        "in this process on this many images, and print microseconds per image",
+    )
+    p.add_argument(
         "--repeats", type=int, default=3, help="rounds of every method (median reported)"
     )
     p.add_argument(
@@ -300,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_model(args, work)
     memory_counts = [int(c) for c in args.memory_counts.split(",") if c]
     largest = max([args.count, *memory_counts])
+    if args.stages:
+        out = out_root / "out_stages"
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            actor_stages(model, ensure_images(args.data, work, args.stages, args.stages), out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return 0
     if args.prepare_only:
         sizes = {args.count, *memory_counts, args.startup_count if args.count else 0}
         for count in sorted(sizes - {0}, reverse=True):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import gc
 import glob
 import io
 import json
@@ -496,6 +497,12 @@ class Denoiser:
         # Creating files in one folder from several threads makes the kernel spin on the
         # folder's lock (measured: 3x the system time); one thread at a time creates them.
         self._write_lock = threading.Lock() if self.out.local else contextlib.nullcontext()
+        # TensorFlow and Keras leave ~460k objects for Python's cyclic GC, so each full
+        # collection takes ~0.2 s, and the rows and images a block keeps alive set one
+        # off every few blocks. Freezing what exists now (the model, the libraries: all
+        # kept for the actor's life) takes them out of every later collection: about
+        # 25 us less per image (bench_denoise.py --stages: 243-249 us -> 221-230 us).
+        gc.freeze()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         out = [
@@ -948,8 +955,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest.add_rows(early)
 
     units = _parquet_units(inputs, args) if inputs.kind == "parquet" else []
+    timings: dict[str, float] = {}
     if todo or units:
-        _run_ray(args, spec, model_bytes, inputs, todo, units, manifest)
+        timings = _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start)
     manifest.close()
     seconds = time.perf_counter() - start
     counts = manifest.counts
@@ -958,6 +966,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **counts,
         "seconds": round(seconds, 2),
         "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
+        **timings,
         "manifest": output.full(MANIFEST),
     }
     means = manifest.means()
@@ -973,6 +982,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"; mean PSNR {means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
             f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
             f"{means['ssim']:.3f}"
+        )
+    if timings.get("first_result_s") is not None:
+        line += (
+            f"; start-up: Ray ready after {timings['ray_ready_s']:.1f} s, first results "
+            f"after {timings['first_result_s']:.1f} s"
         )
     for failure in manifest.failures:
         print(f"denoise: failed: {failure}", file=sys.stderr)
@@ -1001,17 +1015,25 @@ def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, 
     return units
 
 
-def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest) -> None:
+def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start) -> dict:
+    """Runs the pipeline on a Ray it connects to (or starts); returns when Ray was
+    ready and when the first results came back, in seconds since `start`."""
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=True)
+    timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     try:
-        _run_pipeline(args, spec, model_bytes, inputs, todo, units, manifest)
+        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units):
+            if timings["first_result_s"] is None:
+                timings["first_result_s"] = round(time.perf_counter() - start, 2)
+            manifest.add(table)
     finally:
         shutdown_ray()
+    return timings
 
 
-def _run_pipeline(args, spec, model_bytes, inputs, todo, units, manifest) -> None:
+def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
+    """The Ray Data pipeline; yields one table of manifest rows per block."""
     import ray
 
     cpus, gpus, workers = _default_resources(
@@ -1061,8 +1083,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, manifest) -> Non
         num_gpus=gpus,
         zero_copy_batch=True,
     )
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        manifest.add(table)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def shutdown_ray() -> None:

@@ -7,6 +7,7 @@ it starts its own Ray even when someone else's cluster runs on this machine.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +125,16 @@ def test_every_valid_image_is_denoised_at_its_relative_path(first_run, dataset):
             assert out.size == inp.size and out.mode == inp.mode  # same size, 8-bit kept
     assert "0 skipped" in result.stdout and f"{N_DIGITS + 3} ok, 3 failed" in result.stdout
     assert not list(dst.rglob("*.denoise-tmp"))  # no temp file left behind
+
+
+def test_summary_splits_start_up_from_the_run(first_run):
+    _, result = first_run
+    line = next(x for x in result.stdout.splitlines() if x.startswith("denoise-summary "))
+    summary = json.loads(line.removeprefix("denoise-summary "))
+    assert summary["ok"] == N_DIGITS + 3 and summary["failed"] == 3
+    # Ray first, then the first block back, all within the run's time
+    assert 0 < summary["ray_ready_s"] <= summary["first_result_s"] <= summary["seconds"]
+    assert f"first results after {summary['first_result_s']:.1f} s" in result.stdout
 
 
 def test_corrupt_and_non_image_files_fail_with_a_reason(first_run):
