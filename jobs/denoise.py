@@ -1052,22 +1052,21 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
         io_threads=args.io_threads or max(2, int(round(cpus)) + 1),
         extra={"path_column": args.path_column, "image_column": args.image_column},
     )
+    # from_items builds its blocks here; from_arrow would run one remote task per block
+    # for its metadata, which on a fresh Ray first waits for a worker process to start
+    # (measured: 0.65-0.75 s before the actors are asked for, against 0.26-0.38 s).
     if inputs.kind == "files":
         # One block per --batch-size paths: a block is one actor call, not one task per file.
-        names = pa.array(todo, pa.string())
-        blocks = [
-            pa.table({"path": names.slice(i, args.batch_size)})
-            for i in range(0, len(todo), args.batch_size)
-        ]
+        items = [{"path": rel} for rel in todo]
         batch_size = args.batch_size
         what = f"{len(todo)} files"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
-        blocks = [pa.table({"path": [src], "row_group": [group]}) for src, group in units]
+        items = [{"path": src, "row_group": group} for src, group in units]
         batch_size = 1
         what = f"{len(units)} Parquet row groups"
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
     print(
         f"denoise: {what} to do on {workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; "
         f"up to {args.batch_size} images per model call",
