@@ -378,12 +378,12 @@ _STAGED: list[str] = []  # this process's staging folders (see _staging_dir)
 def _staging_dir(kind: str) -> str:
     """A new temp folder, named after this process, to stage a checkpoint in.
 
-    Tune ends a trial (ASHA's stop, the last epoch) by ending its actor while the
-    trial is still blocked inside `tune.report`, so a `with TemporaryDirectory()`
-    around the report never deletes its folder: each stopped trial left a model in
-    /tmp. Instead, each call removes this process's earlier folders (their reports
-    returned, or their trial ended before this one began) and those of processes
-    that no longer run; the driver sweeps once more at the end."""
+    Tune stops a trial (ASHA's early stop, the driver ending) by ending its actor
+    while the trial is still blocked inside `tune.report`, so a `with
+    TemporaryDirectory()` around the report never deleted its folder: each stopped
+    trial left a model in /tmp. Instead, each call removes this process's earlier
+    folders (their reports returned, or their trial ended before this one began) and
+    those of processes that no longer run; the driver sweeps once more at the end."""
     while _STAGED:
         shutil.rmtree(_STAGED.pop(), ignore_errors=True)
     remove_stale_staging()
