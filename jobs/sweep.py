@@ -53,6 +53,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 # num_to_keep=1 makes Tune snapshot the experiment state after every checkpoint (so a
 # resume never points at a deleted one). That is cheap here; its warning is noise.
@@ -197,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=_positive_int, default=None, help="first N training images")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="first N test images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the hyperparameter sampling (random and optuna) and every trial's "
+        "training: the same command samples and trains the same trials",
+    )
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     p.add_argument("--grace-period", type=_positive_int, default=1, help="ASHA's min epochs")
     p.add_argument("--search", choices=("random", "optuna"), default="random")
@@ -785,7 +792,12 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         param_space: dict[str, Any] = {}
         num_samples = len(points)
     else:
-        search_alg = None
+        # Seeded: the same --seed samples the same hyperparameters (Tune's default
+        # generator draws from numpy's global state, different on every run). A
+        # generator limits its own concurrency: Tune ignores max_concurrent_trials here.
+        search_alg = BasicVariantGenerator(
+            max_concurrent=args.max_concurrent or 0, random_state=args.seed
+        )
         # Every trial samples each variant's space and uses its own variant's values.
         # (No tune.sample_from: Tune re-runs such functions when it restores a trial,
         # which would give a resumed trial other hyperparameters than its checkpoint.)
@@ -805,7 +817,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=num_samples,
-            max_concurrent_trials=args.max_concurrent,
+            max_concurrent_trials=args.max_concurrent if args.search == "optuna" else None,
             reuse_actors=True,  # one TensorFlow import per worker, not per trial
             trial_dirname_creator=_trial_dirname,
         ),
