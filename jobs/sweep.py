@@ -791,6 +791,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         )
         param_space: dict[str, Any] = {}
         num_samples = len(points)
+        max_concurrent_trials = args.max_concurrent  # Tune wraps the searcher in a limiter
     else:
         # Seeded: the same --seed samples the same hyperparameters (Tune's default
         # generator draws from numpy's global state, different on every run). A
@@ -798,6 +799,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         search_alg = BasicVariantGenerator(
             max_concurrent=args.max_concurrent or 0, random_state=args.seed
         )
+        max_concurrent_trials = None
         # Every trial samples each variant's space and uses its own variant's values.
         # (No tune.sample_from: Tune re-runs such functions when it restores a trial,
         # which would give a resumed trial other hyperparameters than its checkpoint.)
@@ -817,7 +819,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=num_samples,
-            max_concurrent_trials=args.max_concurrent if args.search == "optuna" else None,
+            max_concurrent_trials=max_concurrent_trials,
             reuse_actors=True,  # one TensorFlow import per worker, not per trial
             trial_dirname_creator=_trial_dirname,
         ),
