@@ -165,7 +165,8 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
             setattr(actor, name, timed_call)
         blocks = [files[i : i + 1024] for i in range(0, len(files), 1024)]
         actor({"path": np.array(blocks[0], dtype=object)})  # warm-up
-        spent = dict.fromkeys(spent, 0.0)
+        for name in spent:  # in place: the wrappers above add to this dict
+            spent[name] = 0.0
         begin = time.perf_counter()
         for block in blocks[1:]:
             actor({"path": np.array(block, dtype=object)})
