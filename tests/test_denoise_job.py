@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -291,3 +292,66 @@ def test_safe_relative_and_png_encoder():
         decoded, maxval, fmt, alpha = job.decode(job.encode_png(array), "per-channel")
         assert fmt == "PNG" and maxval == top and alpha is None
         np.testing.assert_array_equal(decoded, array)
+
+
+def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path):
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    calls: list[tuple[int, ...]] = []
+
+    def run(x):
+        calls.append(x.shape)
+        return model(x, training=False)
+
+    denoiser = object.__new__(job.Denoiser)  # predict() alone, on the real model
+    denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
+    rng = np.random.default_rng(0)
+    for shape, budget, most in (
+        ((100, 28, 28, 1), job.CPU_CALL_PIXELS, job.CPU_CALL_PIXELS // (28 * 28)),  # CPU
+        ((3, 256, 256, 1), job.CPU_CALL_PIXELS, 1),  # CPU, each image over the budget
+        ((100, 28, 28, 1), None, 1024),  # GPU: --batch-size per call
+    ):
+        calls.clear()
+        denoiser._call_pixels = budget
+        x = rng.random(shape, dtype=np.float32)
+        out = denoiser.predict(x)
+        assert [c[0] for c in calls] == [min(most, shape[0] - i) for i in range(0, shape[0], most)]
+        np.testing.assert_allclose(out, np.asarray(model(x, training=False)), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_from", ["env", "keras.json"])
+def test_unused_imports_are_skipped_only_inside_the_block(backend_from, tmp_path):
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "jobs")!r})
+import denoise
+with denoise._optional_imports_skipped(("sklearn", "json", "jax")):
+    for name in ("sklearn", "json", "jax"):  # json: already imported; jax: the backend
+        try:
+            __import__(name)
+            print(name, "imported")
+        except ImportError:
+            print(name, "skipped")
+print("sklearn" in sys.modules)
+import sklearn
+print("sklearn imported")
+"""
+    pytest.importorskip("jax")
+    env = dict(_env(), KERAS_HOME=str(tmp_path))
+    if backend_from == "env":
+        env["KERAS_BACKEND"] = "jax"
+    else:
+        env.pop("KERAS_BACKEND", None)
+        (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "sklearn skipped",
+        "json imported",
+        "jax imported",
+        "False",
+        "sklearn imported",
+    ]
