@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -106,14 +107,18 @@ def timed(cmd: list[str], env: dict[str, str], label: str) -> tuple[float, float
     """Runs cmd; returns its wall seconds and its start (epoch time)."""
     print(f"({label}) ...", flush=True)
     wall_start = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     print("\n".join(lines[-8:]))
-    print(f"({label}) {seconds:.1f}s", flush=True)
+    # CPU of the process tree that was waited for (Ray's own processes included)
+    print(f"({label}) {seconds:.1f}s, {cpu:.1f} CPU-s", flush=True)
     return seconds, wall_start
 
 
