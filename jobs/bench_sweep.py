@@ -117,8 +117,10 @@ def timed(cmd: list[str], env: dict[str, str], label: str) -> tuple[float, float
         sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     print("\n".join(lines[-8:]))
-    # CPU of the process tree that was waited for (Ray's own processes included)
-    print(f"({label}) {seconds:.1f}s, {cpu:.1f} CPU-s", flush=True)
+    # CPU of the processes it waited for: all of (a) and (d); for a sweep only its
+    # driver, since the Ray it starts runs as daemons, not as its children.
+    what = "driver CPU-s" if "sweep" in label else "CPU-s"
+    print(f"({label}) {seconds:.1f}s, {cpu:.1f} {what}", flush=True)
     return seconds, wall_start
 
 
