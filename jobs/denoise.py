@@ -1151,7 +1151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, glob, Parquet file(s), or a URI")
     p.add_argument("--output", required=True, help="output folder (not SRC nor inside it)")
     p.add_argument("--clean", default=None, help="clean references, same relative paths")
-    p.add_argument("--batch-size", type=_positive, default=1024, help="images per model call")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=1024,
+        help="images per block (one actor call) and per model call on a GPU; on a CPU the "
+        "model takes cache-sized slices of a block (about 32k pixels each)",
+    )
     p.add_argument(
         "--gpus-per-worker",
         type=float,
