@@ -450,12 +450,20 @@ class Denoiser:
 
     def __init__(self, settings: JobSettings):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        backend = _keras_backend()  # TensorFlow, or JAX/PyTorch where TF is not installed
+        if backend == "jax":  # GPU memory on demand (not 75% up front): actors may share a GPU
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         with _optional_imports_skipped(UNUSED_IMPORTS):
-            import tensorflow as tf
+            if backend == "tensorflow":
+                import tensorflow as tf
 
-            # Before any op runs: one pool of `threads` (the actor's CPUs) per actor.
-            tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)  # one op at a time
+                # Before any op runs: one pool of `threads` (the actor's CPUs) per actor.
+                tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)  # one op at a time
+            elif backend == "torch":
+                import torch
+
+                torch.set_num_threads(settings.threads)
             import keras
 
         try:
@@ -470,7 +478,7 @@ class Denoiser:
         self.src = Storage(settings.source) if settings.source else None
         self.clean = Storage(settings.clean) if settings.clean else None
         self.node = ray.get_runtime_context().get_node_id()
-        self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        self.device = _backend_device(keras.backend.backend())
         # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
         self._call_pixels = None if self.device == "GPU" else CPU_CALL_PIXELS
         path = os.path.join(
@@ -484,6 +492,8 @@ class Denoiser:
             os.unlink(path)
         channels = self.spec.channels
         if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
             # One trace for every image size: no retracing per shape.
             signature = [tf.TensorSpec([None, None, None, channels], tf.float32)]
             self._run = tf.function(
@@ -711,6 +721,23 @@ def _optional_imports_skipped(names: tuple[str, ...]):
         for name in skipped:
             if sys.modules.get(name, 0) is None:
                 del sys.modules[name]
+
+
+def _backend_device(backend: str) -> str:
+    """GPU if Keras's backend computes on a GPU in this process, else CPU."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    if backend == "jax":
+        import jax
+
+        return "CPU" if jax.default_backend() == "cpu" else "GPU"
+    if backend == "torch":
+        import torch
+
+        return "GPU" if torch.cuda.is_available() else "CPU"
+    return "CPU"
 
 
 def _keras_backend() -> str:

@@ -369,8 +369,21 @@ class OptunaSpace:
 # ---------------------------------------------------------------- trials
 
 
-def _configure_tensorflow(cpus: int) -> None:
+def _configure_backend(cpus: int) -> None:
+    """Threads (the trial's CPUs) and on-demand GPU memory for Keras's backend, set
+    before it starts: TensorFlow by default, JAX or PyTorch where TF is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    backend = _keras_backend()
+    if backend == "jax":  # not 75% of the GPU up front: trials may share a GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        return
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(cpus)
+        return
+    if backend != "tensorflow":
+        return
     with _optional_imports_skipped(UNUSED_IMPORTS):
         import tensorflow as tf
 
@@ -428,10 +441,11 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     """One Tune trial: aelib.train on object-store MNIST, reporting every epoch."""
     started_at = time.time()
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    _configure_tensorflow(max(1, int(cpus)))
-    import keras
+    _configure_backend(max(1, int(cpus)))
+    with _optional_imports_skipped(UNUSED_IMPORTS):  # what TensorFlow's import did not do
+        import keras
 
-    import aelib
+        import aelib
     from aelib.train import TrainConfig, write_outputs
 
     model = config["model"]

@@ -355,3 +355,32 @@ print("sklearn imported")
         "False",
         "sklearn imported",
     ]
+
+
+def test_runs_under_jax_without_tensorflow(first_run, model_path, dataset, tmp_path):
+    """The lent GPU machines have JAX but no TensorFlow: the actors must not need it."""
+    pytest.importorskip("jax")
+    blocker = tmp_path / "no_tf" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
+    env["KERAS_BACKEND"] = "jax"
+    dst = tmp_path / "out"
+    cmd = [sys.executable, str(JOB), "--model", str(model_path), "--input", str(dataset["src"])]
+    cmd += ["--output", str(dst), "--clean", str(dataset["clean"]), "--batch-size", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == N_DIGITS + 3  # the digits and the three odd-sized images
+    assert {r["device"] for r in ok} == {"CPU"}
+    for row in ok:
+        assert (dst / row["output"]).is_file()
+    digits = [r for r in ok if r["psnr"] is not None]
+    assert len(digits) == N_DIGITS
+    assert np.mean([r["psnr"] - r["psnr_noisy"] for r in digits]) > 2.0
+    for row in ok:  # the same model under TensorFlow (first_run): the same 8-bit outputs
+        with Image.open(dst / row["output"]) as a, Image.open(first_run[0] / row["output"]) as b:
+            diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        assert diff.max() <= 1, row["path"]

@@ -378,3 +378,30 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert "--allow-autoscale" in proc.stderr
     assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
     assert _wait_no_ray(ray_tmp) == []
+
+
+def test_sweep_runs_under_jax_without_tensorflow(tmp_path, ray_tmp):
+    """The lent GPU machines have JAX but no TensorFlow: trials and the driver must not
+    import it when Keras runs on JAX."""
+    pytest.importorskip("jax")
+    blocker = tmp_path / "no_tf" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
+    env = _env(ray_tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
+    env["KERAS_BACKEND"] = "jax"
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "denoise"]
+    cmd += ["--num-samples", "1", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
+    cmd += ["--scheduler", "fifo", "--storage-path", str(tmp_path), "--name", "jax"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "jax" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["model"], r["status"]) for r in rows) == [
+        ("denoise", "finished"),
+        ("dense", "finished"),
+    ]
+    for model in ("dense", "denoise"):
+        assert (tmp_path / "jax" / "best" / f"{model}.keras").stat().st_size > 0
+    assert (tmp_path / "jax" / "report" / "report.md").is_file()
+    assert _wait_no_ray(ray_tmp) == []
