@@ -1124,17 +1124,22 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
         # One block per --batch-size paths: a block is one actor call, not one task per file.
         items = [{"path": rel} for rel in todo]
         batch_size = args.batch_size
-        what = f"{len(todo)} files"
+        what, block = f"{len(todo)} files", f"blocks of {args.batch_size} files"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
         items = [{"path": src, "row_group": group} for src, group in units]
         batch_size = 1
-        what = f"{len(units)} Parquet row groups"
+        what, block = f"{len(units)} Parquet row groups", "a row group per block"
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
+    calls = (
+        f"up to {args.batch_size} images per model call"
+        if gpus
+        else f"model calls of up to {CPU_CALL_PIXELS} pixels"
+    )
     print(
         f"denoise: {what} to do on {workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; "
-        f"up to {args.batch_size} images per model call",
+        f"{block}, {calls}",
         flush=True,
     )
     ds = ds.map_batches(
