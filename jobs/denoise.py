@@ -109,7 +109,8 @@ _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 # On CPU the model runs on slices of about this many pixels, whatever --batch-size is:
 # the activations of a slice stay in the CPU's caches. The tutorial's denoiser on one
-# core: 88-92 us per 28x28 image in calls of 32-64 images, 110 us in calls of 1,024.
+# core: 85-89 us per 28x28 image in calls of 32-64 images, 106 us in calls of 1,024
+# (bench_denoise.py --stages prints both).
 CPU_CALL_PIXELS = 32_768
 # Imported by `import tensorflow` / `import keras` only for features this job never
 # uses (TF-lite's JAX converter, Keras's scikit-learn wrappers); both imports are
