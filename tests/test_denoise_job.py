@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from helpers import without_tensorflow
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "denoise.py"
 MNIST = Path(os.environ.get("AELIB_MNIST", ROOT.parent / "shared" / "data" / "mnist.npz"))
@@ -360,12 +362,7 @@ print("sklearn imported")
 def test_runs_under_jax_without_tensorflow(first_run, model_path, dataset, tmp_path):
     """The lent GPU machines have JAX but no TensorFlow: the actors must not need it."""
     pytest.importorskip("jax")
-    blocker = tmp_path / "no_tf" / "tensorflow"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
-    env = _env()
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
-    env["KERAS_BACKEND"] = "jax"
+    env = without_tensorflow(_env(), tmp_path)
     dst = tmp_path / "out"
     cmd = [sys.executable, str(JOB), "--model", str(model_path), "--input", str(dataset["src"])]
     cmd += ["--output", str(dst), "--clean", str(dataset["clean"]), "--batch-size", "16"]

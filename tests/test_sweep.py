@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import without_tensorflow
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "jobs" / "sweep.py"
 MNIST = Path(os.environ.get("AELIB_MNIST") or "/work/shared/data/mnist.npz")
@@ -384,12 +386,7 @@ def test_sweep_runs_under_jax_without_tensorflow(tmp_path, ray_tmp):
     """The lent GPU machines have JAX but no TensorFlow: trials and the driver must not
     import it when Keras runs on JAX."""
     pytest.importorskip("jax")
-    blocker = tmp_path / "no_tf" / "tensorflow"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
-    env = _env(ray_tmp)
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
-    env["KERAS_BACKEND"] = "jax"
+    env = without_tensorflow(_env(ray_tmp), tmp_path)
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "denoise"]
     cmd += ["--num-samples", "1", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
     cmd += ["--scheduler", "fifo", "--storage-path", str(tmp_path), "--name", "jax"]
