@@ -103,8 +103,11 @@ def pins(models: list[str]) -> list[str]:
     return flags
 
 
-def timed(cmd: list[str], env: dict[str, str], label: str) -> tuple[float, float]:
-    """Runs cmd; returns its wall seconds and its start (epoch time)."""
+def timed(
+    cmd: list[str], env: dict[str, str], label: str, cpu_of: str = "CPU-s"
+) -> tuple[float, float]:
+    """Runs cmd; returns its wall seconds and its start (epoch time). Prints the CPU
+    seconds of the processes it waited for, labelled `cpu_of`."""
     print(f"({label}) ...", flush=True)
     wall_start = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -117,10 +120,7 @@ def timed(cmd: list[str], env: dict[str, str], label: str) -> tuple[float, float
         sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     print("\n".join(lines[-8:]))
-    # CPU of the processes it waited for: all of (a) and (d); for a sweep only its
-    # driver, since the Ray it starts runs as daemons, not as its children.
-    what = "driver CPU-s" if "sweep" in label else "CPU-s"
-    print(f"({label}) {seconds:.1f}s, {cpu:.1f} {what}", flush=True)
+    print(f"({label}) {seconds:.1f}s, {cpu:.1f} {cpu_of}", flush=True)
     return seconds, wall_start
 
 
@@ -182,7 +182,9 @@ def main() -> int:
 
         def arm_sweep(concurrent: int, label: str, name: str) -> tuple[float, str]:
             cmd = [*sweep, "--storage-path", work, "--name", name]
-            seconds, began = timed([*cmd, "--max-concurrent", str(concurrent)], env, label)
+            # Only the driver's CPU: the Ray it starts runs as daemons, not its children.
+            cmd += ["--max-concurrent", str(concurrent)]
+            seconds, began = timed(cmd, env, label, cpu_of="driver CPU-s")
             note = breakdown(Path(work, name), began, seconds)
             shutil.rmtree(Path(work, name), ignore_errors=True)
             return seconds, note

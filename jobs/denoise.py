@@ -714,7 +714,8 @@ def _optional_imports_skipped(names: tuple[str, ...]):
     """Makes `import name` raise ImportError inside the block (None in sys.modules
     means "not importable"), for modules not loaded yet and not Keras's backend; the
     block's optional imports then skip them. Afterwards they import normally again."""
-    skipped = [n for n in names if n not in sys.modules and n != _keras_backend()]
+    backend = _keras_backend()
+    skipped = [n for n in names if n not in sys.modules and n != backend]
     sys.modules.update(dict.fromkeys(skipped))
     try:
         yield
