@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+# scikit-image is imported on first use: it pulls in SciPy (~0.6 s), which
+# `import aelib` (for loading a model, or in a Ray worker) does not need.
 
 
 def _as_hw(x: np.ndarray) -> np.ndarray:
@@ -29,11 +31,15 @@ def _per_image(metric, reference: np.ndarray, images: np.ndarray, data_range: fl
 
 def psnr(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
     """Per-image PSNR in dB (the mean over images is what we report)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
     return _per_image(peak_signal_noise_ratio, reference, images, data_range)
 
 
 def ssim(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
     """Per-image SSIM (scikit-image, 7x7 window)."""
+    from skimage.metrics import structural_similarity
+
     return _per_image(structural_similarity, reference, images, data_range)
 
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from aelib import data as data_lib
 from aelib import plots
 from aelib.layers import ActivityL1, Sampling
 from aelib.train import Splits, compile_model
+from helpers import subprocess_env
 
 NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
 
@@ -213,3 +218,67 @@ def test_cosine_lr_schedule_decays_to_zero_over_the_run():
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="lr_schedule"):
         aelib.TrainConfig(lr_schedule="step")
+
+
+AUTOTUNE_SCRIPT = r"""
+import importlib, json, sys
+import numpy as np
+import aelib
+from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+def autotune():
+    x = np.zeros((10, 4), np.float32)
+    return ArrayDataAdapter(x, x, batch_size=4).get_tf_dataset().options().autotune.enabled
+
+config = aelib.TrainConfig(model="conv", epochs=2, limit=600, test_limit=50, batch_size=64)
+before = autotune()
+module = importlib.import_module("aelib.train")
+applied = module.tf_data_autotune_off
+module.tf_data_autotune_off = lambda: False  # TensorFlow's default pipeline first
+with_autotune = aelib.train(config, figures=False, verbose=0).history["loss"]
+module.tf_data_autotune_off = applied
+without = aelib.train(config, figures=False, verbose=0).history["loss"]
+print("REPORT" + json.dumps({"before": before, "after": autotune(), "with": with_autotune,
+                             "without": without, "jax": module.tf_data_autotune_off()}))
+"""
+
+
+def test_train_turns_tf_data_autotuning_off_without_changing_the_losses():
+    """Under TensorFlow, aelib.train turns off tf.data autotuning in Keras's NumPy
+    pipelines (its thread stalled each epoch's end: see tf_data_autotune_off); the
+    data and its order stay the same, so the losses do too."""
+    proc = subprocess.run(
+        [sys.executable, "-c", AUTOTUNE_SCRIPT],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
+    report = json.loads(line[len("REPORT") :])
+    assert report["before"] in (None, True)  # TensorFlow's default: unset, meaning on
+    assert report["after"] is False
+    assert report["jax"] is True  # applied once; a second call is a no-op that says so
+    np.testing.assert_allclose(report["without"], report["with"], rtol=1e-5)
+
+
+def test_import_aelib_leaves_scikit_image_for_later():
+    """`import aelib` (to load a model, or in a Ray worker) does not import scikit-image
+    and SciPy's statistics (~0.6 s); the metrics import them when they first run. (The
+    jobs also keep out scikit-learn, which Keras imports optionally, as here.)"""
+    code = (
+        "import sys, numpy as np\n"
+        "sys.modules['sklearn'] = None\n"
+        "import aelib\n"
+        "del sys.modules['sklearn']\n"
+        "print(sorted(m for m in ('skimage', 'scipy.stats') if m in sys.modules))\n"
+        "from aelib import metrics\n"
+        "x = np.zeros((1, 8, 8))\n"
+        "print(metrics.psnr(x, x + 0.1)[0].round(1), 'skimage' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["[]", "20.0 True"]
