@@ -113,9 +113,10 @@ _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 # (bench_denoise.py --stages prints both).
 CPU_CALL_PIXELS = 32_768
 # Imported by `import tensorflow` / `import keras` only for features this job never
-# uses (TF-lite's JAX converter, Keras's scikit-learn wrappers); both imports are
-# optional there. Keeping them out saves each actor ~1 s of its start (see Denoiser).
-UNUSED_IMPORTS = ("jax", "sklearn")
+# uses (TF-lite's JAX converter, Keras's scikit-learn wrappers, Keras's image-gallery
+# plot); all three imports are optional there. Keeping them out saves each actor
+# ~1.2 s of its start (see Denoiser).
+UNUSED_IMPORTS = ("jax", "sklearn", "matplotlib")
 
 
 # ----------------------------------------------------------------------------
@@ -229,6 +230,7 @@ class ModelSpec:
     channels: int
     multiple: int  # image sides are padded to a multiple of this
     fixed_size: tuple[int, int] | None  # (H, W) when the model's input is not (None, None)
+    uses_aelib: bool = False  # has layers registered by aelib (its import registers them)
 
 
 def _count_pools(config: Any) -> int:
@@ -284,7 +286,18 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
     depth = info.get("model_config", {}).get("depth")
     multiple = 2 ** int(depth) if depth is not None else 2 ** _count_pools(config)
     fixed = None if height is None or width is None else (int(height), int(width))
-    return ModelSpec(str(name), int(channels), int(multiple), fixed)
+    return ModelSpec(str(name), int(channels), int(multiple), fixed, _uses_aelib(config))
+
+
+def _uses_aelib(config: Any) -> bool:
+    """Whether the config names an object aelib registers (registered_name "aelib>...")."""
+    if isinstance(config, dict):
+        if str(config.get("registered_name") or "").startswith("aelib>"):
+            return True
+        return any(_uses_aelib(v) for v in config.values() if isinstance(v, dict | list))
+    if isinstance(config, list):
+        return any(_uses_aelib(v) for v in config)
+    return False
 
 
 def _input_shape(config: dict) -> list | None:
@@ -467,10 +480,11 @@ class Denoiser:
                 torch.set_num_threads(settings.threads)
             import keras
 
-        try:
-            import aelib  # noqa: F401  (registers aelib's custom layers for load_model)
-        except ImportError:
-            pass
+        if settings.spec.uses_aelib:  # its import (~0.6 s) registers the layers load_model needs
+            try:
+                import aelib  # noqa: F401
+            except ImportError:
+                pass
         import ray
 
         self.s = settings
