@@ -119,8 +119,9 @@ METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
 # Imported by `import tensorflow` only for features no trial uses (Keras's scikit-learn
-# wrappers, TF-lite's JAX converter), and optional there: ~1 s of each process's start.
-UNUSED_IMPORTS = ("jax", "sklearn")
+# wrappers, TF-lite's JAX converter, Keras's image-gallery plot), and optional there:
+# ~1.2 s of each process's start. (The report imports Matplotlib itself, later.)
+UNUSED_IMPORTS = ("jax", "sklearn", "matplotlib")
 
 
 # ---------------------------------------------------------------- flags
