@@ -325,8 +325,11 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray |
     """
     from PIL import Image, UnidentifiedImageError
 
+    # A PNG (the common case) goes straight to Pillow's PNG plugin instead of through
+    # its format detection: about 2 of 30 us per 28x28 digit.
+    formats = ["PNG"] if payload[:8] == b"\x89PNG\r\n\x1a\n" else None
     try:
-        with Image.open(io.BytesIO(payload)) as img:
+        with Image.open(io.BytesIO(payload), formats=formats) as img:
             img.load()
             fmt = img.format or "PNG"
             mode = img.mode
@@ -509,10 +512,12 @@ class Denoiser:
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            # One trace for every image size: no retracing per shape.
+            # One trace for every image size: no retracing per shape. No AutoGraph: the
+            # call has no Python control flow to convert (and a lambda's source is not
+            # found, which AutoGraph would warn about).
             signature = [tf.TensorSpec([None, None, None, channels], tf.float32)]
             self._run = tf.function(
-                lambda x: self.model(x, training=False), input_signature=signature
+                lambda x: self.model(x, training=False), input_signature=signature, autograph=False
             )
         else:
             self._run = self.model.predict_on_batch
