@@ -885,6 +885,24 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
+def _trial_actors_on_prestarted_workers() -> None:
+    """Lets Tune's trial actors start on the workers Ray prestarts with the cluster.
+
+    Tune gives every trial actor the runtime env `{"env_vars": {"PL_DISABLE_FORK":
+    "1"}}`, a PyTorch Lightning setting (ray#28197). Any runtime env keeps an actor
+    off the prestarted workers, so each trial waited for a new worker process while
+    the prestarted ones idled: 1.1 s from `fit()` to the first trial's start against
+    0.55 s without it (measured on 2 CPUs). aelib trains with Keras, not Lightning.
+    The default lives in a private Tune module: if it moves, nothing changes here.
+    Variables Tune propagates from the driver (AWS credentials) are still passed."""
+    try:
+        from ray.tune.execution import class_cache
+
+        class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _import_aelib_early() -> None:
     """Starts importing aelib (and TensorFlow, ~3 s) beside Ray's start-up, which
     mostly waits on its processes; the driver needs it for the checks and report."""
@@ -941,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     _import_aelib_early()
     ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
+    _trial_actors_on_prestarted_workers()
     try:
         check_resources(args)
         check_search_space(args.models, args.pins)

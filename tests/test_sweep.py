@@ -117,12 +117,20 @@ def smoke(tmp_path_factory):
         )
         seconds = time.monotonic() - start
         leftover = _wait_no_ray(ray_tmp)
+        worker_logs = [p.name for p in ray_tmp.glob("**/logs/worker-*.out")]
     finally:
         for pid in _ray_pids(ray_tmp):  # only this test's own Ray processes
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     exp = store / "smoke"
-    return {"proc": proc, "exp": exp, "seconds": seconds, "leftover": leftover, "tmp": scratch}
+    return {
+        "proc": proc,
+        "exp": exp,
+        "seconds": seconds,
+        "leftover": leftover,
+        "tmp": scratch,
+        "worker_logs": worker_logs,
+    }
 
 
 def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
@@ -216,6 +224,21 @@ def test_smoke_sweep_trial_table(smoke):
     assert float(sparse["hp_l1"]) > 0
     table = pd.read_parquet(exp / "trials.parquet")
     assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
+
+
+def test_smoke_sweep_trials_run_on_the_workers_ray_prestarted(smoke):
+    """Trial actors take the workers Ray starts with the cluster (their log files carry
+    the nil job id, ffffffff) instead of each waiting for a new worker process."""
+    with open(smoke["exp"] / "trials.csv") as f:
+        trial_pids = {int(row["pid"]) for row in csv.DictReader(f)}
+    # worker-<worker id>-<job id>-<pid>.out
+    prestarted = {
+        int(name.removesuffix(".out").rsplit("-", 1)[1])
+        for name in smoke["worker_logs"]
+        if name.removesuffix(".out").split("-")[2] == "ffffffff"
+    }
+    assert prestarted, smoke["worker_logs"]
+    assert trial_pids <= prestarted, (trial_pids, smoke["worker_logs"])
 
 
 def test_smoke_sweep_report_and_tensorboard(smoke):
