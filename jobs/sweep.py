@@ -42,6 +42,7 @@ import ast
 import atexit
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -288,13 +289,11 @@ def _given_flags(argv: list[str]) -> list[str]:
 
 def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> None:
     """Every searched or pinned key must be a TrainConfig field or a model option."""
-    import aelib
-
-    known = set(aelib.list_models())
+    known = variant_options()
     for model in models:
         if model not in known:
             raise SystemExit(f"sweep.py: error: installed aelib has no variant {model!r}")
-        options = set(aelib.model_defaults(model))
+        options = known[model]
         keys = set(SEARCH_SPACE[model]) | {k for v, k, _ in pins if v == model}
         bad = sorted(k for k in keys if k not in options and k not in TRAIN_FIELDS)
         if bad:
@@ -302,6 +301,45 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
                 f"sweep.py: error: {model}: {bad} are neither model options {sorted(options)} "
                 f"nor training fields {list(TRAIN_FIELDS)}"
             )
+
+
+def variant_options() -> dict[str, set[str]]:
+    """The installed aelib's variants and their build options, read from the signatures
+    of its `@register_model` builders (aelib/models/*.py) without importing aelib.
+
+    Importing aelib starts Keras and TensorFlow: ~4 CPU-s that held up the first
+    trial (on 2 CPUs, start-up until the first trial began took 8.9 s with it, 6.7 s
+    without, medians of 6 runs). The driver needs Keras only to draw the report's
+    figures. Falls back to importing aelib where its sources cannot be read."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((_aelib_folder() / "models").glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register_model"
+                for d in node.decorator_list
+            ):
+                a = node.args  # options are the parameters with defaults, as in the registry
+                names = [p.arg for p in a.args[len(a.args) - len(a.defaults) :]]
+                names += [
+                    p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None
+                ]
+                found[node.name] = set(names)
+    if found:
+        return found
+    import aelib
+
+    return {model: set(aelib.model_defaults(model)) for model in aelib.list_models()}
+
+
+def _aelib_folder() -> Path:
+    """Where aelib is installed, found without importing it."""
+    spec = importlib.util.find_spec("aelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "sweep.py: error: aelib is not installed in this Python "
+            f"({sys.executable}): pip install <the aelib repository> on every node"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def check_resources(args: argparse.Namespace) -> None:
@@ -678,10 +716,6 @@ def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dic
 
 
 def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> None:
-    import aelib
-    from aelib import plots
-    from aelib.train import TrainConfig, make_splits
-
     report = out_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -716,6 +750,10 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         lines += ["", f"Model: `best/{model}.keras`", ""]
         if args.no_figures:
             continue
+        import aelib
+        from aelib import plots
+        from aelib.train import TrainConfig, make_splits
+
         bundle = aelib.load(out_dir / "best" / f"{model}.keras")
         info = bundle.config
         config = TrainConfig.from_dict(info["train_config"])
@@ -771,14 +809,25 @@ def _publish(local_dir: Path, experiment_uri: str) -> None:
 
 def load_arrays(args: argparse.Namespace):
     """MNIST, cut to what the trials use, loaded once by the driver."""
-    from aelib.data import load_mnist
-
-    (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
+    (x_train, y_train), (x_test, y_test) = _aelib_data().load_mnist(args.data)
     if args.limit is not None:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     if args.test_limit is not None:
         x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     return (x_train, y_train), (x_test, y_test)
+
+
+def _aelib_data():
+    """aelib.data (NumPy only), without importing the aelib package: its __init__
+    imports Keras (see variant_options). Loaded from its file unless aelib is loaded."""
+    if "aelib" in sys.modules:
+        import aelib.data
+
+        return aelib.data
+    spec = importlib.util.spec_from_file_location("_aelib_data", _aelib_folder() / "data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.Tuner:
@@ -905,7 +954,7 @@ def _trial_actors_on_prestarted_workers() -> None:
 
 def _import_aelib_early() -> None:
     """Starts importing aelib (and TensorFlow, ~3 s) beside Ray's start-up, which
-    mostly waits on its processes; the driver needs it for the checks and report."""
+    mostly waits on its processes; the driver needs it for the report's figures."""
 
     def target():
         try:
@@ -956,13 +1005,14 @@ def main(argv: list[str] | None = None) -> int:
             f"sweep.py: error: {experiment_path} already holds an experiment. "
             "Pass --resume to continue it, or choose another --name."
         )
+    check_search_space(args.models, args.pins)
     start = time.perf_counter()
-    _import_aelib_early()
+    if not args.no_figures:
+        _import_aelib_early()
     ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
     _trial_actors_on_prestarted_workers()
     try:
         check_resources(args)
-        check_search_space(args.models, args.pins)
         try:
             arrays = load_arrays(args)
         except (OSError, ValueError, RuntimeError) as e:

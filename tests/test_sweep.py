@@ -384,6 +384,47 @@ def test_the_same_seed_samples_the_same_hyperparameters(tmp_path, ray_tmp):
     assert _wait_no_ray(ray_tmp) == []
 
 
+def test_driver_checks_and_loads_data_without_importing_keras():
+    """The driver reads aelib's variants from its builders' source and loads MNIST with
+    aelib.data alone, so it starts without Keras/TensorFlow; what it reads must be what
+    aelib's registry holds."""
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sweep', {str(SWEEP)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "options = {k: sorted(v) for k, v in m.variant_options().items()}\n"
+        f"(x, y), (xt, yt) = m._aelib_data().load_mnist({str(MNIST)!r})\n"
+        "heavy = sorted(n for n in ('keras', 'tensorflow', 'aelib') if n in sys.modules)\n"
+        "print(json.dumps({'options': options, 'shape': list(x.shape), 'heavy': heavy}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(Path(tempfile.gettempdir())),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    assert out["shape"] == [60000, 28, 28]
+    import aelib
+
+    assert out["options"] == {m: sorted(aelib.model_defaults(m)) for m in aelib.list_models()}
+
+
+def test_unknown_pinned_option_fails_before_ray_starts(tmp_path, ray_tmp, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # a Ray started here would leave a session
+    sweep = _load_sweep_module()
+    args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "bad"]
+    args += ["--models", "dense", "--set", "dense.dropout=0.1"]
+    with pytest.raises(SystemExit, match=r"dense: \['dropout'\] are neither model options"):
+        sweep.main(args)
+    assert list(ray_tmp.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_without_an_experiment_fails_clearly(tmp_path):
     sweep = _load_sweep_module()
     args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "none", "--resume"]
