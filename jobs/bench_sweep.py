@@ -11,7 +11,10 @@ aelib's default, so both sides train exactly the same models), side by side:
   (c) the sweep with --max-concurrent 1, to show how it scales from 1 to 2;
   (d) two plain Python processes (no Ray), one TensorFlow thread each, taking
       the trials heaviest first as the sweep does: what two concurrent trials
-      can give on this machine at all, so (b)/(d) is Tune's own cost.
+      can give on this machine at all, so (b)/(d) is Tune's own cost;
+  (e) with --other-sweep FILE: (b) again with another sweep.py (an earlier
+      revision: `git show REV:jobs/sweep.py > FILE`), to compare two versions
+      side by side, start-up included.
 
 Each side is timed end to end as its own process (interpreter and TensorFlow
 start, Ray start, writing results). With --repeats N the sides run N rounds,
@@ -156,6 +159,7 @@ def main() -> int:
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
     parser.add_argument("--skip-plain", action="store_true", help="skip (d)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds, in rotated order")
+    parser.add_argument("--other-sweep", type=Path, help="(e): (b) with this sweep.py instead")
     args = parser.parse_args()
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -180,8 +184,11 @@ def main() -> int:
         sweep += ["--test-limit", str(args.test_limit), "--scheduler", "fifo", "--no-figures"]
         sweep += ["--cpus-per-trial", "1", *pins(args.models)]
 
-        def arm_sweep(concurrent: int, label: str, name: str) -> tuple[float, str]:
+        def arm_sweep(
+            concurrent: int, label: str, name: str, file: Path = HERE / "sweep.py"
+        ) -> tuple[float, str]:
             cmd = [*sweep, "--storage-path", work, "--name", name]
+            cmd[1] = str(file)
             # Only the driver's CPU: the Ray it starts runs as daemons, not its children.
             cmd += ["--max-concurrent", str(concurrent)]
             seconds, began = timed(cmd, env, label, cpu_of="driver CPU-s")
@@ -201,6 +208,9 @@ def main() -> int:
         if not args.skip_plain:
             cmd = [*run, json.dumps({**spec, "workers": 2, "order": order})]
             arms["d"] = lambda r: (timed(cmd, env, "d: 2 plain processes")[0], "")
+        if args.other_sweep:
+            other = args.other_sweep.resolve()
+            arms["e"] = lambda r: arm_sweep(2, "e: other sweep, 2", f"other{r}", other)
         seconds: dict[str, list[float]] = {k: [] for k in arms}
         notes: dict[str, list[str]] = {k: [] for k in arms}
         labels = list(arms)
@@ -215,6 +225,7 @@ def main() -> int:
         "b": "sweep, 2 concurrent trials",
         "c": "sweep, 1 trial at a time",
         "d": "2 plain processes, no Ray",
+        "e": f"{args.other_sweep}, 2 concurrent",
     }
     med = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"\nwall time (s), median of {args.repeats} round(s) in rotated order")
@@ -234,6 +245,8 @@ def main() -> int:
             "machine without Ray)"
         )
         print(f"ratio (b)/(d) = {med['b'] / med['d']:.2f}   (Ray Tune's own cost; ideal 1.00)")
+    if "e" in med:
+        print(f"ratio (b)/(e) = {med['b'] / med['e']:.2f}   (this sweep.py against the other)")
     return 0
 
 
