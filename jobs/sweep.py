@@ -307,10 +307,10 @@ def variant_options() -> dict[str, set[str]]:
     """The installed aelib's variants and their build options, read from the signatures
     of its `@register_model` builders (aelib/models/*.py) without importing aelib.
 
-    Importing aelib starts Keras and TensorFlow: ~4 CPU-s that held up the first
-    trial (on 2 CPUs, start-up until the first trial began took 8.9 s with it, 6.7 s
-    without, medians of 6 runs). The driver needs Keras only to draw the report's
-    figures. Falls back to importing aelib where its sources cannot be read."""
+    Importing aelib starts Keras and TensorFlow, 3-4 CPU-s that the driver spent
+    beside Ray's start-up and that held up the first trial; the driver needs Keras
+    only to draw the report's figures. Falls back to importing aelib where its
+    sources cannot be read."""
     found: dict[str, set[str]] = {}
     for path in sorted((_aelib_folder() / "models").glob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
