@@ -818,12 +818,9 @@ def load_arrays(args: argparse.Namespace):
 
 
 def _aelib_data():
-    """aelib.data (NumPy only), without importing the aelib package: its __init__
-    imports Keras (see variant_options). Loaded from its file unless aelib is loaded."""
-    if "aelib" in sys.modules:
-        import aelib.data
-
-        return aelib.data
+    """aelib.data (NumPy only), loaded from its file without importing the aelib
+    package, whose __init__ imports Keras (see variant_options): not even when the
+    report's figures are wanted, since that import may still be under way."""
     spec = importlib.util.spec_from_file_location("_aelib_data", _aelib_folder() / "data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
