@@ -178,17 +178,16 @@ def main() -> int:
         script = Path(work, "trials.py")
         script.write_text(SEQUENTIAL)  # a file, so the process pool's children can import it
         run = [sys.executable, str(script)]
-        sweep = [sys.executable, str(HERE / "sweep.py"), "--data", args.data]
-        sweep += ["--models", *args.models, "--num-samples", str(args.num_samples)]
-        sweep += ["--epochs", str(args.epochs), "--limit", str(args.limit)]
-        sweep += ["--test-limit", str(args.test_limit), "--scheduler", "fifo", "--no-figures"]
-        sweep += ["--cpus-per-trial", "1", *pins(args.models)]
+        flags = ["--data", args.data, "--models", *args.models]
+        flags += ["--num-samples", str(args.num_samples)]
+        flags += ["--epochs", str(args.epochs), "--limit", str(args.limit)]
+        flags += ["--test-limit", str(args.test_limit), "--scheduler", "fifo", "--no-figures"]
+        flags += ["--cpus-per-trial", "1", *pins(args.models)]
 
         def arm_sweep(
             concurrent: int, label: str, name: str, file: Path = HERE / "sweep.py"
         ) -> tuple[float, str]:
-            cmd = [*sweep, "--storage-path", work, "--name", name]
-            cmd[1] = str(file)
+            cmd = [sys.executable, str(file), *flags, "--storage-path", work, "--name", name]
             # Only the driver's CPU: the Ray it starts runs as daemons, not its children.
             cmd += ["--max-concurrent", str(concurrent)]
             seconds, began = timed(cmd, env, label, cpu_of="driver CPU-s")
