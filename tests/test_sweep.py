@@ -330,6 +330,55 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     assert _wait_no_ray(ray_tmp) == []
 
 
+def _reports(exp: Path) -> list[dict]:
+    """Every result Tune recorded for the experiment's trials, in order."""
+    lines = [line for f in exp.glob("*/result.json") for line in f.read_text().splitlines()]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path, ray_tmp):
+    """The trial's process is killed after its first epoch: Tune retries it
+    (FailureConfig) on a new worker, which continues from the last checkpoint
+    instead of training the reported epochs again, and the sweep exits 0."""
+    epochs = 6
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
+    cmd += ["--epochs", str(epochs), "--limit", "3000", "--test-limit", "100"]
+    cmd += ["--num-samples", "1", "--scheduler", "fifo", "--no-figures", "--max-failures", "1"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "retried"]
+    exp = tmp_path / "retried"
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (first := _reports(exp)) and time.monotonic() < deadline:
+            if driver.poll() is not None:
+                pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        assert first, "no epoch reported within 240s"
+        killed = first[0]["pid"]
+        assert first[-1]["epoch"] < epochs, "the trial finished before the kill: nothing retried"
+        os.kill(killed, signal.SIGKILL)
+        assert driver.wait(timeout=400) == 0, log.read_text()[-5000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    reports = _reports(exp)
+    before = [r["epoch"] for r in reports if r["pid"] == killed]
+    after = [r["epoch"] for r in reports if r["pid"] != killed]
+    assert before and after, reports
+    # The retry picked up after the last reported epoch: none trained twice, none skipped.
+    assert before + after == list(range(1, epochs + 1)), (before, after)
+    with open(exp / "trials.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "finished" and int(row["epoch"]) == epochs
+    assert int(row["pid"]) != killed
+    assert (exp / "best" / "conv.keras").is_file()
+    assert _wait_no_ray(ray_tmp) == []
+
+
 # ------------------------------------------------------------ bad flags
 
 
