@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +26,25 @@ def without_tensorflow(env: dict[str, str], root: Path) -> dict[str, str]:
     (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
     path = os.pathsep.join(filter(None, [str(blocker.parent), env.get("PYTHONPATH")]))
     return {**env, "PYTHONPATH": path, "KERAS_BACKEND": "jax"}
+
+
+def ray_pids(ray_tmp: Path) -> list[int]:
+    """Processes whose command line names our own Ray temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if str(ray_tmp) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := ray_pids(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

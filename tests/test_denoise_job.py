@@ -10,8 +10,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import without_tensorflow
+from helpers import ray_pids, wait_no_ray, without_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "denoise.py"
@@ -230,6 +232,58 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
             assert row["status"] == "skipped", row
     assert all((dst / rel).is_file() for rel in removed)
     assert not stale.exists()
+
+
+def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(model_path, tmp_path):
+    """The job and its Ray are SIGKILLed while outputs are being written (a crash):
+    every image left in DST decodes whole, and the rerun denoises exactly the inputs
+    that have no output yet and skips the rest, one manifest row per input."""
+    count = 6000
+    src, dst = tmp_path / "noisy", tmp_path / "out"
+    make_noisy.make_noisy(str(MNIST), count, src)
+    inputs = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    assert len(inputs) == count
+    args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's sockets live here
+    log = tmp_path / "killed.log"
+    try:
+        with open(log, "w") as out:
+            job_proc = subprocess.Popen(
+                [sys.executable, str(JOB), *map(str, args)],
+                env={**_env(), "RAY_TMPDIR": str(ray_tmp)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 300
+        while not (dst.is_dir() and next(dst.rglob("*.png"), None)):
+            assert job_proc.poll() is None, f"the job ended before the kill:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no output within 300 s"
+            time.sleep(0.02)
+        for pid in [job_proc.pid, *ray_pids(ray_tmp)]:  # all at once, as a crash would
+            os.kill(pid, signal.SIGKILL)
+        job_proc.wait(timeout=30)
+        for pid in wait_no_ray(ray_tmp, timeout=5):  # anything forked during the kill
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        if job_proc.poll() is None:
+            job_proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    left = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
+    assert 0 < len(left) < count, len(left)
+    assert not (dst / "manifest.parquet").exists()  # written only when a run ends
+    for rel in left:  # no half-written image under an output's name
+        with Image.open(dst / rel) as image:
+            image.load()
+            assert image.size == (28, 28), rel
+
+    result = run_job(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert sorted(rows) == inputs  # every input once
+    assert sorted(p for p, r in rows.items() if r["status"] == "skipped") == left
+    assert sum(r["status"] == "ok" for r in rows.values()) == count - len(left)
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png")) == inputs
+    assert [p.name for p in dst.rglob("*") if job.TMP_MARK in p.name] == []
 
 
 def test_parquet_input_and_unsafe_paths(model_path, tmp_path):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ray_pids as _ray_pids
+from helpers import wait_no_ray as _wait_no_ray
 from helpers import without_tensorflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,28 +49,6 @@ def _env(ray_tmp: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
-
-
-def _ray_pids(ray_tmp: Path) -> list[int]:
-    """Processes whose command line names our own Ray temp dir."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-        except OSError:
-            continue
-        if str(ray_tmp) in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := _ray_pids(ray_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 @pytest.fixture()
