@@ -257,6 +257,24 @@ def _finished_trials(exp: Path) -> dict[str, float]:
     return done
 
 
+def _start_sweep(cmd: list[str], ray_tmp: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for(ready, driver: subprocess.Popen, log: Path, timeout: float = 240):
+    """Polls ready() until it returns something truthy and returns that; fails if the
+    sweep ends first. On timeout, returns ready()'s last (falsy) value."""
+    deadline = time.monotonic() + timeout
+    while not (value := ready()) and time.monotonic() < deadline:
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+    return value
+
+
 def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     """Also: a trial whose loss turns NaN is stopped and marked while the sweep goes on."""
     models = ["dense", "sparse", "vae", "deep"]
@@ -267,16 +285,9 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     cmd += ["--storage-path", str(tmp_path), "--name", "resumed"]
     exp = tmp_path / "resumed"
     log = tmp_path / "first-run.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(
-            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    driver = _start_sweep(cmd, ray_tmp, log)
     try:
-        deadline = time.monotonic() + 240
-        while not _finished_trials(exp) and time.monotonic() < deadline:
-            if driver.poll() is not None:
-                pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
+        _wait_for(lambda: _finished_trials(exp), driver, log)
         time.sleep(1.0)  # let Tune snapshot its experiment state
         before = _finished_trials(exp)
         assert before, "no trial finished within 240s"
@@ -327,16 +338,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     cmd += ["--storage-path", str(tmp_path), "--name", "retried"]
     exp = tmp_path / "retried"
     log = tmp_path / "sweep.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(
-            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    driver = _start_sweep(cmd, ray_tmp, log)
     try:
-        deadline = time.monotonic() + 240
-        while not (first := _reports(exp)) and time.monotonic() < deadline:
-            if driver.poll() is not None:
-                pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
-            time.sleep(0.1)
+        first = _wait_for(lambda: _reports(exp), driver, log)
         assert first, "no epoch reported within 240s"
         killed = first[0]["pid"]
         assert first[-1]["epoch"] < epochs, "the trial finished before the kill: nothing retried"
