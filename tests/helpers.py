@@ -29,16 +29,20 @@ def without_tensorflow(env: dict[str, str], root: Path) -> dict[str, str]:
 
 
 def ray_pids(ray_tmp: Path) -> list[int]:
-    """Processes whose command line names our own Ray temp dir."""
+    """Processes of the Ray that a job started with RAY_TMPDIR=ray_tmp: its daemons name
+    the folder on their command line; its workers, which retitle themselves ("ray::IDLE")
+    and sit in process groups of their own, inherited the variable."""
+    marker = f"RAY_TMPDIR={ray_tmp}\0".encode()
     pids = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            environ = (proc / "environ").read_bytes() + b"\0"
         except OSError:
             continue
-        if str(ray_tmp) in cmdline:
+        if str(ray_tmp) in cmdline or marker in environ:
             pids.append(int(proc.name))
     return pids
 

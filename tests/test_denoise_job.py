@@ -246,14 +246,14 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(model_p
     args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
     ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's sockets live here
     log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        job_proc = subprocess.Popen(
+            [sys.executable, str(JOB), *map(str, args)],
+            env={**_env(), "RAY_TMPDIR": str(ray_tmp)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        with open(log, "w") as out:
-            job_proc = subprocess.Popen(
-                [sys.executable, str(JOB), *map(str, args)],
-                env={**_env(), "RAY_TMPDIR": str(ray_tmp)},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
         deadline = time.monotonic() + 300
         while not (dst.is_dir() and next(dst.rglob("*.png"), None)):
             assert job_proc.poll() is None, f"the job ended before the kill:\n{log.read_text()}"
