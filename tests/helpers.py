@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("AELIB_MNIST") or REPO.parent / "shared" / "data" / "mnist.npz")
@@ -45,6 +48,25 @@ def ray_pids(ray_tmp: Path) -> list[int]:
         if str(ray_tmp) in cmdline or marker in environ:
             pids.append(int(proc.name))
     return pids
+
+
+def start_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Starts `cmd` in a session of its own, its stdout and stderr going to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(ready, proc: subprocess.Popen, log: Path, timeout: float, interval: float = 0.1):
+    """Polls ready() until it returns something truthy and returns that; fails the test
+    if `proc` ends first. On timeout, returns ready()'s last (falsy) value."""
+    deadline = time.monotonic() + timeout
+    while not (value := ready()) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[1]} ended before the kill:\n{log.read_text()[-4000:]}")
+        time.sleep(interval)
+    return value
 
 
 def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:

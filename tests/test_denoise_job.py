@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import ray_pids, wait_no_ray, without_tensorflow
+from helpers import ray_pids, start_logged, wait_for, wait_no_ray, without_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "denoise.py"
@@ -234,7 +233,9 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     assert not stale.exists()
 
 
-def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(model_path, tmp_path):
+def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
+    model_path, tmp_path, ray_tmp
+):
     """The job and its Ray are SIGKILLed while outputs are being written (a crash):
     every image left in DST decodes whole, and the rerun denoises exactly the inputs
     that have no output yet and skips the rest, one manifest row per input."""
@@ -244,21 +245,18 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(model_p
     inputs = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
     assert len(inputs) == count
     args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's sockets live here
     log = tmp_path / "killed.log"
-    with open(log, "w") as out:
-        job_proc = subprocess.Popen(
-            [sys.executable, str(JOB), *map(str, args)],
-            env={**_env(), "RAY_TMPDIR": str(ray_tmp)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    cmd = [sys.executable, str(JOB), *map(str, args)]
+    job_proc = start_logged(cmd, {**_env(), "RAY_TMPDIR": str(ray_tmp)}, log)
     try:
-        deadline = time.monotonic() + 300
-        while not (dst.is_dir() and next(dst.rglob("*.png"), None)):
-            assert job_proc.poll() is None, f"the job ended before the kill:\n{log.read_text()}"
-            assert time.monotonic() < deadline, "no output within 300 s"
-            time.sleep(0.02)
+        first = wait_for(
+            lambda: dst.is_dir() and next(dst.rglob("*.png"), None),
+            job_proc,
+            log,
+            timeout=300,
+            interval=0.02,
+        )
+        assert first, "no output within 300 s"
         for pid in [job_proc.pid, *ray_pids(ray_tmp)]:  # all at once, as a crash would
             os.kill(pid, signal.SIGKILL)
         job_proc.wait(timeout=30)
@@ -267,7 +265,6 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(model_p
     finally:
         if job_proc.poll() is None:
             job_proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     left = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
     assert 0 < len(left) < count, len(left)
     assert not (dst / "manifest.parquet").exists()  # written only when a run ends

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from helpers import ray_pids as _ray_pids
+from helpers import start_logged, wait_for, without_tensorflow
 from helpers import wait_no_ray as _wait_no_ray
-from helpers import without_tensorflow
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "jobs" / "sweep.py"
@@ -49,19 +49,6 @@ def _env(ray_tmp: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
-
-
-@pytest.fixture()
-def ray_tmp():
-    # Short path: Ray's unix sockets live under it (sun_path is ~107 bytes).
-    path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    yield path
-    for pid in _ray_pids(path):  # only processes of this test's own Ray
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _load_sweep_module():
@@ -246,33 +233,15 @@ def test_smoke_sweep_report_and_tensorboard(smoke):
 # ------------------------------------------------------------ resume
 
 
+def _reports(exp: Path) -> list[dict]:
+    """Every result Tune recorded for the experiment's trials, in order."""
+    lines = [line for f in exp.glob("*/result.json") for line in f.read_text().splitlines()]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def _finished_trials(exp: Path) -> dict[str, float]:
     """trial_id -> started_at of every trial whose final (test) result is on disk."""
-    done = {}
-    for result in exp.glob("*/result.json"):
-        for line in result.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "test_loss" in record:
-                done[record["trial_id"]] = record["started_at"]
-    return done
-
-
-def _start_sweep(cmd: list[str], ray_tmp: Path, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            cmd, env=_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait_for(ready, driver: subprocess.Popen, log: Path, timeout: float = 240):
-    """Polls ready() until it returns something truthy and returns that; fails if the
-    sweep ends first. On timeout, returns ready()'s last (falsy) value."""
-    deadline = time.monotonic() + timeout
-    while not (value := ready()) and time.monotonic() < deadline:
-        if driver.poll() is not None:
-            pytest.fail(f"the sweep ended before the kill:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-    return value
+    return {r["trial_id"]: r["started_at"] for r in _reports(exp) if "test_loss" in r}
 
 
 def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
@@ -285,9 +254,9 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     cmd += ["--storage-path", str(tmp_path), "--name", "resumed"]
     exp = tmp_path / "resumed"
     log = tmp_path / "first-run.log"
-    driver = _start_sweep(cmd, ray_tmp, log)
+    driver = start_logged(cmd, _env(ray_tmp), log)
     try:
-        _wait_for(lambda: _finished_trials(exp), driver, log)
+        wait_for(lambda: _finished_trials(exp), driver, log, timeout=240)
         time.sleep(1.0)  # let Tune snapshot its experiment state
         before = _finished_trials(exp)
         assert before, "no trial finished within 240s"
@@ -323,12 +292,6 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
     assert _wait_no_ray(ray_tmp) == []
 
 
-def _reports(exp: Path) -> list[dict]:
-    """Every result Tune recorded for the experiment's trials, in order."""
-    lines = [line for f in exp.glob("*/result.json") for line in f.read_text().splitlines()]
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path, ray_tmp):
     """The trial's process is killed after its first epoch: Tune retries it
     (FailureConfig) on a new worker, which continues from the last checkpoint
@@ -340,9 +303,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     cmd += ["--storage-path", str(tmp_path), "--name", "retried"]
     exp = tmp_path / "retried"
     log = tmp_path / "sweep.log"
-    driver = _start_sweep(cmd, ray_tmp, log)
+    driver = start_logged(cmd, _env(ray_tmp), log)
     try:
-        first = _wait_for(lambda: _reports(exp), driver, log)
+        first = wait_for(lambda: _reports(exp), driver, log, timeout=240)
         assert first, "no epoch reported within 240s"
         killed = first[0]["pid"]
         assert first[-1]["epoch"] < epochs, "the trial finished before the kill: nothing retried"
