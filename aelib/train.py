@@ -141,6 +141,13 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
     clean_train = data_lib.prepare(x_train, input_kind)
     clean_test = data_lib.prepare(x_test, input_kind)
     n_val = int(round(len(clean_train) * config.val_split))
+    if n_val >= len(clean_train):  # Keras would train on no image and report NaN
+        limit = "" if config.limit is None else f"limit={config.limit} with "
+        raise ValueError(
+            f"no training images left: {limit}val_split={config.val_split} leaves 0 of the "
+            f"{len(clean_train)} images for training ({n_val} held out for validation). "
+            "Use more images or a smaller val_split."
+        )
     if n_val:
         clean_train, clean_val = clean_train[:-n_val], clean_train[-n_val:]
     else:  # the tutorial's choice: validate on the test split

@@ -262,12 +262,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.max_failures < 0:
         parser.error(f"--max-failures must be >= 0. Received: {args.max_failures}")
+    if args.limit is not None and args.limit < 2:  # aelib's TrainConfig needs 2 or more
+        parser.error(
+            f"--limit must be >= 2 (training and validation images). Received: {args.limit}"
+        )
+    if not 0 <= args.seed < 2**32:  # NumPy's seeds (Tune's sampler, Keras's set_random_seed)
+        parser.error(f"--seed must be an integer in [0, {2**32 - 1}]. Received: {args.seed}")
     if args.scheduler == "asha" and args.grace_period > args.epochs:
         parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
     if "://" not in args.storage_path:
         args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
+        if os.path.exists(args.storage_path) and not os.path.isdir(args.storage_path):
+            parser.error(f"--storage-path: {args.storage_path} is a file, not a folder")
+        try:  # here, not as a pyarrow traceback once Ray has started
+            os.makedirs(args.storage_path, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--storage-path: cannot create {args.storage_path}: {e.strerror or e}")
     if args.data is not None:
         args.data = os.path.abspath(os.path.expanduser(args.data))
         if not os.path.isfile(args.data):
@@ -288,8 +300,10 @@ def _given_flags(argv: list[str]) -> list[str]:
 
 
 def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> None:
-    """Every searched or pinned key must be a TrainConfig field or a model option."""
+    """Every searched or pinned key must be a TrainConfig field or a model option, and
+    every pinned value of the type of that field's or option's default."""
     known = variant_options()
+    train_defaults = train_field_defaults() if pins else {}
     for model in models:
         if model not in known:
             raise SystemExit(f"sweep.py: error: installed aelib has no variant {model!r}")
@@ -301,17 +315,44 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
                 f"sweep.py: error: {model}: {bad} are neither model options {sorted(options)} "
                 f"nor training fields {list(TRAIN_FIELDS)}"
             )
+        for key, value in _pins_by_model(pins).get(model, {}).items():
+            default = train_defaults.get(key) if key in TRAIN_FIELDS else options[key]
+            expected = _unlike(value, default)
+            if expected:
+                raise SystemExit(
+                    f"sweep.py: error: --set {model}.{key}={value!r}: expected {expected} "
+                    f"(default {default!r})"
+                )
 
 
-def variant_options() -> dict[str, set[str]]:
-    """The installed aelib's variants and their build options, read from the signatures
-    of its `@register_model` builders (aelib/models/*.py) without importing aelib.
+def _unlike(value: Any, default: Any) -> str | None:
+    """What a value must be to stand in for `default` (None: it may), by the default's
+    type: ints also stand for floats, tuples and lists for each other; any value for None."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "True or False"
+    if isinstance(default, int | float):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(default, float):
+            return None if number else "a number"
+        return None if number and isinstance(value, int) else "an int"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple | list) and default:
+        ok = isinstance(value, tuple | list) and not any(_unlike(v, default[0]) for v in value)
+        return None if ok else f"a tuple or list of {type(default[0]).__name__}s"
+    return None  # None or another kind of default: the builder checks it
+
+
+def variant_options() -> dict[str, dict[str, Any]]:
+    """The installed aelib's variants and their build options with their defaults (None
+    where not a literal), read from the signatures of its `@register_model` builders
+    (aelib/models/*.py) without importing aelib.
 
     Importing aelib starts Keras and TensorFlow, 3-4 CPU-s that the driver spent
     beside Ray's start-up and that held up the first trial; the driver needs Keras
     only to draw the report's figures. Falls back to importing aelib where its
     sources cannot be read."""
-    found: dict[str, set[str]] = {}
+    found: dict[str, dict[str, Any]] = {}
     for path in sorted((_aelib_folder() / "models").glob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, ast.FunctionDef) and any(
@@ -319,16 +360,45 @@ def variant_options() -> dict[str, set[str]]:
                 for d in node.decorator_list
             ):
                 a = node.args  # options are the parameters with defaults, as in the registry
-                names = [p.arg for p in a.args[len(a.args) - len(a.defaults) :]]
-                names += [
-                    p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None
+                params = list(zip(a.args[len(a.args) - len(a.defaults) :], a.defaults, strict=True))
+                params += [
+                    (p, d)
+                    for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
+                    if d is not None
                 ]
-                found[node.name] = set(names)
+                found[node.name] = {p.arg: _literal(d) for p, d in params}
     if found:
         return found
     import aelib
 
-    return {model: set(aelib.model_defaults(model)) for model in aelib.list_models()}
+    return {model: aelib.model_defaults(model) for model in aelib.list_models()}
+
+
+def train_field_defaults() -> dict[str, Any]:
+    """aelib.TrainConfig's defaults of TRAIN_FIELDS, read from aelib/train.py like
+    variant_options (importing aelib only where that source cannot be read)."""
+    source = _aelib_folder() / "train.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body if source.is_file() else []:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
+            found = {
+                f.target.id: _literal(f.value)
+                for f in node.body
+                if isinstance(f, ast.AnnAssign)
+                and isinstance(f.target, ast.Name)
+                and f.value is not None
+            }
+            if set(TRAIN_FIELDS) <= set(found):
+                return {k: found[k] for k in TRAIN_FIELDS}
+    from aelib.train import TrainConfig
+
+    return {k: v for k, v in TrainConfig().to_dict().items() if k in TRAIN_FIELDS}
+
+
+def _literal(node: ast.expr) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError):  # not a literal: no default to check values against
+        return None
 
 
 def _aelib_folder() -> Path:
@@ -644,7 +714,7 @@ def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
     else:
         status = "stopped_early"
     row["status"] = status
-    row["error"] = None if result.error is None else str(result.error).splitlines()[0][:300]
+    row["error"] = None if result.error is None else _error_text(result.error)
     for key in (
         "epoch",
         "loss",
@@ -670,6 +740,39 @@ def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
     row["max_epochs"] = epochs
     row["path"] = result.path
     return row
+
+
+def _error_text(error: BaseException | str) -> str:
+    """The exception that failed a trial, "ValueError: ...", not Ray's first line
+    ("ray::ImplicitFunc.train() (pid=..., ip=..., ...)") before its traceback."""
+    cause = getattr(error, "cause", None)  # a RayTaskError's original exception
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:  # the traceback's last line where there is one (a text error from error.txt)
+        lines = [line for line in str(error).splitlines() if line.strip()] or [repr(error)]
+        text = lines[-1] if "Traceback (most recent call last)" in str(error) else lines[0]
+    return " ".join(text.split())[:500]
+
+
+def _why_no_best(rows: list[dict], model: str) -> str:
+    """Why a variant has no best model: what became of its trials."""
+    said = {
+        "error": "errored",
+        "nan": "went NaN",
+        "stopped_early": "stopped early",
+        "finished": "finished without a finite loss",
+    }
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["model"] == model:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+    if not counts:
+        return "no trial ran"
+    text = ", ".join(
+        f"{n} trial{'s' if n > 1 else ''} {said.get(status, status)}"
+        for status, n in counts.items()
+    )
+    return text + (" (see the error column of trials.csv)" if "error" in counts else "")
 
 
 def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dict[str, dict]]:
@@ -740,7 +843,7 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
     for model in args.models:
         lines += [f"## {model}", ""]
         if model not in best:
-            lines += ["No finished trial with a finite loss: no best model.", ""]
+            lines += [f"No best model: {_why_no_best(rows, model)}.", ""]
             continue
         rec = best[model]
         lines += [f"Best config: `{json.dumps(rec['hparams'])}`", ""]
@@ -1040,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{json.dumps(rec['hparams'])}"
             )
         else:
-            print(f"  best {model:8s} NONE: no trial finished with a finite loss")
+            print(f"  best {model:8s} NONE: {_why_no_best(rows, model)}")
     nodes = _counts(f"{r['hostname']} ({r['node_ip']})" for r in rows if r.get("hostname"))
     print(f"  trials per node: {nodes or 'none reported'}")
     missing = [m for m in args.models if m not in best]

@@ -121,6 +121,10 @@ def test_models_command_lists_the_seven():
         (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
         (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
         (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
+        (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
+            ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
+            "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path):

@@ -15,7 +15,7 @@ import aelib
 from aelib import data as data_lib
 from aelib import plots
 from aelib.layers import ActivityL1, Sampling
-from aelib.train import Splits, compile_model
+from aelib.train import Splits, TrainConfig, compile_model, make_splits
 from helpers import subprocess_env
 
 NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
@@ -139,6 +139,21 @@ def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
         out,
         atol=1e-5,
     )
+
+
+def test_splits_refuse_to_leave_no_training_images(digits):
+    """aelib.train (the CLI's and every sweep trial's path) fails before training when
+    the validation split takes every training image, instead of training on none."""
+    arrays = ((digits, np.zeros(len(digits))), (digits[:10], np.zeros(10)))
+    for limit, val_split in ((2, 0.9), (3, 0.9)):
+        config = TrainConfig(model="dense", limit=limit, val_split=val_split)
+        with pytest.raises(ValueError, match=f"no training images left: limit={limit} with"):
+            make_splits(config, arrays, "flat")
+    images = TrainConfig(model="dense", val_split=0.9)  # no limit: all (here 1) images
+    with pytest.raises(ValueError, match="val_split=0.9 leaves 0 of the 1 images for training"):
+        make_splits(images, ((digits[:1], np.zeros(1)), arrays[1]), "flat")
+    splits = make_splits(TrainConfig(model="dense", limit=2, val_split=0.5), arrays, "flat")
+    assert len(splits.x_train) == len(splits.x_val) == 1
 
 
 @pytest.mark.parametrize(

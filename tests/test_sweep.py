@@ -342,6 +342,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
         (["--data", "/nonexistent/mnist.npz"], "MNIST file not found"),
         (["--set", "gan.l1=0.1"], "unknown variant 'gan'"),
         (["--set", "vae.learning_rate=1e-3", "--models", "dense"], "not among --models"),
+        (["--limit", "1"], "--limit must be >= 2"),  # aelib's own bound (TrainConfig.limit)
+        (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]. Received: -1"),
+        (["--seed", str(2**32)], "--seed must be an integer in [0, 4294967295]"),
     ],
 )
 def test_bad_flags_fail_at_once(flags, message, capsys):
@@ -350,6 +353,102 @@ def test_bad_flags_fail_at_once(flags, message, capsys):
         sweep.parse_args(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, code, message",
+    [
+        (
+            ["--set", "dense.encoding_dim=abc"],
+            1,
+            "--set dense.encoding_dim='abc': expected an int (default 32)",
+        ),
+        (
+            ["--set", "dense.learning_rate=fast"],  # a TrainConfig field
+            1,
+            "--set dense.learning_rate='fast': expected a number (default 0.001)",
+        ),
+        (["--storage-path", "{file}"], 2, "--storage-path: {file} is a file, not a folder"),
+        (["--storage-path", "/proc/aelib-sweep"], 2, "--storage-path: cannot create /proc/"),
+    ],
+)
+def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_tmp):
+    """Values that would make every trial fail (or Tune's sampler, or pyarrow, raise after
+    Ray started) are refused by the driver first, with the flag and what it expects."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    flags = [f.format(file=a_file) for f in flags]
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--no-figures", "--storage-path", str(tmp_path / "store"), "--name", "bad", *flags]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert message.format(file=a_file) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(ray_tmp.iterdir()) == []  # no Ray was started
+    assert not (tmp_path / "store" / "bad").exists()
+    assert seconds < 30
+
+
+def test_pinned_values_are_checked_against_the_option_defaults():
+    """--set values of the wrong type fail before Ray starts; what the README shows, ints
+    for floats, tuples or lists for tuples, and anything for a None default pass."""
+    sweep = _load_sweep_module()
+    models = ["dense", "deep", "conv", "denoise", "vae"]
+    good = [
+        "conv.filters=(32,16,16)",
+        "conv.filters=[32, 16, 8]",
+        "deep.hidden_units=(256,128,64)",
+        "denoise.upsample=transpose",
+        "denoise.upsample='nearest'",
+        "denoise.skips=True",
+        "denoise.noise_factor=0",
+        "dense.learning_rate=1",
+        "dense.batch_size=64",
+        "dense.lr_schedule=cosine",
+        "vae.seed=3",
+    ]
+    flags = ["--models", *models]
+    for pin in good:
+        flags += ["--set", pin]
+    sweep.check_search_space(models, sweep.parse_args(flags).pins)
+    bad = {
+        "dense.encoding_dim=32.0": "expected an int (default 32)",
+        "dense.encoding_dim=True": "expected an int (default 32)",
+        "denoise.skips=yes": "expected True or False (default False)",
+        "denoise.upsample=2": "expected a string (default 'nearest')",
+        "conv.filters=16": "expected a tuple or list of ints (default (16, 8, 8))",
+        "conv.filters=(16,8,'x')": "expected a tuple or list of ints (default (16, 8, 8))",
+        "dense.batch_size=1e2": "expected an int (default 256)",
+    }
+    for pin, expected in bad.items():
+        args = sweep.parse_args(["--models", *models, "--set", pin])
+        key = pin.split("=", 1)[0]
+        with pytest.raises(SystemExit, match="^sweep.py: error: --set ") as exit_info:
+            sweep.check_search_space(models, args.pins)
+        assert f"--set {key}=" in str(exit_info.value.code)
+        assert expected in str(exit_info.value.code)
+
+
+def test_a_failing_trial_records_its_exception(tmp_path, ray_tmp):
+    """A trial that raises is an `error` row whose error column holds the exception itself
+    (not Ray's "ray::ImplicitFunc.train() (pid=...)" header), and the summary says why
+    the variant has no best model."""
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--set", "dense.activation=nosuch", "--max-failures", "0", "--no-figures"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "failing"]
+    proc = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "best dense    NONE: 1 trial errored (see the error column of " in proc.stdout
+    with open(tmp_path / "failing" / "trials.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "error"
+    assert row["error"].startswith("ValueError: "), row["error"]
+    assert "nosuch" in row["error"] and "ray::" not in row["error"]
+    report = (tmp_path / "failing" / "report" / "report.md").read_text()
+    assert "1 trial errored" in report
+    assert _wait_no_ray(ray_tmp) == []
 
 
 def test_trials_start_heaviest_variant_first_and_ties_keep_their_order():
