@@ -48,6 +48,7 @@ import contextlib
 import fnmatch
 import gc
 import glob
+import hashlib
 import io
 import json
 import math
@@ -88,6 +89,7 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
     "TIFF": (".tif", ".tiff"),
     "WEBP": (".webp",),
 }
+SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # the input, relative to SRC (or the Parquet path column)
@@ -343,6 +345,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray |
                 img = img.convert("RGBA" if mode != "LA" else "LA")
                 alpha = np.asarray(img.getchannel("A"))
                 img = img.convert("RGB" if img.mode == "RGBA" else "L")
+            if img.mode == "P" and _gray_palette(img):  # a GIF or PNG of gray levels
+                img = img.convert("L")
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB" if mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")
             if img.mode == "RGB" and rgb == "luminance":
@@ -354,6 +358,11 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray |
     if array.ndim == 2:
         array = array[..., None]
     return array, 255, fmt, alpha
+
+
+def _gray_palette(img) -> bool:
+    palette = img.getpalette() or []
+    return bool(palette) and palette[0::3] == palette[1::3] == palette[2::3]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -383,15 +392,35 @@ def encode_png(array: np.ndarray) -> bytes:
     )
 
 
-def encode(array: np.ndarray, fmt: str) -> bytes:
-    """Encodes (H, W, C) in format `fmt` (a Pillow format name)."""
+def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str | None]:
+    """Encodes (H, W, C) in format `fmt` (a Pillow format name); returns the bytes and
+    a note when the format cannot hold the image as it is (JPEG: no alpha, no 16 bits),
+    so the alpha channel was dropped or the values scaled to 8 bits."""
     if fmt == "PNG":
-        return encode_png(array)
+        return encode_png(array), None
+    try:
+        return _pillow_encode(array, fmt), None
+    except (OSError, ValueError, KeyError) as e:
+        notes = []
+        if array.shape[2] in (2, 4):
+            array, notes = array[..., :-1], ["alpha dropped"]
+        if array.dtype == np.uint16:
+            array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+            notes.append("16-bit values scaled to 8 bits")
+        if not notes:
+            raise
+        try:
+            return _pillow_encode(array, fmt), f"{' and '.join(notes)}: {fmt} cannot store it"
+        except (OSError, ValueError, KeyError):
+            raise e from None
+
+
+def _pillow_encode(array: np.ndarray, fmt: str) -> bytes:
     from PIL import Image
 
     image = array[..., 0] if array.shape[2] == 1 else array
     if array.dtype == np.uint16:
-        pil = Image.fromarray(image.astype(np.uint16), mode="I;16")
+        pil = Image.fromarray(image.astype(np.uint16))  # mode I;16
     else:
         pil = Image.fromarray(image)
     buf = io.BytesIO()
@@ -400,10 +429,12 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
 
 
 def output_path(rel: str, fmt_choice: str) -> str:
-    """The output's relative path: the input's, with the suffix of --format."""
-    if fmt_choice == "same":
-        return rel
+    """The output's relative path: the input's, with the suffix of --format. With
+    "same", an input whose suffix names no format the job writes (.gif, .ppm, none)
+    gets ".png": the output's suffix always says what it holds."""
     stem, old = posixpath.splitext(rel)
+    if fmt_choice == "same":
+        return rel if old.lower() in SUFFIX_FORMAT else stem + ".png"
     if old.lower() in SUFFIXES[FORMATS[fmt_choice][0]]:
         return rel
     return stem + FORMATS[fmt_choice][1]
@@ -576,14 +607,18 @@ class Denoiser:
         except Exception as e:  # a bad row group fails as one row naming it
             where = f"{source}#row_group={group}"
             return [{"path": where, "status": "failed", "error": f"cannot read: {_reason(e)}"}]
-        rels = table.column(0).to_pylist()
-        payloads = table.column(1).to_pylist()
-        rows = []
-        for i in range(0, len(rels), self.s.max_batch):
-            pairs = zip(
-                rels[i : i + self.s.max_batch], payloads[i : i + self.s.max_batch], strict=True
-            )
-            rows.extend(self._process(list(pairs)))
+        rows, pairs = [], []
+        for i, (rel, payload) in enumerate(
+            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+        ):
+            if rel is None:  # named by its place, so the manifest still accounts for it
+                where = f"{source}#row_group={group}#row={i}"
+                rows.append({"path": where, "status": "failed", "error": "its path is null"})
+            else:
+                pairs.append((rel, payload))
+        step = self.s.max_batch
+        for i in range(0, len(pairs), step):
+            rows.extend(self._process(pairs[i : i + step]))
         return rows
 
     def _process(self, items: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
@@ -616,6 +651,11 @@ class Denoiser:
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
             out_rel = output_path(safe_relative(rel), self.s.fmt)
+            if out_rel in self.s.extra.get("clashes", ()):
+                raise ValueError(
+                    f"its output {out_rel} is also the output of another row of the Parquet "
+                    "input: each would overwrite the others"
+                )
             if self.src is not None:
                 payload = self.src.read(rel)
             else:
@@ -625,7 +665,7 @@ class Denoiser:
                     row.update(status="skipped", output=out_rel)
                     return row, None
             row["input_bytes"] = len(payload)
-            array, maxval, fmt, alpha = decode(bytes(payload), self.s.rgb)
+            array, maxval, _, alpha = decode(bytes(payload), self.s.rgb)
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
             return row, None
@@ -637,10 +677,7 @@ class Denoiser:
                 f"{self.spec.fixed_size[0]}x{self.spec.fixed_size[1]}"
             )
             return row, None
-        if self.s.fmt == "same":
-            out_fmt = fmt if fmt in SUFFIXES else "PNG"
-        else:
-            out_fmt = FORMATS[self.s.fmt][0]
+        out_fmt = SUFFIX_FORMAT[posixpath.splitext(out_rel)[1].lower()]
         item = dict(
             row=row, rel=rel, out_rel=out_rel, array=array, maxval=maxval, fmt=out_fmt, alpha=alpha
         )
@@ -711,13 +748,13 @@ class Denoiser:
             to_write = result
             if item["alpha"] is not None:
                 to_write = np.concatenate([result, item["alpha"][..., None]], axis=-1)
-            payload = encode(to_write, item["fmt"])
+            payload, note = encode(to_write, item["fmt"])
             with self._write_lock:
                 self.out.write_atomic(item["out_rel"], payload)
         except Exception as e:
             row["error"] = f"cannot write {item['out_rel']}: {_reason(e)}"
             return
-        row.update(status="ok", output=item["out_rel"])
+        row.update(status="ok", output=item["out_rel"], error=note)
         if self.clean is not None:
             try:
                 clean, _, _, _ = decode(self.clean.read(item["rel"]), self.s.rgb)
@@ -727,7 +764,7 @@ class Denoiser:
                     )
                 row.update(_metrics(clean, item["array"], result, item["maxval"]))
             except Exception as e:
-                row["error"] = f"no metrics: {_reason(e)}"
+                row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
 
 
 @contextlib.contextmanager
@@ -809,7 +846,10 @@ def find_inputs(location: str, input_format: str) -> Inputs:
     Raises:
         ValueError: nothing there, or an unusable location.
     """
-    has_glob = any(ch in location for ch in GLOB_CHARS)
+    # An existing local file or folder is taken as it is, even with "[" in its name.
+    has_glob = any(ch in location for ch in GLOB_CHARS) and not (
+        "://" not in location and os.path.exists(location)
+    )
     is_parquet = input_format == "parquet" or (
         input_format == "auto" and location.lower().endswith(PARQUET_SUFFIXES)
     )
@@ -831,9 +871,12 @@ def find_inputs(location: str, input_format: str) -> Inputs:
         return Inputs("parquet", None, [], found)
     if has_glob:
         cut = min(location.index(ch) for ch in GLOB_CHARS if ch in location)
-        root = location[:cut].rsplit("/", 1)[0] or "/"
+        if "/" in location[:cut]:  # the folder before the first wildcard
+            root = location[:cut].rsplit("/", 1)[0] or "/"
+            pattern = location[len(root) :].lstrip("/")
+        else:  # "*.png", "scans*/**/*.png": relative to the working folder
+            root, pattern = ".", location
         storage = Storage(root)
-        pattern = location[len(root) :].lstrip("/")
         if storage.local:
             full = sorted(glob.glob(location, recursive=True))
             files = [
@@ -856,21 +899,48 @@ def find_inputs(location: str, input_format: str) -> Inputs:
     return Inputs("files", storage, files, [])
 
 
-def check_locations(source: Inputs, location: str, output: Storage) -> None:
-    """DST may not be SRC or inside it: the job would list its own outputs as inputs.
+def check_locations(
+    source: Inputs, location: str, output: Storage, clean: Storage | None = None
+) -> None:
+    """DST may not be SRC or inside it: the job would list its own outputs (and its
+    manifest, in a folder of Parquet files) as inputs. Nor may DST and --clean overlap:
+    the references would count as finished outputs, and outputs would land among them.
 
-    (Parquet inputs are files that are read, never listed, so any DST is fine for them.)
+    Raises:
+        ValueError: naming the two flags.
     """
-    if source.storage is None or source.storage.local != output.local:
-        return
-    src, dst = source.storage.root, output.root
-    if output.local:
-        src, dst = os.path.realpath(src), os.path.realpath(dst)
-    if dst == src or dst.startswith(src.rstrip("/") + "/"):
+    if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
+        raise ValueError(f"--output {output.location} is a file; expected a folder.")
+    src = source.storage
+    if src is None and source.kind == "parquet" and os.path.isdir(location):
+        src = Storage(location)  # a local folder of Parquet files is listed too
+    if src is not None and _nested(src, output) in ("same", "inside"):
+        where = "--input" if _nested(src, output) == "same" else "inside --input"
         raise ValueError(
-            f"--output {output.location} is {'--input' if dst == src else 'inside --input'} "
-            f"{location}: choose an output folder outside the input tree."
+            f"--output {output.location} is {where} {location}: choose an output folder "
+            "outside the input tree."
         )
+    if clean is not None and _nested(clean, output):
+        raise ValueError(
+            f"--output {output.location} and --clean {clean.location} overlap: the "
+            "references would be taken for finished outputs. Choose separate folders."
+        )
+
+
+def _nested(outer: Storage, inner: Storage) -> str | None:
+    """How `inner` sits against `outer`: "same", "inside", "contains" or None."""
+    if outer.local != inner.local:
+        return None
+    a, b = outer.root, inner.root
+    if outer.local:
+        a, b = os.path.realpath(a), os.path.realpath(b)
+    if a == b:
+        return "same"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "inside"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "contains"
+    return None
 
 
 def existing_outputs(output: Storage) -> set[str]:
@@ -889,13 +959,15 @@ def existing_outputs(output: Storage) -> set[str]:
     return done
 
 
-def previous_rows(output: Storage) -> dict[str, dict[str, Any]]:
-    """The last manifest's rows by input path, to carry sizes and metrics into `skipped` rows."""
+def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The last manifest's rows by input path (to carry sizes and metrics into `skipped`
+    rows) and its metadata (the settings of that run)."""
     try:
         table = pq.read_table(io.BytesIO(output.read(MANIFEST)))
     except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
-        return {}
-    return {row["path"]: row for row in table.to_pylist()}
+        return {}, {}
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return {row["path"]: row for row in table.to_pylist()}, meta
 
 
 class ManifestWriter:
@@ -946,6 +1018,15 @@ class ManifestWriter:
             cols = {c: [r.get(c) for r in rows] for c in _COLUMNS}
             self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()))
 
+    def abort(self) -> None:
+        """Drops the unfinished manifest (the job failed; the outputs written stay)."""
+        try:
+            self.writer.close()
+            if self.output.local:
+                os.unlink(self.tmp)
+        except Exception:
+            pass
+
     def close(self) -> None:
         self.writer.close()
         if self.output.local:
@@ -983,6 +1064,30 @@ def _default_resources(
     return cpus, gpus, workers
 
 
+def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
+    """Fails before any actor is asked for if no node can ever hold one (Ray Data
+    would otherwise wait forever for it)."""
+    import ray
+
+    need = {"CPU": cpus, "GPU": gpus}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
+        return
+    total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    message = (
+        f"an actor needs {{CPU: {cpus:g}, GPU: {gpus:g}}} (--cpus-per-worker, "
+        f"--gpus-per-worker) but no node of this Ray cluster has that much (cluster "
+        f"resources now: {total or 'none'}; {len(nodes)} node(s))."
+    )
+    if allow_autoscale:
+        print(f"denoise: warning: {message} Waiting for the autoscaler.", file=sys.stderr)
+        return
+    raise ValueError(
+        f"{message} Lower the request, or pass --allow-autoscale on a cluster whose "
+        "autoscaler can add such nodes."
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the job; returns the summary (also printed)."""
     start = time.perf_counter()
@@ -994,45 +1099,88 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = inspect_model(model_bytes, args.model)
     inputs = find_inputs(args.input, args.input_format)
     output = Storage(args.output)
-    check_locations(inputs, args.input, output)
-    if args.clean:
-        clean = Storage(args.clean)
-        if not clean.is_dir():
-            raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
+    clean = Storage(args.clean) if args.clean else None
+    if clean is not None and not clean.is_dir():
+        raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
+    check_locations(inputs, args.input, output, clean)
     if args.format not in ("same", *FORMATS):
         raise ValueError(f"--format must be 'same' or one of {sorted(FORMATS)}: {args.format}")
 
     done = existing_outputs(output)
-    before = previous_rows(output)
+    before, before_meta = previous_rows(output)
     metadata = {
         "job": "jobs/denoise.py",
         "model": args.model,
         "model_name": spec.name,
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
         "input": args.input,
         "clean": args.clean or "",
         "format": args.format,
         "rgb": args.rgb,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # A failure is carried over (not retried) only if this run would redo it the same
+    # way: same model and output settings (a JPEG that cannot hold alpha may be a PNG now).
+    changed = [k for k in ("model_sha256", "format", "rgb") if before_meta.get(k) != metadata[k]]
+    if before and changed:
+        print(
+            f"denoise: note: {output.location} holds a run with another "
+            f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
+            file=sys.stderr,
+        )
     manifest = ManifestWriter(output, metadata)
+    try:
+        summary = _run_with_manifest(
+            args,
+            spec,
+            model_bytes,
+            inputs,
+            output,
+            manifest,
+            start,
+            done,
+            before,
+            retry_failed=args.retry_failed or bool(changed),
+        )
+    except BaseException:
+        manifest.abort()
+        raise
+    return summary
+
+
+def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool):
+    """Splits file inputs into rows settled now (failed, skipped) and paths to denoise."""
     early: list[dict[str, Any]] = []
     todo: list[str] = []
+    claimed: dict[str, str] = {}  # output -> the input writing it
     for rel, size in inputs.files:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # os.listdir's stand-ins for bytes that are not UTF-8
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            reason = "the file name is not valid UTF-8 (rename it to process it)"
+            early.append({"path": shown, "status": "failed", "error": reason, "input_bytes": size})
+            continue
         try:
             out_rel = output_path(safe_relative(rel), args.format)
         except ValueError as e:
             early.append({"path": rel, "status": "failed", "error": str(e), "input_bytes": size})
             continue
+        if out_rel in claimed:  # x.png and x.jpg with --format jpeg: both would be x.jpg
+            reason = f"its output {out_rel} is also the output of {claimed[out_rel]}"
+            early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
+            continue
+        claimed[out_rel] = rel
         last = before.get(rel, {})
-        if out_rel in done:  # outputs are renamed into place, so an existing one is complete
+        if out_rel in done and last.get("input_bytes") in (None, size):
+            # Outputs are renamed into place, so an existing one is complete. (An input
+            # whose size changed since the last manifest is done again.)
             carried = {k: last.get(k) for k in _COLUMNS}
             carried.update(path=rel, output=out_rel, status="skipped", error=None)
             carried["input_bytes"] = size
             early.append(carried)
         elif (
-            last.get("status") == "failed"
-            and last.get("input_bytes") == size
-            and not args.retry_failed
+            last.get("status") == "failed" and last.get("input_bytes") == size and not retry_failed
         ):  # the same bytes would fail the same way: keep the reason, skip the work
             carried = {k: last.get(k) for k in _COLUMNS}
             carried["error"] = last["error"].removeprefix("(earlier run) ")
@@ -1040,6 +1188,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             early.append(carried)
         else:
             todo.append(rel)
+    return early, todo
+
+
+def _run_with_manifest(
+    args, spec, model_bytes, inputs, output, manifest, start, done, before, retry_failed
+):
+    early, todo = _plan(inputs, args, done, before, retry_failed)
     manifest.add_rows(early)
 
     units = _parquet_units(inputs, args) if inputs.kind == "parquet" else []
@@ -1067,7 +1222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if means:
         line += (
-            f"; mean PSNR {means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
+            f"; on the {manifest.measured} with a --clean reference: mean PSNR "
+            f"{means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
             f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
             f"{means['ssim']:.3f}"
         )
@@ -1084,8 +1240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(file, row group) work units; checks the columns up front."""
+    """(file, row group) work units; checks the columns up front and sets
+    `args.clashes`: the outputs that more than one row would write (those rows fail)."""
     units = []
+    seen: set[str] = set()
+    clashes: set[str] = set()
     for source in inputs.parquet:
         try:
             parquet = _parquet_file(source)
@@ -1100,6 +1259,13 @@ def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, 
                 "bytes (--image-column)."
             )
         units.extend((source, group) for group in range(parquet.num_row_groups))
+        for rel in parquet.read(columns=[args.path_column]).column(0).to_pylist():
+            try:
+                out_rel = output_path(safe_relative(rel), args.format)
+            except (ValueError, TypeError):  # unsafe or null: fails on its own
+                continue
+            (clashes if out_rel in seen else seen).add(out_rel)
+    args.clashes = clashes
     return units
 
 
@@ -1127,6 +1293,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
     cpus, gpus, workers = _default_resources(
         args.gpus_per_worker, args.workers, args.cpus_per_worker
     )
+    check_resources(cpus, gpus, args.allow_autoscale)
     settings = JobSettings(
         model_bytes=model_bytes,
         spec=spec,
@@ -1138,7 +1305,11 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
         max_batch=args.batch_size,
         threads=max(1, int(round(cpus))),
         io_threads=args.io_threads or max(2, int(round(cpus)) + 1),
-        extra={"path_column": args.path_column, "image_column": args.image_column},
+        extra={
+            "path_column": args.path_column,
+            "image_column": args.image_column,
+            "clashes": getattr(args, "clashes", set()),
+        },
     )
     # from_items builds its blocks here; from_arrow would run one remote task per block
     # for its metadata, which on a fresh Ray first waits for a worker process to start
@@ -1215,15 +1386,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=_non_negative,
         default=None,
-        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)",
+        help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)",
     )
     p.add_argument(
         "--cpus-per-worker",
-        type=float,
+        type=_non_negative,
         default=1.0,
-        help="CPUs per actor",
+        help="CPUs per actor (> 0)",
+    )
+    p.add_argument(
+        "--allow-autoscale",
+        action="store_true",
+        help="start even if no node has the CPUs/GPUs an actor asks for now, and wait for "
+        "the cluster's autoscaler to add one (default: fail at once)",
     )
     p.add_argument(
         "--io-threads",
@@ -1254,6 +1431,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number. Received: {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0. Received: {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1262,7 +1449,10 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cpus_per_worker <= 0:
+        parser.error(f"argument --cpus-per-worker: must be > 0. Received: {args.cpus_per_worker:g}")
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -281,7 +281,15 @@ class TestFakeMultiNodeGPUCluster:
         proc, _ = _run(make + ["--out", str(noisy)], env, timeout=120)
         assert proc.returncode == 0, _tail(proc)
         cmd = [sys.executable, "jobs/denoise.py", "--model", str(model), "--input", str(noisy)]
-        cmd += ["--output", str(dst), "--gpus-per-worker", "1", "--workers", "2"]
+        cmd += [
+            "--output",
+            str(dst),
+            "--gpus-per-worker",
+            "1",
+            "--workers",
+            "2",
+            "--allow-autoscale",
+        ]
         cmd += ["--batch-size", "50"]
         proc, seconds = _run(cmd, env, timeout=300)
         TIMINGS["denoise"] = seconds

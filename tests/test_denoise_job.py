@@ -287,15 +287,26 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
     digits = (np.random.default_rng(0).random((5, 28, 28)) * 255).astype(np.uint8)
     paths = ["a/0.png", "a/1.png", "b/2.png", "../escape.png", "/abs/x.png", "bad.png"]
     payloads = [png(d) for d in digits[:3]] + [png(digits[3]), png(digits[4]), b"junk"]
+    # Two rows for one output (one of them in the other row group), and a null path.
+    paths += ["twice.png", "./twice.png", None]
+    payloads += [png(digits[0]), png(digits[1]), png(digits[2])]
     table = pa.table({"path": paths, "image": pa.array(payloads, pa.binary())})
     source = tmp_path / "images.parquet"
-    pq.write_table(table, source, row_group_size=4)  # two row groups
+    pq.write_table(table, source, row_group_size=4)  # three row groups
     dst = tmp_path / "out"
     result = run_job("--model", model_path, "--input", source, "--output", dst)
     assert result.returncode == 0, result.stderr[-3000:]
+    listed = pq.read_table(dst / "manifest.parquet").column("path").to_pylist()
+    assert len(listed) == len(paths)
     rows = manifest(dst)
-    assert sorted(rows) == sorted(paths)
-    assert [p for p in paths if rows[p]["status"] == "ok"] == ["a/0.png", "a/1.png", "b/2.png"]
+    null = f"{source}#row_group=2#row=0"
+    assert sorted(rows) == sorted([p for p in paths if p] + [null])
+    assert rows[null]["status"] == "failed" and "null" in rows[null]["error"]
+    for twin in ("twice.png", "./twice.png"):
+        assert rows[twin]["status"] == "failed", rows[twin]
+        assert "also the output of another row" in rows[twin]["error"]
+    assert not (dst / "twice.png").exists() and not (dst / "None").exists()
+    assert sorted(p for p in rows if rows[p]["status"] == "ok") == ["a/0.png", "a/1.png", "b/2.png"]
     for bad in ("../escape.png", "/abs/x.png"):
         assert rows[bad]["status"] == "failed" and "leave the output folder" in rows[bad]["error"]
     assert rows["bad.png"]["status"] == "failed"
@@ -311,6 +322,117 @@ def test_output_inside_input_is_refused(model_path, dataset):
         assert result.returncode == 2
         assert "outside the input tree" in result.stderr, result.stderr[-2000:]
     assert not (dataset["src"] / "0" / "out").exists()
+
+
+def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, dataset, tmp_path):
+    """Each exits 2 with a message naming the flag, before any image is touched."""
+    folder = tmp_path / "pq"  # a folder of Parquet files: the manifest would be listed
+    folder.mkdir()
+    table = pa.table({"path": ["a.png"], "image": pa.array([png(np.zeros((8, 8), np.uint8))])})
+    pq.write_table(table, folder / "part-0.parquet")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    src = ["--model", model_path, "--input", dataset["src"]]
+    cases = [
+        ([*src, "--output", a_file], "is a file"),
+        ([*src, "--output", dataset["clean"], "--clean", dataset["clean"]], "overlap"),
+        ([*src, "--output", dataset["clean"] / "o", "--clean", dataset["clean"]], "overlap"),
+        (["--model", model_path, "--input", folder, "--output", folder / "out"], "inside --input"),
+        ([*src, "--output", tmp_path / "o1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
+        ([*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"], "--gpus-per-worker"),
+    ]
+    for args, message in cases:
+        result = run_job(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_an_impossible_actor_request_fails_instead_of_waiting(model_path, dataset, tmp_path):
+    """No node of this (CPU-only, 2-CPU) Ray has a GPU or 64 CPUs: Ray Data would wait
+    forever for such an actor. The job says so and removes its unfinished manifest."""
+    for flag, value in (("--gpus-per-worker", "1"), ("--cpus-per-worker", "64")):
+        dst = tmp_path / flag.strip("-")
+        result = run_job(
+            "--model", model_path, "--input", dataset["src"], "--output", dst, flag, value,
+            timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "no node of this Ray cluster has that much" in result.stderr, result.stderr[-2000:]
+        assert "--allow-autoscale" in result.stderr
+        assert [p.name for p in dst.iterdir()] == [], "nothing left behind"
+
+
+def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
+    scans = tmp_path / "scan[1]"  # a real folder whose name looks like a glob
+    (scans / "sub").mkdir(parents=True)
+    for rel in ("a.png", "b.png", "sub/c.png", "notes.txt"):
+        (scans / rel).write_bytes(b"x")
+    found = job.find_inputs(str(scans), "auto")
+    assert [rel for rel, _ in found.files] == ["a.png", "b.png", "notes.txt", "sub/c.png"]
+    monkeypatch.chdir(scans)
+    for pattern, expected in (
+        ("*.png", ["a.png", "b.png"]),
+        ("**/*.png", ["a.png", "b.png", "sub/c.png"]),
+    ):
+        found = job.find_inputs(pattern, "auto")
+        assert sorted(rel for rel, _ in found.files) == expected
+        assert found.storage.root == str(scans)
+        # an output beside the input folder is not "inside" a relative glob's root
+        job.check_locations(found, pattern, job.Storage(str(tmp_path / "out")))
+        with pytest.raises(ValueError, match="inside --input"):
+            job.check_locations(found, pattern, job.Storage("out"))
+
+
+def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
+    """Per file, never for the whole job: a name that is not UTF-8, two inputs with one
+    output, alpha and 16 bits into JPEG, a GIF; then a rerun with other settings retries
+    the failures, keeps finished outputs and redoes an input that changed."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    gray = (rng.random((12, 12)) * 255).astype(np.uint8)
+
+    def save(name: str, image: Image.Image, fmt: str) -> None:
+        image.save(src / name, format=fmt)
+
+    save("x.jpg", Image.fromarray(gray), "JPEG")
+    save("x.png", Image.fromarray(gray[:10, :10]), "PNG")  # with --format jpeg: x.jpg too
+    save("y.jpg", Image.fromarray(gray[:8, :9]), "JPEG")
+    save("rgba.png", Image.fromarray(np.dstack([gray, gray, gray, gray])), "PNG")
+    save("g16.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")  # I;16
+    save("anim.gif", Image.fromarray(gray), "GIF")
+    with open(os.path.join(os.fsencode(src), b"bad\xffname.png"), "wb") as f:
+        f.write(png(gray))
+    result = run_job("--model", model_path, "--input", src, "--output", dst, "--format", "jpeg")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert rows["bad\\xffname.png"]["status"] == "failed"
+    assert "not valid UTF-8" in rows["bad\\xffname.png"]["error"]
+    assert rows["x.jpg"]["status"] == "ok" and rows["x.png"]["status"] == "failed"
+    assert "also the output of x.jpg" in rows["x.png"]["error"]
+    assert Image.open(dst / "x.jpg").size == (12, 12)  # x.jpg's own result, not x.png's
+    assert rows["rgba.png"]["status"] == "ok" and "alpha dropped" in rows["rgba.png"]["error"]
+    assert rows["g16.png"]["status"] == "ok" and "8 bits" in rows["g16.png"]["error"]
+    for name, mode in (("rgba.jpg", "RGB"), ("g16.jpg", "L"), ("anim.jpg", "L")):
+        with Image.open(dst / name) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", mode, (12, 12)), name
+    # Rerun into the same folder with --format same, after x.jpg was replaced.
+    save("x.jpg", Image.fromarray(gray[:11, :7]), "JPEG")
+    result = run_job("--model", model_path, "--input", src, "--output", dst)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "another format" in result.stderr
+    rows = manifest(dst)
+    assert rows["y.jpg"]["status"] == "skipped"  # its output is there, the input unchanged
+    assert rows["x.jpg"]["status"] == "ok"  # changed since the last run: done again
+    assert Image.open(dst / "x.jpg").size == (7, 11)
+    assert rows["x.png"]["status"] == "ok"  # the earlier failure is retried: own output now
+    assert rows["anim.gif"]["output"] == "anim.png"  # same format where the job writes it
+    with Image.open(dst / "anim.png") as image:
+        assert image.format == "PNG"
+    assert rows["bad\\xffname.png"]["status"] == "failed"
 
 
 def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
