@@ -1260,9 +1260,11 @@ def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, 
             )
         units.extend((source, group) for group in range(parquet.num_row_groups))
         for rel in parquet.read(columns=[args.path_column]).column(0).to_pylist():
+            if rel is None:  # a null path fails on its own (in its actor)
+                continue
             try:
                 out_rel = output_path(safe_relative(rel), args.format)
-            except (ValueError, TypeError):  # unsafe or null: fails on its own
+            except ValueError:  # an unsafe path fails on its own
                 continue
             (clashes if out_rel in seen else seen).add(out_rel)
     args.clashes = clashes

@@ -288,8 +288,8 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
     paths = ["a/0.png", "a/1.png", "b/2.png", "../escape.png", "/abs/x.png", "bad.png"]
     payloads = [png(d) for d in digits[:3]] + [png(digits[3]), png(digits[4]), b"junk"]
     # Two rows for one output (one of them in the other row group), and a null path.
-    paths += ["twice.png", "./twice.png", None]
-    payloads += [png(digits[0]), png(digits[1]), png(digits[2])]
+    paths += ["twice.png", "./twice.png", None, None, "None.png"]  # null paths are no clash
+    payloads += [png(digits[0]), png(digits[1]), png(digits[2]), png(digits[3]), png(digits[4])]
     table = pa.table({"path": paths, "image": pa.array(payloads, pa.binary())})
     source = tmp_path / "images.parquet"
     pq.write_table(table, source, row_group_size=4)  # three row groups
@@ -299,20 +299,22 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
     listed = pq.read_table(dst / "manifest.parquet").column("path").to_pylist()
     assert len(listed) == len(paths)
     rows = manifest(dst)
-    null = f"{source}#row_group=2#row=0"
-    assert sorted(rows) == sorted([p for p in paths if p] + [null])
-    assert rows[null]["status"] == "failed" and "null" in rows[null]["error"]
+    nulls = [f"{source}#row_group=2#row={i}" for i in (0, 1)]
+    assert sorted(rows) == sorted([p for p in paths if p] + nulls)
+    for null in nulls:
+        assert rows[null]["status"] == "failed" and "null" in rows[null]["error"]
     for twin in ("twice.png", "./twice.png"):
         assert rows[twin]["status"] == "failed", rows[twin]
         assert "also the output of another row" in rows[twin]["error"]
     assert not (dst / "twice.png").exists() and not (dst / "None").exists()
-    assert sorted(p for p in rows if rows[p]["status"] == "ok") == ["a/0.png", "a/1.png", "b/2.png"]
+    done = ["None.png", "a/0.png", "a/1.png", "b/2.png"]
+    assert sorted(p for p in rows if rows[p]["status"] == "ok") == done
     for bad in ("../escape.png", "/abs/x.png"):
         assert rows[bad]["status"] == "failed" and "leave the output folder" in rows[bad]["error"]
     assert rows["bad.png"]["status"] == "failed"
     assert not (tmp_path / "escape.png").exists() and not Path("/abs/x.png").exists()
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
-    assert written == ["a/0.png", "a/1.png", "b/2.png"]
+    assert written == done
     assert np.asarray(Image.open(dst / "a" / "0.png")).shape == (28, 28)
 
 
