@@ -914,8 +914,9 @@ def check_locations(
     src = source.storage
     if src is None and source.kind == "parquet" and os.path.isdir(location):
         src = Storage(location)  # a local folder of Parquet files is listed too
-    if src is not None and _nested(src, output) in ("same", "inside"):
-        where = "--input" if _nested(src, output) == "same" else "inside --input"
+    nesting = _nested(src, output) if src is not None else None
+    if nesting in ("same", "inside"):
+        where = "--input" if nesting == "same" else "inside --input"
         raise ValueError(
             f"--output {output.location} is {where} {location}: choose an output folder "
             "outside the input tree."
@@ -1130,21 +1131,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     manifest = ManifestWriter(output, metadata)
     try:
-        summary = _run_with_manifest(
-            args,
-            spec,
-            model_bytes,
-            inputs,
-            output,
-            manifest,
-            start,
-            done,
-            before,
-            retry_failed=args.retry_failed or bool(changed),
-        )
-    except BaseException:
+        early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
+        manifest.add_rows(early)
+        units, clashes = _parquet_units(inputs, args) if inputs.kind == "parquet" else ([], set())
+        timings: dict[str, float] = {}
+        if todo or units:
+            timings = _run_ray(
+                args, spec, model_bytes, inputs, todo, units, clashes, manifest, start
+            )
+        manifest.close()
+    except BaseException:  # the outputs written stay; an unfinished manifest does not
         manifest.abort()
         raise
+    seconds = time.perf_counter() - start
+    counts = manifest.counts
+    summary = {
+        "inputs": sum(counts.values()),
+        **counts,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
+        **timings,
+        "manifest": output.full(MANIFEST),
+    }
+    means = manifest.means()
+    if means:
+        summary.update({f"mean_{k}": round(v, 3) for k, v in means.items()})
+        summary["mean_psnr_gain"] = round(means["psnr"] - means["psnr_noisy"], 3)
+    line = (
+        f"denoise: {summary['inputs']} inputs: {counts['ok']} ok, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped in {seconds:.1f} s ({summary['images_per_s']} images/s)"
+    )
+    if means:
+        line += (
+            f"; on the {manifest.measured} with a --clean reference: mean PSNR "
+            f"{means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
+            f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
+            f"{means['ssim']:.3f}"
+        )
+    if timings.get("first_result_s") is not None:
+        line += (
+            f"; start-up: Ray ready after {timings['ray_ready_s']:.1f} s, first results "
+            f"after {timings['first_result_s']:.1f} s"
+        )
+    for failure in manifest.failures:
+        print(f"denoise: failed: {failure}", file=sys.stderr)
+    print(line, flush=True)
+    print("denoise-summary " + json.dumps(summary), flush=True)
     return summary
 
 
@@ -1191,57 +1223,11 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
     return early, todo
 
 
-def _run_with_manifest(
-    args, spec, model_bytes, inputs, output, manifest, start, done, before, retry_failed
-):
-    early, todo = _plan(inputs, args, done, before, retry_failed)
-    manifest.add_rows(early)
-
-    units = _parquet_units(inputs, args) if inputs.kind == "parquet" else []
-    timings: dict[str, float] = {}
-    if todo or units:
-        timings = _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start)
-    manifest.close()
-    seconds = time.perf_counter() - start
-    counts = manifest.counts
-    summary = {
-        "inputs": sum(counts.values()),
-        **counts,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
-        **timings,
-        "manifest": output.full(MANIFEST),
-    }
-    means = manifest.means()
-    if means:
-        summary.update({f"mean_{k}": round(v, 3) for k, v in means.items()})
-        summary["mean_psnr_gain"] = round(means["psnr"] - means["psnr_noisy"], 3)
-    line = (
-        f"denoise: {summary['inputs']} inputs: {counts['ok']} ok, {counts['failed']} failed, "
-        f"{counts['skipped']} skipped in {seconds:.1f} s ({summary['images_per_s']} images/s)"
-    )
-    if means:
-        line += (
-            f"; on the {manifest.measured} with a --clean reference: mean PSNR "
-            f"{means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
-            f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
-            f"{means['ssim']:.3f}"
-        )
-    if timings.get("first_result_s") is not None:
-        line += (
-            f"; start-up: Ray ready after {timings['ray_ready_s']:.1f} s, first results "
-            f"after {timings['first_result_s']:.1f} s"
-        )
-    for failure in manifest.failures:
-        print(f"denoise: failed: {failure}", file=sys.stderr)
-    print(line, flush=True)
-    print("denoise-summary " + json.dumps(summary), flush=True)
-    return summary
-
-
-def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(file, row group) work units; checks the columns up front and sets
-    `args.clashes`: the outputs that more than one row would write (those rows fail)."""
+def _parquet_units(
+    inputs: Inputs, args: argparse.Namespace
+) -> tuple[list[tuple[str, int]], set[str]]:
+    """(file, row group) work units, and the outputs that more than one row would write
+    (those rows fail); checks the columns up front."""
     units = []
     seen: set[str] = set()
     clashes: set[str] = set()
@@ -1267,11 +1253,10 @@ def _parquet_units(inputs: Inputs, args: argparse.Namespace) -> list[tuple[str, 
             except ValueError:  # an unsafe path fails on its own
                 continue
             (clashes if out_rel in seen else seen).add(out_rel)
-    args.clashes = clashes
-    return units
+    return units, clashes
 
 
-def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start) -> dict:
+def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, start) -> dict:
     """Runs the pipeline on a Ray it connects to (or starts); returns when Ray was
     ready and when the first results came back, in seconds since `start`."""
     import ray
@@ -1279,7 +1264,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start) -> d
     ray.init(include_dashboard=False, log_to_driver=True)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     try:
-        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units):
+        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
             if timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
@@ -1288,7 +1273,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, manifest, start) -> d
     return timings
 
 
-def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
+def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
     """The Ray Data pipeline; yields one table of manifest rows per block."""
     import ray
 
@@ -1310,7 +1295,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units):
         extra={
             "path_column": args.path_column,
             "image_column": args.image_column,
-            "clashes": getattr(args, "clashes", set()),
+            "clashes": clashes,
         },
     )
     # from_items builds its blocks here; from_arrow would run one remote task per block
@@ -1394,7 +1379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cpus-per-worker",
-        type=_non_negative,
+        type=_positive_float,
         default=1.0,
         help="CPUs per actor (> 0)",
     )
@@ -1433,14 +1418,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _non_negative(text: str) -> float:
+def _non_negative(text: str, strict: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number. Received: {text!r}") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0. Received: {text}")
+    if not (value > 0 if strict else value >= 0) or math.isinf(value):
+        bound = "> 0" if strict else ">= 0"
+        raise argparse.ArgumentTypeError(f"must be a number {bound}. Received: {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _non_negative(text, strict=True)
 
 
 def _positive(text: str) -> int:
@@ -1451,10 +1441,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.cpus_per_worker <= 0:
-        parser.error(f"argument --cpus-per-worker: must be > 0. Received: {args.cpus_per_worker:g}")
+    args = build_parser().parse_args(argv)
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
