@@ -146,6 +146,7 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
         fmt="same",
         rgb="per-channel",
         max_batch=1024,
+        quality=95,
         threads=1,
         io_threads=1,
     )

@@ -10,6 +10,10 @@ to the same relative path under --output, and DST/manifest.parquet gets one row
 per input: path, output, status (ok / failed / skipped), error, width, height,
 channels, PSNR/SSIM of the noisy input and of the output against --clean
 references (same relative paths), and the Ray node and device of its batch.
+While it runs, the rows go block by block to a journal in DST (an Arrow IPC
+stream, readable up to the last whole block after a crash); at the end the
+journal becomes the manifest. A rerun carries earlier rows (sizes, metrics)
+into its `skipped` rows from the last manifest and any journal a crash left.
 
 How it runs: the driver lists the inputs (one recursive listing, no Ray task
 per file), drops those whose output already exists (a rerun resumes: outputs
@@ -37,7 +41,8 @@ write its files (file calls, zlib and Pillow release the GIL). Files are created
 one at a time per actor: several threads creating files in one folder made the
 kernel spin on the folder's lock (about 3x the system time, measured).
 Exit status: 0 when the job ran to the end (failed files are in the
-manifest), 2 for bad arguments (a bad model, DST inside SRC, ...).
+manifest), 2 for bad arguments (a bad model, DST inside SRC, ...), 130 after
+Ctrl-C (what was done is kept for the rerun).
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.parquet"
 TMP_MARK = ".denoise-tmp"  # temp outputs are ".NAME.<id>.denoise-tmp"
+# A running job's rows, block by block (an Arrow IPC stream: readable up to the last
+# whole block after a crash); turned into MANIFEST when the job ends.
+JOURNAL = re.compile(r"\.manifest\.[0-9a-f]{12}\.journal")
 GLOB_CHARS = "*?["
 PARQUET_SUFFIXES = (".parquet", ".pq")
 FORMATS = {  # --format value -> (PIL format, suffix)
@@ -90,6 +98,7 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
     "WEBP": (".webp",),
 }
 SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
+LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # the input, relative to SRC (or the Parquet path column)
@@ -392,14 +401,15 @@ def encode_png(array: np.ndarray) -> bytes:
     )
 
 
-def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str | None]:
-    """Encodes (H, W, C) in format `fmt` (a Pillow format name); returns the bytes and
-    a note when the format cannot hold the image as it is (JPEG: no alpha, no 16 bits),
-    so the alpha channel was dropped or the values scaled to 8 bits."""
+def encode(array: np.ndarray, fmt: str, quality: int = 95) -> tuple[bytes, str | None]:
+    """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
+    `quality`); returns the bytes and a note when the format cannot hold the image as
+    it is (JPEG: no alpha, no 16 bits), so the alpha channel was dropped or the values
+    scaled to 8 bits."""
     if fmt == "PNG":
         return encode_png(array), None
     try:
-        return _pillow_encode(array, fmt), None
+        return _pillow_encode(array, fmt, quality), None
     except (OSError, ValueError, KeyError) as e:
         notes = []
         if array.shape[2] in (2, 4):
@@ -410,12 +420,13 @@ def encode(array: np.ndarray, fmt: str) -> tuple[bytes, str | None]:
         if not notes:
             raise
         try:
-            return _pillow_encode(array, fmt), f"{' and '.join(notes)}: {fmt} cannot store it"
+            note = f"{' and '.join(notes)}: {fmt} cannot store it"
+            return _pillow_encode(array, fmt, quality), note
         except (OSError, ValueError, KeyError):
             raise e from None
 
 
-def _pillow_encode(array: np.ndarray, fmt: str) -> bytes:
+def _pillow_encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
     from PIL import Image
 
     image = array[..., 0] if array.shape[2] == 1 else array
@@ -424,7 +435,7 @@ def _pillow_encode(array: np.ndarray, fmt: str) -> bytes:
     else:
         pil = Image.fromarray(image)
     buf = io.BytesIO()
-    pil.save(buf, format=fmt)
+    pil.save(buf, format=fmt, **({"quality": quality} if fmt in LOSSY else {}))
     return buf.getvalue()
 
 
@@ -490,6 +501,7 @@ class JobSettings:
     fmt: str  # "same" or a key of FORMATS
     rgb: str  # "per-channel" or "luminance"
     max_batch: int
+    quality: int  # JPEG/WEBP
     threads: int
     io_threads: int = 2
     extra: dict = field(default_factory=dict)
@@ -748,7 +760,7 @@ class Denoiser:
             to_write = result
             if item["alpha"] is not None:
                 to_write = np.concatenate([result, item["alpha"][..., None]], axis=-1)
-            payload, note = encode(to_write, item["fmt"])
+            payload, note = encode(to_write, item["fmt"], self.s.quality)
             with self._write_lock:
                 self.out.write_atomic(item["out_rel"], payload)
         except Exception as e:
@@ -762,9 +774,20 @@ class Denoiser:
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"
                     )
-                row.update(_metrics(clean, item["array"], result, item["maxval"]))
+                written = result
+                if item["fmt"] in LOSSY:  # the metrics of the file, not of the model's output
+                    written = self._read_back(payload, result, item["maxval"])
+                row.update(_metrics(clean, item["array"], written, item["maxval"]))
             except Exception as e:
                 row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
+
+    def _read_back(self, payload: bytes, result: np.ndarray, maxval: int) -> np.ndarray:
+        """A lossy output as written, on the scale and channels of the model's output."""
+        back, back_max, _, _ = decode(payload, self.s.rgb)
+        back = back[..., : result.shape[2]]  # WEBP stores a gray image as RGB
+        if back_max != maxval:  # 16 bits written as 8
+            back = np.rint(back * (maxval / back_max))
+        return back.astype(result.dtype)
 
 
 @contextlib.contextmanager
@@ -955,43 +978,99 @@ def existing_outputs(output: Storage) -> set[str]:
                 output.remove(rel)
             except OSError:
                 pass
-        elif size > 0 and rel != MANIFEST:
+        elif size > 0 and rel != MANIFEST and not JOURNAL.fullmatch(rel):
             done.add(rel)
     return done
 
 
-def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The last manifest's rows by input path (to carry sizes and metrics into `skipped`
-    rows) and its metadata (the settings of that run)."""
+def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict], list[str]]:
+    """The rows of earlier runs by input path (to carry sizes and metrics into
+    `skipped` rows): the last manifest's, updated by the journals of runs that stopped
+    before writing theirs (killed, crashed, interrupted). Also the metadata (settings)
+    of each, and the journals' names (removed once this run's manifest holds their rows)."""
+    tables = []
     try:
-        table = pq.read_table(io.BytesIO(output.read(MANIFEST)))
+        tables.append(pq.read_table(io.BytesIO(output.read(MANIFEST))))
     except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
-        return {}, {}
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return {row["path"]: row for row in table.to_pylist()}, meta
+        pass
+    journals = _journals(output)
+    for name in journals:
+        table = read_journal(output.full(name))
+        if table is not None:
+            tables.append(table)
+    rows: dict[str, dict[str, Any]] = {}
+    metas = []
+    for table in tables:  # oldest first: a later row for a path replaces an earlier one
+        if not set(_COLUMNS) <= set(table.schema.names):
+            continue  # another job's or version's layout: its rows are not carried
+        metas.append({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
+        rows.update((row["path"], row) for row in table.select(_COLUMNS).to_pylist())
+    return rows, metas, journals
+
+
+def _journals(output: Storage) -> list[str]:
+    """Journals left in DST by runs that did not finish, oldest first."""
+    if not output.local or not output.is_dir():
+        return []
+    found = []
+    with os.scandir(output.root) as it:
+        for entry in it:
+            if JOURNAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                found.append((entry.stat().st_mtime_ns, entry.name))
+    return [name for _, name in sorted(found)]
+
+
+def read_journal(path: str) -> pa.Table | None:
+    """Every whole block of a journal: a crash cuts it anywhere, the part before stays."""
+    batches = []
+    try:
+        with pa.OSFile(path, "rb") as f:
+            reader = pa.ipc.open_stream(f)
+            schema = reader.schema
+            while True:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError):  # the block the crash cut short
+                    break
+    except (pa.ArrowException, OSError):  # killed before the schema was written
+        return None
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 class ManifestWriter:
-    """Streams rows into DST/manifest.parquet (temp file, renamed at the end) and keeps counts."""
+    """Streams rows into DST/manifest.parquet and keeps counts.
 
-    def __init__(self, output: Storage, metadata: dict[str, str]):
+    Locally the rows go first to a journal in DST, one Arrow IPC record batch per
+    block as it comes back (driver memory stays flat, and a crash keeps every block
+    recorded before it: the rerun reads them back). close() turns the journal into
+    the Parquet manifest (temp file, renamed) and removes it and the earlier runs'
+    journals, whose rows the new manifest carries. An object store has no rename or
+    append: there the manifest is buffered and PUT once at the end."""
+
+    def __init__(self, output: Storage, metadata: dict[str, str], consumed: list[str] = ()):
         self.output = output
-        schema = MANIFEST_SCHEMA.with_metadata(metadata)
-        if output.local:  # rows go to disk as they come: driver memory stays flat
+        self.schema = MANIFEST_SCHEMA.with_metadata(metadata)
+        self.consumed = list(consumed)  # earlier journals, read by previous_rows
+        if output.local:
             os.makedirs(output.root, exist_ok=True)
-            self.tmp = output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
-            self.writer = pq.ParquetWriter(self.tmp, schema)
-        else:  # an object store has no rename: buffer, then one PUT
+            self.journal = f".manifest.{uuid.uuid4().hex[:12]}.journal"
+            self.sink = pa.OSFile(output.full(self.journal), "wb")  # unbuffered: each
+            self.writer = pa.ipc.new_stream(self.sink, self.schema)  # block reaches the OS
+        else:
             self.buffer = io.BytesIO()
-            self.writer = pq.ParquetWriter(self.buffer, schema)
+            self.writer = pq.ParquetWriter(self.buffer, self.schema)
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
+        self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
         self.failures: list[str] = []
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, new: bool = True) -> None:
         table = table.select(_COLUMNS).cast(MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
+        self.new_rows += table.num_rows if new else 0
         status = table.column("status").to_pylist()
         for s in status:
             self.counts[s] = self.counts.get(s, 0) + 1
@@ -1017,23 +1096,49 @@ class ManifestWriter:
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             cols = {c: [r.get(c) for r in rows] for c in _COLUMNS}
-            self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()))
+            self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()), new=False)
 
     def abort(self) -> None:
-        """Drops the unfinished manifest (the job failed; the outputs written stay)."""
+        """The job failed: the outputs written stay, and so does the journal if it holds
+        rows of denoised images (the rerun reads them back); it is removed otherwise."""
         try:
             self.writer.close()
             if self.output.local:
-                os.unlink(self.tmp)
+                self.sink.close()
+                if not self.new_rows:
+                    self.output.remove(self.journal)
         except Exception:
             pass
 
     def close(self) -> None:
         self.writer.close()
-        if self.output.local:
-            os.replace(self.tmp, self.output.full(MANIFEST))
-        else:
+        if not self.output.local:
             self.output.write_atomic(MANIFEST, self.buffer.getvalue())
+            return
+        self.sink.close()
+        tmp = self.output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
+        try:
+            with pa.OSFile(self.output.full(self.journal), "rb") as f:
+                reader = pa.ipc.open_stream(f)
+                with pq.ParquetWriter(tmp, self.schema) as writer:
+                    pending: list[pa.RecordBatch] = []
+                    rows = 0
+                    for batch in reader:  # row groups of ~64k rows, not one per block
+                        pending.append(batch)
+                        rows += batch.num_rows
+                        if rows >= 65_536:
+                            writer.write_table(pa.Table.from_batches(pending))
+                            pending, rows = [], 0
+                    if pending:
+                        writer.write_table(pa.Table.from_batches(pending))
+            os.replace(tmp, self.output.full(MANIFEST))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        for name in (*self.consumed, self.journal):  # their rows are in the manifest now
+            with contextlib.suppress(OSError):
+                self.output.remove(name)
 
     def means(self) -> dict[str, float]:
         if not self.measured:
@@ -1108,7 +1213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--format must be 'same' or one of {sorted(FORMATS)}: {args.format}")
 
     done = existing_outputs(output)
-    before, before_meta = previous_rows(output)
+    before, before_metas, journals = previous_rows(output)
     metadata = {
         "job": "jobs/denoise.py",
         "model": args.model,
@@ -1118,18 +1223,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clean": args.clean or "",
         "format": args.format,
         "rgb": args.rgb,
+        "quality": str(args.quality),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # A failure is carried over (not retried) only if this run would redo it the same
     # way: same model and output settings (a JPEG that cannot hold alpha may be a PNG now).
-    changed = [k for k in ("model_sha256", "format", "rgb") if before_meta.get(k) != metadata[k]]
+    keys = ("model_sha256", "format", "rgb")
+    changed = [k for k in keys if any(meta.get(k) != metadata[k] for meta in before_metas)]
     if before and changed:
         print(
             f"denoise: note: {output.location} holds a run with another "
             f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
             file=sys.stderr,
         )
-    manifest = ManifestWriter(output, metadata)
+    manifest = ManifestWriter(output, metadata, consumed=journals)
     try:
         early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
@@ -1140,7 +1247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args, spec, model_bytes, inputs, todo, units, clashes, manifest, start
             )
         manifest.close()
-    except BaseException:  # the outputs written stay; an unfinished manifest does not
+    except BaseException:  # the outputs written stay, and the rows of what was done
         manifest.abort()
         raise
     seconds = time.perf_counter() - start
@@ -1290,6 +1397,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
         fmt=args.format,
         rgb=args.rgb,
         max_batch=args.batch_size,
+        quality=args.quality,
         threads=max(1, int(round(cpus))),
         io_threads=args.io_threads or max(2, int(round(cpus)) + 1),
         extra={
@@ -1402,6 +1510,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format: 'same' as the input (default), or png, jpeg, bmp, tiff, webp",
     )
     p.add_argument(
+        "--quality",
+        type=_quality,
+        default=95,
+        help="JPEG and WEBP quality, 1-100 (default 95; Pillow's own default, 75, adds "
+        "visible compression noise to a denoised image). With --clean, the metrics of "
+        "a JPEG/WEBP output are those of the file as written",
+    )
+    p.add_argument(
         "--rgb",
         choices=("per-channel", "luminance"),
         default="per-channel",
@@ -1433,6 +1549,13 @@ def _positive_float(text: str) -> float:
     return _non_negative(text, strict=True)
 
 
+def _quality(text: str) -> int:
+    value = _positive(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 100. Received: {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1447,6 +1570,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"denoise: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "denoise: interrupted. The outputs written are kept, with their rows in a journal "
+            "in --output: run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

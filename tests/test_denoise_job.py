@@ -233,30 +233,35 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     assert not stale.exists()
 
 
+def _journal_rows(dst: Path) -> dict[str, dict]:
+    rows = {}
+    for path in sorted(dst.glob(".manifest.*.journal")) if dst.is_dir() else []:
+        table = job.read_journal(str(path))
+        rows.update({r["path"]: r for r in (table.to_pylist() if table is not None else [])})
+    return rows
+
+
 def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     model_path, tmp_path, ray_tmp
 ):
     """The job and its Ray are SIGKILLed while outputs are being written (a crash):
-    every image left in DST decodes whole, and the rerun denoises exactly the inputs
-    that have no output yet and skips the rest, one manifest row per input."""
+    every image left in DST decodes whole, the rows of the blocks done before the kill
+    survive in the run's journal, and the rerun denoises exactly the inputs that have
+    no output yet, skips the rest with the killed run's sizes and PSNR, and writes one
+    manifest row per input."""
     count = 6000
-    src, dst = tmp_path / "noisy", tmp_path / "out"
-    make_noisy.make_noisy(str(MNIST), count, src)
+    src, clean, dst = tmp_path / "noisy", tmp_path / "clean", tmp_path / "out"
+    make_noisy.make_noisy(str(MNIST), count, src, clean)
     inputs = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
     assert len(inputs) == count
     args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
+    args += ["--clean", clean]
     log = tmp_path / "killed.log"
     cmd = [sys.executable, str(JOB), *map(str, args)]
     job_proc = start_logged(cmd, {**_env(), "RAY_TMPDIR": str(ray_tmp)}, log)
     try:
-        first = wait_for(
-            lambda: dst.is_dir() and next(dst.rglob("*.png"), None),
-            job_proc,
-            log,
-            timeout=300,
-            interval=0.02,
-        )
-        assert first, "no output within 300 s"
+        first = wait_for(lambda: _journal_rows(dst), job_proc, log, timeout=300, interval=0.02)
+        assert first, "no block recorded within 300 s"
         for pid in [job_proc.pid, *ray_pids(ray_tmp)]:  # all at once, as a crash would
             os.kill(pid, signal.SIGKILL)
         job_proc.wait(timeout=30)
@@ -272,6 +277,9 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
         with Image.open(dst / rel) as image:
             image.load()
             assert image.size == (28, 28), rel
+    recorded = _journal_rows(dst)  # the blocks the driver got before the kill
+    assert recorded and set(recorded) <= set(left)
+    assert all(r["status"] == "ok" and r["psnr"] > r["psnr_noisy"] for r in recorded.values())
 
     result = run_job(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -279,8 +287,15 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert sorted(rows) == inputs  # every input once
     assert sorted(p for p, r in rows.items() if r["status"] == "skipped") == left
     assert sum(r["status"] == "ok" for r in rows.values()) == count - len(left)
+    for path, row in recorded.items():  # carried over, not lost with the killed run
+        assert (rows[path]["width"], rows[path]["psnr"]) == (28, row["psnr"]), path
+    # Only outputs written in the blocks the kill cut short lack their metrics.
+    measured = sum(r["psnr"] is not None for r in rows.values())
+    assert measured == count - len(set(left) - set(recorded))
+    assert f"on the {measured} with a --clean reference" in result.stdout
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png")) == inputs
     assert [p.name for p in dst.rglob("*") if job.TMP_MARK in p.name] == []
+    assert _journal_rows(dst) == {} and list(dst.glob(".manifest.*")) == []
 
 
 def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
@@ -342,6 +357,7 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         (["--model", model_path, "--input", folder, "--output", folder / "out"], "inside --input"),
         ([*src, "--output", tmp_path / "o1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
         ([*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"], "--gpus-per-worker"),
+        ([*src, "--output", tmp_path / "o3", "--quality", "101"], "--quality"),
     ]
     for args, message in cases:
         result = run_job(*args)
@@ -349,7 +365,7 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 def test_an_impossible_actor_request_fails_instead_of_waiting(model_path, dataset, tmp_path):
@@ -389,10 +405,12 @@ def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
 
 def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     """Per file, never for the whole job: a name that is not UTF-8, two inputs with one
-    output, alpha and 16 bits into JPEG, a GIF; then a rerun with other settings retries
-    the failures, keeps finished outputs and redoes an input that changed."""
-    src, dst = tmp_path / "in", tmp_path / "out"
+    output, alpha and 16 bits into JPEG, a GIF; the PSNR of a JPEG output is that of the
+    file written; then a rerun with other settings retries the failures, keeps finished
+    outputs and redoes an input that changed."""
+    src, dst, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
     src.mkdir()
+    clean.mkdir()
     rng = np.random.default_rng(3)
     gray = (rng.random((12, 12)) * 255).astype(np.uint8)
 
@@ -407,9 +425,22 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     save("anim.gif", Image.fromarray(gray), "GIF")
     with open(os.path.join(os.fsencode(src), b"bad\xffname.png"), "wb") as f:
         f.write(png(gray))
-    result = run_job("--model", model_path, "--input", src, "--output", dst, "--format", "jpeg")
+    references = {"y.jpg": gray[:8, :9], "g16.png": gray.astype(np.uint16) * 257}
+    for name, reference in references.items():  # lossless references under the same names
+        Image.fromarray(reference).save(clean / name, format="PNG")
+    result = run_job(
+        "--model", model_path, "--input", src, "--output", dst, "--format", "jpeg",
+        "--clean", clean, "--quality", 60,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
+    for name, reference in references.items():
+        written = np.asarray(Image.open(dst / name.replace(".png", ".jpg")), np.float64)
+        if reference.dtype == np.uint16:  # scaled to 8 bits for JPEG, measured in 16
+            written = np.rint(written * 65535 / 255)
+        peak = np.iinfo(reference.dtype).max
+        mse = np.mean((written / peak - reference / peak) ** 2)
+        assert rows[name]["psnr"] == pytest.approx(10 * np.log10(1 / mse), abs=1e-6), name
     assert rows["bad\\xffname.png"]["status"] == "failed"
     assert "not valid UTF-8" in rows["bad\\xffname.png"]["error"]
     assert rows["x.jpg"]["status"] == "ok" and rows["x.png"]["status"] == "failed"
