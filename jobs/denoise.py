@@ -99,6 +99,7 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
 }
 SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
 LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
+COLOR_SPACE = {"L": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB"}  # Pillow mode -> decoded mode
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # the input, relative to SRC (or the Parquet path column)
@@ -327,11 +328,16 @@ def _input_shape(config: dict) -> list | None:
 # Image helpers (NumPy + Pillow), used inside the actors.
 
 
-def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray | None]:
-    """Decodes an image file to (H, W, C) with its maximum value, format and alpha.
+def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
+    """Decodes an image file to (H, W, C) with its maximum value, what the output
+    should carry over (`info`) and its alpha channel.
 
     Grayscale stays 1 channel; RGB stays 3 (or becomes 1 with rgb="luminance");
     an alpha channel is set aside unchanged. 16-bit grayscale keeps 0..65535.
+    `info` holds the file's EXIF (its orientation tag says how to show the pixels,
+    which keep their stored layout), ICC profile (kept only while the image keeps its
+    color space) and DPI, and a `note` when Pillow read it with less depth than the
+    file has (16-bit RGB PNGs come as 8 bits).
 
     Raises:
         ValueError: not a readable image.
@@ -344,12 +350,12 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray |
     try:
         with Image.open(io.BytesIO(payload), formats=formats) as img:
             img.load()
-            fmt = img.format or "PNG"
+            info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
             mode = img.mode
             alpha = None
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.int64)
-                return np.clip(array, 0, 65535).astype(np.uint16)[..., None], 65535, fmt, None
+                return np.clip(array, 0, 65535).astype(np.uint16)[..., None], 65535, info, None
             if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA" if mode != "LA" else "LA")
                 alpha = np.asarray(img.getchannel("A"))
@@ -360,13 +366,17 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, str, np.ndarray |
                 img = img.convert("RGB" if mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")
             if img.mode == "RGB" and rgb == "luminance":
                 img = img.convert("L")
+            if img.mode != COLOR_SPACE.get(mode):  # converted: the profile no longer fits
+                info.pop("icc_profile", None)
+            if formats and payload[24:25] == b"\x10" and payload[25:26] in (b"\x02", b"\x06"):
+                info["note"] = "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
             array = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
         raise ValueError(f"not a readable image ({type(e).__name__}: {reason})") from e
     if array.ndim == 2:
         array = array[..., None]
-    return array, 255, fmt, alpha
+    return array, 255, info, alpha
 
 
 def _gray_palette(img) -> bool:
@@ -378,11 +388,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(array: np.ndarray) -> bytes:
+def encode_png(array: np.ndarray, info: dict | None = None) -> bytes:
     """A PNG of a uint8/uint16 (H, W, C) array, C in 1..4, without Pillow's per-call cost.
 
     Filter type 0 on every row and zlib level 6: a valid PNG any reader opens,
-    about 6x faster than `Image.save` for small images.
+    about 6x faster than `Image.save` for small images. `info` may add the chunks
+    for an ICC profile, a DPI and EXIF (as decode returns them).
     """
     height, width, channels = array.shape
     depth = 16 if array.dtype == np.uint16 else 8
@@ -395,21 +406,39 @@ def encode_png(array: np.ndarray) -> bytes:
         (
             b"\x89PNG\r\n\x1a\n",
             _png_chunk(b"IHDR", header),
+            *_png_info_chunks(info or {}),
             _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)),
             _png_chunk(b"IEND", b""),
         )
     )
 
 
-def encode(array: np.ndarray, fmt: str, quality: int = 95) -> tuple[bytes, str | None]:
+def _png_info_chunks(info: dict) -> list[bytes]:
+    """iCCP, pHYs and eXIf chunks (the ones before IDAT) for what `info` holds."""
+    chunks = []
+    if info.get("icc_profile"):
+        chunks.append(_png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(info["icc_profile"])))
+    if info.get("dpi"):
+        x, y = (max(1, round(float(d) / 0.0254)) for d in info["dpi"])  # per meter
+        chunks.append(_png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1)))
+    if info.get("exif"):
+        chunks.append(_png_chunk(b"eXIf", info["exif"].removeprefix(b"Exif\x00\x00")))
+    return chunks
+
+
+def encode(
+    array: np.ndarray, fmt: str, quality: int = 95, info: dict | None = None
+) -> tuple[bytes, str | None]:
     """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
-    `quality`); returns the bytes and a note when the format cannot hold the image as
-    it is (JPEG: no alpha, no 16 bits), so the alpha channel was dropped or the values
-    scaled to 8 bits."""
+    `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
+    the format holds them; returns the bytes and a note when the format cannot hold
+    the image as it is (JPEG: no alpha, no 16 bits), so the alpha channel was dropped
+    or the values scaled to 8 bits."""
+    info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
-        return encode_png(array), None
+        return encode_png(array, info), None
     try:
-        return _pillow_encode(array, fmt, quality), None
+        return _pillow_encode(array, fmt, quality, info), None
     except (OSError, ValueError, KeyError) as e:
         notes = []
         if array.shape[2] in (2, 4):
@@ -421,12 +450,12 @@ def encode(array: np.ndarray, fmt: str, quality: int = 95) -> tuple[bytes, str |
             raise
         try:
             note = f"{' and '.join(notes)}: {fmt} cannot store it"
-            return _pillow_encode(array, fmt, quality), note
+            return _pillow_encode(array, fmt, quality, info), note
         except (OSError, ValueError, KeyError):
             raise e from None
 
 
-def _pillow_encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
+def _pillow_encode(array: np.ndarray, fmt: str, quality: int, info: dict) -> bytes:
     from PIL import Image
 
     image = array[..., 0] if array.shape[2] == 1 else array
@@ -435,7 +464,16 @@ def _pillow_encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
     else:
         pil = Image.fromarray(image)
     buf = io.BytesIO()
-    pil.save(buf, format=fmt, **({"quality": quality} if fmt in LOSSY else {}))
+    if "icc_profile" in info and pil.mode not in ("L", "RGB"):  # gray 16 bits: none fits
+        info = {k: v for k, v in info.items() if k != "icc_profile"}
+    options = {"quality": quality} if fmt in LOSSY else {}
+    try:
+        pil.save(buf, format=fmt, **info, **options)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        if not info:
+            raise
+        buf = io.BytesIO()  # metadata this writer rejects is dropped, not the image
+        pil.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -677,7 +715,7 @@ class Denoiser:
                     row.update(status="skipped", output=out_rel)
                     return row, None
             row["input_bytes"] = len(payload)
-            array, maxval, _, alpha = decode(bytes(payload), self.s.rgb)
+            array, maxval, info, alpha = decode(bytes(payload), self.s.rgb)
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
             return row, None
@@ -693,6 +731,7 @@ class Denoiser:
         item = dict(
             row=row, rel=rel, out_rel=out_rel, array=array, maxval=maxval, fmt=out_fmt, alpha=alpha
         )
+        item["info"] = info
         return row, item
 
     def _exists(self, rel: str) -> bool:
@@ -760,7 +799,8 @@ class Denoiser:
             to_write = result
             if item["alpha"] is not None:
                 to_write = np.concatenate([result, item["alpha"][..., None]], axis=-1)
-            payload, note = encode(to_write, item["fmt"], self.s.quality)
+            payload, note = encode(to_write, item["fmt"], self.s.quality, item["info"])
+            note = "; ".join(filter(None, [item["info"].get("note"), note])) or None
             with self._write_lock:
                 self.out.write_atomic(item["out_rel"], payload)
         except Exception as e:

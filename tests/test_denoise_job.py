@@ -406,8 +406,11 @@ def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
 def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     """Per file, never for the whole job: a name that is not UTF-8, two inputs with one
     output, alpha and 16 bits into JPEG, a GIF; the PSNR of a JPEG output is that of the
-    file written; then a rerun with other settings retries the failures, keeps finished
-    outputs and redoes an input that changed."""
+    file written; a photo keeps its EXIF orientation, ICC profile and DPI in JPEG and in
+    PNG; then a rerun with other settings retries the failures, keeps finished outputs
+    and redoes an input that changed."""
+    from PIL import ImageCms
+
     src, dst, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
     src.mkdir()
     clean.mkdir()
@@ -423,6 +426,22 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     save("rgba.png", Image.fromarray(np.dstack([gray, gray, gray, gray])), "PNG")
     save("g16.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")  # I;16
     save("anim.gif", Image.fromarray(gray), "GIF")
+    photo = Image.fromarray(np.dstack([gray, gray[::-1], gray.T]))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown rotated 90 degrees
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tags = {"exif": exif, "icc_profile": icc, "dpi": (300, 300)}
+    photo.save(src / "photo.jpg", format="JPEG", **tags)
+    photo.save(src / "scan.png", format="PNG", **tags)
+    save("rgb16.png", Image.fromarray(np.zeros((4, 4, 3), np.uint8)), "PNG")
+    (src / "rgb16.png").write_bytes(job.encode_png(np.full((4, 5, 3), 40000, np.uint16)))
+
+    def assert_tags(path: Path) -> None:
+        with Image.open(path) as image:
+            assert image.getexif().get(0x0112) == 6, path
+            assert image.info.get("icc_profile") == icc, path
+            assert image.info.get("dpi") == pytest.approx((300, 300), abs=0.01), path
+
     with open(os.path.join(os.fsencode(src), b"bad\xffname.png"), "wb") as f:
         f.write(png(gray))
     references = {"y.jpg": gray[:8, :9], "g16.png": gray.astype(np.uint16) * 257}
@@ -451,6 +470,9 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     for name, mode in (("rgba.jpg", "RGB"), ("g16.jpg", "L"), ("anim.jpg", "L")):
         with Image.open(dst / name) as image:
             assert (image.format, image.mode, image.size) == ("JPEG", mode, (12, 12)), name
+    assert_tags(dst / "photo.jpg")
+    assert_tags(dst / "scan.jpg")
+    assert "16-bit RGB read as 8 bits" in rows["rgb16.png"]["error"]
     # Rerun into the same folder with --format same, after x.jpg was replaced.
     save("x.jpg", Image.fromarray(gray[:11, :7]), "JPEG")
     result = run_job("--model", model_path, "--input", src, "--output", dst)
@@ -462,6 +484,8 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     assert Image.open(dst / "x.jpg").size == (7, 11)
     assert rows["x.png"]["status"] == "ok"  # the earlier failure is retried: own output now
     assert rows["anim.gif"]["output"] == "anim.png"  # same format where the job writes it
+    assert rows["scan.png"]["status"] == "ok"  # a new output: PNG now
+    assert_tags(dst / "scan.png")  # from the job's own PNG encoder
     with Image.open(dst / "anim.png") as image:
         assert image.format == "PNG"
     assert rows["bad\\xffname.png"]["status"] == "failed"
@@ -525,8 +549,8 @@ def test_safe_relative_and_png_encoder():
     for shape, dtype in (((5, 7, 1), np.uint8), ((4, 3, 3), np.uint8), ((6, 2, 1), np.uint16)):
         top = 65535 if dtype == np.uint16 else 255
         array = rng.integers(0, top + 1, shape).astype(dtype)
-        decoded, maxval, fmt, alpha = job.decode(job.encode_png(array), "per-channel")
-        assert fmt == "PNG" and maxval == top and alpha is None
+        decoded, maxval, info, alpha = job.decode(job.encode_png(array), "per-channel")
+        assert info == {} and maxval == top and alpha is None
         np.testing.assert_array_equal(decoded, array)
 
 
