@@ -328,6 +328,10 @@ def _input_shape(config: dict) -> list | None:
 # Image helpers (NumPy + Pillow), used inside the actors.
 
 
+class UnsupportedImage(ValueError):
+    """A readable image the job cannot denoise without changing its values."""
+
+
 def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
     """Decodes an image file to (H, W, C) with its maximum value, what the output
     should carry over (`info`) and its alpha channel.
@@ -340,7 +344,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
     file has (16-bit RGB PNGs come as 8 bits).
 
     Raises:
-        ValueError: not a readable image.
+        ValueError: not a readable image (UnsupportedImage: one of pixels the job
+            does not handle).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -353,6 +358,11 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
             mode = img.mode
             alpha = None
+            if mode == "F":  # converting would round [0, 1] floats to black: refuse instead
+                raise UnsupportedImage(
+                    "32-bit float pixels (mode F) are not supported: convert the image to "
+                    "8 or 16 bits"
+                )
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.int64)
                 return np.clip(array, 0, 65535).astype(np.uint16)[..., None], 65535, info, None
@@ -371,6 +381,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
             if formats and payload[24:25] == b"\x10" and payload[25:26] in (b"\x02", b"\x06"):
                 info["note"] = "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
             array = np.asarray(img)
+    except UnsupportedImage:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
         raise ValueError(f"not a readable image ({type(e).__name__}: {reason})") from e

@@ -405,10 +405,10 @@ def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
 
 def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     """Per file, never for the whole job: a name that is not UTF-8, two inputs with one
-    output, alpha and 16 bits into JPEG, a GIF; the PSNR of a JPEG output is that of the
-    file written; a photo keeps its EXIF orientation, ICC profile and DPI in JPEG and in
-    PNG; then a rerun with other settings retries the failures, keeps finished outputs
-    and redoes an input that changed."""
+    output, alpha and 16 bits into JPEG, a GIF, float pixels; the PSNR of a JPEG output
+    is that of the file written; a photo keeps its EXIF orientation, ICC profile and DPI
+    in JPEG and in PNG; then a rerun with other settings retries the failures, keeps
+    finished outputs and redoes an input that changed."""
     from PIL import ImageCms
 
     src, dst, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
@@ -433,7 +433,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     tags = {"exif": exif, "icc_profile": icc, "dpi": (300, 300)}
     photo.save(src / "photo.jpg", format="JPEG", **tags)
     photo.save(src / "scan.png", format="PNG", **tags)
-    save("rgb16.png", Image.fromarray(np.zeros((4, 4, 3), np.uint8)), "PNG")
+    save("float.tif", Image.fromarray(gray / np.float32(255)), "TIFF")  # mode F, in [0, 1]
     (src / "rgb16.png").write_bytes(job.encode_png(np.full((4, 5, 3), 40000, np.uint16)))
 
     def assert_tags(path: Path) -> None:
@@ -473,6 +473,8 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     assert_tags(dst / "photo.jpg")
     assert_tags(dst / "scan.jpg")
     assert "16-bit RGB read as 8 bits" in rows["rgb16.png"]["error"]
+    assert rows["float.tif"]["status"] == "failed" and "mode F" in rows["float.tif"]["error"]
+    assert not (dst / "float.jpg").exists()  # not rounded to a black image
     # Rerun into the same folder with --format same, after x.jpg was replaced.
     save("x.jpg", Image.fromarray(gray[:11, :7]), "JPEG")
     result = run_job("--model", model_path, "--input", src, "--output", dst)
