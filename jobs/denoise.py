@@ -69,6 +69,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 import numpy as np
@@ -99,6 +100,7 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
 }
 SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
 LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
+HOLDS_16_BITS = ("PNG", "TIFF")  # the formats written with 16-bit gray values
 COLOR_SPACE = {"L": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB"}  # Pillow mode -> decoded mode
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -121,6 +123,7 @@ MANIFEST_SCHEMA = pa.schema(
 _COLUMNS = MANIFEST_SCHEMA.names
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
+_INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "ssim_noisy")
 # On CPU the model runs on slices of about this many pixels, whatever --batch-size is:
 # the activations of a slice stay in the CPU's caches. The tutorial's denoiser on one
 # core: 85-89 us per 28x28 image in calls of 32-64 images, 106 us in calls of 1,024
@@ -449,22 +452,21 @@ def encode(
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
+    notes = []
+    if array.dtype == np.uint16 and fmt not in HOLDS_16_BITS:  # WEBP would clip it to white
+        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        notes.append("16-bit values scaled to 8 bits")
     try:
-        return _pillow_encode(array, fmt, quality, info), None
+        payload = _pillow_encode(array, fmt, quality, info)
     except (OSError, ValueError, KeyError) as e:
-        notes = []
-        if array.shape[2] in (2, 4):
-            array, notes = array[..., :-1], ["alpha dropped"]
-        if array.dtype == np.uint16:
-            array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-            notes.append("16-bit values scaled to 8 bits")
-        if not notes:
+        if array.shape[2] not in (2, 4):
             raise
+        notes.append("alpha dropped")
         try:
-            note = f"{' and '.join(notes)}: {fmt} cannot store it"
-            return _pillow_encode(array, fmt, quality, info), note
+            payload = _pillow_encode(array[..., :-1], fmt, quality, info)
         except (OSError, ValueError, KeyError):
             raise e from None
+    return payload, (f"{' and '.join(notes)}: {fmt} cannot store it" if notes else None)
 
 
 def _pillow_encode(array: np.ndarray, fmt: str, quality: int, info: dict) -> bytes:
@@ -827,7 +829,7 @@ class Denoiser:
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"
                     )
                 written = result
-                if item["fmt"] in LOSSY:  # the metrics of the file, not of the model's output
+                if item["fmt"] in LOSSY or note:  # the metrics of the file as written
                     written = self._read_back(payload, result, item["maxval"])
                 row.update(_metrics(clean, item["array"], written, item["maxval"]))
             except Exception as e:
@@ -1038,38 +1040,68 @@ def existing_outputs(output: Storage) -> set[str]:
 def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict], list[str]]:
     """The rows of earlier runs by input path (to carry sizes and metrics into
     `skipped` rows): the last manifest's, updated by the journals of runs that stopped
-    before writing theirs (killed, crashed, interrupted). Also the metadata (settings)
-    of each, and the journals' names (removed once this run's manifest holds their rows)."""
-    tables = []
+    before writing theirs (killed, crashed, interrupted), in the order the runs
+    started (the `run` number in their metadata; file times can be reset by a copy).
+    Also the metadata (settings) of each, and the journals' names (removed once this
+    run's manifest holds their rows). One table is in memory at a time."""
+    sources: list[tuple[int, int, Callable[[], pa.Table | None]]] = []
     try:
-        tables.append(pq.read_table(io.BytesIO(output.read(MANIFEST))))
+        data = output.read(MANIFEST)
+        run = _run_number(pq.read_schema(io.BytesIO(data)))
+        sources.append((run, 0, lambda: pq.read_table(io.BytesIO(data))))
     except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
         pass
     journals = _journals(output)
     for name in journals:
-        table = read_journal(output.full(name))
-        if table is not None:
-            tables.append(table)
+        path = output.full(name)
+        try:
+            with pa.OSFile(path, "rb") as f:
+                schema = pa.ipc.open_stream(f).schema
+            sources.append(
+                (_run_number(schema), os.stat(path).st_mtime_ns, partial(read_journal, path))
+            )
+        except (pa.ArrowException, OSError):  # killed before the schema was written
+            continue
     rows: dict[str, dict[str, Any]] = {}
     metas = []
-    for table in tables:  # oldest first: a later row for a path replaces an earlier one
-        if not set(_COLUMNS) <= set(table.schema.names):
-            continue  # another job's or version's layout: its rows are not carried
+    for _, _, load in sorted(sources, key=lambda source: source[:2]):
+        try:
+            table = load()
+        except Exception:  # a manifest whose schema reads but whose data does not
+            continue
+        names = [c for c in _COLUMNS if table is not None and c in table.schema.names]
+        if not {"path", "status"} <= set(names):
+            continue  # another job's layout: its rows are not carried
         metas.append({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
-        rows.update((row["path"], row) for row in table.select(_COLUMNS).to_pylist())
+        rows.update((row["path"], row) for row in table.select(names).to_pylist())
+        del table
     return rows, metas, journals
 
 
+def _run_number(schema: pa.Schema) -> int:
+    try:
+        return int((schema.metadata or {}).get(b"run", b"0"))
+    except ValueError:
+        return 0
+
+
 def _journals(output: Storage) -> list[str]:
-    """Journals left in DST by runs that did not finish, oldest first."""
+    """Journals left in DST by runs that did not finish."""
     if not output.local or not output.is_dir():
         return []
-    found = []
     with os.scandir(output.root) as it:
-        for entry in it:
-            if JOURNAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                found.append((entry.stat().st_mtime_ns, entry.name))
-    return [name for _, name in sorted(found)]
+        return sorted(e.name for e in it if JOURNAL.fullmatch(e.name) and e.is_file())
+
+
+def _skipped_row(rel: str, out_rel: str, size: int | None, last: dict) -> dict[str, Any]:
+    """The row of an input whose output exists, with the earlier run's sizes and input
+    metrics, and its output metrics only if that run wrote this same output (not, say,
+    the .webp of an earlier --format)."""
+    same = last.get("output") == out_rel
+    row = {k: last.get(k) if same or k in _INPUT_COLUMNS else None for k in _COLUMNS}
+    row.update(path=rel, output=out_rel, status="skipped", error=None)
+    row["input_bytes"] = size if size is not None else row.get("input_bytes")
+    return row
 
 
 def read_journal(path: str) -> pa.Table | None:
@@ -1101,8 +1133,15 @@ class ManifestWriter:
     journals, whose rows the new manifest carries. An object store has no rename or
     append: there the manifest is buffered and PUT once at the end."""
 
-    def __init__(self, output: Storage, metadata: dict[str, str], consumed: list[str] = ()):
+    def __init__(
+        self,
+        output: Storage,
+        metadata: dict[str, str],
+        consumed: list[str] = (),
+        earlier: dict[str, dict[str, Any]] | None = None,
+    ):
         self.output = output
+        self.earlier = earlier or {}  # earlier runs' rows, for the actors' `skipped` rows
         self.schema = MANIFEST_SCHEMA.with_metadata(metadata)
         self.consumed = list(consumed)  # earlier journals, read by previous_rows
         if output.local:
@@ -1121,6 +1160,16 @@ class ManifestWriter:
 
     def add(self, table: pa.Table, new: bool = True) -> None:
         table = table.select(_COLUMNS).cast(MANIFEST_SCHEMA.remove_metadata())
+        if new and self.earlier and "skipped" in table.column("status").to_pylist():
+            # Parquet inputs are skipped in the actors (only they see the paths): the
+            # earlier rows' sizes and metrics are carried over here.
+            rows = [
+                _skipped_row(r["path"], r["output"], None, self.earlier.get(r["path"], {}))
+                if r["status"] == "skipped"
+                else r
+                for r in table.to_pylist()
+            ]
+            table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
         status = table.column("status").to_pylist()
@@ -1277,10 +1326,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rgb": args.rgb,
         "quality": str(args.quality),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # Orders this run's rows after every earlier run's when they are read back.
+        "run": str(1 + max((int(m.get("run", 0) or 0) for m in before_metas), default=0)),
     }
     # A failure is carried over (not retried) only if this run would redo it the same
     # way: same model and output settings (a JPEG that cannot hold alpha may be a PNG now).
-    keys = ("model_sha256", "format", "rgb")
+    keys = ("model_sha256", "format", "rgb", "quality")
     changed = [k for k in keys if any(meta.get(k) != metadata[k] for meta in before_metas)]
     if before and changed:
         print(
@@ -1288,7 +1339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
             file=sys.stderr,
         )
-    manifest = ManifestWriter(output, metadata, consumed=journals)
+    manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before)
     try:
         early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
@@ -1366,10 +1417,7 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
         if out_rel in done and last.get("input_bytes") in (None, size):
             # Outputs are renamed into place, so an existing one is complete. (An input
             # whose size changed since the last manifest is done again.)
-            carried = {k: last.get(k) for k in _COLUMNS}
-            carried.update(path=rel, output=out_rel, status="skipped", error=None)
-            carried["input_bytes"] = size
-            early.append(carried)
+            early.append(_skipped_row(rel, out_rel, size, last))
         elif (
             last.get("status") == "failed" and last.get("input_bytes") == size and not retry_failed
         ):  # the same bytes would fail the same way: keep the reason, skip the work
@@ -1624,8 +1672,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "denoise: interrupted. The outputs written are kept, with their rows in a journal "
-            "in --output: run the same command again to resume.",
+            "denoise: interrupted. The outputs written are kept (and, for a local --output, "
+            "their rows in a journal there): run the same command again to resume.",
             file=sys.stderr,
         )
         return 130

@@ -332,6 +332,15 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
     assert written == done
     assert np.asarray(Image.open(dst / "a" / "0.png")).shape == (28, 28)
 
+    # A rerun skips the rows whose output exists (decided in the actors for Parquet)
+    # and carries their sizes over from the first run's manifest.
+    result = run_job("--model", model_path, "--input", source, "--output", dst)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = manifest(dst)
+    assert sorted(p for p in again if again[p]["status"] == "skipped") == done
+    for path in done:
+        assert again[path]["width"] == 28 and again[path]["output"] == rows[path]["output"]
+
 
 def test_output_inside_input_is_refused(model_path, dataset):
     for dst in (dataset["src"], dataset["src"] / "0" / "out"):
@@ -540,6 +549,51 @@ def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     junk.write_text("not a zip")
     result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
     assert result.returncode == 2 and "not a .keras file" in result.stderr
+
+
+def test_earlier_rows_are_read_in_run_order_and_carried_only_to_their_own_output(tmp_path):
+    """A manifest (run 1), then the journals of two killed runs (2: --format webp,
+    3: a retry that worked) whose file times a copy reversed: rows are taken in run
+    order, and an output's metrics are carried only to that same output."""
+    out = job.Storage(str(tmp_path))
+
+    def rows_of(run: int, rows: list[dict], finish: bool) -> None:
+        writer = job.ManifestWriter(out, {"run": str(run), "format": "png"})
+        writer.add(pa.Table.from_pylist(rows, schema=job._ROW_SCHEMA))
+        writer.close() if finish else writer.abort()  # abort keeps a journal of new rows
+
+    a_png = {"path": "a.png", "output": "a.png", "status": "ok", "width": 28, "psnr": 30.0}
+    rows_of(1, [a_png, {"path": "b.png", "status": "failed", "error": "disk full"}], True)
+    a_webp = {**a_png, "output": "a.webp", "psnr": 21.0, "psnr_noisy": 9.0}
+    rows_of(2, [a_webp, {"path": "b.png", "status": "failed", "error": "disk full"}], False)
+    rows_of(3, [{"path": "b.png", "output": "b.png", "status": "ok", "psnr": 25.0}], False)
+    journals = sorted(tmp_path.glob(".manifest.*.journal"), key=lambda p: p.stat().st_mtime_ns)
+    for age, path in enumerate(reversed(journals)):  # run 3's journal now looks oldest
+        os.utime(path, ns=(10**18 + age, 10**18 + age))
+
+    before, metas, names = job.previous_rows(out)
+    assert sorted(names) == sorted(p.name for p in journals)
+    assert [m["run"] for m in metas] == ["1", "2", "3"]
+    assert before["b.png"]["status"] == "ok" and before["b.png"]["psnr"] == 25.0
+    assert before["a.png"]["output"] == "a.webp"
+    a_row = job._skipped_row("a.png", "a.png", 100, before["a.png"])  # --format png again
+    assert (a_row["width"], a_row["psnr_noisy"], a_row["psnr"]) == (28, 9.0, None)
+    b_row = job._skipped_row("b.png", "b.png", 100, before["b.png"])
+    assert (b_row["status"], b_row["psnr"], b_row["input_bytes"]) == ("skipped", 25.0, 100)
+
+
+def test_formats_without_16_bits_get_8_bits_with_a_note():
+    """WEBP took 16-bit gray without an error and clipped it to white."""
+    gray16 = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8, 1)
+    for fmt in ("WEBP", "JPEG", "BMP", "TIFF"):
+        payload, note = job.encode(gray16, fmt, quality=100)
+        back, maxval, _, _ = job.decode(payload, "per-channel")
+        if fmt == "TIFF":  # holds 16 bits
+            assert note is None and maxval == 65535 and np.array_equal(back, gray16)
+            continue
+        assert "16-bit values scaled to 8 bits" in note and maxval == 255, fmt
+        expected = np.rint(gray16[..., 0] / 257.0)
+        assert np.abs(back[..., 0].astype(float) - expected).max() <= 3, fmt
 
 
 def test_safe_relative_and_png_encoder():
