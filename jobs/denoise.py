@@ -41,8 +41,9 @@ write its files (file calls, zlib and Pillow release the GIL). Files are created
 one at a time per actor: several threads creating files in one folder made the
 kernel spin on the folder's lock (about 3x the system time, measured).
 Exit status: 0 when the job ran to the end (failed files are in the
-manifest), 2 for bad arguments (a bad model, DST inside SRC, ...), 130 after
-Ctrl-C (what was done is kept for the rerun).
+manifest), 2 for bad arguments (a bad model, DST inside SRC, ...), 1 when
+DST cannot be written mid-run (disk full), 130 after Ctrl-C (what was done is
+kept for the rerun).
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
 }
 SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
 LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
+# Failures that the input's bytes decide (a rerun keeps them unless its settings
+# changed); others (a write, a read, the model) may have had a passing cause: retried.
+BAD_INPUT = ("not a readable image", "32-bit float pixels", "image is ")
 HOLDS_16_BITS = ("PNG", "TIFF")  # the formats written with 16-bit gray values
 COLOR_SPACE = {"L": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB"}  # Pillow mode -> decoded mode
 MANIFEST_SCHEMA = pa.schema(
@@ -129,6 +133,16 @@ _INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "s
 # core: 85-89 us per 28x28 image in calls of 32-64 images, 106 us in calls of 1,024
 # (bench_denoise.py --stages prints both).
 CPU_CALL_PIXELS = 32_768
+# On a GPU a call takes --batch-size images, and at most this many pixels.
+GPU_CALL_PIXELS = 1 << 24
+# A block is decoded, run and written in groups of at most about this many pixels
+# (channels x height x width): a block of big photos is done a few at a time, as each
+# pixel costs ~30 bytes on its way (decoded array, float32 stack, output, rounding).
+GROUP_PIXELS = 1 << 23
+# Planes bigger than TILE x TILE go through the model in tiles, each with a halo of
+# real pixels around it (cropped off after): memory per call stays bounded and, the
+# halo being wider than the model's receptive field, the result is the whole plane's.
+TILE = 1024
 # Imported by `import tensorflow` / `import keras` only for features this job never
 # uses (TF-lite's JAX converter, Keras's scikit-learn wrappers, Keras's image-gallery
 # plot); all three imports are optional there. Keeping them out saves each actor
@@ -208,7 +222,10 @@ class Storage:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
     def walk(self) -> list[tuple[str, int]]:
-        """Every regular file under the root as (relative path, size), sorted."""
+        """Every file under the root as (relative path, size), sorted. Locally, links to
+        folders are followed, as a glob does (not into a folder of their own path: a
+        link loop ends), and a broken link is listed with size 0 (reading it fails, so
+        it gets a `failed` row rather than no row)."""
         if not self.local:
             import pyarrow.fs as pafs
 
@@ -216,16 +233,20 @@ class Storage:
             cut = len(self.root) + 1
             return sorted((i.path[cut:], i.size) for i in infos if i.type == pafs.FileType.File)
         found = []
-        stack = [""]
+        stack = [("", frozenset([os.path.realpath(self.root)]))]  # a folder, its path's folders
         while stack:
-            rel_dir = stack.pop()
+            rel_dir, above = stack.pop()
             with os.scandir(os.path.join(self.root, rel_dir)) as it:
                 for entry in it:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(rel)
+                    if entry.is_dir():
+                        real = os.path.realpath(entry.path)
+                        if real not in above:
+                            stack.append((rel, above | {real}))
                     elif entry.is_file():
                         found.append((rel, entry.stat().st_size))
+                    elif entry.is_symlink():
+                        found.append((rel, 0))
         return sorted(found)
 
     def remove(self, rel: str) -> None:
@@ -571,9 +592,15 @@ class Denoiser:
             if backend == "tensorflow":
                 import tensorflow as tf
 
-                # Before any op runs: one pool of `threads` (the actor's CPUs) per actor.
-                tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
-                tf.config.threading.set_inter_op_parallelism_threads(1)  # one op at a time
+                # Before any op runs (a RuntimeError after: TensorFlow already ran in this
+                # process, as in a test, and keeps its settings).
+                with contextlib.suppress(RuntimeError):
+                    # GPU memory on demand, not all up front: actors may share a GPU.
+                    for gpu in tf.config.list_physical_devices("GPU"):
+                        tf.config.experimental.set_memory_growth(gpu, True)
+                    # One pool of `threads` (the actor's CPUs) per actor, one op at a time.
+                    tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+                    tf.config.threading.set_inter_op_parallelism_threads(1)
             elif backend == "torch":
                 import torch
 
@@ -592,10 +619,14 @@ class Denoiser:
         self.out = Storage(settings.output)
         self.src = Storage(settings.source) if settings.source else None
         self.clean = Storage(settings.clean) if settings.clean else None
-        self.node = ray.get_runtime_context().get_node_id()
+        # (In a Ray actor; in-process, as in tests and bench_denoise.py --stages, None.)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.device = _backend_device(keras.backend.backend())
         # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
-        self._call_pixels = None if self.device == "GPU" else CPU_CALL_PIXELS
+        self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else CPU_CALL_PIXELS
+        # 16 pixels of halo per 2x pooling (32 at least): depth 3 with two convs per
+        # stage sees 52 pixels around each output pixel; its halo is 128.
+        self._halo = max(32, 16 * self.spec.multiple)
         path = os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"denoise-model-{uuid.uuid4().hex}.keras"
         )
@@ -643,9 +674,15 @@ class Denoiser:
         gc.freeze()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        step = self.s.max_batch
-        if self._call_pixels:
-            step = max(1, min(step, self._call_pixels // (images.shape[1] * images.shape[2])))
+        if self.spec.fixed_size:
+            return self._calls(images)
+        return tiled(self._calls, images, TILE, self._halo)
+
+    def _calls(self, images: np.ndarray) -> np.ndarray:
+        """The model on `images`, in calls of at most --batch-size images and of
+        the device's call pixels."""
+        pixels = images.shape[1] * images.shape[2]
+        step = max(1, min(self.s.max_batch, self._call_pixels // pixels))
         out = [np.asarray(self._run(images[i : i + step])) for i in range(0, len(images), step)]
         return np.concatenate(out)
 
@@ -686,16 +723,33 @@ class Denoiser:
         return rows
 
     def _process(self, items: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
-        """Reads (or takes) each image, denoises them together, writes them; one row each."""
+        """Reads (or takes) the images, denoises and writes them in groups of at most
+        about GROUP_PIXELS (a whole block of digits at once); one row each."""
         rows: list[dict[str, Any]] = []
         todo: list[dict[str, Any]] = []
-        for row, item in self._parallel(self._prepare, items):
-            rows.append(row)
-            if item is not None:
-                todo.append(item)
-        self._denoise(todo)
-        self._parallel(self._finish, todo)
+        pixels, done = 0, 0
+        step = min(len(items), self.s.io_threads)  # one each first: how big are they?
+        while done < len(items):
+            decoded, seen = 0, 0
+            for row, item in self._parallel(self._prepare, items[done : done + step]):
+                rows.append(row)
+                if item is not None:
+                    todo.append(item)
+                    decoded, seen = decoded + item["array"].size, seen + 1
+            done += step
+            pixels += decoded
+            per_image = decoded // seen if seen else 1
+            if pixels + per_image > GROUP_PIXELS:  # full: the next one would not fit
+                self._run_group(todo)
+                todo, pixels = [], 0
+            step = max(1, min(len(items) - done, (GROUP_PIXELS - pixels) // per_image))
+        self._run_group(todo)
         return rows
+
+    def _run_group(self, todo: list[dict[str, Any]]) -> None:
+        if todo:
+            self._denoise(todo)
+            self._parallel(self._finish, todo)
 
     def _parallel(self, fn, items: list) -> list:
         """[fn(x) for x in items], on the I/O threads: one contiguous slice per thread,
@@ -842,6 +896,26 @@ class Denoiser:
         if back_max != maxval:  # 16 bits written as 8
             back = np.rint(back * (maxval / back_max))
         return back.astype(result.dtype)
+
+
+def tiled(
+    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, tile: int, halo: int
+) -> np.ndarray:
+    """predict(images), tile by tile when the planes are bigger than tile x tile: each
+    tile goes in with up to `halo` real pixels on every side, cropped off after. The
+    sides, `tile` and `halo` are multiples of the model's 2**depth, so its pooling grid
+    lines up in every tile."""
+    _, h, w, _ = images.shape
+    if h * w <= tile * tile:
+        return predict(images)
+    out = np.empty(images.shape, np.float32)
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            y0, x0 = max(0, y - halo), max(0, x - halo)
+            piece = predict(images[:, y0 : y + tile + halo, x0 : x + tile + halo])
+            ty, tx = min(tile, h - y), min(tile, w - x)
+            out[:, y : y + ty, x : x + tx] = piece[:, y - y0 : y - y0 + ty, x - x0 : x - x0 + tx]
+    return out
 
 
 @contextlib.contextmanager
@@ -1310,8 +1384,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clean is not None and not clean.is_dir():
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
-    if args.format not in ("same", *FORMATS):
-        raise ValueError(f"--format must be 'same' or one of {sorted(FORMATS)}: {args.format}")
 
     done = existing_outputs(output)
     before, before_metas, journals = previous_rows(output)
@@ -1339,7 +1411,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
             file=sys.stderr,
         )
-    manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before)
+    try:
+        manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before)
+    except OSError as e:  # a read-only or full DST: say so before any work
+        raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
@@ -1419,7 +1494,10 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
             # whose size changed since the last manifest is done again.)
             early.append(_skipped_row(rel, out_rel, size, last))
         elif (
-            last.get("status") == "failed" and last.get("input_bytes") == size and not retry_failed
+            last.get("status") == "failed"
+            and last.get("input_bytes") == size
+            and (last.get("error") or "").removeprefix("(earlier run) ").startswith(BAD_INPUT)
+            and not retry_failed
         ):  # the same bytes would fail the same way: keep the reason, skip the work
             carried = {k: last.get(k) for k in _COLUMNS}
             carried["error"] = last["error"].removeprefix("(earlier run) ")
@@ -1475,6 +1553,13 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, st
             if timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
+    except ray.exceptions.ActorDiedError as e:
+        # An error in Denoiser.__init__ (a model that does not load or maps an image to
+        # another shape: what the driver cannot see in the config) is the model's fault.
+        cause = re.findall(r"^(\w+(?:Error|Exception): .+)$", str(e), re.MULTILINE)
+        if "creation task" not in str(e) or not cause:
+            raise
+        raise ValueError(f"--model {args.model}: the actors cannot use it: {cause[-1]}") from e
     finally:
         shutdown_ray()
     return timings
@@ -1510,10 +1595,11 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
     # for its metadata, which on a fresh Ray first waits for a worker process to start
     # (measured: 0.65-0.75 s before the actors are asked for, against 0.26-0.38 s).
     if inputs.kind == "files":
-        # One block per --batch-size paths: a block is one actor call, not one task per file.
+        # One block per --batch-size paths (a block is one actor call, not one task per
+        # file), smaller when that would leave actors idle: at least two blocks per actor.
         items = [{"path": rel} for rel in todo]
-        batch_size = args.batch_size
-        what, block = f"{len(todo)} files", f"blocks of {args.batch_size} files"
+        batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
+        what, block = f"{len(todo)} files", f"blocks of {batch_size} files"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
@@ -1607,6 +1693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="same",
+        choices=("same", *FORMATS),
         help="output format: 'same' as the input (default), or png, jpeg, bmp, tiff, webp",
     )
     p.add_argument(
@@ -1657,7 +1744,10 @@ def _quality(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number. Received: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
     return value
@@ -1670,6 +1760,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"denoise: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. DST's disk filled up while the manifest was written
+        print(
+            f"denoise: error: {e}. The outputs written are kept; rerun to resume.", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "denoise: interrupted. The outputs written are kept (and, for a local --output, "

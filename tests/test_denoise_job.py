@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,6 +140,10 @@ def test_summary_splits_start_up_from_the_run(first_run):
     # Ray first, then the first block back, all within the run's time
     assert 0 < summary["ray_ready_s"] <= summary["first_result_s"] <= summary["seconds"]
     assert f"first results after {summary['first_result_s']:.1f} s" in result.stdout
+    # --batch-size 16, but blocks small enough for every actor to get two
+    plan = re.search(r"(\d+) files to do on (\d+) worker.*blocks of (\d+) files", result.stdout)
+    files, workers, block = map(int, plan.groups())
+    assert block == min(16, -(-files // (2 * workers)))
 
 
 def test_corrupt_and_non_image_files_fail_with_a_reason(first_run):
@@ -391,6 +396,37 @@ def test_an_impossible_actor_request_fails_instead_of_waiting(model_path, datase
     assert [p.name for p in dst.iterdir()] == [], "nothing left behind"
 
 
+def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.png").write_bytes(b"12")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "y.png").write_bytes(b"123")
+    root = tmp_path / "a"
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a dataset assembled from links
+    (root / "b" / "loop").symlink_to(root)
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    assert job.Storage(str(root)).walk() == [("b/x.png", 2), ("gone.png", 0), ("linked/y.png", 3)]
+
+
+def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
+    """A write that failed (disk full, read-only) or a model call that failed may pass
+    now; an unreadable image fails again: only that one is carried over."""
+    files = [(name, 10) for name in ("bad.png", "full.png", "model.png", "read.png")]
+    inputs = job.Inputs(kind="files", storage=None, files=files, parquet=[])
+    before = {
+        "bad.png": "(earlier run) not a readable image (UnidentifiedImageError: ...)",
+        "full.png": "cannot write full.png: [Errno 28] No space left on device",
+        "model.png": "model failed on a 32x32 batch: ResourceExhaustedError: OOM",
+        "read.png": "PermissionError: [Errno 13] Permission denied",
+    }
+    before = {
+        p: {"path": p, "status": "failed", "error": e, "input_bytes": 10} for p, e in before.items()
+    }
+    early, todo = job._plan(inputs, SimpleNamespace(format="same"), set(), before, False)
+    assert [r["path"] for r in early] == ["bad.png"] and early[0]["status"] == "failed"
+    assert todo == ["full.png", "model.png", "read.png"]
+
+
 def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
     scans = tmp_path / "scan[1]"  # a real folder whose name looks like a glob
     (scans / "sub").mkdir(parents=True)
@@ -513,6 +549,23 @@ def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path):
+    """Its config looks like an image model; only running it shows that it maps one
+    channel to two. After Ray's log of the actor's error, the job ends with one line
+    naming --model and the error, and exit 2 (it was Ray's traceback and exit 1)."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, padding="same")(inputs))
+    model.save(tmp_path / "two.keras")
+    src = dataset["src"] / "sizes"
+    result = run_job("--model", tmp_path / "two.keras", "--input", src, "--output", tmp_path / "o")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("denoise: error: --model"), result.stderr[-3000:]
+    assert "the actors cannot use it: ValueError: Model" in line, line
+
+
 def test_actors_import_aelib_only_for_a_model_with_its_layers(model_path, tmp_path):
     """A model of Keras's own layers loads without `import aelib` (~0.6 s less per
     actor); one with a layer aelib registers still loads, because the actor imports it."""
@@ -622,11 +675,13 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
 
     denoiser = object.__new__(job.Denoiser)  # predict() alone, on the real model
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
+    denoiser.spec, denoiser._halo = SimpleNamespace(fixed_size=None), 32
     rng = np.random.default_rng(0)
     for shape, budget, most in (
         ((100, 28, 28, 1), job.CPU_CALL_PIXELS, job.CPU_CALL_PIXELS // (28 * 28)),  # CPU
         ((3, 256, 256, 1), job.CPU_CALL_PIXELS, 1),  # CPU, each image over the budget
-        ((100, 28, 28, 1), None, 1024),  # GPU: --batch-size per call
+        ((100, 28, 28, 1), job.GPU_CALL_PIXELS, 1024),  # GPU: --batch-size per call
+        ((40, 256, 256, 1), job.GPU_CALL_PIXELS, 256),  # GPU, and at most its call pixels
     ):
         calls.clear()
         denoiser._call_pixels = budget
@@ -634,6 +689,53 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
         out = denoiser.predict(x)
         assert [c[0] for c in calls] == [min(most, shape[0] - i) for i in range(0, shape[0], most)]
         np.testing.assert_allclose(out, np.asarray(model(x, training=False)), atol=1e-5)
+
+
+def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_result(
+    model_path, tmp_path, monkeypatch
+):
+    """A Denoiser in this process (no Ray) on 200x148 images, with the group and tile
+    sizes scaled down as if they were photos: 2 images per group, tiles of 64 with the
+    model's halo, and every output equal to the model run on the whole image."""
+    import keras
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    images = {f"p{i}.png": (rng.random((200, 148)) * 255).astype(np.uint8) for i in range(5)}
+    for name, array in images.items():
+        (src / name).write_bytes(png(array))
+    monkeypatch.setattr(job, "GROUP_PIXELS", 2 * 200 * 148 + 100)
+    monkeypatch.setattr(job, "TILE", 64)
+    payload = model_path.read_bytes()
+    settings = job.JobSettings(
+        model_bytes=payload,
+        spec=job.inspect_model(payload, str(model_path)),
+        output=str(dst),
+        source=str(src),
+        clean=None,
+        fmt="same",
+        rgb="per-channel",
+        max_batch=1024,
+        quality=95,
+        threads=1,
+        io_threads=2,
+    )
+    denoiser = job.Denoiser(settings)
+    groups, calls = [], []
+    real_denoise, real_run = denoiser._denoise, denoiser._run
+    denoiser._denoise = lambda todo: (groups.append(len(todo)), real_denoise(todo))[1]
+    denoiser._run = lambda x: (calls.append(x.shape), real_run(x))[1]
+    rows = denoiser({"path": np.array(sorted(images))}).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    assert groups == [2, 2, 1]
+    assert all(h * w < 200 * 148 for _, h, w, _ in calls)  # tiles, not whole planes
+    model = keras.models.load_model(model_path, compile=False)
+    for name, array in images.items():
+        whole = np.asarray(model(array[None, ..., None] / np.float32(255), training=False))
+        expected = np.rint(np.clip(whole[0, ..., 0], 0, 1) * 255)
+        got = np.asarray(Image.open(dst / name)).astype(float)
+        assert np.abs(got - expected).max() <= 1, name  # float rounding at most
 
 
 @pytest.mark.parametrize("backend_from", ["env", "keras.json"])
