@@ -595,12 +595,13 @@ class Denoiser:
                 # Before any op runs (a RuntimeError after: TensorFlow already ran in this
                 # process, as in a test, and keeps its settings).
                 with contextlib.suppress(RuntimeError):
-                    # GPU memory on demand, not all up front: actors may share a GPU.
-                    for gpu in tf.config.list_physical_devices("GPU"):
-                        tf.config.experimental.set_memory_growth(gpu, True)
                     # One pool of `threads` (the actor's CPUs) per actor, one op at a time.
                     tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
                     tf.config.threading.set_inter_op_parallelism_threads(1)
+                with contextlib.suppress(RuntimeError):
+                    # GPU memory on demand, not all up front: actors may share a GPU.
+                    for gpu in tf.config.list_physical_devices("GPU"):
+                        tf.config.experimental.set_memory_growth(gpu, True)
             elif backend == "torch":
                 import torch
 
@@ -890,7 +891,8 @@ class Denoiser:
                 row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
 
     def _read_back(self, payload: bytes, result: np.ndarray, maxval: int) -> np.ndarray:
-        """A lossy output as written, on the scale and channels of the model's output."""
+        """An output as written (lossy, or changed to fit its format), on the scale and
+        channels of the model's output."""
         back, back_max, _, _ = decode(payload, self.s.rgb)
         back = back[..., : result.shape[2]]  # WEBP stores a gray image as RGB
         if back_max != maxval:  # 16 bits written as 8
