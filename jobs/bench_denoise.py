@@ -135,21 +135,8 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
     import numpy as np
     import ray
 
-    payload = Path(model).read_bytes()
     files = [rel for rel, _ in job.find_inputs(str(images), "auto").files]
-    settings = job.JobSettings(
-        model_bytes=payload,
-        spec=job.inspect_model(payload, model),
-        output=str(out),
-        source=str(images),
-        clean=None,
-        fmt="same",
-        rgb="per-channel",
-        max_batch=1024,
-        quality=95,
-        threads=1,
-        io_threads=1,
-    )
+    settings = job.JobSettings.in_process(model, str(images), str(out))
     ray.init(num_cpus=1, include_dashboard=False)  # the actor asks Ray for its node id
     try:
         actor = job.Denoiser(settings)

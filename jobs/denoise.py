@@ -579,6 +579,27 @@ class JobSettings:
     io_threads: int = 2
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def in_process(cls, model: str, source: str, output: str, **options) -> JobSettings:
+        """For a Denoiser in this process (tests, bench_denoise.py --stages): a folder
+        in, a folder out, one thread each and the job's defaults unless `options` say."""
+        with open(model, "rb") as f:
+            payload = f.read()
+        values = dict(
+            model_bytes=payload,
+            spec=inspect_model(payload, model),
+            output=output,
+            source=source,
+            clean=None,
+            fmt="same",
+            rgb="per-channel",
+            max_batch=1024,
+            quality=95,
+            threads=1,
+            io_threads=1,
+        )
+        return cls(**{**values, **options})
+
 
 class Denoiser:
     """Loads the model once; each call denoises one block of files and returns its rows."""

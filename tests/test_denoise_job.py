@@ -707,20 +707,7 @@ def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_re
         (src / name).write_bytes(png(array))
     monkeypatch.setattr(job, "GROUP_PIXELS", 2 * 200 * 148 + 100)
     monkeypatch.setattr(job, "TILE", 64)
-    payload = model_path.read_bytes()
-    settings = job.JobSettings(
-        model_bytes=payload,
-        spec=job.inspect_model(payload, str(model_path)),
-        output=str(dst),
-        source=str(src),
-        clean=None,
-        fmt="same",
-        rgb="per-channel",
-        max_batch=1024,
-        quality=95,
-        threads=1,
-        io_threads=2,
-    )
+    settings = job.JobSettings.in_process(str(model_path), str(src), str(dst), io_threads=2)
     denoiser = job.Denoiser(settings)
     groups, calls = [], []
     real_denoise, real_run = denoiser._denoise, denoiser._run
