@@ -1257,7 +1257,8 @@ class ManifestWriter:
 
     def add(self, table: pa.Table, new: bool = True) -> None:
         table = table.select(_COLUMNS).cast(MANIFEST_SCHEMA.remove_metadata())
-        if new and self.earlier and "skipped" in table.column("status").to_pylist():
+        status = table.column("status").to_pylist()  # carrying rows over keeps each status
+        if new and self.earlier and "skipped" in status:
             # Parquet inputs are skipped in the actors (only they see the paths): the
             # earlier rows' sizes and metrics are carried over here.
             rows = [
@@ -1269,7 +1270,6 @@ class ManifestWriter:
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
-        status = table.column("status").to_pylist()
         for s in status:
             self.counts[s] = self.counts.get(s, 0) + 1
         if len(self.failures) < 5:
