@@ -1012,6 +1012,12 @@ class Inputs:
     storage: Storage | None  # the root of file inputs
     files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
+    hidden: int = 0  # files left out of a folder listing for a name starting with "."
+
+
+def _hidden(rel: str) -> bool:
+    """.DS_Store, .git/..., editors' swap files: not images, as `*` in a glob says."""
+    return any(part.startswith(".") for part in rel.split("/"))
 
 
 def find_inputs(location: str, input_format: str) -> Inputs:
@@ -1058,8 +1064,13 @@ def find_inputs(location: str, input_format: str) -> Inputs:
                 for p in full
                 if os.path.isfile(p)
             ]
-        else:
-            files = [(rel, n) for rel, n in storage.walk() if fnmatch.fnmatch(rel, pattern)]
+        else:  # fnmatch's "*" matches a leading ".", glob's does not: leave them out too
+            dotted = _hidden(pattern)
+            files = [
+                (rel, n)
+                for rel, n in storage.walk()
+                if fnmatch.fnmatch(rel, pattern) and (dotted or not _hidden(rel))
+            ]
     else:
         storage = Storage(location)
         if not storage.is_dir():
@@ -1068,9 +1079,11 @@ def find_inputs(location: str, input_format: str) -> Inputs:
                 "Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
             )
         files = storage.walk()
-    if not files:
-        raise ValueError(f"--input {location}: no files found.")
-    return Inputs("files", storage, files, [])
+    shown = [(rel, n) for rel, n in files if not _hidden(rel)] if not has_glob else files
+    if not shown:
+        hidden = f" (only {len(files)} hidden ones)" if files else ""
+        raise ValueError(f"--input {location}: no files found{hidden}.")
+    return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 
 def check_locations(
@@ -1407,6 +1420,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clean is not None and not clean.is_dir():
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
+    if inputs.hidden:
+        print(
+            f"denoise: note: {inputs.hidden} hidden files under {args.input} (a name or "
+            "folder starting with '.') are not inputs; a glob naming them includes them",
+            file=sys.stderr,
+        )
 
     done = existing_outputs(output)
     before, before_metas, journals = previous_rows(output)
@@ -1458,6 +1477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **counts,
         "seconds": round(seconds, 2),
         "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
+        "hidden_not_inputs": inputs.hidden,
         **timings,
         "manifest": output.full(MANIFEST),
     }

@@ -101,6 +101,8 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
     (src / "sizes" / "deep" / "big.png").write_bytes(png(np.tile(odd, (2, 2))))  # 60x90
     rgb = (rng.random((21, 33, 3)) * 255).astype(np.uint8)
     (src / "sizes" / "color.png").write_bytes(png(rgb))
+    (src / ".DS_Store").write_bytes(b"Bud1")  # hidden: not inputs, not failures
+    (src / "sizes" / ".odd.png.swp").write_bytes(b"swap")
     return {"src": src, "clean": clean, "root": root}
 
 
@@ -118,7 +120,9 @@ def first_run(model_path, dataset):
 def test_every_valid_image_is_denoised_at_its_relative_path(first_run, dataset):
     dst, result = first_run
     inputs = sorted(
-        p.relative_to(dataset["src"]).as_posix() for p in dataset["src"].rglob("*") if p.is_file()
+        p.relative_to(dataset["src"]).as_posix()
+        for p in dataset["src"].rglob("*")
+        if p.is_file() and not p.name.startswith(".")
     )
     rows = manifest(dst)
     assert sorted(rows) == inputs  # one row per input file, nothing lost or invented
@@ -129,6 +133,7 @@ def test_every_valid_image_is_denoised_at_its_relative_path(first_run, dataset):
         with Image.open(dst / rel) as out, Image.open(dataset["src"] / rel) as inp:
             assert out.size == inp.size and out.mode == inp.mode  # same size, 8-bit kept
     assert "0 skipped" in result.stdout and f"{N_DIGITS + 3} ok, 3 failed" in result.stdout
+    assert "note: 2 hidden files under" in result.stderr
     assert not list(dst.rglob("*.denoise-tmp"))  # no temp file left behind
 
 
@@ -406,6 +411,21 @@ def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path
     (root / "b" / "loop").symlink_to(root)
     (root / "gone.png").symlink_to(tmp_path / "missing.png")
     assert job.Storage(str(root)).walk() == [("b/x.png", 2), ("gone.png", 0), ("linked/y.png", 3)]
+
+
+def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypatch):
+    for rel in ("a.png", ".DS_Store", ".git/objects/ab", "sub/b.png", "sub/.b.png.swp"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = job.find_inputs(str(tmp_path), "auto")
+    assert [rel for rel, _ in found.files] == ["a.png", "sub/b.png"] and found.hidden == 3
+    monkeypatch.chdir(tmp_path)
+    assert [rel for rel, _ in job.find_inputs("**/*", "auto").files] == ["a.png", "sub/b.png"]
+    assert [rel for rel, _ in job.find_inputs("sub/.*", "auto").files] == [".b.png.swp"]
+    (tmp_path / "a.png").unlink()
+    (tmp_path / "sub" / "b.png").unlink()
+    with pytest.raises(ValueError, match=r"no files found \(only 3 hidden ones\)"):
+        job.find_inputs(str(tmp_path), "auto")
 
 
 def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
