@@ -141,7 +141,8 @@ GPU_CALL_PIXELS = 1 << 24
 GROUP_PIXELS = 1 << 23
 # Planes bigger than TILE x TILE go through the model in tiles, each with a halo of
 # real pixels around it (cropped off after): memory per call stays bounded and, the
-# halo being wider than the model's receptive field, the result is the whole plane's.
+# halo being wider than the model's receptive field (`receptive_radius`), the result
+# is the whole plane's.
 TILE = 1024
 # Imported by `import tensorflow` / `import keras` only for features this job never
 # uses (TF-lite's JAX converter, Keras's scikit-learn wrappers, Keras's image-gallery
@@ -269,6 +270,7 @@ class ModelSpec:
     multiple: int  # image sides are padded to a multiple of this
     fixed_size: tuple[int, int] | None  # (H, W) when the model's input is not (None, None)
     uses_aelib: bool = False  # has layers registered by aelib (its import registers them)
+    halo: int | None = None  # tiles' margin (see receptive_radius); None: never tiled
 
 
 def _count_pools(config: Any) -> int:
@@ -290,6 +292,52 @@ def _count_pools(config: Any) -> int:
         for value in config:
             count += _count_pools(value)
     return count
+
+
+def _layer_configs(config: Any):
+    """Every layer's (class name, config) in a model config, nested models' included."""
+    if isinstance(config, dict):
+        if isinstance(config.get("class_name"), str) and isinstance(config.get("config"), dict):
+            yield config["class_name"], config["config"]
+        for value in config.values():
+            if isinstance(value, dict | list):
+                yield from _layer_configs(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _layer_configs(value)
+
+
+def _pair(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value, value]
+
+
+def receptive_radius(config: Any, multiple: int) -> int | None:
+    """An upper bound, in input pixels, on how far from an output pixel the input
+    pixels it depends on lie; None when unbounded (a global pooling or attention layer).
+
+    Each layer widens the reach by its own at its resolution: a kxk convolution (of
+    dilation d) by (k - 1) * d / 2 pixels there, a pooling window by its size - 1, an
+    upsampling by up to 1. No layer works at a resolution coarser than the model's total
+    downsampling (`multiple`), so the sum over all layers, times `multiple`, bounds
+    every path through the model, skips and any kernel size included, at the price of
+    a wider margin than needed: 36 pixels for aelib's default `denoise` (whose reach,
+    measured by changing one input pixel, is 13), 176 at depth 3 with two convolutions
+    per stage and skips (reach 57).
+    """
+    reach = 0.0
+    for name, cfg in _layer_configs(config):
+        if name.startswith("Global") or "Attention" in name:
+            return None
+        if cfg.get("kernel_size") is not None:
+            dilation = _pair(cfg.get("dilation_rate") or 1)
+            kernel = _pair(cfg["kernel_size"])
+            reach += max((k - 1) * d for k, d in zip(kernel, dilation, strict=False)) / 2
+        elif cfg.get("pool_size") is not None:
+            reach += max(_pair(cfg["pool_size"])) - 1
+        if name.startswith("UpSampling"):
+            reach += 1
+    # a multiple of `multiple`, so that tiles start on the model's pooling grid
+    return max(1, math.ceil(reach)) * multiple
 
 
 def inspect_model(payload: bytes, label: str) -> ModelSpec:
@@ -324,7 +372,8 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
     depth = info.get("model_config", {}).get("depth")
     multiple = 2 ** int(depth) if depth is not None else 2 ** _count_pools(config)
     fixed = None if height is None or width is None else (int(height), int(width))
-    return ModelSpec(str(name), int(channels), int(multiple), fixed, _uses_aelib(config))
+    halo = receptive_radius(config, int(multiple))
+    return ModelSpec(str(name), int(channels), int(multiple), fixed, _uses_aelib(config), halo)
 
 
 def _uses_aelib(config: Any) -> bool:
@@ -646,9 +695,7 @@ class Denoiser:
         self.device = _backend_device(keras.backend.backend())
         # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
         self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else CPU_CALL_PIXELS
-        # 16 pixels of halo per 2x pooling (32 at least): depth 3 with two convs per
-        # stage sees 52 pixels around each output pixel; its halo is 128.
-        self._halo = max(32, 16 * self.spec.multiple)
+        self._halo = self.spec.halo
         path = os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"denoise-model-{uuid.uuid4().hex}.keras"
         )
@@ -696,7 +743,7 @@ class Denoiser:
         gc.freeze()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        if self.spec.fixed_size:
+        if self.spec.fixed_size or self._halo is None:
             return self._calls(images)
         return tiled(self._calls, images, TILE, self._halo)
 

@@ -745,6 +745,73 @@ def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_re
         assert np.abs(got - expected).max() <= 1, name  # float rounding at most
 
 
+def _reach(model, x: np.ndarray) -> int:
+    """How far from a changed input pixel the model's output changes (its true radius)."""
+    base = np.asarray(model(x, training=False))
+    centre = x.shape[1] // 2
+    poked = x.copy()
+    poked[0, centre, centre] += 1.0
+    ys, xs = np.nonzero(np.abs(np.asarray(model(poked, training=False)) - base)[0, ..., 0] > 0)
+    return int(max(np.abs(ys - centre).max(), np.abs(xs - centre).max()))
+
+
+def _config(model) -> dict:
+    return {"class_name": "Functional", "config": json.loads(json.dumps(model.get_config()))}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"depth": 3, "convs_per_stage": 2, "skips": True}, {"kernel_size": 15}]
+)
+def test_the_tile_margin_covers_the_reach_of_aelib_denoisers(options):
+    import aelib
+
+    model = aelib.build_model("denoise", **options).autoencoder
+    config = _config(model)
+    multiple = 2 ** job._count_pools(config)
+    halo = job.receptive_radius(config, multiple)
+    x = np.random.default_rng(0).random((1, 512, 512, 1), dtype=np.float32)
+    assert _reach(model, x) <= halo and halo % multiple == 0
+    if "kernel_size" in options:  # the old rule, 16 pixels per pooling level, fell short
+        assert _reach(model, x) > max(32, 16 * multiple)
+
+
+def test_tiles_of_a_dilated_model_give_the_whole_image_result():
+    """Not an aelib model: dilated convolutions (as in IRCNN-style denoisers) reach 47
+    pixels without any pooling; tiles with a margin of 32 (the old rule) show seams,
+    with the model's own margin they do not."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.RandomNormal(stddev=0.3)  # outputs of order 1, not 1e-4
+    inputs = keras.Input((None, None, 1))
+    x = inputs
+    for rate in (1, 2, 4, 8, 16, 8, 4, 2, 1):
+        x = keras.layers.Conv2D(
+            4, 3, dilation_rate=rate, padding="same", activation="tanh", kernel_initializer=init
+        )(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same")(x))
+    halo = job.receptive_radius(_config(model), 1)
+    images = np.random.default_rng(1).random((2, 300, 260, 1), dtype=np.float32)
+    whole = np.asarray(model(images, training=False))
+    assert _reach(model, images[:1]) == 47 <= halo
+
+    def tiles(margin):
+        return job.tiled(lambda t: np.asarray(model(t, training=False)), images, 64, margin)
+
+    scale = np.abs(whole).max()
+    np.testing.assert_allclose(tiles(halo), whole, atol=1e-5 * scale)
+    assert np.abs(tiles(32) - whole).max() > 1e-2 * scale
+
+
+def test_a_model_with_global_pooling_is_never_tiled():
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    scale = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
+    model = keras.Model(inputs, keras.layers.Multiply()([inputs, scale]))
+    assert job.receptive_radius(_config(model), 1) is None
+
+
 @pytest.mark.parametrize("backend_from", ["env", "keras.json"])
 def test_unused_imports_are_skipped_only_inside_the_block(backend_from, tmp_path):
     code = f"""
