@@ -751,8 +751,26 @@ class Denoiser:
         """The model on `images`, in calls of at most --batch-size images and of
         the device's call pixels."""
         pixels = images.shape[1] * images.shape[2]
-        step = max(1, min(self.s.max_batch, self._call_pixels // pixels))
-        out = [np.asarray(self._run(images[i : i + step])) for i in range(0, len(images), step)]
+        out, i = [], 0
+        while i < len(images):
+            step = max(1, min(self.s.max_batch, self._call_pixels // pixels))
+            part = images[i : i + step]
+            try:
+                out.append(np.asarray(self._run(part)))
+            except Exception as e:
+                if len(part) == 1 or not _out_of_memory(e):
+                    raise
+                # Device memory is short (actors sharing a GPU, big planes): this and
+                # every later call of this actor take half as many pixels.
+                self._call_pixels = len(part) * pixels // 2
+                print(
+                    f"denoise: out of device memory running {len(part)} planes of "
+                    f"{images.shape[1]}x{images.shape[2]}; calls of {len(part) // 2} from now on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            i += len(part)
         return np.concatenate(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -1040,6 +1058,18 @@ def _parquet_file(source: str) -> pq.ParquetFile:
         fs, path = pafs.FileSystem.from_uri(source)
         return pq.ParquetFile(fs.open_input_file(path))
     return pq.ParquetFile(source)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """TensorFlow's ResourceExhaustedError, XLA's RESOURCE_EXHAUSTED, PyTorch's
+    OutOfMemoryError, or Python's MemoryError."""
+    text = f"{type(e).__name__}: {e}"
+    marks = ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "OOM when")
+    return (
+        isinstance(e, MemoryError)
+        or any(mark in text for mark in marks)
+        or "out of memory" in text.lower()
+    )
 
 
 def _reason(e: BaseException) -> str:

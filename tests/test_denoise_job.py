@@ -745,6 +745,50 @@ def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_re
         assert np.abs(got - expected).max() <= 1, name  # float rounding at most
 
 
+def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, capfd):
+    """A GPU shared by actors, or big planes, can run out of memory on a call that fit
+    before: the call is split in halves until it fits, and later calls stay small.
+    (The out-of-memory error is raised here by hand: there is no GPU to fill.)"""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(model_path, compile=False)
+    calls: list[int] = []
+
+    def run(x):
+        calls.append(len(x))
+        if len(x) > 8:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return model(x, training=False)
+
+    denoiser = object.__new__(job.Denoiser)
+    denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
+    denoiser.spec, denoiser._halo = SimpleNamespace(fixed_size=None), 32
+    denoiser._call_pixels = job.GPU_CALL_PIXELS
+    x = np.random.default_rng(0).random((100, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_allclose(denoiser.predict(x), np.asarray(model(x, training=False)), atol=1e-5)
+    assert calls == [100, 50, 25, 12, 6] + [6] * 15 + [4]  # halved until it fits, then kept
+    assert "calls of 6 from now on" in capfd.readouterr().err
+    calls.clear()
+    denoiser.predict(x[:12])
+    assert calls == [6, 6]  # the next block starts small
+    denoiser._call_pixels = 28 * 28  # one image per call that still fails: the error stands
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        denoiser._run = lambda x: run(np.repeat(x, 9, axis=0))
+        denoiser.predict(x[:2])
+    denoiser._run = lambda x: (_ for _ in ()).throw(ValueError("bad shape"))
+    denoiser._call_pixels = job.GPU_CALL_PIXELS
+    with pytest.raises(ValueError, match="bad shape"):  # not memory: not retried
+        denoiser.predict(x)
+    for error in (
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        MemoryError(),
+    ):
+        assert job._out_of_memory(error), error
+    assert not job._out_of_memory(ValueError("Input 0 of layer is incompatible"))
+
+
 def _reach(model, x: np.ndarray) -> int:
     """How far from a changed input pixel the model's output changes (its true radius)."""
     base = np.asarray(model(x, training=False))
