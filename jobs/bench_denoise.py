@@ -140,7 +140,7 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
     ray.init(num_cpus=1, include_dashboard=False)  # the actor asks Ray for its node id
     try:
         actor = job.Denoiser(settings)
-        spent = {"_prepare": 0.0, "_denoise": 0.0, "predict": 0.0, "_finish": 0.0}
+        spent = {"_read": 0.0, "_decode": 0.0, "_denoise": 0.0, "predict": 0.0, "_finish": 0.0}
         for name in spent:
             method = getattr(actor, name)
 
@@ -167,7 +167,7 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
     us = {k: v / n * 1e6 for k, v in spent.items()}
     print(
         f"stages: {n} images on one CPU, microseconds per image: total {total / n * 1e6:.0f}; "
-        f"read + decode {us['_prepare']:.0f}; model {us['predict']:.0f}; "
+        f"read + decode {us['_read'] + us['_decode']:.0f}; model {us['predict']:.0f}; "
         f"pad/crop {us['_denoise'] - us['predict']:.0f}; encode + write {us['_finish']:.0f}; "
         f"rows {(total - sum(spent.values()) + spent['predict']) / n * 1e6:.0f}",
         flush=True,

@@ -139,6 +139,8 @@ GPU_CALL_PIXELS = 1 << 24
 # (channels x height x width): a block of big photos is done a few at a time, as each
 # pixel costs ~30 bytes on its way (decoded array, float32 stack, output, rounding).
 GROUP_PIXELS = 1 << 23
+# ... and read at most this many bytes of files ahead of decoding them.
+READ_BYTES = 1 << 25
 # Planes bigger than TILE x TILE go through the model in tiles, each with a halo of
 # real pixels around it (cropped off after): memory per call stays bounded and, the
 # halo being wider than the model's receptive field (`receptive_radius`), the result
@@ -403,6 +405,25 @@ def _input_shape(config: dict) -> list | None:
 
 class UnsupportedImage(ValueError):
     """A readable image the job cannot denoise without changing its values."""
+
+
+# PNG color type -> samples per pixel (a palette may become RGB)
+PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def header_pixels(payload: bytes) -> int:
+    """Samples (height x width x channels) of an encoded image, from its header alone:
+    a PNG's IHDR directly, any other format through Pillow's lazy open. 0 if unknown."""
+    if payload[:8] == b"\x89PNG\r\n\x1a\n" and payload[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", payload[16:24])
+        return width * height * PNG_SAMPLES.get(payload[25], 4)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            return img.width * img.height * len(img.getbands())
+    except Exception:  # unreadable: decode() will say why
+        return 0
 
 
 def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
@@ -781,9 +802,12 @@ class Denoiser:
                 rows.extend(self._parquet_group(str(source), int(group)))
         else:
             rels = [str(rel) for rel in batch["path"]]
+            sizes = (
+                dict(zip(rels, batch["bytes"].tolist(), strict=True)) if "bytes" in batch else {}
+            )
             for i in range(0, len(rels), self.s.max_batch):
                 chunk = rels[i : i + self.s.max_batch]
-                rows.extend(self._process([(rel, None) for rel in chunk]))
+                rows.extend(self._process([(rel, None, sizes.get(rel)) for rel in chunk]))
         for row in rows:
             row.update(node=self.node, device=self.device)
         return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
@@ -803,40 +827,62 @@ class Denoiser:
                 where = f"{source}#row_group={group}#row={i}"
                 rows.append({"path": where, "status": "failed", "error": "its path is null"})
             else:
-                pairs.append((rel, payload))
+                pairs.append((rel, payload, len(payload) if payload is not None else None))
         step = self.s.max_batch
         for i in range(0, len(pairs), step):
             rows.extend(self._process(pairs[i : i + step]))
         return rows
 
-    def _process(self, items: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
+    def _process(self, items: list[tuple[str, bytes | None, int | None]]) -> list[dict]:
         """Reads (or takes) the images, denoises and writes them in groups of at most
-        about GROUP_PIXELS (a whole block of digits at once); one row each."""
+        about GROUP_PIXELS (a whole block of digits at once); one row each.
+
+        `items` are (path, bytes or None to read them, size in bytes if known). Files are
+        read a step at a time, a step being as many as the group has room for judging by
+        the images so far, and at most READ_BYTES of them; each one's pixels are then
+        taken from its header, so a group never holds more than its pixels (a block of
+        icons followed by photos included) before anything is decoded.
+        """
         rows: list[dict[str, Any]] = []
-        todo: list[dict[str, Any]] = []
-        pixels, done = 0, 0
+        ready: list[tuple[dict, bytes]] = []  # read, counted in `pixels`, not decoded yet
+        pixels, done, per_image = 0, 0, 0
         step = min(len(items), self.s.io_threads)  # one each first: how big are they?
         while done < len(items):
-            decoded, seen = 0, 0
-            for row, item in self._parallel(self._prepare, items[done : done + step]):
-                rows.append(row)
-                if item is not None:
-                    todo.append(item)
-                    decoded, seen = decoded + item["array"].size, seen + 1
-            done += step
-            pixels += decoded
-            per_image = decoded // seen if seen else 1
-            if pixels + per_image > GROUP_PIXELS:  # full: the next one would not fit
-                self._run_group(todo)
-                todo, pixels = [], 0
-            step = max(1, min(len(items) - done, (GROUP_PIXELS - pixels) // per_image))
-        self._run_group(todo)
+            chunk, budget = [], 0
+            for item in items[done : done + step]:
+                budget += item[2] or 0
+                if chunk and budget > READ_BYTES:
+                    break
+                chunk.append(item)
+            done += len(chunk)
+            sizes = []
+            for row, payload, size in self._parallel(self._read, chunk):
+                if payload is None:
+                    rows.append(row)
+                    continue
+                if ready and pixels + size > GROUP_PIXELS:
+                    rows.extend(self._run_group(ready))
+                    ready, pixels = [], 0
+                ready.append((row, payload))
+                pixels += size
+                sizes.append(size)
+            per_image = max(1, max(sizes) if sizes else per_image)
+            room = (GROUP_PIXELS - pixels) // per_image if pixels + per_image <= GROUP_PIXELS else 0
+            step = max(1, min(len(items) - done, room or GROUP_PIXELS // per_image))
+        rows.extend(self._run_group(ready))
         return rows
 
-    def _run_group(self, todo: list[dict[str, Any]]) -> None:
+    def _run_group(self, ready: list[tuple[dict, bytes]]) -> list[dict[str, Any]]:
+        """Decodes, denoises and writes one group; returns its rows."""
+        rows, todo = [], []
+        for row, item in self._parallel(self._decode, ready):
+            rows.append(row)
+            if item is not None:
+                todo.append(item)
         if todo:
             self._denoise(todo)
             self._parallel(self._finish, todo)
+        return rows
 
     def _parallel(self, fn, items: list) -> list:
         """[fn(x) for x in items], on the I/O threads: one contiguous slice per thread,
@@ -849,10 +895,10 @@ class Denoiser:
         futures = [self._pool.submit(lambda part: [fn(x) for x in part], p) for p in slices]
         return [y for f in futures for y in f.result()]
 
-    def _prepare(self, pair: tuple[str, bytes | None]) -> tuple[dict, dict | None]:
-        """Reads and decodes one input: (its row, the work item or None if it failed)."""
-        rel, payload = pair
-        rel = str(rel)
+    def _read(self, entry: tuple[str, bytes | None, int | None]) -> tuple[dict, Any, int]:
+        """Reads one input: (its row, its bytes or None if it is settled, its pixels as
+        its header says: 0 if it has none, for _decode to say what is wrong)."""
+        rel, payload = str(entry[0]), entry[1]
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
             out_rel = output_path(safe_relative(rel), self.s.fmt)
@@ -868,8 +914,20 @@ class Denoiser:
                     raise ValueError("no image bytes in this row")
                 if self._exists(out_rel):  # Parquet resume: the output is complete
                     row.update(status="skipped", output=out_rel)
-                    return row, None
+                    return row, None, 0
             row["input_bytes"] = len(payload)
+        except Exception as e:  # loss-free: one bad file never stops the block
+            row["error"] = _reason(e)
+            return row, None, 0
+        row["output"] = out_rel  # (None again unless it is written)
+        return row, payload, header_pixels(payload)
+
+    def _decode(self, pair: tuple[dict, bytes]) -> tuple[dict, dict | None]:
+        """Decodes one input: (its row, the work item or None if it failed)."""
+        row, payload = pair
+        rel, out_rel = row["path"], row["output"]
+        row["output"] = None
+        try:
             array, maxval, info, alpha = decode(bytes(payload), self.s.rgb)
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
@@ -1717,7 +1775,8 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
     if inputs.kind == "files":
         # One block per --batch-size paths (a block is one actor call, not one task per
         # file), smaller when that would leave actors idle: at least two blocks per actor.
-        items = [{"path": rel} for rel in todo]
+        sizes = dict(inputs.files)
+        items = [{"path": rel, "bytes": sizes[rel]} for rel in todo]
         batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
         what, block = f"{len(todo)} files", f"blocks of {batch_size} files"
     else:

@@ -856,6 +856,36 @@ def test_a_model_with_global_pooling_is_never_tiled():
     assert job.receptive_radius(_config(model), 1) is None
 
 
+def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_path, monkeypatch):
+    """Groups are filled from each image's header, not guessed from the first ones: a
+    block of small images followed by big ones (sorted paths: icons/, then photos/)
+    is not decoded all at once; and files are read ahead at most READ_BYTES at a time."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(6)
+    names = [f"a_icon{i}.png" for i in range(6)] + [f"b_photo{i}.png" for i in range(5)]
+    for name in names:
+        shape = (28, 28) if "icon" in name else (200, 148)
+        src.mkdir(exist_ok=True)
+        (src / name).write_bytes(png((rng.random(shape) * 255).astype(np.uint8)))
+    sizes = [(src / name).stat().st_size for name in names]
+    monkeypatch.setattr(job, "GROUP_PIXELS", 2 * 200 * 148 + 100)
+    monkeypatch.setattr(job, "READ_BYTES", 2 * max(sizes) + 1)
+    denoiser = job.Denoiser(job.JobSettings.in_process(str(model_path), str(src), str(dst)))
+    groups, reads = [], []
+    real_denoise, real_parallel = denoiser._denoise, denoiser._parallel
+    denoiser._denoise = lambda todo: (groups.append(todo), real_denoise(todo))[1]
+    denoiser._parallel = lambda fn, items: (
+        reads.append(len(items)) if fn == denoiser._read else None,
+        real_parallel(fn, items),
+    )[1]
+    rows = denoiser({"path": np.array(names), "bytes": np.array(sizes)}).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * len(names)
+    assert [len(g) for g in groups] == [7, 2, 2]  # 6 icons and a photo, then photos by 2
+    assert max(sum(item["array"].size for item in g) for g in groups) <= job.GROUP_PIXELS
+    assert max(reads) <= 6 and sum(reads) == len(names)  # icons are small; photos 2 by 2
+    assert sorted(p.name for p in dst.iterdir()) == names
+
+
 @pytest.mark.parametrize("backend_from", ["env", "keras.json"])
 def test_unused_imports_are_skipped_only_inside_the_block(backend_from, tmp_path):
     code = f"""
