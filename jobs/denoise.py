@@ -840,8 +840,9 @@ class Denoiser:
         `items` are (path, bytes or None to read them, size in bytes if known). Files are
         read a step at a time, a step being as many as the group has room for judging by
         the images so far, and at most READ_BYTES of them; each one's pixels are then
-        taken from its header, so a group never holds more than its pixels (a block of
-        icons followed by photos included) before anything is decoded.
+        taken from its header before anything is decoded, so a group holds at most
+        GROUP_PIXELS (or one image bigger than that), even when a block of icons goes
+        on with photos.
         """
         rows: list[dict[str, Any]] = []
         ready: list[tuple[dict, bytes]] = []  # read, counted in `pixels`, not decoded yet
