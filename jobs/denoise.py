@@ -296,50 +296,68 @@ def _count_pools(config: Any) -> int:
     return count
 
 
-def _layer_configs(config: Any):
-    """Every layer's (class name, config) in a model config, nested models' included."""
-    if isinstance(config, dict):
-        if isinstance(config.get("class_name"), str) and isinstance(config.get("config"), dict):
-            yield config["class_name"], config["config"]
-        for value in config.values():
-            if isinstance(value, dict | list):
-                yield from _layer_configs(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _layer_configs(value)
-
-
 def _pair(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value, value]
 
 
-def receptive_radius(config: Any, multiple: int) -> int | None:
-    """An upper bound, in input pixels, on how far from an output pixel the input
-    pixels it depends on lie; None when unbounded (a global pooling or attention layer).
+# Layers whose output pixel may depend on any input pixel, or that change the geometry in
+# ways a margin cannot follow: a model with one is never tiled.
+NOT_LOCAL = {"Lambda", "GroupNormalization", "Flatten", "Reshape", "Permute", "Resizing"}
 
-    Each layer widens the reach by its own at its resolution: a kxk convolution (of
-    dilation d) by (k - 1) * d / 2 pixels there, a pooling window by its size - 1, an
-    upsampling by up to 1. No layer works at a resolution coarser than the model's total
-    downsampling (`multiple`), so the sum over all layers, times `multiple`, bounds
-    every path through the model, skips and any kernel size included, at the price of
-    a wider margin than needed: 36 pixels for aelib's default `denoise` (whose reach,
-    measured by changing one input pixel, is 13), 176 at depth 3 with two convolutions
-    per stage and skips (reach 57).
+
+def receptive_radius(config: dict, multiple: int) -> int | None:
+    """An upper bound, in input pixels, on how far from an output pixel the input
+    pixels it depends on lie; None when there is none to be had from the config (a
+    global pooling, attention or group normalization layer, a Lambda, a layer that is
+    not Keras's own: its insides are not in the config).
+
+    Each call of a layer widens the reach by the layer's own at its resolution: a kxk
+    convolution (of dilation d) by (k - 1) * d / 2 pixels there, a pooling window by its
+    size - 1, an upsampling by up to 1, a padding or cropping by its width. No layer works
+    at a resolution coarser than the model's total downsampling (`multiple`), so the
+    sum over all calls of all layers, times `multiple`, bounds every path through the
+    model, skips and any kernel size included, at the price of a wider margin than
+    needed: 36 pixels for aelib's default `denoise` (whose reach, measured by changing
+    one input pixel, is 13), 176 at depth 3 with two convolutions per stage and skips
+    (reach 57).
     """
-    reach = 0.0
-    for name, cfg in _layer_configs(config):
-        if name.startswith("Global") or "Attention" in name:
-            return None
-        if cfg.get("kernel_size") is not None:
-            dilation = _pair(cfg.get("dilation_rate") or 1)
-            kernel = _pair(cfg["kernel_size"])
-            reach += max((k - 1) * d for k, d in zip(kernel, dilation, strict=False)) / 2
-        elif cfg.get("pool_size") is not None:
-            reach += max(_pair(cfg["pool_size"])) - 1
-        if name.startswith("UpSampling"):
-            reach += 1
+    reach = _reach(config)
     # a multiple of `multiple`, so that tiles start on the model's pooling grid
-    return max(1, math.ceil(reach)) * multiple
+    return None if reach is None else max(1, math.ceil(reach)) * multiple
+
+
+def _reach(entry: dict) -> float | None:
+    """receptive_radius's sum for one layer or (nested) model config, in its own pixels."""
+    name, cfg = entry.get("class_name", ""), entry.get("config") or {}
+    if isinstance(cfg.get("layers"), list):  # a Functional or Sequential model
+        total = 0.0
+        for layer in cfg["layers"]:
+            reach = _reach(layer)
+            if reach is None:
+                return None
+            total += reach * max(1, len(layer.get("inbound_nodes") or ()))  # once per call
+        return total
+    axes = cfg.get("axis", -1) if name in ("LayerNormalization", "UnitNormalization") else -1
+    if (
+        not str(entry.get("module") or "").startswith("keras")
+        or name in NOT_LOCAL
+        or name.startswith("Global")
+        or "Attention" in name
+        or any(a in (1, 2, -2, -3) for a in (axes if isinstance(axes, list) else [axes]))
+    ):
+        return None
+    if cfg.get("kernel_size") is not None:
+        dilation = _pair(cfg.get("dilation_rate") or 1)
+        kernel = _pair(cfg["kernel_size"])
+        return max((k - 1) * d for k, d in zip(kernel, dilation, strict=False)) / 2
+    if cfg.get("pool_size") is not None:
+        return max(_pair(cfg["pool_size"])) - 1
+    if name.startswith("UpSampling"):
+        return 1
+    if name.startswith(("ZeroPadding", "Cropping")):
+        widths = cfg.get("padding" if name.startswith("Zero") else "cropping", 0)
+        return max(np.ravel(widths).tolist() or [0])
+    return 0
 
 
 def inspect_model(payload: bytes, label: str) -> ModelSpec:
@@ -414,12 +432,13 @@ PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 def header_pixels(payload: bytes) -> int:
     """Samples (height x width x channels) of an encoded image, from its header alone:
     a PNG's IHDR directly, any other format through Pillow's lazy open. 0 if unknown."""
-    if payload[:8] == b"\x89PNG\r\n\x1a\n" and payload[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", payload[16:24])
-        return width * height * PNG_SAMPLES.get(payload[25], 4)
-    from PIL import Image
-
     try:
+        if len(payload) >= 26 and payload[:8] == b"\x89PNG\r\n\x1a\n":
+            if payload[12:16] == b"IHDR":
+                width, height = struct.unpack(">II", payload[16:24])
+                return width * height * PNG_SAMPLES.get(payload[25], 4)
+        from PIL import Image
+
         with Image.open(io.BytesIO(payload)) as img:
             return img.width * img.height * len(img.getbands())
     except Exception:  # unreadable: decode() will say why
@@ -1156,6 +1175,18 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def _matching(files: list[tuple[str, int]], pattern: str) -> list[tuple[str, int]]:
+    """A remote listing's files that `pattern` matches as a local glob would: fnmatch's
+    "*" also matches a leading "." (and "/"), glob's does not, so hidden files count
+    only when the pattern names them."""
+    dotted = _hidden(pattern)
+    return [
+        (rel, n)
+        for rel, n in files
+        if fnmatch.fnmatch(rel, pattern) and (dotted or not _hidden(rel))
+    ]
+
+
 def find_inputs(location: str, input_format: str) -> Inputs:
     """Lists the inputs: a folder tree, a glob, or Parquet files.
 
@@ -1200,13 +1231,8 @@ def find_inputs(location: str, input_format: str) -> Inputs:
                 for p in full
                 if os.path.isfile(p)
             ]
-        else:  # fnmatch's "*" matches a leading ".", glob's does not: leave them out too
-            dotted = _hidden(pattern)
-            files = [
-                (rel, n)
-                for rel, n in storage.walk()
-                if fnmatch.fnmatch(rel, pattern) and (dotted or not _hidden(rel))
-            ]
+        else:
+            files = _matching(storage.walk(), pattern)
     else:
         storage = Storage(location)
         if not storage.is_dir():

@@ -419,9 +419,13 @@ def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypa
         (tmp_path / rel).write_bytes(b"x")
     found = job.find_inputs(str(tmp_path), "auto")
     assert [rel for rel, _ in found.files] == ["a.png", "sub/b.png"] and found.hidden == 3
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a local glob: Python's glob leaves hidden files out ...
     assert [rel for rel, _ in job.find_inputs("**/*", "auto").files] == ["a.png", "sub/b.png"]
     assert [rel for rel, _ in job.find_inputs("sub/.*", "auto").files] == [".b.png.swp"]
+    listing = job.Storage(str(tmp_path)).walk()  # ... and so does a remote one, by fnmatch
+    visible = [("a.png", 1), ("sub/b.png", 1)]  # (fnmatch's * spans folders)
+    assert job._matching(listing, "*") == visible
+    assert job._matching(listing, "sub/.*") == [("sub/.b.png.swp", 1)]
     (tmp_path / "a.png").unlink()
     (tmp_path / "sub" / "b.png").unlink()
     with pytest.raises(ValueError, match=r"no files found \(only 3 hidden ones\)"):
@@ -847,13 +851,58 @@ def test_tiles_of_a_dilated_model_give_the_whole_image_result():
     assert np.abs(tiles(32) - whole).max() > 1e-2 * scale
 
 
-def test_a_model_with_global_pooling_is_never_tiled():
+def _small_models() -> dict:
+    """Models whose layers the margin must count right: shared, nested, shifting."""
     import keras
 
     inputs = keras.Input((None, None, 1))
+    shared, x = keras.layers.Conv2D(1, 3, padding="same", activation="tanh"), inputs
+    for _ in range(8):  # one layer in the config, eight calls
+        x = shared(x)
+    nested = keras.Sequential(
+        [
+            keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
+            keras.layers.Conv2D(1, 11, padding="same"),
+        ]
+    )
+    shift = keras.layers.Cropping2D(((6, 0), (6, 0)))(
+        keras.layers.ZeroPadding2D(((0, 6), (0, 6)))(inputs)
+    )
+    return {
+        "a layer called 8 times": keras.Model(inputs, x),
+        "a nested model called twice": keras.Model(inputs, nested(nested(inputs))),
+        "padding then cropping (a shift)": keras.Model(inputs, shift),
+    }
+
+
+def _unbounded_models() -> dict:
+    """Models whose reach the config cannot bound."""
+    import keras
+
+    class Smooth(keras.layers.Layer):  # a 9x9 blur the config does not show
+        def call(self, x):
+            return keras.ops.average_pool(x, 9, strides=1, padding="same")
+
+    inputs = keras.Input((None, None, 1))
+    features = keras.layers.Conv2D(4, 3, padding="same")(inputs)
     scale = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
-    model = keras.Model(inputs, keras.layers.Multiply()([inputs, scale]))
-    assert job.receptive_radius(_config(model), 1) is None
+    return {
+        "global pooling": keras.Model(inputs, keras.layers.Multiply()([inputs, scale])),
+        "group normalization": keras.Model(inputs, keras.layers.GroupNormalization(2)(features)),
+        "a layer that is not Keras's": keras.Model(inputs, Smooth()(inputs)),
+    }
+
+
+def test_the_margin_counts_every_call_of_shared_and_nested_layers():
+    x = np.random.default_rng(2).random((1, 96, 96, 1), dtype=np.float32)
+    for label, model in _small_models().items():
+        halo = job.receptive_radius(_config(model), 1)
+        assert halo is not None and _reach(model, x) <= halo, label
+
+
+def test_a_model_whose_reach_the_config_cannot_bound_is_never_tiled():
+    for label, model in _unbounded_models().items():
+        assert job.receptive_radius(_config(model), 1) is None, label
 
 
 def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_path, monkeypatch):
@@ -867,6 +916,9 @@ def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_pa
         shape = (28, 28) if "icon" in name else (200, 148)
         src.mkdir(exist_ok=True)
         (src / name).write_bytes(png((rng.random(shape) * 255).astype(np.uint8)))
+    for cut in (20, 25):  # too short for a PNG header: a failed row, not a failed block
+        (src / f"c_cut{cut}.png").write_bytes((src / names[0]).read_bytes()[:cut])
+        names.append(f"c_cut{cut}.png")
     sizes = [(src / name).stat().st_size for name in names]
     monkeypatch.setattr(job, "GROUP_PIXELS", 2 * 200 * 148 + 100)
     monkeypatch.setattr(job, "READ_BYTES", 2 * max(sizes) + 1)
@@ -879,11 +931,12 @@ def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_pa
         real_parallel(fn, items),
     )[1]
     rows = denoiser({"path": np.array(names), "bytes": np.array(sizes)}).to_pylist()
-    assert [r["status"] for r in rows] == ["ok"] * len(names)
+    assert [r["status"] for r in rows] == ["ok"] * 11 + ["failed"] * 2
+    assert all("not a readable image" in r["error"] for r in rows[11:])
     assert [len(g) for g in groups] == [7, 2, 2]  # 6 icons and a photo, then photos by 2
     assert max(sum(item["array"].size for item in g) for g in groups) <= job.GROUP_PIXELS
     assert max(reads) <= 6 and sum(reads) == len(names)  # icons are small; photos 2 by 2
-    assert sorted(p.name for p in dst.iterdir()) == names
+    assert sorted(p.name for p in dst.iterdir()) == names[:11]
 
 
 @pytest.mark.parametrize("backend_from", ["env", "keras.json"])
