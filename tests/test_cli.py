@@ -109,30 +109,45 @@ def test_models_command_lists_the_seven():
     ]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "pca"], "invalid choice: 'pca'"),
-        (["--model", "dense", "--epochs", "0"], "--epochs: must be >= 1. Received: 0"),
-        (
-            ["--model", "dense", "--data", "/nonexistent/mnist.npz"],
-            "MNIST file not found: /nonexistent/mnist.npz",
-        ),
-        (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
-        (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
-        (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
-        (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
-            ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
-            "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
-        ),
-    ],
-)
-def test_bad_input_is_a_clear_error(args, message, tmp_path):
-    proc = run_cli("train", "--out", str(tmp_path / "o"), "--limit", "50", *args)
+BAD_INPUT = [
+    (["--model", "pca"], "invalid choice: 'pca'"),
+    (["--model", "dense", "--epochs", "0"], "--epochs: must be >= 1. Received: 0"),
+    (
+        ["--model", "dense", "--data", "/nonexistent/mnist.npz"],
+        "MNIST file not found: /nonexistent/mnist.npz",
+    ),
+    (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
+    (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
+    (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
+    (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
+        ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
+        "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory) -> list[tuple[subprocess.CompletedProcess, object]]:
+    """Every BAD_INPUT command, two at a time: each spends most of its ~8 s importing
+    TensorFlow on one core, so the pairs take about half the time of one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):
+        out = tmp_path_factory.mktemp("bad") / "o"
+        return run_cli("train", "--out", str(out), "--limit", "50", *args), out
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(run, [args for args, _ in BAD_INPUT]))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_a_clear_error(case, bad_input_runs):
+    message = BAD_INPUT[case][1]
+    proc, out = bad_input_runs[case]
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
 
 
 def test_train_on_own_image_folder(tmp_path):
