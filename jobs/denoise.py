@@ -735,7 +735,6 @@ class Denoiser:
         self.device = _backend_device(keras.backend.backend())
         # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
         self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else CPU_CALL_PIXELS
-        self._halo = self.spec.halo
         path = os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"denoise-model-{uuid.uuid4().hex}.keras"
         )
@@ -783,9 +782,9 @@ class Denoiser:
         gc.freeze()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        if self.spec.fixed_size or self._halo is None:
+        if self.spec.fixed_size or self.spec.halo is None:
             return self._calls(images)
-        return tiled(self._calls, images, TILE, self._halo)
+        return tiled(self._calls, images, TILE, self.spec.halo)
 
     def _calls(self, images: np.ndarray) -> np.ndarray:
         """The model on `images`, in calls of at most --batch-size images and of

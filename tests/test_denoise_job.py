@@ -699,7 +699,7 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
 
     denoiser = object.__new__(job.Denoiser)  # predict() alone, on the real model
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
-    denoiser.spec, denoiser._halo = SimpleNamespace(fixed_size=None), 32
+    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32)
     rng = np.random.default_rng(0)
     for shape, budget, most in (
         ((100, 28, 28, 1), job.CPU_CALL_PIXELS, job.CPU_CALL_PIXELS // (28 * 28)),  # CPU
@@ -767,7 +767,7 @@ def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, cap
 
     denoiser = object.__new__(job.Denoiser)
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
-    denoiser.spec, denoiser._halo = SimpleNamespace(fixed_size=None), 32
+    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32)
     denoiser._call_pixels = job.GPU_CALL_PIXELS
     x = np.random.default_rng(0).random((100, 28, 28, 1), dtype=np.float32)
     np.testing.assert_allclose(denoiser.predict(x), np.asarray(model(x, training=False)), atol=1e-5)
