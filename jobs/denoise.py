@@ -820,12 +820,10 @@ class Denoiser:
                 rows.extend(self._parquet_group(str(source), int(group)))
         else:
             rels = [str(rel) for rel in batch["path"]]
-            sizes = (
-                dict(zip(rels, batch["bytes"].tolist(), strict=True)) if "bytes" in batch else {}
-            )
-            for i in range(0, len(rels), self.s.max_batch):
-                chunk = rels[i : i + self.s.max_batch]
-                rows.extend(self._process([(rel, None, sizes.get(rel)) for rel in chunk]))
+            sizes = batch["bytes"].tolist() if "bytes" in batch else [None] * len(rels)
+            entries = [(rel, None, size) for rel, size in zip(rels, sizes, strict=True)]
+            for i in range(0, len(entries), self.s.max_batch):
+                rows.extend(self._process(entries[i : i + self.s.max_batch]))
         for row in rows:
             row.update(node=self.node, device=self.device)
         return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
@@ -863,7 +861,7 @@ class Denoiser:
         on with photos.
         """
         rows: list[dict[str, Any]] = []
-        ready: list[tuple[dict, bytes]] = []  # read, counted in `pixels`, not decoded yet
+        ready: list[tuple[dict, str, bytes]] = []  # read, counted in `pixels`, not decoded
         pixels, done, per_image = 0, 0, 0
         step = min(len(items), self.s.io_threads)  # one each first: how big are they?
         while done < len(items):
@@ -875,14 +873,14 @@ class Denoiser:
                 chunk.append(item)
             done += len(chunk)
             sizes = []
-            for row, payload, size in self._parallel(self._read, chunk):
+            for row, out_rel, payload, size in self._parallel(self._read, chunk):
                 if payload is None:
                     rows.append(row)
                     continue
                 if ready and pixels + size > GROUP_PIXELS:
                     rows.extend(self._run_group(ready))
                     ready, pixels = [], 0
-                ready.append((row, payload))
+                ready.append((row, out_rel, payload))
                 pixels += size
                 sizes.append(size)
             per_image = max(1, max(sizes) if sizes else per_image)
@@ -891,7 +889,7 @@ class Denoiser:
         rows.extend(self._run_group(ready))
         return rows
 
-    def _run_group(self, ready: list[tuple[dict, bytes]]) -> list[dict[str, Any]]:
+    def _run_group(self, ready: list[tuple[dict, str, bytes]]) -> list[dict[str, Any]]:
         """Decodes, denoises and writes one group; returns its rows."""
         rows, todo = [], []
         for row, item in self._parallel(self._decode, ready):
@@ -914,9 +912,10 @@ class Denoiser:
         futures = [self._pool.submit(lambda part: [fn(x) for x in part], p) for p in slices]
         return [y for f in futures for y in f.result()]
 
-    def _read(self, entry: tuple[str, bytes | None, int | None]) -> tuple[dict, Any, int]:
-        """Reads one input: (its row, its bytes or None if it is settled, its pixels as
-        its header says: 0 if it has none, for _decode to say what is wrong)."""
+    def _read(self, entry: tuple[str, bytes | None, int | None]) -> tuple[dict, Any, Any, int]:
+        """Reads one input: (its row, its output path and bytes, or None for both if it is
+        settled, its pixels as its header says: 0 if it has none, for _decode to say
+        what is wrong)."""
         rel, payload = str(entry[0]), entry[1]
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
@@ -933,19 +932,17 @@ class Denoiser:
                     raise ValueError("no image bytes in this row")
                 if self._exists(out_rel):  # Parquet resume: the output is complete
                     row.update(status="skipped", output=out_rel)
-                    return row, None, 0
+                    return row, None, None, 0
             row["input_bytes"] = len(payload)
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
-            return row, None, 0
-        row["output"] = out_rel  # (None again unless it is written)
-        return row, payload, header_pixels(payload)
+            return row, None, None, 0
+        return row, out_rel, payload, header_pixels(payload)
 
-    def _decode(self, pair: tuple[dict, bytes]) -> tuple[dict, dict | None]:
+    def _decode(self, entry: tuple[dict, str, bytes]) -> tuple[dict, dict | None]:
         """Decodes one input: (its row, the work item or None if it failed)."""
-        row, payload = pair
-        rel, out_rel = row["path"], row["output"]
-        row["output"] = None
+        row, out_rel, payload = entry
+        rel = row["path"]
         try:
             array, maxval, info, alpha = decode(bytes(payload), self.s.rgb)
         except Exception as e:  # loss-free: one bad file never stops the block
