@@ -143,7 +143,7 @@ GROUP_PIXELS = 1 << 23
 READ_BYTES = 1 << 25
 # Planes bigger than TILE x TILE go through the model in tiles, each with a halo of
 # real pixels around it (cropped off after): memory per call stays bounded and, the
-# halo being wider than the model's receptive field (`receptive_radius`), the result
+# halo being wider than the model's receptive field (`model_geometry`), the result
 # is the whole plane's.
 TILE = 1024
 # Imported by `import tensorflow` / `import keras` only for features this job never
@@ -272,28 +272,8 @@ class ModelSpec:
     multiple: int  # image sides are padded to a multiple of this
     fixed_size: tuple[int, int] | None  # (H, W) when the model's input is not (None, None)
     uses_aelib: bool = False  # has layers registered by aelib (its import registers them)
-    halo: int | None = None  # tiles' margin (see receptive_radius); None: never tiled
-
-
-def _count_pools(config: Any) -> int:
-    """Downsampling layers along the model (recursing into nested models)."""
-    count = 0
-    if isinstance(config, dict):
-        if config.get("class_name") in ("MaxPooling2D", "AveragePooling2D"):
-            size = config.get("config", {}).get("pool_size", 2)
-            size = size[0] if isinstance(size, list | tuple) else size
-            count += max(0, int(round(math.log2(size)))) if size else 0
-        elif config.get("class_name") == "Conv2D":
-            strides = config.get("config", {}).get("strides", 1)
-            strides = strides[0] if isinstance(strides, list | tuple) else strides
-            count += max(0, int(round(math.log2(strides)))) if strides else 0
-        for value in config.values():
-            if isinstance(value, dict | list):
-                count += _count_pools(value)
-    elif isinstance(config, list):
-        for value in config:
-            count += _count_pools(value)
-    return count
+    halo: int | None = None  # tiles' margin (see model_geometry); None: never tiled
+    note: str = ""  # what the driver should say about the model
 
 
 def _pair(value: Any) -> list:
@@ -303,61 +283,190 @@ def _pair(value: Any) -> list:
 # Layers whose output pixel may depend on any input pixel, or that change the geometry in
 # ways a margin cannot follow: a model with one is never tiled.
 NOT_LOCAL = {"Lambda", "GroupNormalization", "Flatten", "Reshape", "Permute", "Resizing"}
+# How many coarse pixels beyond its own an upsampled pixel reads, by interpolation.
+INTERPOLATION_REACH = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3": 3, "lanczos5": 5}
 
 
-def receptive_radius(config: dict, multiple: int) -> int | None:
-    """An upper bound, in input pixels, on how far from an output pixel the input
-    pixels it depends on lie; None when there is none to be had from the config (a
-    global pooling, attention or group normalization layer, a Lambda, a layer that is
-    not Keras's own: its insides are not in the config).
+def model_geometry(config: dict) -> tuple[int, int | None]:
+    """(multiple, halo) of a model, from its .keras config: image sides are padded to a
+    multiple of `multiple` (its largest downsampling along any path), and tiles need a
+    margin of `halo` input pixels, an upper bound on how far from an output pixel the
+    input pixels it depends on lie, rounded up to a multiple of `multiple` so that tiles
+    start on the model's pooling grid. halo is None when the config cannot bound it (a
+    global pooling, attention or group normalization layer, a Lambda, a layer that is not
+    Keras's own: its insides are not in the config).
 
-    Each call of a layer widens the reach by the layer's own at its resolution: a kxk
-    convolution (of dilation d) by (k - 1) * d / 2 pixels there, a pooling window by its
-    size - 1, an upsampling by up to 1, a padding or cropping by its width. No layer works
-    at a resolution coarser than the model's total downsampling (`multiple`), so the
-    sum over all calls of all layers, times `multiple`, bounds every path through the
-    model, skips and any kernel size included, at the price of a wider margin than
-    needed: 36 pixels for aelib's default `denoise` (whose reach, measured by changing
-    one input pixel, is 13), 176 at depth 3 with two convolutions per stage and skips
-    (reach 57).
+    The walk follows the layer graph call by call (shared layers and nested models
+    included) and tracks, for each tensor, how many input pixels wide its pixels are
+    (`factor`) and how far beyond them its pixels see (`reach`). A call widens the reach
+    by its own span times the factor it works at: a kxk convolution of dilation d by
+    ceil((k - 1) * d / 2) pixels there ((k - 1) * d when strided or not "same"), a
+    pooling window by size - stride (or its "same" padding), an upsampling by the part
+    of a coarse pixel a fine one can lie away from its centre (plus the interpolation's
+    neighbours), a transposed convolution by its kernel, a padding or cropping by its
+    width; a merge takes the farthest of its inputs. For aelib's default `denoise` this
+    gives 13 (11 measured by changing one input pixel), a halo of 16; 57 (52) and 64 at
+    depth 3 with two convolutions per stage and skips.
+
+    Raises:
+        ValueError: the config's layer graph cannot be followed.
     """
-    reach = _reach(config)
-    # a multiple of `multiple`, so that tiles start on the model's pooling grid
-    return None if reach is None else max(1, math.ceil(reach)) * multiple
+    try:
+        outputs, top = _call(config, [(1.0, 0.0)])
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"cannot follow its layer graph ({type(e).__name__}: {e})") from e
+    multiple = max(1, round(top))
+    reach = _merge(outputs)[1]
+    if reach is None:
+        return multiple, None
+    return multiple, max(1, math.ceil(reach / multiple)) * multiple
 
 
-def _reach(entry: dict) -> float | None:
-    """receptive_radius's sum for one layer or (nested) model config, in its own pixels."""
+Geometry = tuple[float, float | None]  # a tensor's (factor, reach), as in model_geometry
+
+
+def _merge(values: list[Geometry]) -> Geometry:
+    """What a layer taking several tensors works at: the coarsest and farthest."""
+    if not values:
+        return 1.0, 0.0
+    reaches = [r for _, r in values]
+    return max(f for f, _ in values), None if None in reaches else max(reaches)
+
+
+def _call(entry: dict, inputs: list[Geometry]) -> tuple[list[Geometry], float]:
+    """One call of a layer or model config on tensors of `inputs`: its outputs'
+    (factor, reach) (a layer's: one for all) and the largest factor within the call."""
     name, cfg = entry.get("class_name", ""), entry.get("config") or {}
+    keras_own = str(entry.get("module") or "").startswith("keras")
     if isinstance(cfg.get("layers"), list):  # a Functional or Sequential model
-        total = 0.0
-        for layer in cfg["layers"]:
-            reach = _reach(layer)
-            if reach is None:
-                return None
-            total += reach * max(1, len(layer.get("inbound_nodes") or ()))  # once per call
-        return total
+        outputs, top = _walk(cfg, inputs)
+        # a subclass may do more in its call() than its graph shows
+        return (outputs if keras_own else [(f, None) for f, _ in outputs]), top
+    factor, reach = _merge(inputs)
+    step, widen = 1.0, _span(name, cfg) if keras_own else None
+    if cfg.get("kernel_size") is not None or cfg.get("pool_size") is not None:
+        strides = max(_pair(cfg.get("strides") or cfg.get("pool_size") or 1))
+        step = 1 / strides if "Transpose" in name else strides
+    elif name.startswith("UpSampling"):
+        step = 1 / max(_pair(cfg.get("size", 2)))
+    grown = None if reach is None or widen is None else reach + widen * factor
+    return [(factor * step, grown)], max(factor, factor * step)
+
+
+def _span(name: str, cfg: dict) -> float | None:
+    """How far, in the pixels of its input, one call of a Keras layer reaches beyond the
+    input pixels under its output pixel (see model_geometry); None: no bound."""
     axes = cfg.get("axis", -1) if name in ("LayerNormalization", "UnitNormalization") else -1
     if (
-        not str(entry.get("module") or "").startswith("keras")
-        or name in NOT_LOCAL
+        name in NOT_LOCAL
         or name.startswith("Global")
         or "Attention" in name
         or any(a in (1, 2, -2, -3) for a in (axes if isinstance(axes, list) else [axes]))
     ):
         return None
     if cfg.get("kernel_size") is not None:
-        dilation = _pair(cfg.get("dilation_rate") or 1)
-        kernel = _pair(cfg["kernel_size"])
-        return max((k - 1) * d for k, d in zip(kernel, dilation, strict=False)) / 2
+        span = max(
+            (k - 1) * d
+            for k, d in zip(
+                _pair(cfg["kernel_size"]), _pair(cfg.get("dilation_rate") or 1), strict=False
+            )
+        )
+        strides = max(_pair(cfg.get("strides") or 1))
+        if "Transpose" in name:
+            return span + 1  # in the coarse input's pixels
+        return math.ceil(span / 2) if strides == 1 and cfg.get("padding") == "same" else span
     if cfg.get("pool_size") is not None:
-        return max(_pair(cfg["pool_size"])) - 1
+        size = max(_pair(cfg["pool_size"]))
+        strides = max(_pair(cfg.get("strides") or size))
+        # "same" pads the window by up to (size - 1) // 2 on the left
+        left = (size - 1) // 2 if cfg.get("padding", "valid") == "same" else 0
+        return max(left, size - strides)
     if name.startswith("UpSampling"):
-        return 1
+        extra = INTERPOLATION_REACH.get(cfg.get("interpolation", "nearest"))
+        return None if extra is None else 1 - 1 / max(_pair(cfg.get("size", 2))) + extra
     if name.startswith(("ZeroPadding", "Cropping")):
         widths = cfg.get("padding" if name.startswith("Zero") else "cropping", 0)
         return max(np.ravel(widths).tolist() or [0])
     return 0
+
+
+def _walk(cfg: dict, inputs: list[Geometry]) -> tuple[list[Geometry], float]:
+    """_call for a model config: its outputs' (factor, reach) from its inputs'."""
+    layers = [layer for layer in cfg["layers"] if layer.get("class_name") != "InputLayer"]
+    input_names = {_name(layer) for layer in cfg["layers"]} - {_name(layer) for layer in layers}
+    top = _merge(inputs)[0]
+    if not any(layer.get("inbound_nodes") for layer in layers):  # Sequential: a chain
+        value = _merge(inputs)
+        for layer in layers:
+            outputs, inner = _call(layer, [value])
+            value, top = _merge(outputs), max(top, inner)
+        return [value], top
+    by_name = {_name(layer): layer for layer in layers}
+
+    # A nested Functional's first node in Keras's count is its own graph, which the
+    # config leaves out: its inputs' and outputs' references count it, calls' do not.
+    def refs(entries: Any, shift: bool) -> list[tuple[str, int, int]]:
+        if isinstance(entries, dict):  # named inputs or outputs: Keras orders them by name
+            entries = [entries[k] for k in sorted(entries)]
+        entries = [entries] if isinstance(entries[0], str) else entries
+        return [
+            (name, node - (shift and by_name.get(name, {}).get("class_name") == "Functional"), t)
+            for name, node, t, *_ in entries
+        ]
+
+    done: dict[tuple[str, int], list[Geometry]] = {}
+    sources = refs(cfg.get("input_layers") or [], shift=True)
+    for (name, node, _), value in zip(sources, inputs, strict=False):
+        done[(name, node)] = [value if len(sources) == len(inputs) else _merge(inputs)]
+
+    def value(ref: tuple[str, int, int]) -> Geometry:
+        values = done[ref[:2]]
+        return values[ref[2]] if ref[2] < len(values) else _merge(values)
+
+    outputs = refs(cfg["output_layers"], shift=True)
+    stack = [ref[:2] for ref in outputs]
+    while stack:  # depth first, without recursion: models may have thousands of calls
+        key = stack[-1]
+        if key in done:
+            stack.pop()
+            continue
+        if key[0] in input_names:  # an InputLayer that input_layers does not list
+            done[stack.pop()] = [_merge(inputs)]
+            continue
+        layer = by_name[key[0]]  # KeyError: no such layer
+        sources = list(_tensors(layer["inbound_nodes"][key[1]]))
+        missing = [ref[:2] for ref in sources if ref[:2] not in done]
+        if missing:
+            if len(stack) > 4 * len(done) + 4 * len(layers) + 16:
+                raise ValueError(f"the graph loops through {key[0]}")
+            stack.extend(missing)
+            continue
+        results, inner = _call(layer, [value(ref) for ref in sources])
+        done[stack.pop()], top = results, max(top, inner)
+    results = [value(ref) for ref in outputs]
+    return results, max([top] + [f for f, _ in results])
+
+
+def _name(layer: dict) -> str:
+    return layer.get("name") or layer["config"]["name"]
+
+
+def _tensors(node: Any):
+    """The (layer, node, tensor) each tensor a call takes comes from: Keras 3's
+    {"class_name": "__keras_tensor__", ...} and the older [layer, node, tensor, kwargs]."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "__keras_tensor__":
+            name, index, tensor = node["config"]["keras_history"]
+            yield (name, index, tensor)
+            return
+        for key in sorted(node):  # a dict of tensors goes to a model by name, as Keras does
+            yield from _tensors(node[key])
+    elif isinstance(node, list):
+        if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):
+            yield (node[0], node[1], node[2])
+            return
+        for value in node:
+            yield from _tensors(value)
 
 
 def inspect_model(payload: bytes, label: str) -> ModelSpec:
@@ -390,10 +499,16 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
             "(grayscale) or 3 (RGB)."
         )
     depth = info.get("model_config", {}).get("depth")
-    multiple = 2 ** int(depth) if depth is not None else 2 ** _count_pools(config)
+    note = ""
+    try:
+        multiple, halo = model_geometry(config)
+    except ValueError as e:  # Keras may still load it: run it whole, padded as aelib says
+        multiple, halo = 2 ** int(depth or 0), None
+        note = f"model {label}: {e}; images are padded to a multiple of {multiple} and never tiled"
     fixed = None if height is None or width is None else (int(height), int(width))
-    halo = receptive_radius(config, int(multiple))
-    return ModelSpec(str(name), int(channels), int(multiple), fixed, _uses_aelib(config), halo)
+    return ModelSpec(
+        str(name), int(channels), int(multiple), fixed, _uses_aelib(config), halo, note
+    )
 
 
 def _uses_aelib(config: Any) -> bool:
@@ -1572,6 +1687,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except OSError as e:
         raise ValueError(f"--model {args.model}: cannot read it ({e}).") from e
     spec = inspect_model(model_bytes, args.model)
+    if spec.note:
+        print(f"denoise: note: {spec.note}", file=sys.stderr)
     inputs = find_inputs(args.input, args.input_format)
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
