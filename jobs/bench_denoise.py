@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         "/dev/shm/bench takes the disk's file-creation cost out of the comparison",
     )
     args = p.parse_args(argv)
+    if args.stages and args.stages <= 1024:
+        p.error(
+            f"--stages {args.stages}: needs more than 1024 images (the first block of 1,024 "
+            "warms the actor up and is not counted)"
+        )
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out_root = Path(args.out_dir) if args.out_dir else work

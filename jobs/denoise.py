@@ -1784,9 +1784,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool):
-    """Splits file inputs into rows settled now (failed, skipped) and paths to denoise."""
+    """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
+    of each file to denoise."""
     early: list[dict[str, Any]] = []
-    todo: list[str] = []
+    todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
     for rel, size in inputs.files:
         try:
@@ -1822,7 +1823,7 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
             carried["error"] = f"(earlier run) {carried['error']}"
             early.append(carried)
         else:
-            todo.append(rel)
+            todo.append((rel, size))
     return early, todo
 
 
@@ -1915,8 +1916,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
     if inputs.kind == "files":
         # One block per --batch-size paths (a block is one actor call, not one task per
         # file), smaller when that would leave actors idle: at least two blocks per actor.
-        sizes = dict(inputs.files)
-        items = [{"path": rel, "bytes": sizes[rel]} for rel in todo]
+        items = [{"path": rel, "bytes": size} for rel, size in todo]
         batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
         what, block = f"{len(todo)} files", f"blocks of {batch_size} files"
     else:

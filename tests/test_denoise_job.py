@@ -449,7 +449,7 @@ def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
     }
     early, todo = job._plan(inputs, SimpleNamespace(format="same"), set(), before, False)
     assert [r["path"] for r in early] == ["bad.png"] and early[0]["status"] == "failed"
-    assert todo == ["full.png", "model.png", "read.png"]
+    assert todo == [("full.png", 10), ("model.png", 10), ("read.png", 10)]
 
 
 def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
