@@ -70,6 +70,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import partial
 from typing import Any, NoReturn
 
@@ -280,171 +281,217 @@ def _pair(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value, value]
 
 
-# Layers whose output pixel may depend on any input pixel, or that change the geometry in
-# ways a margin cannot follow: a model with one is never tiled.
-NOT_LOCAL = {"Lambda", "GroupNormalization", "Flatten", "Reshape", "Permute", "Resizing"}
+# What the walk in model_geometry knows. Layers that act on each pixel alone (at most
+# mixing its channels); layers that do so when their `axis` is the channel axis; the
+# Keras ops a Functional config records that act elementwise; layers whose reach it
+# computes. Anything else (a global pooling, attention, a normalization over pixels, a
+# slice, a Lambda, a wrapper, a custom layer) leaves the reach unknown: no tiling.
+POINTWISE = {
+    "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Dense", "Dropout", "SpatialDropout2D",
+    "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Rescaling",
+    "Identity", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum",
+}  # fmt: skip
+CHANNEL_AXIS = {
+    "Concatenate", "Softmax", "BatchNormalization", "LayerNormalization", "UnitNormalization",
+    "Normalization",
+}  # fmt: skip
+ELEMENTWISE_OPS = {
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Negative", "Absolute", "Abs",
+    "Clip", "Sigmoid", "Relu", "Tanh", "Exp", "Log", "Sqrt", "Square", "Power", "Maximum",
+    "Minimum", "Where", "Cast", "Greater", "GreaterEqual", "Less", "LessEqual", "Equal",
+}  # fmt: skip
+LOCAL = {
+    "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "MaxPooling2D",
+    "AveragePooling2D", "UpSampling2D", "ZeroPadding2D", "Cropping2D",
+}  # fmt: skip
 # How many coarse pixels beyond its own an upsampled pixel reads, by interpolation.
 INTERPOLATION_REACH = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3": 3, "lanczos5": 5}
+
+Pair = tuple[Fraction, Fraction]  # (rows, columns)
+Geometry = tuple[Pair, Pair | None]  # a tensor's (factor, reach), as in model_geometry
+ONE, ZERO = (Fraction(1), Fraction(1)), (Fraction(0), Fraction(0))
 
 
 def model_geometry(config: dict) -> tuple[int, int | None]:
     """(multiple, halo) of a model, from its .keras config: image sides are padded to a
-    multiple of `multiple` (its largest downsampling along any path), and tiles need a
-    margin of `halo` input pixels, an upper bound on how far from an output pixel the
-    input pixels it depends on lie, rounded up to a multiple of `multiple` so that tiles
-    start on the model's pooling grid. halo is None when the config cannot bound it (a
-    global pooling, attention or group normalization layer, a Lambda, a layer that is not
-    Keras's own: its insides are not in the config).
+    multiple of `multiple` (each downsampling along each path divides them), and tiles
+    need a margin of `halo` input pixels, an upper bound on how far from an output pixel
+    the input pixels it depends on lie, rounded up to a multiple of `multiple` so that
+    tiles start on the model's pooling grid. halo is None when the config cannot bound
+    it (see POINTWISE and the sets after it).
 
     The walk follows the layer graph call by call (shared layers and nested models
-    included) and tracks, for each tensor, how many input pixels wide its pixels are
-    (`factor`) and how far beyond them its pixels see (`reach`). A call widens the reach
-    by its own span times the factor it works at: a kxk convolution of dilation d by
-    ceil((k - 1) * d / 2) pixels there ((k - 1) * d when strided or not "same"), a
-    pooling window by size - stride (or its "same" padding), an upsampling by the part
-    of a coarse pixel a fine one can lie away from its centre (plus the interpolation's
-    neighbours), a transposed convolution by its kernel, a padding or cropping by its
-    width; a merge takes the farthest of its inputs. For aelib's default `denoise` this
-    gives 13 (11 measured by changing one input pixel), a halo of 16; 57 (52) and 64 at
-    depth 3 with two convolutions per stage and skips.
+    included) and tracks, for each tensor and axis, how many input pixels wide its
+    pixels are (`factor`) and how far beyond them its pixels see (`reach`). A call
+    widens the reach by its own span times the factor it works at: a kxk convolution of
+    dilation d by ceil((k - 1) * d / 2) pixels there ((k - 1) * d when strided or not
+    "same"), a pooling window by size - stride (or its "same" padding), a transposed
+    convolution by its kernel, a padding or cropping by its width, and an upsampling by
+    1 - 1/size of a coarse pixel (how far a coarse pixel extends beyond a fine one inside
+    it) plus the interpolation's neighbours; a merge takes the farthest of its inputs.
+    For aelib's default `denoise` this gives 13 (11 measured by changing one input
+    pixel), a halo of 16; 57 (52) and 64 at depth 3 with two convolutions per stage and
+    skips.
 
     Raises:
         ValueError: the config's layer graph cannot be followed.
     """
+    factors: set[Fraction] = set()
     try:
-        outputs, top = _call(config, [(1.0, 0.0)])
-    except (KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
+        outputs = _call(config, [(ONE, ZERO)], factors)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"cannot follow its layer graph ({type(e).__name__}: {e})") from e
-    multiple = max(1, round(top))
+    multiple = math.lcm(*(f.numerator for f in factors))
     reach = _merge(outputs)[1]
     if reach is None:
         return multiple, None
-    return multiple, max(1, math.ceil(reach / multiple)) * multiple
-
-
-Geometry = tuple[float, float | None]  # a tensor's (factor, reach), as in model_geometry
+    return multiple, max(1, math.ceil(max(reach) / multiple)) * multiple
 
 
 def _merge(values: list[Geometry]) -> Geometry:
     """What a layer taking several tensors works at: the coarsest and farthest."""
     if not values:
-        return 1.0, 0.0
+        return ONE, ZERO
+    factor = (max(f[0] for f, _ in values), max(f[1] for f, _ in values))
     reaches = [r for _, r in values]
-    return max(f for f, _ in values), None if None in reaches else max(reaches)
+    if None in reaches:
+        return factor, None
+    return factor, (max(r[0] for r in reaches), max(r[1] for r in reaches))
 
 
-def _call(entry: dict, inputs: list[Geometry]) -> tuple[list[Geometry], float]:
-    """One call of a layer or model config on tensors of `inputs`: its outputs'
-    (factor, reach) (a layer's: one for all) and the largest factor within the call."""
+def _call(entry: dict, inputs: list[Geometry], factors: set[Fraction]) -> list[Geometry]:
+    """One call of a layer or model config on tensors of `inputs`: its outputs' (factor,
+    reach) (a layer's: one for all); adds every factor it makes to `factors`."""
     name, cfg = entry.get("class_name", ""), entry.get("config") or {}
-    keras_own = str(entry.get("module") or "").startswith("keras")
-    if isinstance(cfg.get("layers"), list):  # a Functional or Sequential model
-        outputs, top = _walk(cfg, inputs)
-        # a subclass may do more in its call() than its graph shows
-        return (outputs if keras_own else [(f, None) for f, _ in outputs]), top
+    module = str(entry.get("module") or "")
+    keras_own = module == "keras" or module.startswith("keras.")
+    if isinstance(cfg.get("layers"), list):  # a model
+        outputs = _walk(cfg, inputs, factors)
+        if keras_own and name in ("Functional", "Sequential"):
+            return outputs
+        return [(f, None) for f, _ in outputs]  # a subclass may do more than its graph
     factor, reach = _merge(inputs)
-    step, widen = 1.0, _span(name, cfg) if keras_own else None
-    if cfg.get("kernel_size") is not None or cfg.get("pool_size") is not None:
-        strides = max(_pair(cfg.get("strides") or cfg.get("pool_size") or 1))
-        step = 1 / strides if "Transpose" in name else strides
-    elif name.startswith("UpSampling"):
-        step = 1 / max(_pair(cfg.get("size", 2)))
-    grown = None if reach is None or widen is None else reach + widen * factor
-    return [(factor * step, grown)], max(factor, factor * step)
+    step, span = _layer(name, cfg) if keras_own else (ONE, None)
+    out = (factor[0] * step[0], factor[1] * step[1])
+    factors.update(out)
+    if reach is None or span is None:
+        return [(out, None)]
+    return [(out, (reach[0] + span[0] * factor[0], reach[1] + span[1] * factor[1]))]
 
 
-def _span(name: str, cfg: dict) -> float | None:
-    """How far, in the pixels of its input, one call of a Keras layer reaches beyond the
-    input pixels under its output pixel (see model_geometry); None: no bound."""
-    axes = cfg.get("axis", -1) if name in ("LayerNormalization", "UnitNormalization") else -1
-    if (
-        name in NOT_LOCAL
-        or name.startswith("Global")
-        or "Attention" in name
-        or any(a in (1, 2, -2, -3) for a in (axes if isinstance(axes, list) else [axes]))
-    ):
-        return None
-    if cfg.get("kernel_size") is not None:
-        span = max(
-            (k - 1) * d
-            for k, d in zip(
-                _pair(cfg["kernel_size"]), _pair(cfg.get("dilation_rate") or 1), strict=False
-            )
-        )
-        strides = max(_pair(cfg.get("strides") or 1))
-        if "Transpose" in name:
-            return span + 1  # in the coarse input's pixels
-        return math.ceil(span / 2) if strides == 1 and cfg.get("padding") == "same" else span
-    if cfg.get("pool_size") is not None:
-        size = max(_pair(cfg["pool_size"]))
-        strides = max(_pair(cfg.get("strides") or size))
-        # "same" pads the window by up to (size - 1) // 2 on the left
-        left = (size - 1) // 2 if cfg.get("padding", "valid") == "same" else 0
-        return max(left, size - strides)
-    if name.startswith("UpSampling"):
+def _layer(name: str, cfg: dict) -> tuple[Pair, Pair | None]:
+    """A Keras layer's (step, span) per axis: how much coarser its output's pixels are
+    than its input's, and how far, in its input's pixels, it reaches beyond the input
+    pixels under an output pixel (None: no bound)."""
+    if name in POINTWISE or name in ELEMENTWISE_OPS:
+        return ONE, ZERO
+    if name in CHANNEL_AXIS:
+        axis = cfg.get("axis", -1)
+        return ONE, ZERO if all(a in (-1, 3) for a in _pair(axis)) else None
+    if name not in LOCAL:
+        return ONE, None
+    if name in ("ZeroPadding2D", "Cropping2D"):
+        widths = cfg.get("padding" if name == "ZeroPadding2D" else "cropping", 0)
+        return ONE, tuple(Fraction(max(_pair(w))) for w in _pair(widths))
+    if name == "UpSampling2D":
+        size = _pair(cfg.get("size", 2))
         extra = INTERPOLATION_REACH.get(cfg.get("interpolation", "nearest"))
-        return None if extra is None else 1 - 1 / max(_pair(cfg.get("size", 2))) + extra
-    if name.startswith(("ZeroPadding", "Cropping")):
-        widths = cfg.get("padding" if name.startswith("Zero") else "cropping", 0)
-        return max(np.ravel(widths).tolist() or [0])
-    return 0
+        step = tuple(Fraction(1, s) for s in size)
+        return step, None if extra is None else tuple(1 - s + extra for s in step)
+    strides = _pair(cfg.get("strides") or cfg.get("pool_size") or 1)  # pooling: its size
+    if cfg.get("pool_size") is not None:
+        same = cfg.get("padding") == "same"  # pads the window by up to (size - 1) // 2
+        spans = [
+            max((k - 1) // 2 if same else 0, k - s)
+            for k, s in zip(_pair(cfg["pool_size"]), strides, strict=True)
+        ]
+        return tuple(Fraction(s) for s in strides), tuple(Fraction(x) for x in spans)
+    kernel, dilation = _pair(cfg["kernel_size"]), _pair(cfg.get("dilation_rate") or 1)
+    extents = [(k - 1) * d for k, d in zip(kernel, dilation, strict=True)]
+    if name == "Conv2DTranspose":  # its input is the coarse side
+        return tuple(Fraction(1, s) for s in strides), tuple(Fraction(e + 1) for e in extents)
+    same = cfg.get("padding") == "same"
+    spans = [
+        Fraction(-(-e // 2) if s == 1 and same else e)
+        for e, s in zip(extents, strides, strict=True)
+    ]
+    return tuple(Fraction(s) for s in strides), tuple(spans)
 
 
-def _walk(cfg: dict, inputs: list[Geometry]) -> tuple[list[Geometry], float]:
+def _walk(cfg: dict, inputs: list[Geometry], factors: set[Fraction]) -> list[Geometry]:
     """_call for a model config: its outputs' (factor, reach) from its inputs'."""
     layers = [layer for layer in cfg["layers"] if layer.get("class_name") != "InputLayer"]
-    input_names = {_name(layer) for layer in cfg["layers"]} - {_name(layer) for layer in layers}
-    top = _merge(inputs)[0]
-    if not any(layer.get("inbound_nodes") for layer in layers):  # Sequential: a chain
+    factors.update(f for factor, _ in inputs for f in factor)
+    if "output_layers" not in cfg:  # Sequential: a chain
         value = _merge(inputs)
         for layer in layers:
-            outputs, inner = _call(layer, [value])
-            value, top = _merge(outputs), max(top, inner)
-        return [value], top
+            value = _merge(_call(layer, [value], factors))
+        return [value]
     by_name = {_name(layer): layer for layer in layers}
 
-    # A nested Functional's first node in Keras's count is its own graph, which the
-    # config leaves out: its inputs' and outputs' references count it, calls' do not.
-    def refs(entries: Any, shift: bool) -> list[tuple[str, int, int]]:
+    def refs(entries: Any) -> list[tuple[str, int, int]]:
+        """Tensor references of input_layers or output_layers. A nested model's first node
+        in Keras's count is its own graph, which the config leaves out: these count it,
+        the calls' references (in inbound_nodes) do not. (A subclass whose config does
+        not show its layers is known by the node that is one too many.)"""
         if isinstance(entries, dict):  # named inputs or outputs: Keras orders them by name
             entries = [entries[k] for k in sorted(entries)]
-        entries = [entries] if isinstance(entries[0], str) else entries
+        if entries and isinstance(entries[0], str):
+            entries = [entries]
         return [
-            (name, node - (shift and by_name.get(name, {}).get("class_name") == "Functional"), t)
-            for name, node, t, *_ in entries
+            (name, node - _own_node(by_name.get(name), node), t) for name, node, t, *_ in entries
         ]
 
     done: dict[tuple[str, int], list[Geometry]] = {}
-    sources = refs(cfg.get("input_layers") or [], shift=True)
-    for (name, node, _), value in zip(sources, inputs, strict=False):
-        done[(name, node)] = [value if len(sources) == len(inputs) else _merge(inputs)]
+    sources = refs(cfg["input_layers"])
+    for i, (name, node, _) in enumerate(sources):
+        done[(name, node)] = [inputs[i] if len(sources) == len(inputs) else _merge(inputs)]
 
     def value(ref: tuple[str, int, int]) -> Geometry:
         values = done[ref[:2]]
-        return values[ref[2]] if ref[2] < len(values) else _merge(values)
+        return values[ref[2] if len(values) > 1 else 0]  # a layer's outputs: all alike
 
-    outputs = refs(cfg["output_layers"], shift=True)
-    stack = [ref[:2] for ref in outputs]
+    outputs = refs(cfg["output_layers"])
+    stack, visiting = [(ref[:2], False) for ref in outputs], set()
     while stack:  # depth first, without recursion: models may have thousands of calls
-        key = stack[-1]
+        key, ready = stack.pop()
         if key in done:
-            stack.pop()
             continue
-        if key[0] in input_names:  # an InputLayer that input_layers does not list
-            done[stack.pop()] = [_merge(inputs)]
-            continue
-        layer = by_name[key[0]]  # KeyError: no such layer
+        layer = by_name[key[0]]
         sources = list(_tensors(layer["inbound_nodes"][key[1]]))
-        missing = [ref[:2] for ref in sources if ref[:2] not in done]
-        if missing:
-            if len(stack) > 4 * len(done) + 4 * len(layers) + 16:
-                raise ValueError(f"the graph loops through {key[0]}")
-            stack.extend(missing)
+        if ready:  # every source is done
+            done[key] = _call(layer, [value(ref) for ref in sources], factors)
             continue
-        results, inner = _call(layer, [value(ref) for ref in sources])
-        done[stack.pop()], top = results, max(top, inner)
-    results = [value(ref) for ref in outputs]
-    return results, max([top] + [f for f, _ in results])
+        if key in visiting:
+            raise ValueError(f"the graph loops through {key[0]}")
+        visiting.add(key)
+        stack.append((key, True))
+        stack.extend((ref[:2], False) for ref in sources if ref[:2] not in done)
+    return [value(ref) for ref in outputs]
+
+
+def _own_node(layer: dict | None, node: int) -> bool:
+    """Whether references count a first node of `layer` that its config leaves out."""
+    if layer is None:  # an InputLayer
+        return False
+    return "output_layers" in (layer.get("config") or {}) or node >= len(layer["inbound_nodes"])
+
+
+def _strides_anywhere(config: Any) -> int:
+    """The product of every stride in a config (at least a multiple of each path's
+    downsampling), for a model whose graph model_geometry cannot follow."""
+    product = 1
+    if isinstance(config, dict):
+        cfg = config.get("config")
+        if isinstance(cfg, dict) and "Transpose" not in str(config.get("class_name")):
+            if cfg.get("pool_size") is not None or cfg.get("kernel_size") is not None:
+                product *= math.lcm(*_pair(cfg.get("strides") or cfg.get("pool_size") or 1))
+        for value in config.values():
+            product *= _strides_anywhere(value)
+    elif isinstance(config, list):
+        for value in config:
+            product *= _strides_anywhere(value)
+    return product
 
 
 def _name(layer: dict) -> str:
@@ -502,8 +549,8 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
     note = ""
     try:
         multiple, halo = model_geometry(config)
-    except ValueError as e:  # Keras may still load it: run it whole, padded as aelib says
-        multiple, halo = 2 ** int(depth or 0), None
+    except ValueError as e:  # Keras may still load it: run it whole
+        multiple, halo = 2 ** int(depth) if depth is not None else _strides_anywhere(config), None
         note = f"model {label}: {e}; images are padded to a multiple of {multiple} and never tiled"
     fixed = None if height is None or width is None else (int(height), int(width))
     return ModelSpec(
@@ -897,9 +944,10 @@ class Denoiser:
         gc.freeze()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        if self.spec.fixed_size or self.spec.halo is None:
+        side = tile_side(self.spec.multiple)
+        if self.spec.fixed_size or self.spec.halo is None or not side:
             return self._calls(images)
-        return tiled(self._calls, images, TILE, self.spec.halo)
+        return tiled(self._calls, images, side, self.spec.halo)
 
     def _calls(self, images: np.ndarray) -> np.ndarray:
         """The model on `images`, in calls of at most --batch-size images and of
@@ -1175,13 +1223,20 @@ class Denoiser:
         return back.astype(result.dtype)
 
 
+def tile_side(multiple: int, tile: int | None = None) -> int:
+    """The largest tile side up to `tile` (TILE) on the model's pooling grid (a multiple
+    of `multiple`: 1023 for a model that downsamples by 3); 0 if there is none."""
+    tile = TILE if tile is None else tile
+    return tile - tile % multiple
+
+
 def tiled(
     predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, tile: int, halo: int
 ) -> np.ndarray:
     """predict(images), tile by tile when the planes are bigger than tile x tile: each
     tile goes in with up to `halo` real pixels on every side, cropped off after. The
-    sides, `tile` and `halo` are multiples of the model's 2**depth, so its pooling grid
-    lines up in every tile."""
+    sides, `tile` and `halo` are multiples of the model's `multiple` (see tile_side), so
+    its pooling grid lines up in every tile."""
     _, h, w, _ = images.shape
     if h * w <= tile * tile:
         return predict(images)

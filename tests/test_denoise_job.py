@@ -700,7 +700,7 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
 
     denoiser = object.__new__(job.Denoiser)  # predict() alone, on the real model
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
-    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32)
+    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32, multiple=4)
     rng = np.random.default_rng(0)
     for shape, budget, most in (
         ((100, 28, 28, 1), job.CPU_CALL_PIXELS, job.CPU_CALL_PIXELS // (28 * 28)),  # CPU
@@ -768,7 +768,7 @@ def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, cap
 
     denoiser = object.__new__(job.Denoiser)
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
-    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32)
+    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32, multiple=4)
     denoiser._call_pixels = job.GPU_CALL_PIXELS
     x = np.random.default_rng(0).random((100, 28, 28, 1), dtype=np.float32)
     np.testing.assert_allclose(denoiser.predict(x), np.asarray(model(x, training=False)), atol=1e-5)
@@ -886,7 +886,37 @@ def _small_models() -> dict:
         "padding then cropping (a shift)": keras.Model(inputs, shift),
         "2x2 kernels": keras.Model(inputs, keras.layers.Conv2D(1, 1)(even)),
         "a pooling layer called twice": _shared_pooling_unet(),
+        "rows and columns upsampled apart": _upsampled_apart(),
+        "a densely connected block of 24": _dense_block(24),
     }
+
+
+def _upsampled_apart():
+    """Columns back to full size first: the 9x1 convolutions work on rows still 2x
+    coarse, so they reach 16 input rows, not 8 (one factor for both axes said 10)."""
+    import keras
+
+    init = keras.initializers.RandomNormal(stddev=0.5)
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.UpSampling2D((1, 2))(keras.layers.AveragePooling2D(2)(inputs))
+    for _ in range(2):
+        x = keras.layers.Conv2D(
+            2, (9, 1), padding="same", activation="tanh", kernel_initializer=init
+        )(x)
+    x = keras.layers.UpSampling2D((2, 1))(x)
+    return keras.Model(inputs, keras.layers.Conv2D(1, 1)(x))
+
+
+def _dense_block(n: int):
+    """Each convolution reads all earlier outputs: a graph many paths deep."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    features = [inputs]
+    for _ in range(n):
+        x = features[0] if len(features) == 1 else keras.layers.Concatenate()(features)
+        features.append(keras.layers.Conv2D(2, 3, padding="same")(x))
+    return keras.Model(inputs, keras.layers.Conv2D(1, 1)(keras.layers.Concatenate()(features)))
 
 
 def _shared_pooling_unet():
@@ -911,13 +941,33 @@ def _unbounded_models() -> dict:
         def call(self, x):
             return keras.ops.average_pool(x, 9, strides=1, padding="same")
 
+    class Net(keras.Model):  # a subclass: its call() may do more than its graph
+        def __init__(self, **kwargs):
+            inputs = keras.Input((None, None, 1))
+            super().__init__(inputs, keras.layers.Conv2D(1, 3, padding="same")(inputs), **kwargs)
+
     inputs = keras.Input((None, None, 1))
     features = keras.layers.Conv2D(4, 3, padding="same")(inputs)
     scale = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
+    rows = keras.layers.Concatenate(axis=1)([features, features])
     return {
         "global pooling": keras.Model(inputs, keras.layers.Multiply()([inputs, scale])),
         "group normalization": keras.Model(inputs, keras.layers.GroupNormalization(2)(features)),
         "a layer that is not Keras's": keras.Model(inputs, Smooth()(inputs)),
+        "an op over the pixels": keras.Model(
+            inputs, inputs - keras.ops.mean(inputs, axis=(1, 2), keepdims=True)
+        ),
+        "a slice (a shift)": keras.Model(
+            inputs, keras.ops.pad(inputs, [[0, 0], [10, 0], [0, 0], [0, 0]])[:, :-10]
+        ),
+        "softmax over rows": keras.Model(inputs, keras.layers.Softmax(axis=1)(features)),
+        "a concatenation of rows": keras.Model(
+            inputs, keras.layers.MaxPooling2D((2, 1))(rows)[..., :1]
+        ),
+        "a wrapper": keras.Model(
+            inputs, keras.layers.TimeDistributed(keras.layers.Conv1D(1, 31, padding="same"))(inputs)
+        ),
+        "a subclass of Model": keras.Model(inputs, Net()(inputs)),
     }
 
 
@@ -990,13 +1040,42 @@ def test_the_margin_bounds_the_reach_of_random_convnets():
 
 def test_sides_are_padded_to_what_a_shared_pooling_layer_needs():
     """The multiple follows the calls too: a pooling layer called twice needs sides of a
-    multiple of 4; padded to 2 (its count in the config), a 6x6 image fails."""
+    multiple of 4; padded to 2 (its count in the config), a 6x6 image fails. Paths
+    pooled by 2 and by 3 need 6 (the least common multiple, not the largest)."""
+    import keras
+
     model = _shared_pooling_unet()
     multiple, _ = job.model_geometry(_config(model))
     assert multiple == 4
     assert model(np.zeros((1, 12, 8, 1), np.float32)).shape == (1, 12, 8, 1)
     with pytest.raises(Exception, match="(?i)shape|dimension"):
         model(np.zeros((1, 6, 6, 1), np.float32))
+    inputs, layers = keras.Input((None, None, 1)), keras.layers
+    halves = layers.UpSampling2D(2)(layers.MaxPooling2D(2)(inputs))
+    thirds = layers.UpSampling2D(3)(layers.AveragePooling2D(3)(inputs))
+    model = keras.Model(inputs, layers.Add()([halves, thirds]))
+    assert job.model_geometry(_config(model))[0] == 6
+    assert model(np.zeros((1, 6, 12, 1), np.float32)).shape == (1, 6, 12, 1)
+
+
+def test_tiles_start_on_the_grid_of_a_model_that_downsamples_by_3():
+    """Tiles start at multiples of the tile side, which must then be a multiple of 3:
+    1023 instead of 1024 (here 63 instead of 64, which shows seams)."""
+    import keras
+
+    inputs, layers = keras.Input((None, None, 1)), keras.layers
+    x = layers.Conv2D(4, 3, strides=3, padding="same", activation="tanh")(inputs)
+    model = keras.Model(inputs, layers.Conv2D(1, 3, padding="same")(layers.UpSampling2D(3)(x)))
+    multiple, halo = job.model_geometry(_config(model))
+    assert (multiple, job.tile_side(multiple), job.tile_side(multiple, 64)) == (3, 1023, 63)
+    images = np.random.default_rng(4).random((2, 129, 129, 1), dtype=np.float32)
+    whole = np.asarray(model(images))
+
+    def tiles(side):
+        return job.tiled(lambda t: np.asarray(model(t)), images, side, halo)
+
+    np.testing.assert_allclose(tiles(63), whole, atol=1e-6)
+    assert np.abs(tiles(64) - whole).max() > 1e-2
 
 
 def test_a_config_whose_graph_cannot_be_followed_is_run_whole_with_a_note(model_path):
