@@ -371,7 +371,9 @@ def _call(entry: dict, inputs: list[Geometry], factors: set[Fraction]) -> list[G
             return outputs
         return [(f, None) for f, _ in outputs]  # a subclass may do more than its graph
     factor, reach = _merge(inputs)
-    step, span = _layer(name, cfg) if keras_own else (ONE, None)
+    step, span = _layer(name, cfg, module) if keras_own else (ONE, None)
+    if span is None and step == ONE:  # unknown: its strides, if it has any, still count
+        step = (Fraction(_strides_anywhere(entry)),) * 2
     out = (factor[0] * step[0], factor[1] * step[1])
     factors.update(out)
     if reach is None or span is None:
@@ -379,11 +381,17 @@ def _call(entry: dict, inputs: list[Geometry], factors: set[Fraction]) -> list[G
     return [(out, (reach[0] + span[0] * factor[0], reach[1] + span[1] * factor[1]))]
 
 
-def _layer(name: str, cfg: dict) -> tuple[Pair, Pair | None]:
-    """A Keras layer's (step, span) per axis: how much coarser its output's pixels are
-    than its input's, and how far, in its input's pixels, it reaches beyond the input
-    pixels under an output pixel (None: no bound)."""
-    if name in POINTWISE or name in ELEMENTWISE_OPS:
+def _layer(name: str, cfg: dict, module: str) -> tuple[Pair, Pair | None]:
+    """A Keras layer's or op's (step, span) per axis: how much coarser its output's
+    pixels are than its input's, and how far, in its input's pixels, it reaches beyond
+    the input pixels under an output pixel (None: no bound)."""
+    if module.startswith("keras.src.ops"):  # an op: `Average` there averages everything
+        return ONE, ZERO if name in ELEMENTWISE_OPS else None
+    if cfg.get("data_format") == "channels_first" or not isinstance(
+        cfg.get("activation", ""), str
+    ):  # acts on other axes; a function of the user's may do anything
+        return ONE, None
+    if name in POINTWISE:
         return ONE, ZERO
     if name in CHANNEL_AXIS:
         axis = cfg.get("axis", -1)
@@ -532,6 +540,14 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
     except zipfile.BadZipFile as e:
         raise ValueError(f"{label} is not a .keras file (not a zip archive): {e}") from e
     name = info.get("name") or config.get("config", {}).get("name", "?")
+    sources = config.get("config", {}).get("input_layers") or []
+    single = isinstance(sources, list) and sources and isinstance(sources[0], str)
+    count = 1 if single else len(sources)
+    if count > 1:
+        raise ValueError(
+            f"Model {label} ({name}) takes {count} inputs: the denoise job needs a model of "
+            "one image input, such as aelib's `denoise`."
+        )
     shape = _input_shape(config)
     if shape is None or len(shape) != 4:
         raise ValueError(
@@ -919,7 +935,11 @@ class Denoiser:
             )
         else:
             self._run = self.model.predict_on_batch
-        side = self.spec.fixed_size or (self.spec.multiple, self.spec.multiple)
+        # A probe wider than the model's reach: "valid" convolutions restored by padding
+        # need more than one pixel.
+        m = self.spec.multiple
+        probe_side = m * -(-max(32, 2 * (self.spec.halo or 0)) // m)
+        side = self.spec.fixed_size or (probe_side, probe_side)
         probe = np.zeros((1, *side, channels), np.float32)
         got = tuple(np.asarray(self._run(probe)).shape)
         if got != probe.shape:

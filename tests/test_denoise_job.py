@@ -968,7 +968,30 @@ def _unbounded_models() -> dict:
             inputs, keras.layers.TimeDistributed(keras.layers.Conv1D(1, 31, padding="same"))(inputs)
         ),
         "a subclass of Model": keras.Model(inputs, Net()(inputs)),
+        "ops.average (of everything)": keras.Model(inputs, features - keras.ops.average(features)),
+        "channels_first pooling (of columns)": _columns_pooled(),
+        "an activation of the user's": keras.Model(
+            inputs, keras.layers.Conv2D(1, 3, padding="same", activation=_centred)(inputs)
+        ),
     }
+
+
+def _columns_pooled():
+    """A pooling layer told its input is channels_first works on columns and channels:
+    with the rows-and-columns pooling after it, columns are 4x coarse; reach 20."""
+    import keras
+
+    layers, inputs = keras.layers, keras.Input((None, None, 1))
+    x = layers.Conv2D(2, 3, padding="same")(inputs)
+    x = layers.MaxPooling2D((2, 1), data_format="channels_first")(x)
+    x = layers.Conv2D(2, 9, padding="same")(layers.MaxPooling2D((1, 2))(x))
+    return keras.Model(inputs, layers.Conv2D(1, 1)(layers.UpSampling2D((1, 4))(x)))
+
+
+def _centred(x):
+    import keras
+
+    return x - keras.ops.mean(x, axis=(1, 2), keepdims=True)
 
 
 def test_the_margin_counts_every_call_of_shared_and_nested_layers():
@@ -1056,6 +1079,10 @@ def test_sides_are_padded_to_what_a_shared_pooling_layer_needs():
     model = keras.Model(inputs, layers.Add()([halves, thirds]))
     assert job.model_geometry(_config(model))[0] == 6
     assert model(np.zeros((1, 6, 12, 1), np.float32)).shape == (1, 6, 12, 1)
+    # an op the walk does not know still shows its strides
+    pooled = keras.ops.nn.max_pool(inputs, 2, strides=2)
+    model = keras.Model(inputs, layers.UpSampling2D(2)(layers.Conv2D(1, 3, padding="same")(pooled)))
+    assert job.model_geometry(_config(model)) == (2, None)
 
 
 def test_tiles_start_on_the_grid_of_a_model_that_downsamples_by_3():
@@ -1076,6 +1103,30 @@ def test_tiles_start_on_the_grid_of_a_model_that_downsamples_by_3():
 
     np.testing.assert_allclose(tiles(63), whole, atol=1e-6)
     assert np.abs(tiles(64) - whole).max() > 1e-2
+
+
+def test_valid_padding_models_pass_the_actor_probe_and_two_inputs_are_refused(tmp_path):
+    """A "valid" convolution restored by padding runs on sides of at least its kernel:
+    the actor's shape probe is wider than the model's reach (it was multiple x multiple,
+    1x1 here, and the actor died). A model of two inputs is refused before any actor."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(1, 5, padding="valid")(inputs)
+    keras.Model(inputs, keras.layers.ZeroPadding2D(2)(x)).save(tmp_path / "valid.keras")
+    settings = job.JobSettings.in_process(
+        str(tmp_path / "valid.keras"), str(tmp_path), str(tmp_path / "out")
+    )
+    assert settings.spec.multiple == 1 and settings.spec.halo >= 2  # its reach: 2
+    images = np.random.default_rng(0).random((1, 40, 40, 1), dtype=np.float32)
+    model = keras.models.load_model(tmp_path / "valid.keras")
+    denoiser = job.Denoiser(settings)
+    np.testing.assert_allclose(denoiser.predict(images), np.asarray(model(images)), atol=1e-6)
+    other = keras.Input((None, None, 1))
+    two = keras.Model([inputs, other], keras.layers.Add()([inputs, other]))
+    two.save(tmp_path / "two.keras")
+    with pytest.raises(ValueError, match=r"takes 2 inputs: the denoise job needs a model of one"):
+        job.inspect_model((tmp_path / "two.keras").read_bytes(), "two.keras")
 
 
 def test_a_config_whose_graph_cannot_be_followed_is_run_whole_with_a_note(model_path):
@@ -1099,6 +1150,7 @@ def test_a_config_whose_graph_cannot_be_followed_is_run_whole_with_a_note(model_
 def test_a_model_whose_reach_the_config_cannot_bound_is_never_tiled():
     for label, model in _unbounded_models().items():
         assert job.model_geometry(_config(model))[1] is None, label
+    assert job.model_geometry(_config(_columns_pooled()))[0] == 4
 
 
 def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_path, monkeypatch):
