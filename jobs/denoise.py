@@ -486,8 +486,9 @@ def _own_node(layer: dict | None, node: int) -> bool:
 
 
 def _strides_anywhere(config: Any) -> int:
-    """The product of every stride in a config (at least a multiple of each path's
-    downsampling), for a model whose graph model_geometry cannot follow."""
+    """The product of every stride in a config: the step of a layer or op the walk in
+    model_geometry does not know (ops.nn.max_pool's config has its strides), and for a
+    model whose graph it cannot follow, at least a multiple of each path's downsampling."""
     product = 1
     if isinstance(config, dict):
         cfg = config.get("config")
