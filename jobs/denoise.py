@@ -69,7 +69,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import partial
 from typing import Any, NoReturn
@@ -299,6 +299,8 @@ ELEMENTWISE_OPS = {
     "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Negative", "Absolute", "Abs",
     "Clip", "Sigmoid", "Relu", "Tanh", "Exp", "Log", "Sqrt", "Square", "Power", "Maximum",
     "Minimum", "Where", "Cast", "Greater", "GreaterEqual", "Less", "LessEqual", "Equal",
+    "LeakyRelu", "Gelu", "Silu", "Relu6", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid",
+    "Log1p", "Expm1", "Floor", "Ceil", "Round", "Sign", "Reciprocal", "Sin", "Cos", "Erf",
 }  # fmt: skip
 LOCAL = {
     "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "MaxPooling2D",
@@ -493,8 +495,9 @@ def _strides_anywhere(config: Any) -> int:
     if isinstance(config, dict):
         cfg = config.get("config")
         if isinstance(cfg, dict) and "Transpose" not in str(config.get("class_name")):
-            if cfg.get("pool_size") is not None or cfg.get("kernel_size") is not None:
-                product *= math.lcm(*_pair(cfg.get("strides") or cfg.get("pool_size") or 1))
+            strides = cfg.get("strides") or cfg.get("pool_size")  # a pooling's: its size
+            if isinstance(strides, int | list | tuple) and strides:
+                product *= math.lcm(*(int(s) for s in _pair(strides)))
         for value in config.values():
             product *= _strides_anywhere(value)
     elif isinstance(config, list):
@@ -936,18 +939,7 @@ class Denoiser:
             )
         else:
             self._run = self.model.predict_on_batch
-        # A probe wider than the model's reach: "valid" convolutions restored by padding
-        # need more than one pixel.
-        m = self.spec.multiple
-        probe_side = m * -(-max(32, 2 * (self.spec.halo or 0)) // m)
-        side = self.spec.fixed_size or (probe_side, probe_side)
-        probe = np.zeros((1, *side, channels), np.float32)
-        got = tuple(np.asarray(self._run(probe)).shape)
-        if got != probe.shape:
-            raise ValueError(
-                f"Model {self.spec.name} maps an input of shape {probe.shape} to {got}: "
-                "the denoise job needs a model whose output has its input's shape."
-            )
+        self.spec = self._probed(channels)
         # File reads, decodes, encodes and writes run on a few threads: the file calls
         # (creating a file is mostly kernel time) and zlib/Pillow release the GIL, so they
         # overlap each other and the model instead of leaving the actor's CPU idle.
@@ -963,6 +955,49 @@ class Denoiser:
         # kept for the actor's life) takes them out of every later collection: about
         # 25 us less per image (bench_denoise.py --stages: 243-249 us -> 221-230 us).
         gc.freeze()
+
+    def _probed(self, channels: int) -> ModelSpec:
+        """The spec, checked by running the model on zeros: it must keep their shape. The
+        probe is wider than the model's reach ("valid" convolutions restored by padding
+        need more than a pixel), and its sides are an odd and an even multiple of
+        `multiple`: a downsampling the config does not show (a strided slice) fails
+        there, and the multiple is doubled until the model runs (each image of an odd
+        side would fail otherwise).
+
+        Raises:
+            ValueError: the model does not keep the shape (or its own error).
+        """
+        spec, first = self.spec, None
+        for multiple in (spec.multiple << i for i in range(5)):
+            odd = -(-max(32, 2 * (spec.halo or 0)) // multiple) | 1
+            side = spec.fixed_size or (multiple * odd, multiple * (odd + 1))
+            probe = np.zeros((1, *side, channels), np.float32)
+            try:
+                got: Any = tuple(np.asarray(self._run(probe)).shape)
+            except Exception as e:
+                got = e
+            if got == probe.shape:
+                break
+            first = first or (probe.shape, got)
+            if spec.fixed_size:
+                break
+        if got != probe.shape:
+            shape, got = first
+            if isinstance(got, Exception):
+                raise got
+            raise ValueError(
+                f"Model {spec.name} maps an input of shape {shape} to {got}: "
+                "the denoise job needs a model whose output has its input's shape."
+            )
+        if multiple == spec.multiple:
+            return spec
+        print(
+            f"denoise: note: model {spec.name} needs sides of a multiple of {multiple} "
+            f"(found by running it), not {spec.multiple} as its file shows",
+            file=sys.stderr,
+        )
+        halo = None if spec.halo is None else -(-spec.halo // multiple) * multiple
+        return replace(spec, multiple=multiple, halo=halo)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         side = tile_side(self.spec.multiple)

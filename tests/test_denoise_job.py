@@ -1079,10 +1079,37 @@ def test_sides_are_padded_to_what_a_shared_pooling_layer_needs():
     model = keras.Model(inputs, layers.Add()([halves, thirds]))
     assert job.model_geometry(_config(model))[0] == 6
     assert model(np.zeros((1, 6, 12, 1), np.float32)).shape == (1, 6, 12, 1)
-    # an op the walk does not know still shows its strides
+    # ops the walk does not know still show their strides (a pooling's, a convolution's)
     pooled = keras.ops.nn.max_pool(inputs, 2, strides=2)
-    model = keras.Model(inputs, layers.UpSampling2D(2)(layers.Conv2D(1, 3, padding="same")(pooled)))
-    assert job.model_geometry(_config(model)) == (2, None)
+    kernel = np.full((3, 3, 1, 1), 0.1, np.float32)
+    pooled = keras.ops.nn.conv(pooled, kernel, strides=2, padding="same")
+    model = keras.Model(inputs, layers.UpSampling2D(4)(layers.Conv2D(1, 3, padding="same")(pooled)))
+    assert job.model_geometry(_config(model)) == (4, None)
+    # ... and elementwise ops keep the model tiled
+    model = keras.Model(inputs, keras.ops.nn.gelu(layers.Conv2D(1, 3, padding="same")(inputs)))
+    assert job.model_geometry(_config(model)) == (1, 1)
+
+
+def test_a_downsampling_the_config_does_not_show_is_found_by_the_probe(tmp_path, capfd):
+    """A strided slice keeps no strides in the config: the actor's probe (sides an odd
+    and an even multiple) finds that the model needs even sides, and a 67x45 image is
+    padded for it instead of failing."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    half = keras.layers.UpSampling2D(2)(inputs[:, ::2, ::2, :])
+    keras.Model(inputs, keras.layers.Average()([inputs, half])).save(tmp_path / "slice.keras")
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "odd.png").write_bytes(png(np.full((67, 45), 100, np.uint8)))
+    settings = job.JobSettings.in_process(str(tmp_path / "slice.keras"), str(src), str(dst))
+    assert (settings.spec.multiple, settings.spec.halo) == (1, None)
+    denoiser = job.Denoiser(settings)
+    assert denoiser.spec.multiple == 2
+    assert "needs sides of a multiple of 2 (found by running it), not 1" in capfd.readouterr().err
+    rows = denoiser({"path": np.array(["odd.png"])}).to_pylist()
+    assert rows[0]["status"] == "ok", rows
+    assert np.asarray(Image.open(dst / "odd.png")).shape == (67, 45)
 
 
 def test_tiles_start_on_the_grid_of_a_model_that_downsamples_by_3():
