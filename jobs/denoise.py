@@ -63,6 +63,7 @@ import posixpath
 import re
 import struct
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -917,15 +918,7 @@ class Denoiser:
         self.device = _backend_device(keras.backend.backend())
         # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
         self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else CPU_CALL_PIXELS
-        path = os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"denoise-model-{uuid.uuid4().hex}.keras"
-        )
-        with open(path, "wb") as f:
-            f.write(settings.model_bytes)
-        try:
-            self.model = keras.models.load_model(path, compile=False)
-        finally:
-            os.unlink(path)
+        self.model = _load_model(keras, settings.model_bytes)
         channels = self.spec.channels
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -1304,6 +1297,36 @@ def tiled(
             ty, tx = min(tile, h - y), min(tile, w - x)
             out[:, y : y + ty, x : x + tx] = piece[:, y - y0 : y - y0 + ty, x - x0 : x - x0 + tx]
     return out
+
+
+def _load_model(keras, payload: bytes):
+    """The model in a .keras file's bytes. Keras loads only from a path, so they go to
+    a temp file named after this process, deleted after the load; a process killed in
+    the load (an actor ended while it starts) cannot delete its own, so each load
+    first deletes those of processes that no longer run."""
+    folder = tempfile.gettempdir()
+    for name in os.listdir(folder):
+        pid = re.fullmatch(r"denoise-model-pid(\d+)-\w+\.keras", name)
+        if pid and int(pid[1]) != os.getpid() and not _alive(int(pid[1])):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+    path = os.path.join(folder, f"denoise-model-pid{os.getpid()}-{uuid.uuid4().hex}.keras")
+    with open(path, "wb") as f:
+        f.write(payload)
+    try:
+        return keras.models.load_model(path, compile=False)
+    finally:
+        os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

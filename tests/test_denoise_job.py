@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -1178,6 +1179,24 @@ def test_a_model_whose_reach_the_config_cannot_bound_is_never_tiled():
     for label, model in _unbounded_models().items():
         assert job.model_geometry(_config(model))[1] is None, label
     assert job.model_geometry(_config(_columns_pooled()))[0] == 4
+
+
+def test_model_temp_files_of_ended_processes_are_removed(model_path, tmp_path, monkeypatch):
+    """An actor killed while it loads the model leaves its temp copy; the next load
+    on the node deletes it, and keeps those of processes still running."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = temp / f"denoise-model-pid{ended.pid}-{'a' * 32}.keras"
+    running = temp / f"denoise-model-pid1-{'b' * 32}.keras"  # init: always running
+    other = temp / "denoise-model-notes.txt"
+    for path in (stale, running, other):
+        path.write_bytes(b"x")
+    settings = job.JobSettings.in_process(str(model_path), str(tmp_path), str(tmp_path / "o"))
+    job.Denoiser(settings)
+    assert sorted(p.name for p in temp.iterdir()) == [other.name, running.name]
 
 
 def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_path, monkeypatch):
