@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,39 @@ def plain_loop(model_path: str, input_dir: str, output_dir: str, batch_size: int
             target = out / path.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(target)
+    return len(files)
+
+
+def plain_photos(model_path: str, input_dir: str, output_dir: str) -> int:
+    """The plain loop for big images, one at a time: PIL read, pad to the sides the
+    model needs, `model.predict` on the whole image, crop, PIL write. Prints the
+    seconds spent in `model.predict` (the model alone, on whole images)."""
+    import numpy as np
+    from PIL import Image
+
+    import aelib
+    from aelib import data as data_lib
+
+    sys.path.insert(0, str(HERE))
+    import denoise as job
+
+    multiple = job.inspect_model(Path(model_path).read_bytes(), model_path).multiple
+    model = aelib.load(model_path, compile=False).autoencoder
+    root, out = Path(input_dir), Path(output_dir)
+    files = data_lib.list_images(root)
+    in_model = 0.0
+    for path in files:
+        x = data_lib.read_gray(path).astype("float32") / 255.0
+        h, w = x.shape
+        x = np.pad(x, ((0, -h % multiple), (0, -w % multiple)), mode="edge")
+        begin = time.perf_counter()
+        y = model.predict(x[None, ..., None], verbose=0)
+        in_model += time.perf_counter() - begin
+        y = np.rint(np.clip(y[0, :h, :w, 0], 0, 1) * 255).astype(np.uint8)
+        target = out / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(y).save(target)
+    print(f"_plain_photos: model.predict {in_model:.2f} s", flush=True)
     return len(files)
 
 
@@ -300,6 +334,36 @@ def ensure_images(data: str | None, work: Path, count: int, largest: int) -> Pat
     return noisy
 
 
+def ensure_photos(data: str | None, work: Path, count: int, size: tuple[int, int]) -> Path:
+    """WORK/photos_WxH_N/noisy with N noisy photo-sized grayscale PNGs, made once: each a
+    grid of test digits (shifted by one digit per photo) with the tutorial's noise."""
+    width, height = size
+    folder = work / f"photos_{width}x{height}_{count}"
+    noisy = folder / "noisy"
+    done = folder / "complete.json"
+    if done.is_file() and json.loads(done.read_text()).get("count") == count:
+        return noisy
+    print(f"bench: writing {count} noisy {width}x{height} images to {noisy} (once) ...")
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(HERE))
+    import make_noisy
+
+    data_lib = make_noisy.data_lib
+    (_, _), (digits, _) = data_lib.load_mnist(data)
+    rows, cols = -(-height // 28), -(-width // 28)
+    noisy.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pick = (np.arange(rows * cols) + i) % len(digits)
+        grid = digits[pick].reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3)
+        plane = data_lib.scale(grid.reshape(rows * 28, cols * 28)[:height, :width])
+        plane = data_lib.add_noise(plane, 0.5, seed=i)
+        Image.fromarray(np.round(plane * 255).astype(np.uint8)).save(noisy / f"{i:04d}.png")
+    done.write_text(json.dumps({"count": count}))
+    return noisy
+
+
 def ensure_model(args: argparse.Namespace, work: Path) -> str:
     if args.model:
         return args.model
@@ -329,6 +393,11 @@ def settle(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def _rate(per_s: float) -> str:
+    """Images/s for a table: digits by the thousand, photos by the second."""
+    return f"{per_s:7.0f}" if per_s >= 100 else f"{per_s:7.2f}"
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -338,17 +407,36 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_plain", "_docs"):  # the baselines' own processes
+    baselines = {"_plain": plain_loop, "_docs": docs_pipeline, "_plain_photos": plain_photos}
+    if argv and argv[0] in baselines:  # the baselines' own processes
         model, src, dst = argv[1:4]
-        run = plain_loop if argv[0] == "_plain" else docs_pipeline
+        run = baselines[argv[0]]
         print(f"{argv[0]}: {run(model, src, dst)} images", flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="mnist.npz (default: $AELIB_MNIST)")
     p.add_argument("--work", required=True, help="folder for images, model, outputs, logs")
-    p.add_argument("--count", type=int, default=50_000, help="images for the speed comparison")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="images for the speed comparison (default: 50,000 digits, or 12 with --photos)",
+    )
     p.add_argument("--model", default=None, help="a denoise .keras (default: train one)")
-    p.add_argument("--only", default="plain,docs,job", help="comma list of runs: plain, docs, job")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of runs: plain, docs, job (default: all three; plain,job with --photos)",
+    )
+    p.add_argument(
+        "--photos",
+        default=None,
+        metavar="WxH",
+        help="instead of digits, time --count noisy grayscale images of W x H pixels (e.g. "
+        "4032x3024), which the job tiles: the plain loop then runs `model.predict` on "
+        "each whole image, and its seconds in the model are printed as the model's own "
+        "rate on this machine (the docs pipeline is for digits only)",
+    )
     p.add_argument(
         "--memory-counts",
         default="",
@@ -368,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--startup-count",
         type=int,
-        default=1000,
+        default=None,
         help="also time each method once on this many images, to split start-up from "
-        "steady throughput (0: skip)",
+        "steady throughput (default: 1,000 digits; 0, skipped, with --photos)",
     )
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after sync")
     p.add_argument(
@@ -380,6 +468,25 @@ def main(argv: list[str] | None = None) -> int:
         "/dev/shm/bench takes the disk's file-creation cost out of the comparison",
     )
     args = p.parse_args(argv)
+    photo = None
+    if args.photos:
+        match = re.fullmatch(r"(\d+)x(\d+)", args.photos)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            p.error(f"--photos {args.photos}: expected WIDTHxHEIGHT in pixels, e.g. 4032x3024")
+        photo = (int(match[1]), int(match[2]))
+        if args.stages:
+            p.error("--stages times digits; it does not combine with --photos")
+    if args.count is None:
+        args.count = 12 if photo else 50_000
+    if args.startup_count is None:
+        args.startup_count = 0 if photo else 1000
+    allowed = ["plain", "job"] if photo else ["plain", "docs", "job"]
+    names = [n for n in (args.only or ",".join(allowed)).split(",") if n]
+    if not names or set(names) - set(allowed):
+        p.error(
+            f"--only {args.only}: expected a comma list of {', '.join(allowed)}"
+            + (" (the docs pipeline is for digits only)" if photo else "")
+        )
     if args.stages and args.stages <= 1024:
         p.error(
             f"--stages {args.stages}: needs more than 1024 images (the first block of 1,024 "
@@ -392,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_model(args, work)
     memory_counts = [int(c) for c in args.memory_counts.split(",") if c]
     largest = max([args.count, *memory_counts])
+
+    def images_for(count: int) -> Path:
+        if photo:
+            return ensure_photos(args.data, work, count, photo)
+        return ensure_images(args.data, work, count, largest)
+
     if args.stages:
         out = out_root / "out_stages"
         shutil.rmtree(out, ignore_errors=True)
@@ -403,10 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         sizes = {args.count, *memory_counts, args.startup_count if args.count else 0}
         for count in sorted(sizes - {0}, reverse=True):
-            ensure_images(args.data, work, count, largest)
+            images_for(count)
         return 0
     results: dict[str, dict[str, float]] = {}
-    names = [n for n in args.only.split(",") if n]
     if args.count:
         runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         small: dict[str, dict[str, float]] = {}
@@ -414,22 +526,30 @@ def main(argv: list[str] | None = None) -> int:
         if 0 < args.startup_count < args.count:
             counts.append(args.startup_count)
         for r, count in enumerate(counts):
-            images = ensure_images(args.data, work, count, largest)
+            images = images_for(count)
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
             for name in order:
                 out = out_root / f"out_{name}_{r}"  # fresh: no run pays for deleting another's
                 shutil.rmtree(out, ignore_errors=True)
                 settle(args.settle)
                 print(f"bench: {name} on {count} images (load {_load()}) ...", flush=True)
-                cmd = [*_command(name, model, images), str(out)]
+                cmd = [
+                    *_command(
+                        name + ("_photos" if photo and name == "plain" else ""), model, images
+                    ),
+                    str(out),
+                ]
                 result = timed(cmd, work / f"{name}.log")
                 result["images_per_s"] = count / result["seconds"]
+                if photo and name == "plain":  # its seconds inside model.predict
+                    found = re.search(r"model.predict ([\d.]+) s", (work / "plain.log").read_text())
+                    result["model_seconds"] = float(found[1]) if found else math.nan
                 if r < args.repeats:
                     runs[name].append(result)
                 else:
                     small[name] = result
                 print(
-                    f"bench: {name:6s} {result['seconds']:7.1f} s  {result['images_per_s']:7.0f} "
+                    f"bench: {name:6s} {result['seconds']:7.1f} s  {_rate(result['images_per_s'])} "
                     f"images/s  {result['cpu_seconds']:7.1f} CPU-s  (load {_load()})",
                     flush=True,
                 )
@@ -447,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             r = results[name]
             line = (
-                f"bench:   {name:6s} {r['seconds']:7.1f} s  {r['images_per_s']:7.0f} images/s "
+                f"bench:   {name:6s} {r['seconds']:7.1f} s  {_rate(r['images_per_s'])} images/s "
                 f"(runs: {', '.join(f'{x:.1f}' for x in r['all_seconds'])} s)"
             )
             if r.get("steady_images_per_s"):
@@ -458,20 +578,32 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
     if "job" in results:
         job = results["job"]
-        speed = f"bench: job at {job['images_per_s']:.0f} images/s"
+        speed = f"bench: job at {_rate(job['images_per_s']).strip()} images/s"
         cpu = f"bench: CPU seconds: job {job['cpu_seconds']:.1f}"
         for base in ("plain", "docs"):
             if base in results:
                 other = results[base]
                 ratio = job["images_per_s"] / other["images_per_s"]
-                speed += f"; {ratio:.2f}x {base} ({other['images_per_s']:.0f} images/s)"
+                speed += f"; {ratio:.2f}x {base} ({_rate(other['images_per_s']).strip()} images/s)"
                 ratio = job["cpu_seconds"] / other["cpu_seconds"]
                 cpu += f", {base} {other['cpu_seconds']:.1f} (job/{base} {ratio:.2f}x)"
         print(speed, flush=True)
         print(cpu, flush=True)
+        if photo:
+            pixels = args.count * photo[0] * photo[1] / 1e6
+            line = f"bench: megapixels/s: job {pixels / job['seconds']:.2f}"
+            if "plain" in results:
+                plain = results["plain"]
+                alone = pixels / plain["model_seconds"]
+                line += (
+                    f", plain {pixels / plain['seconds']:.2f}; the model alone on whole images "
+                    f"(plain's model.predict) {alone:.2f}: the job, start-up included, runs at "
+                    f"{pixels / job['seconds'] / alone:.0%} of the model's own rate"
+                )
+            print(line, flush=True)
     memory = {}
     for count in memory_counts:
-        images = ensure_images(args.data, work, count, largest)
+        images = images_for(count)
         out = out_root / f"out_memory_{count}"
         shutil.rmtree(out, ignore_errors=True)
         settle(args.settle)

@@ -105,7 +105,7 @@ SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in
 LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
 # Failures that the input's bytes decide (a rerun keeps them unless its settings
 # changed); others (a write, a read, the model) may have had a passing cause: retried.
-BAD_INPUT = ("not a readable image", "32-bit float pixels", "image is ")
+BAD_INPUT = ("not a readable image", "32-bit float pixels", "32-bit integer pixels", "image is ")
 HOLDS_16_BITS = ("PNG", "TIFF")  # the formats written with 16-bit gray values
 COLOR_SPACE = {"L": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB"}  # Pillow mode -> decoded mode
 MANIFEST_SCHEMA = pa.schema(
@@ -202,7 +202,9 @@ class Storage:
         if parent not in self._made:
             os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
+        # The name, cut to fit a file-name limit of 255 bytes with the 26 bytes added.
+        short = name.encode()[:229].decode("utf-8", "ignore")
+        tmp = os.path.join(parent, f".{short}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
         try:  # os.open/os.write: no buffered-file object per tiny file
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
@@ -226,11 +228,12 @@ class Storage:
 
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
-    def walk(self) -> list[tuple[str, int]]:
+    def walk(self, prune: str | None = None) -> list[tuple[str, int]]:
         """Every file under the root as (relative path, size), sorted. Locally, links to
         folders are followed, as a glob does (not into a folder of their own path: a
-        link loop ends), and a broken link is listed with size 0 (reading it fails, so
-        it gets a `failed` row rather than no row)."""
+        link loop ends; nor into `prune`, a real path: the job's output folder), and a
+        broken link is listed with size 0 (reading it fails, so it gets a `failed` row
+        rather than no row)."""
         if not self.local:
             import pyarrow.fs as pafs
 
@@ -246,7 +249,7 @@ class Storage:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                     if entry.is_dir():
                         real = os.path.realpath(entry.path)
-                        if real not in above:
+                        if real not in above and real != prune:
                             stack.append((rel, above | {real}))
                     elif entry.is_file():
                         found.append((rel, entry.stat().st_size))
@@ -648,6 +651,10 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
     # A PNG (the common case) goes straight to Pillow's PNG plugin instead of through
     # its format detection: about 2 of 30 us per 28x28 digit.
     formats = ["PNG"] if payload[:8] == b"\x89PNG\r\n\x1a\n" else None
+    # A 16-bit PNG of gray + alpha, RGB or RGBA (IHDR's bit depth and colour type):
+    # Pillow reads it as 8-bit RGB(A), the first as RGBA of three equal planes.
+    wide = formats and payload[24:25] == b"\x10" and payload[25:26] in (b"\x02", b"\x04", b"\x06")
+    gray_alpha = formats and payload[25:26] == b"\x04"
     try:
         with Image.open(io.BytesIO(payload), formats=formats) as img:
             img.load()
@@ -659,11 +666,20 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
                     "32-bit float pixels (mode F) are not supported: convert the image to "
                     "8 or 16 bits"
                 )
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:  # an animation or a multi-page file: its first frame
+                info["note"] = f"first of {frames} frames denoised, the others dropped"
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.int64)
-                return np.clip(array, 0, 65535).astype(np.uint16)[..., None], 65535, info, None
+                low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+                if low < 0 or high > 65535:  # clipping would change the image: refuse
+                    raise UnsupportedImage(
+                        f"32-bit integer pixels from {low} to {high} are not supported (only "
+                        "0 to 65535): convert the image to 8 or 16 bits"
+                    )
+                return array.astype(np.uint16)[..., None], 65535, info, None
             if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA" if mode != "LA" else "LA")
+                img = img.convert("LA" if mode == "LA" or gray_alpha else "RGBA")
                 alpha = np.asarray(img.getchannel("A"))
                 img = img.convert("RGB" if img.mode == "RGBA" else "L")
             if img.mode == "P" and _gray_palette(img):  # a GIF or PNG of gray levels
@@ -674,11 +690,15 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
                 img = img.convert("L")
             if img.mode != COLOR_SPACE.get(mode):  # converted: the profile no longer fits
                 info.pop("icc_profile", None)
-            if formats and payload[24:25] == b"\x10" and payload[25:26] in (b"\x02", b"\x06"):
-                info["note"] = "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
+            if wide:
+                kind = "gray + alpha" if gray_alpha else "RGB"
+                note = f"16-bit {kind} read as 8 bits (Pillow), written as 8 bits"
+                info["note"] = "; ".join(filter(None, [info.get("note"), note]))
             array = np.asarray(img)
     except UnsupportedImage:
         raise
+    except Image.DecompressionBombError as e:  # more pixels than Pillow's guard allows
+        raise UnsupportedImage(f"image is too big to decode safely: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
         raise ValueError(f"not a readable image ({type(e).__name__}: {reason})") from e
@@ -796,14 +816,16 @@ def output_path(rel: str, fmt_choice: str) -> str:
     return stem + FORMATS[fmt_choice][1]
 
 
-def safe_relative(rel: str) -> str:
-    """`rel` normalised, or ValueError if it would leave the output folder."""
-    text = str(rel).replace("\\", "/")
+def safe_relative(rel: str, foreign: bool = False) -> str:
+    """`rel` normalised, or ValueError if it would leave the output folder. A `foreign`
+    path (from a Parquet column: perhaps written on Windows) has its backslashes taken
+    as separators, and a drive letter ("C:") is refused; a file's name here keeps both."""
+    text = str(rel).replace("\\", "/") if foreign else str(rel)
     norm = posixpath.normpath(text)
     if (
         not text
         or text.startswith("/")
-        or (len(text) > 1 and text[1] == ":")
+        or (foreign and re.match(r"[A-Za-z]:", text))
         or norm in (".", "")
         or norm == ".."
         or norm.startswith("../")
@@ -812,10 +834,14 @@ def safe_relative(rel: str) -> str:
     return norm
 
 
-def _metrics(clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, maxval: int) -> dict:
+def _metrics(
+    clean: np.ndarray, clean_max: int, noisy: np.ndarray, out: np.ndarray, maxval: int
+) -> dict:
+    """PSNR and SSIM of the input and the output against the reference, each image on
+    the scale of its own bit depth (an 8-bit reference of a 16-bit input, or back)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    ref = clean.astype(np.float64) / maxval
+    ref = clean.astype(np.float64) / clean_max
     result = {}
     for key, img in (("noisy", noisy), ("", out)):
         x = img.astype(np.float64) / maxval
@@ -1041,16 +1067,20 @@ class Denoiser:
         return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
 
     def _parquet_group(self, source: str, group: int) -> list[dict[str, Any]]:
-        columns = [self.s.extra["path_column"], self.s.extra["image_column"]]
+        path_column, image_column = self.s.extra["path_column"], self.s.extra["image_column"]
         try:
-            table = _parquet_file(source).read_row_group(group, columns=columns)
+            parquet = _parquet_file(source)
+            columns = {_top_column(parquet.schema_arrow, c) for c in (path_column, image_column)}
+            table = parquet.read_row_group(group, columns=sorted(columns))
+            paths = _parquet_values(table, path_column)
+            images = _parquet_values(table, image_column)
         except Exception as e:  # a bad row group fails as one row naming it
             where = f"{source}#row_group={group}"
             return [{"path": where, "status": "failed", "error": f"cannot read: {_reason(e)}"}]
         rows, pairs = [], []
-        for i, (rel, payload) in enumerate(
-            zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
-        ):
+        for i, (rel, payload) in enumerate(zip(paths, images, strict=True)):
+            if isinstance(rel, bytes):  # a string column written without its UTF-8 tag
+                rel = rel.decode("utf-8", "backslashreplace")
             if rel is None:  # named by its place, so the manifest still accounts for it
                 where = f"{source}#row_group={group}#row={i}"
                 rows.append({"path": where, "status": "failed", "error": "its path is null"})
@@ -1131,7 +1161,7 @@ class Denoiser:
         rel, payload = str(entry[0]), entry[1]
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
-            out_rel = output_path(safe_relative(rel), self.s.fmt)
+            out_rel = output_path(safe_relative(rel, foreign=self.src is None), self.s.fmt)
             if out_rel in self.s.extra.get("clashes", ()):
                 raise ValueError(
                     f"its output {out_rel} is also the output of another row of the Parquet "
@@ -1250,7 +1280,7 @@ class Denoiser:
         row.update(status="ok", output=item["out_rel"], error=note)
         if self.clean is not None:
             try:
-                clean, _, _, _ = decode(self.clean.read(item["rel"]), self.s.rgb)
+                clean, clean_max, _, _ = decode(self.clean.read(item["rel"]), self.s.rgb)
                 if clean.shape != item["array"].shape:
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"
@@ -1258,7 +1288,7 @@ class Denoiser:
                 written = result
                 if item["fmt"] in LOSSY or note:  # the metrics of the file as written
                     written = self._read_back(payload, result, item["maxval"])
-                row.update(_metrics(clean, item["array"], written, item["maxval"]))
+                row.update(_metrics(clean, clean_max, item["array"], written, item["maxval"]))
             except Exception as e:
                 row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
 
@@ -1432,8 +1462,10 @@ def _matching(files: list[tuple[str, int]], pattern: str) -> list[tuple[str, int
     ]
 
 
-def find_inputs(location: str, input_format: str) -> Inputs:
-    """Lists the inputs: a folder tree, a glob, or Parquet files.
+def find_inputs(location: str, input_format: str, output: str | None = None) -> Inputs:
+    """Lists the inputs: a folder tree, a glob, or Parquet files; not those in the local
+    folder `output` (a link in the input tree may lead there: each rerun would denoise
+    the last run's outputs).
 
     Raises:
         ValueError: nothing there, or an unusable location.
@@ -1445,6 +1477,7 @@ def find_inputs(location: str, input_format: str) -> Inputs:
     is_parquet = input_format == "parquet" or (
         input_format == "auto" and location.lower().endswith(PARQUET_SUFFIXES)
     )
+    prune = os.path.realpath(output) if output and "://" not in output else None
     if is_parquet:
         if "://" in location:
             return Inputs("parquet", None, [], [location])
@@ -1458,19 +1491,15 @@ def find_inputs(location: str, input_format: str) -> Inputs:
             )
         else:
             found = [location] if os.path.isfile(location) else []
+        found = _outside(found, prune)
         if not found:
             raise ValueError(f"--input {location}: no Parquet files found.")
         return Inputs("parquet", None, [], found)
     if has_glob:
-        cut = min(location.index(ch) for ch in GLOB_CHARS if ch in location)
-        if "/" in location[:cut]:  # the folder before the first wildcard
-            root = location[:cut].rsplit("/", 1)[0] or "/"
-            pattern = location[len(root) :].lstrip("/")
-        else:  # "*.png", "scans*/**/*.png": relative to the working folder
-            root, pattern = ".", location
+        root, pattern = _glob_root(location)
         storage = Storage(root)
         if storage.local:
-            full = sorted(glob.glob(location, recursive=True))
+            full = _outside(sorted(glob.glob(location, recursive=True)), prune)
             files = [
                 (os.path.relpath(p, storage.root).replace(os.sep, "/"), os.path.getsize(p))
                 for p in full
@@ -1485,12 +1514,43 @@ def find_inputs(location: str, input_format: str) -> Inputs:
                 f"--input {location} is not a folder, a glob or a Parquet file. "
                 "Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
             )
-        files = storage.walk()
+        files = storage.walk(prune)
     shown = [(rel, n) for rel, n in files if not _hidden(rel)] if not has_glob else files
     if not shown:
         hidden = f" (only {len(files)} hidden ones)" if files else ""
         raise ValueError(f"--input {location}: no files found{hidden}.")
+    if (
+        input_format == "auto"
+        and storage.local
+        and all(rel.lower().endswith(PARQUET_SUFFIXES) for rel, _ in shown)
+    ):  # nothing but Parquet files (a Hugging Face dataset's folder): their rows are the inputs
+        return Inputs("parquet", None, [], [storage.full(rel) for rel, _ in shown])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
+
+
+def _outside(paths: list[str], folder: str | None) -> list[str]:
+    """The local `paths` whose real location is not in the real folder `folder`."""
+    if folder is None:
+        return paths
+    inside: dict[str, bool] = {}  # by parent folder: a few realpath calls, not one a file
+    kept = []
+    for path in paths:
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent not in inside:
+            real = os.path.realpath(parent)
+            inside[parent] = real == folder or real.startswith(folder.rstrip("/") + "/")
+        if not inside[parent]:
+            kept.append(path)
+    return kept
+
+
+def _glob_root(location: str) -> tuple[str, str]:
+    """A glob's folder before its first wildcard, and the pattern under it."""
+    cut = min(location.index(ch) for ch in GLOB_CHARS if ch in location)
+    if "/" in location[:cut]:
+        root = location[:cut].rsplit("/", 1)[0] or "/"
+        return root, location[len(root) :].lstrip("/")
+    return ".", location  # "*.png", "scans*/**/*.png": relative to the working folder
 
 
 def check_locations(
@@ -1506,8 +1566,12 @@ def check_locations(
     if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
     src = source.storage
-    if src is None and source.kind == "parquet" and os.path.isdir(location):
-        src = Storage(location)  # a local folder of Parquet files is listed too
+    if src is None and source.kind == "parquet" and "://" not in location:
+        # A local folder or glob of Parquet files is listed too (DST's manifest with it).
+        if os.path.isdir(location):
+            src = Storage(location)
+        elif any(ch in location for ch in GLOB_CHARS) and not os.path.exists(location):
+            src = Storage(_glob_root(location)[0])
     nesting = _nested(src, output) if src is not None else None
     if nesting in ("same", "inside"):
         where = "--input" if nesting == "same" else "inside --input"
@@ -1823,7 +1887,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = inspect_model(model_bytes, args.model)
     if spec.note:
         print(f"denoise: note: {spec.note}", file=sys.stderr)
-    inputs = find_inputs(args.input, args.input_format)
+    inputs = find_inputs(args.input, args.input_format, args.output)
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
     if clean is not None and not clean.is_dir():
@@ -1869,7 +1933,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
-        units, clashes = _parquet_units(inputs, args) if inputs.kind == "parquet" else ([], set())
+        units, clashes = [], set()
+        if inputs.kind == "parquet":
+            units, clashes, unusable = _parquet_units(inputs, args)
+            manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
             timings = _run_ray(
@@ -1923,6 +1990,15 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
+    # An output an earlier run wrote stays its input's, though an input added since
+    # comes first in sorted order (x.jpg beside x.png with --format png).
+    present = {rel for rel, _ in inputs.files}
+    for rel, last in before.items():
+        out_rel = last.get("output")
+        if rel in present and out_rel and last.get("status") != "failed":
+            with contextlib.suppress(ValueError):
+                if output_path(safe_relative(rel), args.format) == out_rel:
+                    claimed[out_rel] = rel
     for rel, size in inputs.files:
         try:
             rel.encode("utf-8")
@@ -1936,11 +2012,11 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
         except ValueError as e:
             early.append({"path": rel, "status": "failed", "error": str(e), "input_bytes": size})
             continue
-        if out_rel in claimed:  # x.png and x.jpg with --format jpeg: both would be x.jpg
-            reason = f"its output {out_rel} is also the output of {claimed[out_rel]}"
+        owner = claimed.setdefault(out_rel, rel)
+        if owner != rel:  # x.png and x.jpg with --format jpeg: both would be x.jpg
+            reason = f"its output {out_rel} is also the output of {owner}"
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
-        claimed[out_rel] = rel
         last = before.get(rel, {})
         if out_rel in done and last.get("input_bytes") in (None, size):
             # Outputs are renamed into place, so an existing one is complete. (An input
@@ -1961,37 +2037,114 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
     return early, todo
 
 
+def _top_column(schema: pa.Schema, name: str) -> str:
+    """The top-level column that holds `name`: itself, or "image" for "image.path" (a
+    field of a struct column, as Hugging Face datasets store an image's file name)."""
+    return name if name in schema.names else name.split(".", 1)[0]
+
+
+def _parquet_field(schema: pa.Schema, name: str) -> pa.DataType | None:
+    """The type of column `name` or of struct field "column.field"; None if neither."""
+    if name in schema.names:
+        return schema.field(name).type
+    top, _, rest = name.partition(".")
+    if not rest or top not in schema.names:
+        return None
+    kind = schema.field(top).type
+    if not pa.types.is_struct(kind) or kind.get_field_index(rest) < 0:
+        return None
+    return kind.field(rest).type
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or (pa.types.is_fixed_size_binary(kind))
+    )
+
+
+def _parquet_values(table: pa.Table, name: str) -> list:
+    """Column or struct field `name` of `table` as Python values; a struct of image
+    bytes (Hugging Face's Image feature: {bytes, path}) gives its bytes."""
+    import pyarrow.compute as pc
+
+    if name in table.column_names:
+        column = table.column(name)
+    else:
+        top, _, rest = name.partition(".")
+        column = pc.struct_field(table.column(top), rest)
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, "bytes")
+    return column.to_pylist()
+
+
+def _column_problem(schema: pa.Schema, source: str, path_column: str, image_column: str):
+    """Why `source` lacks a column of paths or one of image bytes; None if it has both."""
+    paths, images = _parquet_field(schema, path_column), _parquet_field(schema, image_column)
+    expected = (
+        "The job needs a column of relative output paths (--path-column, text) and one of "
+        "encoded image bytes (--image-column: binary, or a struct with a 'bytes' field as "
+        "Hugging Face datasets store images)"
+    )
+    missing = [c for c, kind in ((path_column, paths), (image_column, images)) if kind is None]
+    if missing:
+        hint = ""
+        if images is not None and pa.types.is_struct(images) and paths is None:
+            if images.get_field_index("path") >= 0:
+                hint = f"; its images' own file names are --path-column {image_column}.path"
+        return (
+            f"--input {source} has no column(s) {missing}; found {schema.names}. {expected}{hint}."
+        )
+    if pa.types.is_dictionary(paths):
+        paths = paths.value_type
+    if not (pa.types.is_string(paths) or pa.types.is_large_string(paths) or _is_bytes(paths)):
+        return f"--input {source}: --path-column {path_column} is {paths}. {expected}."
+    if pa.types.is_struct(images):
+        index = images.get_field_index("bytes")
+        images = images.field(index).type if index >= 0 else images
+    if not _is_bytes(images):
+        return f"--input {source}: --image-column {image_column} is {images}. {expected}."
+    return None
+
+
 def _parquet_units(
     inputs: Inputs, args: argparse.Namespace
-) -> tuple[list[tuple[str, int]], set[str]]:
-    """(file, row group) work units, and the outputs that more than one row would write
-    (those rows fail); checks the columns up front."""
+) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]]]:
+    """(file, row group) work units, the outputs that more than one row would write
+    (those rows fail), and a failed row for each file that cannot be read or lacks the
+    columns: the other files still run. If no file can, that is the error (raised)."""
     units = []
     seen: set[str] = set()
     clashes: set[str] = set()
+    bad: list[tuple[str, str]] = []
     for source in inputs.parquet:
         try:
             parquet = _parquet_file(source)
+            schema = parquet.schema_arrow
+            problem = _column_problem(schema, source, args.path_column, args.image_column)
+            if problem is None:
+                top = _top_column(schema, args.path_column)
+                paths = _parquet_values(parquet.read(columns=[top]), args.path_column)
         except Exception as e:
-            raise ValueError(f"--input {source} is not a readable Parquet file: {e}") from e
-        names = parquet.schema_arrow.names
-        missing = [c for c in (args.path_column, args.image_column) if c not in names]
-        if missing:
-            raise ValueError(
-                f"--input {source} has no column(s) {missing}; found {names}. The job needs a "
-                "column of relative output paths (--path-column) and one of encoded image "
-                "bytes (--image-column)."
-            )
+            problem = f"--input {source} is not a readable Parquet file: {e}"
+        if problem:
+            bad.append((source, problem))
+            continue
         units.extend((source, group) for group in range(parquet.num_row_groups))
-        for rel in parquet.read(columns=[args.path_column]).column(0).to_pylist():
+        for rel in paths:
             if rel is None:  # a null path fails on its own (in its actor)
                 continue
+            if isinstance(rel, bytes):
+                rel = rel.decode("utf-8", "backslashreplace")
             try:
-                out_rel = output_path(safe_relative(rel), args.format)
+                out_rel = output_path(safe_relative(rel, foreign=True), args.format)
             except ValueError:  # an unsafe path fails on its own
                 continue
             (clashes if out_rel in seen else seen).add(out_rel)
-    return units, clashes
+    if bad and len(bad) == len(inputs.parquet):
+        raise ValueError(bad[0][1])
+    return units, clashes, [{"path": src, "status": "failed", "error": e} for src, e in bad]
 
 
 def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, start) -> dict:

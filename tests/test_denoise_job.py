@@ -12,11 +12,13 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -679,7 +681,12 @@ def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
     for bad in ("../x.png", "/etc/passwd", "a/../../x", "", ".", "C:/x.png", "..\\x.png"):
         with pytest.raises(ValueError, match="leave the output folder"):
-            job.safe_relative(bad)
+            job.safe_relative(bad, foreign=True)  # a Parquet row's path, maybe from Windows
+    assert job.safe_relative("a\\b.png", foreign=True) == "a/b.png"
+    # A file's own name here is POSIX: a backslash or a colon is part of it.
+    for name in ("back\\slash.png", "9:30.png", "C:x.png", "..\\x.png"):
+        assert job.safe_relative(name) == name
+    assert job.safe_relative("9:30.png", foreign=True) == "9:30.png"
     rng = np.random.default_rng(0)
     for shape, dtype in (((5, 7, 1), np.uint8), ((4, 3, 3), np.uint8), ((6, 2, 1), np.uint16)):
         top = 65535 if dtype == np.uint16 else 255
@@ -1292,3 +1299,162 @@ def test_runs_under_jax_without_tensorflow(first_run, model_path, dataset, tmp_p
         with Image.open(dst / row["output"]) as a, Image.open(first_run[0] / row["output"]) as b:
             diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
         assert diff.max() <= 1, row["path"]
+
+
+def _png16(width: int, height: int, colour_type: int, channels: int, rng) -> bytes:
+    """A 16-bit PNG of `channels` samples a pixel, made by hand (Pillow writes none)."""
+    samples = rng.integers(0, 65536, (height, width * channels)).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        job._png_chunk(kind, data)
+        for kind, data in ((b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b""))
+    )
+
+
+def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
+    rng = np.random.default_rng(3)
+    # 16-bit gray + alpha: Pillow reads it as RGBA of three equal planes, 8 bits each.
+    array, maxval, info, alpha = job.decode(_png16(5, 4, 4, 2, rng), "per-channel")
+    assert array.shape == (4, 5, 1) and maxval == 255 and alpha.shape == (4, 5)
+    assert info["note"] == "16-bit gray + alpha read as 8 bits (Pillow), written as 8 bits"
+    # 32-bit integers beyond 16 bits would be clipped: refused, as a bad input.
+    for values, ok in (([0, 65535], True), ([0, 255000], False), ([-5, 10], False)):
+        buf = io.BytesIO()
+        Image.fromarray(np.array([values, values], np.int32), mode="I").save(buf, "TIFF")
+        if ok:
+            assert job.decode(buf.getvalue(), "per-channel")[0].max() == 65535
+            continue
+        with pytest.raises(job.UnsupportedImage, match="32-bit integer pixels") as e:
+            job.decode(buf.getvalue(), "per-channel")
+        assert str(e.value).startswith(job.BAD_INPUT)
+    # An animation keeps its first frame, and says so.
+    frames = [Image.fromarray(np.full((6, 6), v, np.uint8)) for v in (0, 100, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    array, _, info, _ = job.decode(buf.getvalue(), "per-channel")
+    assert info["note"] == "first of 3 frames denoised, the others dropped" and array.max() == 0
+    # More pixels than Pillow's guard allows: a bad input (not retried), not a crash.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(job.UnsupportedImage, match="too big to decode safely") as e:
+        job.decode(png(np.zeros((8, 8), np.uint8)), "per-channel")
+    assert str(e.value).startswith(job.BAD_INPUT)
+
+
+def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale():
+    rng = np.random.default_rng(4)
+    clean = rng.integers(0, 256, (20, 20, 1)).astype(np.uint8)
+    noisy = np.clip(clean + rng.integers(-40, 40, clean.shape), 0, 255).astype(np.uint8)
+    out = np.clip(clean + rng.integers(-10, 10, clean.shape), 0, 255).astype(np.uint8)
+    same = job._metrics(clean, 255, noisy, out, 255)
+    wide = job._metrics(
+        clean, 255, noisy.astype(np.uint16) * 257, out.astype(np.uint16) * 257, 65535
+    )
+    back = job._metrics(clean.astype(np.uint16) * 257, 65535, noisy, out, 255)
+    for key, value in same.items():
+        assert wide[key] == pytest.approx(value) and back[key] == pytest.approx(value), key
+    assert same["psnr"] > same["psnr_noisy"] > 10
+
+
+def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
+    good = pa.table({"path": ["a.png"], "image": pa.array([b"x"], pa.binary())})
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    hf = pa.table({"image": pa.array([{"bytes": b"y", "path": "b.png"}], hf_type), "label": [1]})
+    raw_paths = pa.table({"path": pa.array([b"c\xc3\xa9.png"]), "image": pa.array([b"z"])})
+    assert job._parquet_values(hf, "image") == [b"y"]  # a struct's bytes
+    assert job._parquet_values(hf, "image.path") == ["b.png"]
+    schema_problems = {
+        "hf, default columns": (hf.schema, "path", "image", "--path-column image.path"),
+        "numbers for images": (
+            pa.schema([("path", pa.string()), ("image", pa.int64())]),
+            "path",
+            "image",
+            "--image-column image is int64",
+        ),
+        "numbers for paths": (
+            pa.schema([("path", pa.int32()), ("image", pa.binary())]),
+            "path",
+            "image",
+            "--path-column path is int32",
+        ),
+    }
+    for what, (schema, path_column, image_column, expected) in schema_problems.items():
+        problem = job._column_problem(schema, "S", path_column, image_column)
+        assert problem and expected in problem, (what, problem)
+    for schema, path_column in ((good.schema, "path"), (hf.schema, "image.path")):
+        assert job._column_problem(schema, "S", path_column, "image") is None
+    assert job._column_problem(raw_paths.schema, "S", "path", "image") is None
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(good, folder / "good.parquet")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really")
+    inputs = job.find_inputs(str(folder), "auto")
+    args = SimpleNamespace(path_column="path", image_column="image", format="same")
+    units, clashes, failed = job._parquet_units(inputs, args)
+    assert units == [(str(folder / "good.parquet"), 0)] and not clashes
+    assert [row["path"] for row in failed] == [str(folder / "broken.parquet")]
+    assert "not a readable Parquet file" in failed[0]["error"]
+    (folder / "good.parquet").unlink()  # every file unusable: the job's error, up front
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        job._parquet_units(job.find_inputs(str(folder), "auto"), args)
+    # DST inside the folder of a Parquet glob: its manifest would be read as an input.
+    glob_inputs = job.Inputs("parquet", None, [], [str(folder / "broken.parquet")])
+    with pytest.raises(ValueError, match="inside --input"):
+        job.check_locations(glob_inputs, f"{folder}/**/*.parquet", job.Storage(str(folder / "o")))
+
+
+def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(model_path, tmp_path):
+    digits = (np.random.default_rng(5).random((3, 28, 28)) * 255).astype(np.uint8)
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.binary())])
+    images = [{"bytes": png(d), "path": f"d{i}.png".encode()} for i, d in enumerate(digits)]
+    src = tmp_path / "hf"
+    src.mkdir()
+    pq.write_table(
+        pa.table({"image": pa.array(images, hf_type), "label": [0, 1, 2]}), src / "a.parquet"
+    )
+    (src / "b.parquet").write_bytes(b"truncated")
+    dst = tmp_path / "out"
+    result = run_job(
+        "--model", model_path, "--input", src, "--output", dst, "--path-column", "image.path"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert sorted(rows) == [str(src / "b.parquet"), "d0.png", "d1.png", "d2.png"]
+    assert rows[str(src / "b.parquet")]["status"] == "failed"
+    assert sorted(p.name for p in dst.glob("*.png")) == ["d0.png", "d1.png", "d2.png"]
+
+
+def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
+    """A name up to the file system's limit is written (its temp name is cut to fit);
+    a link inside SRC to a folder holding DST does not make DST's files inputs; an
+    output an earlier run wrote stays its input's when a clashing input is added."""
+    storage = job.Storage(str(tmp_path / "w"))
+    long_name = "L" * 240 + ".png"
+    storage.write_atomic(long_name, b"data")
+    assert (tmp_path / "w" / long_name).read_bytes() == b"data"
+    assert [p.name for p in (tmp_path / "w").iterdir()] == [long_name]
+
+    shared = tmp_path / "shared"
+    (shared / "out").mkdir(parents=True)
+    (shared / "out" / "old.png").write_bytes(b"x")
+    (shared / "other.png").write_bytes(b"y")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mine.png").write_bytes(b"z")
+    (src / "ext").symlink_to(shared)
+    dst = str(shared / "out")
+    expected = ["ext/other.png", "mine.png"]
+    assert [rel for rel, _ in job.find_inputs(str(src), "auto", dst).files] == expected
+    assert [rel for rel, _ in job.find_inputs(f"{src}/**/*.png", "auto", dst).files] == expected
+
+    files = [("x.jpg", 5), ("x.png", 6)]
+    inputs = job.Inputs("files", job.Storage(str(src)), files, [])
+    args = SimpleNamespace(format="png")
+    before = {"x.png": {"status": "ok", "output": "x.png", "input_bytes": 6}}
+    early, todo = job._plan(inputs, args, {"x.png"}, before, False)
+    assert todo == [] and {r["path"]: r["status"] for r in early} == {
+        "x.jpg": "failed",
+        "x.png": "skipped",
+    }
+    assert "also the output of x.png" in early[0]["error"]
