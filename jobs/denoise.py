@@ -1206,8 +1206,10 @@ class Denoiser:
         return row, item
 
     def _exists(self, rel: str) -> bool:
+        """Whether the output is there and complete (see existing_outputs)."""
         if self.out.local:
-            return os.path.isfile(self.out.full(rel))
+            path = self.out.full(rel)
+            return os.path.isfile(path) and _whole(path, os.path.getsize(path))
         import pyarrow.fs as pafs
 
         return self.out.fs.get_file_info(self.out.full(rel)).type == pafs.FileType.File
@@ -1470,6 +1472,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     Raises:
         ValueError: nothing there, or an unusable location.
     """
+    location = location.removeprefix("file://")  # a local path, for glob and os.path
     # An existing local file or folder is taken as it is, even with "[" in its name.
     has_glob = any(ch in location for ch in GLOB_CHARS) and not (
         "://" not in location and os.path.exists(location)
@@ -1500,10 +1503,11 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         storage = Storage(root)
         if storage.local:
             full = _outside(sorted(glob.glob(location, recursive=True)), prune)
+            # A broken link gets size 0 and a `failed` row, as in a folder (Storage.walk).
             files = [
-                (os.path.relpath(p, storage.root).replace(os.sep, "/"), os.path.getsize(p))
+                (os.path.relpath(p, storage.root).replace(os.sep, "/"), _size(p))
                 for p in full
-                if os.path.isfile(p)
+                if os.path.isfile(p) or not os.path.exists(p)
             ]
         else:
             files = _matching(storage.walk(), pattern)
@@ -1526,6 +1530,10 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     ):  # nothing but Parquet files (a Hugging Face dataset's folder): their rows are the inputs
         return Inputs("parquet", None, [], [storage.full(rel) for rel, _ in shown])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def _outside(paths: list[str], folder: str | None) -> list[str]:
@@ -1566,6 +1574,7 @@ def check_locations(
     if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
     src = source.storage
+    location = location.removeprefix("file://")
     if src is None and source.kind == "parquet" and "://" not in location:
         # A local folder or glob of Parquet files is listed too (DST's manifest with it).
         if os.path.isdir(location):
@@ -1603,10 +1612,14 @@ def _nested(outer: Storage, inner: Storage) -> str | None:
 
 
 def existing_outputs(output: Storage) -> set[str]:
-    """Completed outputs under DST; stale temp files of a crashed run are removed."""
+    """Completed outputs under DST; stale temp files of a crashed run are removed.
+
+    The job renames each output into place whole, but DST may have been copied or
+    damaged since: a local PNG, JPEG, BMP or WEBP whose end (or declared size) is
+    missing is not complete, and is done again."""
     if not output.is_dir():
         return set()
-    done = set()
+    done, cut = set(), []
     for rel, size in output.walk():
         if rel.endswith(TMP_MARK):
             try:
@@ -1614,8 +1627,40 @@ def existing_outputs(output: Storage) -> set[str]:
             except OSError:
                 pass
         elif size > 0 and rel != MANIFEST and not JOURNAL.fullmatch(rel):
-            done.add(rel)
+            if output.local and not _whole(output.full(rel), size):
+                cut.append(rel)
+            else:
+                done.add(rel)
+    if cut:
+        print(
+            f"denoise: note: {len(cut)} output(s) in {output.location} are cut short (e.g. "
+            f"{cut[0]}): they are done again",
+            file=sys.stderr,
+        )
     return done
+
+
+def _whole(path: str, size: int) -> bool:
+    """Whether a local image file ends as its format says (PNG's IEND chunk, JPEG's
+    end-of-image marker) or has the size its header says (BMP, WEBP); other files, and
+    files that cannot be read now, count as whole."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            f.seek(max(0, size - 12))
+            tail = f.read(12)
+    except OSError:
+        return True
+    if suffix == ".png":
+        return tail == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    if suffix in (".jpg", ".jpeg"):
+        return tail.endswith(b"\xff\xd9")
+    if suffix == ".bmp":
+        return head[:2] != b"BM" or struct.unpack("<I", head[2:6])[0] == size
+    return head[:4] != b"RIFF" or struct.unpack("<I", head[4:8])[0] + 8 == size
 
 
 def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict], list[str]]:
@@ -1850,6 +1895,25 @@ def _default_resources(
         else:
             workers = max(1, int(total_cpus // cpus))
     return cpus, gpus, workers
+
+
+def warn_local_paths(args: argparse.Namespace, hosts: set[str]) -> None:
+    """Warns when local paths meet a Ray cluster of several machines: each actor reads
+    and writes the disk of the machine it runs on."""
+    flags = (("--input", args.input), ("--output", args.output), ("--clean", args.clean))
+    local = [f"{flag} {value}" for flag, value in flags if value and _is_local(value)]
+    if len(hosts) > 1 and local:
+        print(
+            f"denoise: warning: {', '.join(local)}: local path(s), on a Ray cluster of "
+            f"{len(hosts)} machines; actors read and write the disk of the machine they run "
+            "on, so use a folder every node mounts at the same path, or cloud storage "
+            "(s3://, gs://).",
+            file=sys.stderr,
+        )
+
+
+def _is_local(location: str) -> bool:
+    return "://" not in location or location.startswith("file://")
 
 
 def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
@@ -2154,6 +2218,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, st
 
     ray.init(include_dashboard=False, log_to_driver=True)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
+    warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
         for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
             if timings["first_result_s"] is None:

@@ -232,16 +232,23 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
         (dst / rel).unlink()
     stale = dst / "1" / ".000002.png.0123456789ab.denoise-tmp"
     stale.write_bytes(b"half an image")
+    cut = "2/000001.png"  # a copy of DST cut short: not complete, so done again
+    whole = (dst / cut).read_bytes()
+    (dst / cut).write_bytes(whole[: len(whole) // 2])
     pattern = f"{dataset['src']}/**/*.png"  # a glob this time: .png files only
     result = run_job("--model", model_path, "--input", pattern, "--output", dst)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 output(s)" in result.stderr and f"cut short (e.g. {cut})" in result.stderr
     rows = manifest(dst)
     assert sorted(rows) == sorted(p for p in manifest(first_run[0]) if p.endswith(".png"))
-    assert sorted(p for p, r in rows.items() if r["status"] == "ok") == sorted(removed)
+    redone = sorted([*removed, cut])
+    assert sorted(p for p, r in rows.items() if r["status"] == "ok") == redone
+    again = np.asarray(Image.open(dst / cut), dtype=int)  # (batching may move a level)
+    assert np.abs(again - np.asarray(Image.open(first_run[0] / cut), dtype=int)).max() <= 1
     for path, row in rows.items():
         if path.startswith("broken/"):
             assert row["status"] == "failed" and row["error"].startswith("(earlier run)")
-        elif path not in removed:
+        elif path not in redone:
             assert row["status"] == "skipped", row
     assert all((dst / rel).is_file() for rel in removed)
     assert not stale.exists()
@@ -1458,3 +1465,20 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         "x.png": "skipped",
     }
     assert "also the output of x.png" in early[0]["error"]
+    # A glob lists a broken link too (a `failed` row, as a folder walk does), and a
+    # file:// glob is a local one.
+    (src / "gone.png").symlink_to(tmp_path / "missing.png")
+    for location in (f"{src}/*.png", f"file://{src}/*.png"):
+        assert job.find_inputs(location, "auto").files == [("gone.png", 0), ("mine.png", 1)]
+
+
+def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
+    local = SimpleNamespace(input="/data/noisy", output="file:///data/out", clean=None)
+    remote = SimpleNamespace(input="s3://b/noisy", output="gs://b/out", clean="s3://b/clean")
+    job.warn_local_paths(local, {"10.0.0.1"})  # one machine (a fake multi-node cluster too)
+    job.warn_local_paths(remote, {"10.0.0.1", "10.0.0.2"})
+    assert capsys.readouterr().err == ""
+    job.warn_local_paths(local, {"10.0.0.1", "10.0.0.2"})
+    err = capsys.readouterr().err
+    assert "--input /data/noisy, --output file:///data/out: local path(s)" in err
+    assert "cluster of 2 machines" in err
