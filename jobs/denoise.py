@@ -118,6 +118,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("channels", pa.int32()),
         ("input_bytes", pa.int64()),  # size of the input file (to tell a changed file on rerun)
+        ("output_bytes", pa.int64()),  # size of the output written (to tell one cut short)
         ("psnr_noisy", pa.float64()),  # input vs --clean reference, dB
         ("psnr", pa.float64()),  # output vs --clean reference, dB
         ("ssim_noisy", pa.float64()),
@@ -231,9 +232,9 @@ class Storage:
     def walk(self, prune: str | None = None) -> list[tuple[str, int]]:
         """Every file under the root as (relative path, size), sorted. Locally, links to
         folders are followed, as a glob does (not into a folder of their own path: a
-        link loop ends; nor into `prune`, a real path: the job's output folder), and a
-        broken link is listed with size 0 (reading it fails, so it gets a `failed` row
-        rather than no row)."""
+        link loop ends; nor into `prune`, a real path (the job's output folder), or below
+        it, unless that is inside the root itself), and a broken link is listed with size
+        0 (reading it fails, so it gets a `failed` row rather than no row)."""
         if not self.local:
             import pyarrow.fs as pafs
 
@@ -241,7 +242,8 @@ class Storage:
             cut = len(self.root) + 1
             return sorted((i.path[cut:], i.size) for i in infos if i.type == pafs.FileType.File)
         found = []
-        stack = [("", frozenset([os.path.realpath(self.root)]))]  # a folder, its path's folders
+        tree = os.path.realpath(self.root)
+        stack = [("", frozenset([tree]))]  # a folder, its path's folders
         while stack:
             rel_dir, above = stack.pop()
             with os.scandir(os.path.join(self.root, rel_dir)) as it:
@@ -249,7 +251,7 @@ class Storage:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                     if entry.is_dir():
                         real = os.path.realpath(entry.path)
-                        if real not in above and real != prune:
+                        if real not in above and not _linked_into(real, prune, tree):
                             stack.append((rel, above | {real}))
                     elif entry.is_file():
                         found.append((rel, entry.stat().st_size))
@@ -667,7 +669,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
                     "8 or 16 bits"
                 )
             frames = getattr(img, "n_frames", 1)
-            if frames > 1:  # an animation or a multi-page file: its first frame
+            if frames > 1 and img.format != "MPO":  # an animation, pages (not a camera
+                # JPEG's previews, which Pillow opens as MPO frames): the first frame
                 info["note"] = f"first of {frames} frames denoised, the others dropped"
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.int64)
@@ -688,7 +691,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
                 img = img.convert("RGB" if mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")
             if img.mode == "RGB" and rgb == "luminance":
                 img = img.convert("L")
-            if img.mode != COLOR_SPACE.get(mode):  # converted: the profile no longer fits
+            space = "L" if gray_alpha else COLOR_SPACE.get(mode)  # 16-bit LA read as RGBA
+            if img.mode != space:  # converted: the profile no longer fits
                 info.pop("icc_profile", None)
             if wide:
                 kind = "gray + alpha" if gray_alpha else "RGB"
@@ -825,7 +829,7 @@ def safe_relative(rel: str, foreign: bool = False) -> str:
     if (
         not text
         or text.startswith("/")
-        or (foreign and re.match(r"[A-Za-z]:", text))
+        or (foreign and re.match(r"[A-Za-z]:(/|$)", text))  # C:/x or C: (not a:b.png)
         or norm in (".", "")
         or norm == ".."
         or norm.startswith("../")
@@ -1279,7 +1283,7 @@ class Denoiser:
         except Exception as e:
             row["error"] = f"cannot write {item['out_rel']}: {_reason(e)}"
             return
-        row.update(status="ok", output=item["out_rel"], error=note)
+        row.update(status="ok", output=item["out_rel"], error=note, output_bytes=len(payload))
         if self.clean is not None:
             try:
                 clean, clean_max, _, _ = decode(self.clean.read(item["rel"]), self.s.rgb)
@@ -1480,7 +1484,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     is_parquet = input_format == "parquet" or (
         input_format == "auto" and location.lower().endswith(PARQUET_SUFFIXES)
     )
-    prune = os.path.realpath(output) if output and "://" not in output else None
+    local = output and _is_local(output)
+    prune = os.path.realpath(output.removeprefix("file://")) if local else None
     if is_parquet:
         if "://" in location:
             return Inputs("parquet", None, [], [location])
@@ -1494,7 +1499,11 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             )
         else:
             found = [location] if os.path.isfile(location) else []
-        found = _outside(found, prune)
+        if has_glob:
+            root = _glob_root(location)[0]
+        else:
+            root = location if os.path.isdir(location) else os.path.dirname(location) or "."
+        found = _outside(found, prune, root)
         if not found:
             raise ValueError(f"--input {location}: no Parquet files found.")
         return Inputs("parquet", None, [], found)
@@ -1502,7 +1511,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         root, pattern = _glob_root(location)
         storage = Storage(root)
         if storage.local:
-            full = _outside(sorted(glob.glob(location, recursive=True)), prune)
+            full = _outside(sorted(glob.glob(location, recursive=True)), prune, root)
             # A broken link gets size 0 and a `failed` row, as in a folder (Storage.walk).
             files = [
                 (os.path.relpath(p, storage.root).replace(os.sep, "/"), _size(p))
@@ -1536,18 +1545,30 @@ def _size(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
-def _outside(paths: list[str], folder: str | None) -> list[str]:
-    """The local `paths` whose real location is not in the real folder `folder`."""
+def _inside(real: str, folder: str) -> bool:
+    return real == folder or real.startswith(folder.rstrip("/") + "/")
+
+
+def _linked_into(real: str, prune: str | None, tree: str) -> bool:
+    """Whether a real folder is `prune` or below it while outside `tree`, the input's
+    own real root (an input tree may sit inside the output folder; a link from it into
+    the outputs is what must not be followed)."""
+    return prune is not None and _inside(real, prune) and not _inside(real, tree)
+
+
+def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
+    """The local `paths` (found under `root`) not reached through a link into `folder`,
+    the real output folder."""
     if folder is None:
         return paths
-    inside: dict[str, bool] = {}  # by parent folder: a few realpath calls, not one a file
+    tree = os.path.realpath(root)
+    linked: dict[str, bool] = {}  # by parent folder: a few realpath calls, not one a file
     kept = []
     for path in paths:
         parent = os.path.dirname(os.path.abspath(path))
-        if parent not in inside:
-            real = os.path.realpath(parent)
-            inside[parent] = real == folder or real.startswith(folder.rstrip("/") + "/")
-        if not inside[parent]:
+        if parent not in linked:
+            linked[parent] = _linked_into(os.path.realpath(parent), folder, tree)
+        if not linked[parent]:
             kept.append(path)
     return kept
 
@@ -1611,14 +1632,21 @@ def _nested(outer: Storage, inner: Storage) -> str | None:
     return None
 
 
-def existing_outputs(output: Storage) -> set[str]:
+def existing_outputs(output: Storage, before: dict[str, dict[str, Any]]) -> set[str]:
     """Completed outputs under DST; stale temp files of a crashed run are removed.
 
     The job renames each output into place whole, but DST may have been copied or
-    damaged since: a local PNG, JPEG, BMP or WEBP whose end (or declared size) is
-    missing is not complete, and is done again."""
+    damaged since: an output whose size is not the one an earlier run's row says it
+    wrote is not complete, and is done again; one without such a row (a manifest of an
+    older version of the job, or none) is checked by its contents instead, if it is a
+    local PNG, JPEG, BMP or WEBP (its end, or the size its header declares)."""
     if not output.is_dir():
         return set()
+    written = {
+        row["output"]: row["output_bytes"]
+        for row in before.values()
+        if row.get("output") and row.get("output_bytes")
+    }
     done, cut = set(), []
     for rel, size in output.walk():
         if rel.endswith(TMP_MARK):
@@ -1627,7 +1655,10 @@ def existing_outputs(output: Storage) -> set[str]:
             except OSError:
                 pass
         elif size > 0 and rel != MANIFEST and not JOURNAL.fullmatch(rel):
-            if output.local and not _whole(output.full(rel), size):
+            expected = written.get(rel)
+            if expected is not None and size != expected:
+                cut.append(rel)
+            elif expected is None and output.local and not _whole(output.full(rel), size):
                 cut.append(rel)
             else:
                 done.add(rel)
@@ -1964,8 +1995,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
         )
 
-    done = existing_outputs(output)
     before, before_metas, journals = previous_rows(output)
+    done = existing_outputs(output, before)
     metadata = {
         "job": "jobs/denoise.py",
         "model": args.model,
@@ -2055,11 +2086,16 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
     todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
     # An output an earlier run wrote stays its input's, though an input added since
-    # comes first in sorted order (x.jpg beside x.png with --format png).
+    # comes first in sorted order (x.jpg beside x.png with --format png); and it is
+    # not taken for another input's once that one is gone (x.png deleted since).
+    written_by = {
+        last["output"]: rel
+        for rel, last in before.items()
+        if last.get("output") and last.get("status") != "failed"
+    }
     present = {rel for rel, _ in inputs.files}
-    for rel, last in before.items():
-        out_rel = last.get("output")
-        if rel in present and out_rel and last.get("status") != "failed":
+    for out_rel, rel in written_by.items():
+        if rel in present:
             with contextlib.suppress(ValueError):
                 if output_path(safe_relative(rel), args.format) == out_rel:
                     claimed[out_rel] = rel
@@ -2082,9 +2118,13 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         last = before.get(rel, {})
-        if out_rel in done and last.get("input_bytes") in (None, size):
-            # Outputs are renamed into place, so an existing one is complete. (An input
-            # whose size changed since the last manifest is done again.)
+        if (
+            out_rel in done
+            and last.get("input_bytes") in (None, size)
+            and written_by.get(out_rel, rel) == rel
+        ):
+            # Complete (existing_outputs checked it), written for this input, and from
+            # these bytes (an input whose size changed since is done again).
             early.append(_skipped_row(rel, out_rel, size, last))
         elif (
             last.get("status") == "failed"
@@ -2121,10 +2161,26 @@ def _parquet_field(schema: pa.Schema, name: str) -> pa.DataType | None:
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
     return (
         pa.types.is_binary(kind)
         or pa.types.is_large_binary(kind)
-        or (pa.types.is_fixed_size_binary(kind))
+        or pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_binary_view(kind)
+    )
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """Paths: text, bytes (decoded as UTF-8) or whole numbers (a row id as the name)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_string_view(kind)
+        or pa.types.is_integer(kind)
+        or _is_bytes(kind)
     )
 
 
@@ -2160,9 +2216,7 @@ def _column_problem(schema: pa.Schema, source: str, path_column: str, image_colu
         return (
             f"--input {source} has no column(s) {missing}; found {schema.names}. {expected}{hint}."
         )
-    if pa.types.is_dictionary(paths):
-        paths = paths.value_type
-    if not (pa.types.is_string(paths) or pa.types.is_large_string(paths) or _is_bytes(paths)):
+    if not _is_text(paths):
         return f"--input {source}: --path-column {path_column} is {paths}. {expected}."
     if pa.types.is_struct(images):
         index = images.get_field_index("bytes")
@@ -2187,9 +2241,9 @@ def _parquet_units(
             parquet = _parquet_file(source)
             schema = parquet.schema_arrow
             problem = _column_problem(schema, source, args.path_column, args.image_column)
-            if problem is None:
-                top = _top_column(schema, args.path_column)
-                paths = _parquet_values(parquet.read(columns=[top]), args.path_column)
+            if problem is None:  # only the paths ("image.path": not the image bytes)
+                table = parquet.read(columns=[args.path_column])
+                paths = _parquet_values(table, args.path_column)
         except Exception as e:
             problem = f"--input {source} is not a readable Parquet file: {e}"
         if problem:

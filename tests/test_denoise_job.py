@@ -694,6 +694,7 @@ def test_safe_relative_and_png_encoder():
     for name in ("back\\slash.png", "9:30.png", "C:x.png", "..\\x.png"):
         assert job.safe_relative(name) == name
     assert job.safe_relative("9:30.png", foreign=True) == "9:30.png"
+    assert job.safe_relative("a:b.png", foreign=True) == "a:b.png"  # not a drive
     rng = np.random.default_rng(0)
     for shape, dtype in (((5, 7, 1), np.uint8), ((4, 3, 3), np.uint8), ((6, 2, 1), np.uint16)):
         top = 65535 if dtype == np.uint16 else 255
@@ -1341,6 +1342,9 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     array, _, info, _ = job.decode(buf.getvalue(), "per-channel")
     assert info["note"] == "first of 3 frames denoised, the others dropped" and array.max() == 0
+    buf = io.BytesIO()  # a camera JPEG with a preview: Pillow's MPO, not an animation
+    frames[0].convert("RGB").save(buf, "MPO", save_all=True, append_images=[frames[1]])
+    assert "note" not in job.decode(buf.getvalue(), "per-channel")[2]
     # More pixels than Pillow's guard allows: a bad input (not retried), not a crash.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     with pytest.raises(job.UnsupportedImage, match="too big to decode safely") as e:
@@ -1378,11 +1382,11 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
             "image",
             "--image-column image is int64",
         ),
-        "numbers for paths": (
-            pa.schema([("path", pa.int32()), ("image", pa.binary())]),
+        "fractions for paths": (
+            pa.schema([("path", pa.float64()), ("image", pa.binary())]),
             "path",
             "image",
-            "--path-column path is int32",
+            "--path-column path is double",
         ),
     }
     for what, (schema, path_column, image_column, expected) in schema_problems.items():
@@ -1390,6 +1394,14 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
         assert problem and expected in problem, (what, problem)
     for schema, path_column in ((good.schema, "path"), (hf.schema, "image.path")):
         assert job._column_problem(schema, "S", path_column, "image") is None
+    for paths, images in (  # what pyarrow may hand back, and row ids as names
+        (pa.string_view(), pa.binary_view()),
+        (pa.large_string(), pa.large_binary()),
+        (pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int32(), pa.binary())),
+        (pa.int64(), pa.binary()),
+    ):
+        schema = pa.schema([("path", paths), ("image", images)])
+        assert job._column_problem(schema, "S", "path", "image") is None, schema
     assert job._column_problem(raw_paths.schema, "S", "path", "image") is None
 
     folder = tmp_path / "pq"
@@ -1450,10 +1462,24 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     src.mkdir()
     (src / "mine.png").write_bytes(b"z")
     (src / "ext").symlink_to(shared)
+    (shared / "out" / "sub").mkdir()
+    (shared / "out" / "sub" / "older.png").write_bytes(b"x")
+    (src / "to_sub").symlink_to(shared / "out" / "sub")  # below DST: not followed either
     dst = str(shared / "out")
     expected = ["ext/other.png", "mine.png"]
-    assert [rel for rel, _ in job.find_inputs(str(src), "auto", dst).files] == expected
-    assert [rel for rel, _ in job.find_inputs(f"{src}/**/*.png", "auto", dst).files] == expected
+    for out in (dst, f"file://{dst}"):
+        assert [rel for rel, _ in job.find_inputs(str(src), "auto", out).files] == expected
+        globbed = job.find_inputs(f"{src}/**/*.png", "auto", out).files
+        assert [rel for rel, _ in globbed] == expected
+    # An input inside the output folder is still the input (only links are cut).
+    proj = tmp_path / "proj"
+    (proj / "noisy").mkdir(parents=True)
+    (proj / "noisy" / "a.png").write_bytes(b"x")
+    (proj / "data.parquet").write_bytes(b"x")
+    for location in (str(proj / "noisy"), f"{proj}/noisy/*.png"):
+        assert [rel for rel, _ in job.find_inputs(location, "auto", str(proj)).files] == ["a.png"]
+    found = job.find_inputs(str(proj / "data.parquet"), "auto", str(proj))
+    assert found.parquet == [str(proj / "data.parquet")]
 
     files = [("x.jpg", 5), ("x.png", 6)]
     inputs = job.Inputs("files", job.Storage(str(src)), files, [])
@@ -1465,11 +1491,31 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         "x.png": "skipped",
     }
     assert "also the output of x.png" in early[0]["error"]
+    # x.png deleted since: its output is not x.jpg's, so x.jpg is done, not skipped.
+    gone = job.Inputs("files", job.Storage(str(src)), [("x.jpg", 5)], [])
+    assert job._plan(gone, args, {"x.png"}, before, False) == ([], [("x.jpg", 5)])
     # A glob lists a broken link too (a `failed` row, as a folder walk does), and a
     # file:// glob is a local one.
     (src / "gone.png").symlink_to(tmp_path / "missing.png")
     for location in (f"{src}/*.png", f"file://{src}/*.png"):
         assert job.find_inputs(location, "auto").files == [("gone.png", 0), ("mine.png", 1)]
+
+
+def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_end(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    whole = job.encode_png(np.zeros((6, 6, 1), np.uint8))
+    for name in ("same.png", "cut.png", "unrecorded.png", "unrecorded_cut.png"):
+        (out / name).write_bytes(whole)
+    (out / "cut.png").write_bytes(whole[:-1])  # as an interrupted copy leaves it
+    (out / "unrecorded_cut.png").write_bytes(whole[:-1])
+    (out / "notes.txt").write_bytes(b"no format to check")
+    before = {
+        f"in/{name}": {"status": "ok", "output": name, "output_bytes": len(whole)}
+        for name in ("same.png", "cut.png")
+    }
+    done = job.existing_outputs(job.Storage(str(out)), before)
+    assert sorted(done) == ["notes.txt", "same.png", "unrecorded.png"]
 
 
 def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
