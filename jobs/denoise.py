@@ -1211,12 +1211,14 @@ class Denoiser:
 
     def _exists(self, rel: str) -> bool:
         """Whether the output is there and complete (see existing_outputs)."""
+        expected = self.s.extra.get("written", {}).get(rel)
         if self.out.local:
             path = self.out.full(rel)
-            return os.path.isfile(path) and _whole(path, os.path.getsize(path))
+            return os.path.isfile(path) and _complete(os.path.getsize(path), expected, path)
         import pyarrow.fs as pafs
 
-        return self.out.fs.get_file_info(self.out.full(rel)).type == pafs.FileType.File
+        info = self.out.fs.get_file_info(self.out.full(rel))
+        return info.type == pafs.FileType.File and _complete(info.size, expected, None)
 
     def _denoise(self, todo: list[dict[str, Any]]) -> None:
         """Runs the model once per (padded size, maxval) group; sets item["result"]."""
@@ -1558,17 +1560,25 @@ def _linked_into(real: str, prune: str | None, tree: str) -> bool:
 
 def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
     """The local `paths` (found under `root`) not reached through a link into `folder`,
-    the real output folder."""
+    the real output folder: no folder on the way from `root` to the file is one (a glob
+    may go through such a link and come back into the input tree)."""
     if folder is None:
         return paths
-    tree = os.path.realpath(root)
-    linked: dict[str, bool] = {}  # by parent folder: a few realpath calls, not one a file
+    top = os.path.abspath(root)
+    tree = os.path.realpath(top)
+    linked: dict[str, bool] = {top: False}  # by folder: a few realpath calls, not one a file
     kept = []
     for path in paths:
         parent = os.path.dirname(os.path.abspath(path))
-        if parent not in linked:
-            linked[parent] = _linked_into(os.path.realpath(parent), folder, tree)
-        if not linked[parent]:
+        todo = []  # the folders from `parent` up to one already judged
+        while parent not in linked and parent != os.path.dirname(parent):
+            todo.append(parent)
+            parent = os.path.dirname(parent)
+        for folder_path in reversed(todo):  # top down: a folder below a link is linked too
+            linked[folder_path] = linked.get(os.path.dirname(folder_path), False) or (
+                _linked_into(os.path.realpath(folder_path), folder, tree)
+            )
+        if not linked[os.path.dirname(os.path.abspath(path))]:
             kept.append(path)
     return kept
 
@@ -1642,11 +1652,7 @@ def existing_outputs(output: Storage, before: dict[str, dict[str, Any]]) -> set[
     local PNG, JPEG, BMP or WEBP (its end, or the size its header declares)."""
     if not output.is_dir():
         return set()
-    written = {
-        row["output"]: row["output_bytes"]
-        for row in before.values()
-        if row.get("output") and row.get("output_bytes")
-    }
+    written = written_sizes(before)
     done, cut = set(), []
     for rel, size in output.walk():
         if rel.endswith(TMP_MARK):
@@ -1655,10 +1661,7 @@ def existing_outputs(output: Storage, before: dict[str, dict[str, Any]]) -> set[
             except OSError:
                 pass
         elif size > 0 and rel != MANIFEST and not JOURNAL.fullmatch(rel):
-            expected = written.get(rel)
-            if expected is not None and size != expected:
-                cut.append(rel)
-            elif expected is None and output.local and not _whole(output.full(rel), size):
+            if not _complete(size, written.get(rel), output.full(rel) if output.local else None):
                 cut.append(rel)
             else:
                 done.add(rel)
@@ -1669,6 +1672,23 @@ def existing_outputs(output: Storage, before: dict[str, dict[str, Any]]) -> set[
             file=sys.stderr,
         )
     return done
+
+
+def written_sizes(before: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Output -> the size an earlier run wrote it with (its row's output_bytes)."""
+    return {
+        row["output"]: row["output_bytes"]
+        for row in before.values()
+        if row.get("output") and row.get("output_bytes")
+    }
+
+
+def _complete(size: int, expected: int | None, path: str | None) -> bool:
+    """Whether an existing output is whole: the size written if a row says it, else
+    (a local file) what its format's end says."""
+    if expected is not None:
+        return size == expected
+    return path is None or _whole(path, size)
 
 
 def _whole(path: str, size: int) -> bool:
@@ -1730,7 +1750,9 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
         if not {"path", "status"} <= set(names):
             continue  # another job's layout: its rows are not carried
         metas.append({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
-        rows.update((row["path"], row) for row in table.select(names).to_pylist())
+        for row in table.select(names).to_pylist():  # a later run's row goes last, so
+            rows.pop(row["path"], None)  # output -> input maps built from these favour it
+            rows[row["path"]] = row
         del table
     return rows, metas, journals
 
@@ -2028,14 +2050,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
-        units, clashes = [], set()
-        if inputs.kind == "parquet":
+        units, parquet = [], {}
+        if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
             units, clashes, unusable = _parquet_units(inputs, args)
+            parquet = {"clashes": clashes, "written": written_sizes(before)}
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
             timings = _run_ray(
-                args, spec, model_bytes, inputs, todo, units, clashes, manifest, start
+                args, spec, model_bytes, inputs, todo, units, parquet, manifest, start
             )
         manifest.close()
     except BaseException:  # the outputs written stay, and the rows of what was done
@@ -2120,6 +2143,7 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
         last = before.get(rel, {})
         if (
             out_rel in done
+            and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
             and written_by.get(out_rel, rel) == rel
         ):
@@ -2265,7 +2289,7 @@ def _parquet_units(
     return units, clashes, [{"path": src, "status": "failed", "error": e} for src, e in bad]
 
 
-def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, start) -> dict:
+def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, start) -> dict:
     """Runs the pipeline on a Ray it connects to (or starts); returns when Ray was
     ready and when the first results came back, in seconds since `start`."""
     import ray
@@ -2274,7 +2298,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, st
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
-        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
+        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
             if timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
@@ -2290,7 +2314,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, clashes, manifest, st
     return timings
 
 
-def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
+def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
     """The Ray Data pipeline; yields one table of manifest rows per block."""
     import ray
 
@@ -2313,7 +2337,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, clashes):
         extra={
             "path_column": args.path_column,
             "image_column": args.image_column,
-            "clashes": clashes,
+            **parquet,  # outputs two rows would write; sizes earlier runs wrote
         },
     )
     # from_items builds its blocks here; from_arrow would run one remote task per block

@@ -1476,7 +1476,8 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     (proj / "noisy").mkdir(parents=True)
     (proj / "noisy" / "a.png").write_bytes(b"x")
     (proj / "data.parquet").write_bytes(b"x")
-    for location in (str(proj / "noisy"), f"{proj}/noisy/*.png"):
+    (proj / "noisy" / "to_proj").symlink_to(proj)  # and a glob does not come back through it
+    for location in (str(proj / "noisy"), f"{proj}/noisy/*.png", f"{proj}/noisy/**/*.png"):
         assert [rel for rel, _ in job.find_inputs(location, "auto", str(proj)).files] == ["a.png"]
     found = job.find_inputs(str(proj / "data.parquet"), "auto", str(proj))
     assert found.parquet == [str(proj / "data.parquet")]
@@ -1494,6 +1495,12 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     # x.png deleted since: its output is not x.jpg's, so x.jpg is done, not skipped.
     gone = job.Inputs("files", job.Storage(str(src)), [("x.jpg", 5)], [])
     assert job._plan(gone, args, {"x.png"}, before, False) == ([], [("x.jpg", 5)])
+    # The last run found x.png unreadable: the file at its output is an older result.
+    failed = {"x.png": {"status": "failed", "error": "not a readable image", "input_bytes": 6}}
+    alone = job.Inputs("files", job.Storage(str(src)), [("x.png", 6)], [])
+    early, todo = job._plan(alone, args, {"x.png"}, failed, False)
+    assert todo == [] and early[0]["status"] == "failed" and early[0]["output"] is None
+    assert job._plan(alone, args, {"x.png"}, failed, True) == ([], [("x.png", 6)])
     # A glob lists a broken link too (a `failed` row, as a folder walk does), and a
     # file:// glob is a local one.
     (src / "gone.png").symlink_to(tmp_path / "missing.png")
@@ -1516,6 +1523,23 @@ def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_e
     }
     done = job.existing_outputs(job.Storage(str(out)), before)
     assert sorted(done) == ["notes.txt", "same.png", "unrecorded.png"]
+
+
+def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_path, tmp_path):
+    """Parquet rows are skipped in the actors: they check the sizes earlier runs wrote."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, size in (("same.tif", 10), ("cut.tif", 9), ("unrecorded.tif", 4)):
+        (out / name).write_bytes(b"x" * size)
+    written = job.written_sizes(
+        {f"in/{n}": {"output": n, "output_bytes": 10} for n in ("same.tif", "cut.tif")}
+    )
+    settings = job.JobSettings.in_process(
+        str(model_path), str(tmp_path), str(out), extra={"written": written}
+    )
+    denoiser = job.Denoiser(settings)
+    found = {n: denoiser._exists(n) for n in ("same.tif", "cut.tif", "unrecorded.tif", "no.tif")}
+    assert found == {"same.tif": True, "cut.tif": False, "unrecorded.tif": True, "no.tif": False}
 
 
 def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
