@@ -1574,6 +1574,7 @@ def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
         while parent not in linked and parent != os.path.dirname(parent):
             todo.append(parent)
             parent = os.path.dirname(parent)
+        linked.setdefault(parent, False)  # "/": a ".." in the glob led above its root
         for folder_path in reversed(todo):  # top down: a folder below a link is linked too
             linked[folder_path] = linked.get(os.path.dirname(folder_path), False) or (
                 _linked_into(os.path.realpath(folder_path), folder, tree)

@@ -1481,6 +1481,8 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         assert [rel for rel, _ in job.find_inputs(location, "auto", str(proj)).files] == ["a.png"]
     found = job.find_inputs(str(proj / "data.parquet"), "auto", str(proj))
     assert found.parquet == [str(proj / "data.parquet")]
+    # A ".." in a glob may lead above its root, to "/" itself.
+    assert job._outside(["/tmp/a/../../x.png"], str(proj), "/tmp") == ["/tmp/a/../../x.png"]
 
     files = [("x.jpg", 5), ("x.png", 6)]
     inputs = job.Inputs("files", job.Storage(str(src)), files, [])
