@@ -2185,28 +2185,27 @@ def _parquet_field(schema: pa.Schema, name: str) -> pa.DataType | None:
     return kind.field(rest).type
 
 
-def _is_bytes(kind: pa.DataType) -> bool:
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    return (
-        pa.types.is_binary(kind)
-        or pa.types.is_large_binary(kind)
-        or pa.types.is_fixed_size_binary(kind)
-        or pa.types.is_binary_view(kind)
-    )
+# Parquet column types the job reads: image bytes, and paths (text, bytes decoded as
+# UTF-8, or whole numbers: a row id as the name); each also dictionary-encoded.
+BYTES_TYPES = (
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_fixed_size_binary,
+    pa.types.is_binary_view,
+)
+PATH_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_string_view,
+    pa.types.is_integer,
+    *BYTES_TYPES,
+)
 
 
-def _is_text(kind: pa.DataType) -> bool:
-    """Paths: text, bytes (decoded as UTF-8) or whole numbers (a row id as the name)."""
+def _is_one_of(kind: pa.DataType, checks: tuple) -> bool:
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    return (
-        pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-        or pa.types.is_string_view(kind)
-        or pa.types.is_integer(kind)
-        or _is_bytes(kind)
-    )
+    return any(check(kind) for check in checks)
 
 
 def _parquet_values(table: pa.Table, name: str) -> list:
@@ -2241,12 +2240,12 @@ def _column_problem(schema: pa.Schema, source: str, path_column: str, image_colu
         return (
             f"--input {source} has no column(s) {missing}; found {schema.names}. {expected}{hint}."
         )
-    if not _is_text(paths):
+    if not _is_one_of(paths, PATH_TYPES):
         return f"--input {source}: --path-column {path_column} is {paths}. {expected}."
     if pa.types.is_struct(images):
         index = images.get_field_index("bytes")
         images = images.field(index).type if index >= 0 else images
-    if not _is_bytes(images):
+    if not _is_one_of(images, BYTES_TYPES):
         return f"--input {source}: --image-column {image_column} is {images}. {expected}."
     return None
 
