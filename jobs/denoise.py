@@ -1479,10 +1479,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         ValueError: nothing there, or an unusable location.
     """
     location = location.removeprefix("file://")  # a local path, for glob and os.path
-    # An existing local file or folder is taken as it is, even with "[" in its name.
-    has_glob = any(ch in location for ch in GLOB_CHARS) and not (
-        "://" not in location and os.path.exists(location)
-    )
+    has_glob = _is_glob(location)
     is_parquet = input_format == "parquet" or (
         input_format == "auto" and location.lower().endswith(PARQUET_SUFFIXES)
     )
@@ -1543,8 +1540,19 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 
+def _is_glob(location: str) -> bool:
+    """Whether `location` has wildcards (an existing local file or folder is taken as it
+    is, even with "[" in its name)."""
+    exists = "://" not in location and os.path.exists(location)
+    return any(ch in location for ch in GLOB_CHARS) and not exists
+
+
 def _size(path: str) -> int:
-    return os.path.getsize(path) if os.path.exists(path) else 0
+    """A file's size; 0 for a broken link (one stat, not two)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _inside(real: str, folder: str) -> bool:
@@ -1569,7 +1577,7 @@ def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
     linked: dict[str, bool] = {top: False}  # by folder: a few realpath calls, not one a file
     kept = []
     for path in paths:
-        parent = os.path.dirname(os.path.abspath(path))
+        parent = home = os.path.dirname(os.path.abspath(path))
         todo = []  # the folders from `parent` up to one already judged
         while parent not in linked and parent != os.path.dirname(parent):
             todo.append(parent)
@@ -1579,7 +1587,7 @@ def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
             linked[folder_path] = linked.get(os.path.dirname(folder_path), False) or (
                 _linked_into(os.path.realpath(folder_path), folder, tree)
             )
-        if not linked[os.path.dirname(os.path.abspath(path))]:
+        if not linked[home]:
             kept.append(path)
     return kept
 
@@ -1611,7 +1619,7 @@ def check_locations(
         # A local folder or glob of Parquet files is listed too (DST's manifest with it).
         if os.path.isdir(location):
             src = Storage(location)
-        elif any(ch in location for ch in GLOB_CHARS) and not os.path.exists(location):
+        elif _is_glob(location):
             src = Storage(_glob_root(location)[0])
     nesting = _nested(src, output) if src is not None else None
     if nesting in ("same", "inside"):
@@ -1643,17 +1651,17 @@ def _nested(outer: Storage, inner: Storage) -> str | None:
     return None
 
 
-def existing_outputs(output: Storage, before: dict[str, dict[str, Any]]) -> set[str]:
+def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
     """Completed outputs under DST; stale temp files of a crashed run are removed.
 
     The job renames each output into place whole, but DST may have been copied or
     damaged since: an output whose size is not the one an earlier run's row says it
-    wrote is not complete, and is done again; one without such a row (a manifest of an
-    older version of the job, or none) is checked by its contents instead, if it is a
-    local PNG, JPEG, BMP or WEBP (its end, or the size its header declares)."""
+    wrote (`written`, see written_sizes) is not complete, and is done again; one
+    without such a row (a manifest of an older version of the job, or none) is checked
+    by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
+    size its header declares)."""
     if not output.is_dir():
         return set()
-    written = written_sizes(before)
     done, cut = set(), []
     for rel, size in output.walk():
         if rel.endswith(TMP_MARK):
@@ -2019,7 +2027,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     before, before_metas, journals = previous_rows(output)
-    done = existing_outputs(output, before)
+    written = written_sizes(before)  # for the skips here, and in the actors for Parquet
+    done = existing_outputs(output, written)
     metadata = {
         "job": "jobs/denoise.py",
         "model": args.model,
@@ -2054,7 +2063,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
             units, clashes, unusable = _parquet_units(inputs, args)
-            parquet = {"clashes": clashes, "written": written_sizes(before)}
+            parquet = {"clashes": clashes, "written": written}
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:

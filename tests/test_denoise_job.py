@@ -1523,7 +1523,7 @@ def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_e
         f"in/{name}": {"status": "ok", "output": name, "output_bytes": len(whole)}
         for name in ("same.png", "cut.png")
     }
-    done = job.existing_outputs(job.Storage(str(out)), before)
+    done = job.existing_outputs(job.Storage(str(out)), job.written_sizes(before))
     assert sorted(done) == ["notes.txt", "same.png", "unrecorded.png"]
 
 
