@@ -3,7 +3,7 @@
     python jobs/sweep.py --smoke-test --data /work/shared/data/mnist.npz
     python jobs/sweep.py --models dense conv vae --num-samples 8 --epochs 20 \
         --storage-path ~/ray_results --name ae-sweep --data /path/to/mnist.npz
-    ray submit cluster.yaml jobs/sweep.py -- --gpus-per-trial 0.5 --storage-path s3://bucket/sweeps
+    ray submit cluster.yaml jobs/sweep.py -- --gpus-per-trial 0.5   # to $AELIB_STORAGE_PATH/sweeps
 
 One Tuner runs every variant's trials side by side. Each trial calls
 `aelib.train` on MNIST taken from Ray's object store, reports the validation
@@ -27,7 +27,9 @@ address from RAY_ADDRESS (or the cluster `ray start` made on this machine);
 RAY_ADDRESS=local forces a fresh local Ray. A Ray the job starts itself runs
 without Ray's dashboard (~1 s less start-up); to watch a local sweep there, run
 `ray start --head` first and the job connects to it. On a multi-node cluster give a
---storage-path every node can reach (a cloud URI or a shared filesystem).
+--storage-path every node can reach (a cloud URI or a shared filesystem); without
+the flag the job takes $AELIB_STORAGE_PATH/sweeps, which cluster.yaml sets on every
+node, and ~/ray_results where it is not set.
 
 Faults: a failing trial is retried (--max-failures); a trial whose loss turns
 NaN stops and is marked `nan` in the table while the sweep goes on; after the
@@ -199,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storage-path",
-        default=os.path.expanduser("~/ray_results"),
-        help="local folder or cloud URI (s3://, gs://, ...); default ~/ray_results",
+        default=None,
+        help="local folder or cloud URI (s3://, gs://, ...) every node reaches; default "
+        "$AELIB_STORAGE_PATH/sweeps (cluster.yaml sets it on every node), else ~/ray_results",
     )
     p.add_argument("--name", default="aelib-sweep", help="experiment name (a folder in storage)")
     p.add_argument(
@@ -272,6 +275,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
+    if args.storage_path is None:
+        shared = os.environ.get("AELIB_STORAGE_PATH", "").rstrip("/")
+        args.storage_path = f"{shared}/sweeps" if shared else "~/ray_results"
+    if "CHANGE-ME" in args.storage_path:  # cluster.yaml's placeholder bucket, never set
+        parser.error(
+            f"--storage-path: {args.storage_path} is the placeholder of cluster.yaml "
+            "(AELIB_STORAGE_PATH): set your bucket there and rerun `ray up`, or pass "
+            "--storage-path"
+        )
     if "://" not in args.storage_path:
         args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
         if os.path.exists(args.storage_path) and not os.path.isdir(args.storage_path):

@@ -131,6 +131,11 @@ def test_cloud_config_opens_only_ssh_turns_on_token_auth_and_holds_no_secrets(pa
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
     assert "~/.ray/auth_token" in config["file_mounts"], "the token is copied, not written here"
     assert re.search(r"(s3|gs)://CHANGE-ME", text), "a shared-storage URI placeholder for Tune"
+    # Every container gets it: sweep.py's default --storage-path (a `ray submit` adds no flag).
+    assert any(
+        re.fullmatch(r"--env AELIB_STORAGE_PATH=(s3|gs)://\S+", option)
+        for option in config["docker"]["run_options"]
+    )
     for pattern in (
         r"AKIA[0-9A-Z]{16}",
         r"(?i)aws_secret_access_key",

@@ -355,6 +355,23 @@ def test_bad_flags_fail_at_once(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_storage_path_defaults_to_the_clusters_shared_storage(tmp_path, monkeypatch, capsys):
+    """cluster.yaml sets AELIB_STORAGE_PATH on every node, so `ray submit cluster.yaml
+    jobs/sweep.py` needs no --storage-path; its placeholder bucket is refused by name."""
+    sweep = _load_sweep_module()
+    monkeypatch.setenv("AELIB_STORAGE_PATH", f"{tmp_path}/shared/")
+    assert sweep.parse_args([]).storage_path == f"{tmp_path}/shared/sweeps"
+    assert (tmp_path / "shared" / "sweeps").is_dir()
+    explicit = sweep.parse_args(["--storage-path", str(tmp_path / "mine")]).storage_path
+    assert explicit == str(tmp_path / "mine")  # the flag wins
+    monkeypatch.setenv("AELIB_STORAGE_PATH", "s3://CHANGE-ME-bucket/aelib")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "s3://CHANGE-ME-bucket/aelib/sweeps is the placeholder of cluster.yaml" in err
+
+
 @pytest.mark.parametrize(
     "flags, code, message",
     [
