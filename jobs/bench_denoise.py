@@ -270,6 +270,16 @@ def _tree_sample(root_pid: int, cpu: dict[int, float], memory: bool) -> tuple[in
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _job_startup(log: Path) -> dict[str, float]:
+    """The start-up figures of the job's summary line (`denoise-summary {...}`)."""
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("denoise-summary "):
+            summary = json.loads(line.removeprefix("denoise-summary "))
+            keys = ("ray_ready_s", "first_result_s")
+            return {k: summary[k] for k in keys if summary.get(k) is not None}
+    return {}
+
+
 def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
     """Runs `cmd`; returns wall seconds, CPU seconds and (with `memory`) peak PSS/RSS of
     its process tree.
@@ -541,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 result = timed(cmd, work / f"{name}.log")
                 result["images_per_s"] = count / result["seconds"]
+                if name == "job":  # when Ray was ready and the first results came back
+                    result.update(_job_startup(work / "job.log"))
                 if photo and name == "plain":  # its seconds inside model.predict
                     found = re.search(r"model.predict ([\d.]+) s", (work / "plain.log").read_text())
                     result["model_seconds"] = float(found[1]) if found else math.nan
@@ -574,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                 line += (
                     f"; {args.startup_count} images took {r['small_run']['seconds']:.1f} s, "
                     f"so about {r['steady_images_per_s']:.0f} images/s after start-up"
+                )
+            if r.get("small_run", {}).get("first_result_s") is not None:
+                line += (
+                    f" (Ray ready after {r['small_run']['ray_ready_s']:.1f} s, first results "
+                    f"after {r['small_run']['first_result_s']:.1f} s)"
                 )
             print(line, flush=True)
     if "job" in results:

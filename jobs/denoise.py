@@ -133,7 +133,8 @@ _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 _INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "ssim_noisy")
 # On CPU the model runs on slices of about this many pixels, whatever --batch-size is:
 # the activations of a slice stay in the CPU's caches. The tutorial's denoiser on one
-# core: 85-89 us per 28x28 image in calls of 32-64 images, 106 us in calls of 1,024
+# core in late November: 81-90 us per 28x28 image in calls of 32-64 images, 106-114 us in
+# calls of 1,024; within noise of each other on the slower VM of 2026-12-02
 # (bench_denoise.py --stages prints both).
 CPU_CALL_PIXELS = 32_768
 # On a GPU a call takes --batch-size images, and at most this many pixels.
