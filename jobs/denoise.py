@@ -1532,13 +1532,28 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     if not shown:
         hidden = f" (only {len(files)} hidden ones)" if files else ""
         raise ValueError(f"--input {location}: no files found{hidden}.")
-    if (
-        input_format == "auto"
-        and storage.local
-        and all(rel.lower().endswith(PARQUET_SUFFIXES) for rel, _ in shown)
-    ):  # nothing but Parquet files (a Hugging Face dataset's folder): their rows are the inputs
-        return Inputs("parquet", None, [], [storage.full(rel) for rel, _ in shown])
+    if input_format == "auto" and storage.local:
+        # Parquet files and no image files (a Hugging Face dataset's folder: its README,
+        # data/*.parquet): the Parquet files' rows are the inputs.
+        tables = [rel for rel, _ in shown if rel.lower().endswith(PARQUET_SUFFIXES)]
+        others = [rel for rel, _ in shown if not rel.lower().endswith(PARQUET_SUFFIXES)]
+        if tables and not any(_image_name(rel) for rel in others):
+            if others:
+                print(
+                    f"denoise: note: --input {location} is read as Parquet ({len(tables)} "
+                    f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not "
+                    "inputs (--input-format files takes every file as an image)",
+                    file=sys.stderr,
+                )
+            return Inputs("parquet", None, [], [storage.full(rel) for rel in tables])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
+
+
+def _image_name(rel: str) -> bool:
+    """Whether a file's suffix is one Pillow reads (.png, .jpg, .tif, ...)."""
+    from PIL import Image
+
+    return posixpath.splitext(rel)[1].lower() in Image.registered_extensions()
 
 
 def _is_glob(location: str) -> bool:

@@ -1433,15 +1433,22 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(model_path, tmp
         pa.table({"image": pa.array(images, hf_type), "label": [0, 1, 2]}), src / "a.parquet"
     )
     (src / "b.parquet").write_bytes(b"truncated")
+    (src / "README.md").write_text("# A dataset card, as a Hugging Face repo has\n")
+    (src / ".gitattributes").write_text("*.parquet filter=lfs\n")
     dst = tmp_path / "out"
     result = run_job(
         "--model", model_path, "--input", src, "--output", dst, "--path-column", "image.path"
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "read as Parquet (2 file(s)); its 1 other file(s) (e.g. README.md)" in result.stderr
     rows = manifest(dst)
     assert sorted(rows) == [str(src / "b.parquet"), "d0.png", "d1.png", "d2.png"]
     assert rows[str(src / "b.parquet")]["status"] == "failed"
     assert sorted(p.name for p in dst.glob("*.png")) == ["d0.png", "d1.png", "d2.png"]
+    # An image file beside them: a folder of images (the Parquet file fails as one).
+    (src / "x.png").write_bytes(png(digits[0]))
+    found = job.find_inputs(str(src), "auto")
+    assert found.kind == "files" and len(found.files) == 4
 
 
 def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
