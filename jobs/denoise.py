@@ -2484,7 +2484,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="per-channel",
         help="RGB through a grayscale model: each channel alone, or converted to gray",
     )
-    p.add_argument("--input-format", choices=("auto", "files", "parquet"), default="auto")
+    p.add_argument(
+        "--input-format",
+        choices=("auto", "files", "parquet"),
+        default="auto",
+        help="auto (default): Parquet for a .parquet path, or a folder or glob of Parquet "
+        "files with no image files; else image files",
+    )
     p.add_argument(
         "--retry-failed",
         action="store_true",
