@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_positive,
         default=None,
-        help="default: the tutorial's (50; 100 for deep, 30 for denoise)",
+        help="default: the tutorial's (50; 100 for sparse and deep, 30 for denoise)",
     )
     t.add_argument("--limit", type=_positive, default=None, help="use the first N training images")
     t.add_argument(

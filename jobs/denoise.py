@@ -16,17 +16,19 @@ journal becomes the manifest. A rerun carries earlier rows (sizes, metrics)
 into its `skipped` rows from the last manifest and any journal a crash left.
 
 How it runs: the driver lists the inputs (one recursive listing, no Ray task
-per file), drops those whose output already exists (a rerun resumes: outputs
-are written to a temp file and renamed, so an existing output is complete),
-and hands the rest to Ray Data in blocks of --batch-size paths. One
-`map_batches` stage with a pool of `Denoiser` actors (model loaded once in
-`__init__`, from bytes shipped by the driver, so workers need no shared disk)
-reads each block's files, groups same-size images into one model call (padded
-to a multiple of 2**depth, cropped back), encodes, writes atomically and
-returns the manifest rows, which the driver streams into the manifest. Reading
-one file per Ray row instead (`read_images` -> `map_batches` -> `write_images`)
-pays Ray's per-row and per-file costs on every tiny image; see
-jobs/bench_denoise.py for the side-by-side numbers.
+per file), drops those whose output already exists and is complete (a rerun
+resumes: local outputs are written to a temp file and renamed, and an output
+whose size is not the one the manifest recorded, or without a row and whose
+file format's end is missing, is done again), and hands the rest to Ray Data
+in blocks of --batch-size paths. One `map_batches` stage with a pool of
+`Denoiser` actors (model loaded once in `__init__`, from bytes shipped by the
+driver, so workers need no shared disk) reads each block's files, groups
+same-size images into one model call (padded to the multiple of the model's
+downsampling, read from its layer graph, and cropped back), encodes, writes
+atomically and returns the manifest rows, which the driver streams into the
+manifest. Reading one file per Ray row instead (`read_images` -> `map_batches`
+-> `write_images`) pays Ray's per-row and per-file costs on every tiny image;
+see jobs/bench_denoise.py for the side-by-side numbers.
 
 Storage: local paths are read and written with plain file calls; URIs such as
 s3://bucket/prefix or gs://... go through pyarrow.fs (an object store's PUT
@@ -2488,8 +2490,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-format",
         choices=("auto", "files", "parquet"),
         default="auto",
-        help="auto (default): Parquet for a .parquet path, or a folder or glob of Parquet "
-        "files with no image files; else image files",
+        help="auto (default): Parquet for a .parquet or .pq path, or a local folder or glob "
+        "of Parquet files with no image files; else image files",
     )
     p.add_argument(
         "--retry-failed",

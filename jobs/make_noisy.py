@@ -8,11 +8,12 @@ Image `i` is test digit `i % 10000` with the tutorial's Gaussian noise
 Files go to `OUT/<label>/<i:06d>.png` (ten nested folders) and the clean digit
 to the same relative path under `--clean-out`, which is what `jobs/denoise.py
 --clean` expects. `--corrupt K` adds K broken files under `OUT/broken/`: a
-truncated PNG, random bytes named `.png`, and a text file, in turn. Existing
-files with the right size are kept, so a rerun (or a larger `--count`) only
-writes what is missing.
+truncated PNG, random bytes named `.png`, and a text file, in turn. Files
+already there are kept (a noisy file if it is not empty, a clean one as it is),
+so a rerun (or a larger `--count`) only writes what is missing.
 
-This script needs neither Ray nor Keras/TensorFlow: NumPy and Pillow only.
+This script needs neither Ray nor TensorFlow: NumPy and Pillow only, and Keras
+only to download MNIST when neither --data nor $AELIB_MNIST names a file.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def make_noisy(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="mnist.npz (default: $AELIB_MNIST)")
+    parser.add_argument(
+        "--data", default=None, help="mnist.npz (default: $AELIB_MNIST, then Keras's download)"
+    )
     parser.add_argument("--count", type=int, required=True, help="number of noisy digits")
     parser.add_argument("--out", required=True, help="folder for the noisy PNGs")
     parser.add_argument("--clean-out", default=None, help="folder for the clean references")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.corrupt,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: offline
         print(f"make_noisy: error: {e}", file=sys.stderr)
         return 2
     print(f"make_noisy: {counts} in {args.out}")

@@ -281,8 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "CHANGE-ME" in args.storage_path:  # cluster.yaml's placeholder bucket, never set
         parser.error(
             f"--storage-path: {args.storage_path} is the placeholder of cluster.yaml "
-            "(AELIB_STORAGE_PATH): set your bucket there and rerun `ray up`, or pass "
-            "--storage-path"
+            "(AELIB_STORAGE_PATH): pass --storage-path, or set your bucket there and "
+            "recreate the cluster (`ray down`, `ray up`: running containers keep their "
+            "environment)"
         )
     if "://" not in args.storage_path:
         args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
