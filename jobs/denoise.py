@@ -1213,18 +1213,11 @@ class Denoiser:
         return row, item
 
     def _exists(self, rel: str) -> bool:
-        """Whether the output is there and complete (see existing_outputs), and this
-        row's: one no earlier row wrote is, only if written after the last manifest
-        (by a run stopped before recording it; see _plan)."""
+        """Whether the output is there and complete (see existing_outputs)."""
         expected = self.s.extra.get("written", {}).get(rel)
         if self.out.local:
             path = self.out.full(rel)
-            if not os.path.isfile(path):
-                return False
-            manifest_ns = self.s.extra.get("manifest_ns")
-            if expected is None and manifest_ns is not None and not _newer(path, manifest_ns):
-                return False  # a finished run left it for another row
-            return _complete(os.path.getsize(path), expected, path)
+            return os.path.isfile(path) and _complete(os.path.getsize(path), expected, path)
         import pyarrow.fs as pafs
 
         info = self.out.fs.get_file_info(self.out.full(rel))
@@ -2090,8 +2083,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
             units, clashes, unusable = _parquet_units(inputs, args)
             parquet = {"clashes": clashes, "written": written}
-            if all("output_bytes" in row for row in before.values()):  # not an older layout
-                parquet["manifest_ns"] = manifest_time(output)
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
@@ -2140,34 +2131,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def manifest_time(output: Storage) -> int | None:
-    """When a local DST's manifest was written (ns), or None (none, or a remote DST)."""
-    if not output.local:
-        return None
-    try:
-        return os.stat(output.full(MANIFEST)).st_mtime_ns
-    except OSError:
-        return None
-
-
-def _newer(path: str, manifest_ns: int) -> bool:
-    try:
-        return os.stat(path).st_mtime_ns > manifest_ns
-    except OSError:  # gone since the listing: done again
-        return False
-
-
 def written_since(output: Storage) -> Callable[[str], bool] | None:
     """Whether an output of a local DST was written after its manifest, i.e. by a run
     that stopped before writing its own (killed, crashed): such an output may have no
     row yet and is still this run's to skip. None: no manifest, or a remote DST (every
     output may be taken as such)."""
-    manifest_ns = manifest_time(output)
-    if manifest_ns is None:
+    if not output.local:
+        return None
+    try:
+        manifest_ns = os.stat(output.full(MANIFEST)).st_mtime_ns
+    except OSError:
         return None
 
     def since(rel: str) -> bool:
-        return _newer(output.full(rel), manifest_ns)
+        try:
+            return os.stat(output.full(rel)).st_mtime_ns > manifest_ns
+        except OSError:  # gone since the listing: done again
+            return False
 
     return since
 
