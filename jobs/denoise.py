@@ -2076,8 +2076,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except OSError as e:  # a read-only or full DST: say so before any work
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
-        retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, written_since(output))
+        early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
         manifest.add_rows(early)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
@@ -2131,41 +2130,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def written_since(output: Storage) -> Callable[[str], bool] | None:
-    """Whether an output of a local DST was written after its manifest, i.e. by a run
-    that stopped before writing its own (killed, crashed): such an output may have no
-    row yet and is still this run's to skip. None: no manifest, or a remote DST (every
-    output may be taken as such)."""
-    if not output.local:
-        return None
-    try:
-        manifest_ns = os.stat(output.full(MANIFEST)).st_mtime_ns
-    except OSError:
-        return None
-
-    def since(rel: str) -> bool:
-        try:
-            return os.stat(output.full(rel)).st_mtime_ns > manifest_ns
-        except OSError:  # gone since the listing: done again
-            return False
-
-    return since
-
-
-def _plan(
-    inputs: Inputs,
-    args,
-    done: set[str],
-    before: dict,
-    retry_failed: bool,
-    since: Callable[[str], bool] | None = None,
-):
+def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
-    of each file to denoise. An existing output is skipped if the input's last row
-    says it wrote it, or if it was written `since` the last manifest (by a run that
-    was stopped before its rows were recorded); a file an earlier, finished run left
-    there for another input (one since deleted, or the same name in another format)
-    is done again."""
+    of each file to denoise."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
@@ -2207,12 +2174,6 @@ def _plan(
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
             and written_by.get(out_rel, rel) == rel
-            and (
-                last.get("output") == out_rel  # this input's row says it wrote it
-                or (last and "output" not in last)  # a manifest older than that column
-                or since is None
-                or since(out_rel)
-            )
         ):
             # Complete (existing_outputs checked it), written for this input, and from
             # these bytes (an input whose size changed since is done again).

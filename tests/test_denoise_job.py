@@ -1517,46 +1517,6 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         assert job.find_inputs(location, "auto").files == [("gone.png", 0), ("mine.png", 1)]
 
 
-def test_a_file_a_finished_run_left_for_another_input_is_done_again(tmp_path):
-    """An output no row of this input claims is skipped only if written after the last
-    manifest (by a run stopped before recording it), not if an earlier, finished run
-    wrote it for another input: one deleted since (its row gone with it), or the same
-    name in another format."""
-    dst = tmp_path / "out"
-    dst.mkdir()
-    for name in ("x.png", "a.png"):
-        (dst / name).write_bytes(b"an earlier run's output")
-    (dst / job.MANIFEST).write_bytes(b"the last finished run's manifest")
-    old = (dst / job.MANIFEST).stat().st_mtime_ns - 10**9
-    for name in ("x.png", "a.png"):
-        os.utime(dst / name, ns=(old, old))
-    src = job.Storage(str(tmp_path / "src"))
-    args = SimpleNamespace(format="png")
-    since = job.written_since(job.Storage(str(dst)))
-    # x.png's input was deleted and a run dropped its row; x.jpg, added since, writes x.png.
-    new_input = job.Inputs("files", src, [("x.jpg", 5)], [])
-    before = {"y.png": {"status": "ok", "output": "y.png", "input_bytes": 3}}
-    assert job._plan(new_input, args, {"x.png"}, before, False, since) == ([], [("x.jpg", 5)])
-    # a.jpg's last row wrote a.jpg (--format jpeg); a.png there is a.png's older result.
-    both = job.Inputs("files", src, [("a.jpg", 5), ("a.png", 6)], [])
-    before = {
-        "a.jpg": {"status": "ok", "output": "a.jpg", "input_bytes": 5},
-        "a.png": {"status": "failed", "output": None, "error": "clash", "input_bytes": 6},
-    }
-    early, todo = job._plan(both, args, {"a.png"}, before, False, since)
-    assert todo == [("a.jpg", 5)] and [(r["path"], r["status"]) for r in early] == [
-        ("a.png", "failed")
-    ]
-    # Written after the manifest (a killed run's, not yet in a row): skipped.
-    later = (dst / job.MANIFEST).stat().st_mtime_ns + 10**9
-    os.utime(dst / "x.png", ns=(later, later))
-    early, todo = job._plan(new_input, args, {"x.png"}, {}, False, since)
-    assert todo == [] and early[0]["status"] == "skipped"
-    # No manifest: the outputs alone say what is done.
-    (dst / job.MANIFEST).unlink()
-    assert job.written_since(job.Storage(str(dst))) is None
-
-
 def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_end(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
