@@ -178,3 +178,23 @@ def test_train_on_own_image_folder(tmp_path):
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
     assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
+
+
+def test_make_noisy_without_mnist_offline_is_one_line(tmp_path):
+    """No --data, no $AELIB_MNIST and no network (a proxy on a closed port, an empty
+    Keras cache): make_noisy says what to point at, without a traceback."""
+    env = {k: v for k, v in subprocess_env().items() if k != "AELIB_MNIST"}
+    closed = "http://127.0.0.1:9"
+    env.update(KERAS_HOME=str(tmp_path / "keras"), HTTPS_PROXY=closed, https_proxy=closed)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "make_noisy.py"), "--count", "3"]
+        + ["--out", str(tmp_path / "noisy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "make_noisy: error: No MNIST path given (--data PATH or $AELIB_MNIST)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "noisy").exists()
