@@ -86,6 +86,13 @@ TMP_MARK = ".denoise-tmp"  # temp outputs are ".NAME.<id>.denoise-tmp"
 # A running job's rows, block by block (an Arrow IPC stream: readable up to the last
 # whole block after a crash); turned into MANIFEST when the job ends.
 JOURNAL = re.compile(r"\.manifest\.[0-9a-f]{12}\.journal")
+# Which input wrote each output in DST, kept across runs (written with the manifest):
+# the manifest has rows only for a run's own inputs, and an output whose input was
+# deleted, left out of a run or written under another --format outlives its row.
+WRITERS = ".outputs.parquet"
+WRITERS_SCHEMA = pa.schema(
+    [("output", pa.string()), ("input", pa.string()), ("output_bytes", pa.int64())]
+)
 GLOB_CHARS = "*?["
 PARQUET_SUFFIXES = (".parquet", ".pq")
 FORMATS = {  # --format value -> (PIL format, suffix)
@@ -1687,7 +1694,7 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
                 output.remove(rel)
             except OSError:
                 pass
-        elif size > 0 and rel != MANIFEST and not JOURNAL.fullmatch(rel):
+        elif size > 0 and rel not in (MANIFEST, WRITERS) and not JOURNAL.fullmatch(rel):
             if not _complete(size, written.get(rel), output.full(rel) if output.local else None):
                 cut.append(rel)
             else:
@@ -1699,6 +1706,23 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
             file=sys.stderr,
         )
     return done
+
+
+def previous_writers(output: Storage, before: dict[str, dict[str, Any]]) -> dict[str, tuple]:
+    """Output -> (the input that wrote it, its size then): the record the last finished
+    run kept (WRITERS), updated by the earlier rows (`before`: that run's manifest and
+    the journals of runs stopped since)."""
+    writers: dict[str, tuple] = {}
+    try:
+        table = pq.read_table(io.BytesIO(output.read(WRITERS)), schema=WRITERS_SCHEMA)
+        for row in table.to_pylist():
+            writers[row["output"]] = (row["input"], row["output_bytes"])
+    except Exception:  # none yet (a first run, an older version's DST) or unreadable
+        pass
+    for rel, row in before.items():
+        if row.get("output") and row.get("status") != "failed":
+            writers[row["output"]] = (rel, row.get("output_bytes"))
+    return writers
 
 
 def written_sizes(before: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -1845,8 +1869,12 @@ class ManifestWriter:
         metadata: dict[str, str],
         consumed: list[str] = (),
         earlier: dict[str, dict[str, Any]] | None = None,
+        writers: dict[str, tuple] | None = None,
     ):
         self.output = output
+        # Output -> (input, size) of every output in DST an earlier run wrote, and then
+        # of this run's rows: written to WRITERS when the run ends.
+        self.writers = dict(writers or {})
         self.earlier = earlier or {}  # earlier runs' rows, for the actors' `skipped` rows
         self.schema = MANIFEST_SCHEMA.with_metadata(metadata)
         self.consumed = list(consumed)  # earlier journals, read by previous_rows
@@ -1879,6 +1907,15 @@ class ManifestWriter:
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
+        for path, out, size, s in zip(
+            table.column("path").to_pylist(),
+            table.column("output").to_pylist(),
+            table.column("output_bytes").to_pylist(),
+            status,
+            strict=True,
+        ):
+            if out and s != "failed":
+                self.writers[out] = (path, size)
         for s in status:
             self.counts[s] = self.counts.get(s, 0) + 1
         if len(self.failures) < 5:
@@ -1921,6 +1958,7 @@ class ManifestWriter:
         self.writer.close()
         if not self.output.local:
             self.output.write_atomic(MANIFEST, self.buffer.getvalue())
+            self._write_writers()
             return
         self.sink.close()
         tmp = self.output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
@@ -1943,9 +1981,29 @@ class ManifestWriter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._write_writers()
         for name in (*self.consumed, self.journal):  # their rows are in the manifest now
             with contextlib.suppress(OSError):
                 self.output.remove(name)
+
+    def _write_writers(self) -> None:
+        """WRITERS: which input wrote each output (see previous_writers). Only a guide
+        for the next run: if it cannot be written, that run has the manifest alone."""
+        outputs = sorted(self.writers)
+        table = pa.table(
+            {
+                "output": outputs,
+                "input": [self.writers[o][0] for o in outputs],
+                "output_bytes": [self.writers[o][1] for o in outputs],
+            },
+            schema=WRITERS_SCHEMA,
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        try:
+            self.output.write_atomic(WRITERS, buf.getvalue())
+        except OSError as e:
+            print(f"denoise: note: could not write {WRITERS} in DST ({e})", file=sys.stderr)
 
     def means(self) -> dict[str, float]:
         if not self.measured:
@@ -2045,7 +2103,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     before, before_metas, journals = previous_rows(output)
-    written = written_sizes(before)  # for the skips here, and in the actors for Parquet
+    writers = previous_writers(output, before)
+    # Sizes for the skips here, and in the actors for Parquet.
+    written = {out: size for out, (_, size) in writers.items() if size}
     done = existing_outputs(output, written)
     metadata = {
         "job": "jobs/denoise.py",
@@ -2072,11 +2132,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
         )
     try:
-        manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before)
+        kept = {out: writer for out, writer in writers.items() if out in done}
+        manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before, writers=kept)
     except OSError as e:  # a read-only or full DST: say so before any work
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
-        early, todo = _plan(inputs, args, done, before, args.retry_failed or bool(changed))
+        retry = args.retry_failed or bool(changed)
+        early, todo = _plan(inputs, args, done, before, retry, {o: w[0] for o, w in kept.items()})
         manifest.add_rows(early)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
@@ -2130,9 +2192,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool):
+def _plan(
+    inputs: Inputs,
+    args,
+    done: set[str],
+    before: dict,
+    retry_failed: bool,
+    writers: dict[str, str] | None = None,
+):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
-    of each file to denoise."""
+    of each file to denoise. `writers`: output -> the input an earlier run wrote it for
+    (previous_writers), also for inputs without a row now."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
@@ -2140,9 +2210,12 @@ def _plan(inputs: Inputs, args, done: set[str], before: dict, retry_failed: bool
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
     # not taken for another input's once that one is gone (x.png deleted since).
     written_by = {
-        last["output"]: rel
-        for rel, last in before.items()
-        if last.get("output") and last.get("status") != "failed"
+        **(writers or {}),
+        **{
+            last["output"]: rel
+            for rel, last in before.items()
+            if last.get("output") and last.get("status") != "failed"
+        },
     }
     present = {rel for rel, _ in inputs.files}
     for out_rel, rel in written_by.items():

@@ -252,6 +252,12 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
             assert row["status"] == "skipped", row
     assert all((dst / rel).is_file() for rel in removed)
     assert not stale.exists()
+    # The record of which input wrote each output, with its size.
+    writers = job.previous_writers(job.Storage(str(dst)), {})
+    first = manifest(first_run[0])
+    wrote = {r["output"]: p for p, r in first.items() if r["status"] != "failed"}
+    assert {out: writer[0] for out, writer in writers.items()} == wrote
+    assert all(writers[out][1] == (dst / out).stat().st_size for out in wrote)
 
 
 def _journal_rows(dst: Path) -> dict[str, dict]:
@@ -1515,6 +1521,60 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     (src / "gone.png").symlink_to(tmp_path / "missing.png")
     for location in (f"{src}/*.png", f"file://{src}/*.png"):
         assert job.find_inputs(location, "auto").files == [("gone.png", 0), ("mine.png", 1)]
+
+
+def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
+    """DST/.outputs.parquet (written with the manifest) records the input of each
+    output: a file an earlier run wrote for another input (deleted since, so its row is
+    gone; or in another --format) is done again, one it wrote for this input (left out
+    of the last run, or written before a --format switch and back) is skipped."""
+    dst = job.Storage(str(tmp_path / "out"))
+    writer = job.ManifestWriter(dst, {}, writers={"old.png": ("gone.png", 10)})
+    writer.add_rows(
+        [
+            {"path": "a.png", "output": "a.png", "status": "ok", "output_bytes": 5},
+            {"path": "b.png", "output": "b.png", "status": "skipped", "output_bytes": 7},
+            {"path": "c.png", "status": "failed", "error": "not a readable image"},
+        ]
+    )
+    writer.close()
+    before = {"d.png": {"path": "d.png", "output": "d.png", "status": "ok", "output_bytes": 3}}
+    assert job.previous_writers(dst, before) == {
+        "old.png": ("gone.png", 10),
+        "a.png": ("a.png", 5),
+        "b.png": ("b.png", 7),
+        "d.png": ("d.png", 3),
+    }
+    (tmp_path / "out" / "a.png").write_bytes(job.encode_png(np.zeros((2, 2, 1), np.uint8)))
+    assert job.existing_outputs(dst, {}) == {"a.png"}  # the record is not an output
+
+    src = job.Storage(str(tmp_path / "src"))
+    png = SimpleNamespace(format="png")
+
+    def plan(files, before, writers, fmt=png):
+        inputs = job.Inputs("files", src, files, [])
+        early, todo = job._plan(inputs, fmt, {"x.png", "a.png"}, before, False, writers)
+        return {r["path"]: r["status"] for r in early}, todo
+
+    # x.png's input deleted, its row gone since; x.jpg, added later, writes x.png.
+    assert plan([("x.jpg", 5)], {}, {"x.png": "x.png"}) == ({}, [("x.jpg", 5)])
+    # a.png was a.png's (its last row failed: a clash under --format jpeg), so it stays
+    # a.png's to redo, and a.jpg is the one that clashes (not skipped with a.png's).
+    last = {
+        "a.jpg": {"status": "ok", "output": "a.jpg", "input_bytes": 5},
+        "a.png": {"status": "failed", "output": None, "input_bytes": 6},
+    }
+    early, todo = plan([("a.jpg", 5), ("a.png", 6)], last, {"a.png": "a.png"})
+    assert early == {"a.jpg": "failed"} and todo == [("a.png", 6)]
+    # Without the record (before it existed) a.jpg took a.png's old output as its own.
+    no_record = plan([("a.jpg", 5), ("a.png", 6)], last, {})
+    assert no_record == ({"a.jpg": "skipped", "a.png": "failed"}, [])
+    # x.png's own output, though its last row is elsewhere (another --format) or gone.
+    webp = {"x.png": {"status": "ok", "output": "x.webp", "input_bytes": 6}}
+    assert plan([("x.png", 6)], webp, {"x.png": "x.png"}) == ({"x.png": "skipped"}, [])
+    assert plan([("x.png", 6)], {}, {"x.png": "x.png"}) == ({"x.png": "skipped"}, [])
+    # No record (a first run killed early, an older version's DST): the outputs decide.
+    assert plan([("x.jpg", 5)], {}, {}) == ({"x.jpg": "skipped"}, [])
 
 
 def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_end(tmp_path):
