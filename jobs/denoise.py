@@ -91,7 +91,12 @@ JOURNAL = re.compile(r"\.manifest\.[0-9a-f]{12}\.journal")
 # deleted, left out of a run or written under another --format outlives its row.
 WRITERS = ".outputs.parquet"
 WRITERS_SCHEMA = pa.schema(
-    [("output", pa.string()), ("input", pa.string()), ("output_bytes", pa.int64())]
+    [
+        ("output", pa.string()),
+        ("input", pa.string()),
+        ("output_bytes", pa.int64()),
+        ("input_bytes", pa.int64()),  # the input's size then: a changed input is redone
+    ]
 )
 GLOB_CHARS = "*?["
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -1186,8 +1191,10 @@ class Denoiser:
             else:
                 if payload is None:
                     raise ValueError("no image bytes in this row")
-                if self._exists(out_rel):  # Parquet resume: the output is complete
-                    row.update(status="skipped", output=out_rel)
+                writer, size = self.s.extra.get("writers", {}).get(out_rel, (rel, None))
+                if writer == rel and size in (None, len(payload)) and self._exists(out_rel):
+                    # Parquet resume: this row's output, complete, from these bytes.
+                    row.update(status="skipped", output=out_rel, input_bytes=len(payload))
                     return row, None, None, 0
             row["input_bytes"] = len(payload)
         except Exception as e:  # loss-free: one bad file never stops the block
@@ -1709,20 +1716,30 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
 
 
 def previous_writers(output: Storage, before: dict[str, dict[str, Any]]) -> dict[str, tuple]:
-    """Output -> (the input that wrote it, its size then): the record the last finished
-    run kept (WRITERS), updated by the earlier rows (`before`: that run's manifest and
-    the journals of runs stopped since)."""
+    """Output -> (the input that wrote it, the output's size, the input's size): the
+    record the last finished run kept (WRITERS), updated by the earlier rows (`before`:
+    that run's manifest and the journals of runs stopped since)."""
     writers: dict[str, tuple] = {}
     try:
         table = pq.read_table(io.BytesIO(output.read(WRITERS)), schema=WRITERS_SCHEMA)
         for row in table.to_pylist():
-            writers[row["output"]] = (row["input"], row["output_bytes"])
+            writers[row["output"]] = (row["input"], row["output_bytes"], row["input_bytes"])
     except Exception:  # none yet (a first run, an older version's DST) or unreadable
         pass
     for rel, row in before.items():
         if row.get("output") and row.get("status") != "failed":
-            writers[row["output"]] = (rel, row.get("output_bytes"))
+            _record(writers, row["output"], rel, row.get("output_bytes"), row.get("input_bytes"))
     return writers
+
+
+def _record(writers: dict, out: str, rel: str, size: int | None, input_size: int | None):
+    """Records `rel` as the writer of `out`; a size not known now (a `skipped` row of an
+    output written under another --format) is kept from the record of the same input."""
+    old = writers.get(out)
+    if old is not None and old[0] == rel:
+        size = old[1] if size is None else size
+        input_size = old[2] if input_size is None else input_size
+    writers[out] = (rel, size, input_size)
 
 
 def written_sizes(before: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -1907,15 +1924,16 @@ class ManifestWriter:
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
-        for path, out, size, s in zip(
+        for path, out, size, input_size, s in zip(
             table.column("path").to_pylist(),
             table.column("output").to_pylist(),
             table.column("output_bytes").to_pylist(),
+            table.column("input_bytes").to_pylist(),
             status,
             strict=True,
         ):
             if out and s != "failed":
-                self.writers[out] = (path, size)
+                _record(self.writers, out, path, size, input_size)
         for s in status:
             self.counts[s] = self.counts.get(s, 0) + 1
         if len(self.failures) < 5:
@@ -1995,6 +2013,7 @@ class ManifestWriter:
                 "output": outputs,
                 "input": [self.writers[o][0] for o in outputs],
                 "output_bytes": [self.writers[o][1] for o in outputs],
+                "input_bytes": [self.writers[o][2] for o in outputs],
             },
             schema=WRITERS_SCHEMA,
         )
@@ -2002,7 +2021,7 @@ class ManifestWriter:
         pq.write_table(table, buf)
         try:
             self.output.write_atomic(WRITERS, buf.getvalue())
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 (a guide only: never fail the finished run)
             print(f"denoise: note: could not write {WRITERS} in DST ({e})", file=sys.stderr)
 
     def means(self) -> dict[str, float]:
@@ -2105,7 +2124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before, before_metas, journals = previous_rows(output)
     writers = previous_writers(output, before)
     # Sizes for the skips here, and in the actors for Parquet.
-    written = {out: size for out, (_, size) in writers.items() if size}
+    written = {out: size for out, (_, size, _) in writers.items() if size}
     done = existing_outputs(output, written)
     metadata = {
         "job": "jobs/denoise.py",
@@ -2138,12 +2157,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, {o: w[0] for o, w in kept.items()})
+        early, todo = _plan(inputs, args, done, before, retry, kept)
         manifest.add_rows(early)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
             units, clashes, unusable = _parquet_units(inputs, args)
-            parquet = {"clashes": clashes, "written": written}
+            # Rows are skipped in the actors: for the outputs their own path wrote, from
+            # bytes of the same size.
+            writers_in = {out: (w[0], w[2]) for out, w in kept.items()}
+            parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
@@ -2198,11 +2220,12 @@ def _plan(
     done: set[str],
     before: dict,
     retry_failed: bool,
-    writers: dict[str, str] | None = None,
+    writers: dict[str, tuple] | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
-    of each file to denoise. `writers`: output -> the input an earlier run wrote it for
-    (previous_writers), also for inputs without a row now."""
+    of each file to denoise. `writers`: output -> (the input an earlier run wrote it
+    for, the output's size, the input's size then), also for inputs without a row now
+    (previous_writers)."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     claimed: dict[str, str] = {}  # output -> the input writing it
@@ -2210,7 +2233,7 @@ def _plan(
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
     # not taken for another input's once that one is gone (x.png deleted since).
     written_by = {
-        **(writers or {}),
+        **{out: writer[0] for out, writer in (writers or {}).items()},
         **{
             last["output"]: rel
             for rel, last in before.items()
@@ -2242,10 +2265,13 @@ def _plan(
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         last = before.get(rel, {})
+        record = (writers or {}).get(out_rel, ())
+        recorded_size = record[2] if record and record[0] == rel and not last else None
         if (
             out_rel in done
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
+            and recorded_size in (None, size)  # no row now: the record's size
             and written_by.get(out_rel, rel) == rel
         ):
             # Complete (existing_outputs checked it), written for this input, and from

@@ -1529,21 +1529,23 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     gone; or in another --format) is done again, one it wrote for this input (left out
     of the last run, or written before a --format switch and back) is skipped."""
     dst = job.Storage(str(tmp_path / "out"))
-    writer = job.ManifestWriter(dst, {}, writers={"old.png": ("gone.png", 10)})
+    old = {"old.png": ("gone.png", 10, 4), "b.png": ("b.png", 7, 2)}
+    writer = job.ManifestWriter(dst, {}, writers=old)
     writer.add_rows(
         [
             {"path": "a.png", "output": "a.png", "status": "ok", "output_bytes": 5},
-            {"path": "b.png", "output": "b.png", "status": "skipped", "output_bytes": 7},
+            # Skipped under another --format earlier: its size is kept from the record.
+            {"path": "b.png", "output": "b.png", "status": "skipped", "input_bytes": 2},
             {"path": "c.png", "status": "failed", "error": "not a readable image"},
         ]
     )
     writer.close()
-    before = {"d.png": {"path": "d.png", "output": "d.png", "status": "ok", "output_bytes": 3}}
+    before = {"d.png": {"output": "d.png", "status": "ok", "output_bytes": 3, "input_bytes": 1}}
     assert job.previous_writers(dst, before) == {
-        "old.png": ("gone.png", 10),
-        "a.png": ("a.png", 5),
-        "b.png": ("b.png", 7),
-        "d.png": ("d.png", 3),
+        "old.png": ("gone.png", 10, 4),
+        "a.png": ("a.png", 5, None),
+        "b.png": ("b.png", 7, 2),
+        "d.png": ("d.png", 3, 1),
     }
     (tmp_path / "out" / "a.png").write_bytes(job.encode_png(np.zeros((2, 2, 1), np.uint8)))
     assert job.existing_outputs(dst, {}) == {"a.png"}  # the record is not an output
@@ -1557,22 +1559,25 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
         return {r["path"]: r["status"] for r in early}, todo
 
     # x.png's input deleted, its row gone since; x.jpg, added later, writes x.png.
-    assert plan([("x.jpg", 5)], {}, {"x.png": "x.png"}) == ({}, [("x.jpg", 5)])
+    assert plan([("x.jpg", 5)], {}, {"x.png": ("x.png", 9, 6)}) == ({}, [("x.jpg", 5)])
     # a.png was a.png's (its last row failed: a clash under --format jpeg), so it stays
     # a.png's to redo, and a.jpg is the one that clashes (not skipped with a.png's).
     last = {
         "a.jpg": {"status": "ok", "output": "a.jpg", "input_bytes": 5},
         "a.png": {"status": "failed", "output": None, "input_bytes": 6},
     }
-    early, todo = plan([("a.jpg", 5), ("a.png", 6)], last, {"a.png": "a.png"})
+    early, todo = plan([("a.jpg", 5), ("a.png", 6)], last, {"a.png": ("a.png", 9, 6)})
     assert early == {"a.jpg": "failed"} and todo == [("a.png", 6)]
     # Without the record (before it existed) a.jpg took a.png's old output as its own.
     no_record = plan([("a.jpg", 5), ("a.png", 6)], last, {})
     assert no_record == ({"a.jpg": "skipped", "a.png": "failed"}, [])
     # x.png's own output, though its last row is elsewhere (another --format) or gone.
     webp = {"x.png": {"status": "ok", "output": "x.webp", "input_bytes": 6}}
-    assert plan([("x.png", 6)], webp, {"x.png": "x.png"}) == ({"x.png": "skipped"}, [])
-    assert plan([("x.png", 6)], {}, {"x.png": "x.png"}) == ({"x.png": "skipped"}, [])
+    record = {"x.png": ("x.png", 9, 6)}
+    assert plan([("x.png", 6)], webp, record) == ({"x.png": "skipped"}, [])
+    assert plan([("x.png", 6)], {}, record) == ({"x.png": "skipped"}, [])
+    # ... unless it changed size while it had no row.
+    assert plan([("x.png", 7)], {}, record) == ({}, [("x.png", 7)])
     # No record (a first run killed early, an older version's DST): the outputs decide.
     assert plan([("x.jpg", 5)], {}, {}) == ({"x.jpg": "skipped"}, [])
 
@@ -1609,6 +1614,18 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     denoiser = job.Denoiser(settings)
     found = {n: denoiser._exists(n) for n in ("same.tif", "cut.tif", "unrecorded.tif", "no.tif")}
     assert found == {"same.tif": True, "cut.tif": False, "unrecorded.tif": True, "no.tif": False}
+    # A row is skipped only for an output its own path wrote, from bytes of that size.
+    writers = {"same.tif": ("same.tif", 3), "unrecorded.tif": ("gone.tif", None)}
+    settings = job.JobSettings.in_process(
+        str(model_path), None, str(out), extra={"written": written, "writers": writers}
+    )
+    denoiser = job.Denoiser(settings)
+    skipped = {
+        (rel, len(data)): denoiser._read((rel, data, len(data)))[0]["status"] == "skipped"
+        for rel, data in (("same.tif", b"abc"), ("same.tif", b"abcd"), ("unrecorded.tif", b"a"))
+    }
+    # Changed bytes, or gone.tif's output: done again.
+    assert skipped == {("same.tif", 3): True, ("same.tif", 4): False, ("unrecorded.tif", 1): False}
 
 
 def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
