@@ -2008,18 +2008,18 @@ class ManifestWriter:
         """WRITERS: which input wrote each output (see previous_writers). Only a guide
         for the next run: if it cannot be written, that run has the manifest alone."""
         outputs = sorted(self.writers)
-        table = pa.table(
-            {
-                "output": outputs,
-                "input": [self.writers[o][0] for o in outputs],
-                "output_bytes": [self.writers[o][1] for o in outputs],
-                "input_bytes": [self.writers[o][2] for o in outputs],
-            },
-            schema=WRITERS_SCHEMA,
-        )
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
         try:
+            table = pa.table(
+                {
+                    "output": outputs,
+                    "input": [self.writers[o][0] for o in outputs],
+                    "output_bytes": [self.writers[o][1] for o in outputs],
+                    "input_bytes": [self.writers[o][2] for o in outputs],
+                },
+                schema=WRITERS_SCHEMA,
+            )
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
             self.output.write_atomic(WRITERS, buf.getvalue())
         except Exception as e:  # noqa: BLE001 (a guide only: never fail the finished run)
             print(f"denoise: note: could not write {WRITERS} in DST ({e})", file=sys.stderr)
