@@ -13,7 +13,9 @@ references (same relative paths), and the Ray node and device of its batch.
 While it runs, the rows go block by block to a journal in DST (an Arrow IPC
 stream, readable up to the last whole block after a crash); at the end the
 journal becomes the manifest. A rerun carries earlier rows (sizes, metrics)
-into its `skipped` rows from the last manifest and any journal a crash left.
+into its `skipped` rows from the last manifest and any journal a crash left;
+DST/.outputs.parquet, written with the manifest, records which input wrote each
+output (and both sizes), so an output is skipped only for its own input.
 
 How it runs: the driver lists the inputs (one recursive listing, no Ray task
 per file), drops those whose output already exists and is complete (a rerun
