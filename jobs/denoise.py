@@ -1690,7 +1690,7 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
 
     The job renames each output into place whole, but DST may have been copied or
     damaged since: an output whose size is not the one an earlier run's row says it
-    wrote (`written`, see written_sizes) is not complete, and is done again; one
+    wrote (`written`, see previous_writers) is not complete, and is done again; one
     without such a row (a manifest of an older version of the job, or none) is checked
     by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
     size its header declares)."""
@@ -1742,15 +1742,6 @@ def _record(writers: dict, out: str, rel: str, size: int | None, input_size: int
         size = old[1] if size is None else size
         input_size = old[2] if input_size is None else input_size
     writers[out] = (rel, size, input_size)
-
-
-def written_sizes(before: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Output -> the size an earlier run wrote it with (its row's output_bytes)."""
-    return {
-        row["output"]: row["output_bytes"]
-        for row in before.values()
-        if row.get("output") and row.get("output_bytes")
-    }
 
 
 def _complete(size: int, expected: int | None, path: str | None) -> bool:
@@ -1891,8 +1882,8 @@ class ManifestWriter:
         writers: dict[str, tuple] | None = None,
     ):
         self.output = output
-        # Output -> (input, size) of every output in DST an earlier run wrote, and then
-        # of this run's rows: written to WRITERS when the run ends.
+        # Output -> (input, output size, input size) of every output in DST an earlier
+        # run wrote, and then of this run's rows: written to WRITERS when the run ends.
         self.writers = dict(writers or {})
         self.earlier = earlier or {}  # earlier runs' rows, for the actors' `skipped` rows
         self.schema = MANIFEST_SCHEMA.with_metadata(metadata)

@@ -1591,11 +1591,8 @@ def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_e
     (out / "cut.png").write_bytes(whole[:-1])  # as an interrupted copy leaves it
     (out / "unrecorded_cut.png").write_bytes(whole[:-1])
     (out / "notes.txt").write_bytes(b"no format to check")
-    before = {
-        f"in/{name}": {"status": "ok", "output": name, "output_bytes": len(whole)}
-        for name in ("same.png", "cut.png")
-    }
-    done = job.existing_outputs(job.Storage(str(out)), job.written_sizes(before))
+    written = {name: len(whole) for name in ("same.png", "cut.png")}  # as rows recorded
+    done = job.existing_outputs(job.Storage(str(out)), written)
     assert sorted(done) == ["notes.txt", "same.png", "unrecorded.png"]
 
 
@@ -1605,9 +1602,7 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     out.mkdir()
     for name, size in (("same.tif", 10), ("cut.tif", 9), ("unrecorded.tif", 4)):
         (out / name).write_bytes(b"x" * size)
-    written = job.written_sizes(
-        {f"in/{n}": {"output": n, "output_bytes": 10} for n in ("same.tif", "cut.tif")}
-    )
+    written = {"same.tif": 10, "cut.tif": 10}  # the sizes earlier rows recorded
     settings = job.JobSettings.in_process(
         str(model_path), str(tmp_path), str(out), extra={"written": written}
     )
