@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from aelib.__main__ import main
 from helpers import MNIST, REPO, subprocess_env
 
 
@@ -38,27 +39,27 @@ FIGURES = {
 }
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, object]]:
+    """`python -m aelib train` for each FIGURES variant, two at a time: a third of each
+    run is importing TensorFlow on one core, so the pairs overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name):
+        tmp = tmp_path_factory.mktemp(name)
+        args = ["train", "--model", name, "--epochs", "1", "--limit", "600"]
+        args += ["--test-limit", "300", "--data", str(MNIST), "--out", str(tmp / "out")]
+        return run_cli(*args, "--tensorboard", str(tmp / "tb")), tmp
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(sorted(FIGURES), pool.map(run, sorted(FIGURES)), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
-def test_train_writes_model_metrics_and_figures(name, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli(
-        "train",
-        "--model",
-        name,
-        "--epochs",
-        "1",
-        "--limit",
-        "600",
-        "--test-limit",
-        "300",
-        "--data",
-        str(MNIST),
-        "--out",
-        str(out),
-        "--tensorboard",
-        str(tmp_path / "tb"),
-    )
+def test_train_writes_model_metrics_and_figures(name, trained):
+    proc, tmp = trained[name]
+    out = tmp / "out"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / f"{name}.keras").is_file()
     record = json.loads((out / "metrics.json").read_text())
@@ -69,22 +70,30 @@ def test_train_writes_model_metrics_and_figures(name, tmp_path):
     assert 0 < record["metrics"]["test_bce"] < 0.7
     assert {p.name for p in (out / "figures").iterdir()} == FIGURES[name]
     assert all(p.stat().st_size > 2000 for p in (out / "figures").iterdir())
-    assert any((tmp_path / "tb").rglob("*tfevents*"))
+    assert any((tmp / "tb").rglob("*tfevents*"))
     if name == "denoise":
         assert record["metrics"]["noisy_psnr"] == pytest.approx(9.4, abs=0.3)
         assert len(record["history"]["val_psnr"]) == 1
 
-    # A fresh interpreter reloads and runs it with plain Keras after `import aelib`.
+
+@pytest.mark.slow
+def test_trained_files_reload_with_plain_keras_after_import_aelib(trained):
+    """A fresh interpreter (one for all three files) reloads and runs each with plain
+    Keras after `import aelib`."""
+    paths = [str(trained[name][1] / "out" / f"{name}.keras") for name in sorted(FIGURES)]
+    for name in sorted(FIGURES):
+        assert trained[name][0].returncode == 0, trained[name][0].stderr[-3000:]
     check = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys, numpy as np, aelib, keras;"
-            "m = keras.models.load_model(sys.argv[1]);"
-            "shape = [d or 28 for d in m.input_shape[1:]];"
-            "print(m.predict(np.zeros([2, *shape], 'float32'), verbose=0).shape);"
-            "print(aelib.read_info(sys.argv[1])['train_config']['model'])",
-            str(out / f"{name}.keras"),
+            "import sys, numpy as np, aelib, keras\n"
+            "for path in sys.argv[1:]:\n"
+            "    m = keras.models.load_model(path)\n"
+            "    shape = [d or 28 for d in m.input_shape[1:]]\n"
+            "    out = m.predict(np.zeros([2, *shape], 'float32'), verbose=0)\n"
+            "    print(aelib.read_info(path)['train_config']['model'], list(out.shape))\n",
+            *paths,
         ],
         env=subprocess_env(),
         capture_output=True,
@@ -92,13 +101,16 @@ def test_train_writes_model_metrics_and_figures(name, tmp_path):
         timeout=300,
     )
     assert check.returncode == 0, check.stderr[-2000:]
-    assert check.stdout.split()[-1] == name
+    assert check.stdout.splitlines() == [
+        "deep [2, 784]",
+        "denoise [2, 28, 28, 1]",
+        "vae [2, 784]",
+    ]
 
 
-def test_models_command_lists_the_seven():
-    proc = run_cli("models")
-    assert proc.returncode == 0
-    assert [line.split()[0] for line in proc.stdout.splitlines()] == [
+def test_models_command_lists_the_seven(capsys):
+    assert main(["models"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
         "dense",
         "sparse",
         "deep",
@@ -126,27 +138,20 @@ BAD_INPUT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory) -> list[tuple[subprocess.CompletedProcess, object]]:
-    """Every BAD_INPUT command, two at a time: each spends most of its ~8 s importing
-    TensorFlow on one core, so the pairs take about half the time of one by one."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(args):
-        out = tmp_path_factory.mktemp("bad") / "o"
-        return run_cli("train", "--out", str(out), "--limit", "50", *args), out
-
-    with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(run, [args for args, _ in BAD_INPUT]))
-
-
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
-def test_bad_input_is_a_clear_error(case, bad_input_runs):
-    message = BAD_INPUT[case][1]
-    proc, out = bad_input_runs[case]
-    assert proc.returncode == 2, proc.stdout[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
+    """The CLI's own main() with these flags, in this process (TensorFlow is imported
+    once, not once per case): exit 2, one message naming the input, no output folder."""
+    args, message = BAD_INPUT[case]
+    out = tmp_path / "o"
+    try:
+        code = main(["train", "--out", str(out), "--limit", "50", *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert message in err
+    assert "Traceback" not in err
     assert not out.exists()
 
 
@@ -159,21 +164,9 @@ def test_train_on_own_image_folder(tmp_path):
         sub = tmp_path / "imgs" / f"d{i % 2}"
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (56, 56), dtype=np.uint8)).save(sub / f"{i}.png")
-    proc = run_cli(
-        "train",
-        "--model",
-        "denoise",
-        "--epochs",
-        "1",
-        "--images",
-        str(tmp_path / "imgs"),
-        "--image-mode",
-        "patch",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-figures",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["train", "--model", "denoise", "--epochs", "1", "--images", str(tmp_path / "imgs")]
+    args += ["--image-mode", "patch", "--out", str(tmp_path / "o"), "--no-figures"]
+    assert main(args) == 0  # in this process: `python -m aelib` runs in the tests above
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
