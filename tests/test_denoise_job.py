@@ -1,7 +1,9 @@
 """jobs/denoise.py end to end: real files, a real model, a real local Ray.
 
-Each job run is the real command line in a subprocess with RAY_ADDRESS=local, so
-it starts its own Ray even when someone else's cluster runs on this machine.
+Each job run is the real command line in a subprocess: with RAY_ADDRESS=local (a
+Ray of its own, never someone else's cluster on this machine) where the test is
+about that Ray (the first run, the crash, JAX-only workers), and otherwise with the
+address of `shared_ray`, a head this module starts for itself.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -56,9 +60,48 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_job(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_job(*args: str, timeout: int = 900, ray: dict | None = None) -> subprocess.CompletedProcess:
+    """The job's command line, on a Ray of its own (RAY_ADDRESS=local, as the README
+    runs it) or, given `ray=shared_ray`, on that head."""
     cmd = [sys.executable, str(JOB), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    env = {**_env(), **(ray or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """A Ray head of this module's own (`ray start --head`, 2 CPUs, token auth as on
+    the cluster) that most job runs connect to, as `ray submit` runs the job on a
+    cluster: each run then spends its time on its actors, not on starting and stopping
+    a Ray (5-9 s here). Returns the variables a driver needs to reach it."""
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's unix sockets
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = {
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "RAY_AUTH_MODE": "token",  # explicit: Ray 2.60 turns it on when ~/.ray has a token
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
+    env = {k: v for k, v in {**_env(), **client}.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(temp)  # its workers inherit it: ray_pids finds them all
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}"]
+    cmd += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}"]
+    cmd += ["--include-dashboard=false", "--disable-usage-stats"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        yield client
+    finally:
+        for pid in ray_pids(temp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def manifest(dst: Path) -> dict[str, dict]:
@@ -224,7 +267,7 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
     print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
 
 
-def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path):
+def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path, shared_ray):
     dst = tmp_path / "out"
     shutil.copytree(first_run[0], dst)  # a finished run, then a crash's traces:
     removed = ["0/000003.png", "sizes/deep/big.png"]
@@ -236,7 +279,7 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     whole = (dst / cut).read_bytes()
     (dst / cut).write_bytes(whole[: len(whole) // 2])
     pattern = f"{dataset['src']}/**/*.png"  # a glob this time: .png files only
-    result = run_job("--model", model_path, "--input", pattern, "--output", dst)
+    result = run_job("--model", model_path, "--input", pattern, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 output(s)" in result.stderr and f"cut short (e.g. {cut})" in result.stderr
     rows = manifest(dst)
@@ -269,7 +312,7 @@ def _journal_rows(dst: Path) -> dict[str, dict]:
 
 
 def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
-    model_path, tmp_path, ray_tmp
+    model_path, tmp_path, ray_tmp, shared_ray
 ):
     """The job and its Ray are SIGKILLed while outputs are being written (a crash):
     every image left in DST decodes whole, the rows of the blocks done before the kill
@@ -308,7 +351,7 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert recorded and set(recorded) <= set(left)
     assert all(r["status"] == "ok" and r["psnr"] > r["psnr_noisy"] for r in recorded.values())
 
-    result = run_job(*args)
+    result = run_job(*args, ray=shared_ray)  # on a Ray that has run other jobs: no matter
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
     assert sorted(rows) == inputs  # every input once
@@ -325,7 +368,7 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert _journal_rows(dst) == {} and list(dst.glob(".manifest.*")) == []
 
 
-def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
+def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     digits = (np.random.default_rng(0).random((5, 28, 28)) * 255).astype(np.uint8)
     paths = ["a/0.png", "a/1.png", "b/2.png", "../escape.png", "/abs/x.png", "bad.png"]
     payloads = [png(d) for d in digits[:3]] + [png(digits[3]), png(digits[4]), b"junk"]
@@ -336,7 +379,7 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
     source = tmp_path / "images.parquet"
     pq.write_table(table, source, row_group_size=4)  # three row groups
     dst = tmp_path / "out"
-    result = run_job("--model", model_path, "--input", source, "--output", dst)
+    result = run_job("--model", model_path, "--input", source, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     listed = pq.read_table(dst / "manifest.parquet").column("path").to_pylist()
     assert len(listed) == len(paths)
@@ -361,7 +404,7 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path):
 
     # A rerun skips the rows whose output exists (decided in the actors for Parquet)
     # and carries their sizes over from the first run's manifest.
-    result = run_job("--model", model_path, "--input", source, "--output", dst)
+    result = run_job("--model", model_path, "--input", source, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     again = manifest(dst)
     assert sorted(p for p in again if again[p]["status"] == "skipped") == done
@@ -404,13 +447,15 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
-def test_an_impossible_actor_request_fails_instead_of_waiting(model_path, dataset, tmp_path):
+def test_an_impossible_actor_request_fails_instead_of_waiting(
+    model_path, dataset, tmp_path, shared_ray
+):
     """No node of this CPU-only Ray has a GPU: Ray Data would wait forever for such an
     actor. The job says so and removes its unfinished manifest."""
     dst = tmp_path / "out"
     result = run_job(
         "--model", model_path, "--input", dataset["src"], "--output", dst,
-        "--gpus-per-worker", "1", timeout=120,
+        "--gpus-per-worker", "1", timeout=120, ray=shared_ray,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no node of this Ray cluster has that much" in result.stderr, result.stderr[-2000:]
@@ -489,7 +534,7 @@ def test_relative_globs_and_folders_with_glob_characters(tmp_path, monkeypatch):
             job.check_locations(found, pattern, job.Storage("out"))
 
 
-def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
+def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shared_ray):
     """Per file, never for the whole job: a name that is not UTF-8, two inputs with one
     output, alpha and 16 bits into JPEG, a GIF, float pixels; the PSNR of a JPEG output
     is that of the file written; a photo keeps its EXIF orientation, ICC profile and DPI
@@ -535,7 +580,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
         Image.fromarray(reference).save(clean / name, format="PNG")
     result = run_job(
         "--model", model_path, "--input", src, "--output", dst, "--format", "jpeg",
-        "--clean", clean, "--quality", 60,
+        "--clean", clean, "--quality", 60, ray=shared_ray,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
@@ -563,7 +608,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path):
     assert not (dst / "float.jpg").exists()  # not rounded to a black image
     # Rerun into the same folder with --format same, after x.jpg was replaced.
     save("x.jpg", Image.fromarray(gray[:11, :7]), "JPEG")
-    result = run_job("--model", model_path, "--input", src, "--output", dst)
+    result = run_job("--model", model_path, "--input", src, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "another format" in result.stderr
     rows = manifest(dst)
@@ -590,7 +635,7 @@ def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path):
+def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path, shared_ray):
     """Its config looks like an image model; only running it shows that it maps one
     channel to two. After Ray's log of the actor's error, the job ends with one line
     naming --model and the error, and exit 2 (it was Ray's traceback and exit 1)."""
@@ -600,40 +645,39 @@ def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path):
     model = keras.Model(inputs, keras.layers.Conv2D(2, 3, padding="same")(inputs))
     model.save(tmp_path / "two.keras")
     src = dataset["src"] / "sizes"
-    result = run_job("--model", tmp_path / "two.keras", "--input", src, "--output", tmp_path / "o")
+    model = tmp_path / "two.keras"
+    result = run_job("--model", model, "--input", src, "--output", tmp_path / "o", ray=shared_ray)
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("denoise: error: --model"), result.stderr[-3000:]
     assert "the actors cannot use it: ValueError: Model" in line, line
 
 
-def test_actors_import_aelib_only_for_a_model_with_its_layers(model_path, tmp_path):
-    """A model of Keras's own layers loads without `import aelib` (~0.6 s less per
-    actor); one with a layer aelib registers still loads, because the actor imports it."""
+@pytest.fixture(scope="module")
+def custom_model(tmp_path_factory) -> Path:
+    """A small convolutional denoiser with a layer only aelib registers (ActivityL1)."""
     import keras
 
     from aelib.layers import ActivityL1
 
-    assert job.inspect_model(model_path.read_bytes(), "m").uses_aelib is False
     inputs = keras.Input((None, None, 1))
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.MaxPooling2D()(x)
     x = ActivityL1(1e-5)(x)
     x = keras.layers.UpSampling2D()(x)
     outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(x)
-    custom = tmp_path / "custom.keras"
-    keras.Model(inputs, outputs).save(custom)
-    spec = job.inspect_model(custom.read_bytes(), "custom")
+    path = tmp_path_factory.mktemp("custom") / "custom.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def test_actors_import_aelib_only_for_a_model_with_its_layers(model_path, custom_model):
+    """A model of Keras's own layers loads without `import aelib` (~0.6 s less per
+    actor); one with a layer aelib registers still loads, because the actor imports it
+    (the Hugging Face Parquet test below runs the job with it)."""
+    assert job.inspect_model(model_path.read_bytes(), "m").uses_aelib is False
+    spec = job.inspect_model(custom_model.read_bytes(), "custom")
     assert spec.uses_aelib is True and spec.multiple == 2
-    src = tmp_path / "in"
-    src.mkdir()
-    digits = np.load(MNIST)["x_test"][:3]
-    for i, digit in enumerate(digits):
-        (src / f"{i}.png").write_bytes(png(digit))
-    result = run_job("--model", custom, "--input", src, "--output", tmp_path / "out")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = manifest(tmp_path / "out")
-    assert [rows[f"{i}.png"]["status"] for i in range(3)] == ["ok"] * 3
 
 
 def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
@@ -1429,7 +1473,10 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
         job.check_locations(glob_inputs, f"{folder}/**/*.parquet", job.Storage(str(folder / "o")))
 
 
-def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(model_path, tmp_path):
+def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
+    custom_model, tmp_path, shared_ray
+):
+    """Also: the actors load a model with a layer of aelib's (they import aelib for it)."""
     digits = (np.random.default_rng(5).random((3, 28, 28)) * 255).astype(np.uint8)
     hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.binary())])
     images = [{"bytes": png(d), "path": f"d{i}.png".encode()} for i, d in enumerate(digits)]
@@ -1443,7 +1490,8 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(model_path, tmp
     (src / ".gitattributes").write_text("*.parquet filter=lfs\n")
     dst = tmp_path / "out"
     result = run_job(
-        "--model", model_path, "--input", src, "--output", dst, "--path-column", "image.path"
+        "--model", custom_model, "--input", src, "--output", dst, "--path-column", "image.path",
+        ray=shared_ray,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "read as Parquet (2 file(s)); its 1 other file(s) (e.g. README.md)" in result.stderr
