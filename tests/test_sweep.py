@@ -474,28 +474,54 @@ def test_trials_start_heaviest_variant_first_and_ties_keep_their_order():
     assert order == ["denoise", "conv", "seq2seq", "vae", "dense", "sparse"]
 
 
-def test_the_same_seed_samples_the_same_hyperparameters(tmp_path, ray_tmp):
-    """Random search draws from a generator seeded by --seed, not numpy's global state."""
-    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "sparse"]
-    cmd += ["--num-samples", "2", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
-    cmd += ["--scheduler", "fifo", "--no-figures", "--seed", "7", "--storage-path", str(tmp_path)]
-    sampled = []
-    for name in ("first", "second"):
-        proc = subprocess.run(
-            [*cmd, "--name", name], env=_env(ray_tmp), capture_output=True, text=True, timeout=400
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        with open(tmp_path / name / "trials.csv") as f:
-            rows = list(csv.DictReader(f))
-        hparams = sorted(
-            tuple(sorted((k, v) for k, v in row.items() if k.startswith("hp_"))) for row in rows
-        )
-        sampled.append(hparams)
-    assert len(sampled[0]) == 4
-    assert sampled[0] == sampled[1]
-    rates = {dict(h)["hp_learning_rate"] for h in sampled[0]}
-    assert len(rates) == 4  # each trial drew its own: the search did sample
-    assert _wait_no_ray(ray_tmp) == []
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory):
+    """The same small sweep (--seed 7) twice: under TensorFlow, then under JAX on a
+    machine without TensorFlow (as the lent GPU machines are)."""
+    runs = {}
+    for backend in ("tensorflow", "jax"):
+        tmp = tmp_path_factory.mktemp(backend)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+        env = _env(ray_tmp)
+        if backend == "jax":
+            pytest.importorskip("jax")
+            env = without_tensorflow(env, tmp)
+        cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "denoise"]
+        cmd += ["--num-samples", "1", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
+        cmd += ["--scheduler", "fifo", "--seed", "7", "--storage-path", str(tmp)]
+        cmd += ["--name", "seeded"]
+        if backend == "tensorflow":
+            cmd += ["--no-figures"]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            leftover = _wait_no_ray(ray_tmp)
+        finally:
+            for pid in _ray_pids(ray_tmp):
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        runs[backend] = {"proc": proc, "exp": tmp / "seeded", "leftover": leftover}
+    return runs
+
+
+def _sampled(run: dict) -> list[tuple]:
+    assert run["proc"].returncode == 0, run["proc"].stdout[-3000:] + run["proc"].stderr[-3000:]
+    with open(run["exp"] / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    return sorted(
+        (row["model"], *sorted((k, v) for k, v in row.items() if k.startswith("hp_")))
+        for row in rows
+    )
+
+
+def test_the_same_seed_samples_the_same_hyperparameters(seeded_runs):
+    """Random search draws from a generator seeded by --seed, not numpy's global state
+    (nor anything of the backend's)."""
+    first, second = _sampled(seeded_runs["tensorflow"]), _sampled(seeded_runs["jax"])
+    assert [h[0] for h in first] == ["denoise", "dense"]
+    assert first == second
+    rates = {dict(h[1:])["hp_learning_rate"] for h in first}
+    assert len(rates) == 2  # each trial drew its own: the search did sample
+    assert all(run["leftover"] == [] for run in seeded_runs.values())
 
 
 def test_driver_checks_and_loads_data_without_importing_keras():
@@ -560,23 +586,19 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert _wait_no_ray(ray_tmp) == []
 
 
-def test_sweep_runs_under_jax_without_tensorflow(tmp_path, ray_tmp):
+def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
     """The lent GPU machines have JAX but no TensorFlow: trials and the driver must not
     import it when Keras runs on JAX."""
-    pytest.importorskip("jax")
-    env = without_tensorflow(_env(ray_tmp), tmp_path)
-    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "denoise"]
-    cmd += ["--num-samples", "1", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
-    cmd += ["--scheduler", "fifo", "--storage-path", str(tmp_path), "--name", "jax"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    run = seeded_runs["jax"]
+    proc, exp = run["proc"], run["exp"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "jax" / "trials.csv") as f:
+    with open(exp / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["model"], r["status"]) for r in rows) == [
         ("denoise", "finished"),
         ("dense", "finished"),
     ]
     for model in ("dense", "denoise"):
-        assert (tmp_path / "jax" / "best" / f"{model}.keras").stat().st_size > 0
-    assert (tmp_path / "jax" / "report" / "report.md").is_file()
-    assert _wait_no_ray(ray_tmp) == []
+        assert (exp / "best" / f"{model}.keras").stat().st_size > 0
+    assert (exp / "report" / "report.md").is_file()
+    assert run["leftover"] == []
