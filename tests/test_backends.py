@@ -25,7 +25,7 @@ out_dir = sys.argv[1]
 arrays = data_lib.load_mnist()
 report = {"backend": keras.backend.backend(), "models": {}}
 for name in aelib.list_models():
-    result = train(TrainConfig(model=name, epochs=2, limit=400, test_limit=32, batch_size=64,
+    result = train(TrainConfig(model=name, epochs=2, limit=256, test_limit=32, batch_size=64,
                                learning_rate=3e-3, val_split=0.0),
                    data=arrays, figures=False, verbose=0)
     path = aelib.save(result.model, f"{out_dir}/{name}.keras", {"metrics": result.metrics})
