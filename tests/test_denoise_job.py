@@ -12,10 +12,8 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -66,42 +64,6 @@ def run_job(*args: str, timeout: int = 900, ray: dict | None = None) -> subproce
     cmd = [sys.executable, str(JOB), *map(str, args)]
     env = {**_env(), **(ray or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def shared_ray():
-    """A Ray head of this module's own (`ray start --head`, 2 CPUs, token auth as on
-    the cluster) that most job runs connect to, as `ray submit` runs the job on a
-    cluster: each run then spends its time on its actors, not on starting and stopping
-    a Ray (5-9 s here). Returns the variables a driver needs to reach it."""
-    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's unix sockets
-    token = temp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = {
-        "RAY_ADDRESS": f"127.0.0.1:{port}",
-        "RAY_AUTH_MODE": "token",  # explicit: Ray 2.60 turns it on when ~/.ray has a token
-        "RAY_AUTH_TOKEN_PATH": str(token),
-    }
-    env = {k: v for k, v in {**_env(), **client}.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(temp)  # its workers inherit it: ray_pids finds them all
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}"]
-    cmd += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}"]
-    cmd += ["--include-dashboard=false", "--disable-usage-stats"]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield client
-    finally:
-        for pid in ray_pids(temp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def manifest(dst: Path) -> dict[str, dict]:
