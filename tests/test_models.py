@@ -245,7 +245,7 @@ def autotune():
     x = np.zeros((10, 4), np.float32)
     return ArrayDataAdapter(x, x, batch_size=4).get_tf_dataset().options().autotune.enabled
 
-config = aelib.TrainConfig(model="conv", epochs=2, limit=600, test_limit=50, batch_size=64)
+config = aelib.TrainConfig(model="dense", epochs=2, limit=600, test_limit=50, batch_size=64)
 before = autotune()
 module = importlib.import_module("aelib.train")
 applied = module.tf_data_autotune_off
