@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -74,3 +76,14 @@ def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
     while (left := ray_pids(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def kill_ray(ray_tmp: Path) -> None:
+    """SIGKILLs every process of the Ray started under `ray_tmp` (and only those) and
+    removes the folder."""
+    for pid in ray_pids(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)

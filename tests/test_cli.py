@@ -141,7 +141,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
 def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     """The CLI's own main() with these flags, in this process (TensorFlow is imported
-    once, not once per case): exit 2, one message naming the input, no output folder."""
+    once, not once per case): exit 2, a message naming the input, no output folder."""
     args, message = BAD_INPUT[case]
     out = tmp_path / "o"
     try:
@@ -166,7 +166,7 @@ def test_train_on_own_image_folder(tmp_path):
         Image.fromarray(rng.integers(0, 255, (56, 56), dtype=np.uint8)).save(sub / f"{i}.png")
     args = ["train", "--model", "denoise", "--epochs", "1", "--images", str(tmp_path / "imgs")]
     args += ["--image-mode", "patch", "--out", str(tmp_path / "o"), "--no-figures"]
-    assert main(args) == 0  # in this process: `python -m aelib` runs in the tests above
+    assert main(args) == 0  # in this process (`trained` runs `python -m aelib` itself)
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out

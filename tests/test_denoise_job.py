@@ -3,7 +3,7 @@
 Each job run is the real command line in a subprocess: with RAY_ADDRESS=local (a
 Ray of its own, never someone else's cluster on this machine) where the test is
 about that Ray (the first run, the crash, JAX-only workers), and otherwise with the
-address of `shared_ray`, a head this module starts for itself.
+address of `shared_ray` (conftest.py), a head the tests start for themselves.
 """
 
 from __future__ import annotations
@@ -1460,6 +1460,7 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
     rows = manifest(dst)
     assert sorted(rows) == [str(src / "b.parquet"), "d0.png", "d1.png", "d2.png"]
     assert rows[str(src / "b.parquet")]["status"] == "failed"
+    assert all(rows[f"d{i}.png"]["status"] == "ok" for i in range(3))  # aelib's layer loaded
     assert sorted(p.name for p in dst.glob("*.png")) == ["d0.png", "d1.png", "d2.png"]
     # An image file beside them: a folder of images (the Parquet file fails as one).
     (src / "x.png").write_bytes(png(digits[0]))

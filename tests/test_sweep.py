@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ray_pids as _ray_pids
-from helpers import start_logged, wait_for, without_tensorflow
+from helpers import kill_ray, start_logged, wait_for, without_tensorflow
 from helpers import wait_no_ray as _wait_no_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +95,7 @@ def smoke(tmp_path_factory):
         leftover = _wait_no_ray(ray_tmp)
         worker_logs = [p.name for p in ray_tmp.glob("**/logs/worker-*.out")]
     finally:
-        for pid in _ray_pids(ray_tmp):  # only this test's own Ray processes
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        kill_ray(ray_tmp)  # only this test's own Ray processes
     exp = store / "smoke"
     return {
         "proc": proc,
@@ -306,9 +303,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     """The trial's process is killed after its first epoch: Tune retries it
     (FailureConfig) on a new worker, which continues from the last checkpoint
     instead of training the reported epochs again, and the sweep exits 0."""
-    epochs = 6
+    epochs = 5
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
-    cmd += ["--epochs", str(epochs), "--limit", "3000", "--test-limit", "100"]
+    cmd += ["--epochs", str(epochs), "--limit", "1000", "--test-limit", "100"]
     cmd += ["--num-samples", "1", "--scheduler", "fifo", "--no-figures", "--max-failures", "1"]
     cmd += ["--storage-path", str(tmp_path), "--name", "retried"]
     exp = tmp_path / "retried"
@@ -485,53 +482,55 @@ def test_trials_start_heaviest_variant_first_and_ties_keep_their_order():
 
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory, shared_ray):
-    """The same small sweep (--seed 7) twice: under TensorFlow on the tests' shared head,
-    then under JAX on a Ray of its own on a machine without TensorFlow (as the lent GPU
-    machines are: its workers must not find TensorFlow either)."""
+    """The same small sweep (--seed 7) under TensorFlow on the tests' shared head (two
+    samples per variant), then under JAX on a Ray of its own on a machine without
+    TensorFlow (as the lent GPU machines are; its workers must not find it either),
+    one sample per variant: a JAX trial costs several TF ones on this CPU."""
     pytest.importorskip("jax")
     runs = {}
-    for backend in ("tensorflow", "jax"):
+    for backend, samples in (("tensorflow", "2"), ("jax", "1")):
         tmp = tmp_path_factory.mktemp(backend)
-        ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-        if backend == "jax":
-            env = without_tensorflow(_env(ray_tmp), tmp)
-        else:
-            env = _shared_env(shared_ray)
         cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense", "denoise"]
-        cmd += ["--num-samples", "1", "--epochs", "1", "--limit", "300", "--test-limit", "100"]
+        cmd += ["--num-samples", samples, "--epochs", "1", "--limit", "300", "--test-limit", "100"]
         cmd += ["--scheduler", "fifo", "--seed", "7", "--storage-path", str(tmp)]
         cmd += ["--name", "seeded"]
         if backend == "tensorflow":
+            env, ray_tmp = _shared_env(shared_ray), None
             cmd += ["--no-figures"]
+        else:
+            ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+            env = without_tensorflow(_env(ray_tmp), tmp)
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            leftover = _wait_no_ray(ray_tmp)
+            leftover = _wait_no_ray(ray_tmp) if ray_tmp else []
         finally:
-            for pid in _ray_pids(ray_tmp):
-                os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+            if ray_tmp:
+                kill_ray(ray_tmp)
         runs[backend] = {"proc": proc, "exp": tmp / "seeded", "leftover": leftover}
     return runs
 
 
 def _sampled(run: dict) -> list[tuple]:
+    """(model, *sorted hp_ items) of every trial, in trial order."""
     assert run["proc"].returncode == 0, run["proc"].stdout[-3000:] + run["proc"].stderr[-3000:]
     with open(run["exp"] / "trials.csv") as f:
-        rows = list(csv.DictReader(f))
-    return sorted(
+        rows = sorted(csv.DictReader(f), key=lambda row: row["trial_id"])
+    return [
         (row["model"], *sorted((k, v) for k, v in row.items() if k.startswith("hp_")))
         for row in rows
-    )
+    ]
 
 
 def test_the_same_seed_samples_the_same_hyperparameters(seeded_runs):
     """Random search draws from a generator seeded by --seed, not numpy's global state
-    (nor anything of the backend's)."""
-    first, second = _sampled(seeded_runs["tensorflow"]), _sampled(seeded_runs["jax"])
-    assert [h[0] for h in first] == ["denoise", "dense"]
-    assert first == second
-    rates = {dict(h[1:])["hp_learning_rate"] for h in first}
-    assert len(rates) == 2  # each trial drew its own: the search did sample
+    (nor anything of the backend's): the JAX run's trials are the first trials the TF
+    run drew, and every trial, repeats of a variant too, drew values of its own."""
+    tf_trials, jax_trials = _sampled(seeded_runs["tensorflow"]), _sampled(seeded_runs["jax"])
+    assert sorted(t[0] for t in tf_trials) == ["denoise", "denoise", "dense", "dense"]
+    assert sorted(t[0] for t in jax_trials) == ["denoise", "dense"]
+    assert jax_trials == tf_trials[: len(jax_trials)]
+    rates = {dict(t[1:])["hp_learning_rate"] for t in tf_trials}
+    assert len(rates) == 4  # each trial drew its own: the search did sample
 
 
 def test_driver_checks_and_loads_data_without_importing_keras():
@@ -583,15 +582,18 @@ def test_resume_without_an_experiment_fails_clearly(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, shared_ray):
+def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, ray_tmp):
+    """On its own Ray: the driver exits after ray.init, and its Ray must go with it."""
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
     cmd += ["--gpus-per-trial", "1", "--storage-path", str(tmp_path), "--name", "gpu"]
-    env = _shared_env(shared_ray)  # a head started with --num-gpus=0
+    env = _env(ray_tmp)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # this machine's Ray must see no GPU
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert "--gpus-per-trial 1 asks for GPUs but no node" in proc.stderr
     assert "--allow-autoscale" in proc.stderr
     assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
+    assert _wait_no_ray(ray_tmp) == []
 
 
 def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
