@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -13,6 +14,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("AELIB_MNIST") or REPO.parent / "shared" / "data" / "mnist.npz")
+
+
+def _load_cluster_local():
+    """cluster/local.py (not a package): starts and stops local heads and fake clusters."""
+    path = REPO / "cluster" / "local.py"
+    spec = importlib.util.spec_from_file_location("aelib_cluster_local", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+local = _load_cluster_local()
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -20,7 +20,6 @@ clusters on the machine are left alone.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -36,11 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import MNIST, REPO, subprocess_env
-
-_spec = importlib.util.spec_from_file_location("aelib_cluster_local", REPO / "cluster" / "local.py")
-local = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(local)
+from helpers import MNIST, REPO, local, subprocess_env
 
 CONFIGS = [REPO / "cluster.yaml", *sorted((REPO / "cluster").glob("*.yaml"))]
 CLOUD_CONFIGS = [c for c in CONFIGS if "fake" not in c.name]

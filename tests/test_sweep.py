@@ -42,21 +42,18 @@ pytestmark = [
 ]
 
 
-def _env(ray_tmp: Path) -> dict[str, str]:
+def _env(ray_tmp: Path | None, shared_ray: dict | None = None) -> dict[str, str]:
+    """A sweep's environment: a local Ray of its own under `ray_tmp`, or (given
+    `shared_ray`) the tests' shared head (conftest.py), where the test is not about the
+    sweep's own Ray (its start, its end, its processes)."""
     env = dict(os.environ)
     env["RAY_ADDRESS"] = "local"
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(shared_ray or {})
     # aelib as if installed: the copied sweep.py must not find it next to itself.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
-
-
-def _shared_env(shared_ray: dict) -> dict[str, str]:
-    """For a sweep on the tests' shared head (conftest.py), where the test is not about
-    the sweep's own Ray (its start, its end, its processes)."""
-    env = {**_env(Path(tempfile.gettempdir())), **shared_ray}
-    del env["RAY_TMPDIR"]
     return env
 
 
@@ -310,7 +307,7 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     cmd += ["--storage-path", str(tmp_path), "--name", "retried"]
     exp = tmp_path / "retried"
     log = tmp_path / "sweep.log"
-    driver = start_logged(cmd, _shared_env(shared_ray), log)
+    driver = start_logged(cmd, _env(None, shared_ray), log)
     try:
         first = wait_for(lambda: _reports(exp), driver, log, timeout=240)
         assert first, "no epoch reported within 240s"
@@ -461,7 +458,7 @@ def test_a_failing_trial_records_its_exception(tmp_path, shared_ray):
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
     cmd += ["--set", "dense.activation=nosuch", "--max-failures", "0", "--no-figures"]
     cmd += ["--storage-path", str(tmp_path), "--name", "failing"]
-    env = _shared_env(shared_ray)
+    env = _env(None, shared_ray)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "best dense    NONE: 1 trial errored (see the error column of " in proc.stdout
@@ -495,7 +492,7 @@ def seeded_runs(tmp_path_factory, shared_ray):
         cmd += ["--scheduler", "fifo", "--seed", "7", "--storage-path", str(tmp)]
         cmd += ["--name", "seeded"]
         if backend == "tensorflow":
-            env, ray_tmp = _shared_env(shared_ray), None
+            env, ray_tmp = _env(None, shared_ray), None
             cmd += ["--no-figures"]
         else:
             ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
