@@ -630,6 +630,34 @@ class UnsupportedImage(ValueError):
     """A readable image the job cannot denoise without changing its values."""
 
 
+# --max-pixels' default: Pillow's own decompression-bomb limit (it refuses an image of
+# more than twice Image.MAX_IMAGE_PIXELS, 2 x 89,478,485, and warns above that number).
+PILLOW_PIXEL_LIMIT = 178_956_970
+
+
+def allow_pixels(limit: int | None) -> None:
+    """Lets Pillow open images of up to twice `limit` pixels (None or 0: any), so that
+    decode()'s own check, which names --max-pixels, decides. Process-wide (Pillow's
+    guard is a module global), so called once per actor; it only ever loosens it.
+    Pillow's warning for images between its two limits is turned off: the job's limit
+    is the one that counts."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (not limit or limit >= 2 * current):
+        Image.MAX_IMAGE_PIXELS = limit or None
+
+
+def _too_big(pixels: int, limit: int) -> UnsupportedImage:
+    return UnsupportedImage(
+        f"image is too big: {pixels:,} pixels, more than --max-pixels {limit:,} allows "
+        "(a higher --max-pixels lets it through; it is decoded whole, so memory grows with it)"
+    )
+
+
 # PNG color type -> samples per pixel (a palette may become RGB)
 PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 
@@ -650,7 +678,9 @@ def header_pixels(payload: bytes) -> int:
         return 0
 
 
-def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
+def decode(
+    payload: bytes, rgb: str, max_pixels: int | None = PILLOW_PIXEL_LIMIT
+) -> tuple[np.ndarray, int, dict, np.ndarray | None]:
     """Decodes an image file to (H, W, C) with its maximum value, what the output
     should carry over (`info`) and its alpha channel.
 
@@ -663,7 +693,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
 
     Raises:
         ValueError: not a readable image (UnsupportedImage: one of pixels the job
-            does not handle).
+            does not handle, or of more than `max_pixels` pixels; None or 0: no limit
+            but Pillow's, which allow_pixels() sets).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -676,6 +707,8 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
     gray_alpha = formats and payload[25:26] == b"\x04"
     try:
         with Image.open(io.BytesIO(payload), formats=formats) as img:
+            if max_pixels and img.width * img.height > max_pixels:  # from the header alone
+                raise _too_big(img.width * img.height, max_pixels)
             img.load()
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
             mode = img.mode
@@ -719,7 +752,7 @@ def decode(payload: bytes, rgb: str) -> tuple[np.ndarray, int, dict, np.ndarray 
     except UnsupportedImage:
         raise
     except Image.DecompressionBombError as e:  # more pixels than Pillow's guard allows
-        raise UnsupportedImage(f"image is too big to decode safely: {e}") from e
+        raise UnsupportedImage(f"image is too big for Pillow: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
         raise ValueError(f"not a readable image ({type(e).__name__}: {reason})") from e
@@ -896,6 +929,7 @@ class JobSettings:
     quality: int  # JPEG/WEBP
     threads: int
     io_threads: int = 2
+    max_pixels: int | None = PILLOW_PIXEL_LIMIT  # None: no limit
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -955,6 +989,7 @@ class Denoiser:
                 pass
         import ray
 
+        allow_pixels(settings.max_pixels)
         self.s = settings
         self.spec = settings.spec
         self.out = Storage(settings.output)
@@ -1209,7 +1244,7 @@ class Denoiser:
         row, out_rel, payload = entry
         rel = row["path"]
         try:
-            array, maxval, info, alpha = decode(bytes(payload), self.s.rgb)
+            array, maxval, info, alpha = decode(bytes(payload), self.s.rgb, self.s.max_pixels)
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
             return row, None
@@ -1307,7 +1342,9 @@ class Denoiser:
         row.update(status="ok", output=item["out_rel"], error=note, output_bytes=len(payload))
         if self.clean is not None:
             try:
-                clean, clean_max, _, _ = decode(self.clean.read(item["rel"]), self.s.rgb)
+                clean, clean_max, _, _ = decode(
+                    self.clean.read(item["rel"]), self.s.rgb, self.s.max_pixels
+                )
                 if clean.shape != item["array"].shape:
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"
@@ -1322,7 +1359,7 @@ class Denoiser:
     def _read_back(self, payload: bytes, result: np.ndarray, maxval: int) -> np.ndarray:
         """An output as written (lossy, or changed to fit its format), on the scale and
         channels of the model's output."""
-        back, back_max, _, _ = decode(payload, self.s.rgb)
+        back, back_max, _, _ = decode(payload, self.s.rgb, self.s.max_pixels)
         back = back[..., : result.shape[2]]  # WEBP stores a gray image as RGB
         if back_max != maxval:  # 16 bits written as 8
             back = np.rint(back * (maxval / back_max))
@@ -2129,14 +2166,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "format": args.format,
         "rgb": args.rgb,
         "quality": str(args.quality),
+        "max_pixels": str(args.max_pixels),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # Orders this run's rows after every earlier run's when they are read back.
         "run": str(1 + max((int(m.get("run", 0) or 0) for m in before_metas), default=0)),
     }
     # A failure is carried over (not retried) only if this run would redo it the same
     # way: same model and output settings (a JPEG that cannot hold alpha may be a PNG now).
-    keys = ("model_sha256", "format", "rgb", "quality")
-    changed = [k for k in keys if any(meta.get(k) != metadata[k] for meta in before_metas)]
+    keys = ("model_sha256", "format", "rgb", "quality", "max_pixels")
+    defaults = {"max_pixels": str(PILLOW_PIXEL_LIMIT)}  # manifests from before the flag
+    changed = [
+        k for k in keys if any(meta.get(k, defaults.get(k)) != metadata[k] for meta in before_metas)
+    ]
     if before and changed:
         print(
             f"denoise: note: {output.location} holds a run with another "
@@ -2453,6 +2494,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
         quality=args.quality,
         threads=max(1, int(round(cpus))),
         io_threads=args.io_threads or max(2, int(round(cpus)) + 1),
+        max_pixels=args.max_pixels or None,
         extra={
             "path_column": args.path_column,
             "image_column": args.image_column,
@@ -2579,6 +2621,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="RGB through a grayscale model: each channel alone, or converted to gray",
     )
     p.add_argument(
+        "--max-pixels",
+        type=_non_negative_int,
+        default=PILLOW_PIXEL_LIMIT,
+        help="images of more pixels (width x height) are failed, not decoded; 0: no limit. "
+        f"Default {PILLOW_PIXEL_LIMIT:,}, Pillow's decompression-bomb limit. An image is "
+        "decoded whole (then denoised in tiles), so an actor's memory grows with it",
+    )
+    p.add_argument(
         "--input-format",
         choices=("auto", "files", "parquet"),
         default="auto",
@@ -2617,14 +2667,22 @@ def _quality(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number. Received: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}. Received: {text}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -399,6 +399,7 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         ([*src, "--output", tmp_path / "o1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
         ([*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"], "--gpus-per-worker"),
         ([*src, "--output", tmp_path / "o3", "--quality", "101"], "--quality"),
+        ([*src, "--output", tmp_path / "o4", "--max-pixels", "-1"], "--max-pixels"),
     ]
     for args, message in cases:
         result = run_job(*args)
@@ -406,7 +407,7 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
 
 def test_an_impossible_actor_request_fails_instead_of_waiting(
@@ -527,6 +528,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     photo.save(src / "photo.jpg", format="JPEG", **tags)
     photo.save(src / "scan.png", format="PNG", **tags)
     save("float.tif", Image.fromarray(gray / np.float32(255)), "TIFF")  # mode F, in [0, 1]
+    save("big.png", Image.fromarray(np.tile(gray, (2, 2))), "PNG")  # 576 pixels: > 500
     (src / "rgb16.png").write_bytes(job.encode_png(np.full((4, 5, 3), 40000, np.uint16)))
 
     def assert_tags(path: Path) -> None:
@@ -542,7 +544,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
         Image.fromarray(reference).save(clean / name, format="PNG")
     result = run_job(
         "--model", model_path, "--input", src, "--output", dst, "--format", "jpeg",
-        "--clean", clean, "--quality", 60, ray=shared_ray,
+        "--clean", clean, "--quality", 60, "--max-pixels", 500, ray=shared_ray,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
@@ -568,16 +570,20 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     assert "16-bit RGB read as 8 bits" in rows["rgb16.png"]["error"]
     assert rows["float.tif"]["status"] == "failed" and "mode F" in rows["float.tif"]["error"]
     assert not (dst / "float.jpg").exists()  # not rounded to a black image
+    assert rows["big.png"]["status"] == "failed" and not (dst / "big.jpg").exists()
+    assert "576 pixels, more than --max-pixels 500" in rows["big.png"]["error"]
     # Rerun into the same folder with --format same, after x.jpg was replaced.
     save("x.jpg", Image.fromarray(gray[:11, :7]), "JPEG")
     result = run_job("--model", model_path, "--input", src, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "another format" in result.stderr
+    assert "another format" in result.stderr and "max_pixels" in result.stderr
     rows = manifest(dst)
     assert rows["y.jpg"]["status"] == "skipped"  # its output is there, the input unchanged
     assert rows["x.jpg"]["status"] == "ok"  # changed since the last run: done again
     assert Image.open(dst / "x.jpg").size == (7, 11)
     assert rows["x.png"]["status"] == "ok"  # the earlier failure is retried: own output now
+    assert rows["big.png"]["status"] == "ok"  # retried: within the default --max-pixels
+    assert Image.open(dst / "big.png").size == (24, 24)
     assert rows["anim.gif"]["output"] == "anim.png"  # same format where the job writes it
     assert rows["scan.png"]["status"] == "ok"  # a new output: PNG now
     assert_tags(dst / "scan.png")  # from the job's own PNG encoder
@@ -1357,11 +1363,25 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     buf = io.BytesIO()  # a camera JPEG with a preview: Pillow's MPO, not an animation
     frames[0].convert("RGB").save(buf, "MPO", save_all=True, append_images=[frames[1]])
     assert "note" not in job.decode(buf.getvalue(), "per-channel")[2]
-    # More pixels than Pillow's guard allows: a bad input (not retried), not a crash.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
-    with pytest.raises(job.UnsupportedImage, match="too big to decode safely") as e:
-        job.decode(png(np.zeros((8, 8), np.uint8)), "per-channel")
+    # More pixels than --max-pixels or Pillow's guard allows: a bad input (not retried),
+    # not a crash, and the reason names the flag that lets it through.
+    digit = png(np.zeros((8, 8), np.uint8))
+    for limit in (64, 0, None):
+        assert job.decode(digit, "per-channel", limit)[0].shape == (8, 8, 1)
+    with pytest.raises(job.UnsupportedImage, match="64 pixels, more than --max-pixels 63") as e:
+        job.decode(digit, "per-channel", 63)
     assert str(e.value).startswith(job.BAD_INPUT)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow's own, refusing > 20
+    with pytest.raises(job.UnsupportedImage, match="too big for Pillow: .*64 pixels") as e:
+        job.decode(digit, "per-channel")
+    assert str(e.value).startswith(job.BAD_INPUT)
+    job.allow_pixels(100)  # what an actor does: Pillow's guard no longer stands in the way
+    assert Image.MAX_IMAGE_PIXELS == 100
+    assert job.decode(digit, "per-channel", 100)[0].shape == (8, 8, 1)
+    job.allow_pixels(30)  # only ever loosened
+    assert Image.MAX_IMAGE_PIXELS == 100
+    job.allow_pixels(None)
+    assert Image.MAX_IMAGE_PIXELS is None
 
 
 def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale():
