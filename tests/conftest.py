@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MNIST, kill_ray, local
+from helpers import MNIST, daemons_missing, kill_ray, local
 
 os.environ.setdefault("AELIB_MNIST", str(MNIST))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -25,19 +25,42 @@ def ray_tmp():
 
 
 @pytest.fixture(scope="session")
-def shared_ray():
+def shared_head():
     """A Ray head of the tests' own that jobs connect to, as `ray submit` runs them on a
     cluster: a test whose subject is not the job's own Ray then spends no time starting
-    and stopping one (5-9 s here). It is cluster/local.py's plain head (as in
-    test_cluster's Jobs path): 2 CPUs, no GPU, token auth, free ports only (never Ray's
-    defaults), stopped by killing its own processes. Returns the variables a driver
-    needs to reach it.
+    and stopping one (5-9 s here). It is cluster/local.py's plain head (the head of the
+    Jobs path too): 2 CPUs, no GPU, a dashboard for the Job API, token auth, free ports
+    only (never Ray's defaults), stopped by killing its own processes. Returns
+    local.start's state (address, dashboard URL, token path, temp dir) and its "dir".
 
     Its workers have the environment the head started with (as on a cluster), not the
     driver's: a test that must hand its workers a variable starts its own Ray."""
     state_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: unix socket paths
     try:
-        state = local.start(None, state_dir, head_cpus=2, head_object_store_bytes=10**9)
-        yield local.client_env(state, {})
+        yield local.start(None, state_dir, head_cpus=2, head_object_store_bytes=10**9) | {
+            "dir": state_dir
+        }
     finally:
         local.stop(state_dir, remove=True)
+        assert not local._cluster_pids(state_dir), "processes of the shared head survived stop"
+
+
+@pytest.fixture(scope="session")
+def shared_ray(shared_head):
+    """The variables a driver needs to reach the shared head."""
+    return local.client_env(shared_head, {})
+
+
+@pytest.fixture(autouse=True)
+def _shared_head_is_up(request):
+    """Fails a test that uses the shared head at its start, naming the head, if the head's
+    GCS or raylet is gone (the OOM killer, or a test that killed it): otherwise the test
+    would fail with a connection error that names the test, and so would every later one."""
+    if "shared_head" not in request.fixturenames:
+        return
+    head = request.getfixturevalue("shared_head")
+    if missing := daemons_missing(head["dir"], ("gcs_server", "raylet")):
+        pytest.fail(
+            f"the tests' shared Ray head ({head['address']}) is down: no {', '.join(missing)} "
+            f"process of it is left. Its logs: {head['temp_dir']}/session_latest/logs"
+        )

@@ -65,6 +65,14 @@ def ray_pids(ray_tmp: Path) -> list[int]:
     return pids
 
 
+def daemons_missing(state_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of Ray's daemons `names` (e.g. "raylet") no process of the cluster/local.py
+    head in `state_dir` runs."""
+    table = local._proc_table()
+    running = " ".join(table[pid][1] for pid in local._cluster_pids(state_dir) if pid in table)
+    return [name for name in names if f"/{name} " not in f"{running} "]
+
+
 def start_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Starts `cmd` in a session of its own, its stdout and stderr going to `log`."""
     with open(log, "w") as out:

@@ -303,47 +303,37 @@ class TestFakeMultiNodeGPUCluster:
 # --------------------------------------------------------------------------- the Jobs path
 
 
-@pytest.fixture(scope="class")
-def local_head():
-    """A plain one-node head (2 CPUs) with token auth, for `ray job submit`.
-
-    Not the fake multi-node cluster: its nodes share one session dir on this machine, so each
-    node's runtime-env agent re-extracts the job's --working-dir in place and can pull it from
-    under the running driver (real clusters have one dir per node).
-    """
-    state_dir = Path(tempfile.mkdtemp(prefix="aejh-", dir="/tmp"))
-    try:
-        yield local.start(None, state_dir, head_cpus=2) | {"dir": state_dir}
-    finally:
-        local.stop(state_dir, remove=True)
-        assert not local._cluster_pids(state_dir)
-
-
 @pytest.mark.cluster
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_file(), reason=f"MNIST not found at {MNIST}")
 class TestJobsPath:
-    def test_job_api_refuses_a_missing_or_wrong_token(self, local_head):
+    """On the tests' shared head (conftest.py), a plain one-node head (2 CPUs) with token
+    auth and the Job API, as on a cluster. Not the fake multi-node cluster: its nodes share
+    one session dir on this machine, so each node's runtime-env agent re-extracts the job's
+    --working-dir in place and can pull it from under the running driver (real clusters
+    have one dir per node)."""
+
+    def test_job_api_refuses_a_missing_or_wrong_token(self, shared_head):
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        base = local.client_env(local_head, subprocess_env())
+        base = local.client_env(shared_head, subprocess_env())
         no_token = {k: v for k, v in base.items() if not k.startswith("RAY_AUTH")}
         wrong = base | {"RAY_AUTH_TOKEN": "0" * 64}
         wrong.pop("RAY_AUTH_TOKEN_PATH")
         for env in (no_token, wrong):
             proc, _ = _run(
-                [ray_cli, "job", "list", "--address", local_head["dashboard_url"]], env, 60
+                [ray_cli, "job", "list", "--address", shared_head["dashboard_url"]], env, 60
             )
             assert proc.returncode != 0, _tail(proc)
             assert re.search(r"Authentication|Unauthorized|Forbidden", proc.stdout + proc.stderr)
 
-    def test_ray_job_submit_working_dir_sweep_smoke_test(self, local_head):
+    def test_ray_job_submit_working_dir_sweep_smoke_test(self, shared_head):
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        out = local_head["dir"] / "job-results"
-        cmd = [ray_cli, "job", "submit", "--address", local_head["dashboard_url"]]
+        out = shared_head["dir"] / "job-results"
+        cmd = [ray_cli, "job", "submit", "--address", shared_head["dashboard_url"]]
         cmd += ["--working-dir", ".", "--", "python", "jobs/sweep.py", "--smoke-test"]
         cmd += ["--storage-path", str(out), "--name", "job", "--data", str(MNIST), "--no-figures"]
-        proc, seconds = _run(cmd, local.client_env(local_head, subprocess_env()), timeout=480)
+        proc, seconds = _run(cmd, local.client_env(shared_head, subprocess_env()), timeout=480)
         TIMINGS["jobs path"] = seconds
         print(f"\nray job submit ... sweep.py --smoke-test: {seconds:.0f}s")
         assert proc.returncode == 0, _tail(proc)
@@ -352,7 +342,7 @@ class TestJobsPath:
         assert (trials["status"] == "finished").all() and len(trials) == 7
         # the upload was the sources only (.rayignore / .gitignore), not .venv or .git
         pattern = "session_*/runtime_resources/working_dir_files/_ray_pkg_*"
-        uploads = list(Path(local_head["temp_dir"]).glob(pattern))
+        uploads = list(Path(shared_head["temp_dir"]).glob(pattern))
         unpacked = [p for p in uploads if p.is_dir()]
         assert unpacked, "no unpacked working dir found on the head"
         for pkg in unpacked:
