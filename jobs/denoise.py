@@ -637,8 +637,10 @@ PILLOW_PIXEL_LIMIT = 178_956_970
 
 def allow_pixels(limit: int | None) -> None:
     """Lets Pillow open images of up to twice `limit` pixels (None or 0: any), so that
-    decode()'s own check, which names --max-pixels, decides. Process-wide (Pillow's
-    guard is a module global), so called once per actor; it only ever loosens it.
+    decode()'s own check, which names --max-pixels, decides (Pillow still refuses an
+    image of more than twice that in Image.open, which decode() words the same way).
+    Process-wide (Pillow's guard is a module global), so called once per actor; it only
+    ever loosens it.
     Pillow's warning for images between its two limits is turned off: the job's limit
     is the one that counts."""
     import warnings
@@ -752,6 +754,9 @@ def decode(
     except UnsupportedImage:
         raise
     except Image.DecompressionBombError as e:  # more pixels than Pillow's guard allows
+        found = re.search(r"\((\d+) pixels\)", str(e))  # over twice the limit (allow_pixels)
+        if max_pixels and found and int(found[1]) > max_pixels:
+            raise _too_big(int(found[1]), max_pixels) from e
         raise UnsupportedImage(f"image is too big for Pillow: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))

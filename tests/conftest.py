@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MNIST, daemons_missing, kill_ray, local
+from helpers import MNIST, assert_head_up, kill_ray, local
 
 os.environ.setdefault("AELIB_MNIST", str(MNIST))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,12 +55,7 @@ def shared_ray(shared_head):
 def _shared_head_is_up(request):
     """Fails a test that uses the shared head at its start, naming the head, if the head's
     GCS or raylet is gone (the OOM killer, or a test that killed it): otherwise the test
-    would fail with a connection error that names the test, and so would every later one."""
-    if "shared_head" not in request.fixturenames:
-        return
-    head = request.getfixturevalue("shared_head")
-    if missing := daemons_missing(head["dir"], ("gcs_server", "raylet")):
-        pytest.fail(
-            f"the tests' shared Ray head ({head['address']}) is down: no {', '.join(missing)} "
-            f"process of it is left. Its logs: {head['temp_dir']}/session_latest/logs"
-        )
+    would fail with a connection error that names the test, and so would every later one.
+    (A module-scoped fixture on the head is set up before this runs: it checks itself.)"""
+    if "shared_head" in request.fixturenames:
+        assert_head_up(request.getfixturevalue("shared_head"))

@@ -69,8 +69,19 @@ def daemons_missing(state_dir: Path, names: tuple[str, ...]) -> list[str]:
     """Which of Ray's daemons `names` (e.g. "raylet") no process of the cluster/local.py
     head in `state_dir` runs."""
     table = local._proc_table()
-    running = " ".join(table[pid][1] for pid in local._cluster_pids(state_dir) if pid in table)
-    return [name for name in names if f"/{name} " not in f"{running} "]
+    pids = local._cluster_pids(state_dir)
+    programs = {table[pid][1].split(" ", 1)[0].rsplit("/", 1)[-1] for pid in pids if pid in table}
+    return [name for name in names if name not in programs]
+
+
+def assert_head_up(head: dict) -> None:
+    """Fails the test, naming the head, if the cluster/local.py head `head` (its state,
+    with "dir") has lost its GCS or raylet (the OOM killer, or a test that killed it)."""
+    if missing := daemons_missing(head["dir"], ("gcs_server", "raylet")):
+        pytest.fail(
+            f"the tests' shared Ray head ({head['address']}) is down: no {', '.join(missing)} "
+            f"process of it is left. Its logs: {head['temp_dir']}/session_latest/logs"
+        )
 
 
 def start_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -327,9 +327,11 @@ class TestJobsPath:
             assert proc.returncode != 0, _tail(proc)
             assert re.search(r"Authentication|Unauthorized|Forbidden", proc.stdout + proc.stderr)
 
-    def test_ray_job_submit_working_dir_sweep_smoke_test(self, shared_head):
+    def test_ray_job_submit_working_dir_sweep_smoke_test(self, shared_head, tmp_path):
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        out = shared_head["dir"] / "job-results"
+        out = tmp_path / "job-results"
+        pattern = "session_*/runtime_resources/working_dir_files/_ray_pkg_*"
+        earlier = set(Path(shared_head["temp_dir"]).glob(pattern))  # the head runs other jobs
         cmd = [ray_cli, "job", "submit", "--address", shared_head["dashboard_url"]]
         cmd += ["--working-dir", ".", "--", "python", "jobs/sweep.py", "--smoke-test"]
         cmd += ["--storage-path", str(out), "--name", "job", "--data", str(MNIST), "--no-figures"]
@@ -341,8 +343,7 @@ class TestJobsPath:
         trials = pq.read_table(out / "job" / "trials.parquet").to_pandas()
         assert (trials["status"] == "finished").all() and len(trials) == 7
         # the upload was the sources only (.rayignore / .gitignore), not .venv or .git
-        pattern = "session_*/runtime_resources/working_dir_files/_ray_pkg_*"
-        uploads = list(Path(shared_head["temp_dir"]).glob(pattern))
+        uploads = set(Path(shared_head["temp_dir"]).glob(pattern)) - earlier
         unpacked = [p for p in uploads if p.is_dir()]
         assert unpacked, "no unpacked working dir found on the head"
         for pkg in unpacked:

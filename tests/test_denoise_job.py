@@ -58,6 +58,13 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _pillow_guard_restored(monkeypatch):
+    """A Denoiser built in this process loosens Pillow's module-wide pixel guard as an
+    actor does (allow_pixels): each test gets it back as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
 def run_job(*args: str, timeout: int = 900, ray: dict | None = None) -> subprocess.CompletedProcess:
     """The job's command line, on a Ray of its own (RAY_ADDRESS=local, as the README
     runs it) or, given `ray=shared_ray`, on that head."""
@@ -1375,7 +1382,13 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     with pytest.raises(job.UnsupportedImage, match="too big for Pillow: .*64 pixels") as e:
         job.decode(digit, "per-channel")
     assert str(e.value).startswith(job.BAD_INPUT)
-    job.allow_pixels(100)  # what an actor does: Pillow's guard no longer stands in the way
+    job.allow_pixels(20)  # what an actor does: Pillow's guard (refusing > 40) follows
+    assert Image.MAX_IMAGE_PIXELS == 20
+    for limit in (20, 30):  # Pillow refuses it first in Image.open: the same reason
+        reason = f"64 pixels, more than --max-pixels {limit} "
+        with pytest.raises(job.UnsupportedImage, match=reason):
+            job.decode(digit, "per-channel", limit)
+    job.allow_pixels(100)  # Pillow's guard no longer stands in the way
     assert Image.MAX_IMAGE_PIXELS == 100
     assert job.decode(digit, "per-channel", 100)[0].shape == (8, 8, 1)
     job.allow_pixels(30)  # only ever loosened

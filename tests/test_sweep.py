@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kill_ray, start_logged, wait_for, without_tensorflow
+from helpers import assert_head_up, kill_ray, start_logged, wait_for, without_tensorflow
 from helpers import wait_no_ray as _wait_no_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -478,12 +478,13 @@ def test_trials_start_heaviest_variant_first_and_ties_keep_their_order():
 
 
 @pytest.fixture(scope="module")
-def seeded_runs(tmp_path_factory, shared_ray):
+def seeded_runs(tmp_path_factory, shared_head, shared_ray):
     """The same small sweep (--seed 7) under TensorFlow on the tests' shared head (two
     samples per variant), then under JAX on a Ray of its own on a machine without
     TensorFlow (as the lent GPU machines are; its workers must not find it either),
     one sample per variant: a JAX trial costs several TF ones on this CPU."""
     pytest.importorskip("jax")
+    assert_head_up(shared_head)
     runs = {}
     for backend, samples in (("tensorflow", "2"), ("jax", "1")):
         tmp = tmp_path_factory.mktemp(backend)
