@@ -203,16 +203,17 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _cluster_pids(state_dir: Path) -> list[int]:
+def _cluster_pids(state_dir: Path, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
     """Ray processes of this cluster, plus all their descendants.
 
     Ray's daemons (GCS, raylets, dashboard, autoscaler, agents) all carry a path inside the
     cluster's Ray temp dir on their command line; workers and job drivers are their children.
     This process and its ancestors (e.g. the shell that runs ``local.py stop``) are spared.
+    `table` is a _proc_table() the caller already read (default: read it now).
     """
     temp_dir = re.escape(str(Path(state_dir).resolve() / "ray"))
     marker = re.compile(temp_dir + r"(/|\s|$)")
-    table = _proc_table()
+    table = _proc_table() if table is None else table
     spared, pid = set(), os.getpid()
     while pid > 1 and pid not in spared:
         spared.add(pid)

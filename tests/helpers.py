@@ -69,8 +69,8 @@ def daemons_missing(state_dir: Path, names: tuple[str, ...]) -> list[str]:
     """Which of Ray's daemons `names` (e.g. "raylet") no process of the cluster/local.py
     head in `state_dir` runs."""
     table = local._proc_table()
-    pids = local._cluster_pids(state_dir)
-    programs = {table[pid][1].split(" ", 1)[0].rsplit("/", 1)[-1] for pid in pids if pid in table}
+    pids = local._cluster_pids(state_dir, table)  # one read of /proc for both
+    programs = {table[pid][1].split(" ", 1)[0].rsplit("/", 1)[-1] for pid in pids}
     return [name for name in names if name not in programs]
 
 
