@@ -147,12 +147,16 @@ _COLUMNS = MANIFEST_SCHEMA.names
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 _INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "ssim_noisy")
-# On CPU the model runs on slices of about this many pixels, whatever --batch-size is:
-# the activations of a slice stay in the CPU's caches. The tutorial's denoiser on one
-# core in late November: 81-90 us per 28x28 image in calls of 32-64 images, 106-114 us in
-# calls of 1,024; within noise of each other on the slower VM of 2026-12-02
-# (bench_denoise.py --stages prints both).
-CPU_CALL_PIXELS = 32_768
+# On a CPU the model runs on slices of a group of one of these many pixels, whatever
+# --batch-size is; which one is faster depends on the CPU. The tutorial's denoiser on one
+# core, per 28x28 image (bench_denoise.py --stages prints both):
+# - late November, on an AMD EPYC VM: 81-90 us in calls of 32-64 images, 106-114 us in
+#   calls of 1,024 (a small call's activations stay in the CPU's caches);
+# - 2026-12-02, the same VM slower: within noise of each other;
+# - 2026-12-03, on an Intel Xeon VM with AVX-512: 304-468 us in calls of 32-64 images,
+#   232-316 us in calls of 1,024.
+# So each CPU actor times both on its first groups and keeps the faster (CallSizer).
+CPU_CALL_PIXELS = (1 << 15, 1 << 20)
 # On a GPU a call takes --batch-size images, and at most this many pixels.
 GPU_CALL_PIXELS = 1 << 24
 # A block is decoded, run and written in groups of at most about this many pixels
@@ -1003,8 +1007,10 @@ class Denoiser:
         # (In a Ray actor; in-process, as in tests and bench_denoise.py --stages, None.)
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.device = _backend_device(keras.backend.backend())
-        # A GPU takes --batch-size images per call; a CPU cache-sized slices of them.
-        self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else CPU_CALL_PIXELS
+        # A GPU takes --batch-size images per call; a CPU slices of them, of the size it
+        # runs fastest (None until this actor has timed them).
+        self._sizer = CallSizer(CPU_CALL_PIXELS)
+        self._call_pixels = GPU_CALL_PIXELS if self.device == "GPU" else self._sizer.chosen
         self.model = _load_model(keras, settings.model_bytes)
         channels = self.spec.channels
         if keras.backend.backend() == "tensorflow":
@@ -1087,12 +1093,19 @@ class Denoiser:
 
     def _calls(self, images: np.ndarray) -> np.ndarray:
         """The model on `images`, in calls of at most --batch-size images and of
-        the device's call pixels."""
-        pixels = images.shape[1] * images.shape[2]
+        the device's call pixels. While a CPU actor has not chosen its call pixels,
+        each call of `images` for which the candidates differ is one timed trial."""
+        pixels, n = images.shape[1] * images.shape[2], len(images)
+        size, trial = self._call_pixels, None
+        if size is None:
+            candidates = self._sizer.candidates
+            size = candidates[0]
+            if len({min(n, self._step(c, pixels)) for c in candidates}) > 1:
+                size = trial = self._sizer.next()
+        begin = time.perf_counter()
         out, i = [], 0
-        while i < len(images):
-            step = max(1, min(self.s.max_batch, self._call_pixels // pixels))
-            part = images[i : i + step]
+        while i < n:
+            part = images[i : i + self._step(size, pixels)]
             try:
                 out.append(np.asarray(self._run(part)))
             except Exception as e:
@@ -1100,7 +1113,8 @@ class Denoiser:
                     raise
                 # Device memory is short (actors sharing a GPU, big planes): this and
                 # every later call of this actor take half as many pixels.
-                self._call_pixels = len(part) * pixels // 2
+                size = self._call_pixels = len(part) * pixels // 2
+                trial = None
                 print(
                     f"denoise: out of device memory running {len(part)} planes of "
                     f"{images.shape[1]}x{images.shape[2]}; calls of {len(part) // 2} from now on",
@@ -1109,7 +1123,16 @@ class Denoiser:
                 )
                 continue
             i += len(part)
+        if trial is not None and self._call_pixels is None:
+            self._sizer.record(trial, time.perf_counter() - begin, images.size)
+            self._call_pixels = self._sizer.chosen
+            if self._call_pixels is not None:
+                print(f"denoise: {self._sizer}", file=sys.stderr, flush=True)
         return np.concatenate(out)
+
+    def _step(self, call_pixels: int, pixels: int) -> int:
+        """Images per call of planes of `pixels` each."""
+        return max(1, min(self.s.max_batch, call_pixels // pixels))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Denoises one block: file paths, or Parquet row groups (file, index) to read here."""
@@ -1369,6 +1392,39 @@ class Denoiser:
         if back_max != maxval:  # 16 bits written as 8
             back = np.rint(back * (maxval / back_max))
         return back.astype(result.dtype)
+
+
+class CallSizer:
+    """Which of `candidates` (pixels per model call) runs the model fastest here, found
+    on the job's own first calls: they take the candidates in turn, each one's first
+    call a warm-up (a new call shape costs a compile), then `trials` timed calls each;
+    the least time per pixel wins. `chosen` is None until then."""
+
+    def __init__(self, candidates: tuple[int, ...], trials: int = 2):
+        self.candidates = candidates
+        self.trials = trials
+        self.runs: dict[int, list[float]] = {c: [] for c in candidates}  # seconds per pixel
+        self.chosen = candidates[0] if len(candidates) == 1 else None
+
+    def next(self) -> int:
+        """The candidate to time next: the first of those timed least often."""
+        return min(self.candidates, key=lambda c: len(self.runs[c]))
+
+    def record(self, candidate: int, seconds: float, pixels: int) -> None:
+        self.runs[candidate].append(seconds / pixels)
+        if self.chosen is None and all(len(r) > self.trials for r in self.runs.values()):
+            self.chosen = min(self.candidates, key=self._cost)
+
+    def _cost(self, candidate: int) -> float:
+        """Mean seconds per pixel, warm-up left out."""
+        timed = self.runs[candidate][1:]
+        return sum(timed) / len(timed)
+
+    def __str__(self) -> str:
+        if self.chosen is None:
+            return f"model calls of {self.candidates} pixels: not timed yet"
+        timed = ", ".join(f"{c} pixels {self._cost(c) * 1e9:.0f} ns/pixel" for c in self.candidates)
+        return f"model calls of up to {self.chosen} pixels are the fastest here ({timed})"
 
 
 def tile_side(multiple: int, tile: int | None = None) -> int:
@@ -2525,7 +2581,8 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
     calls = (
         f"up to {args.batch_size} images per model call"
         if gpus
-        else f"model calls of up to {CPU_CALL_PIXELS} pixels"
+        else f"model calls of up to {' or '.join(map(str, CPU_CALL_PIXELS))} pixels, "
+        "whichever each actor times faster"
     )
     print(
         f"denoise: {what} to do on {workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; "
@@ -2578,7 +2635,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1024,
         help="images per block (one actor call) and per model call on a GPU; on a CPU the "
-        "model takes cache-sized slices of a block (about 32k pixels each)",
+        "model takes slices of a block (32k or 1M pixels each, whichever an actor times "
+        "faster on its first blocks)",
     )
     p.add_argument(
         "--gpus-per-worker",

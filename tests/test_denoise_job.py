@@ -729,7 +729,7 @@ def test_safe_relative_and_png_encoder():
         np.testing.assert_array_equal(decoded, array)
 
 
-def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path):
+def test_cpu_model_calls_are_slices_of_the_call_pixels_with_the_same_output(model_path):
     import keras
 
     model = keras.models.load_model(model_path, compile=False)
@@ -743,9 +743,11 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
     denoiser.spec = SimpleNamespace(fixed_size=None, halo=32, multiple=4)
     rng = np.random.default_rng(0)
+    small, large = job.CPU_CALL_PIXELS
     for shape, budget, most in (
-        ((100, 28, 28, 1), job.CPU_CALL_PIXELS, job.CPU_CALL_PIXELS // (28 * 28)),  # CPU
-        ((3, 256, 256, 1), job.CPU_CALL_PIXELS, 1),  # CPU, each image over the budget
+        ((100, 28, 28, 1), small, small // (28 * 28)),  # CPU, calls of the small size
+        ((3, 256, 256, 1), small, 1),  # CPU, each image over the budget
+        ((1500, 28, 28, 1), large, 1024),  # CPU, the large size: at most --batch-size
         ((100, 28, 28, 1), job.GPU_CALL_PIXELS, 1024),  # GPU: --batch-size per call
         ((40, 256, 256, 1), job.GPU_CALL_PIXELS, 256),  # GPU, and at most its call pixels
     ):
@@ -755,6 +757,68 @@ def test_cpu_model_calls_are_cache_sized_slices_with_the_same_output(model_path)
         out = denoiser.predict(x)
         assert [c[0] for c in calls] == [min(most, shape[0] - i) for i in range(0, shape[0], most)]
         np.testing.assert_allclose(out, np.asarray(model(x, training=False)), atol=1e-5)
+
+
+@pytest.mark.parametrize("faster", ["small", "large"])
+def test_a_cpu_actor_times_its_call_sizes_and_keeps_the_faster(model_path, faster, capfd):
+    """Which call size is faster depends on the CPU, so a CPU actor's first groups take
+    the candidates in turn (a warm-up and two timed groups each) and the rest keep the
+    faster. Here a call costs an extra 20 ms (calls of many images win) or 2 ms per
+    image beyond 41 (calls of few images win); the output never changes."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    calls: list[int] = []
+    small, large = job.CPU_CALL_PIXELS
+
+    def run(x):
+        calls.append(len(x))
+        time.sleep(0.02 if faster == "large" else 0.002 * max(0, len(x) - 41))
+        return model(x, training=False)
+
+    denoiser = object.__new__(job.Denoiser)
+    denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
+    denoiser.spec = SimpleNamespace(fixed_size=None, halo=32, multiple=4)
+    denoiser._sizer = job.CallSizer(job.CPU_CALL_PIXELS)
+    denoiser._call_pixels = None
+    x = np.random.default_rng(0).random((200, 28, 28, 1), dtype=np.float32)
+    expected = np.asarray(model(x, training=False))
+    per_call = {"small": small // (28 * 28), "large": 200}  # 41 images, or all 200
+    pattern = {k: [min(n, 200 - i) for i in range(0, 200, n)] for k, n in per_call.items()}
+    for trial in range(6):  # small, large, small, large, small, large
+        calls.clear()
+        np.testing.assert_allclose(denoiser.predict(x), expected, atol=1e-5)
+        assert calls == pattern["small" if trial % 2 == 0 else "large"], trial
+        assert (denoiser._call_pixels is None) == (trial < 5)
+    assert denoiser._call_pixels == (small if faster == "small" else large)
+    assert f"model calls of up to {denoiser._call_pixels} pixels are the fastest" in (
+        capfd.readouterr().err
+    )
+    calls.clear()
+    np.testing.assert_allclose(denoiser.predict(x), expected, atol=1e-5)
+    assert calls == pattern[faster]
+    calls.clear()
+    denoiser._call_pixels, denoiser._sizer = None, job.CallSizer(job.CPU_CALL_PIXELS)
+    denoiser.predict(x[:30])  # 30 images: one call whichever the size, so not a trial
+    assert calls == [30] and all(not r for r in denoiser._sizer.runs.values())
+
+
+def test_call_sizer_leaves_out_each_warm_up_and_picks_the_least_time_per_pixel():
+    sizer = job.CallSizer((10, 20), trials=2)
+    order = []
+    for seconds in (9.0, 9.0, 3.0, 2.0, 3.0, 2.0):  # warm-ups: 9 s each
+        assert sizer.chosen is None and "not timed yet" in str(sizer)
+        order.append(sizer.next())
+        sizer.record(order[-1], seconds, 1000)
+    assert order == [10, 20, 10, 20, 10, 20]
+    assert sizer.chosen == 20
+    assert str(sizer) == (
+        "model calls of up to 20 pixels are the fastest here "
+        "(10 pixels 3000000 ns/pixel, 20 pixels 2000000 ns/pixel)"
+    )
+    sizer.record(10, 0.001, 1000)  # later records change nothing
+    assert sizer.chosen == 20
+    assert job.CallSizer((7,)).chosen == 7  # one candidate: nothing to time
 
 
 def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_result(
