@@ -155,7 +155,9 @@ _INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "s
 # - 2026-12-02, the same VM slower: within noise of each other;
 # - 2026-12-03, on an Intel Xeon VM with AVX-512: 304-468 us in calls of 32-64 images,
 #   232-316 us in calls of 1,024.
-# So each CPU actor times both on its first groups and keeps the faster (CallSizer).
+# So each CPU actor times both on its first groups and keeps the faster (CallSizer), the
+# smaller unless the larger is 5% faster: calls of a whole block of digits took about
+# 200 MiB more per actor (bench_denoise.py's peak PSS, runs 8 and 9).
 CPU_CALL_PIXELS = (1 << 15, 1 << 20)
 # On a GPU a call takes --batch-size images, and at most this many pixels.
 GPU_CALL_PIXELS = 1 << 24
@@ -1096,12 +1098,13 @@ class Denoiser:
         the device's call pixels. While a CPU actor has not chosen its call pixels,
         each call of `images` for which the candidates differ is one timed trial."""
         pixels, n = images.shape[1] * images.shape[2], len(images)
+        shape = images.shape[:3]
         size, trial = self._call_pixels, None
         if size is None:
             candidates = self._sizer.candidates
             size = candidates[0]
             if len({min(n, self._step(c, pixels)) for c in candidates}) > 1:
-                size = trial = self._sizer.next()
+                size = trial = self._sizer.next(shape)
         begin = time.perf_counter()
         out, i = [], 0
         while i < n:
@@ -1124,7 +1127,7 @@ class Denoiser:
                 continue
             i += len(part)
         if trial is not None and self._call_pixels is None:
-            self._sizer.record(trial, time.perf_counter() - begin, images.size)
+            self._sizer.record(shape, trial, time.perf_counter() - begin, n * pixels)
             self._call_pixels = self._sizer.chosen
             if self._call_pixels is not None:
                 print(f"denoise: {self._sizer}", file=sys.stderr, flush=True)
@@ -1395,36 +1398,57 @@ class Denoiser:
 
 
 class CallSizer:
-    """Which of `candidates` (pixels per model call) runs the model fastest here, found
-    on the job's own first calls: they take the candidates in turn, each one's first
-    call a warm-up (a new call shape costs a compile), then `trials` timed calls each;
-    the least time per pixel wins. `chosen` is None until then."""
+    """Which of `candidates` (pixels per model call, the one using the least memory
+    first) runs the model fastest here, found on the job's own first groups.
 
-    def __init__(self, candidates: tuple[int, ...], trials: int = 2):
+    Groups of one shape (images, height, width) take the candidates in turn, each one's
+    first group of that shape a warm-up (a new call shape costs a compile), so that
+    they are timed on the same work; once one shape has `trials` timed groups of each,
+    the fastest by its best time per pixel is chosen, but the first is kept unless
+    another is faster by more than `margin`. `chosen` is None until then; a group of a
+    shape not seen before starts with the first candidate, so shapes that never come
+    back run as with the first alone."""
+
+    SHAPES = 64  # shapes tracked at most, for a dataset of ever new sizes
+
+    def __init__(self, candidates: tuple[int, ...], trials: int = 2, margin: float = 0.05):
         self.candidates = candidates
         self.trials = trials
-        self.runs: dict[int, list[float]] = {c: [] for c in candidates}  # seconds per pixel
+        self.margin = margin
+        self.runs: dict[tuple, dict[int, list[float]]] = {}  # seconds per pixel
+        self.costs: dict[int, float] = {}  # those of the shape that decided
         self.chosen = candidates[0] if len(candidates) == 1 else None
 
-    def next(self) -> int:
-        """The candidate to time next: the first of those timed least often."""
-        return min(self.candidates, key=lambda c: len(self.runs[c]))
+    def next(self, shape: tuple) -> int:
+        """The candidate to time next on `shape`: the first of those timed least often."""
+        if shape not in self.runs and len(self.runs) >= self.SHAPES:
+            return self.candidates[0]  # not a trial: record() leaves it out
+        runs = self.runs.setdefault(shape, {c: [] for c in self.candidates})
+        return min(self.candidates, key=lambda c: len(runs[c]))
 
-    def record(self, candidate: int, seconds: float, pixels: int) -> None:
-        self.runs[candidate].append(seconds / pixels)
-        if self.chosen is None and all(len(r) > self.trials for r in self.runs.values()):
-            self.chosen = min(self.candidates, key=self._cost)
-
-    def _cost(self, candidate: int) -> float:
-        """Mean seconds per pixel, warm-up left out."""
-        timed = self.runs[candidate][1:]
-        return sum(timed) / len(timed)
+    def record(self, shape: tuple, candidate: int, seconds: float, pixels: int) -> None:
+        runs = self.runs.get(shape)
+        if runs is None or self.chosen is not None:
+            return
+        runs[candidate].append(seconds / pixels)
+        if all(len(r) > self.trials for r in runs.values()):
+            self.costs = {c: min(r[1:]) for c, r in runs.items()}
+            best, first = min(self.candidates, key=self.costs.__getitem__), self.candidates[0]
+            faster = self.costs[best] < (1 - self.margin) * self.costs[first]
+            self.chosen = best if faster else first
 
     def __str__(self) -> str:
-        if self.chosen is None:
-            return f"model calls of {self.candidates} pixels: not timed yet"
-        timed = ", ".join(f"{c} pixels {self._cost(c) * 1e9:.0f} ns/pixel" for c in self.candidates)
-        return f"model calls of up to {self.chosen} pixels are the fastest here ({timed})"
+        if not self.costs:
+            return f"model calls of {self.candidates} pixels: none chosen yet"
+        timed = ", ".join(f"{c} pixels {self.costs[c] * 1e9:.0f}" for c in self.candidates)
+        if self.chosen == min(self.candidates, key=self.costs.__getitem__):
+            why = "are the fastest here"
+        else:
+            why = f"kept: the others are not {self.margin:.0%} faster here"
+        return (
+            f"model calls of up to {self.chosen} pixels {why} (ns per pixel, best of "
+            f"{self.trials} groups each: {timed})"
+        )
 
 
 def tile_side(multiple: int, tile: int | None = None) -> int:
@@ -2581,8 +2605,8 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
     calls = (
         f"up to {args.batch_size} images per model call"
         if gpus
-        else f"model calls of up to {' or '.join(map(str, CPU_CALL_PIXELS))} pixels, "
-        "whichever each actor times faster"
+        else f"model calls of up to {' or '.join(map(str, CPU_CALL_PIXELS))} pixels "
+        "(where they differ, whichever each actor times faster)"
     )
     print(
         f"denoise: {what} to do on {workers} worker(s) x {cpus:g} CPU, {gpus:g} GPU; "
@@ -2635,8 +2659,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1024,
         help="images per block (one actor call) and per model call on a GPU; on a CPU the "
-        "model takes slices of a block (32k or 1M pixels each, whichever an actor times "
-        "faster on its first blocks)",
+        "model takes slices of a block (32k or 1M pixels each; where they differ, "
+        "whichever an actor times faster on its first blocks)",
     )
     p.add_argument(
         "--gpus-per-worker",
