@@ -821,7 +821,9 @@ def test_a_cpu_actor_times_its_call_sizes_and_keeps_the_faster(
     assert calls == [30] and denoiser._sizer.runs == {}
 
 
-def test_out_of_memory_in_a_call_size_trial_ends_the_trials(model_path, capfd):
+def _failing_above(model_path, most: int):
+    """(model, calls, run): run(x) records len(x) and, over `most` images, raises the
+    out-of-memory error TensorFlow raises (by hand: there is no GPU to fill)."""
     import keras
     import tensorflow as tf
 
@@ -830,10 +832,15 @@ def test_out_of_memory_in_a_call_size_trial_ends_the_trials(model_path, capfd):
 
     def run(x):
         calls.append(len(x))
-        if len(x) > 100:
+        if len(x) > most:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return model(x, training=False)
 
+    return model, calls, run
+
+
+def test_out_of_memory_in_a_call_size_trial_ends_the_trials(model_path, capfd):
+    model, calls, run = _failing_above(model_path, 100)
     denoiser = _sizing_denoiser(run)
     x = np.random.default_rng(0).random((200, 28, 28, 1), dtype=np.float32)
     expected = np.asarray(model(x, training=False))
@@ -922,18 +929,9 @@ def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, cap
     """A GPU shared by actors, or big planes, can run out of memory on a call that fit
     before: the call is split in halves until it fits, and later calls stay small.
     (The out-of-memory error is raised here by hand: there is no GPU to fill.)"""
-    import keras
     import tensorflow as tf
 
-    model = keras.models.load_model(model_path, compile=False)
-    calls: list[int] = []
-
-    def run(x):
-        calls.append(len(x))
-        if len(x) > 8:
-            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-        return model(x, training=False)
-
+    model, calls, run = _failing_above(model_path, 8)
     denoiser = object.__new__(job.Denoiser)
     denoiser.s, denoiser._run = SimpleNamespace(max_batch=1024), run
     denoiser.spec = SimpleNamespace(fixed_size=None, halo=32, multiple=4)
