@@ -153,8 +153,10 @@ _INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "s
 # - late November, on an AMD EPYC VM: 81-90 us in calls of 32-64 images, 106-114 us in
 #   calls of 1,024 (a small call's activations stay in the CPU's caches);
 # - 2026-12-02, the same VM slower: within noise of each other;
-# - 2026-12-03, on an Intel Xeon VM with AVX-512: 304-468 us in calls of 32-64 images,
-#   232-316 us in calls of 1,024.
+# - 2026-12-03, on an Intel Xeon VM with AVX-512: 261-467 us in calls of 32-64 images,
+#   232-354 us in calls of 1,024 (the model alone, ten runs); inside the actor, where it
+#   matters, 372-680 ns per pixel in calls of 32,768 pixels against 299-578 for a block
+#   (the block faster in each of eight timed pairs, by 1-29%).
 # So each CPU actor times both on its first groups and keeps the faster (CallSizer), the
 # smaller unless the larger is 5% faster: calls of a whole block of digits took about
 # 200 MiB more per actor (bench_denoise.py's peak PSS, runs 8 and 9).
