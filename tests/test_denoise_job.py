@@ -44,6 +44,7 @@ pytestmark = [
 ]
 
 sys.path.insert(0, str(ROOT / "jobs"))
+import bench_s3  # noqa: E402
 import denoise as job  # noqa: E402
 import make_noisy  # noqa: E402
 
@@ -234,6 +235,79 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
     after = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
     assert after == before  # nothing rewritten
     print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
+
+
+BUCKET = "aelib-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on this machine: moto's S3 served over HTTP, which the job and its
+    actors reach through pyarrow's own S3 client, as they would a bucket in the cloud
+    (the standard AWS variables in `env` point it here; the job's local Ray passes them
+    to its workers). Every request is recorded as (method, path, query)."""
+    server = bench_s3.S3Server(buckets=(BUCKET,))
+    yield server
+    server.close()
+
+
+def test_cloud_storage_input_references_and_output(first_run, model_path, dataset, s3):
+    """The first run's dataset from an S3 bucket, its references and the model there too
+    (as the README's cluster command has them), to an S3 output: the same rows and images
+    as the local run, each output sent whole in one PUT, the output refused inside the
+    input, and a rerun that skips everything."""
+    s3.upload(dataset["src"], f"{BUCKET}/noisy")
+    s3.upload(dataset["clean"], f"{BUCKET}/clean")
+    s3.upload(model_path.parent, f"{BUCKET}/model")
+    model = f"s3://{BUCKET}/model/{model_path.name}"
+    src, dst = f"s3://{BUCKET}/noisy", f"s3://{BUCKET}/out"
+    inside = run_job("--model", model, "--input", src, "--output", f"{src}/out", ray=s3.env)
+    assert inside.returncode == 2 and f"is inside --input {src}" in inside.stderr, inside.stderr
+    s3.requests.clear()
+    args = ["--model", model, "--input", src, "--output", dst]
+    result = run_job(*args, "--clean", f"s3://{BUCKET}/clean", "--batch-size", 16, ray=s3.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{N_DIGITS + 3} ok, 3 failed, 0 skipped" in result.stdout
+    assert "mean PSNR" in result.stdout
+
+    def rows_at(prefix: str) -> dict[str, dict]:
+        table = pq.read_table(f"{prefix}/{job.MANIFEST}", filesystem=s3.fs)
+        return {row["path"]: row for row in table.to_pylist()}
+
+    # The local run's rows, as its first run wrote them (the tests before this one rerun it).
+    local = {p: dict(r) for p, r in manifest(first_run[0]).items()}
+    for r in local.values():
+        r["status"] = {"skipped": "ok"}.get(r["status"], r["status"])
+        r["error"] = r["error"] and r["error"].removeprefix("(earlier run) ")
+    rows = rows_at(f"{BUCKET}/out")
+    assert {p: r["status"] for p, r in rows.items()} == {p: r["status"] for p, r in local.items()}
+    ok = sorted(p for p, r in rows.items() if r["status"] == "ok")
+    for rel in ok:
+        with s3.fs.open_input_stream(f"{BUCKET}/out/{rel}") as f:
+            out = np.asarray(Image.open(io.BytesIO(f.read())), dtype=int)
+        here = np.asarray(Image.open(first_run[0] / rel), dtype=int)
+        assert out.shape == here.shape and np.abs(out - here).max() <= 1, rel
+        if local[rel]["psnr"] is not None:
+            assert rows[rel]["psnr"] == pytest.approx(local[rel]["psnr"], abs=0.01), rel
+    for rel in set(rows) - set(ok):
+        assert rows[rel]["error"] == local[rel]["error"], rel
+    # One PutObject per file written: no multipart upload (create, part, complete).
+    out_dir = f"/{BUCKET}/out/"
+    writes = [r for r in s3.requests if r[0] in ("PUT", "POST") and r[1].startswith(out_dir)]
+    assert not [w for w in writes if "upload" in w[2]], writes[:5]
+    files = sorted(p.removeprefix(out_dir) for m, p, _ in writes if not p.endswith("/"))
+    assert files == sorted([*ok, job.MANIFEST, job.WRITERS])
+
+    s3.requests.clear()
+    again = run_job(*args, ray=s3.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Started a local Ray" not in again.stdout + again.stderr
+    rows = rows_at(f"{BUCKET}/out")
+    assert {r["status"] for p, r in rows.items() if not p.startswith("broken/")} == {"skipped"}
+    assert rows["sizes/odd.png"]["width"] == 45  # carried over from the first run
+    rewritten = {p for m, p, _ in s3.requests if m == "PUT" and p.startswith(out_dir)}
+    rewritten -= {p for p in rewritten if p.endswith("/")}  # folder markers (create_dir)
+    assert rewritten == {out_dir + job.MANIFEST, out_dir + job.WRITERS}
 
 
 def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path, shared_ray):
