@@ -189,16 +189,28 @@ def filesystem(uri: str):
     """pyarrow's filesystem and path for a URI (s3://, gs://, hdfs://, ...).
 
     S3 gets `allow_delayed_open=true` unless the URI sets it: an output stream then
-    sends its object in one PutObject when it is closed, instead of a multipart upload
-    (create, part, complete): one request per output instead of three (counted in
-    tests/test_denoise_job.py). An object still appears only whole. Delayed open moves
-    errors such as a missing bucket from the open to the close; each output is opened,
-    written and closed in one call, so such an error is still that image's."""
+    sends an object smaller than pyarrow's part size (10 MiB) in one PutObject when it
+    is closed, instead of a multipart upload (create, part, complete): one request per
+    output instead of three (counted in tests/test_denoise_job.py). An object still
+    appears only whole. Delayed open moves errors such as a missing bucket from the open
+    to the close; each output is opened, written and closed in one call, so such an
+    error is still that image's."""
     import pyarrow.fs as pafs
 
-    if uri.startswith("s3://") and "allow_delayed_open=" not in uri:
-        uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
+    if uri.lower().startswith("s3://") and "allow_delayed_open=" not in uri:
+        path, query = split_query(uri)
+        uri = f"{path}?{'&'.join(filter(None, [query[1:], 'allow_delayed_open=true']))}"
     return pafs.FileSystem.from_uri(uri)
+
+
+def split_query(location: str) -> tuple[str, str]:
+    """A URI's path and its query ("?region=..."; "" if none), so that a query given
+    for pyarrow stays whole while the path is cut into folders and globs. A local path
+    keeps its "?", a glob wildcard there."""
+    if "://" not in location or location.startswith("file://"):
+        return location, ""
+    path, sep, query = location.partition("?")
+    return path, sep + query
 
 
 OBJECT_STORES = ("s3", "gcs")  # pyarrow filesystems' type_name
@@ -222,6 +234,14 @@ class Storage:
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
+
+    def uri(self, rel: str) -> str:
+        """A file under the root as a location of its own: a path, or a URI with the
+        root's scheme and query."""
+        if self.local:
+            return self.full(rel)
+        path, query = split_query(self.location)
+        return f"{path.split('://', 1)[0]}://{self.full(rel)}{query}"
 
     def read(self, rel: str) -> bytes:
         if self.local:
@@ -1641,13 +1661,26 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     location = location.removeprefix("file://")  # a local path, for glob and os.path
     has_glob = _is_glob(location)
     is_parquet = input_format == "parquet" or (
-        input_format == "auto" and location.lower().endswith(PARQUET_SUFFIXES)
+        input_format == "auto" and split_query(location)[0].lower().endswith(PARQUET_SUFFIXES)
     )
     local = output and _is_local(output)
     prune = os.path.realpath(output.removeprefix("file://")) if local else None
     if is_parquet:
-        if "://" in location:
-            return Inputs("parquet", None, [], [location])
+        if "://" in location:  # a file, a folder (all its Parquet files) or a glob
+            storage = Storage(_glob_root(location)[0] if has_glob else location)
+            if has_glob:
+                found = _matching(storage.walk(), _glob_root(location)[1])
+            elif storage.is_dir():
+                found = [
+                    (rel, n)
+                    for rel, n in storage.walk()
+                    if rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
+                ]
+            else:
+                return Inputs("parquet", None, [], [location])
+            if not found:
+                raise ValueError(f"--input {location}: no Parquet files found.")
+            return Inputs("parquet", None, [], [storage.uri(rel) for rel, _ in found])
         if has_glob:
             found = sorted(glob.glob(location, recursive=True))
         elif os.path.isdir(location):
@@ -1691,7 +1724,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     if not shown:
         hidden = f" (only {len(files)} hidden ones)" if files else ""
         raise ValueError(f"--input {location}: no files found{hidden}.")
-    if input_format == "auto" and storage.local:
+    if input_format == "auto":
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
         # data/*.parquet): the Parquet files' rows are the inputs.
         tables = [rel for rel, _ in shown if rel.lower().endswith(PARQUET_SUFFIXES)]
@@ -1704,7 +1737,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                     "inputs (--input-format files takes every file as an image)",
                     file=sys.stderr,
                 )
-            return Inputs("parquet", None, [], [storage.full(rel) for rel in tables])
+            return Inputs("parquet", None, [], [storage.uri(rel) for rel in tables])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 
@@ -1719,7 +1752,8 @@ def _is_glob(location: str) -> bool:
     """Whether `location` has wildcards (an existing local file or folder is taken as it
     is, even with "[" in its name)."""
     exists = "://" not in location and os.path.exists(location)
-    return any(ch in location for ch in GLOB_CHARS) and not exists
+    path = split_query(location)[0]
+    return any(ch in path for ch in GLOB_CHARS) and not exists
 
 
 def _size(path: str) -> int:
@@ -1768,11 +1802,13 @@ def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
 
 
 def _glob_root(location: str) -> tuple[str, str]:
-    """A glob's folder before its first wildcard, and the pattern under it."""
+    """A glob's folder before its first wildcard (with a URI's query), and the pattern
+    under it."""
+    location, query = split_query(location)
     cut = min(location.index(ch) for ch in GLOB_CHARS if ch in location)
     if "/" in location[:cut]:
         root = location[:cut].rsplit("/", 1)[0] or "/"
-        return root, location[len(root) :].lstrip("/")
+        return root + query, location[len(root) :].lstrip("/")
     return ".", location  # "*.png", "scans*/**/*.png": relative to the working folder
 
 
@@ -1790,12 +1826,12 @@ def check_locations(
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
     src = source.storage
     location = location.removeprefix("file://")
-    if src is None and source.kind == "parquet" and "://" not in location:
-        # A local folder or glob of Parquet files is listed too (DST's manifest with it).
-        if os.path.isdir(location):
-            src = Storage(location)
-        elif _is_glob(location):
+    if src is None and source.kind == "parquet":
+        # A folder or glob of Parquet files is listed too (DST's manifest with it).
+        if _is_glob(location):
             src = Storage(_glob_root(location)[0])
+        elif "://" in location or os.path.isdir(location):
+            src = Storage(location)
     nesting = _nested(src, output) if src is not None else None
     if nesting in ("same", "inside"):
         where = "--input" if nesting == "same" else "inside --input"
@@ -2234,9 +2270,10 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the job; returns the summary (also printed)."""
     start = time.perf_counter()
-    model_store = Storage(os.path.dirname(args.model) or ".")
+    model, query = split_query(args.model)
+    model_store = Storage((os.path.dirname(model) or ".") + query)
     try:
-        model_bytes = model_store.read(os.path.basename(args.model))
+        model_bytes = model_store.read(os.path.basename(model))
     except OSError as e:
         raise ValueError(f"--model {args.model}: cannot read it ({e}).") from e
     spec = inspect_model(model_bytes, args.model)
@@ -2719,7 +2756,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help="threads per actor that read, decode, encode and write files (default: CPUs + "
-        f"1; at least {REMOTE_IO_THREADS} where --input, --output or --clean is a URI)",
+        f"1; at least {REMOTE_IO_THREADS} where --input, --output or --clean is remote)",
     )
     p.add_argument("--workers", type=_positive, default=None, help="actors (default: fill)")
     p.add_argument(

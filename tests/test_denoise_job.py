@@ -295,7 +295,7 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     out_dir = f"/{BUCKET}/out/"
     writes = [r for r in s3.requests if r[0] in ("PUT", "POST") and r[1].startswith(out_dir)]
     assert not [w for w in writes if "upload" in w[2]], writes[:5]
-    files = sorted(p.removeprefix(out_dir) for m, p, _ in writes if not p.endswith("/"))
+    files = sorted(p.removeprefix(out_dir) for _, p, _ in writes)  # no "folder/" objects
     assert files == sorted([*ok, job.MANIFEST, job.WRITERS])
 
     s3.requests.clear()
@@ -306,8 +306,42 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     assert {r["status"] for p, r in rows.items() if not p.startswith("broken/")} == {"skipped"}
     assert rows["sizes/odd.png"]["width"] == 45  # carried over from the first run
     rewritten = {p for m, p, _ in s3.requests if m == "PUT" and p.startswith(out_dir)}
-    rewritten -= {p for p in rewritten if p.endswith("/")}  # folder markers (create_dir)
     assert rewritten == {out_dir + job.MANIFEST, out_dir + job.WRITERS}
+
+
+def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
+    """Parquet files in a bucket: a folder (as a Hugging Face dataset has them, with its
+    README), a glob, a single file, each with a query for pyarrow kept whole; and the
+    I/O threads a remote location gets."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    table = pa.table({"path": ["a.png", "b.png"], "image": [png(np.zeros((4, 4), np.uint8))] * 2})
+    for rel in ("pq/train-0.parquet", "pq/sub/train-1.parquet"):
+        with s3.fs.open_output_stream(f"{BUCKET}/{rel}") as f:
+            pq.write_table(table, f)
+    with s3.fs.open_output_stream(f"{BUCKET}/pq/README.md") as f:
+        f.write(b"# dataset card")
+    url, query = f"s3://{BUCKET}/pq", "?region=us-east-1"
+    both = [f"{url}/sub/train-1.parquet{query}", f"{url}/train-0.parquet{query}"]
+    for location, fmt, expected in [
+        (url + query, "auto", both),  # README.md is not an input
+        (url + query, "parquet", both),
+        (f"{url}/**/*-1.parquet{query}", "auto", both[:1]),
+        (f"{url}/train-0.parquet{query}", "auto", [f"{url}/train-0.parquet{query}"]),
+    ]:
+        inputs = job.find_inputs(location, fmt)
+        assert (inputs.kind, inputs.parquet) == ("parquet", expected), location
+        assert [job._parquet_file(uri).metadata.num_rows for uri in expected] == [2] * len(expected)
+    with pytest.raises(ValueError, match="no Parquet files found"):
+        job.find_inputs(f"{url}/*.pq", "auto")
+    # pyarrow's option for one PUT per output is added to S3 URIs, beside a query given
+    assert job.split_query(f"{url}/x?a=1") == (f"{url}/x", "?a=1")
+    assert job.split_query("/data/img?.png") == ("/data/img?.png", "")  # a local wildcard
+    assert job._glob_root(f"{url}/*/x.png{query}") == (url + query, "*/x.png")
+    args = SimpleNamespace(input="/data", output="/out", clean=None)
+    assert job.io_floor(args) == 2
+    assert job.io_floor(SimpleNamespace(input="/data", output=url, clean=None)) == 16
+    assert job.io_floor(SimpleNamespace(input="file:///d", output="/o", clean="gs://b/c")) == 16
 
 
 def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path, shared_ray):
