@@ -334,7 +334,12 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
         assert [job._parquet_file(uri).metadata.num_rows for uri in expected] == [2] * len(expected)
     with pytest.raises(ValueError, match="no Parquet files found"):
         job.find_inputs(f"{url}/*.pq", "auto")
-    # pyarrow's option for one PUT per output is added to S3 URIs, beside a query given
+    # One PUT per object through the job's filesystem, beside a query of the user's.
+    fs, root = job.filesystem(url + query)
+    s3.requests.clear()
+    with fs.open_output_stream(f"{root}/x.bin") as f:
+        f.write(b"x")
+    assert [m for m, p, _ in s3.requests if p.endswith("/x.bin")] == ["PUT"]
     assert job.split_query(f"{url}/x?a=1") == (f"{url}/x", "?a=1")
     assert job.split_query("/data/img?.png") == ("/data/img?.png", "")  # a local wildcard
     assert job._glob_root(f"{url}/*/x.png{query}") == (url + query, "*/x.png")
