@@ -199,7 +199,10 @@ def test_smoke_sweep_trial_table(smoke):
 
 def test_smoke_sweep_trials_run_on_the_workers_ray_prestarted(smoke):
     """Trial actors take the workers Ray starts with the cluster (their log files carry
-    the nil job id, ffffffff) instead of each waiting for a new worker process."""
+    the nil job id, ffffffff) instead of each waiting for a new worker process. With any
+    runtime env (Tune's default) none would. Not every one must: an actor may find the
+    other prestarted worker still starting on a busy machine and get a new one (one of
+    the two did in a CI run on 2026-12-03)."""
     with open(smoke["exp"] / "trials.csv") as f:
         trial_pids = {int(row["pid"]) for row in csv.DictReader(f)}
     # worker-<worker id>-<job id>-<pid>.out
@@ -209,7 +212,7 @@ def test_smoke_sweep_trials_run_on_the_workers_ray_prestarted(smoke):
         if name.removesuffix(".out").split("-")[2] == "ffffffff"
     }
     assert prestarted, smoke["worker_logs"]
-    assert trial_pids <= prestarted, (trial_pids, smoke["worker_logs"])
+    assert trial_pids & prestarted, (trial_pids, smoke["worker_logs"])
 
 
 def test_smoke_sweep_report_and_tensorboard(smoke):
