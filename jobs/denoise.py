@@ -207,7 +207,7 @@ def split_query(location: str) -> tuple[str, str]:
     """A URI's path and its query ("?region=..."; "" if none), so that a query given
     for pyarrow stays whole while the path is cut into folders and globs. A local path
     keeps its "?", a glob wildcard there."""
-    if "://" not in location or location.startswith("file://"):
+    if _is_local(location):
         return location, ""
     path, sep, query = location.partition("?")
     return path, sep + query
@@ -221,7 +221,7 @@ class Storage:
 
     def __init__(self, location: str):
         self.location = location
-        if "://" in location and not location.startswith("file://"):
+        if not _is_local(location):
             self.fs, root = filesystem(location)
             self.root = root.rstrip("/")
             self.local = False
@@ -1627,7 +1627,9 @@ class Inputs:
     """What the driver found to do."""
 
     kind: str  # "files" or "parquet"
-    storage: Storage | None  # the root of file inputs
+    # The folder listed: of file inputs, or of a folder or glob of Parquet files (None
+    # for one Parquet file); check_locations keeps DST out of it.
+    storage: Storage | None
     files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
     hidden: int = 0  # files left out of a folder listing for a name starting with "."
@@ -1667,20 +1669,22 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     prune = os.path.realpath(output.removeprefix("file://")) if local else None
     if is_parquet:
         if "://" in location:  # a file, a folder (all its Parquet files) or a glob
-            storage = Storage(_glob_root(location)[0] if has_glob else location)
             if has_glob:
-                found = _matching(storage.walk(), _glob_root(location)[1])
-            elif storage.is_dir():
+                root, pattern = _glob_root(location)
+                storage = Storage(root)
+                found = _matching(storage.walk(), pattern)
+            else:
+                storage = Storage(location)
+                if not storage.is_dir():
+                    return Inputs("parquet", None, [], [location])
                 found = [
                     (rel, n)
                     for rel, n in storage.walk()
                     if rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
                 ]
-            else:
-                return Inputs("parquet", None, [], [location])
             if not found:
                 raise ValueError(f"--input {location}: no Parquet files found.")
-            return Inputs("parquet", None, [], [storage.uri(rel) for rel, _ in found])
+            return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
         if has_glob:
             found = sorted(glob.glob(location, recursive=True))
         elif os.path.isdir(location):
@@ -1698,7 +1702,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         found = _outside(found, prune, root)
         if not found:
             raise ValueError(f"--input {location}: no Parquet files found.")
-        return Inputs("parquet", None, [], found)
+        listed = Storage(root) if has_glob or os.path.isdir(location) else None
+        return Inputs("parquet", listed, [], found)
     if has_glob:
         root, pattern = _glob_root(location)
         storage = Storage(root)
@@ -1737,7 +1742,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                     "inputs (--input-format files takes every file as an image)",
                     file=sys.stderr,
                 )
-            return Inputs("parquet", None, [], [storage.uri(rel) for rel in tables])
+            return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 
@@ -1824,14 +1829,8 @@ def check_locations(
     """
     if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
-    src = source.storage
+    src = source.storage  # a folder or glob of Parquet files too (DST's manifest with it)
     location = location.removeprefix("file://")
-    if src is None and source.kind == "parquet":
-        # A folder or glob of Parquet files is listed too (DST's manifest with it).
-        if _is_glob(location):
-            src = Storage(_glob_root(location)[0])
-        elif "://" in location or os.path.isdir(location):
-            src = Storage(location)
     nesting = _nested(src, output) if src is not None else None
     if nesting in ("same", "inside"):
         where = "--input" if nesting == "same" else "inside --input"

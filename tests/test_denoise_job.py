@@ -334,6 +334,9 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
         assert [job._parquet_file(uri).metadata.num_rows for uri in expected] == [2] * len(expected)
     with pytest.raises(ValueError, match="no Parquet files found"):
         job.find_inputs(f"{url}/*.pq", "auto")
+    # DST inside the folder listed: its manifest would be read as an input.
+    with pytest.raises(ValueError, match="inside --input"):
+        job.check_locations(job.find_inputs(url, "auto"), url, job.Storage(f"{url}/out"))
     # One PUT per object through the job's filesystem, beside a query of the user's.
     fs, root = job.filesystem(url + query)
     s3.requests.clear()
@@ -1701,9 +1704,11 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     with pytest.raises(ValueError, match="not a readable Parquet file"):
         job._parquet_units(job.find_inputs(str(folder), "auto"), args)
     # DST inside the folder of a Parquet glob: its manifest would be read as an input.
-    glob_inputs = job.Inputs("parquet", None, [], [str(folder / "broken.parquet")])
+    pattern = f"{folder}/**/*.parquet"
+    glob_inputs = job.find_inputs(pattern, "auto")
+    assert glob_inputs.parquet == [str(folder / "broken.parquet")]
     with pytest.raises(ValueError, match="inside --input"):
-        job.check_locations(glob_inputs, f"{folder}/**/*.parquet", job.Storage(str(folder / "o")))
+        job.check_locations(glob_inputs, pattern, job.Storage(str(folder / "o")))
 
 
 def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
