@@ -34,7 +34,8 @@ see jobs/bench_denoise.py for the side-by-side numbers.
 
 Storage: local paths are read and written with plain file calls; URIs such as
 s3://bucket/prefix or gs://... go through pyarrow.fs (an object store's PUT
-is atomic, so no temp file is used there). Only local storage is tested.
+is atomic, so no temp file is used there). S3 is tested against a local S3 server
+(moto); GCS is not tested.
 
 Ray: `ray.init()` takes its address from RAY_ADDRESS (or starts a local Ray).
 With GPUs in the cluster the actors ask for --gpus-per-worker GPUs each
@@ -86,8 +87,14 @@ import pyarrow.parquet as pq
 MANIFEST = "manifest.parquet"
 TMP_MARK = ".denoise-tmp"  # temp outputs are ".NAME.<id>.denoise-tmp"
 # A running job's rows, block by block (an Arrow IPC stream: readable up to the last
-# whole block after a crash); turned into MANIFEST when the job ends.
+# whole block after a crash); turned into MANIFEST when the job ends. In an object
+# store (no append) each journal is a part in DST/JOURNAL_PARTS: the rows of the blocks
+# since the last part, one PUT at most every JOURNAL_SECONDS. (They are in a folder of
+# their own because pyarrow PUTs an empty marker object for the folder of each object
+# it deletes: one listing, one batch delete and one marker remove them all.)
 JOURNAL = re.compile(r"\.manifest\.[0-9a-f]{12}\.journal")
+JOURNAL_PARTS = ".journal"
+JOURNAL_SECONDS = 10.0
 # Which input wrote each output in DST, kept across runs (written with the manifest):
 # the manifest has rows only for a run's own inputs, and an output whose input was
 # deleted, left out of a run or written under another --format outlives its row.
@@ -1967,13 +1974,13 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
         pass
     journals = _journals(output)
     for name in journals:
-        path = output.full(name)
         try:
-            with pa.OSFile(path, "rb") as f:
+            with _open_journal(output, name) as f:
                 schema = pa.ipc.open_stream(f).schema
-            sources.append(
-                (_run_number(schema), os.stat(path).st_mtime_ns, partial(read_journal, path))
-            )
+            # Parts in a bucket hold rows of other inputs: their order within a run
+            # does not matter.
+            mtime = os.stat(output.full(name)).st_mtime_ns if output.local else 0
+            sources.append((_run_number(schema), mtime, partial(read_journal, output, name)))
         except (pa.ArrowException, OSError):  # killed before the schema was written
             continue
     rows: dict[str, dict[str, Any]] = {}
@@ -2003,10 +2010,22 @@ def _run_number(schema: pa.Schema) -> int:
 
 def _journals(output: Storage) -> list[str]:
     """Journals left in DST by runs that did not finish."""
-    if not output.local or not output.is_dir():
+    if not output.local:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(output.full(JOURNAL_PARTS), allow_not_found=True)
+        infos = output.fs.get_file_info(selector)
+        names = (i.base_name for i in infos if i.type == pafs.FileType.File)
+        return sorted(f"{JOURNAL_PARTS}/{name}" for name in names if JOURNAL.fullmatch(name))
+    if not output.is_dir():
         return []
     with os.scandir(output.root) as it:
         return sorted(e.name for e in it if JOURNAL.fullmatch(e.name) and e.is_file())
+
+
+def _open_journal(output: Storage, name: str) -> pa.NativeFile:
+    path = output.full(name)
+    return pa.OSFile(path, "rb") if output.local else output.fs.open_input_stream(path)
 
 
 def _skipped_row(rel: str, out_rel: str, size: int | None, last: dict) -> dict[str, Any]:
@@ -2020,11 +2039,11 @@ def _skipped_row(rel: str, out_rel: str, size: int | None, last: dict) -> dict[s
     return row
 
 
-def read_journal(path: str) -> pa.Table | None:
+def read_journal(output: Storage, name: str) -> pa.Table | None:
     """Every whole block of a journal: a crash cuts it anywhere, the part before stays."""
     batches = []
     try:
-        with pa.OSFile(path, "rb") as f:
+        with _open_journal(output, name) as f:
             reader = pa.ipc.open_stream(f)
             schema = reader.schema
             while True:
@@ -2047,7 +2066,10 @@ class ManifestWriter:
     recorded before it: the rerun reads them back). close() turns the journal into
     the Parquet manifest (temp file, renamed) and removes it and the earlier runs'
     journals, whose rows the new manifest carries. An object store has no rename or
-    append: there the manifest is buffered and PUT once at the end."""
+    append: there the manifest is buffered and PUT once at the end, and the rows of
+    this run's blocks are PUT as journal parts, the first block at once and then at
+    most every JOURNAL_SECONDS (and on abort), so a crash loses the rows of the
+    last seconds at most."""
 
     def __init__(
         self,
@@ -2072,6 +2094,10 @@ class ManifestWriter:
         else:
             self.buffer = io.BytesIO()
             self.writer = pq.ParquetWriter(self.buffer, self.schema)
+            self.pending: list[pa.Table] = []  # new rows not yet in a journal part
+            self.parts: list[str] = []
+            self.flushed = -math.inf
+            self.failed_parts = 0  # (said once)
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
@@ -2093,6 +2119,10 @@ class ManifestWriter:
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
+        if new and not self.output.local:  # (rows settled up front are settled again)
+            self.pending.append(table)
+            if time.monotonic() - self.flushed >= JOURNAL_SECONDS:
+                self._put_part()
         for path, out, size, input_size, s in zip(
             table.column("path").to_pylist(),
             table.column("output").to_pylist(),
@@ -2129,15 +2159,39 @@ class ManifestWriter:
             cols = {c: [r.get(c) for r in rows] for c in _COLUMNS}
             self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()), new=False)
 
+    def _put_part(self) -> None:
+        """The pending rows as one journal part in the object store (one PUT). If it
+        cannot be written, they stay pending for the next part."""
+        self.flushed = time.monotonic()
+        if not self.pending:
+            return
+        name = f"{JOURNAL_PARTS}/.manifest.{uuid.uuid4().hex[:12]}.journal"
+        try:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, self.schema) as writer:
+                for table in self.pending:
+                    writer.write_table(table)
+            self.output.write_atomic(name, sink.getvalue().to_pybytes())
+        except Exception as e:  # noqa: BLE001 (a crash's record only: never fail the run)
+            if not self.failed_parts:
+                print(f"denoise: note: could not write {name} in DST ({e})", file=sys.stderr)
+            self.failed_parts += 1
+            return
+        self.parts.append(name)
+        self.pending = []
+
     def abort(self) -> None:
         """The job failed: the outputs written stay, and so does the journal if it holds
-        rows of denoised images (the rerun reads them back); it is removed otherwise."""
+        rows of denoised images (the rerun reads them back); it is removed otherwise.
+        In an object store, the rows not yet in a part are PUT as one."""
         try:
             self.writer.close()
             if self.output.local:
                 self.sink.close()
                 if not self.new_rows:
                     self.output.remove(self.journal)
+            else:
+                self._put_part()
         except Exception:
             pass
 
@@ -2146,6 +2200,12 @@ class ManifestWriter:
         if not self.output.local:
             self.output.write_atomic(MANIFEST, self.buffer.getvalue())
             self._write_writers()
+            # Their rows are in the manifest now. (All parts go, with those of any other
+            # run writing to this DST at the same time: its manifest would replace this
+            # one anyway.)
+            if self.consumed or self.parts:
+                with contextlib.suppress(OSError):
+                    self.output.fs.delete_dir_contents(self.output.full(JOURNAL_PARTS))
             return
         self.sink.close()
         tmp = self.output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
@@ -2857,8 +2917,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "denoise: interrupted. The outputs written are kept (and, for a local --output, "
-            "their rows in a journal there): run the same command again to resume.",
+            "denoise: interrupted. The outputs written are kept, and their rows in a journal "
+            "in --output: run the same command again to resume.",
             file=sys.stderr,
         )
         return 130

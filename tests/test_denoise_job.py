@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -296,7 +297,14 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     writes = [r for r in s3.requests if r[0] in ("PUT", "POST") and r[1].startswith(out_dir)]
     assert not [w for w in writes if "upload" in w[2]], writes[:5]
     files = sorted(p.removeprefix(out_dir) for _, p, _ in writes)  # no "folder/" objects
-    assert files == sorted([*ok, job.MANIFEST, job.WRITERS])
+    # The rows as journal parts (the first block's at once), removed with the manifest:
+    # pyarrow's delete leaves only the parts' (hidden) folder marker.
+    parts = [f for f in files if f.startswith(f"{job.JOURNAL_PARTS}/.manifest.")]
+    marker = f"{job.JOURNAL_PARTS}/"
+    assert parts and set(files) - set(parts) == {*ok, job.MANIFEST, job.WRITERS, marker}
+    left = s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))
+    left = sorted(i.path.removeprefix(f"{BUCKET}/out/") for i in left if i.is_file)
+    assert left == sorted([*ok, job.MANIFEST, job.WRITERS]), left
 
     s3.requests.clear()
     again = run_job(*args, ray=s3.env)
@@ -352,6 +360,71 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
     assert job.io_floor(SimpleNamespace(input="file:///d", output="/o", clean="gs://b/c")) == 16
 
 
+def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3, monkeypatch):
+    """An object store has no append: a run there PUTs its new rows as journal parts (the
+    first block at once, then at most every JOURNAL_SECONDS, and the rest on abort), a
+    rerun after a crash reads them back in run order, and the manifest that carries
+    them removes them."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    output = job.Storage(f"s3://{BUCKET}/journaled")
+
+    def block(*paths: str, psnr: float) -> pa.Table:
+        rows = [dict(path=p, output=p, status="ok", width=28, psnr=psnr) for p in paths]
+        return pa.Table.from_pylist(rows, schema=job.MANIFEST_SCHEMA.remove_metadata())
+
+    def parts() -> list[str]:
+        return job._journals(output)
+
+    monkeypatch.setattr(job, "JOURNAL_SECONDS", 3600.0)
+    first = job.ManifestWriter(output, {"run": "1"})
+    first.add_rows([dict(path="old.png", status="skipped")])  # settled again by any rerun
+    assert parts() == []
+    first.add(block("a.png", "b.png", psnr=20.0))  # the first block: PUT at once
+    first.add(block("c.png", psnr=21.0))  # within the interval: pending
+    assert len(parts()) == 1
+    monkeypatch.setattr(job, "JOURNAL_SECONDS", 0.0)
+    first.add(block("d.png", psnr=22.0))  # the interval passed: c and d go in one part
+    assert len(parts()) == 2
+    # The process is killed here (no abort, no close). The rerun reads back every row.
+    rows, metas, journals = job.previous_rows(output)
+    assert {p: r["psnr"] for p, r in rows.items()} == {
+        "a.png": 20.0,
+        "b.png": 20.0,
+        "c.png": 21.0,
+        "d.png": 22.0,
+    }
+    assert journals == parts() and metas == [{"run": "1"}] * 2
+
+    monkeypatch.setattr(job, "JOURNAL_SECONDS", 3600.0)
+    second = job.ManifestWriter(output, {"run": "2"}, consumed=journals, earlier=rows)
+    second.add(block("a.png", psnr=30.0))
+    second.add(block("e.png", psnr=31.0))  # pending when Ctrl-C comes: abort PUTs it
+    second.abort()
+    rows, _, journals = job.previous_rows(output)
+    assert len(journals) == 4  # run 2's rows come after run 1's whatever their names
+    assert {p: r["psnr"] for p, r in rows.items()} == {
+        "a.png": 30.0,
+        "b.png": 20.0,
+        "c.png": 21.0,
+        "d.png": 22.0,
+        "e.png": 31.0,
+    }
+
+    third = job.ManifestWriter(output, {"run": "3"}, consumed=journals, earlier=rows)
+    third.add_rows([job._skipped_row(p, p, None, row) for p, row in rows.items()])
+    third.close()
+    assert parts() == []  # the manifest carries their rows now
+    table = pq.read_table(f"{BUCKET}/journaled/{job.MANIFEST}", filesystem=s3.fs)
+    assert {r["path"]: r["psnr"] for r in table.to_pylist()} == {
+        "a.png": 30.0,
+        "b.png": 20.0,
+        "c.png": 21.0,
+        "d.png": 22.0,
+        "e.png": 31.0,
+    }
+
+
 def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path, shared_ray):
     dst = tmp_path / "out"
     shutil.copytree(first_run[0], dst)  # a finished run, then a crash's traces:
@@ -391,7 +464,7 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
 def _journal_rows(dst: Path) -> dict[str, dict]:
     rows = {}
     for path in sorted(dst.glob(".manifest.*.journal")) if dst.is_dir() else []:
-        table = job.read_journal(str(path))
+        table = job.read_journal(job.Storage(str(dst)), path.name)
         rows.update({r["path"]: r for r in (table.to_pylist() if table is not None else [])})
     return rows
 
