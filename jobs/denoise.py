@@ -35,7 +35,7 @@ see jobs/bench_denoise.py for the side-by-side numbers.
 Storage: local paths are read and written with plain file calls; URIs such as
 s3://bucket/prefix or gs://... go through pyarrow.fs (an object store's PUT
 is atomic, so no temp file is used there). S3 is tested against a local S3 server
-(moto); GCS is not tested.
+(moto), GCS against an emulator.
 
 Ray: `ray.init()` takes its address from RAY_ADDRESS (or starts a local Ray).
 With GPUs in the cluster the actors ask for --gpus-per-worker GPUs each
@@ -243,12 +243,13 @@ class Storage:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
 
     def uri(self, rel: str) -> str:
-        """A file under the root as a location of its own: a path, or a URI with the
-        root's scheme and query."""
+        """A file under the root as a location of its own: a path, or the root's URI as
+        given (its user info, such as gs://anonymous@bucket or s3://KEY:SECRET@bucket,
+        and its query kept) with `rel` added to its path."""
         if self.local:
             return self.full(rel)
         path, query = split_query(self.location)
-        return f"{path.split('://', 1)[0]}://{self.full(rel)}{query}"
+        return f"{path.rstrip('/')}/{rel}{query}"
 
     def read(self, rel: str) -> bytes:
         if self.local:

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,81 @@ def without_tensorflow(env: dict[str, str], root: Path) -> dict[str, str]:
     (blocker / "__init__.py").write_text('raise ImportError("no TensorFlow here (test)")\n')
     path = os.pathsep.join(filter(None, [str(blocker.parent), env.get("PYTHONPATH")]))
     return {**env, "PYTHONPATH": path, "KERAS_BACKEND": "jax"}
+
+
+_GCS_EMULATOR = """
+import logging, sys
+from gcp_storage_emulator.server import create_server
+port, bucket, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+handler = logging.FileHandler(log)  # its request lines: '"GET /path?query HTTP/1.1" 200 -'
+handler.setFormatter(logging.Formatter("%(message)s"))
+logger = logging.getLogger("gcp_storage_emulator.server")
+logger.addHandler(handler)
+logger.setLevel(logging.INFO)
+logger.propagate = False
+create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+"""
+
+
+class GcsServer:
+    """A Google Cloud Storage emulator (gcp-storage-emulator, in memory) on 127.0.0.1, in
+    a process of its own (a server thread here could wait on the GIL that a pyarrow call
+    of this process holds while it waits for the server), with one bucket. pyarrow's own
+    GCS client reaches it through a URI: `uri("x/y")` is gs://anonymous@BUCKET/x/y with
+    the endpoint in its query, so the job and its Ray workers need no variables; `fs` is
+    a GcsFileSystem on it. `requests` lists the requests served since `clear()` as
+    (method, path, query), from the emulator's log of its request lines."""
+
+    def __init__(self, bucket: str, log: Path):
+        import socket
+
+        import pyarrow.fs as pafs
+
+        with socket.socket() as sock:  # a free port for the emulator, which takes one
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.log, self.seen = log, 0
+        cmd = [sys.executable, "-c", _GCS_EMULATOR, str(port), bucket, str(log)]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the GCS emulator did not start on port {port}")
+            time.sleep(0.1)
+        self.bucket = bucket
+        self.query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+        self.fs = pafs.GcsFileSystem(
+            anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}"
+        )
+
+    def uri(self, key: str) -> str:
+        return f"gs://anonymous@{self.bucket}/{key}{self.query}"
+
+    def _lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def clear(self) -> None:
+        self.seen = len(self._lines())
+
+    @property
+    def requests(self) -> list[tuple[str, str, str]]:
+        import urllib.parse
+
+        found = []
+        for line in self._lines()[self.seen :]:
+            quoted = line.split('"')
+            if len(quoted) > 2 and len(words := quoted[1].split()) == 3:
+                url = urllib.parse.urlsplit(words[1])
+                found.append((words[0], url.path, url.query))
+        return found
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def ray_pids(ray_tmp: Path) -> list[int]:

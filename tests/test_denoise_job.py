@@ -8,6 +8,7 @@ address of `shared_ray` (conftest.py), a head the tests start for themselves.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
 import zlib
 from pathlib import Path
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import ray_pids, start_logged, wait_for, wait_no_ray, without_tensorflow
+from helpers import GcsServer, ray_pids, start_logged, wait_for, wait_no_ray, without_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "denoise.py"
@@ -315,6 +317,84 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     assert rows["sizes/odd.png"]["width"] == 45  # carried over from the first run
     rewritten = {p for m, p, _ in s3.requests if m == "PUT" and p.startswith(out_dir)}
     assert rewritten == {out_dir + job.MANIFEST, out_dir + job.WRITERS}
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    server = GcsServer(BUCKET, tmp_path_factory.mktemp("gcs") / "requests.log")
+    yield server
+    server.close()
+
+
+def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset, gcs, shared_ray):
+    """Google Cloud Storage, through pyarrow's GCS client and an emulator whose endpoint
+    and anonymous access are in the URIs (kept whole down to each Parquet file's URI in
+    the actors): the first run's files as rows of a folder of Parquet files in a bucket,
+    the references and the model there too, to a bucket output. The rows and images are
+    the local run's, and the output holds the outputs, the manifest and .outputs.parquet
+    and nothing else (the journal parts are gone)."""
+    files = [p for p in sorted(dataset["src"].rglob("*")) if p.is_file()]
+    rels = [p.relative_to(dataset["src"]).as_posix() for p in files]
+    shown = [i for i, rel in enumerate(rels) if not job._hidden(rel)]
+    table = pa.table(
+        {"path": [rels[i] for i in shown], "image": [files[i].read_bytes() for i in shown]}
+    )
+    for k, part in enumerate((table.slice(0, 20), table.slice(20))):
+        with gcs.fs.open_output_stream(f"{BUCKET}/pq/part-{k}.parquet") as f:
+            pq.write_table(part, f, row_group_size=8)
+    pafs.copy_files(str(dataset["clean"]), f"{BUCKET}/clean", destination_filesystem=gcs.fs)
+    with gcs.fs.open_output_stream(f"{BUCKET}/model/denoise.keras") as f:
+        f.write(model_path.read_bytes())
+    args = ["--model", gcs.uri("model/denoise.keras"), "--input", gcs.uri("pq")]
+    args += ["--output", gcs.uri("out"), "--clean", gcs.uri("clean"), "--batch-size", 16]
+    gcs.clear()
+    result = run_job(*args, ray=shared_ray)  # (the URIs carry all the workers need)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{N_DIGITS + 3} ok, 3 failed, 0 skipped" in result.stdout
+
+    during = list(gcs.requests)  # the job's, before the reads below
+    local = manifest(first_run[0])
+    rows = {
+        r["path"]: r
+        for r in pq.read_table(f"{BUCKET}/out/{job.MANIFEST}", filesystem=gcs.fs).to_pylist()
+    }
+    status = {"skipped": "ok"}
+    assert {p: r["status"] for p, r in rows.items()} == {
+        p: status.get(r["status"], r["status"]) for p, r in local.items()
+    }
+    ok = sorted(p for p, r in rows.items() if r["status"] == "ok")
+    for rel in ok:
+        with gcs.fs.open_input_stream(f"{BUCKET}/out/{rel}") as f:
+            out = np.asarray(Image.open(io.BytesIO(f.read())), dtype=int)
+        here = np.asarray(Image.open(first_run[0] / rel), dtype=int)
+        assert out.shape == here.shape and np.abs(out - here).max() <= 1, rel
+        if local[rel]["psnr"] is not None:
+            assert rows[rel]["psnr"] == pytest.approx(local[rel]["psnr"], abs=0.01), rel
+    left = gcs.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))
+    objects = sorted(i.path.removeprefix(f"{BUCKET}/out/") for i in left if i.is_file)
+    assert objects == sorted([*ok, job.MANIFEST, job.WRITERS])
+    # pyarrow writes each object as a resumable upload: a POST that starts it, a PUT of
+    # the bytes; one each per output, per manifest file and per journal part (deleted
+    # one by one at the end). It reads a file whole with one GET, and a Parquet file
+    # with a few per row group.
+    kinds = collections.Counter((m, p.split("/")[1]) for m, p, _ in during)
+    parts = kinds[("POST", "upload")] - len(ok) - 2
+    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts in range(1, 4)
+    assert kinds[("DELETE", "storage")] == parts, kinds
+    media = collections.Counter(
+        urllib.parse.unquote(p.rsplit("/o/", 1)[1])
+        for m, p, q in during
+        if m == "GET" and "alt=media" in q
+    )
+    references = {f"clean/{rel}" for rel in ok}  # (sizes/ has none: a 404 each)
+    parquet = {"pq/part-0.parquet", "pq/part-1.parquet"}
+    earlier = {f"out/{job.MANIFEST}", f"out/{job.WRITERS}"}  # a first run: 404s
+    assert set(media) == {*references, "model/denoise.keras", *parquet, *earlier}
+    assert {media[k] for k in [*references, "model/denoise.keras", *earlier]} == {1}
+    # The driver reads each Parquet file's footer and path column, an actor the footer
+    # and both columns of its row group (27 GETs for these 6 row groups).
+    row_groups = 6
+    assert sum(media[k] for k in parquet) <= 6 * row_groups, media
 
 
 def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
