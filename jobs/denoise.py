@@ -71,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 import zipfile
 import zlib
@@ -88,12 +89,12 @@ MANIFEST = "manifest.parquet"
 TMP_MARK = ".denoise-tmp"  # temp outputs are ".NAME.<id>.denoise-tmp"
 # A running job's rows, block by block (an Arrow IPC stream: readable up to the last
 # whole block after a crash); turned into MANIFEST when the job ends. In an object
-# store (no append) each journal is a part in DST/JOURNAL_PARTS: the rows of the blocks
-# since the last part, one PUT at most every JOURNAL_SECONDS. (They are in a folder of
-# their own because pyarrow PUTs an empty marker object for the folder of each object
-# it deletes: one listing, one batch delete and one marker remove them all.)
+# store (no append) each journal is a part in DST/JOURNAL_PARTS: the rows received
+# since the last part, PUT every JOURNAL_SECONDS while there are any. (A folder of
+# their own: pyarrow's S3 client PUTs an empty marker object for the folder of each
+# object it deletes, and deletes a folder's contents in batches of up to 1,000.)
 JOURNAL = re.compile(r"\.manifest\.[0-9a-f]{12}\.journal")
-JOURNAL_PARTS = ".journal"
+JOURNAL_PARTS = ".denoise-journal"
 JOURNAL_SECONDS = 10.0
 # Which input wrote each output in DST, kept across runs (written with the manifest):
 # the manifest has rows only for a run's own inputs, and an output whose input was
@@ -245,11 +246,12 @@ class Storage:
     def uri(self, rel: str) -> str:
         """A file under the root as a location of its own: a path, or the root's URI as
         given (its user info, such as gs://anonymous@bucket or s3://KEY:SECRET@bucket,
-        and its query kept) with `rel` added to its path."""
+        and its query kept) with `rel` added to its path, percent-encoded (a space, a
+        "%" or a "?" in a name would not parse)."""
         if self.local:
             return self.full(rel)
         path, query = split_query(self.location)
-        return f"{path.rstrip('/')}/{rel}{query}"
+        return f"{path.rstrip('/')}/{urllib.parse.quote(rel, safe='/')}{query}"
 
     def read(self, rel: str) -> bytes:
         if self.local:
@@ -1211,14 +1213,15 @@ class Denoiser:
             paths = _parquet_values(table, path_column)
             images = _parquet_values(table, image_column)
         except Exception as e:  # a bad row group fails as one row naming it
-            where = f"{source}#row_group={group}"
-            return [{"path": where, "status": "failed", "error": f"cannot read: {_reason(e)}"}]
+            where = redacted(f"{source}#row_group={group}")
+            error = redacted(f"cannot read: {_reason(e)}")
+            return [{"path": where, "status": "failed", "error": error}]
         rows, pairs = [], []
         for i, (rel, payload) in enumerate(zip(paths, images, strict=True)):
             if isinstance(rel, bytes):  # a string column written without its UTF-8 tag
                 rel = rel.decode("utf-8", "backslashreplace")
             if rel is None:  # named by its place, so the manifest still accounts for it
-                where = f"{source}#row_group={group}#row={i}"
+                where = redacted(f"{source}#row_group={group}#row={i}")
                 rows.append({"path": where, "status": "failed", "error": "its path is null"})
             else:
                 pairs.append((rel, payload, len(payload) if payload is not None else None))
@@ -1621,6 +1624,12 @@ def _out_of_memory(e: BaseException) -> bool:
     )
 
 
+def redacted(text: str) -> str:
+    """`text` with the secret of any URI's user info in it masked (s3://KEY:SECRET@b/x
+    -> s3://KEY:***@b/x): what the manifest records or the job prints, not what it opens."""
+    return re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:***@", text)
+
+
 def _reason(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
@@ -1887,7 +1896,7 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
                 output.remove(rel)
             except OSError:
                 pass
-        elif size > 0 and rel not in (MANIFEST, WRITERS) and not JOURNAL.fullmatch(rel):
+        elif size > 0 and rel not in (MANIFEST, WRITERS) and not _journal_name(rel):
             if not _complete(size, written.get(rel), output.full(rel) if output.local else None):
                 cut.append(rel)
             else:
@@ -1965,7 +1974,8 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
     before writing theirs (killed, crashed, interrupted), in the order the runs
     started (the `run` number in their metadata; file times can be reset by a copy).
     Also the metadata (settings) of each, and the journals' names (removed once this
-    run's manifest holds their rows). One table is in memory at a time."""
+    run's manifest holds their rows). One table is in memory at a time (but the parts
+    of a journal in an object store, read at once)."""
     sources: list[tuple[int, int, Callable[[], pa.Table | None]]] = []
     try:
         data = output.read(MANIFEST)
@@ -1974,16 +1984,24 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
     except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
         pass
     journals = _journals(output)
-    for name in journals:
-        try:
-            with _open_journal(output, name) as f:
-                schema = pa.ipc.open_stream(f).schema
-            # Parts in a bucket hold rows of other inputs: their order within a run
-            # does not matter.
-            mtime = os.stat(output.full(name)).st_mtime_ns if output.local else 0
-            sources.append((_run_number(schema), mtime, partial(read_journal, output, name)))
-        except (pa.ArrowException, OSError):  # killed before the schema was written
-            continue
+    if output.local:
+        for name in journals:
+            path = output.full(name)
+            try:
+                with pa.OSFile(path, "rb") as f:
+                    run = _run_number(pa.ipc.open_stream(f).schema)
+            except (pa.ArrowException, OSError):  # killed before the schema was written
+                continue
+            sources.append((run, os.stat(path).st_mtime_ns, partial(read_journal, output, name)))
+    else:  # parts in an object store: many and small, so each is read once, many at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(REMOTE_IO_THREADS) as pool:
+            for part in pool.map(partial(read_journal, output), journals):
+                # A part holds rows of other inputs than the run's other parts: their
+                # order within a run does not matter.
+                if part is not None:
+                    sources.append((_run_number(part.schema), 0, lambda part=part: part))
     rows: dict[str, dict[str, Any]] = {}
     metas = []
     for _, _, load in sorted(sources, key=lambda source: source[:2]):
@@ -2022,6 +2040,12 @@ def _journals(output: Storage) -> list[str]:
         return []
     with os.scandir(output.root) as it:
         return sorted(e.name for e in it if JOURNAL.fullmatch(e.name) and e.is_file())
+
+
+def _journal_name(rel: str) -> bool:
+    """Whether a file in DST is a journal: a local one, or a part in an object store."""
+    folder, _, name = rel.rpartition("/")
+    return folder in ("", JOURNAL_PARTS) and bool(JOURNAL.fullmatch(name))
 
 
 def _open_journal(output: Storage, name: str) -> pa.NativeFile:
@@ -2068,9 +2092,10 @@ class ManifestWriter:
     the Parquet manifest (temp file, renamed) and removes it and the earlier runs'
     journals, whose rows the new manifest carries. An object store has no rename or
     append: there the manifest is buffered and PUT once at the end, and the rows of
-    this run's blocks are PUT as journal parts, the first block at once and then at
-    most every JOURNAL_SECONDS (and on abort), so a crash loses the rows of the
-    last seconds at most."""
+    this run's blocks are PUT as journal parts: the first block's at once, then those
+    received since, every JOURNAL_SECONDS (a thread of its own, so a stall between
+    blocks does not hold them back), and the rest on abort. A crash there loses the
+    rows of the last JOURNAL_SECONDS at most."""
 
     def __init__(
         self,
@@ -2097,8 +2122,11 @@ class ManifestWriter:
             self.writer = pq.ParquetWriter(self.buffer, self.schema)
             self.pending: list[pa.Table] = []  # new rows not yet in a journal part
             self.parts: list[str] = []
-            self.flushed = -math.inf
             self.failed_parts = 0  # (said once)
+            self.lock = threading.Lock()  # pending and parts: the driver's loop, the timer
+            self.stop = threading.Event()
+            self.timer = threading.Thread(target=self._put_parts, daemon=True)
+            self.timer.start()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
@@ -2121,9 +2149,10 @@ class ManifestWriter:
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
         if new and not self.output.local:  # (rows settled up front are settled again)
-            self.pending.append(table)
-            if time.monotonic() - self.flushed >= JOURNAL_SECONDS:
-                self._put_part()
+            with self.lock:
+                self.pending.append(table)
+                if not self.parts and not self.failed_parts:  # the first block's at once
+                    self._put_part()
         for path, out, size, input_size, s in zip(
             table.column("path").to_pylist(),
             table.column("output").to_pylist(),
@@ -2160,10 +2189,16 @@ class ManifestWriter:
             cols = {c: [r.get(c) for r in rows] for c in _COLUMNS}
             self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()), new=False)
 
+    def _put_parts(self) -> None:
+        interval = JOURNAL_SECONDS
+        while not self.stop.wait(interval):
+            with self.lock:
+                self._put_part()
+
     def _put_part(self) -> None:
-        """The pending rows as one journal part in the object store (one PUT). If it
-        cannot be written, they stay pending for the next part."""
-        self.flushed = time.monotonic()
+        """The pending rows as one journal part in the object store (one PUT; the
+        caller holds the lock). If it cannot be written, they stay pending for the
+        next part."""
         if not self.pending:
             return
         name = f"{JOURNAL_PARTS}/.manifest.{uuid.uuid4().hex[:12]}.journal"
@@ -2181,32 +2216,33 @@ class ManifestWriter:
         self.parts.append(name)
         self.pending = []
 
+    def _stop_timer(self) -> None:
+        self.stop.set()
+        self.timer.join()
+
     def abort(self) -> None:
         """The job failed: the outputs written stay, and so does the journal if it holds
         rows of denoised images (the rerun reads them back); it is removed otherwise.
         In an object store, the rows not yet in a part are PUT as one."""
+        if not self.output.local:
+            self._stop_timer()
+            self._put_part()  # (it says so itself if it cannot)
         try:
             self.writer.close()
             if self.output.local:
                 self.sink.close()
                 if not self.new_rows:
                     self.output.remove(self.journal)
-            else:
-                self._put_part()
         except Exception:
             pass
 
     def close(self) -> None:
         self.writer.close()
         if not self.output.local:
+            self._stop_timer()
             self.output.write_atomic(MANIFEST, self.buffer.getvalue())
             self._write_writers()
-            # Their rows are in the manifest now. (All parts go, with those of any other
-            # run writing to this DST at the same time: its manifest would replace this
-            # one anyway.)
-            if self.consumed or self.parts:
-                with contextlib.suppress(OSError):
-                    self.output.fs.delete_dir_contents(self.output.full(JOURNAL_PARTS))
+            self._remove_parts([*self.consumed, *self.parts])
             return
         self.sink.close()
         tmp = self.output.full(f".{MANIFEST}.{uuid.uuid4().hex[:12]}{TMP_MARK}")
@@ -2231,6 +2267,26 @@ class ManifestWriter:
             raise
         self._write_writers()
         for name in (*self.consumed, self.journal):  # their rows are in the manifest now
+            with contextlib.suppress(OSError):
+                self.output.remove(name)
+
+    def _remove_parts(self, parts: list[str]) -> None:
+        """Removes journal parts whose rows the manifest now holds: the whole folder
+        when it holds nothing else (on S3, batch deletes and one folder marker), else
+        one by one (the folder keeps the others: those of another run writing here at
+        the same time, or files a user put there)."""
+        if not parts:
+            return
+        import pyarrow.fs as pafs
+
+        folder = self.output.full(JOURNAL_PARTS)
+        with contextlib.suppress(OSError):
+            infos = self.output.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+            there = {i.path.removeprefix(folder + "/") for i in infos}
+            if there <= {p.removeprefix(JOURNAL_PARTS + "/") for p in parts}:
+                self.output.fs.delete_dir_contents(folder)
+                return
+        for name in parts:
             with contextlib.suppress(OSError):
                 self.output.remove(name)
 
@@ -2359,11 +2415,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     done = existing_outputs(output, written)
     metadata = {
         "job": "jobs/denoise.py",
-        "model": args.model,
+        "model": redacted(args.model),
         "model_name": spec.name,
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "input": args.input,
-        "clean": args.clean or "",
+        "input": redacted(args.input),
+        "clean": redacted(args.clean or ""),
         "format": args.format,
         "rgb": args.rgb,
         "quality": str(args.quality),
@@ -2647,7 +2703,8 @@ def _parquet_units(
             (clashes if out_rel in seen else seen).add(out_rel)
     if bad and len(bad) == len(inputs.parquet):
         raise ValueError(bad[0][1])
-    return units, clashes, [{"path": src, "status": "failed", "error": e} for src, e in bad]
+    failed = [{"path": redacted(src), "status": "failed", "error": redacted(e)} for src, e in bad]
+    return units, clashes, failed
 
 
 def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, start) -> dict:
@@ -2909,7 +2966,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"denoise: error: {e}", file=sys.stderr)
+        print(f"denoise: error: {redacted(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. DST's disk filled up while the manifest was written
         print(

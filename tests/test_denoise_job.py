@@ -379,7 +379,7 @@ def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset,
     # with a few per row group.
     kinds = collections.Counter((m, p.split("/")[1]) for m, p, _ in during)
     parts = kinds[("POST", "upload")] - len(ok) - 2
-    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts in range(1, 4)
+    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts in range(1, 7)
     assert kinds[("DELETE", "storage")] == parts, kinds
     media = collections.Counter(
         urllib.parse.unquote(p.rsplit("/o/", 1)[1])
@@ -392,7 +392,7 @@ def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset,
     assert set(media) == {*references, "model/denoise.keras", *parquet, *earlier}
     assert {media[k] for k in [*references, "model/denoise.keras", *earlier]} == {1}
     # The driver reads each Parquet file's footer and path column, an actor the footer
-    # and both columns of its row group (27 GETs for these 6 row groups).
+    # and both columns of its row group (27 GETs for these 6 row groups on 2026-12-03).
     row_groups = 6
     assert sum(media[k] for k in parquet) <= 6 * row_groups, media
 
@@ -434,6 +434,19 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
     assert job.split_query(f"{url}/x?a=1") == (f"{url}/x", "?a=1")
     assert job.split_query("/data/img?.png") == ("/data/img?.png", "")  # a local wildcard
     assert job._glob_root(f"{url}/*/x.png{query}") == (url + query, "*/x.png")
+    # A name that must be percent-encoded in a URI, and user info (a key and its secret)
+    # kept in each file's URI for the actors, masked where it is recorded or printed.
+    with s3.fs.open_output_stream(f"{BUCKET}/odd/a b%.parquet") as f:
+        pq.write_table(table, f)
+    keyed = f"s3://test:test@{BUCKET}/odd"
+    inputs = job.find_inputs(keyed + query, "auto")
+    assert inputs.parquet == [f"{keyed}/a%20b%25.parquet{query}"]
+    assert job._parquet_file(inputs.parquet[0]).metadata.num_rows == 2
+    assert (
+        job.redacted(f"x {inputs.parquet[0]}")
+        == f"x s3://test:***@{BUCKET}/odd/a%20b%25.parquet{query}"
+    )
+    assert job.redacted(url + query) == url + query
     args = SimpleNamespace(input="/data", output="/out", clean=None)
     assert job.io_floor(args) == 2
     assert job.io_floor(SimpleNamespace(input="/data", output=url, clean=None)) == 16
@@ -442,12 +455,19 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
 
 def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3, monkeypatch):
     """An object store has no append: a run there PUTs its new rows as journal parts (the
-    first block at once, then at most every JOURNAL_SECONDS, and the rest on abort), a
-    rerun after a crash reads them back in run order, and the manifest that carries
-    them removes them."""
+    first block's at once, then those received since every JOURNAL_SECONDS, also while
+    no block comes, and the rest on abort), a rerun after a crash reads them back in run
+    order (not in the order of their names), and the manifest that carries them removes
+    them, but not a file of someone else's in their folder."""
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     output = job.Storage(f"s3://{BUCKET}/journaled")
+    ids = iter(range(2**40, 0, -1))  # each part's name sorts before the last one's
+    monkeypatch.setattr(
+        job,
+        "uuid",
+        SimpleNamespace(uuid4=lambda: SimpleNamespace(hex=f"{next(ids):012x}" + "0" * 20)),
+    )
 
     def block(*paths: str, psnr: float) -> pa.Table:
         rows = [dict(path=p, output=p, status="ok", width=28, psnr=psnr) for p in paths]
@@ -456,25 +476,26 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
     def parts() -> list[str]:
         return job._journals(output)
 
-    monkeypatch.setattr(job, "JOURNAL_SECONDS", 3600.0)
+    def psnrs(rows: dict) -> dict[str, float]:
+        return {p: r["psnr"] for p, r in rows.items()}
+
+    monkeypatch.setattr(job, "JOURNAL_SECONDS", 0.2)
     first = job.ManifestWriter(output, {"run": "1"})
     first.add_rows([dict(path="old.png", status="skipped")])  # settled again by any rerun
-    assert parts() == []
-    first.add(block("a.png", "b.png", psnr=20.0))  # the first block: PUT at once
-    first.add(block("c.png", psnr=21.0))  # within the interval: pending
+    time.sleep(0.5)
+    assert parts() == []  # nothing new: no part
+    first.add(block("a.png", "b.png", psnr=20.0))  # the first block's rows: PUT at once
     assert len(parts()) == 1
-    monkeypatch.setattr(job, "JOURNAL_SECONDS", 0.0)
-    first.add(block("d.png", psnr=22.0))  # the interval passed: c and d go in one part
+    first.add(block("c.png", psnr=21.0))  # then no block for a while: the timer PUTs it
+    deadline = time.monotonic() + 30
+    while len(parts()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(parts()) == 2
     # The process is killed here (no abort, no close). The rerun reads back every row.
     rows, metas, journals = job.previous_rows(output)
-    assert {p: r["psnr"] for p, r in rows.items()} == {
-        "a.png": 20.0,
-        "b.png": 20.0,
-        "c.png": 21.0,
-        "d.png": 22.0,
-    }
+    assert psnrs(rows) == {"a.png": 20.0, "b.png": 20.0, "c.png": 21.0}
     assert journals == parts() and metas == [{"run": "1"}] * 2
+    first.stop.set()  # (the killed process's timer)
 
     monkeypatch.setattr(job, "JOURNAL_SECONDS", 3600.0)
     second = job.ManifestWriter(output, {"run": "2"}, consumed=journals, earlier=rows)
@@ -482,27 +503,22 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
     second.add(block("e.png", psnr=31.0))  # pending when Ctrl-C comes: abort PUTs it
     second.abort()
     rows, _, journals = job.previous_rows(output)
-    assert len(journals) == 4  # run 2's rows come after run 1's whatever their names
-    assert {p: r["psnr"] for p, r in rows.items()} == {
-        "a.png": 30.0,
-        "b.png": 20.0,
-        "c.png": 21.0,
-        "d.png": 22.0,
-        "e.png": 31.0,
-    }
+    assert len(journals) == 4  # run 2's parts are named before run 1's:
+    assert job.read_journal(output, journals[0]).schema.metadata[b"run"] == b"2"
+    expected = {"a.png": 30.0, "b.png": 20.0, "c.png": 21.0, "e.png": 31.0}
+    assert psnrs(rows) == expected  # yet its rows win
+    assert job.existing_outputs(output, {}) == set()  # parts are not outputs
 
+    with s3.fs.open_output_stream(f"{BUCKET}/journaled/{job.JOURNAL_PARTS}/notes.txt") as f:
+        f.write(b"not a part")
     third = job.ManifestWriter(output, {"run": "3"}, consumed=journals, earlier=rows)
     third.add_rows([job._skipped_row(p, p, None, row) for p, row in rows.items()])
     third.close()
     assert parts() == []  # the manifest carries their rows now
     table = pq.read_table(f"{BUCKET}/journaled/{job.MANIFEST}", filesystem=s3.fs)
-    assert {r["path"]: r["psnr"] for r in table.to_pylist()} == {
-        "a.png": 30.0,
-        "b.png": 20.0,
-        "c.png": 21.0,
-        "d.png": 22.0,
-        "e.png": 31.0,
-    }
+    assert {r["path"]: r["psnr"] for r in table.to_pylist()} == expected
+    left = s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/journaled/{job.JOURNAL_PARTS}"))
+    assert [i.base_name for i in left] == ["notes.txt"]
 
 
 def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_path, shared_ray):
