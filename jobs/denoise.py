@@ -1626,8 +1626,10 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def redacted(text: str) -> str:
     """`text` with the secret of any URI's user info in it masked (s3://KEY:SECRET@b/x
-    -> s3://KEY:***@b/x): what the manifest records or the job prints, not what it opens."""
-    return re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:***@", text)
+    -> s3://KEY:***@b/x; a secret with a "/" too, which pyarrow's error messages show
+    when it was not percent-encoded): what the manifest records or the job prints, not
+    what it opens."""
+    return re.sub(r"(://[^/@:\s]*):[^@\s'\"]*@", r"\1:***@", text)
 
 
 def _reason(e: BaseException) -> str:
@@ -1754,9 +1756,10 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         if tables and not any(_image_name(rel) for rel in others):
             if others:
                 print(
-                    f"denoise: note: --input {location} is read as Parquet ({len(tables)} "
-                    f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not "
-                    "inputs (--input-format files takes every file as an image)",
+                    f"denoise: note: --input {redacted(location)} is read as Parquet "
+                    f"({len(tables)} file(s)); its {len(others)} other file(s) (e.g. "
+                    f"{others[0]}) are not inputs (--input-format files takes every file as "
+                    "an image)",
                     file=sys.stderr,
                 )
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
@@ -1903,8 +1906,8 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
                 done.add(rel)
     if cut:
         print(
-            f"denoise: note: {len(cut)} output(s) in {output.location} are cut short (e.g. "
-            f"{cut[0]}): they are done again",
+            f"denoise: note: {len(cut)} output(s) in {redacted(output.location)} are cut "
+            f"short (e.g. {cut[0]}): they are done again",
             file=sys.stderr,
         )
     return done
@@ -2123,7 +2126,7 @@ class ManifestWriter:
             self.pending: list[pa.Table] = []  # new rows not yet in a journal part
             self.parts: list[str] = []
             self.failed_parts = 0  # (said once)
-            self.lock = threading.Lock()  # pending and parts: the driver's loop, the timer
+            self.lock = threading.Lock()  # pending, parts: the driver's loop, the timer
             self.stop = threading.Event()
             self.timer = threading.Thread(target=self._put_parts, daemon=True)
             self.timer.start()
@@ -2151,8 +2154,9 @@ class ManifestWriter:
         if new and not self.output.local:  # (rows settled up front are settled again)
             with self.lock:
                 self.pending.append(table)
-                if not self.parts and not self.failed_parts:  # the first block's at once
-                    self._put_part()
+                first = not self.parts and not self.failed_parts
+            if first:  # the first block's rows at once
+                self._put_part()
         for path, out, size, input_size, s in zip(
             table.column("path").to_pylist(),
             table.column("output").to_pylist(),
@@ -2192,29 +2196,33 @@ class ManifestWriter:
     def _put_parts(self) -> None:
         interval = JOURNAL_SECONDS
         while not self.stop.wait(interval):
-            with self.lock:
-                self._put_part()
+            self._put_part()
 
     def _put_part(self) -> None:
-        """The pending rows as one journal part in the object store (one PUT; the
-        caller holds the lock). If it cannot be written, they stay pending for the
-        next part."""
-        if not self.pending:
+        """The pending rows as one journal part in the object store (one PUT, made
+        without the lock: the driver's loop goes on adding rows meanwhile). If it
+        cannot be written, they go back to the pending rows, for the next part."""
+        with self.lock:
+            tables, self.pending = self.pending, []
+        if not tables:
             return
         name = f"{JOURNAL_PARTS}/.manifest.{uuid.uuid4().hex[:12]}.journal"
         try:
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, self.schema) as writer:
-                for table in self.pending:
+                for table in tables:
                     writer.write_table(table)
             self.output.write_atomic(name, sink.getvalue().to_pybytes())
         except Exception as e:  # noqa: BLE001 (a crash's record only: never fail the run)
-            if not self.failed_parts:
-                print(f"denoise: note: could not write {name} in DST ({e})", file=sys.stderr)
-            self.failed_parts += 1
+            with self.lock:
+                self.pending[:0] = tables
+                self.failed_parts += 1
+                if self.failed_parts == 1:
+                    note = f"could not write {name} in DST ({redacted(str(e))})"
+                    print(f"denoise: note: {note}", file=sys.stderr)
             return
-        self.parts.append(name)
-        self.pending = []
+        with self.lock:
+            self.parts.append(name)
 
     def _stop_timer(self) -> None:
         self.stop.set()
@@ -2273,8 +2281,9 @@ class ManifestWriter:
     def _remove_parts(self, parts: list[str]) -> None:
         """Removes journal parts whose rows the manifest now holds: the whole folder
         when it holds nothing else (on S3, batch deletes and one folder marker), else
-        one by one (the folder keeps the others: those of another run writing here at
-        the same time, or files a user put there)."""
+        one by one, so that files a user put there stay. (A part that another run
+        writing here at the same time PUTs between the listing and the delete goes too:
+        one DST per running job.)"""
         if not parts:
             return
         import pyarrow.fs as pafs
@@ -2403,7 +2412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_locations(inputs, args.input, output, clean)
     if inputs.hidden:
         print(
-            f"denoise: note: {inputs.hidden} hidden files under {args.input} (a name or "
+            f"denoise: note: {inputs.hidden} hidden files under {redacted(args.input)} (a name or "
             "folder starting with '.') are not inputs; a glob naming them includes them",
             file=sys.stderr,
         )
@@ -2437,7 +2446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if before and changed:
         print(
-            f"denoise: note: {output.location} holds a run with another "
+            f"denoise: note: {redacted(output.location)} holds a run with another "
             f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
             file=sys.stderr,
         )
@@ -2970,7 +2979,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # e.g. DST's disk filled up while the manifest was written
         print(
-            f"denoise: error: {e}. The outputs written are kept; rerun to resume.", file=sys.stderr
+            f"denoise: error: {redacted(str(e))}. The outputs written are kept; rerun to resume.",
+            file=sys.stderr,
         )
         return 1
     except KeyboardInterrupt:

@@ -243,6 +243,31 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
 BUCKET = "aelib-test"
 
 
+def same_as_local_run(fs, prefix: str, local_dst: Path) -> tuple[dict, dict, list[str]]:
+    """Checks that the run whose DST is `prefix` on `fs` gave the local run's rows (its
+    first run's: the tests before may have rerun it) and images: statuses and errors, the
+    outputs within one grey level, PSNR within 0.01 dB. Returns its rows, the local rows
+    and the paths done."""
+    local = {p: dict(r) for p, r in manifest(local_dst).items()}
+    for r in local.values():
+        r["status"] = {"skipped": "ok"}.get(r["status"], r["status"])
+        r["error"] = r["error"] and r["error"].removeprefix("(earlier run) ")
+    table = pq.read_table(f"{prefix}/{job.MANIFEST}", filesystem=fs)
+    rows = {row["path"]: row for row in table.to_pylist()}
+    assert {p: r["status"] for p, r in rows.items()} == {p: r["status"] for p, r in local.items()}
+    ok = sorted(p for p, r in rows.items() if r["status"] == "ok")
+    for rel in ok:
+        with fs.open_input_stream(f"{prefix}/{rel}") as f:
+            out = np.asarray(Image.open(io.BytesIO(f.read())), dtype=int)
+        here = np.asarray(Image.open(local_dst / rel), dtype=int)
+        assert out.shape == here.shape and np.abs(out - here).max() <= 1, rel
+        if local[rel]["psnr"] is not None:
+            assert rows[rel]["psnr"] == pytest.approx(local[rel]["psnr"], abs=0.01), rel
+    for rel in set(rows) - set(ok):
+        assert rows[rel]["error"] == local[rel]["error"], rel
+    return rows, local, ok
+
+
 @pytest.fixture(scope="module")
 def s3():
     """An S3 endpoint on this machine: moto's S3 served over HTTP, which the job and its
@@ -277,23 +302,7 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
         table = pq.read_table(f"{prefix}/{job.MANIFEST}", filesystem=s3.fs)
         return {row["path"]: row for row in table.to_pylist()}
 
-    # The local run's rows, as its first run wrote them (the tests before this one rerun it).
-    local = {p: dict(r) for p, r in manifest(first_run[0]).items()}
-    for r in local.values():
-        r["status"] = {"skipped": "ok"}.get(r["status"], r["status"])
-        r["error"] = r["error"] and r["error"].removeprefix("(earlier run) ")
-    rows = rows_at(f"{BUCKET}/out")
-    assert {p: r["status"] for p, r in rows.items()} == {p: r["status"] for p, r in local.items()}
-    ok = sorted(p for p, r in rows.items() if r["status"] == "ok")
-    for rel in ok:
-        with s3.fs.open_input_stream(f"{BUCKET}/out/{rel}") as f:
-            out = np.asarray(Image.open(io.BytesIO(f.read())), dtype=int)
-        here = np.asarray(Image.open(first_run[0] / rel), dtype=int)
-        assert out.shape == here.shape and np.abs(out - here).max() <= 1, rel
-        if local[rel]["psnr"] is not None:
-            assert rows[rel]["psnr"] == pytest.approx(local[rel]["psnr"], abs=0.01), rel
-    for rel in set(rows) - set(ok):
-        assert rows[rel]["error"] == local[rel]["error"], rel
+    rows, local, ok = same_as_local_run(s3.fs, f"{BUCKET}/out", first_run[0])
     # One PutObject per file written: no multipart upload (create, part, complete).
     out_dir = f"/{BUCKET}/out/"
     writes = [r for r in s3.requests if r[0] in ("PUT", "POST") and r[1].startswith(out_dir)]
@@ -353,23 +362,7 @@ def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset,
     assert f"{N_DIGITS + 3} ok, 3 failed, 0 skipped" in result.stdout
 
     during = list(gcs.requests)  # the job's, before the reads below
-    local = manifest(first_run[0])
-    rows = {
-        r["path"]: r
-        for r in pq.read_table(f"{BUCKET}/out/{job.MANIFEST}", filesystem=gcs.fs).to_pylist()
-    }
-    status = {"skipped": "ok"}
-    assert {p: r["status"] for p, r in rows.items()} == {
-        p: status.get(r["status"], r["status"]) for p, r in local.items()
-    }
-    ok = sorted(p for p, r in rows.items() if r["status"] == "ok")
-    for rel in ok:
-        with gcs.fs.open_input_stream(f"{BUCKET}/out/{rel}") as f:
-            out = np.asarray(Image.open(io.BytesIO(f.read())), dtype=int)
-        here = np.asarray(Image.open(first_run[0] / rel), dtype=int)
-        assert out.shape == here.shape and np.abs(out - here).max() <= 1, rel
-        if local[rel]["psnr"] is not None:
-            assert rows[rel]["psnr"] == pytest.approx(local[rel]["psnr"], abs=0.01), rel
+    rows, local, ok = same_as_local_run(gcs.fs, f"{BUCKET}/out", first_run[0])
     left = gcs.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))
     objects = sorted(i.path.removeprefix(f"{BUCKET}/out/") for i in left if i.is_file)
     assert objects == sorted([*ok, job.MANIFEST, job.WRITERS])
@@ -379,7 +372,7 @@ def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset,
     # with a few per row group.
     kinds = collections.Counter((m, p.split("/")[1]) for m, p, _ in during)
     parts = kinds[("POST", "upload")] - len(ok) - 2
-    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts in range(1, 7)
+    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts >= 1
     assert kinds[("DELETE", "storage")] == parts, kinds
     media = collections.Counter(
         urllib.parse.unquote(p.rsplit("/o/", 1)[1])
@@ -455,10 +448,10 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
 
 def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3, monkeypatch):
     """An object store has no append: a run there PUTs its new rows as journal parts (the
-    first block's at once, then those received since every JOURNAL_SECONDS, also while
-    no block comes, and the rest on abort), a rerun after a crash reads them back in run
-    order (not in the order of their names), and the manifest that carries them removes
-    them, but not a file of someone else's in their folder."""
+    first block's at once, then those received since every JOURNAL_SECONDS in one part,
+    also while no block comes, and the rest on abort), a rerun after a crash reads them
+    back in run order (not in the order of their names), and the manifest that carries
+    them removes them, but not a file of someone else's in their folder."""
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     output = job.Storage(f"s3://{BUCKET}/journaled")
@@ -479,23 +472,29 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
     def psnrs(rows: dict) -> dict[str, float]:
         return {p: r["psnr"] for p, r in rows.items()}
 
-    monkeypatch.setattr(job, "JOURNAL_SECONDS", 0.2)
+    monkeypatch.setattr(job, "JOURNAL_SECONDS", 1.0)
     first = job.ManifestWriter(output, {"run": "1"})
-    first.add_rows([dict(path="old.png", status="skipped")])  # settled again by any rerun
-    time.sleep(0.5)
-    assert parts() == []  # nothing new: no part
-    first.add(block("a.png", "b.png", psnr=20.0))  # the first block's rows: PUT at once
-    assert len(parts()) == 1
-    first.add(block("c.png", psnr=21.0))  # then no block for a while: the timer PUTs it
-    deadline = time.monotonic() + 30
-    while len(parts()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(parts()) == 2
-    # The process is killed here (no abort, no close). The rerun reads back every row.
-    rows, metas, journals = job.previous_rows(output)
-    assert psnrs(rows) == {"a.png": 20.0, "b.png": 20.0, "c.png": 21.0}
-    assert journals == parts() and metas == [{"run": "1"}] * 2
-    first.stop.set()  # (the killed process's timer)
+    try:
+        first.add_rows([dict(path="old.png", status="skipped")])  # settled again by a rerun
+        time.sleep(1.5)
+        assert parts() == []  # nothing new: no part
+        first.add(block("a.png", "b.png", psnr=20.0))  # the first block's rows: PUT at once
+        assert len(parts()) == 1
+        first.add(block("c.png", psnr=21.0))  # the next blocks' wait for the timer,
+        first.add(block("d.png", psnr=22.0))
+        deadline = time.monotonic() + 30  # which PUTs them though no block comes after
+        while len(parts()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = [job.read_journal(output, p).column("path").to_pylist() for p in parts()]
+        assert sorted(held) == [["a.png", "b.png"], ["c.png", "d.png"]]  # in one part
+        time.sleep(1.5)
+        assert len(parts()) == 2  # nothing new since: no part
+        # The process is killed here (no abort, no close). The rerun reads back every row.
+        rows, metas, journals = job.previous_rows(output)
+        assert psnrs(rows) == {"a.png": 20.0, "b.png": 20.0, "c.png": 21.0, "d.png": 22.0}
+        assert journals == parts() and metas == [{"run": "1"}] * 2
+    finally:
+        first._stop_timer()  # (the killed process's timer)
 
     monkeypatch.setattr(job, "JOURNAL_SECONDS", 3600.0)
     second = job.ManifestWriter(output, {"run": "2"}, consumed=journals, earlier=rows)
@@ -505,7 +504,7 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
     rows, _, journals = job.previous_rows(output)
     assert len(journals) == 4  # run 2's parts are named before run 1's:
     assert job.read_journal(output, journals[0]).schema.metadata[b"run"] == b"2"
-    expected = {"a.png": 30.0, "b.png": 20.0, "c.png": 21.0, "e.png": 31.0}
+    expected = {"a.png": 30.0, "b.png": 20.0, "c.png": 21.0, "d.png": 22.0, "e.png": 31.0}
     assert psnrs(rows) == expected  # yet its rows win
     assert job.existing_outputs(output, {}) == set()  # parts are not outputs
 
