@@ -2098,7 +2098,7 @@ class ManifestWriter:
     this run's blocks are PUT as journal parts: the first block's at once, then those
     received since, every JOURNAL_SECONDS (a thread of its own, so a stall between
     blocks does not hold them back), and the rest on abort. A crash there loses the
-    rows of the last JOURNAL_SECONDS at most."""
+    rows received in the last JOURNAL_SECONDS or so (and those of a part it cuts short)."""
 
     def __init__(
         self,
