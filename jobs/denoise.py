@@ -1991,7 +1991,7 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
         for name in journals:
             path = output.full(name)
             try:
-                with pa.OSFile(path, "rb") as f:
+                with _open_journal(output, name) as f:
                     run = _run_number(pa.ipc.open_stream(f).schema)
             except (pa.ArrowException, OSError):  # killed before the schema was written
                 continue
