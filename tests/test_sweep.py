@@ -197,22 +197,33 @@ def test_smoke_sweep_trial_table(smoke):
     assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
 
 
-def test_smoke_sweep_trials_run_on_the_workers_ray_prestarted(smoke):
-    """Trial actors take the workers Ray starts with the cluster (their log files carry
-    the nil job id, ffffffff) instead of each waiting for a new worker process. With any
-    runtime env (Tune's default) none would. Not every one must: an actor may find the
-    other prestarted worker still starting on a busy machine and get a new one (one of
-    the two did in a CI run on 2026-12-03)."""
-    with open(smoke["exp"] / "trials.csv") as f:
-        trial_pids = {int(row["pid"]) for row in csv.DictReader(f)}
-    # worker-<worker id>-<job id>-<pid>.out
-    prestarted = {
-        int(name.removesuffix(".out").rsplit("-", 1)[1])
-        for name in smoke["worker_logs"]
-        if name.removesuffix(".out").split("-")[2] == "ffffffff"
-    }
+def test_trial_actors_get_no_runtime_env_that_keeps_them_off_prestarted_workers(monkeypatch):
+    """Any runtime env keeps an actor off the workers Ray starts with the cluster, and
+    Tune gives every trial actor one by default (PL_DISABLE_FORK): the sweep removes it,
+    so the actor class Tune builds for a trial has an empty runtime env. (This checks
+    the cause. The effect, trials on prestarted workers, was checked in the smoke run
+    until 2026-12-03, when on a loaded CI machine first one and then both trials found
+    the prestarted workers still starting and got new ones.)"""
+    from ray.tune.execution import class_cache
+
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS))
+    for name in class_cache.ENV_VARS_TO_PROPAGATE:  # (AWS credentials would be passed on)
+        monkeypatch.delenv(name, raising=False)
+    trial = type("Trial", (), {})
+    before = class_cache._ActorClassCache().get(trial)._default_options["runtime_env"]
+    assert before["env_vars"], before  # Tune's default, which the sweep must remove
+    _load_sweep_module()._trial_actors_on_prestarted_workers()
+    after = class_cache._ActorClassCache().get(trial)._default_options["runtime_env"]
+    assert not after, after  # (Ray drops empty env_vars: no runtime env at all)
+
+
+def test_smoke_sweep_ray_prestarted_workers(smoke):
+    """Ray started workers with the cluster (their log files carry the nil job id,
+    ffffffff), which trial actors without a runtime env can take (see above)."""
+    prestarted = [
+        n for n in smoke["worker_logs"] if n.removesuffix(".out").split("-")[2] == "ffffffff"
+    ]
     assert prestarted, smoke["worker_logs"]
-    assert trial_pids & prestarted, (trial_pids, smoke["worker_logs"])
 
 
 def test_smoke_sweep_report_and_tensorboard(smoke):
