@@ -15,7 +15,8 @@ stream, readable up to the last whole block after a crash); at the end the
 journal becomes the manifest. A rerun carries earlier rows (sizes, metrics)
 into its `skipped` rows from the last manifest and any journal a crash left;
 DST/.outputs.parquet, written with the manifest, records which input wrote each
-output (and both sizes), so an output is skipped only for its own input.
+output (and both sizes), so an output is skipped only for its own input. One run
+at a time writes to a local DST (a lock on DST/.denoise.lock): a second stops at once.
 
 How it runs: the driver lists the inputs (one recursive listing, no Ray task
 per file), drops those whose output already exists and is complete (a rerun
@@ -100,6 +101,8 @@ JOURNAL_SECONDS = 10.0
 # the manifest has rows only for a run's own inputs, and an output whose input was
 # deleted, left out of a run or written under another --format outlives its row.
 WRITERS = ".outputs.parquet"
+# Held (flock) by the run writing to a local DST, so that a second one stops at once.
+LOCK = ".denoise.lock"
 WRITERS_SCHEMA = pa.schema(
     [
         ("output", pa.string()),
@@ -1899,7 +1902,7 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
                 output.remove(rel)
             except OSError:
                 pass
-        elif size > 0 and rel not in (MANIFEST, WRITERS) and not _journal_name(rel):
+        elif size > 0 and rel not in (MANIFEST, WRITERS, LOCK) and not _journal_name(rel):
             if not _complete(size, written.get(rel), output.full(rel) if output.local else None):
                 cut.append(rel)
             else:
@@ -2084,6 +2087,75 @@ def read_journal(output: Storage, name: str) -> pa.Table | None:
     except (pa.ArrowException, OSError):  # killed before the schema was written
         return None
     return pa.Table.from_batches(batches, schema=schema)
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(output: Storage, flag: str):
+    """Keeps a second run of the job off a local DST while this one writes there.
+
+    Two runs at once would each carry over the rows they read at their start, so the
+    one ending last would write a manifest without the other's rows, and the first to
+    end would remove the other's live journal (taking it for a crashed run's), losing
+    its manifest. The lock is the kernel's (flock on DST/LOCK), so it ends with the
+    process however it ends: a crash or a kill leaves nothing to clear by hand. The
+    file names the holder, for the second run's message, and goes at the end. An
+    object store has no such lock: there one run at a time is the user's to keep.
+
+    Raises:
+        ValueError: naming DST and the run that holds it.
+    """
+    if not output.local:
+        yield
+        return
+    import fcntl
+    import socket
+
+    path = output.full(LOCK)
+    fd = None
+    try:
+        os.makedirs(output.root, exist_ok=True)
+        while fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise ValueError(
+                    f"--output {flag}: another run of this job is writing there "
+                    f"({holder or 'starting'}); wait for it to end, or give another --output"
+                ) from None
+            except OSError as e:  # a file system without locks (some network mounts)
+                os.close(fd)
+                fd = None
+                print(
+                    f"denoise: note: cannot lock {path} ({e}): nothing stops a second run "
+                    "from writing to this --output at the same time",
+                    file=sys.stderr,
+                )
+                break
+            try:  # the run before may have removed the file between our open and lock
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = None
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    except OSError as e:  # a read-only or full DST: say so before any work
+        if fd is not None:
+            os.close(fd)
+        raise ValueError(f"--output {flag}: cannot write there ({e})") from e
+    try:
+        yield
+    finally:  # removed while still held, so no run can lock the file and then lose it
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
 
 
 class ManifestWriter:
@@ -2410,6 +2482,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clean is not None and not clean.is_dir():
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
+    with one_run_at_a_time(output, args.output):
+        return _run_locked(args, start, spec, model_bytes, inputs, output)
+
+
+def _run_locked(
+    args, start: float, spec, model_bytes: bytes, inputs: Inputs, output: Storage
+) -> dict:
     if inputs.hidden:
         print(
             f"denoise: note: {inputs.hidden} hidden files under {redacted(args.input)} (a name or "

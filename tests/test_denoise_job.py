@@ -593,6 +593,7 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     finally:
         if job_proc.poll() is None:
             job_proc.kill()
+    stale_lock = (dst / job.LOCK).exists()
     left = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
     assert 0 < len(left) < count, len(left)
     assert not (dst / "manifest.parquet").exists()  # written only when a run ends
@@ -619,6 +620,48 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png")) == inputs
     assert [p.name for p in dst.rglob("*") if job.TMP_MARK in p.name] == []
     assert _journal_rows(dst) == {} and list(dst.glob(".manifest.*")) == []
+    assert stale_lock and not (dst / job.LOCK).exists()  # the killed run's lock held nothing
+
+
+def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_path):
+    """While a run holds DST (here this process, through the job's own lock), another
+    run there exits 2 naming the holder, before it reads or writes anything in DST; a
+    holder killed without a chance to clean up leaves its lock file, but not its lock."""
+    dst = tmp_path / "out"
+    args = ["--model", model_path, "--input", dataset["src"], "--output", dst]
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+        holder = (dst / job.LOCK).read_text()
+        assert holder.startswith(f"pid {os.getpid()} on ")
+        result = run_job(*args, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"--output {dst}: another run of this job is writing there ({holder.strip()})" in (
+            result.stderr
+        ), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert [p.name for p in dst.iterdir()] == [job.LOCK]
+    assert list(dst.iterdir()) == []  # the holder's lock file goes with it
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import denoise as job; "
+        "cm = job.one_run_at_a_time(job.Storage(sys.argv[2]), sys.argv[2]); cm.__enter__(); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    cmd = [sys.executable, "-c", code, str(ROOT / "jobs"), str(dst)]
+    holder = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=f"pid {holder.pid} on "):
+            with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+                pass
+        holder.kill()  # as a crash would: no finally, no unlink
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert (dst / job.LOCK).exists()
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+        assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+    assert not (dst / job.LOCK).exists()
 
 
 def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
