@@ -1,8 +1,11 @@
-"""The same seven models train and round-trip under JAX (TensorFlow is covered
-in-process by test_models.py), and a file saved under JAX reloads under TensorFlow."""
+"""The same seven models train and round-trip under JAX and PyTorch (TensorFlow is
+covered in-process by test_models.py), and a file saved under either reloads under
+TensorFlow. PyTorch's tests are skipped where it is not installed: .ci/run installs
+its CPU build only where pip finds one on disk (PyPI's is a CUDA build of several GB)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -42,24 +45,37 @@ print("REPORT" + json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def jax_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("jax")
+BACKENDS = [
+    "jax",
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("torch") is None, reason="PyTorch is not installed"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_run(request, tmp_path_factory):
+    """Every variant trained, saved and reloaded in a child process on one backend."""
+    backend = request.param
+    out_dir = tmp_path_factory.mktemp(backend)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(out_dir)],
-        env=subprocess_env(KERAS_BACKEND="jax"),
+        env=subprocess_env(KERAS_BACKEND=backend),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
-    return out_dir, json.loads(line[len("REPORT") :])
+    return backend, out_dir, json.loads(line[len("REPORT") :])
 
 
-def test_every_variant_trains_and_round_trips_under_jax(jax_run):
-    _, report = jax_run
-    assert report["backend"] == "jax"
+def test_every_variant_trains_and_round_trips(backend_run):
+    backend, _, report = backend_run
+    assert report["backend"] == backend
     assert sorted(report["models"]) == sorted(
         ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
     )
@@ -70,12 +86,12 @@ def test_every_variant_trains_and_round_trips_under_jax(jax_run):
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "denoise", "seq2seq", "vae"])
-def test_jax_file_reloads_under_tensorflow(jax_run, name):
+def test_file_reloads_under_tensorflow(backend_run, name):
     import aelib
     from aelib import data as data_lib
 
     assert keras.backend.backend() == "tensorflow"
-    out_dir, _ = jax_run
+    _, out_dir, _ = backend_run
     bundle = aelib.load(out_dir / f"{name}.keras")
     _, (x_test, _) = data_lib.load_mnist()
     x = data_lib.prepare(x_test[:8], bundle.input_kind)

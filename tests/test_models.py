@@ -1,5 +1,6 @@
 """Every variant builds, trains, splits into encoder/decoder and round-trips as .keras
-(under the default TensorFlow backend; tests/test_backends.py repeats this under JAX)."""
+(under the default TensorFlow backend; tests/test_backends.py repeats this under JAX
+and PyTorch)."""
 
 from __future__ import annotations
 
