@@ -2111,44 +2111,59 @@ def one_run_at_a_time(output: Storage, flag: str):
     import socket
 
     path = output.full(LOCK)
+    if os.path.islink(output.root) and not os.path.exists(output.root):
+        target = os.readlink(output.root)
+        raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
     fd = None
     try:
         os.makedirs(output.root, exist_ok=True)
-        while fd is None:
+        for _ in range(100):  # a file that is not the one locked: the run before removed it
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-                os.close(fd)
                 raise ValueError(
                     f"--output {flag}: another run of this job is writing there "
                     f"({holder or 'starting'}); wait for it to end, or give another --output"
                 ) from None
             except OSError as e:  # a file system without locks (some network mounts)
-                os.close(fd)
-                fd = None
-                print(
-                    f"denoise: note: cannot lock {path} ({e}): nothing stops a second run "
-                    "from writing to this --output at the same time",
-                    file=sys.stderr,
-                )
+                lockless = e
                 break
-            try:  # the run before may have removed the file between our open and lock
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    lockless = None
+                    break
             except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                fd = None
-        if fd is not None:
+                pass
+            os.close(fd)
+            fd = None
+        else:  # (inode numbers that do not hold still, as on some network mounts)
+            lockless = OSError(f"{path} is another file each time it is opened")
+        if lockless is None:
             os.ftruncate(fd, 0)
             since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
-    except OSError as e:  # a read-only or full DST: say so before any work
+    except BaseException as e:
         if fd is not None:
+            if not isinstance(e, ValueError):  # ours, still held: nobody else has it
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             os.close(fd)
-        raise ValueError(f"--output {flag}: cannot write there ({e})") from e
+        if isinstance(e, OSError):  # a read-only or full DST: say so before any work
+            raise ValueError(f"--output {flag}: cannot write there ({e})") from e
+        raise
+    if lockless is not None:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            fd = None
+        print(
+            f"denoise: note: cannot lock {path} ({lockless}): nothing stops a second run "
+            "from writing to this --output at the same time",
+            file=sys.stderr,
+        )
     try:
         yield
     finally:  # removed while still held, so no run can lock the file and then lose it

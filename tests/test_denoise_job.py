@@ -644,12 +644,13 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import denoise as job; "
         "cm = job.one_run_at_a_time(job.Storage(sys.argv[2]), sys.argv[2]); cm.__enter__(); "
-        "print('held', flush=True); sys.stdin.read()"
+        "print('held', flush=True); import time; time.sleep(600)"
     )
     cmd = [sys.executable, "-c", code, str(ROOT / "jobs"), str(dst)]
-    holder = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "holder.log"
+    holder = start_logged(cmd, None, log)
     try:
-        assert holder.stdout.readline() == "held\n"
+        assert wait_for(lambda: "held" in log.read_text(), holder, log, timeout=60)
         with pytest.raises(ValueError, match=f"pid {holder.pid} on "):
             with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
                 pass
@@ -662,6 +663,41 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
         assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
     assert not (dst / job.LOCK).exists()
+
+
+def test_the_output_lock_where_it_cannot_be_had(tmp_path, monkeypatch, capsys):
+    """A file system without locks gets a note and leaves no lock file; a DST that is a
+    dangling link is named; an interrupt while the lock is taken leaves it free."""
+    import errno
+    import fcntl
+
+    dst = tmp_path / "out"
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=f"--output {dangling}: a link to .*gone, which does not"):
+        with job.one_run_at_a_time(job.Storage(str(dangling)), str(dangling)):
+            pass
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+            assert list(dst.iterdir()) == []
+    assert "cannot lock" in capsys.readouterr().err and list(dst.iterdir()) == []
+
+    def interrupted(fd, length):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "ftruncate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+                pass
+    assert list(dst.iterdir()) == []
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):  # not held by a lost fd
+        assert [p.name for p in dst.iterdir()] == [job.LOCK]
 
 
 def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
