@@ -446,6 +446,32 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
     assert job.io_floor(SimpleNamespace(input="file:///d", output="/o", clean="gs://b/c")) == 16
 
 
+def test_gcs_without_credentials_fails_soon_with_what_to_do(tmp_path):
+    """pyarrow's GCS client retried a machine's missing credentials for minutes: gs://
+    URIs get a retry limit unless they set one, and the job's error says what to set."""
+    import datetime
+
+    def retry_limit(uri: str) -> datetime.timedelta | None:
+        fs, _ = job.filesystem(uri)
+        return fs.__reduce__()[1][0]["retry_time_limit"]
+
+    assert retry_limit("gs://anonymous@b/x") == datetime.timedelta(seconds=job.GCS_RETRY_SECONDS)
+    assert retry_limit("gs://anonymous@b/x?retry_limit_seconds=7") == datetime.timedelta(seconds=7)
+    # No credentials anywhere: no key file, no gcloud login, no metadata server.
+    env = {k: v for k, v in _env().items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update(HOME=str(tmp_path), GCE_METADATA_ROOT="127.0.0.1:9", GCE_METADATA_HOST="127.0.0.1:9")
+    model = "gs://aelib-test/denoise.keras?endpoint_override=127.0.0.1:9&scheme=http"
+    cmd = [sys.executable, str(JOB), "--model", model + "&retry_limit_seconds=1"]
+    cmd += ["--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--model {model}&retry_limit_seconds=1: cannot read it" in result.stderr
+    assert "no Google Cloud credentials were found: set GOOGLE_APPLICATION_CREDENTIALS" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3, monkeypatch):
     """An object store has no append: a run there PUTs its new rows as journal parts (the
     first block's at once, then those received since every JOURNAL_SECONDS in one part,
