@@ -293,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             os.makedirs(args.storage_path, exist_ok=True)
         except OSError as e:
             parser.error(f"--storage-path: cannot create {args.storage_path}: {e.strerror or e}")
+    elif problem := _unreachable(args.storage_path):
+        parser.error(f"--storage-path: cannot reach {args.storage_path}: {problem}")
     if args.data is not None:
         args.data = os.path.abspath(os.path.expanduser(args.data))
         if not os.path.isfile(args.data):
@@ -306,6 +308,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             parser.error("--search optuna needs the optuna package: pip install optuna")
     return args
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why a cloud storage path cannot be read with this machine's credentials (None if
+    it can): here, before Ray starts, rather than from Tune once it has. Without Google
+    credentials pyarrow's GCS client retried for 16 minutes before its error, so the
+    probe gives it 30 s unless the URI sets its own `retry_limit_seconds`."""
+    import pyarrow.fs
+
+    probe = uri
+    if uri.lower().startswith("gs://") and "retry_limit_seconds=" not in uri:
+        probe += ("&" if "?" in uri else "?") + "retry_limit_seconds=30"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+        fs.get_file_info(path)
+    except Exception as e:  # pyarrow's OSError, or ValueError for a URI it cannot parse
+        if "OAuth2 access token" in str(e):
+            return (
+                f"{e}\nsweep.py: no Google Cloud credentials were found: set "
+                "GOOGLE_APPLICATION_CREDENTIALS to a service account's key file or run "
+                "`gcloud auth application-default login`"
+            )
+        return str(e)
+    return None
 
 
 def _given_flags(argv: list[str]) -> list[str]:

@@ -389,6 +389,24 @@ def test_storage_path_defaults_to_the_clusters_shared_storage(tmp_path, monkeypa
     assert "s3://CHANGE-ME-bucket/aelib/sweeps is the placeholder of cluster.yaml" in err
 
 
+def test_a_cloud_storage_path_it_cannot_reach_fails_before_ray(tmp_path, monkeypatch, capsys):
+    """A bucket the machine cannot reach (here no Google credentials anywhere, which
+    pyarrow's client retried for 16 minutes; the URI's own retry limit is kept) fails
+    with the flag and what to set, in the argument checks (before Ray starts)."""
+    sweep = _load_sweep_module()
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no gcloud login
+    for name in ("GCE_METADATA_ROOT", "GCE_METADATA_HOST"):  # no metadata server
+        monkeypatch.setenv(name, "127.0.0.1:9")
+    uri = "gs://aelib-test/sweeps?endpoint_override=127.0.0.1:9&scheme=http&retry_limit_seconds=1"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--storage-path", uri])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--storage-path: cannot reach {uri}: " in err
+    assert "no Google Cloud credentials were found: set GOOGLE_APPLICATION_CREDENTIALS" in err
+
+
 @pytest.mark.parametrize(
     "flags, code, message",
     [
