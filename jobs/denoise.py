@@ -1755,9 +1755,11 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     else:
         storage = Storage(location)
         if not storage.is_dir():
+            missing = storage.local and not os.path.lexists(storage.root)
             raise ValueError(
-                f"--input {location} is not a folder, a glob or a Parquet file. "
-                "Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
+                f"--input {location} "
+                + ("does not exist" if missing else "is not a folder, a glob or a Parquet file")
+                + ". Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
             )
         files = storage.walk(prune)
     shown = [(rel, n) for rel, n in files if not _hidden(rel)] if not has_glob else files
@@ -1987,14 +1989,18 @@ def _whole(path: str, size: int) -> bool:
     return head[:4] != b"RIFF" or struct.unpack("<I", head[4:8])[0] + 8 == size
 
 
-def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict], list[str]]:
+def previous_rows(
+    output: Storage, clean: str | None = None
+) -> tuple[dict[str, dict[str, Any]], list[dict], list[str]]:
     """The rows of earlier runs by input path (to carry sizes and metrics into
     `skipped` rows): the last manifest's, updated by the journals of runs that stopped
     before writing theirs (killed, crashed, interrupted), in the order the runs
     started (the `run` number in their metadata; file times can be reset by a copy).
     Also the metadata (settings) of each, and the journals' names (removed once this
     run's manifest holds their rows). One table is in memory at a time (but the parts
-    of a journal in an object store, read at once)."""
+    of a journal in an object store, read at once). Given this run's `clean` (its
+    --clean, "" for none), the PSNR/SSIM of a run that measured against other
+    references (or none) are dropped: they are not this run's to carry."""
     sources: list[tuple[int, int, Callable[[], pa.Table | None]]] = []
     try:
         data = output.read(MANIFEST)
@@ -2031,12 +2037,24 @@ def previous_rows(output: Storage) -> tuple[dict[str, dict[str, Any]], list[dict
         names = [c for c in _COLUMNS if table is not None and c in table.schema.names]
         if not {"path", "status"} <= set(names):
             continue  # another job's layout: its rows are not carried
-        metas.append({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        metas.append(meta)
+        stale = clean is not None and _place(meta.get("clean", "")) != _place(clean)
         for row in table.select(names).to_pylist():  # a later run's row goes last, so
+            if stale:
+                row.update(dict.fromkeys((k for k in _METRICS if k in row), None))
             rows.pop(row["path"], None)  # output -> input maps built from these favour it
             rows[row["path"]] = row
         del table
     return rows, metas, journals
+
+
+def _place(location: str) -> str:
+    """A location as recorded in a manifest, comparable with another: a local path made
+    absolute (from the working folder, as a rerun of the same command would)."""
+    if not location or not _is_local(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
 
 
 def _run_number(schema: pa.Schema) -> int:
@@ -2233,6 +2251,8 @@ class ManifestWriter:
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
+        self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
+        self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
         self.failures: list[str] = []
 
@@ -2282,7 +2302,14 @@ class ManifestWriter:
         both = np.isfinite(values["psnr"].astype(float)) & np.isfinite(
             values["psnr_noisy"].astype(float)
         )
-        both &= np.array([s != "failed" for s in status])
+        done = np.array([s != "failed" for s in status], dtype=bool)
+        both &= done
+        self.unmeasured += int(done.sum() - both.sum())
+        if self.unmeasured_example is None and (done & ~both).any():
+            errors = table.column("error").to_pylist()
+            self.unmeasured_example = next(
+                (errors[i] for i in np.flatnonzero(done & ~both) if errors[i]), None
+            )
         if both.any():
             for key in _METRICS:
                 self.sums[key] += float(np.sum(values[key][both].astype(float)))
@@ -2524,8 +2551,13 @@ def _run_locked(
             file=sys.stderr,
         )
 
-    before, before_metas, journals = previous_rows(output)
+    clean = redacted(args.clean) if args.clean else None
+    before, before_metas, journals = previous_rows(output, clean)
+    if clean is None:  # the references of the metrics carried over, if any (the last run's)
+        clean = before_metas[-1].get("clean", "") if before_metas else ""
     writers = previous_writers(output, before)
+    # No manifest, journal or record of outputs: this job has not written here before.
+    unrecorded = not (before or journals or writers)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
     done = existing_outputs(output, written)
@@ -2535,7 +2567,7 @@ def _run_locked(
         "model_name": spec.name,
         "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
         "input": redacted(args.input),
-        "clean": redacted(args.clean or ""),
+        "clean": clean,
         "format": args.format,
         "rgb": args.rgb,
         "quality": str(args.quality),
@@ -2554,7 +2586,18 @@ def _run_locked(
     if before and changed:
         print(
             f"denoise: note: {redacted(output.location)} holds a run with another "
-            f"{', '.join(changed)}: its outputs are kept (skipped), its failures retried",
+            f"{', '.join(changed)}: its outputs are kept (skipped where this run would "
+            "write the same file), its failures retried",
+            file=sys.stderr,
+        )
+    others = sorted(
+        {m.get("clean", "") for m in before_metas if _place(m.get("clean", "")) != _place(clean)}
+    )
+    if args.clean and others:
+        print(
+            f"denoise: note: {redacted(output.location)} holds a run measured against "
+            f"another --clean ({others[0] or 'none'}): the outputs it wrote are skipped "
+            "without PSNR/SSIM; give a new --output to denoise and measure every input",
             file=sys.stderr,
         )
     try:
@@ -2565,6 +2608,8 @@ def _run_locked(
     try:
         retry = args.retry_failed or bool(changed)
         early, todo = _plan(inputs, args, done, before, retry, kept)
+        if unrecorded:
+            _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
         manifest.add_rows(early)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
@@ -2585,6 +2630,16 @@ def _run_locked(
         raise
     seconds = time.perf_counter() - start
     counts = manifest.counts
+    if unrecorded and inputs.kind == "parquet":  # (skipped in the actors)
+        _warn_unrecorded(output, counts["skipped"])
+    if args.clean and manifest.unmeasured:
+        example = manifest.unmeasured_example
+        why = f" (e.g. {example}; the manifest's error column has each reason)" if example else ""
+        print(
+            f"denoise: note: {manifest.unmeasured} of the {counts['ok'] + counts['skipped']} "
+            f"outputs have no PSNR/SSIM against --clean{why}",
+            file=sys.stderr,
+        )
     summary = {
         "inputs": sum(counts.values()),
         **counts,
@@ -2619,6 +2674,21 @@ def _run_locked(
     print(line, flush=True)
     print("denoise-summary " + json.dumps(summary), flush=True)
     return summary
+
+
+def _warn_unrecorded(output: Storage, skipped: int) -> None:
+    """Outputs that were in DST before this job ever wrote there (no manifest, journal or
+    record of outputs) are skipped as done, as after a crash that lost their rows: say
+    so, as they may be another dataset's."""
+    if skipped:
+        print(
+            f"denoise: warning: {skipped} inputs are skipped because their outputs are "
+            f"already in {redacted(output.location)}, with no record that this job wrote "
+            f"them (no {MANIFEST}, journal or {WRITERS} there); if they are not this "
+            "job's results (another folder of images, a copy of the input), give an empty "
+            "--output",
+            file=sys.stderr,
+        )
 
 
 def _plan(

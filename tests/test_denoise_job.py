@@ -240,6 +240,41 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
     print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
 
 
+def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, dataset, tmp_path):
+    """A rerun against other --clean references does not carry the PSNR/SSIM measured
+    against the first ones, and says so; a DST that already holds the inputs' outputs
+    with no record of this job (here a copy of the input) gets a warning."""
+    dst, _ = first_run
+    copy, refs = tmp_path / "copy", tmp_path / "refs"
+    shutil.copytree(dst, copy)
+    shutil.copytree(dataset["clean"], refs)
+    args = ["--model", model_path, "--input", dataset["src"], "--output", copy]
+    result = run_job(*args, "--clean", dataset["clean"])  # the same references: carried
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with a --clean reference: mean PSNR" in result.stdout
+    measured = sum(r["psnr"] is not None for r in manifest(copy).values())
+    assert measured == N_DIGITS
+    result = run_job(*args, "--clean", refs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"holds a run measured against another --clean ({dataset['clean']})" in result.stderr
+    rows = manifest(copy)
+    assert all(r["psnr"] is None and r["psnr_noisy"] is None for r in rows.values())
+    done = sum(r["status"] != "failed" for r in rows.values())
+    assert f"{done} of the {done} outputs have no PSNR/SSIM against --clean" in result.stderr
+    assert "mean PSNR" not in result.stdout
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(dataset["src"], foreign)
+    result = run_job("--model", model_path, "--input", dataset["src"], "--output", foreign)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = sum(r["status"] == "skipped" for r in manifest(foreign).values())
+    assert skipped > N_DIGITS
+    assert f"warning: {skipped} inputs are skipped because their outputs are already in " in (
+        result.stderr
+    )
+    assert "warning" not in run_job(*args).stderr  # DST has this job's record
+
+
 BUCKET = "aelib-test"
 
 
@@ -1046,7 +1081,12 @@ def test_actors_import_aelib_only_for_a_model_with_its_layers(model_path, custom
 
 def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     result = run_job("--model", model_path, "--input", tmp_path / "nope", "--output", tmp_path)
-    assert result.returncode == 2 and "--input" in result.stderr and "nope" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--input {tmp_path / 'nope'} does not exist. Expected e.g." in result.stderr
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    result = run_job("--model", model_path, "--input", a_file, "--output", tmp_path / "o")
+    assert result.returncode == 2 and "is not a folder, a glob or a Parquet file" in result.stderr
     junk = tmp_path / "junk.keras"
     junk.write_text("not a zip")
     result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
