@@ -215,6 +215,7 @@ def filesystem(uri: str):
     defaults = {
         "s3://": "allow_delayed_open=true",
         "gs://": f"retry_limit_seconds={GCS_RETRY_SECONDS}",
+        "gcs://": f"retry_limit_seconds={GCS_RETRY_SECONDS}",
     }
     option = next((v for k, v in defaults.items() if uri.lower().startswith(k)), None)
     if option and option.split("=")[0] + "=" not in uri:
@@ -2039,22 +2040,36 @@ def previous_rows(
             continue  # another job's layout: its rows are not carried
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         metas.append(meta)
-        stale = clean is not None and _place(meta.get("clean", "")) != _place(clean)
         for row in table.select(names).to_pylist():  # a later run's row goes last, so
-            if stale:
-                row.update(dict.fromkeys((k for k in _METRICS if k in row), None))
+            row["_clean"] = _place(meta.get("clean", ""))  # (whose metrics, below)
             rows.pop(row["path"], None)  # output -> input maps built from these favour it
             rows[row["path"]] = row
         del table
+    # The references the carried metrics must have been measured against: this run's,
+    # or without --clean the last run's. "" (a run without --clean, or from before the
+    # job recorded which references its carried metrics had) is not known to differ.
+    target = (
+        _place(clean) if clean is not None else _place(metas[-1].get("clean", "") if metas else "")
+    )
+    for row in rows.values():
+        if target and row["_clean"] and row["_clean"] != target:
+            row.update(dict.fromkeys((k for k in _METRICS if k in row), None))
+        del row["_clean"]
     return rows, metas, journals
 
 
 def _place(location: str) -> str:
     """A location as recorded in a manifest, comparable with another: a local path made
-    absolute (from the working folder, as a rerun of the same command would)."""
-    if not location or not _is_local(location):
-        return location
-    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+    absolute (one recorded relative, by an older version of the job, from the working
+    folder, as a rerun of the same command would), a URI without its user info, query
+    or trailing "/"."""
+    if not location:
+        return ""
+    if _is_local(location):
+        return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+    path, _ = split_query(location)
+    scheme, _, rest = path.partition("://")
+    return f"{scheme.lower()}://{rest.rpartition('@')[2]}".rstrip("/")
 
 
 def _run_number(schema: pa.Schema) -> int:
@@ -2304,11 +2319,13 @@ class ManifestWriter:
         )
         done = np.array([s != "failed" for s in status], dtype=bool)
         both &= done
-        self.unmeasured += int(done.sum() - both.sum())
-        if self.unmeasured_example is None and (done & ~both).any():
+        # (An output equal to its reference has an infinite PSNR: measured, not in the means.)
+        none = done & np.isnan(values["psnr"].astype(float))
+        self.unmeasured += int(none.sum())
+        if self.unmeasured_example is None and none.any():
             errors = table.column("error").to_pylist()
             self.unmeasured_example = next(
-                (errors[i] for i in np.flatnonzero(done & ~both) if errors[i]), None
+                (errors[i] for i in np.flatnonzero(none) if errors[i]), None
             )
         if both.any():
             for key in _METRICS:
@@ -2551,7 +2568,10 @@ def _run_locked(
             file=sys.stderr,
         )
 
-    clean = redacted(args.clean) if args.clean else None
+    if args.clean:  # recorded absolute, so that a rerun from elsewhere compares right
+        clean = _place(args.clean) if _is_local(args.clean) else redacted(args.clean)
+    else:
+        clean = None
     before, before_metas, journals = previous_rows(output, clean)
     if clean is None:  # the references of the metrics carried over, if any (the last run's)
         clean = before_metas[-1].get("clean", "") if before_metas else ""
@@ -2591,13 +2611,14 @@ def _run_locked(
             file=sys.stderr,
         )
     others = sorted(
-        {m.get("clean", "") for m in before_metas if _place(m.get("clean", "")) != _place(clean)}
+        {m.get("clean", "") for m in before_metas if _place(m.get("clean", ""))} - {""},
     )
+    others = [o for o in others if _place(o) != _place(clean)]
     if args.clean and others:
         print(
             f"denoise: note: {redacted(output.location)} holds a run measured against "
-            f"another --clean ({others[0] or 'none'}): the outputs it wrote are skipped "
-            "without PSNR/SSIM; give a new --output to denoise and measure every input",
+            f"another --clean ({others[0]}): the outputs it wrote are skipped without "
+            "PSNR/SSIM; give a new --output to denoise and measure every input",
             file=sys.stderr,
         )
     try:
@@ -2684,9 +2705,9 @@ def _warn_unrecorded(output: Storage, skipped: int) -> None:
         print(
             f"denoise: warning: {skipped} inputs are skipped because their outputs are "
             f"already in {redacted(output.location)}, with no record that this job wrote "
-            f"them (no {MANIFEST}, journal or {WRITERS} there); if they are not this "
+            f"them (no {MANIFEST}, journal or {WRITERS} there): if they are not this "
             "job's results (another folder of images, a copy of the input), give an empty "
-            "--output",
+            "--output (a run stopped in its first block leaves no record either)",
             file=sys.stderr,
         )
 
@@ -3156,7 +3177,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # e.g. DST's disk filled up while the manifest was written
         print(
-            f"denoise: error: {redacted(str(e))}. The outputs written are kept; rerun to resume.",
+            f"denoise: error: {redacted(str(e))}. The outputs written are kept; rerun to "
+            f"resume.{_credentials_hint(str(e))}",
             file=sys.stderr,
         )
         return 1

@@ -318,7 +318,7 @@ def _unreachable(uri: str) -> str | None:
     import pyarrow.fs
 
     probe = uri
-    if uri.lower().startswith("gs://") and "retry_limit_seconds=" not in uri:
+    if uri.lower().startswith(("gs://", "gcs://")) and "retry_limit_seconds=" not in uri:
         probe += ("&" if "?" in uri else "?") + "retry_limit_seconds=30"
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(probe)

@@ -249,7 +249,9 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, d
     shutil.copytree(dst, copy)
     shutil.copytree(dataset["clean"], refs)
     args = ["--model", model_path, "--input", dataset["src"], "--output", copy]
-    result = run_job(*args, "--clean", dataset["clean"])  # the same references: carried
+    assert job._place("s3://KEY:SECRET@b/refs/?region=x") == job._place("s3://b/refs")
+    assert job._place("refs/") == job._place(os.path.abspath("refs"))
+    result = run_job(*args, "--clean", f"{dataset['clean']}/")  # the same references: carried
     assert result.returncode == 0, result.stderr[-3000:]
     assert "with a --clean reference: mean PSNR" in result.stdout
     measured = sum(r["psnr"] is not None for r in manifest(copy).values())
