@@ -1999,9 +1999,9 @@ def previous_rows(
     started (the `run` number in their metadata; file times can be reset by a copy).
     Also the metadata (settings) of each, and the journals' names (removed once this
     run's manifest holds their rows). One table is in memory at a time (but the parts
-    of a journal in an object store, read at once). Given this run's `clean` (its
-    --clean, "" for none), the PSNR/SSIM of a run that measured against other
-    references (or none) are dropped: they are not this run's to carry."""
+    of a journal in an object store, read at once). The PSNR/SSIM of a run that
+    measured against other references than this run's `clean` (its --clean; None for
+    none: then the last run's) are dropped: they are not this run's to carry."""
     sources: list[tuple[int, int, Callable[[], pa.Table | None]]] = []
     try:
         data = output.read(MANIFEST)
