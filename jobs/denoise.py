@@ -2040,8 +2040,9 @@ def previous_rows(
             continue  # another job's layout: its rows are not carried
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         metas.append(meta)
+        place = _place(meta.get("clean", ""))  # whose metrics (below)
         for row in table.select(names).to_pylist():  # a later run's row goes last, so
-            row["_clean"] = _place(meta.get("clean", ""))  # (whose metrics, below)
+            row["_clean"] = place
             rows.pop(row["path"], None)  # output -> input maps built from these favour it
             rows[row["path"]] = row
         del table
@@ -2314,13 +2315,11 @@ class ManifestWriter:
                 if s == "failed" and len(self.failures) < 5:
                     self.failures.append(f"{path}: {err}")
         values = {k: np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in _METRICS}
-        both = np.isfinite(values["psnr"].astype(float)) & np.isfinite(
-            values["psnr_noisy"].astype(float)
-        )
+        psnr = values["psnr"].astype(float)
         done = np.array([s != "failed" for s in status], dtype=bool)
-        both &= done
+        both = np.isfinite(psnr) & np.isfinite(values["psnr_noisy"].astype(float)) & done
         # (An output equal to its reference has an infinite PSNR: measured, not in the means.)
-        none = done & np.isnan(values["psnr"].astype(float))
+        none = done & np.isnan(psnr)
         self.unmeasured += int(none.sum())
         if self.unmeasured_example is None and none.any():
             errors = table.column("error").to_pylist()
@@ -2610,10 +2609,9 @@ def _run_locked(
             "write the same file), its failures retried",
             file=sys.stderr,
         )
-    others = sorted(
-        {m.get("clean", "") for m in before_metas if _place(m.get("clean", ""))} - {""},
+    others = sorted(  # ("" is no --clean, or not recorded: not known to differ)
+        {m["clean"] for m in before_metas if _place(m.get("clean", "")) not in ("", _place(clean))}
     )
-    others = [o for o in others if _place(o) != _place(clean)]
     if args.clean and others:
         print(
             f"denoise: note: {redacted(output.location)} holds a run measured against "
