@@ -815,6 +815,9 @@ def decode(
                 img = img.convert("L")
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB" if mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")
+                if mode in ("CMYK", "YCbCr", "HSV", "LAB"):  # the output is RGB: say so
+                    note = f"{mode} pixels converted to RGB (Pillow)"
+                    info["note"] = "; ".join(filter(None, [info.get("note"), note]))
             if img.mode == "RGB" and rgb == "luminance":
                 img = img.convert("L")
             space = "L" if gray_alpha else COLOR_SPACE.get(mode)  # 16-bit LA read as RGBA
@@ -1348,8 +1351,8 @@ class Denoiser:
         except Exception as e:  # loss-free: one bad file never stops the block
             row["error"] = _reason(e)
             return row, None
-        height, width, channels = array.shape
-        row.update(width=width, height=height, channels=channels)
+        height, width, channels = array.shape  # (alpha set aside: counted, not denoised)
+        row.update(width=width, height=height, channels=channels + (alpha is not None))
         if self.spec.fixed_size and (height, width) != self.spec.fixed_size:
             row["error"] = (
                 f"image is {height}x{width}; model {self.spec.name} only takes "
@@ -1669,6 +1672,7 @@ class Inputs:
     files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
     hidden: int = 0  # files left out of a folder listing for a name starting with "."
+    single: bool = False  # one file, named: `storage` is its folder, which is not listed
 
 
 def _hidden(rel: str) -> bool:
@@ -1756,11 +1760,20 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     else:
         storage = Storage(location)
         if not storage.is_dir():
-            missing = storage.local and not os.path.lexists(storage.root)
+            one = _one_file(storage)
+            if one is not None:
+                return one
+            if storage.local:
+                missing = not os.path.lexists(storage.root)
+            else:
+                import pyarrow.fs as pafs
+
+                missing = storage.fs.get_file_info(storage.root).type == pafs.FileType.NotFound
             raise ValueError(
                 f"--input {location} "
-                + ("does not exist" if missing else "is not a folder, a glob or a Parquet file")
-                + ". Expected e.g. /data/noisy, '/data/**/*.png' or /data/images.parquet."
+                + ("does not exist" if missing else "is not a file, a folder or a glob")
+                + ". Expected e.g. /data/noisy, '/data/**/*.png', /data/images.parquet "
+                "or /data/x.png."
             )
         files = storage.walk(prune)
     shown = [(rel, n) for rel, n in files if not _hidden(rel)] if not has_glob else files
@@ -1783,6 +1796,28 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 )
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
+
+
+def _one_file(storage: Storage) -> Inputs | None:
+    """An --input naming one file (not Parquet: that suffix is read as Parquet): the
+    folder it is in, with that file alone (named, so a hidden one too); None if it
+    is not a file."""
+    if storage.local:
+        if not os.path.isfile(storage.root):
+            return None
+        size = os.path.getsize(storage.root)
+        folder, name = os.path.split(storage.root)
+    else:
+        import pyarrow.fs as pafs
+
+        info = storage.fs.get_file_info(storage.root)
+        if info.type != pafs.FileType.File:
+            return None
+        size = info.size
+        path, query = split_query(storage.location)
+        folder = path.rstrip("/").rsplit("/", 1)[0] + query
+        name = storage.root.rsplit("/", 1)[-1]
+    return Inputs("files", Storage(folder), [(name, size)], [], single=True)
 
 
 def _image_name(rel: str) -> bool:
@@ -1871,7 +1906,12 @@ def check_locations(
     src = source.storage  # a folder or glob of Parquet files too (DST's manifest with it)
     location = location.removeprefix("file://")
     nesting = _nested(src, output) if src is not None else None
-    if nesting in ("same", "inside"):
+    if source.single and nesting == "same":
+        raise ValueError(
+            f"--output {output.location} is the folder of --input {location}: its output "
+            "would replace it. Choose another output folder."
+        )
+    if nesting in ("same", "inside") and not source.single:  # (one file: nothing listed)
         where = "--input" if nesting == "same" else "inside --input"
         raise ValueError(
             f"--output {output.location} is {where} {location}: choose an output folder "

@@ -452,6 +452,14 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
         assert [job._parquet_file(uri).metadata.num_rows for uri in expected] == [2] * len(expected)
     with pytest.raises(ValueError, match="no Parquet files found"):
         job.find_inputs(f"{url}/*.pq", "auto")
+    # One image in a bucket: its folder, with that file alone, the query kept.
+    with s3.fs.open_output_stream(f"{BUCKET}/pq/sub/one.png") as f:
+        f.write(png(np.zeros((4, 4), np.uint8)))
+    inputs = job.find_inputs(f"{url}/sub/one.png{query}", "auto")
+    assert (inputs.kind, inputs.single, inputs.files) == ("files", True, [("one.png", 68)])
+    assert inputs.storage.location == f"{url}/sub{query}"
+    with pytest.raises(ValueError, match=r"sub/two.png\?region=us-east-1 does not exist"):
+        job.find_inputs(f"{url}/sub/two.png{query}", "auto")
     # DST inside the folder listed: its manifest would be read as an input.
     with pytest.raises(ValueError, match="inside --input"):
         job.check_locations(job.find_inputs(url, "auto"), url, job.Storage(f"{url}/out"))
@@ -951,6 +959,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     save("x.png", Image.fromarray(gray[:10, :10]), "PNG")  # with --format jpeg: x.jpg too
     save("y.jpg", Image.fromarray(gray[:8, :9]), "JPEG")
     save("rgba.png", Image.fromarray(np.dstack([gray, gray, gray, gray])), "PNG")
+    save("cmyk.jpg", Image.fromarray(np.dstack([gray] * 3)).convert("CMYK"), "JPEG")
     save("g16.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")  # I;16
     save("anim.gif", Image.fromarray(gray), "GIF")
     photo = Image.fromarray(np.dstack([gray, gray[::-1], gray.T]))
@@ -994,6 +1003,9 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     assert "also the output of x.jpg" in rows["x.png"]["error"]
     assert Image.open(dst / "x.jpg").size == (12, 12)  # x.jpg's own result, not x.png's
     assert rows["rgba.png"]["status"] == "ok" and "alpha dropped" in rows["rgba.png"]["error"]
+    assert rows["rgba.png"]["channels"] == 4 and rows["g16.png"]["channels"] == 1
+    assert rows["cmyk.jpg"]["channels"] == 3  # as denoised and written: RGB, and said so
+    assert "CMYK pixels converted to RGB" in rows["cmyk.jpg"]["error"]
     assert rows["g16.png"]["status"] == "ok" and "8 bits" in rows["g16.png"]["error"]
     for name, mode in (("rgba.jpg", "RGB"), ("g16.jpg", "L"), ("anim.jpg", "L")):
         with Image.open(dst / name) as image:
@@ -1023,6 +1035,14 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     with Image.open(dst / "anim.png") as image:
         assert image.format == "PNG"
     assert rows["bad\\xffname.png"]["status"] == "failed"
+    # One file as --input, its output in a folder beside it (nothing there is listed).
+    one = src / "denoised"
+    result = run_job(
+        "--model", model_path, "--input", src / "y.jpg", "--output", one, ray=shared_ray
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(manifest(one)) == ["y.jpg"] and manifest(one)["y.jpg"]["status"] == "ok"
+    assert Image.open(one / "y.jpg").size == (9, 8)
 
 
 def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
@@ -1085,10 +1105,15 @@ def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     result = run_job("--model", model_path, "--input", tmp_path / "nope", "--output", tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--input {tmp_path / 'nope'} does not exist. Expected e.g." in result.stderr
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("x")
-    result = run_job("--model", model_path, "--input", a_file, "--output", tmp_path / "o")
-    assert result.returncode == 2 and "is not a folder, a glob or a Parquet file" in result.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = run_job("--model", model_path, "--input", fifo, "--output", tmp_path / "o")
+    assert result.returncode == 2 and "is not a file, a folder or a glob" in result.stderr
+    a_file = tmp_path / "a.png"  # one file: its output would replace it
+    a_file.write_bytes(b"x")
+    result = run_job("--model", model_path, "--input", a_file, "--output", tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--output {tmp_path} is the folder of --input {a_file}" in result.stderr
     junk = tmp_path / "junk.keras"
     junk.write_text("not a zip")
     result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
