@@ -2185,14 +2185,15 @@ def one_run_at_a_time(output: Storage, flag: str):
     end would remove the other's live journal (taking it for a crashed run's), losing
     its manifest. The lock is the kernel's (flock on DST/LOCK), so it ends with the
     process however it ends: a crash or a kill leaves nothing to clear by hand. The
-    file names the holder, for the second run's message, and goes at the end. An
-    object store has no such lock: there one run at a time is the user's to keep.
+    file names the holder, for the second run's message, and goes at the end. On an
+    object store, which has no locks, DST/LOCK is a lease instead (see _lease).
 
     Raises:
         ValueError: naming DST and the run that holds it.
     """
     if not output.local:
-        yield
+        with _lease(output, flag):
+            yield
         return
     import fcntl
     import socket
@@ -2258,6 +2259,98 @@ def one_run_at_a_time(output: Storage, flag: str):
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(fd)
+
+
+# A run on an object store renews its lease on DST (DST/LOCK) every LEASE_SECONDS / 4;
+# one not renewed for LEASE_SECONDS is taken for a run that stopped without ending.
+LEASE_SECONDS = 60
+
+
+@contextlib.contextmanager
+def _lease(output: Storage, flag: str):
+    """One run at a time on an object store: DST/LOCK names the run writing there and
+    when it was last seen, rewritten every LEASE_SECONDS / 4 by a thread of the driver
+    and removed at the end. A run finding a lease renewed less than LEASE_SECONDS ago
+    stops; an older one (a run killed, or its machine lost) is taken over, with a note.
+    A store cannot create an object only if it is absent (not through pyarrow), so two
+    runs could both take a free DST; each reads the lease back after writing it, and
+    the one whose lease is not there stops, which leaves only runs started within the
+    same few requests of each other. Times are each machine's clock.
+
+    Raises:
+        ValueError: naming DST and the run that holds it, or that DST cannot be written.
+    """
+    import socket
+
+    path, fs = output.full(LOCK), output.fs
+
+    def held() -> dict | None:
+        try:
+            with fs.open_input_stream(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            found = json.loads(text)
+        except ValueError:
+            found = None
+        return found if isinstance(found, dict) else {}
+
+    def who(lease: dict) -> str:
+        if not lease.get("pid"):
+            return f"{LOCK} cannot be read"
+        beat = lease.get("beat")
+        seen = f", last seen {max(0.0, time.time() - beat):.0f} s ago" if beat else ""
+        return f"pid {lease['pid']} on {lease.get('host')}, since {lease.get('since')}{seen}"
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps({**me, "beat": time.time()}).encode())
+
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "token": uuid.uuid4().hex,
+    }
+    try:
+        lease = held()
+        live = lease is not None and time.time() - (lease.get("beat") or 0) < LEASE_SECONDS
+        if not live:
+            put()
+            mine = held()
+    except OSError as e:  # a bucket that cannot be read or written: say so before any work
+        raise ValueError(f"--output {flag}: cannot write there ({e})") from e
+    if live or (mine or {}).get("token") != me["token"]:
+        lease = lease if live else mine or {}
+        raise ValueError(
+            f"--output {flag}: another run of this job is writing there ({who(lease)}); wait "
+            "for it to end, or give another --output (on an object store a run that stopped "
+            f"without ending is taken for gone {LEASE_SECONDS} s after it was last seen)"
+        )
+    if lease is not None:
+        print(
+            f"denoise: note: a run that wrote to {redacted(output.location)} stopped without "
+            f"ending ({who(lease)}); this run takes over",
+            file=sys.stderr,
+        )
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            with contextlib.suppress(OSError):  # (a request that failed: the next one)
+                put()
+
+    beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
+    beats.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beats.join()
+        with contextlib.suppress(OSError):
+            if (held() or {}).get("token") == me["token"]:
+                fs.delete_file(path)
 
 
 class ManifestWriter:

@@ -349,7 +349,9 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     # pyarrow's delete leaves only the parts' (hidden) folder marker.
     parts = [f for f in files if f.startswith(f"{job.JOURNAL_PARTS}/.manifest.")]
     marker = f"{job.JOURNAL_PARTS}/"
-    assert parts and set(files) - set(parts) == {*ok, job.MANIFEST, job.WRITERS, marker}
+    # The run's lease on DST too, and the folder marker pyarrow PUTs when it deletes it.
+    leased = {job.LOCK, ""}
+    assert parts and set(files) - set(parts) == {*ok, job.MANIFEST, job.WRITERS, marker, *leased}
     left = s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/out", recursive=True))
     left = sorted(i.path.removeprefix(f"{BUCKET}/out/") for i in left if i.is_file)
     assert left == sorted([*ok, job.MANIFEST, job.WRITERS]), left
@@ -362,7 +364,7 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     assert {r["status"] for p, r in rows.items() if not p.startswith("broken/")} == {"skipped"}
     assert rows["sizes/odd.png"]["width"] == 45  # carried over from the first run
     rewritten = {p for m, p, _ in s3.requests if m == "PUT" and p.startswith(out_dir)}
-    assert rewritten == {out_dir + job.MANIFEST, out_dir + job.WRITERS}
+    assert rewritten == {out_dir + p for p in (job.MANIFEST, job.WRITERS, *leased)}
 
 
 @pytest.fixture(scope="module")
@@ -404,18 +406,21 @@ def test_gcs_parquet_input_references_and_output(first_run, model_path, dataset,
     objects = sorted(i.path.removeprefix(f"{BUCKET}/out/") for i in left if i.is_file)
     assert objects == sorted([*ok, job.MANIFEST, job.WRITERS])
     # pyarrow writes each object as a resumable upload: a POST that starts it, a PUT of
-    # the bytes; one each per output, per manifest file and per journal part (deleted
-    # one by one at the end). It reads a file whole with one GET, and a Parquet file
-    # with a few per row group.
+    # the bytes; one each per output, per manifest file, per journal part (deleted one
+    # by one at the end) and per renewal of the run's lease on DST (one at the start,
+    # one every LEASE_SECONDS / 4, deleted at the end). It reads a file whole with one
+    # GET, and a Parquet file with a few per row group.
     kinds = collections.Counter((m, p.split("/")[1]) for m, p, _ in during)
-    parts = kinds[("POST", "upload")] - len(ok) - 2
-    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts >= 1
-    assert kinds[("DELETE", "storage")] == parts, kinds
+    leases = sum(m == "POST" and f"out/{job.LOCK}" in urllib.parse.unquote(q) for m, p, q in during)
+    parts = kinds[("POST", "upload")] - len(ok) - 2 - leases
+    assert kinds[("PUT", "upload")] == kinds[("POST", "upload")] and parts >= 1 and leases >= 1
+    assert kinds[("DELETE", "storage")] == parts + 1, kinds
     media = collections.Counter(
         urllib.parse.unquote(p.rsplit("/o/", 1)[1])
         for m, p, q in during
         if m == "GET" and "alt=media" in q
     )
+    assert media.pop(f"out/{job.LOCK}") >= 2  # free? then read back once written
     references = {f"clean/{rel}" for rel in ok}  # (sizes/ has none: a 404 each)
     parquet = {"pq/part-0.parquet", "pq/part-1.parquet"}
     earlier = {f"out/{job.MANIFEST}", f"out/{job.WRITERS}"}  # a first run: 404s
@@ -734,6 +739,51 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
         assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
     assert not (dst / job.LOCK).exists()
+
+
+def test_a_second_run_on_the_same_bucket_output_stops_at_once(
+    model_path, tmp_path, s3, monkeypatch, capsys
+):
+    """An object store has no locks: a run there holds DST through a lease it renews,
+    and another run exits 2 naming it; a lease not renewed for LEASE_SECONDS (its run
+    was killed) is taken over with a note, and each run removes its own at the end."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    dst = f"s3://{BUCKET}/leased"
+    output, lease = job.Storage(dst), f"{BUCKET}/leased/{job.LOCK}"
+
+    def held() -> dict:
+        with s3.fs.open_input_stream(lease) as f:
+            return json.loads(f.read())
+
+    with job.one_run_at_a_time(output, dst):
+        mine = held()
+        assert (mine["pid"], mine["beat"]) == (os.getpid(), pytest.approx(time.time(), abs=30))
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.png").write_bytes(png(np.zeros((4, 4), np.uint8)))
+        result = run_job("--model", model_path, "--input", src, "--output", dst, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"--output {dst}: another run of this job is writing there (pid {os.getpid()} " in (
+            result.stderr
+        )
+        assert "last seen 0 s ago" in result.stderr and "Traceback" not in result.stderr
+    assert not s3.fs.get_file_info(lease).is_file  # removed at the end
+
+    stale = {**mine, "pid": 1, "beat": time.time() - job.LEASE_SECONDS - 5}
+    with s3.fs.open_output_stream(lease) as f:  # a run killed a minute ago
+        f.write(json.dumps(stale).encode())
+    monkeypatch.setattr(job, "LEASE_SECONDS", 0.4)  # renewed every 0.1 s
+    with job.one_run_at_a_time(output, dst):
+        assert "a run that wrote to" in capsys.readouterr().err
+        first = held()
+        assert first["pid"] == os.getpid() and first["token"] != mine["token"]
+        time.sleep(0.5)
+        assert held()["beat"] > first["beat"]  # renewed while it runs
+        with pytest.raises(ValueError, match=f"another run of this job .*pid {os.getpid()} on "):
+            with job.one_run_at_a_time(output, dst):  # (fresh: renewed 0.1 s ago)
+                pass
+    assert not s3.fs.get_file_info(lease).is_file
 
 
 def test_the_output_lock_where_it_cannot_be_had(tmp_path, monkeypatch, capsys):
