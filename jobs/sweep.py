@@ -3,7 +3,8 @@
     python jobs/sweep.py --smoke-test --data /work/shared/data/mnist.npz
     python jobs/sweep.py --models dense conv vae --num-samples 8 --epochs 20 \
         --storage-path ~/ray_results --name ae-sweep --data /path/to/mnist.npz
-    ray submit cluster.yaml jobs/sweep.py -- --gpus-per-trial 0.5   # to $AELIB_STORAGE_PATH/sweeps
+    ray submit --tmux cluster.yaml jobs/sweep.py -- --gpus-per-trial 0.5 --allow-autoscale
+        # on the cluster (cluster.yaml), to $AELIB_STORAGE_PATH/sweeps
 
 One Tuner runs every variant's trials side by side. Each trial calls
 `aelib.train` on MNIST taken from Ray's object store, reports the validation

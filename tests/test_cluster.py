@@ -109,6 +109,53 @@ def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path
     assert any("tensorflow[and-cuda]" in c for c in config["worker_setup_commands"]), (
         "GPU workers need TensorFlow's GPU build"
     )
+    # Every pip install on a node takes the tested versions, which pyproject.toml allows.
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        for command in (c for c in config[key] if "pip install" in c and "aelib" in c):
+            assert f"-c {remote[0]}/cluster/constraints.txt" in command, (key, command)
+    assert not any("tensorflow" in c and " -c " not in c for c in config["worker_setup_commands"])
+
+
+@pytest.mark.cluster
+def test_the_cluster_constraints_are_versions_pyproject_allows():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "cluster" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {}
+    for text in project["dependencies"]:
+        req = Requirement(text)
+        required[req.name.lower().replace("_", "-")] = req.specifier
+    assert "ray" not in pins, "the image's Ray stays as it is"
+    assert set(required) - {"ray"} <= set(pins), "every dependency but Ray is pinned"
+    for name, version in pins.items():
+        assert required[name].contains(version), f"{name}=={version} against {required[name]}"
+
+
+@pytest.mark.cluster
+def test_the_aws_head_may_launch_workers_with_their_instance_profile():
+    """The workers' IamInstanceProfile needs iam:PassRole from the head, and their AMI's
+    SSM parameter ssm:GetParameters: neither is in the role `ray up` creates, so the
+    policy the README adds must grant both, for the role the workers name."""
+    config = _load(REPO / "cluster.yaml")
+    profile = config["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]
+    image = config["available_node_types"]["gpu_worker"]["node_config"]["ImageId"]
+    policy = json.loads((REPO / "cluster" / "aws-head-policy.json").read_text())
+    grants = {s["Action"]: s for s in policy["Statement"] if s["Effect"] == "Allow"}
+    assert grants["iam:PassRole"]["Resource"].endswith(f":role/{profile['Name']}")
+    ssm = grants["ssm:GetParameters"]["Resource"]
+    assert image.startswith("resolve:ssm:") and ssm.endswith("*")
+    assert image.removeprefix("resolve:ssm:").startswith(ssm.split(":parameter", 1)[1][:-1])
+    command = "--policy-document file://cluster/aws-head-policy.json"
+    for doc in (REPO / "README.md", REPO / "cluster" / "README.md", REPO / "cluster.yaml"):
+        assert f"--role-name {profile['Name']}" in doc.read_text(), doc
+        assert command in doc.read_text(), doc
 
 
 @pytest.mark.cluster
@@ -124,6 +171,14 @@ def test_cloud_config_opens_only_ssh_turns_on_token_auth_and_holds_no_secrets(pa
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
+    # ... and for every `ray` CLI in the containers (`ray exec cluster.yaml 'ray status'`).
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    if provider["type"] == "gcp":  # workers on the head's network, not the first subnet
+        networks = [
+            [i["network"] for i in t["node_config"]["networkInterfaces"]]
+            for t in config["available_node_types"].values()
+        ]
+        assert all(n == networks[0] for n in networks), networks
     assert "~/.ray/auth_token" in config["file_mounts"], "the token is copied, not written here"
     assert re.search(r"(s3|gs)://CHANGE-ME", text), "a shared-storage URI placeholder for Tune"
     # Every container gets it: sweep.py's default --storage-path (a `ray submit` adds no flag).
