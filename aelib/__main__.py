@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 
@@ -25,6 +26,39 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
     return value
+
+
+_positive.__name__ = "positive integer"  # argparse's "invalid positive integer value: 'x'"
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1]. Received: {text}")
+    return value
+
+
+_seed.__name__ = "seed"
+
+
+def _writable_folder(path: str, flag: str, made: list) -> None:
+    """Makes `path` a folder this process can write to, or says why not, before any
+    training: after it, an --out that is a file cost the whole run. The folders it
+    creates are added to `made`, for main() to remove again if the run fails."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {path} is a file; expected a folder.")
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        made.extend(missing)  # (deepest first)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e}).") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--noise-factor", type=float, default=None)
     t.add_argument("--val-split", type=float, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument(
         "--data",
         default=None,
@@ -64,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         default=None,
         metavar="DIR",
-        help="train on a folder of your own images (grayscale, 28x28) instead of MNIST",
+        help="train on a folder of your own images instead of MNIST (any size and colour: "
+        "converted to gray, then resized or cut to 28x28, see --image-mode)",
     )
     t.add_argument(
         "--image-mode",
@@ -97,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8s} {model_defaults(name)}")
         return 0
 
-    from aelib.train import TrainConfig, train
+    from aelib.train import TrainConfig, finite, train
     from aelib.tutorial import tutorial_settings
 
     values = {
@@ -115,18 +150,39 @@ def main(argv: list[str] | None = None) -> int:
     for field in fields:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
+    made: list = []  # output folders this run created: removed again if it fails
     try:
         config = TrainConfig(model=args.model, **values)
-        result = train(
-            config, out_dir=args.out, tensorboard_dir=args.tensorboard, figures=not args.no_figures
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _writable_folder(args.out, "--out", made)
+        if args.tensorboard is not None:
+            _writable_folder(args.tensorboard, "--tensorboard", made)
+        # Keras's progress goes to stderr, so that stdout is the metrics' JSON alone (for
+        # `| jq`); one line per epoch where stderr is not a terminal (a log, CI).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train(
+                config,
+                out_dir=args.out,
+                tensorboard_dir=args.tensorboard,
+                figures=not args.no_figures,
+                verbose="auto" if sys.stderr.isatty() else 2,
+            )
+    except (ValueError, OSError, RuntimeError) as e:
+        for folder in made:  # empty: nothing was written (a bad --set, bad data)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         print(f"aelib: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"model": args.model, **result.metrics}, indent=2, default=float))
+    print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():
-        print(f"wrote {kind}: {path}")
-    return 1 if result.metrics["nan"] else 0
+        print(f"aelib: wrote {kind}: {path}", file=sys.stderr)
+    if result.metrics["nan"]:
+        print(
+            f"aelib: error: the loss became NaN in epoch {result.metrics['epochs_run']}, so "
+            "training stopped (the model was saved as it was); try a smaller --learning-rate",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

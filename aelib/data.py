@@ -43,9 +43,19 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
                 f"No MNIST path given (--data PATH or ${MNIST_ENV}) and Keras's download "
                 f"failed: {e}. Point --data or ${MNIST_ENV} at a local mnist.npz."
             ) from e
+    if resolved.is_dir():
+        raise ValueError(
+            f"{resolved} is a folder; expected Keras's mnist.npz file (keys x_train, "
+            "y_train, x_test, y_test)."
+        )
     if not resolved.is_file():
         raise FileNotFoundError(
             f"MNIST file not found: {resolved}. Pass --data PATH or set ${MNIST_ENV} to "
+            "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
+        )
+    if not zipfile.is_zipfile(resolved):  # (np.load would read a .npy, or try a pickle)
+        raise ValueError(
+            f"{resolved} is not an .npz (zip) archive (or it is cut short); expected "
             "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
         )
     try:
@@ -67,6 +77,11 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
                 f"Received shape {arrays[key].shape}."
             )
     for split in ("train", "test"):
+        if arrays[f"x_{split}"].shape[1:] != (28, 28):  # what every variant's input is
+            raise ValueError(
+                f"{resolved}: x_{split} must hold 28x28 images, as MNIST does. Received "
+                f"shape {arrays[f'x_{split}'].shape}."
+            )
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise ValueError(
                 f"{resolved}: x_{split} and y_{split} differ in length "
@@ -130,26 +145,50 @@ def prepare(x: np.ndarray, input_kind: str) -> np.ndarray:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under `folder`, recursively, sorted."""
+    """Image files under `folder`, recursively, sorted; not hidden ones (a name or a
+    folder starting with ".": macOS's `._x.png` side files, `.git/`), as a shell's `*`."""
     root = Path(folder)
+    if root.is_file():
+        raise ValueError(f"{root} is a file; expected a folder of images.")
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """Reads one image file as a uint8 (H, W) grayscale array.
+    """Reads one image file as a uint8 (H, W) grayscale array: 16-bit and 32-bit
+    integer images scaled from 0..65535, float images from [0, 1] (Pillow's own
+    conversion would clip them to a few gray levels).
 
     Raises:
-        ValueError: the file is missing, corrupt, truncated or not an image.
+        ValueError: the file is missing, corrupt, truncated, not an image, too big for
+            Pillow, or of float pixels outside [0, 1].
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(img, dtype=np.float64)
+                return np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8)
+            if img.mode == "F":
+                real = np.asarray(img, dtype=np.float64)
+                if real.size and (real.min() < 0 or real.max() > 1):
+                    raise ValueError(
+                        f"float pixels from {real.min():g} to {real.max():g}; expected [0, 1]"
+                    )
+                return np.rint(real * 255).astype(np.uint8)
             return np.asarray(img.convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read image {path}: {e}") from e
+    except Image.DecompressionBombError as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
 
 
@@ -201,9 +240,10 @@ def load_image_folder(
                 tiles = img[: rows * height, : cols * width].reshape(rows, height, cols, width)
                 out.append(tiles.transpose(0, 2, 1, 3).reshape(-1, height, width))
     if not out:
+        what = "readable images" if mode == "resize" else f"images of at least {height}x{width}"
         raise ValueError(
-            f"No usable images of at least {height}x{width} in {folder} "
-            f"(looked for {', '.join(IMAGE_SUFFIXES)})."
+            f"No {what} in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}, hidden files "
+            "left out)."
         )
     images = np.concatenate(out).astype(np.uint8)
     return 255 - images if invert else images

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import numbers
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -74,9 +76,17 @@ def register_model(input_kind: str) -> Callable:
                     f"Unknown option(s) {unknown} for model {fn.__name__!r}. "
                     f"Valid options: {sorted(defaults)}"
                 )
+            for key, value in overrides.items():
+                _check_option(fn.__name__, key, value, defaults[key])
             # JSON-native (tuples become lists) so a reloaded config equals this one.
             config = json.loads(json.dumps({**defaults, **overrides}))
-            encoder, decoder = fn(**config)
+            try:
+                encoder, decoder = fn(**config)
+            except (TypeError, ValueError) as e:  # name the options, not only Keras's words
+                given = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
+                raise ValueError(
+                    f"Model {fn.__name__!r} cannot be built with {given}: {plain_message(e)}"
+                ) from e
             inputs = keras.Input(shape=encoder.input_shape[1:], name="input")
             outputs = decoder(encoder(inputs))
             autoencoder = keras.Model(inputs, outputs, name=f"{fn.__name__}_autoencoder")
@@ -89,6 +99,57 @@ def register_model(input_kind: str) -> Callable:
         return fn
 
     return decorator
+
+
+def _kind(value: Any) -> str | None:
+    """What an option's default says its values must be: None where it says nothing."""
+    if isinstance(value, bool):
+        return "a bool (True or False)"
+    if isinstance(value, numbers.Integral):
+        return "an int"
+    if isinstance(value, numbers.Real):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return None
+
+
+def _fits(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, numbers.Integral):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if isinstance(default, numbers.Real):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list)) and all(
+            _fits(v, default[0]) for v in value if default
+        )
+    return True
+
+
+def _check_option(model: str, key: str, value: Any, default: Any) -> None:
+    """An override of the default's kind: `filters=5` where the default is a tuple of
+    three ints fails here, naming the option, rather than deep in the builder."""
+    if _fits(value, default):
+        return
+    if isinstance(default, (tuple, list)):
+        element = _kind(default[0]) if default else None
+        expected = f"a tuple like {tuple(default)!r}" + (
+            f" ({element.removeprefix('an ').removeprefix('a ')}s)" if element else ""
+        )
+    else:
+        expected = _kind(default)
+    raise ValueError(
+        f"Option {key} of model {model!r} must be {expected}. Received: {key}={value!r}"
+    )
+
+
+def plain_message(e: BaseException) -> str:
+    """An exception's message without the terminal colour codes Keras puts in some."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
 
 
 def list_models() -> list[str]:

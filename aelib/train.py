@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from aelib import data as data_lib
 from aelib import metrics as metrics_lib
-from aelib.registry import Autoencoder, build_model, list_models, model_defaults
+from aelib.registry import Autoencoder, build_model, list_models, model_defaults, plain_message
 from aelib.saving import save
 
 MnistArrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -57,9 +58,34 @@ class TrainConfig:
                 f"Unknown option(s) {unknown} for model {self.model!r}. "
                 f"Valid options: {sorted(model_defaults(self.model))}"
             )
+        for name in ("epochs", "batch_size", "limit", "test_limit", "metrics_limit", "seed"):
+            value = getattr(self, name)
+            _check(
+                value is None and name in ("limit", "test_limit") or _is_int(value),
+                f"{name} must be an int. Received: {name}={value!r}",
+            )
+        for name in ("learning_rate", "noise_factor", "val_split"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, numbers.Real) and not isinstance(value, bool),
+                f"{name} must be a number. Received: {name}={value!r}",
+            )
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
-        _check(self.learning_rate > 0, f"learning_rate must be > 0. Received: {self.learning_rate}")
+        _check(
+            0 < self.learning_rate < math.inf,
+            f"learning_rate must be > 0 and finite. Received: {self.learning_rate}",
+        )
+        _check(
+            0 <= self.seed < 2**32,
+            f"seed must be in [0, 2**32 - 1]. Received: seed={self.seed}",
+        )
+        _check(
+            self.model_options.get("channels", 1) == 1,
+            "train() reads grayscale images (MNIST, or an image folder converted to gray): "
+            f"channels must be 1. Received: channels={self.model_options.get('channels')} (a "
+            "model of more channels is aelib.build_model's, for data of your own)",
+        )
         _check(
             self.lr_schedule in ("constant", "cosine"),
             f"lr_schedule must be 'constant' or 'cosine'. Received: {self.lr_schedule!r}",
@@ -141,6 +167,8 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
     clean_train = data_lib.prepare(x_train, input_kind)
     clean_test = data_lib.prepare(x_test, input_kind)
     n_val = int(round(len(clean_train) * config.val_split))
+    if config.val_split > 0:  # at least one image: a few would round to none, and the
+        n_val = max(1, n_val)  # test split would then be validated on without a word
     if n_val >= len(clean_train):  # Keras would train on no image and report NaN
         limit = "" if config.limit is None else f"limit={config.limit} with "
         raise ValueError(
@@ -314,6 +342,7 @@ def train(
     arrays = data if data is not None else load_arrays(config)
     model = build_model(config.model, **config.model_options)
     splits = make_splits(config, arrays, model.input_kind)
+    _check_shapes(model, splits, config.model_options)
     decay_steps = None
     if config.lr_schedule == "cosine":
         decay_steps = config.epochs * math.ceil(len(splits.x_train) / config.batch_size)
@@ -393,7 +422,7 @@ def write_outputs(
     paths = {"model": str(save(model, out_dir / f"{config.model}.keras", record))}
     metrics_path = out_dir / "metrics.json"
     tmp = metrics_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"model": config.model, **record}, indent=2, default=float))
+    tmp.write_text(json.dumps(finite({"model": config.model, **record}), indent=2, default=float))
     os.replace(tmp, metrics_path)
     paths["metrics"] = str(metrics_path)
     if figures and not metrics["nan"]:
@@ -404,6 +433,42 @@ def write_outputs(
         ).items():
             paths[f"figure_{name}"] = str(path)
     return paths
+
+
+def _check_shapes(model: Autoencoder, splits: Splits, overrides: dict[str, Any]) -> None:
+    """The model must take the data and give back its shape (`denoise` with depth=3
+    turns 28x28 into 32x32; a 14x14 npz is not the 784 inputs of `dense`)."""
+    sample = (1, *splits.x_train.shape[1:])
+    options = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
+    try:
+        got = tuple(model.autoencoder.compute_output_shape(sample))
+    except Exception as e:
+        raise ValueError(
+            f"Model {model.name!r} ({options}) cannot take the data's {sample[1:]} inputs: "
+            f"{plain_message(e)}"
+        ) from e
+    if got != (1, *splits.y_train.shape[1:]):
+        raise ValueError(
+            f"Model {model.name!r} ({options}) maps the data's {sample[1:]} inputs to "
+            f"{got[1:]}: its output must have the input's shape (for denoise, sides that are "
+            "multiples of 2**depth)"
+        )
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has no NaN (Python writes
+    a bare `NaN` token, which jq and JavaScript refuse)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,9 @@ def test_train_writes_model_metrics_and_figures(name, trained):
     proc, tmp = trained[name]
     out = tmp / "out"
     assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)  # stdout is the metrics alone; progress went to stderr
+    assert printed["model"] == name and re.search(r"- loss: \d", proc.stderr)
+    assert f"aelib: wrote model: {out / f'{name}.keras'}" in proc.stderr
     assert (out / f"{name}.keras").is_file()
     record = json.loads((out / "metrics.json").read_text())
     assert record["model"] == name
@@ -131,6 +135,21 @@ BAD_INPUT = [
     (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
     (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
     (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
+    (
+        ["--model", "conv", "--set", "filters=5"],
+        "Option filters of model 'conv' must be a tuple like (16, 8, 8) (ints). Received: filt",
+    ),
+    (["--model", "denoise", "--set", "skips='yes'"], "Option skips of model 'denoise' must be a"),
+    (["--model", "dense", "--set", "encoding_dim=-4"], "Model 'dense' cannot be built with enc"),
+    (
+        ["--model", "denoise", "--set", "depth=3"],
+        "Model 'denoise' (depth=3) maps the data's (28, 28, 1) inputs to (32, 32, 1)",
+    ),
+    (["--model", "denoise", "--set", "channels=3"], "channels must be 1. Received: channels=3"),
+    (["--model", "dense", "--seed", "-1"], "--seed: must be in [0, 2**32 - 1]"),
+    (["--model", "dense", "--epochs", "abc"], "--epochs: invalid positive integer value: 'abc'"),
+    (["--model", "dense", "--learning-rate", "inf"], "learning_rate must be > 0 and finite"),
+    (["--model", "dense", "--data", "/proc/cpuinfo"], "is not an .npz (zip) archive"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
         ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
         "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
@@ -153,6 +172,23 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     assert message in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+    """An --out (or --tensorboard) that is a file, or under one, failed after the whole
+    training, with a traceback."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for flag, path, message in (
+        ("--out", a_file, f"--out {a_file} is a file; expected a folder"),
+        ("--out", a_file / "sub", f"--out {a_file / 'sub'}: cannot write there (Not a direc"),
+        ("--tensorboard", a_file, f"--tensorboard {a_file} is a file; expected a folder"),
+    ):
+        args = ["train", "--model", "dense", "--limit", "50", "--out", str(tmp_path / "o")]
+        code = main([*args, flag, str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+        assert "Epoch" not in err  # before any training
 
 
 def test_train_on_own_image_folder(tmp_path):

@@ -28,7 +28,7 @@ def test_missing_file_names_the_path_and_the_fix(tmp_path):
 def test_corrupt_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "mnist.npz"
     bad.write_bytes(b"PK\x03\x04 truncated garbage")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"not an \.npz \(zip\) archive \(or it is cut short\)"):
         data_lib.load_mnist(bad)
 
 
@@ -98,7 +98,54 @@ def test_image_folder_resize_patch_invert_and_errors(tmp_path):
     assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
     with pytest.raises(FileNotFoundError, match="Image folder not found"):
         data_lib.load_image_folder(tmp_path / "missing")
-    with pytest.raises(ValueError, match="No usable images of at least 64x64"):
+    with pytest.raises(ValueError, match="No images of at least 64x64"):
         data_lib.load_image_folder(tmp_path / "sub", size=(64, 64), mode="patch")
     with pytest.raises(ValueError, match="mode must be"):
         data_lib.load_image_folder(tmp_path, mode="crop")
+
+
+def test_files_that_are_not_mnist_npz_say_what_they_are(tmp_path):
+    """A .npy array or a text file named .npz is not 'pickled data' (NumPy's guess); a
+    folder is not 'not found'; an npz of 14x14 images is not MNIST's layout."""
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    (tmp_path / "text.npz").write_text("hello")
+    for name in ("arr.npy", "text.npz"):
+        with pytest.raises(ValueError, match=rf"{name} is not an \.npz \(zip\) archive"):
+            data_lib.load_mnist(tmp_path / name)
+    with pytest.raises(ValueError, match="is a folder; expected Keras's mnist.npz"):
+        data_lib.load_mnist(tmp_path)
+    small = np.zeros((5, 14, 14), np.uint8)
+    np.savez(
+        tmp_path / "small.npz", x_train=small, y_train=np.zeros(5), x_test=small, y_test=[0] * 5
+    )
+    with pytest.raises(ValueError, match=r"x_train must hold 28x28 images.*\(5, 14, 14\)"):
+        data_lib.load_mnist(tmp_path / "small.npz")
+
+
+def test_image_folders_keep_16_bit_and_float_gray_levels_and_skip_hidden_files(tmp_path):
+    """Pillow's convert("L") clips 16-bit and float images (a 16-bit digit became a
+    black-and-white mask); they are scaled instead, and hidden files (macOS's ._x.png)
+    are not images."""
+    digit = np.load(MNIST)["x_test"][0]
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "d16.png")
+    Image.fromarray(digit.astype(np.float32) / 255).save(tmp_path / "f.tif")
+    Image.fromarray(digit).save(tmp_path / "d8.png")
+    (tmp_path / "._d8.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.png").write_bytes(b"")
+    assert [p.name for p in data_lib.list_images(tmp_path)] == ["d16.png", "d8.png", "f.tif"]
+    for name in ("d16.png", "f.tif"):
+        assert np.array_equal(data_lib.read_gray(tmp_path / name), digit), name
+    assert len(data_lib.load_image_folder(tmp_path)) == 3
+    Image.fromarray(np.full((4, 4), 2.5, np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(ValueError, match=r"hdr\.tif: float pixels from 2.5 to 2.5; expected"):
+        data_lib.read_gray(tmp_path / "hdr.tif")
+    with pytest.raises(ValueError, match="is a file; expected a folder of images"):
+        data_lib.list_images(tmp_path / "d8.png")
+
+
+def test_an_image_too_big_for_pillow_is_named(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice that
+    with pytest.raises(ValueError, match=r"Cannot read image .*big\.png: Image size"):
+        data_lib.read_gray(tmp_path / "big.png")
