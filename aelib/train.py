@@ -317,6 +317,7 @@ def train(
     tensorboard_dir: str | os.PathLike | None = None,
     figures: bool = True,
     verbose: str | int = "auto",
+    initial_epoch: int = 0,
 ) -> TrainResult:
     """Builds, trains and evaluates one variant; optionally saves it with its figures.
 
@@ -330,6 +331,10 @@ def train(
         tensorboard_dir: if set, Keras's TensorBoard callback logs there.
         figures: draw the tutorial's figures into out_dir.
         verbose: Keras's fit verbosity ("auto": a progress bar on a terminal).
+        initial_epoch: epochs already done (a resumed run, whose weights and optimizer
+            state a callback restores in `on_train_begin`): trains epochs
+            `initial_epoch + 1` to `config.epochs`, with the learning-rate schedule of
+            the whole run.
 
     Returns:
         A `TrainResult`. Training stops at the end of the epoch where the loss
@@ -365,6 +370,7 @@ def train(
         validation_data=(splits.x_val, splits.y_val),
         callbacks=own + list(callbacks or []),
         verbose=verbose,
+        initial_epoch=initial_epoch,
     )
     train_seconds = time.perf_counter() - start
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -124,6 +125,21 @@ TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "lr_schedule")  #
 METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
+# The settings a sweep started with, in its experiment folder: a --resume keeps them.
+SETTINGS = "sweep_settings.json"
+RESUMED = (
+    "models",
+    "num_samples",
+    "epochs",
+    "limit",
+    "test_limit",
+    "seed",
+    "scheduler",
+    "grace_period",
+    "search",
+    "pins",
+    "smoke_test",
+)
 # Imported by `import tensorflow` only for features no trial uses (Keras's scikit-learn
 # wrappers, TF-lite's JAX converter, Keras's image-gallery plot), and optional there:
 # ~1.2 s of each process's start. (The report imports Matplotlib itself, later.)
@@ -174,7 +190,9 @@ def _pin(text: str) -> tuple[str, str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--epoch 3` is not --epochs: --smoke-test would override it
     )
     p.add_argument(
         "--models",
@@ -238,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"tiny run: {SMOKE}, 1 sample per variant (explicit flags still win)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiment --name, with the settings it started with",
+    )
     return p
 
 
@@ -292,8 +314,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--storage-path: {args.storage_path} is a file, not a folder")
         try:  # here, not as a pyarrow traceback once Ray has started
             os.makedirs(args.storage_path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.storage_path):
+                pass
         except OSError as e:
-            parser.error(f"--storage-path: cannot create {args.storage_path}: {e.strerror or e}")
+            parser.error(f"--storage-path: cannot write to {args.storage_path}: {e.strerror or e}")
+        experiment = os.path.join(args.storage_path, args.name)
+        if os.path.exists(experiment) and not os.path.isdir(experiment):
+            parser.error(f"--name {args.name}: {experiment} is a file, not an experiment folder")
     elif problem := _unreachable(args.storage_path):
         parser.error(f"--storage-path: cannot reach {args.storage_path}: {problem}")
     if args.data is not None:
@@ -303,12 +330,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for variant, key, _ in args.pins:
         if variant not in args.models:
             parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
+    if args.resume:
+        _keep_first_settings(args, given, parser)
     if args.search == "optuna":
         try:
             import optuna  # noqa: F401
         except ImportError:
             parser.error("--search optuna needs the optuna package: pip install optuna")
     return args
+
+
+def _settings_file(args: argparse.Namespace):
+    """pyarrow's filesystem and path of the experiment's SETTINGS file."""
+    import pyarrow.fs
+
+    location = f"{args.storage_path.rstrip('/')}/{args.name}/{SETTINGS}"
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), location
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return json.loads(json.dumps({key: getattr(args, key) for key in RESUMED}))
+
+
+def write_settings(args: argparse.Namespace) -> None:
+    """Records what the sweep's trials are made of, for a later --resume."""
+    fs, path = _settings_file(args)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(_settings(args), indent=2).encode())
+
+
+def _shown(key: str, value: Any) -> str:
+    """A setting as its flag takes it: `dense.batch_size=64`, `dense vae`, `3`."""
+    if key == "pins":
+        return " ".join(f"{v}.{k}={json.dumps(x)}" for v, k, x in value) or "(none)"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> None:
+    """A resumed sweep takes the settings it started with: Tune restores its trials,
+    search and scheduler, while --epochs, --limit, ... went to each trial from this
+    run's flags (a sweep started with 4 epochs and resumed with 2 had trials of both,
+    and a report of neither). A flag given with another value is refused."""
+    fs, path = _settings_file(args)
+    try:
+        with fs.open_input_stream(path) as f:
+            first = json.loads(f.read())
+    except FileNotFoundError:
+        print(
+            f"sweep.py: note: {args.name} has no {SETTINGS} (a sweep of an older version): "
+            "resumed with this run's flags, which must be the ones it started with",
+            file=sys.stderr,
+        )
+        return
+    now = _settings(args)
+    for key in RESUMED:
+        if key not in first or now[key] == first[key]:
+            continue
+        flag = "--set" if key == "pins" else f"--{key.replace('_', '-')}"
+        if flag in given or (key in SMOKE and "--smoke-test" in given):
+            parser.error(
+                f"--resume: {args.name} started with {flag} {_shown(key, first[key])}, not "
+                f"{_shown(key, now[key])}; a resumed sweep keeps its first settings: drop "
+                f"{flag}, or give a new --name"
+            )
+        value = first[key]
+        setattr(args, key, [tuple(pin) for pin in value] if key == "pins" else value)
 
 
 def _unreachable(uri: str) -> str | None:
@@ -643,10 +732,18 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         weights = str(Path(resume_dir, f"{model}.keras"))
 
     keras.backend.clear_session()
-    run = TrainConfig(**{**base, "epochs": total.epochs - done_epochs})
-    reporter = _TuneReporter(model, total.to_dict(), done_epochs, past_history, where, weights)
+    reporter = _TuneReporter(model, total.to_dict(), past_history, where, weights)
     # No Keras TensorBoard callback: Tune logs every reported epoch to TensorBoard itself.
-    result = aelib.train(run, data=data, callbacks=[reporter], figures=False, verbose=0)
+    # From the epoch after the checkpoint's: the same epochs, learning-rate schedule and
+    # (restored by the reporter) optimizer state as a run that was never stopped.
+    result = aelib.train(
+        total,
+        data=data,
+        callbacks=[reporter],
+        figures=False,
+        verbose=0,
+        initial_epoch=done_epochs,
+    )
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
 
@@ -673,7 +770,7 @@ def _merge(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
     return {k: list(a.get(k, [])) + list(b.get(k, [])) for k in dict.fromkeys([*a, *b])}
 
 
-def _TuneReporter(model, config, done_epochs, past_history, where, weights):  # noqa: N802
+def _TuneReporter(model, config, past_history, where, weights):  # noqa: N802
     """Builds the per-epoch Keras callback (Keras is imported inside the trial only)."""
     import keras
 
@@ -687,14 +784,27 @@ def _TuneReporter(model, config, done_epochs, past_history, where, weights):  # 
             self.history: dict[str, list] = copy.deepcopy(past_history)
 
         def on_train_begin(self, logs=None):
-            if weights:
-                self.model.load_weights(weights)
+            if weights:  # the checkpoint's weights and optimizer state (Adam's moments,
+                # its step count, which a learning-rate schedule reads)
+                saved = keras.saving.load_model(weights, compile=True)
+                self.model.set_weights(saved.get_weights())
+                state = saved.optimizer.variables if saved.optimizer else []
+                if not self.model.optimizer.built:  # (TensorFlow builds it at the first step)
+                    self.model.optimizer.build(self.model.trainable_variables)
+                own = self.model.optimizer.variables
+                if [v.shape for v in state] != [v.shape for v in own]:
+                    raise ValueError(
+                        f"the checkpoint's optimizer state ({len(state)} variables) does "
+                        f"not fit this trial's optimizer ({len(own)})"
+                    )
+                for mine, theirs in zip(own, state, strict=True):
+                    mine.assign(theirs)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             for k, v in logs.items():
                 self.history.setdefault(k, []).append(v)
-            epoch_no = done_epochs + epoch + 1
+            epoch_no = epoch + 1  # (fit counts from the checkpoint's epochs)
             nan = not math.isfinite(logs.get("loss", math.nan))
             self.last_logs = {**logs, "epoch": epoch_no, "nan": nan}
             if nan or epoch_no >= config["epochs"] or self.model.stop_training:
@@ -733,7 +843,9 @@ class VariantASHA(ASHAScheduler):
 # ---------------------------------------------------------------- results
 
 
-def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
+def _flatten_row(
+    result, epochs: int, pins: dict[str, dict], interrupted: bool = False
+) -> dict[str, Any]:
     config = result.config or {}
     metrics = result.metrics or {}
     model = config.get("model")
@@ -748,9 +860,11 @@ def _flatten_row(result, epochs: int, pins: dict[str, dict]) -> dict[str, Any]:
     if result.error is not None:
         status = "error"
     elif metrics.get("nan"):
-        status = "nan"
+        status = "diverged"  # (not "nan": pandas reads that back as a missing value)
     elif "test_loss" in metrics:
         status = "finished"
+    elif interrupted:  # stopped by Ctrl-C, or never started: --resume goes on with them
+        status = "interrupted"
     else:
         status = "stopped_early"
     row["status"] = status
@@ -798,7 +912,8 @@ def _why_no_best(rows: list[dict], model: str) -> str:
     """Why a variant has no best model: what became of its trials."""
     said = {
         "error": "errored",
-        "nan": "went NaN",
+        "diverged": "went NaN",
+        "interrupted": "interrupted",
         "stopped_early": "stopped early",
         "finished": "finished without a finite loss",
     }
@@ -815,12 +930,14 @@ def _why_no_best(rows: list[dict], model: str) -> str:
     return text + (" (see the error column of trials.csv)" if "error" in counts else "")
 
 
-def write_results(results, args, arrays, out_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+def write_results(
+    results, args, arrays, out_dir: Path, interrupted: bool = False
+) -> tuple[list[dict], dict[str, dict]]:
     """Writes the trial table, best models and report into `out_dir` (local)."""
     import pandas as pd
 
     pins = _pins_by_model(args.pins)
-    rows = [_flatten_row(r, args.epochs, pins) for r in results]
+    rows = [_flatten_row(r, args.epochs, pins, interrupted) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1147,22 +1264,27 @@ def main(argv: list[str] | None = None) -> int:
         )
     check_search_space(args.models, args.pins)
     start = time.perf_counter()
+    try:  # (NumPy only: before Ray, so a bad file costs no Ray start)
+        arrays = load_arrays(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"sweep.py: error: {e}") from e
     if not args.no_figures:
         _import_aelib_early()
     ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
     _trial_actors_on_prestarted_workers()
     try:
         check_resources(args)
-        try:
-            arrays = load_arrays(args)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"sweep.py: error: {e}") from e
         print(f"sweep.py: experiment {experiment_path}; cluster {ray.cluster_resources()}")
-        results = build_tuner(args, arrays, experiment_path).fit()
+        if not args.resume:
+            write_settings(args)
+        tuner = build_tuner(args, arrays, experiment_path)
+        handler = signal.getsignal(signal.SIGINT)
+        results = tuner.fit()
+        interrupted = _interrupted(handler)
         local = "://" not in experiment_path
         with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
             out_dir = Path(experiment_path) if local else Path(staging)
-            rows, best = write_results(results, args, arrays, out_dir)
+            rows, best = write_results(results, args, arrays, out_dir, interrupted)
             if not local:
                 _publish(out_dir, experiment_path)
     finally:
@@ -1187,7 +1309,28 @@ def main(argv: list[str] | None = None) -> int:
     nodes = _counts(f"{r['hostname']} ({r['node_ip']})" for r in rows if r.get("hostname"))
     print(f"  trials per node: {nodes or 'none reported'}")
     missing = [m for m in args.models if m not in best]
+    if interrupted:
+        left = sum(r["status"] == "interrupted" for r in rows)
+        print(
+            f"sweep.py: interrupted: {left} of {len(rows)} trials did not finish (the report "
+            "is of the trials so far); rerun the same command with --resume to finish them",
+            file=sys.stderr,
+        )
+        return 130  # as a shell reports a command ended by Ctrl-C
     return 1 if missing else 0
+
+
+def _interrupted(before: Any) -> bool:
+    """Whether Ctrl-C (or SIGUSR1) ended Tune's fit: Tune installs its own SIGINT handler
+    for the run, sets the previous one back only when a signal stops it, and returns
+    the results so far either way (ray/tune/tune.py, _setup_signal_catching). The
+    previous handler is set back here in both cases."""
+    installed = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    main_thread = threading.current_thread() is threading.main_thread()
+    stopped = installed and main_thread and signal.getsignal(signal.SIGINT) is before
+    if main_thread:
+        signal.signal(signal.SIGINT, before)
+    return stopped
 
 
 def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
@@ -1204,7 +1347,7 @@ def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
         code = e.code
     if isinstance(code, str):  # what sys.exit(message) prints and returns
         print(code, file=sys.stderr)
-        code = 1
+        code = 2 if code.startswith("sweep.py: error:") else 1  # a usage error, as argparse
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

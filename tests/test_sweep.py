@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -300,7 +301,8 @@ def test_resume_after_driver_killed_reruns_no_finished_trial(tmp_path, ray_tmp):
         rows = {r["trial_id"]: r for r in csv.DictReader(f)}
     assert sorted(r["model"] for r in rows.values()) == sorted(models)  # no trial lost or doubled
     status = {r["model"]: r["status"] for r in rows.values()}
-    assert status == {"dense": "finished", "sparse": "finished", "vae": "finished", "deep": "nan"}
+    expected = {"dense": "finished", "sparse": "finished", "vae": "finished", "deep": "diverged"}
+    assert status == expected
     rows = {t: r for t, r in rows.items() if r["model"] != "deep"}
     for trial_id, started_at in before.items():  # finished trials were not trained again
         assert float(rows[trial_id]["started_at"]) == pytest.approx(started_at)
@@ -338,11 +340,103 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     assert before and after, reports
     # The retry picked up after the last reported epoch: none trained twice, none skipped.
     assert before + after == list(range(1, epochs + 1)), (before, after)
+    assert _optimizer_steps(exp / "best" / "conv.keras", 1000, epochs)
     with open(exp / "trials.csv") as f:
         (row,) = csv.DictReader(f)
     assert row["status"] == "finished" and int(row["epoch"]) == epochs
     assert int(row["pid"]) != killed
     assert (exp / "best" / "conv.keras").is_file()
+
+
+def _optimizer_steps(path: Path, images: int, epochs: int) -> bool:
+    """Whether the model's optimizer took every step of `epochs` epochs: a resumed trial
+    restores Adam's state with the weights (it restarted at step 0 before, so the same
+    trial ended elsewhere depending on where it was stopped)."""
+    import keras
+
+    import aelib
+
+    config = aelib.read_info(path)["train_config"]
+    n_train = images - round(images * config["val_split"])
+    steps = epochs * math.ceil(n_train / config["batch_size"])
+    done = int(keras.saving.load_model(path).optimizer.iterations)
+    assert done == steps, (done, steps)
+    return True
+
+
+def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, ray_tmp):
+    """Ctrl-C while a trial trains: the sweep writes what it has, marks the unfinished
+    trials `interrupted` (not `stopped_early`, which the FIFO scheduler never does), says
+    to rerun with --resume and exits 130 (it exited 0, as if done, and a `sweep && ...`
+    went on). The resumed trial's optimizer went on from its checkpoint's state."""
+    epochs = 4
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
+    cmd += ["--epochs", str(epochs), "--limit", "1500", "--test-limit", "100", "--num-samples"]
+    cmd += ["1", "--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "stopped"]
+    exp = tmp_path / "stopped"
+    log = tmp_path / "sweep.log"
+    driver = start_logged(cmd, _env(ray_tmp), log)
+    try:
+        reported = wait_for(lambda: _reports(exp), driver, log, timeout=240)
+        assert reported and reported[-1]["epoch"] < epochs, "finished before the Ctrl-C"
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 130, log.read_text()[-5000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text
+    assert "rerun the same command with --resume" in text
+    with open(exp / "trials.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
+    assert _wait_no_ray(ray_tmp, timeout=30) == []
+    # The resume takes the first run's settings: --epochs 2 would mix two experiments.
+    other = [a if a != str(epochs) else "2" for a in cmd]
+    refused = subprocess.run(
+        [*other, "--resume"], env=_env(ray_tmp), capture_output=True, text=True
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"--resume: stopped started with --epochs {epochs}, not 2" in refused.stderr
+    resumed = subprocess.run(
+        [*cmd, "--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with open(exp / "trials.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
+    assert _optimizer_steps(exp / "best" / "conv.keras", 1500, epochs)
+    assert _wait_no_ray(ray_tmp) == []
+
+
+def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
+    """Flags left out of a --resume come from the experiment's sweep_settings.json; one
+    given with another value is refused before Ray starts (no Ray here: parse_args)."""
+    sweep = _load_sweep_module()
+    first = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s"]
+    first += ["--models", "dense", "vae", "--epochs", "3", "--set", "dense.batch_size=64"]
+    sweep.write_settings(sweep.parse_args(first))
+    base = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s", "--resume"]
+    args = sweep.parse_args(base)
+    assert (args.models, args.epochs, args.pins) == (
+        ["dense", "vae"],
+        3,
+        [("dense", "batch_size", 64)],
+    )
+    assert sweep.parse_args([*base, "--epochs", "3"]).epochs == 3
+    for extra, said in (
+        (["--epochs", "2"], "started with --epochs 3, not 2"),
+        (["--models", "dense"], "started with --models dense vae, not dense"),
+        (
+            ["--set", "dense.batch_size=32"],
+            "started with --set dense.batch_size=64, not dense.batch_size=32",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            sweep.parse_args([*base, *extra])
+        assert e.value.code == 2, extra
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `--epoch` is not --epochs any more
+        sweep.parse_args([*first, "--epoch", "3"])
 
 
 # ------------------------------------------------------------ bad flags
@@ -412,16 +506,18 @@ def test_a_cloud_storage_path_it_cannot_reach_fails_before_ray(tmp_path, monkeyp
     [
         (
             ["--set", "dense.encoding_dim=abc"],
-            1,
+            2,
             "--set dense.encoding_dim='abc': expected an int (default 32)",
         ),
         (
             ["--set", "dense.learning_rate=fast"],  # a TrainConfig field
-            1,
+            2,
             "--set dense.learning_rate='fast': expected a number (default 0.001)",
         ),
         (["--storage-path", "{file}"], 2, "--storage-path: {file} is a file, not a folder"),
-        (["--storage-path", "/proc/aelib-sweep"], 2, "--storage-path: cannot create /proc/"),
+        (["--storage-path", "/proc/aelib-sweep"], 2, "--storage-path: cannot write to /proc/"),
+        (["--storage-path", "/proc"], 2, "--storage-path: cannot write to /proc:"),  # exists
+        (["--data", "{file}"], 2, "{file} is not an .npz (zip) archive"),  # read before Ray
     ],
 )
 def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_tmp):
