@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 verbose="auto" if sys.stderr.isatty() else 2,
             )
     except (ValueError, OSError, RuntimeError) as e:
-        for folder in made:  # empty: nothing was written (a bad --set, bad data)
+        # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
+        # something: only empty ones go (a bad --set, bad data: nothing was written).
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         print(f"aelib: error: {e}", file=sys.stderr)

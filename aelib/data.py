@@ -163,7 +163,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """Reads one image file as a uint8 (H, W) grayscale array: 16-bit and 32-bit
-    integer images scaled from 0..65535, float images from [0, 1] (Pillow's own
+    integer images scaled from 0..65535 (kept as they are where no value passes 255:
+    8-bit values saved in a wider file), float images from [0, 1] (Pillow's own
     conversion would clip them to a few gray levels).
 
     Raises:
@@ -176,8 +177,13 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                wide = np.asarray(img, dtype=np.float64)
-                return np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8)
+                wide = np.asarray(img, dtype=np.int64)
+                low, high = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)
+                if low < 0 or high > 65535:
+                    raise ValueError(f"integer pixels from {low} to {high}; expected 0 to 65535")
+                if high <= 255:  # 8-bit values in a wider file (a uint16 array saved as is)
+                    return wide.astype(np.uint8)
+                return np.rint(wide / 257).astype(np.uint8)
             if img.mode == "F":
                 real = np.asarray(img, dtype=np.float64)
                 if real.size and (real.min() < 0 or real.max() > 1):

@@ -106,7 +106,7 @@ def _kind(value: Any) -> str | None:
     if isinstance(value, bool):
         return "a bool (True or False)"
     if isinstance(value, numbers.Integral):
-        return "an int"
+        return "an int (or a tuple of ints)"
     if isinstance(value, numbers.Real):
         return "a number"
     if isinstance(value, str):
@@ -117,7 +117,9 @@ def _kind(value: Any) -> str | None:
 def _fits(value: Any, default: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
-    if isinstance(default, numbers.Integral):
+    if isinstance(default, numbers.Integral):  # or one per dimension, as Keras's sizes
+        if isinstance(value, (tuple, list)):
+            return bool(value) and all(_fits(v, default) for v in value)
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if isinstance(default, numbers.Real):
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -136,10 +138,7 @@ def _check_option(model: str, key: str, value: Any, default: Any) -> None:
     if _fits(value, default):
         return
     if isinstance(default, (tuple, list)):
-        element = _kind(default[0]) if default else None
-        expected = f"a tuple like {tuple(default)!r}" + (
-            f" ({element.removeprefix('an ').removeprefix('a ')}s)" if element else ""
-        )
+        expected = f"a tuple like {tuple(default)!r}"
     else:
         expected = _kind(default)
     raise ValueError(

@@ -2319,7 +2319,7 @@ def _lease(output: Storage, flag: str):
         if not live:
             put()
             mine = held()
-    except OSError as e:  # a bucket that cannot be read or written: say so before any work
+    except (OSError, pa.ArrowException) as e:  # a bucket that cannot be read or written
         raise ValueError(f"--output {flag}: cannot write there ({e})") from e
     if live or (mine or {}).get("token") != me["token"]:
         lease = lease if live else mine or {}
@@ -2337,9 +2337,34 @@ def _lease(output: Storage, flag: str):
     stop = threading.Event()
 
     def renew() -> None:
+        """Renews the lease while it is this run's. If another run holds it (this one
+        stalled past LEASE_SECONDS, e.g. a machine asleep, and was taken for gone), or no
+        renewal got through for LEASE_SECONDS, this run stops as on Ctrl-C: its outputs
+        and journal stay, for a rerun once the other has ended."""
+        last = time.monotonic()
         while not stop.wait(LEASE_SECONDS / 4):
-            with contextlib.suppress(OSError):  # (a request that failed: the next one)
+            try:  # (any error of a request: pyarrow's GCS errors are not all OSErrors)
+                lease = held()
+                if lease is not None and lease.get("token") != me["token"]:
+                    lost = f"another run took it over ({who(lease)})"
+                    break
                 put()
+                last = time.monotonic()
+            except Exception as e:
+                if time.monotonic() - last > LEASE_SECONDS:
+                    lost = f"no renewal got through for {LEASE_SECONDS} s ({e})"
+                    break
+        else:
+            return
+        print(
+            f"denoise: error: this run's lease on {redacted(output.location)} is lost: "
+            f"{lost}; it stops here (what it wrote stays, for a rerun)",
+            file=sys.stderr,
+            flush=True,
+        )
+        import _thread
+
+        _thread.interrupt_main()  # a KeyboardInterrupt in the driver: the Ctrl-C path
 
     beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
     beats.start()
@@ -2347,8 +2372,8 @@ def _lease(output: Storage, flag: str):
         yield
     finally:
         stop.set()
-        beats.join()
-        with contextlib.suppress(OSError):
+        beats.join(timeout=5)  # (a request under way may take GCS_RETRY_SECONDS)
+        with contextlib.suppress(Exception):
             if (held() or {}).get("token") == me["token"]:
                 fs.delete_file(path)
 

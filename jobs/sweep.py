@@ -294,8 +294,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if not 0 <= args.seed < 2**32:  # NumPy's seeds (Tune's sampler, Keras's set_random_seed)
         parser.error(f"--seed must be an integer in [0, {2**32 - 1}]. Received: {args.seed}")
-    if args.scheduler == "asha" and args.grace_period > args.epochs:
-        parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
     if args.storage_path is None:
@@ -327,11 +325,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data = os.path.abspath(os.path.expanduser(args.data))
         if not os.path.isfile(args.data):
             parser.error(f"--data: MNIST file not found: {args.data}")
+    if args.resume:
+        _keep_first_settings(args, given, parser)
+    if args.scheduler == "asha" and args.grace_period > args.epochs:
+        parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
     for variant, key, _ in args.pins:
         if variant not in args.models:
             parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
-    if args.resume:
-        _keep_first_settings(args, given, parser)
     if args.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -369,11 +369,20 @@ def _shown(key: str, value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _same(key: str, a: Any, b: Any) -> bool:
+    """Settings that make the same sweep: variants and pins in any order."""
+    if key in ("models", "pins"):
+        return sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+    return a == b
+
+
 def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> None:
     """A resumed sweep takes the settings it started with: Tune restores its trials,
     search and scheduler, while --epochs, --limit, ... went to each trial from this
     run's flags (a sweep started with 4 epochs and resumed with 2 had trials of both,
     and a report of neither). A flag given with another value is refused."""
+    if not tune.Tuner.can_restore(f"{args.storage_path.rstrip('/')}/{args.name}"):
+        return  # nothing to resume: main() says so
     fs, path = _settings_file(args)
     try:
         with fs.open_input_stream(path) as f:
@@ -387,14 +396,20 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
         return
     now = _settings(args)
     for key in RESUMED:
-        if key not in first or now[key] == first[key]:
+        if key not in first or _same(key, now[key], first[key]):
             continue
         flag = "--set" if key == "pins" else f"--{key.replace('_', '-')}"
-        if flag in given or (key in SMOKE and "--smoke-test" in given):
+        if flag in given:
             parser.error(
                 f"--resume: {args.name} started with {flag} {_shown(key, first[key])}, not "
                 f"{_shown(key, now[key])}; a resumed sweep keeps its first settings: drop "
                 f"{flag}, or give a new --name"
+            )
+        if key in SMOKE and "--smoke-test" in given:
+            parser.error(
+                f"--resume: {args.name} started with {flag} {_shown(key, first[key])}, which "
+                f"--smoke-test makes {_shown(key, now[key])}; a resumed sweep keeps its first "
+                "settings: drop --smoke-test, or give a new --name"
             )
         value = first[key]
         setattr(args, key, [tuple(pin) for pin in value] if key == "pins" else value)
@@ -731,6 +746,11 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         done_epochs, past_history = state["epochs_done"], state["history"]
         weights = str(Path(resume_dir, f"{model}.keras"))
 
+    if done_epochs >= total.epochs:  # (a sweep without sweep_settings.json, fewer --epochs)
+        raise ValueError(
+            f"its checkpoint has {done_epochs} epochs done and this run asks for "
+            f"{total.epochs}: resume with the --epochs the sweep started with"
+        )
     keras.backend.clear_session()
     reporter = _TuneReporter(model, total.to_dict(), past_history, where, weights)
     # No Keras TensorBoard callback: Tune logs every reported epoch to TensorBoard itself.
@@ -844,7 +864,7 @@ class VariantASHA(ASHAScheduler):
 
 
 def _flatten_row(
-    result, epochs: int, pins: dict[str, dict], interrupted: bool = False
+    result, epochs: int, pins: dict[str, dict], unfinished: frozenset[str] = frozenset()
 ) -> dict[str, Any]:
     config = result.config or {}
     metrics = result.metrics or {}
@@ -863,8 +883,8 @@ def _flatten_row(
         status = "diverged"  # (not "nan": pandas reads that back as a missing value)
     elif "test_loss" in metrics:
         status = "finished"
-    elif interrupted:  # stopped by Ctrl-C, or never started: --resume goes on with them
-        status = "interrupted"
+    elif Path(result.path).name in unfinished:  # running or pending at a Ctrl-C: --resume
+        status = "interrupted"  # goes on with them (a trial ASHA stopped stays stopped)
     else:
         status = "stopped_early"
     row["status"] = status
@@ -931,13 +951,13 @@ def _why_no_best(rows: list[dict], model: str) -> str:
 
 
 def write_results(
-    results, args, arrays, out_dir: Path, interrupted: bool = False
+    results, args, arrays, out_dir: Path, unfinished: frozenset[str] = frozenset()
 ) -> tuple[list[dict], dict[str, dict]]:
     """Writes the trial table, best models and report into `out_dir` (local)."""
     import pandas as pd
 
     pins = _pins_by_model(args.pins)
-    rows = [_flatten_row(r, args.epochs, pins, interrupted) for r in results]
+    rows = [_flatten_row(r, args.epochs, pins, unfinished) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1281,10 +1301,11 @@ def main(argv: list[str] | None = None) -> int:
         handler = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
         interrupted = _interrupted(handler)
+        unfinished = _unfinished_trials(experiment_path) if interrupted else frozenset()
         local = "://" not in experiment_path
         with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
             out_dir = Path(experiment_path) if local else Path(staging)
-            rows, best = write_results(results, args, arrays, out_dir, interrupted)
+            rows, best = write_results(results, args, arrays, out_dir, unfinished)
             if not local:
                 _publish(out_dir, experiment_path)
     finally:
@@ -1318,6 +1339,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130  # as a shell reports a command ended by Ctrl-C
     return 1 if missing else 0
+
+
+def _unfinished_trials(experiment_path: str) -> frozenset[str]:
+    """The folders of the trials a --resume would run on: those the experiment's state
+    file has neither terminated nor errored. (The results `fit` returns after a Ctrl-C
+    call every trial TERMINATED, those still running or pending included.)"""
+    import logging
+
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.ERROR)  # (a pending trial has no results: a warning each)
+    try:
+        trials = tune.ExperimentAnalysis(experiment_path).trials
+    except Exception as e:  # (no state file: Tune had not saved one yet)
+        print(f"sweep.py: note: cannot tell which trials were cut short ({e})", file=sys.stderr)
+        return frozenset()
+    finally:
+        tune_logger.setLevel(level)
+    done = ("TERMINATED", "ERROR")
+    return frozenset(Path(t.path).name for t in trials if t.status not in done)
 
 
 def _interrupted(before: Any) -> bool:

@@ -137,7 +137,7 @@ BAD_INPUT = [
     (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
     (
         ["--model", "conv", "--set", "filters=5"],
-        "Option filters of model 'conv' must be a tuple like (16, 8, 8) (ints). Received: filt",
+        "Option filters of model 'conv' must be a tuple like (16, 8, 8). Received: filters=5",
     ),
     (["--model", "denoise", "--set", "skips='yes'"], "Option skips of model 'denoise' must be a"),
     (["--model", "dense", "--set", "encoding_dim=-4"], "Model 'dense' cannot be built with enc"),
@@ -189,6 +189,12 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path,
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
         assert "Epoch" not in err  # before any training
+    # A run that fails once its folders exist leaves none of those it made behind.
+    out = tmp_path / "new" / "o"
+    args = ["train", "--model", "conv", "--set", "filters=5", "--out", str(out)]
+    assert main([*args, "--tensorboard", str(out / "tb")]) == 2
+    assert "must be a tuple like" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [a_file]
 
 
 def test_train_on_own_image_folder(tmp_path):

@@ -137,6 +137,11 @@ def test_image_folders_keep_16_bit_and_float_gray_levels_and_skip_hidden_files(t
     for name in ("d16.png", "f.tif"):
         assert np.array_equal(data_lib.read_gray(tmp_path / name), digit), name
     assert len(data_lib.load_image_folder(tmp_path)) == 3
+    Image.fromarray(digit.astype(np.uint16)).save(tmp_path / "as16.png")  # 8-bit values, wide
+    assert np.array_equal(data_lib.read_gray(tmp_path / "as16.png"), digit)
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(ValueError, match=r"i32\.tif: integer pixels from 70000 to 70000"):
+        data_lib.read_gray(tmp_path / "i32.tif")
     Image.fromarray(np.full((4, 4), 2.5, np.float32)).save(tmp_path / "hdr.tif")
     with pytest.raises(ValueError, match=r"hdr\.tif: float pixels from 2.5 to 2.5; expected"):
         data_lib.read_gray(tmp_path / "hdr.tif")

@@ -773,17 +773,28 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
     stale = {**mine, "pid": 1, "beat": time.time() - job.LEASE_SECONDS - 5}
     with s3.fs.open_output_stream(lease) as f:  # a run killed a minute ago
         f.write(json.dumps(stale).encode())
-    monkeypatch.setattr(job, "LEASE_SECONDS", 0.4)  # renewed every 0.1 s
+    monkeypatch.setattr(job, "LEASE_SECONDS", 2.0)  # renewed every 0.5 s
     with job.one_run_at_a_time(output, dst):
         assert "a run that wrote to" in capsys.readouterr().err
         first = held()
         assert first["pid"] == os.getpid() and first["token"] != mine["token"]
-        time.sleep(0.5)
+        time.sleep(1.2)
         assert held()["beat"] > first["beat"]  # renewed while it runs
         with pytest.raises(ValueError, match=f"another run of this job .*pid {os.getpid()} on "):
-            with job.one_run_at_a_time(output, dst):  # (fresh: renewed 0.1 s ago)
+            with job.one_run_at_a_time(output, dst):  # (fresh: renewed < 1 s ago)
                 pass
     assert not s3.fs.get_file_info(lease).is_file
+
+    # A run that stalled past the lease and was taken for gone does not write on beside
+    # the run that took over: its next renewal finds the other's lease and stops it.
+    other = {**stale, "pid": 2, "token": "other", "beat": time.time()}
+    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C: its outputs and journal stay
+        with job.one_run_at_a_time(output, dst):
+            with s3.fs.open_output_stream(lease) as f:
+                f.write(json.dumps(other).encode())
+            time.sleep(5)
+    assert "lease on " in capsys.readouterr().err
+    assert held()["token"] == "other"  # the other run's lease is left to it
 
 
 def test_the_output_lock_where_it_cannot_be_had(tmp_path, monkeypatch, capsys):

@@ -64,6 +64,26 @@ def test_overrides_change_the_model():
     sparse = aelib.build_model("sparse", l1=1e-3)
     assert sparse.encoder.get_layer("code_l1").l1 == 1e-3
     assert aelib.build_model("deep", hidden_units=(256,)).autoencoder.count_params() > 0
+    # Keras's sizes take an int or one per dimension
+    conv = aelib.build_model("conv", kernel_size=(3, 5))
+    assert conv.encoder.get_layer("enc_conv_0").kernel_size == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("conv", {"filters": 5}, "Option filters of model 'conv' must be a tuple like (16, 8, 8)"),
+        ("deep", {"hidden_units": 128}, "Option hidden_units of model 'deep' must be a tuple"),
+        ("sparse", {"l1": "abc"}, "Option l1 of model 'sparse' must be a number"),
+        ("denoise", {"skips": "yes"}, "Option skips of model 'denoise' must be a bool"),
+        ("dense", {"encoding_dim": 2.5}, "Option encoding_dim of model 'dense' must be an int"),
+        ("conv", {"filters": (16, 8)}, "Model 'conv' cannot be built with filters=(16, 8): not"),
+    ],
+)
+def test_options_of_another_type_or_that_cannot_build_are_named(name, options, message):
+    with pytest.raises(ValueError) as e:
+        aelib.build_model(name, **options)
+    assert message in str(e.value)
 
 
 def test_denoise_is_fully_convolutional():

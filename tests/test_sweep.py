@@ -415,6 +415,8 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     first = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s"]
     first += ["--models", "dense", "vae", "--epochs", "3", "--set", "dense.batch_size=64"]
     sweep.write_settings(sweep.parse_args(first))
+    # What Tuner.can_restore looks for (a sweep that ran)
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
     base = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s", "--resume"]
     args = sweep.parse_args(base)
     assert (args.models, args.epochs, args.pins) == (
@@ -435,6 +437,8 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
             sweep.parse_args([*base, *extra])
         assert e.value.code == 2, extra
         assert said in capsys.readouterr().err
+    again = sweep.parse_args([*base, "--models", "vae", "dense"])  # the same, in any order
+    assert sorted(again.models) == ["dense", "vae"]
     with pytest.raises(SystemExit):  # `--epoch` is not --epochs any more
         sweep.parse_args([*first, "--epoch", "3"])
 
