@@ -296,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seed must be an integer in [0, {2**32 - 1}]. Received: {args.seed}")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
+    if args.storage_path == "":  # (an unset variable: not the current folder)
+        parser.error("--storage-path is empty: give a folder or a cloud URI")
     if args.storage_path is None:
         shared = os.environ.get("AELIB_STORAGE_PATH", "").rstrip("/")
         args.storage_path = f"{shared}/sweeps" if shared else "~/ray_results"
@@ -1004,6 +1006,13 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         f"{len(rows)} trials over {', '.join(args.models)}; up to {args.epochs} epochs, "
         f"scheduler {args.scheduler}, search {args.search}. "
         f"Statuses: {_counts(r['status'] for r in rows)}. Table: `trials.csv`, `trials.parquet`.",
+        "",
+        f"Data: {args.data or 'MNIST from Keras'}; the first {len(arrays[0][0]):,} training "
+        f"images (the last tenth of them held out for validation) and the first "
+        f"{len(arrays[1][0]):,} test images, on which every test metric below is measured; "
+        f"seed {args.seed}"
+        + (f"; pinned: `{_shown('pins', args.pins)}`" if args.pins else "")
+        + ".",
         "",
     ]
     if best:

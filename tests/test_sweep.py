@@ -237,6 +237,8 @@ def test_smoke_sweep_report_and_tensorboard(smoke):
     for variant in VARIANTS:
         assert f"## {variant}" in report
         assert any(image.startswith(f"{variant}/") for image in images), variant
+    assert "the first 600 training images" in report  # what its test metrics are of
+    assert "the first 200 test images" in report
     vae = json.loads((exp / "best" / "vae.json").read_text())
     if vae["hparams"]["latent_dim"] == 2:  # the tutorial's latent plane and manifold
         assert any(image.endswith("vae_manifold.png") for image in images)
@@ -460,6 +462,8 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
         (["--limit", "1"], "--limit must be >= 2"),  # aelib's own bound (TrainConfig.limit)
         (["--seed", "-1"], "--seed must be an integer in [0, 4294967295]. Received: -1"),
         (["--seed", str(2**32)], "--seed must be an integer in [0, 4294967295]"),
+        (["--storage-path", ""], "--storage-path is empty"),  # not the current folder
+        (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # not --epochs
     ],
 )
 def test_bad_flags_fail_at_once(flags, message, capsys):
