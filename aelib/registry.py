@@ -83,9 +83,9 @@ def register_model(input_kind: str) -> Callable:
             try:
                 encoder, decoder = fn(**config)
             except (TypeError, ValueError) as e:  # name the options, not only Keras's words
-                given = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
                 raise ValueError(
-                    f"Model {fn.__name__!r} cannot be built with {given}: {plain_message(e)}"
+                    f"Model {fn.__name__!r} cannot be built with {options_text(overrides)}: "
+                    f"{plain_message(e)}"
                 ) from e
             inputs = keras.Input(shape=encoder.input_shape[1:], name="input")
             outputs = decoder(encoder(inputs))
@@ -99,6 +99,21 @@ def register_model(input_kind: str) -> Callable:
         return fn
 
     return decorator
+
+
+def is_int(value: Any) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def options_text(overrides: dict[str, Any]) -> str:
+    """Model options as an error names them: `depth=3, skips=True`."""
+    return ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
 
 
 def _kind(value: Any) -> str | None:
@@ -120,9 +135,9 @@ def _fits(value: Any, default: Any) -> bool:
     if isinstance(default, numbers.Integral):  # or one per dimension, as Keras's sizes
         if isinstance(value, (tuple, list)):
             return bool(value) and all(_fits(v, default) for v in value)
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return is_int(value)
     if isinstance(default, numbers.Real):
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return is_number(value)
     if isinstance(default, str):
         return isinstance(value, str)
     if isinstance(default, (tuple, list)):

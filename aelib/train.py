@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import time
 from pathlib import Path
@@ -16,7 +15,16 @@ import numpy as np
 
 from aelib import data as data_lib
 from aelib import metrics as metrics_lib
-from aelib.registry import Autoencoder, build_model, list_models, model_defaults, plain_message
+from aelib.registry import (
+    Autoencoder,
+    build_model,
+    is_int,
+    is_number,
+    list_models,
+    model_defaults,
+    options_text,
+    plain_message,
+)
 from aelib.saving import save
 
 MnistArrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -61,15 +69,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "limit", "test_limit", "metrics_limit", "seed"):
             value = getattr(self, name)
             _check(
-                value is None and name in ("limit", "test_limit") or _is_int(value),
+                value is None and name in ("limit", "test_limit") or is_int(value),
                 f"{name} must be an int. Received: {name}={value!r}",
             )
         for name in ("learning_rate", "noise_factor", "val_split"):
             value = getattr(self, name)
-            _check(
-                isinstance(value, numbers.Real) and not isinstance(value, bool),
-                f"{name} must be a number. Received: {name}={value!r}",
-            )
+            _check(is_number(value), f"{name} must be a number. Received: {name}={value!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
         _check(
@@ -445,7 +450,7 @@ def _check_shapes(model: Autoencoder, splits: Splits, overrides: dict[str, Any])
     """The model must take the data and give back its shape (`denoise` with depth=3
     turns 28x28 into 32x32; a 14x14 npz is not the 784 inputs of `dense`)."""
     sample = (1, *splits.x_train.shape[1:])
-    options = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
+    options = options_text(overrides)
     try:
         got = tuple(model.autoencoder.compute_output_shape(sample))
     except Exception as e:
@@ -471,10 +476,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and not math.isfinite(value):
         return None
     return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:

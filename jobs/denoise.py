@@ -67,6 +67,7 @@ import math
 import os
 import posixpath
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -319,6 +320,24 @@ class Storage:
         import pyarrow.fs as pafs
 
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def entry(self) -> tuple[str, int]:
+        """What the root is, with one stat or request: "dir", "file", "missing" or
+        "other" (a broken link, a FIFO, ...), and its size in bytes."""
+        if not self.local:
+            import pyarrow.fs as pafs
+
+            info = self.fs.get_file_info(self.root)
+            kinds = {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}
+            kinds[pafs.FileType.NotFound] = "missing"
+            return kinds.get(info.type, "other"), info.size or 0
+        try:
+            found = os.stat(self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return ("other" if os.path.lexists(self.root) else "missing"), 0
+        if stat.S_ISDIR(found.st_mode):
+            return "dir", found.st_size
+        return ("file" if stat.S_ISREG(found.st_mode) else "other"), found.st_size
 
     def walk(self, prune: str | None = None) -> list[tuple[str, int]]:
         """Every file under the root as (relative path, size), sorted. Locally, links to
@@ -1759,19 +1778,13 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             files = _matching(storage.walk(), pattern)
     else:
         storage = Storage(location)
-        if not storage.is_dir():
-            one = _one_file(storage)
-            if one is not None:
-                return one
-            if storage.local:
-                missing = not os.path.lexists(storage.root)
-            else:
-                import pyarrow.fs as pafs
-
-                missing = storage.fs.get_file_info(storage.root).type == pafs.FileType.NotFound
+        kind, size = storage.entry()
+        if kind == "file":  # one file, named (not Parquet: that suffix is read as Parquet)
+            return _one_file(storage, size)
+        if kind != "dir":
             raise ValueError(
                 f"--input {location} "
-                + ("does not exist" if missing else "is not a file, a folder or a glob")
+                + ("does not exist" if kind == "missing" else "is not a file, a folder or a glob")
                 + ". Expected e.g. /data/noisy, '/data/**/*.png', /data/images.parquet "
                 "or /data/x.png."
             )
@@ -1798,22 +1811,12 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 
-def _one_file(storage: Storage) -> Inputs | None:
-    """An --input naming one file (not Parquet: that suffix is read as Parquet): the
-    folder it is in, with that file alone (named, so a hidden one too); None if it
-    is not a file."""
+def _one_file(storage: Storage, size: int) -> Inputs:
+    """An --input naming one file of `size` bytes: the folder it is in, with that file
+    alone (named, so a hidden one too)."""
     if storage.local:
-        if not os.path.isfile(storage.root):
-            return None
-        size = os.path.getsize(storage.root)
         folder, name = os.path.split(storage.root)
     else:
-        import pyarrow.fs as pafs
-
-        info = storage.fs.get_file_info(storage.root)
-        if info.type != pafs.FileType.File:
-            return None
-        size = info.size
         path, query = split_query(storage.location)
         folder = path.rstrip("/").rsplit("/", 1)[0] + query
         name = storage.root.rsplit("/", 1)[-1]

@@ -342,11 +342,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def experiment_path(args: argparse.Namespace) -> str:
+    """The experiment's folder (or URI): --name under --storage-path."""
+    return f"{args.storage_path.rstrip('/')}/{args.name}"
+
+
 def _settings_file(args: argparse.Namespace):
     """pyarrow's filesystem and path of the experiment's SETTINGS file."""
     import pyarrow.fs
 
-    location = f"{args.storage_path.rstrip('/')}/{args.name}/{SETTINGS}"
+    location = f"{experiment_path(args)}/{SETTINGS}"
     if "://" in location:
         return pyarrow.fs.FileSystem.from_uri(location)
     return pyarrow.fs.LocalFileSystem(), location
@@ -383,7 +388,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     search and scheduler, while --epochs, --limit, ... went to each trial from this
     run's flags (a sweep started with 4 epochs and resumed with 2 had trials of both,
     and a report of neither). A flag given with another value is refused."""
-    if not tune.Tuner.can_restore(f"{args.storage_path.rstrip('/')}/{args.name}"):
+    if not tune.Tuner.can_restore(experiment_path(args)):
         return  # nothing to resume: main() says so
     fs, path = _settings_file(args)
     try:
@@ -1282,13 +1287,13 @@ def _keras_backend() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    experiment_path = f"{args.storage_path.rstrip('/')}/{args.name}"
-    exists = tune.Tuner.can_restore(experiment_path)
+    experiment = experiment_path(args)
+    exists = tune.Tuner.can_restore(experiment)
     if args.resume and not exists:
-        raise SystemExit(f"sweep.py: error: --resume: no experiment to resume at {experiment_path}")
+        raise SystemExit(f"sweep.py: error: --resume: no experiment to resume at {experiment}")
     if exists and not args.resume:
         raise SystemExit(
-            f"sweep.py: error: {experiment_path} already holds an experiment. "
+            f"sweep.py: error: {experiment} already holds an experiment. "
             "Pass --resume to continue it, or choose another --name."
         )
     check_search_space(args.models, args.pins)
@@ -1303,33 +1308,33 @@ def main(argv: list[str] | None = None) -> int:
     _trial_actors_on_prestarted_workers()
     try:
         check_resources(args)
-        print(f"sweep.py: experiment {experiment_path}; cluster {ray.cluster_resources()}")
+        print(f"sweep.py: experiment {experiment}; cluster {ray.cluster_resources()}")
         if not args.resume:
             write_settings(args)
-        tuner = build_tuner(args, arrays, experiment_path)
+        tuner = build_tuner(args, arrays, experiment)
         handler = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
         interrupted = _interrupted(handler)
-        unfinished = _unfinished_trials(experiment_path) if interrupted else frozenset()
-        local = "://" not in experiment_path
+        unfinished = _unfinished_trials(experiment) if interrupted else frozenset()
+        local = "://" not in experiment
         with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
-            out_dir = Path(experiment_path) if local else Path(staging)
+            out_dir = Path(experiment) if local else Path(staging)
             rows, best = write_results(results, args, arrays, out_dir, unfinished)
             if not local:
-                _publish(out_dir, experiment_path)
+                _publish(out_dir, experiment)
     finally:
         shutdown_ray()
         remove_stale_staging()  # the last trials' checkpoints on this node
 
     print(f"\nsweep.py: {len(rows)} trials in {time.perf_counter() - start:.0f}s")
-    print(f"  trial table: {experiment_path}/trials.csv (and .parquet)")
-    print(f"  report:      {experiment_path}/report/report.md")
-    print(f"  TensorBoard: tensorboard --logdir {experiment_path}")
+    print(f"  trial table: {experiment}/trials.csv (and .parquet)")
+    print(f"  report:      {experiment}/report/report.md")
+    print(f"  TensorBoard: tensorboard --logdir {experiment}")
     for model in args.models:
         if model in best:
             rec = best[model]
             print(
-                f"  best {model:8s} {experiment_path}/best/{model}.keras  val_loss "
+                f"  best {model:8s} {experiment}/best/{model}.keras  val_loss "
                 f"{rec['val_loss']:.4f}  test_bce {rec['test_bce']:.4f}  test_psnr "
                 f"{rec['test_psnr']:.2f}  on {rec['hostname']} ({rec['node_ip']})  "
                 f"{json.dumps(rec['hparams'])}"
