@@ -350,9 +350,8 @@ def train(
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)
     arrays = data if data is not None else load_arrays(config)
-    model = build_model(config.model, **config.model_options)
+    model = build_checked(config, arrays)
     splits = make_splits(config, arrays, model.input_kind)
-    _check_shapes(model, splits, config.model_options)
     decay_steps = None
     if config.lr_schedule == "cosine":
         decay_steps = config.epochs * math.ceil(len(splits.x_train) / config.batch_size)
@@ -446,10 +445,21 @@ def write_outputs(
     return paths
 
 
-def _check_shapes(model: Autoencoder, splits: Splits, overrides: dict[str, Any]) -> None:
-    """The model must take the data and give back its shape (`denoise` with depth=3
-    turns 28x28 into 32x32; a 14x14 npz is not the 784 inputs of `dense`)."""
-    sample = (1, *splits.x_train.shape[1:])
+def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
+    """Builds the config's model and checks, without training, that it takes the
+    arrays' images (as its input kind reads them) and gives back their shape: what
+    train() checks first, for callers that want a bad option refused before any
+    work (the sweep's driver, before its trials)."""
+    model = build_model(config.model, **config.model_options)
+    image = data_lib.prepare(arrays[0][0][:1], model.input_kind)
+    _check_shapes(model, image.shape[1:], config.model_options)
+    return model
+
+
+def _check_shapes(model: Autoencoder, shape: tuple[int, ...], overrides: dict[str, Any]) -> None:
+    """The model must take inputs of `shape` and give back that shape (`denoise` with
+    depth=3 turns 28x28 into 32x32; a 14x14 npz is not the 784 inputs of `dense`)."""
+    sample = (1, *shape)
     options = options_text(overrides)
     try:
         got = tuple(model.autoencoder.compute_output_shape(sample))
@@ -458,7 +468,7 @@ def _check_shapes(model: Autoencoder, splits: Splits, overrides: dict[str, Any])
             f"Model {model.name!r} ({options}) cannot take the data's {sample[1:]} inputs: "
             f"{plain_message(e)}"
         ) from e
-    if got != (1, *splits.y_train.shape[1:]):
+    if got != sample:
         raise ValueError(
             f"Model {model.name!r} ({options}) maps the data's {sample[1:]} inputs to "
             f"{got[1:]}: its output must have the input's shape (for denoise, sides that are "

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(VARIANTS),
         metavar="VARIANT",
-        help=f"variants to search (default: all of {', '.join(VARIANTS)})",
+        help=f"variants to search, spaced or comma-separated (default: all of "
+        f"{', '.join(VARIANTS)})",
     )
     p.add_argument("--num-samples", type=_positive_int, default=4, help="trials per variant")
     p.add_argument("--epochs", type=_positive_int, default=10, help="max epochs per trial")
@@ -273,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key in ("limit", "test_limit", "epochs", "num_samples"):
             if f"--{key.replace('_', '-')}" not in given:
                 setattr(args, key, SMOKE[key])
+    # `--models conv denoise` or `--models conv,denoise`, as the benchmarks take them
+    args.models = [m for text in args.models for m in text.split(",") if m]
     unknown = [m for m in args.models if m not in SEARCH_SPACE]
     if unknown:
         parser.error(
@@ -708,28 +711,10 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         import keras
 
         import aelib
-    from aelib.train import TrainConfig, write_outputs
+    from aelib.train import write_outputs
 
     model = config["model"]
-    hparams = effective_hparams(model, config["hparams"][model], settings["pins"])
-    train_fields = {k: v for k, v in hparams.items() if k in TRAIN_FIELDS}
-    options = {k: v for k, v in hparams.items() if k not in TRAIN_FIELDS}
-    if "filters" in options and isinstance(options["filters"], list):
-        options["filters"] = tuple(options["filters"])
-    if "hidden_units" in options:
-        options["hidden_units"] = tuple(options["hidden_units"])
-    base = dict(
-        model=model,
-        model_options=options,
-        epochs=settings["epochs"],
-        limit=settings["limit"],
-        test_limit=settings["test_limit"],
-        metrics_limit=settings["metrics_limit"],
-        seed=settings["seed"],
-        data=settings["data"],
-        **train_fields,
-    )
-    total = TrainConfig(**base)
+    total = trial_config(model, config["hparams"][model], settings)
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
@@ -791,6 +776,54 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     state["final_metrics"] = final
     Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def trial_config(model: str, sampled: dict[str, Any], settings: dict[str, Any]):
+    """The aelib.TrainConfig a trial of `model` trains with: its sampled hyperparameters,
+    the pins over them, and the sweep's settings."""
+    from aelib.train import TrainConfig  # (imports Keras: the driver only with --set)
+
+    hparams = effective_hparams(model, sampled, settings["pins"])
+    train_fields = {k: v for k, v in hparams.items() if k in TRAIN_FIELDS}
+    options = {k: v for k, v in hparams.items() if k not in TRAIN_FIELDS}
+    if "filters" in options and isinstance(options["filters"], list):
+        options["filters"] = tuple(options["filters"])
+    if "hidden_units" in options:
+        options["hidden_units"] = tuple(options["hidden_units"])
+    return TrainConfig(
+        model=model,
+        model_options=options,
+        epochs=settings["epochs"],
+        limit=settings["limit"],
+        test_limit=settings["test_limit"],
+        metrics_limit=settings["metrics_limit"],
+        seed=settings["seed"],
+        data=settings["data"],
+        **train_fields,
+    )
+
+
+def check_pins(args: argparse.Namespace, arrays) -> None:
+    """Builds each pinned variant's training config and model on the driver, with its
+    pins and every searched key at its default, and checks the model fits the data,
+    before Ray starts: a pin of the right type that aelib refuses (`--set
+    conv.filters=(0,8,8)`, `--set denoise.depth=3` on 28x28 digits, `--set
+    dense.batch_size=0`) fails here with aelib's message, not in every trial of that
+    variant after Ray's start-up, with retries. Costs the driver the Keras import
+    (3-4 s) before Ray, only with --set."""
+    with _optional_imports_skipped(UNUSED_IMPORTS):
+        import keras
+
+        from aelib.train import build_checked
+    settings = trial_settings(args)
+    for model, pins in settings["pins"].items():
+        try:
+            build_checked(trial_config(model, {}, settings), arrays)
+        except (TypeError, ValueError) as e:
+            given = " ".join(f"--set {model}.{k}={v!r}" for k, v in pins.items())
+            raise SystemExit(f"sweep.py: error: {given}: {e}") from e
+        finally:
+            keras.backend.clear_session()
 
 
 def _merge(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
@@ -1121,8 +1154,9 @@ def _aelib_data():
     return module
 
 
-def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.Tuner:
-    settings = {
+def trial_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every trial gets beside its hyperparameters."""
+    return {
         "epochs": args.epochs,
         "limit": args.limit,
         "test_limit": args.test_limit,
@@ -1131,6 +1165,10 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         "data": args.data,
         "pins": _pins_by_model(args.pins),
     }
+
+
+def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.Tuner:
+    settings = trial_settings(args)
     # with_parameters puts the arrays in Ray's object store once; trials get them from there.
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=arrays, settings=settings),
@@ -1302,7 +1340,9 @@ def main(argv: list[str] | None = None) -> int:
         arrays = load_arrays(args)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"sweep.py: error: {e}") from e
-    if not args.no_figures:
+    if args.pins:
+        check_pins(args, arrays)
+    elif not args.no_figures:
         _import_aelib_early()
     ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
     _trial_actors_on_prestarted_workers()
