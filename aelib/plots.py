@@ -46,15 +46,28 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
 
 
 def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
-    """Draws (N, h, w, c) conv codes as images of (h, w * c), as the tutorial does."""
-    codes = np.asarray(codes)[:n]
+    """Draws (N, h, w, c) conv codes: for each of the first `n` digits, its c channel
+    maps of h x w on a grid, all on one gray scale (up to the largest value), so each
+    code value is a block of pixels and digits compare. (The tutorial draws its
+    (4, 4, 8) codes as 4x32 strips; a denoiser's (7, 7, 32) code drawn that way is a
+    7x224 strip that a figure can only resample.)"""
+    codes = np.asarray(codes, dtype=np.float32)[:n]
     h, w, c = codes.shape[1:]
-    tiles = codes.transpose(0, 1, 3, 2).reshape(len(codes), h, c * w)
-    fig, axes = plt.subplots(1, len(tiles), figsize=(len(tiles) * 1.6, 1.6), squeeze=False)
-    for ax, tile in zip(axes[0], tiles, strict=False):
-        ax.imshow(tile, cmap="gray")
+    cols = next(k for k in range(int(np.ceil(np.sqrt(c))), c + 1) if c % k == 0)  # 8 -> 4x2
+    rows = c // cols
+    low = min(0.0, float(codes.min(initial=0.0)))  # (codes of relu are >= 0)
+    top = max(float(codes.max(initial=0.0)), low + 1e-6)
+    grids = np.full((len(codes), rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan, np.float32)
+    for k in range(c):
+        r, q = divmod(k, cols)
+        grids[:, r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = codes[..., k]
+    size = 1.6 * max(1.0, rows * h / 16)
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * size, size), squeeze=False)
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")  # (the gaps between channels)
+    for ax, grid in zip(axes[0], grids, strict=False):
+        ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
         ax.axis("off")
-    fig.suptitle(f"codes ({h}x{w}x{c}) drawn as {h}x{w * c} images")
+    fig.suptitle(f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -41,6 +41,10 @@ class TrainConfig:
     learning_rate: float = 1e-3  # Adam
     lr_schedule: str = "constant"  # or "cosine": decays to 0 over the run's epochs
     noise_factor: float = 0.5  # std of the Gaussian noise the denoiser is trained to remove
+    # Of `denoise`'s validation and test splits (None: noise_factor). A sweep that
+    # searches noise_factor fixes it, so that its trials are scored on one task: a
+    # denoiser's loss and PSNR gain move with the noise level it is scored at.
+    eval_noise_factor: float | None = None
     limit: int | None = None  # use the first N training images (None: all 60,000)
     val_split: float = 0.1  # last fraction of the training images held out for validation
     test_limit: int | None = None  # evaluate on the first N test images (None: all 10,000)
@@ -98,6 +102,17 @@ class TrainConfig:
         _check(
             0.0 <= self.noise_factor <= 1.0,
             f"noise_factor must be in [0, 1]. Received: noise_factor={self.noise_factor}",
+        )
+        _check(
+            self.eval_noise_factor is None
+            or is_number(self.eval_noise_factor)
+            and 0.0 < self.eval_noise_factor <= 1.0,
+            f"eval_noise_factor must be in (0, 1] or None. Received: {self.eval_noise_factor!r}",
+        )
+        _check(  # (the noisy inputs' PSNR would be infinite, and its mean with it)
+            self.model != "denoise" or self.noise_factor > 0,
+            "noise_factor must be > 0 for denoise: at 0 there is no noise to remove. "
+            f"Received: noise_factor={self.noise_factor}",
         )
         _check(
             self.limit is None or self.limit >= 2,
@@ -187,9 +202,13 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
         clean_val = clean_test
     if config.model == "denoise":
         # Distinct seeds per split so no split's noise repeats another's.
+        scored = config.eval_noise_factor
+        scored = config.noise_factor if scored is None else scored  # (val and test)
         noisy = [
-            data_lib.add_noise(x, config.noise_factor, seed=config.seed + i)
-            for i, x in enumerate((clean_train, clean_val, clean_test))
+            data_lib.add_noise(x, factor, seed=config.seed + i)
+            for i, (x, factor) in enumerate(
+                ((clean_train, config.noise_factor), (clean_val, scored), (clean_test, scored))
+            )
         ]
         return Splits(noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test)
     return Splits(
@@ -411,6 +430,7 @@ def run_record(
             "train_images": n_train,
             "val_images": n_val,
             "noise_factor": config.noise_factor if config.model == "denoise" else None,
+            "eval_noise_factor": (config.eval_noise_factor if config.model == "denoise" else None),
             "scaling": "uint8 / 255 -> [0, 1]",
         },
         "metrics": metrics,

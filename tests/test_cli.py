@@ -133,6 +133,7 @@ BAD_INPUT = [
         "MNIST file not found: /nonexistent/mnist.npz",
     ),
     (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
+    (["--model", "denoise", "--noise-factor", "0"], "noise_factor must be > 0 for denoise"),
     (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
     (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
     (
