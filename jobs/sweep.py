@@ -77,9 +77,11 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
         "learning_rate": tune.loguniform(3e-4, 3e-3),
         "batch_size": tune.choice([128, 256]),
     },
+    # No l1: sparse's val_loss includes its L1 penalty, so trials of another l1 minimise
+    # another loss, and the smallest l1 scored best by it (by BCE too: the penalty only
+    # costs reconstruction). How sparse a code to want is the user's: --set sparse.l1=...
     "sparse": {
         "encoding_dim": tune.choice([32, 64]),
-        "l1": tune.loguniform(1e-6, 1e-4),
         "learning_rate": tune.loguniform(3e-4, 3e-3),
         "batch_size": tune.choice([128, 256]),
     },
@@ -100,6 +102,8 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
         "convs_per_stage": tune.choice([1, 2]),
         "upsample": tune.choice(["nearest", "transpose"]),
         "skips": tune.choice([False, True]),
+        # The noise trained on; every trial is validated and tested at one noise level
+        # (trial_config), else the least noisy trials would score best.
         "noise_factor": tune.uniform(0.3, 0.6),
         "learning_rate": tune.loguniform(3e-4, 3e-3),
         "batch_size": tune.choice([64, 128]),
@@ -790,6 +794,9 @@ def trial_config(model: str, sampled: dict[str, Any], settings: dict[str, Any]):
         options["filters"] = tuple(options["filters"])
     if "hidden_units" in options:
         options["hidden_units"] = tuple(options["hidden_units"])
+    if model == "denoise":  # scored at the pinned noise, else aelib's default, whatever
+        scored = settings["pins"].get(model, {}).get("noise_factor", TrainConfig.noise_factor)
+        train_fields["eval_noise_factor"] = scored  # noise a trial trained at
     return TrainConfig(
         model=model,
         model_options=options,
@@ -803,6 +810,18 @@ def trial_config(model: str, sampled: dict[str, Any], settings: dict[str, Any]):
     )
 
 
+def pins_are_defaults(pins: list[tuple[str, str, Any]]) -> bool:
+    """Whether every pin (if any) is aelib's own default, read without importing aelib:
+    those build and fit the digits, and check_pins can spare its Keras import
+    (bench_sweep.py pins every searched key to its default)."""
+    options, train = variant_options(), train_field_defaults()
+    for model, key, value in pins:
+        default = train.get(key) if key in TRAIN_FIELDS else options[model].get(key)
+        if default is None or json.dumps(value) != json.dumps(default):  # (tuple == list)
+            return False
+    return True
+
+
 def check_pins(args: argparse.Namespace, arrays) -> None:
     """Builds each pinned variant's training config and model on the driver, with its
     pins and every searched key at its default, and checks the model fits the data,
@@ -810,7 +829,7 @@ def check_pins(args: argparse.Namespace, arrays) -> None:
     conv.filters=(0,8,8)`, `--set denoise.depth=3` on 28x28 digits, `--set
     dense.batch_size=0`) fails here with aelib's message, not in every trial of that
     variant after Ray's start-up, with retries. Costs the driver the Keras import
-    (3-4 s) before Ray, only with --set."""
+    (3-4 s) before Ray, only with a --set other than aelib's default."""
     with _optional_imports_skipped(UNUSED_IMPORTS):
         import keras
 
@@ -940,6 +959,7 @@ def _flatten_row(
         "test_psnr",
         "test_ssim",
         "noisy_psnr",
+        "noisy_ssim",
         "psnr_gain",
         "code_mean",
         "code_active_fraction",
@@ -1053,6 +1073,14 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         + ".",
         "",
     ]
+    if "denoise" in args.models:
+        default = f"{train_field_defaults()['noise_factor']} (aelib's default)"
+        scored = _pins_by_model(args.pins).get("denoise", {}).get("noise_factor", default)
+        lines += [
+            f"Every denoise trial is validated and tested at noise factor {scored}, whatever "
+            "noise it trained at, so that their scores compare.",
+            "",
+        ]
     if best:
         _compare_chart(best, report / "compare.png")
         lines += ["## Variants compared", "", "![compare](compare.png)", ""]
@@ -1071,7 +1099,8 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             continue
         rec = best[model]
         lines += [f"Best config: `{json.dumps(rec['hparams'])}`", ""]
-        metrics = {k: rec[k] for k in rec if k.startswith("test_") or k in ("psnr_gain",)}
+        shown = ("noisy_psnr", "noisy_ssim", "psnr_gain", "code_mean", "code_active_fraction")
+        metrics = {k: rec[k] for k in rec if k.startswith("test_") or k in shown}
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float)]
         lines += ["", f"Model: `best/{model}.keras`", ""]
@@ -1098,12 +1127,21 @@ def _compare_chart(best: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(best)
+    # denoise's scores are of another task (noisy inputs against clean digits), drawn
+    # apart, with its noisy inputs' own score beside them for scale
+    colors = ["tab:orange" if n == "denoise" else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("test_bce", "test_psnr", "test_ssim"), strict=True):
-        ax.bar(names, [best[n][key] for n in names], color="tab:blue")
+        ax.bar(names, [best[n][key] for n in names], color=colors)
+        noisy = best.get("denoise", {}).get(key.replace("test_", "noisy_"))
+        if noisy is not None and key != "test_bce":
+            ax.scatter(["denoise"], [noisy], color="black", marker="_", s=400, zorder=3)
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=45)
-    fig.suptitle("best trial per variant (test split)")
+    title = "best trial per variant (test split)"
+    if "denoise" in best:
+        title += ": orange, denoise (noisy input -> clean; black bar: the noisy input's own)"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -1340,7 +1378,7 @@ def main(argv: list[str] | None = None) -> int:
         arrays = load_arrays(args)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"sweep.py: error: {e}") from e
-    if args.pins:
+    if not pins_are_defaults(args.pins):
         check_pins(args, arrays)
     elif not args.no_figures:
         _import_aelib_early()

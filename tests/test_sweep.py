@@ -192,8 +192,23 @@ def test_smoke_sweep_trial_table(smoke):
     denoise = next(r for r in rows if r["model"] == "denoise")
     assert float(denoise["val_psnr"]) > 0 and float(denoise["val_ssim"]) > -1
     assert denoise["hp_noise_factor"] and denoise["hp_depth"]
+    # Trained at its sampled noise, scored at aelib's default 0.5, as every denoise trial:
+    # its noisy inputs' PSNR/SSIM are those of the test digits (smoke: the first 200)
+    # with noise 0.5 (seed 0 + 2, the test split's), computed here independently.
+    assert abs(float(denoise["hp_noise_factor"]) - 0.5) > 0.01  # (else this shows nothing)
+    from aelib import data, metrics
+
+    (_, _), (x_test, _) = data.load_mnist(MNIST)
+    clean = data.prepare(x_test[:200], "image")
+    noisy = data.add_noise(clean, 0.5, seed=2)
+    assert float(denoise["noisy_psnr"]) == pytest.approx(metrics.psnr(clean, noisy).mean())
+    assert float(denoise["noisy_ssim"]) == pytest.approx(metrics.ssim(clean, noisy).mean())
     sparse = next(r for r in rows if r["model"] == "sparse")
-    assert float(sparse["hp_l1"]) > 0
+    assert "hp_l1" not in sparse  # not searched: its val_loss includes the L1 penalty
+    assert float(sparse["code_mean"]) > 0
+    report = (exp / "report" / "report.md").read_text()
+    assert "validated and tested at noise factor 0.5 (aelib's default)" in report
+    assert "| noisy_ssim |" in report and "| code_active_fraction |" in report
     table = pd.read_parquet(exp / "trials.parquet")
     assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
 
@@ -605,6 +620,24 @@ def test_pinned_values_are_checked_against_the_option_defaults():
             sweep.check_search_space(models, args.pins)
         assert f"--set {key}=" in str(exit_info.value.code)
         assert expected in str(exit_info.value.code)
+
+
+def test_pins_of_aelibs_defaults_spare_the_drivers_keras_import():
+    """The driver builds pinned variants (importing Keras, ~3 s) unless every pin is
+    aelib's own default, as bench_sweep.py pins every searched key: those build."""
+    sweep = _load_sweep_module()
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "jobs/bench_sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flags = bench.pins(list(sweep.VARIANTS))
+    assert len(flags) > 40  # every searched key of every variant
+    assert sweep.pins_are_defaults(sweep.parse_args(flags).pins)
+    assert sweep.pins_are_defaults([])
+    for pin in ("dense.batch_size=64", "conv.filters=(16,8,4)", "vae.seed=3", "dense.l1=1"):
+        (parsed,) = sweep.parse_args(["--set", pin]).pins
+        assert not sweep.pins_are_defaults([parsed]), pin
+    (tuple_as_list,) = sweep.parse_args(["--set", "conv.filters=[16, 8, 8]"]).pins
+    assert sweep.pins_are_defaults([tuple_as_list])
 
 
 def test_a_failing_trial_records_its_exception(tmp_path, ray_tmp):
