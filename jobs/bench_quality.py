@@ -262,7 +262,7 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     }
     if model == "denoise" and not m.get("nan"):
         # The learned denoiser on the first `slow_limit` test digits, for the rows
-        # (NL-means, BM3D) that are evaluated on that subset only.
+        # (BM3D) that are evaluated on that subset only.
         splits = make_splits(config, arrays, "image")
         n = min(args.slow_limit, len(splits.x_test))
         out = result.model.autoencoder.predict(splits.x_test[:n], verbose=0)
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow-tune-limit",
         type=int,
         default=40,
-        help="tuning digits for the slow NL-means and BM3D",
+        help="tuning digits for the slow BM3D",
     )
     p.add_argument(
         "--slow-limit",
@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aelib import data as data_lib
 
-    arrays = data_lib.load_mnist(args.data)
+    arrays = data_lib.load_mnist(args.data) if selected else None  # (--report: no data)
     out = Path(args.out)
     results_path = out / "results.json"
     results = load_results(results_path)

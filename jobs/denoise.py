@@ -3274,8 +3274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-format",
         choices=("auto", "files", "parquet"),
         default="auto",
-        help="auto (default): Parquet for a .parquet or .pq path, or a local folder or glob "
-        "of Parquet files with no image files; else image files",
+        help="auto (default): Parquet for a .parquet or .pq path, or a folder or glob (local "
+        "or in a bucket) of Parquet files with no image files; else image files",
     )
     p.add_argument(
         "--retry-failed",
