@@ -2367,8 +2367,10 @@ def _lease(output: Storage, flag: str):
         )
         import _thread
 
+        lost_it.set()
         _thread.interrupt_main()  # a KeyboardInterrupt in the driver: the Ctrl-C path
 
+    lost_it = threading.Event()
     beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
     beats.start()
     try:
@@ -2379,6 +2381,8 @@ def _lease(output: Storage, flag: str):
         with contextlib.suppress(Exception):
             if (held() or {}).get("token") == me["token"]:
                 fs.delete_file(path)
+    if lost_it.is_set():  # the interrupt was lost (Python drops one that lands in a
+        raise KeyboardInterrupt  # finalizer, __del__): the block still does not end well
 
 
 class ManifestWriter:
