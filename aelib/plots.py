@@ -99,7 +99,8 @@ def latent_plane(
     title: str = "VAE latent plane (z_mean of test digits)",
 ) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
-    sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=4)
+    # one color per digit 0-9, also where the labels shown lack some digits
+    sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
     fig.colorbar(sc, ax=ax, label="digit")
     ax.set_title(title)
     fig.tight_layout()
@@ -124,7 +125,12 @@ def digit_manifold(decoder, path: str | os.PathLike, n: int = 15, digit_size: in
 
 
 def tsne_codes(
-    codes: np.ndarray, labels: np.ndarray, path: str | os.PathLike, limit: int = 1000, seed: int = 0
+    codes: np.ndarray,
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    limit: int = 1000,
+    seed: int = 0,
+    title: str | None = None,
 ) -> Path:
     """A t-SNE map (scikit-learn) of the codes of up to `limit` test digits."""
     from sklearn.manifold import TSNE
@@ -134,7 +140,7 @@ def tsne_codes(
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         codes
     )
-    return latent_plane(xy, labels, path, title=f"t-SNE of {codes.shape[1]}-float codes")
+    return latent_plane(xy, labels, path, title=title or f"t-SNE of {codes.shape[1]}-float codes")
 
 
 def tutorial_figures(
@@ -177,6 +183,14 @@ def tutorial_figures(
                 z, splits.labels_test[:limit], out_dir / f"{name}_latent_plane.png"
             )
             figures["manifold"] = digit_manifold(model.decoder, out_dir / f"{name}_manifold.png")
+        else:  # the plane and its manifold are the tutorial's 2-D latent space's
+            figures["latent_tsne"] = tsne_codes(
+                z,
+                splits.labels_test[:limit],
+                out_dir / f"{name}_latent_tsne.png",
+                title=f"t-SNE of the {z.shape[1]}-D z_mean (latent plane and manifold: "
+                "latent_dim=2 only)",
+            )
     return figures
 
 

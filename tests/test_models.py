@@ -130,6 +130,22 @@ def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
     assert figures["codes"].is_file()
 
 
+def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, tmp_path):
+    """The tutorial's latent plane and manifold are of a 2-D latent space; a VAE of more
+    (the sweep searches latent_dim 4 and 8) gets a t-SNE map of its z_mean instead of
+    no latent figure at all."""
+    from PIL import Image
+
+    x = data_lib.prepare(digits[:40], "flat")
+    splits = Splits(x, x, x, x, x, x, labels_test=np.arange(40) % 10)
+    for latent_dim, expected in ((2, {"latent_plane", "manifold"}), (4, {"latent_tsne"})):
+        model = aelib.build_model("vae", latent_dim=latent_dim)
+        figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / str(latent_dim))
+        assert {"latent_plane", "manifold", "latent_tsne"} & set(figures) == expected
+        for path in figures.values():
+            assert Image.open(path).size[0] > 100
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     model = aelib.build_model(name)

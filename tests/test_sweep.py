@@ -257,6 +257,8 @@ def test_smoke_sweep_report_and_tensorboard(smoke):
     vae = json.loads((exp / "best" / "vae.json").read_text())
     if vae["hparams"]["latent_dim"] == 2:  # the tutorial's latent plane and manifold
         assert any(image.endswith("vae_manifold.png") for image in images)
+    else:  # a t-SNE map of its z_mean instead
+        assert any(image.endswith("vae_latent_tsne.png") for image in images)
     # Tune's own TensorBoard logs, one trial folder per variant named after it.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
