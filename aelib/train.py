@@ -103,16 +103,16 @@ class TrainConfig:
             0.0 <= self.noise_factor <= 1.0,
             f"noise_factor must be in [0, 1]. Received: noise_factor={self.noise_factor}",
         )
+        _check(  # (the noisy inputs' PSNR would be infinite, and its mean with it)
+            self.model != "denoise" or self.noise_factor > 0,
+            "noise_factor must be > 0 for denoise: at 0 there is no noise to remove. "
+            f"Received: noise_factor={self.noise_factor}",
+        )
         _check(
             self.eval_noise_factor is None
             or is_number(self.eval_noise_factor)
             and 0.0 < self.eval_noise_factor <= 1.0,
             f"eval_noise_factor must be in (0, 1] or None. Received: {self.eval_noise_factor!r}",
-        )
-        _check(  # (the noisy inputs' PSNR would be infinite, and its mean with it)
-            self.model != "denoise" or self.noise_factor > 0,
-            "noise_factor must be > 0 for denoise: at 0 there is no noise to remove. "
-            f"Received: noise_factor={self.noise_factor}",
         )
         _check(
             self.limit is None or self.limit >= 2,

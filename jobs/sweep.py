@@ -125,7 +125,8 @@ VARIANTS = tuple(SEARCH_SPACE)
 # start heaviest first, so the sweep does not end with one long trial running alone
 # while the other CPUs idle (longest-processing-time-first scheduling).
 EPOCH_COST = {"denoise": 10, "conv": 6, "seq2seq": 5, "vae": 2, "deep": 1.5}
-TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "lr_schedule")  # rest: model options
+# (the rest: model options)
+TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "eval_noise_factor", "lr_schedule")
 METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
@@ -148,6 +149,9 @@ RESUMED = (
 # wrappers, TF-lite's JAX converter, Keras's image-gallery plot), and optional there:
 # ~1.2 s of each process's start. (The report imports Matplotlib itself, later.)
 UNUSED_IMPORTS = ("jax", "sklearn", "matplotlib")
+# How denoise trials are scored: all at one noise (eval_noise_factor), whatever noise they
+# trained at. ("as-trained": each at its own, as sweeps started before 2026-12-04 did.)
+SCORING = "fixed-noise"
 
 
 # ---------------------------------------------------------------- flags
@@ -280,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, SMOKE[key])
     # `--models conv denoise` or `--models conv,denoise`, as the benchmarks take them
     args.models = [m for text in args.models for m in text.split(",") if m]
+    if not args.models:
+        parser.error("--models: no variant given")
     unknown = [m for m in args.models if m not in SEARCH_SPACE]
     if unknown:
         parser.error(
@@ -287,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Valid variants: {', '.join(VARIANTS)}"
         )
     args.models = list(dict.fromkeys(args.models))  # dedupe, keep order
+    args.scoring = SCORING  # (a resumed sweep keeps its own: _keep_first_settings)
     if args.cpus_per_trial <= 0:
         parser.error(f"--cpus-per-trial must be > 0. Received: {args.cpus_per_trial}")
     if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
@@ -365,7 +372,8 @@ def _settings_file(args: argparse.Namespace):
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return json.loads(json.dumps({key: getattr(args, key) for key in RESUMED}))
+    settings = {key: getattr(args, key) for key in RESUMED}
+    return json.loads(json.dumps({**settings, "scoring": args.scoring}))
 
 
 def write_settings(args: argparse.Namespace) -> None:
@@ -407,6 +415,11 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
             "resumed with this run's flags, which must be the ones it started with",
             file=sys.stderr,
         )
+        first = {}
+    # How its denoise trials are scored: an experiment of before 2026-12-04 scored each
+    # at the noise it trained at, and its trials to come are scored so too.
+    args.scoring = first.get("scoring", "as-trained")
+    if not first:
         return
     now = _settings(args)
     for key in RESUMED:
@@ -771,6 +784,9 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         **where,
     }
     final[METRIC] = final.get(METRIC, math.nan)
+    if model == "denoise":  # the noise its validation and test scores are at
+        noise = total.eval_noise_factor
+        final["eval_noise_factor"] = total.noise_factor if noise is None else noise
     if final["nan"]:  # stopped by StopOnNaN: mark it, keep no model
         tune.report(final)
         return
@@ -794,9 +810,8 @@ def trial_config(model: str, sampled: dict[str, Any], settings: dict[str, Any]):
         options["filters"] = tuple(options["filters"])
     if "hidden_units" in options:
         options["hidden_units"] = tuple(options["hidden_units"])
-    if model == "denoise":  # scored at the pinned noise, else aelib's default, whatever
-        scored = settings["pins"].get(model, {}).get("noise_factor", TrainConfig.noise_factor)
-        train_fields["eval_noise_factor"] = scored  # noise a trial trained at
+    if model == "denoise" and settings.get("scoring") == SCORING:
+        train_fields.setdefault("eval_noise_factor", scored_noise(settings["pins"]))
     return TrainConfig(
         model=model,
         model_options=options,
@@ -808,6 +823,15 @@ def trial_config(model: str, sampled: dict[str, Any], settings: dict[str, Any]):
         data=settings["data"],
         **train_fields,
     )
+
+
+def scored_noise(pins: dict[str, dict]) -> float:
+    """The noise every denoise trial is validated and tested at, whatever noise it
+    trained at: a pinned eval_noise_factor, else a pinned noise_factor, else aelib's
+    default noise_factor."""
+    denoise = pins.get("denoise", {})
+    default = train_field_defaults()["noise_factor"]
+    return denoise.get("eval_noise_factor", denoise.get("noise_factor", default))
 
 
 def pins_are_defaults(pins: list[tuple[str, str, Any]]) -> bool:
@@ -829,11 +853,29 @@ def check_pins(args: argparse.Namespace, arrays) -> None:
     conv.filters=(0,8,8)`, `--set denoise.depth=3` on 28x28 digits, `--set
     dense.batch_size=0`) fails here with aelib's message, not in every trial of that
     variant after Ray's start-up, with retries. Costs the driver the Keras import
-    (3-4 s) before Ray, only with a --set other than aelib's default."""
-    with _optional_imports_skipped(UNUSED_IMPORTS):
-        import keras
+    (3-4 s) before Ray, only with a --set other than aelib's default. Keras stays on
+    the driver's CPU: the GPUs are the trials' (TensorFlow would map nearly all of a
+    GPU's memory, JAX 75% of it, for the driver's whole run)."""
+    backend = _keras_backend()
+    ours = "KERAS_TORCH_DEVICE" not in os.environ  # (a user's own choice stands)
+    os.environ.setdefault("KERAS_TORCH_DEVICE", "cpu")  # (read as Keras's torch backend loads)
+    try:
+        with _optional_imports_skipped(UNUSED_IMPORTS):
+            if backend == "tensorflow":
+                import tensorflow as tf
 
-        from aelib.train import build_checked
+                with contextlib.suppress(RuntimeError, ValueError):  # (before any tensor)
+                    tf.config.set_visible_devices([], "GPU")
+            elif backend == "jax":
+                import jax
+
+                jax.config.update("jax_platforms", "cpu")
+            import keras
+
+            from aelib.train import build_checked
+    finally:  # not for the trials: the Ray started next inherits this environment
+        if ours:
+            del os.environ["KERAS_TORCH_DEVICE"]
     settings = trial_settings(args)
     for model, pins in settings["pins"].items():
         try:
@@ -958,6 +1000,7 @@ def _flatten_row(
         "test_bce",
         "test_psnr",
         "test_ssim",
+        "eval_noise_factor",
         "noisy_psnr",
         "noisy_ssim",
         "psnr_gain",
@@ -1073,12 +1116,18 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         + ".",
         "",
     ]
-    if "denoise" in args.models:
-        default = f"{train_field_defaults()['noise_factor']} (aelib's default)"
-        scored = _pins_by_model(args.pins).get("denoise", {}).get("noise_factor", default)
+    if "denoise" in args.models and args.scoring == SCORING:
         lines += [
-            f"Every denoise trial is validated and tested at noise factor {scored}, whatever "
-            "noise it trained at, so that their scores compare.",
+            f"Every denoise trial is validated and tested at noise factor "
+            f"{scored_noise(_pins_by_model(args.pins))}, whatever noise it trained at, so "
+            "that their scores compare (`eval_noise_factor` in trials.csv).",
+            "",
+        ]
+    elif "denoise" in args.models:
+        lines += [
+            "Each denoise trial is validated and tested at the noise it trained at (a sweep "
+            "started before sweeps scored them all at one noise): their scores compare "
+            "only where that noise is the same.",
             "",
         ]
     if best:
@@ -1202,6 +1251,7 @@ def trial_settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "data": args.data,
         "pins": _pins_by_model(args.pins),
+        "scoring": args.scoring,
     }
 
 

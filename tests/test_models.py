@@ -391,7 +391,12 @@ def test_metrics_match_scikit_image_and_refuse_integer_images():
     ]
     np.testing.assert_allclose(got, want)
 
-    digits = (ref * 255).astype(np.uint8)
+    digits, noisy = (ref * 255).astype(np.uint8), (img * 255).astype(np.uint8)
+    np.testing.assert_allclose(  # 8-bit images with their own range
+        metrics.psnr(digits, noisy, data_range=255),
+        [peak_signal_noise_ratio(r, i, data_range=255) for r, i in zip(digits, noisy, strict=True)],
+    )
     for metric in (metrics.psnr, metrics.ssim):
-        with pytest.raises(ValueError, match="Images must be floats in \\[0, data_range=1.0\\]"):
-            metric(digits, digits)
+        for wrong in (digits, digits.astype(np.float32), ref - 0.5):  # 0..255, or below 0
+            with pytest.raises(ValueError, match=r"must have values in \[0, data_range=1.0\]"):
+                metric(wrong, wrong)

@@ -207,7 +207,8 @@ def test_smoke_sweep_trial_table(smoke):
     assert "hp_l1" not in sparse  # not searched: its val_loss includes the L1 penalty
     assert float(sparse["code_mean"]) > 0
     report = (exp / "report" / "report.md").read_text()
-    assert "validated and tested at noise factor 0.5 (aelib's default)" in report
+    assert "validated and tested at noise factor 0.5, whatever noise it trained at" in report
+    assert float(denoise["eval_noise_factor"]) == 0.5
     assert "| noisy_ssim |" in report and "| code_active_fraction |" in report
     table = pd.read_parquet(exp / "trials.parquet")
     assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
@@ -460,6 +461,19 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     assert sorted(again.models) == ["dense", "vae"]
     with pytest.raises(SystemExit):  # `--epoch` is not --epochs any more
         sweep.parse_args([*first, "--epoch", "3"])
+    # How its denoise trials are scored stays the experiment's: all at one noise, or (a
+    # sweep started before sweep_settings.json recorded it) each at its own training noise.
+    assert args.scoring == "fixed-noise"
+    settings = tmp_path / "s" / "sweep_settings.json"
+    recorded = json.loads(settings.read_text())
+    del recorded["scoring"]
+    settings.write_text(json.dumps(recorded))
+    old = sweep.parse_args(base)
+    assert old.scoring == "as-trained"
+    config = sweep.trial_config("denoise", {"noise_factor": 0.3}, sweep.trial_settings(old))
+    assert (config.noise_factor, config.eval_noise_factor) == (0.3, None)
+    config = sweep.trial_config("denoise", {"noise_factor": 0.3}, sweep.trial_settings(args))
+    assert (config.noise_factor, config.eval_noise_factor) == (0.3, 0.5)
 
 
 # ------------------------------------------------------------ bad flags
@@ -470,6 +484,7 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     [
         (["--models", "dense", "gan"], "unknown variant(s) 'gan'"),
         (["--models", "dense,gan"], "unknown variant(s) 'gan'"),
+        (["--models", ","], "--models: no variant given"),
         (["--epochs", "0"], "--epochs: must be >= 1"),
         (["--num-samples", "-2"], "--num-samples: must be >= 1"),
         (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be a finite number >= 0"),
@@ -596,7 +611,8 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         "denoise.upsample=transpose",
         "denoise.upsample='nearest'",
         "denoise.skips=True",
-        "denoise.noise_factor=0",
+        "denoise.noise_factor=1",  # an int for a float
+        "denoise.eval_noise_factor=0.3",  # (a None default: any value; TrainConfig checks)
         "dense.learning_rate=1",
         "dense.batch_size=64",
         "dense.lr_schedule=cosine",
@@ -635,11 +651,40 @@ def test_pins_of_aelibs_defaults_spare_the_drivers_keras_import():
     assert len(flags) > 40  # every searched key of every variant
     assert sweep.pins_are_defaults(sweep.parse_args(flags).pins)
     assert sweep.pins_are_defaults([])
-    for pin in ("dense.batch_size=64", "conv.filters=(16,8,4)", "vae.seed=3", "dense.l1=1"):
+    for pin in ("dense.batch_size=64", "conv.filters=(16,8,4)", "vae.seed=3", "sparse.l1=1e-4"):
         (parsed,) = sweep.parse_args(["--set", pin]).pins
         assert not sweep.pins_are_defaults([parsed]), pin
     (tuple_as_list,) = sweep.parse_args(["--set", "conv.filters=[16, 8, 8]"]).pins
     assert sweep.pins_are_defaults([tuple_as_list])
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_drivers_pin_check_keeps_keras_off_the_gpus(backend, tmp_path):
+    """check_pins builds models in the driver, before Ray: on the CPU, so that it holds
+    no GPU memory the trials need, and without passing that setting on to the trials
+    through the environment Ray inherits."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    code = (
+        "import importlib.util, os\n"
+        f"spec = importlib.util.spec_from_file_location('sweep', {str(SWEEP)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"args = m.parse_args(['--models', 'denoise', '--set', 'denoise.filters=8', "
+        f"'--storage-path', {str(tmp_path)!r}])\n"
+        f"m.check_pins(args, m.load_arrays(m.parse_args(['--data', {str(MNIST)!r}, "
+        "'--limit', '20', '--test-limit', '5', '--storage-path', args.storage_path])))\n"
+        "import keras\n"
+        "device = (keras.src.backend.torch.core.DEFAULT_DEVICE if keras.backend.backend() == "
+        "'torch' else __import__('jax').config.jax_platforms)\n"
+        "print(device, 'KERAS_TORCH_DEVICE' in os.environ)\n"
+    )
+    env = {**_env(Path(tempfile.gettempdir())), "KERAS_BACKEND": backend}
+    env.pop("KERAS_TORCH_DEVICE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["cpu", "False"]
 
 
 def test_a_failing_trial_records_its_exception(tmp_path, ray_tmp):
