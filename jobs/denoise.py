@@ -9,7 +9,8 @@ denoised by a trained fully convolutional model (aelib's `denoise`) and written
 to the same relative path under --output, and DST/manifest.parquet gets one row
 per input: path, output, status (ok / failed / skipped), error, width, height,
 channels, PSNR/SSIM of the noisy input and of the output against --clean
-references (same relative paths), and the Ray node and device of its batch.
+references (same relative paths), the Ray node and device of its batch, and the
+model that wrote the output.
 While it runs, the rows go block by block to a journal in DST (an Arrow IPC
 stream, readable up to the last whole block after a crash); at the end the
 journal becomes the manifest. A rerun carries earlier rows (sizes, metrics)
@@ -22,7 +23,8 @@ How it runs: the driver lists the inputs (one recursive listing, no Ray task
 per file), drops those whose output already exists and is complete (a rerun
 resumes: local outputs are written to a temp file and renamed, and an output
 whose size is not the one the manifest recorded, or without a row and whose
-file format's end is missing, is done again), and hands the rest to Ray Data
+file format's end is missing, or older than its input, or without a row where
+this job wrote before (a crash lost it), is done again), and hands the rest to Ray Data
 in blocks of --batch-size paths. One `map_batches` stage with a pool of
 `Denoiser` actors (model loaded once in `__init__`, from bytes shipped by the
 driver, so workers need no shared disk) reads each block's files, groups
@@ -153,6 +155,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("ssim", pa.float64()),
         ("node", pa.string()),  # Ray node id of the actor that did the batch
         ("device", pa.string()),  # CPU or GPU
+        # The model that wrote the output (SHA-256 of its .keras file; the manifest's
+        # metadata names this run's): a `skipped` row keeps the earlier run's, which
+        # may be another model's. Null where unknown (a DST of an older version).
+        ("model_sha256", pa.string()),
     ]
 )
 _COLUMNS = MANIFEST_SCHEMA.names
@@ -257,6 +263,10 @@ class Storage:
             self.root = os.path.abspath(os.path.expanduser(location))
             self.local = True
         self._made: set[str] = set()
+        # Modification times (ns) of the files listed (walk, or find_inputs for a glob or
+        # one file): an input newer than its output has changed since (see _plan).
+        self.mtimes: dict[str, int] = {}
+        self.mtime_ns: int | None = None  # the root's, once `entry` has looked
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
@@ -323,18 +333,21 @@ class Storage:
 
     def entry(self) -> tuple[str, int]:
         """What the root is, with one stat or request: "dir", "file", "missing" or
-        "other" (a broken link, a FIFO, ...), and its size in bytes."""
+        "other" (a broken link, a FIFO, ...), and its size in bytes (and its
+        modification time in `mtime_ns`)."""
         if not self.local:
             import pyarrow.fs as pafs
 
             info = self.fs.get_file_info(self.root)
             kinds = {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}
             kinds[pafs.FileType.NotFound] = "missing"
+            self.mtime_ns = info.mtime_ns
             return kinds.get(info.type, "other"), info.size or 0
         try:
             found = os.stat(self.root)
         except (FileNotFoundError, NotADirectoryError):
             return ("other" if os.path.lexists(self.root) else "missing"), 0
+        self.mtime_ns = found.st_mtime_ns
         if stat.S_ISDIR(found.st_mode):
             return "dir", found.st_size
         return ("file" if stat.S_ISREG(found.st_mode) else "other"), found.st_size
@@ -350,7 +363,9 @@ class Storage:
 
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
             cut = len(self.root) + 1
-            return sorted((i.path[cut:], i.size) for i in infos if i.type == pafs.FileType.File)
+            files = [i for i in infos if i.type == pafs.FileType.File]
+            self.mtimes.update((i.path[cut:], i.mtime_ns) for i in files if i.mtime_ns)
+            return sorted((i.path[cut:], i.size) for i in files)
         found = []
         tree = os.path.realpath(self.root)
         stack = [("", frozenset([tree]))]  # a folder, its path's folders
@@ -364,7 +379,9 @@ class Storage:
                         if real not in above and not _linked_into(real, prune, tree):
                             stack.append((rel, above | {real}))
                     elif entry.is_file():
-                        found.append((rel, entry.stat().st_size))
+                        info = entry.stat()
+                        found.append((rel, info.st_size))
+                        self.mtimes[rel] = info.st_mtime_ns
                     elif entry.is_symlink():
                         found.append((rel, 0))
         return sorted(found)
@@ -1350,7 +1367,10 @@ class Denoiser:
             else:
                 if payload is None:
                     raise ValueError("no image bytes in this row")
-                writer, size = self.s.extra.get("writers", {}).get(out_rel, (rel, None))
+                # No record of the output: a DST this job never wrote (the outputs decide),
+                # or a run that stopped before keeping the row of it (done again).
+                mine = rel if self.s.extra.get("unrecorded", True) else None
+                writer, size = self.s.extra.get("writers", {}).get(out_rel, (mine, None))
                 if writer == rel and size in (None, len(payload)) and self._exists(out_rel):
                     # Parquet resume: this row's output, complete, from these bytes.
                     row.update(status="skipped", output=out_rel, input_bytes=len(payload))
@@ -1769,11 +1789,11 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         if storage.local:
             full = _outside(sorted(glob.glob(location, recursive=True)), prune, root)
             # A broken link gets size 0 and a `failed` row, as in a folder (Storage.walk).
-            files = [
-                (os.path.relpath(p, storage.root).replace(os.sep, "/"), _size(p))
-                for p in full
-                if os.path.isfile(p) or not os.path.exists(p)
-            ]
+            files = []
+            for p in full:
+                if os.path.isfile(p) or not os.path.exists(p):
+                    rel = os.path.relpath(p, storage.root).replace(os.sep, "/")
+                    files.append((rel, _size(p, storage.mtimes, rel)))
         else:
             files = _matching(storage.walk(), pattern)
     else:
@@ -1820,7 +1840,10 @@ def _one_file(storage: Storage, size: int) -> Inputs:
         path, query = split_query(storage.location)
         folder = path.rstrip("/").rsplit("/", 1)[0] + query
         name = storage.root.rsplit("/", 1)[-1]
-    return Inputs("files", Storage(folder), [(name, size)], [], single=True)
+    listed = Storage(folder)
+    if storage.mtime_ns:
+        listed.mtimes[name] = storage.mtime_ns
+    return Inputs("files", listed, [(name, size)], [], single=True)
 
 
 def _image_name(rel: str) -> bool:
@@ -1838,12 +1861,15 @@ def _is_glob(location: str) -> bool:
     return any(ch in path for ch in GLOB_CHARS) and not exists
 
 
-def _size(path: str) -> int:
-    """A file's size; 0 for a broken link (one stat, not two)."""
+def _size(path: str, mtimes: dict[str, int], rel: str) -> int:
+    """A file's size, its modification time put in `mtimes[rel]`; 0 for a broken link
+    (one stat, not two)."""
     try:
-        return os.path.getsize(path)
+        found = os.stat(path)
     except OSError:
         return 0
+    mtimes[rel] = found.st_mtime_ns
+    return found.st_size
 
 
 def _inside(real: str, folder: str) -> bool:
@@ -2191,17 +2217,21 @@ def one_run_at_a_time(output: Storage, flag: str):
     file names the holder, for the second run's message, and goes at the end. On an
     object store, which has no locks, DST/LOCK is a lease instead (see _lease).
 
+    Yields whether a run that stopped without ending (killed, its machine lost) left its
+    LOCK there: then outputs in DST without a row are that run's (see _plan).
+
     Raises:
         ValueError: naming DST and the run that holds it.
     """
     if not output.local:
-        with _lease(output, flag):
-            yield
+        with _lease(output, flag) as stopped_before:
+            yield stopped_before
         return
     import fcntl
     import socket
 
     path = output.full(LOCK)
+    stopped_before = os.path.lexists(path)  # (a run that ends removes it)
     if os.path.islink(output.root) and not os.path.exists(output.root):
         target = os.readlink(output.root)
         raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
@@ -2256,7 +2286,7 @@ def one_run_at_a_time(output: Storage, flag: str):
             file=sys.stderr,
         )
     try:
-        yield
+        yield stopped_before
     finally:  # removed while still held, so no run can lock the file and then lose it
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -2374,7 +2404,7 @@ def _lease(output: Storage, flag: str):
     beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
     beats.start()
     try:
-        yield
+        yield lease is not None
     finally:
         stop.set()
         beats.join(timeout=5)  # (a request under way may take GCS_RETRY_SECONDS)
@@ -2413,6 +2443,7 @@ class ManifestWriter:
         self.writers = dict(writers or {})
         self.earlier = earlier or {}  # earlier runs' rows, for the actors' `skipped` rows
         self.schema = MANIFEST_SCHEMA.with_metadata(metadata)
+        self.model_sha256 = metadata.get("model_sha256")  # (set in the `ok` rows)
         self.consumed = list(consumed)  # earlier journals, read by previous_rows
         if output.local:
             os.makedirs(output.root, exist_ok=True)
@@ -2435,6 +2466,7 @@ class ManifestWriter:
         self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
         self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
+        self.started = False  # set (start) once actors may write outputs (see abort)
         self.failures: list[str] = []
 
     def add(self, table: pa.Table, new: bool = True) -> None:
@@ -2450,6 +2482,13 @@ class ManifestWriter:
                 for r in table.to_pylist()
             ]
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
+        if new and self.model_sha256 and "ok" in status:
+            models = table.column("model_sha256").to_pylist()
+            models = [
+                self.model_sha256 if s == "ok" else m for s, m in zip(status, models, strict=True)
+            ]
+            index = table.schema.get_field_index("model_sha256")
+            table = table.set_column(index, "model_sha256", pa.array(models, pa.string()))
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
         if new and not self.output.local:  # (rows settled up front are settled again)
@@ -2536,18 +2575,26 @@ class ManifestWriter:
         self.stop.set()
         self.timer.join()
 
+    def start(self) -> None:
+        self.started = True
+
     def abort(self) -> None:
-        """The job failed: the outputs written stay, and so does the journal if it holds
-        rows of denoised images (the rerun reads them back); it is removed otherwise.
-        In an object store, the rows not yet in a part are PUT as one."""
+        """The job failed: the outputs written stay, and so does the journal once actors
+        were started (the rerun reads its rows back, and, rows or not, it records that
+        this job wrote there: outputs without a row are then done again, see _plan); it
+        is removed otherwise. In an object store, the rows not yet in a part are PUT as
+        one (an empty one if none was PUT: the record)."""
         if not self.output.local:
             self._stop_timer()
+            if self.started and not self.parts:
+                with self.lock:
+                    self.pending.append(MANIFEST_SCHEMA.remove_metadata().empty_table())
             self._put_part()  # (it says so itself if it cannot)
         try:
             self.writer.close()
             if self.output.local:
                 self.sink.close()
-                if not self.new_rows:
+                if not (self.new_rows or self.started):
                     self.output.remove(self.journal)
         except Exception:
             pass
@@ -2718,12 +2765,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clean is not None and not clean.is_dir():
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
-    with one_run_at_a_time(output, args.output):
-        return _run_locked(args, start, spec, model_bytes, inputs, output)
+    with one_run_at_a_time(output, args.output) as stopped_before:
+        return _run_locked(args, start, spec, model_bytes, inputs, output, stopped_before)
 
 
 def _run_locked(
-    args, start: float, spec, model_bytes: bytes, inputs: Inputs, output: Storage
+    args,
+    start: float,
+    spec,
+    model_bytes: bytes,
+    inputs: Inputs,
+    output: Storage,
+    stopped_before: bool = False,
 ) -> dict:
     if inputs.hidden:
         print(
@@ -2740,8 +2793,10 @@ def _run_locked(
     if clean is None:  # the references of the metrics carried over, if any (the last run's)
         clean = before_metas[-1].get("clean", "") if before_metas else ""
     writers = previous_writers(output, before)
-    # No manifest, journal or record of outputs: this job has not written here before.
-    unrecorded = not (before or journals or writers)
+    # No manifest, journal, record of outputs or lock left by a run that stopped: this
+    # job has not written here before. Otherwise an output without a row was written by
+    # a run that stopped before its row was kept (a block under way): it is done again.
+    unrecorded = not (before or journals or writers or stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
     done = existing_outputs(output, written)
@@ -2771,7 +2826,8 @@ def _run_locked(
         print(
             f"denoise: note: {redacted(output.location)} holds a run with another "
             f"{', '.join(changed)}: its outputs are kept (skipped where this run would "
-            "write the same file), its failures retried",
+            "write the same file; the manifest's model_sha256 column names the model of "
+            "each), its failures retried",
             file=sys.stderr,
         )
     others = sorted(  # ("" is no --clean, or not recorded: not known to differ)
@@ -2791,7 +2847,7 @@ def _run_locked(
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, kept)
+        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded, output.mtimes)
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
         manifest.add_rows(early)
@@ -2802,6 +2858,7 @@ def _run_locked(
             # bytes of the same size.
             writers_in = {out: (w[0], w[2]) for out, w in kept.items()}
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
+            parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
@@ -2882,13 +2939,25 @@ def _plan(
     before: dict,
     retry_failed: bool,
     writers: dict[str, tuple] | None = None,
+    unrecorded: bool = True,
+    output_mtimes: dict[str, int] | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
     for, the output's size, the input's size then), also for inputs without a row now
-    (previous_writers)."""
+    (previous_writers). `unrecorded`: DST holds no record of this job (see _run_locked),
+    so an output with neither a row nor a record is taken for its input's; else it was
+    written by a run that stopped before keeping its row, and is done again (its row,
+    sizes and metrics, would be missing for good). `output_mtimes`: the outputs'
+    modification times; an input modified after its output was written is done again
+    (size and time, as rsync's quick check: a file changed in place can keep its size;
+    10,000 noisy test digits as PNGs have 108 sizes among them)."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
+    orphans = 0  # outputs without a row, of a run that stopped
+    newer = 0  # inputs modified since their outputs were written
+    input_mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
+    output_mtimes = output_mtimes or {}
     claimed: dict[str, str] = {}  # output -> the input writing it
     # An output an earlier run wrote stays its input's, though an input added since
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
@@ -2928,7 +2997,17 @@ def _plan(
         last = before.get(rel, {})
         record = (writers or {}).get(out_rel, ())
         recorded_size = record[2] if record and record[0] == rel and not last else None
-        if (
+        if out_rel in done and not (last or record or unrecorded):
+            orphans += 1
+            todo.append((rel, size))
+        elif (
+            out_rel in done
+            and not unrecorded  # (another dataset's outputs are not this job's to redo)
+            and input_mtimes.get(rel, 0) > output_mtimes.get(out_rel, 1 << 62)
+        ):
+            newer += 1
+            todo.append((rel, size))
+        elif (
             out_rel in done
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
@@ -2950,6 +3029,18 @@ def _plan(
             early.append(carried)
         else:
             todo.append((rel, size))
+    if orphans:
+        print(
+            f"denoise: note: {orphans} output(s) in DST have no row (written by a run that "
+            "stopped before keeping their rows): they are done again",
+            file=sys.stderr,
+        )
+    if newer:
+        print(
+            f"denoise: note: {newer} input(s) were modified after their outputs were "
+            "written: they are done again",
+            file=sys.stderr,
+        )
     return early, todo
 
 
@@ -3086,7 +3177,10 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
-        for table in _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
+        pipeline = _run_pipeline(
+            args, spec, model_bytes, inputs, todo, units, parquet, manifest.start
+        )
+        for table in pipeline:
             if timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
@@ -3102,8 +3196,9 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     return timings
 
 
-def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
-    """The Ray Data pipeline; yields one table of manifest rows per block."""
+def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_start=None):
+    """The Ray Data pipeline; yields one table of manifest rows per block. Calls
+    `on_start` once the checks are passed, before the actors are asked for."""
     import ray
 
     cpus, gpus, workers = _default_resources(
@@ -3166,6 +3261,8 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet):
         num_gpus=gpus,
         zero_copy_batch=True,
     )
+    if on_start is not None:
+        on_start()
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -607,13 +607,18 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     cut = "2/000001.png"  # a copy of DST cut short: not complete, so done again
     whole = (dst / cut).read_bytes()
     (dst / cut).write_bytes(whole[: len(whole) // 2])
+    # An output older than its input (as when the input was replaced since by a file of
+    # the same size): done again.
+    older = "4/000004.png"
+    os.utime(dst / older, ns=(10**9, 10**9))
     pattern = f"{dataset['src']}/**/*.png"  # a glob this time: .png files only
     result = run_job("--model", model_path, "--input", pattern, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 output(s)" in result.stderr and f"cut short (e.g. {cut})" in result.stderr
+    assert "1 input(s) were modified after their outputs were written" in result.stderr
     rows = manifest(dst)
     assert sorted(rows) == sorted(p for p in manifest(first_run[0]) if p.endswith(".png"))
-    redone = sorted([*removed, cut])
+    redone = sorted([*removed, cut, older])
     assert sorted(p for p, r in rows.items() if r["status"] == "ok") == redone
     again = np.asarray(Image.open(dst / cut), dtype=int)  # (batching may move a level)
     assert np.abs(again - np.asarray(Image.open(first_run[0] / cut), dtype=int)).max() <= 1
@@ -645,9 +650,10 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
 ):
     """The job and its Ray are SIGKILLed while outputs are being written (a crash):
     every image left in DST decodes whole, the rows of the blocks done before the kill
-    survive in the run's journal, and the rerun denoises exactly the inputs that have
-    no output yet, skips the rest with the killed run's sizes and PSNR, and writes one
-    manifest row per input."""
+    survive in the run's journal, and the rerun skips the outputs with such a row,
+    with the killed run's sizes and PSNR, denoises the rest (also the outputs the kill
+    left without a row: their rows would be lost), and writes one whole manifest row
+    per input."""
     count = 6000
     src, clean, dst = tmp_path / "noisy", tmp_path / "clean", tmp_path / "out"
     make_noisy.make_noisy(str(MNIST), count, src, clean)
@@ -685,14 +691,14 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
     assert sorted(rows) == inputs  # every input once
-    assert sorted(p for p, r in rows.items() if r["status"] == "skipped") == left
-    assert sum(r["status"] == "ok" for r in rows.values()) == count - len(left)
+    assert sorted(p for p, r in rows.items() if r["status"] == "skipped") == sorted(recorded)
+    assert sum(r["status"] == "ok" for r in rows.values()) == count - len(recorded)
     for path, row in recorded.items():  # carried over, not lost with the killed run
         assert (rows[path]["width"], rows[path]["psnr"]) == (28, row["psnr"]), path
-    # Only outputs written in the blocks the kill cut short lack their metrics.
-    measured = sum(r["psnr"] is not None for r in rows.values())
-    assert measured == count - len(set(left) - set(recorded))
-    assert f"on the {measured} with a --clean reference" in result.stdout
+    orphans = len(set(left) - set(recorded))  # written in the blocks the kill cut short
+    assert (f"{orphans} output(s) in DST have no row" in result.stderr) is (orphans > 0)
+    assert all(r["width"] == 28 and r["psnr"] > r["psnr_noisy"] for r in rows.values())
+    assert f"on the {count} with a --clean reference" in result.stdout
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png")) == inputs
     assert [p.name for p in dst.rglob("*") if job.TMP_MARK in p.name] == []
     assert _journal_rows(dst) == {} and list(dst.glob(".manifest.*")) == []
@@ -705,7 +711,8 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     holder killed without a chance to clean up leaves its lock file, but not its lock."""
     dst = tmp_path / "out"
     args = ["--model", model_path, "--input", dataset["src"], "--output", dst]
-    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as stopped_before:
+        assert not stopped_before
         holder = (dst / job.LOCK).read_text()
         assert holder.startswith(f"pid {os.getpid()} on ")
         result = run_job(*args, timeout=120)
@@ -736,8 +743,9 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
         if holder.poll() is None:
             holder.kill()
     assert (dst / job.LOCK).exists()
-    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as stopped_before:
         assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+        assert stopped_before  # (its outputs without a row are done again: see _plan)
     assert not (dst / job.LOCK).exists()
 
 
@@ -756,7 +764,8 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
         with s3.fs.open_input_stream(lease) as f:
             return json.loads(f.read())
 
-    with job.one_run_at_a_time(output, dst):
+    with job.one_run_at_a_time(output, dst) as stopped_before:
+        assert not stopped_before
         mine = held()
         assert (mine["pid"], mine["beat"]) == (os.getpid(), pytest.approx(time.time(), abs=30))
         src = tmp_path / "src"
@@ -774,8 +783,8 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
     with s3.fs.open_output_stream(lease) as f:  # a run killed a minute ago
         f.write(json.dumps(stale).encode())
     monkeypatch.setattr(job, "LEASE_SECONDS", 2.0)  # renewed every 0.5 s
-    with job.one_run_at_a_time(output, dst):
-        assert "a run that wrote to" in capsys.readouterr().err
+    with job.one_run_at_a_time(output, dst) as stopped_before:
+        assert "a run that wrote to" in capsys.readouterr().err and stopped_before
         first = held()
         assert first["pid"] == os.getpid() and first["token"] != mine["token"]
         time.sleep(1.2)
@@ -1223,6 +1232,48 @@ def test_earlier_rows_are_read_in_run_order_and_carried_only_to_their_own_output
     assert (a_row["width"], a_row["psnr_noisy"], a_row["psnr"]) == (28, 9.0, None)
     b_row = job._skipped_row("b.png", "b.png", 100, before["b.png"])
     assert (b_row["status"], b_row["psnr"], b_row["input_bytes"]) == ("skipped", 25.0, 100)
+
+
+def test_a_run_stopped_before_its_first_rows_leaves_a_record(tmp_path, s3, monkeypatch):
+    """Ctrl-C (or a lost lease) before the first block's rows came back: once actors
+    were started, the journal stays, empty (in an object store, an empty part is PUT),
+    so the rerun knows this job wrote there and does the outputs without a row again
+    (see _plan) instead of skipping them without sizes or metrics for good; a run
+    stopped before it started any leaves nothing."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    for dst in (str(tmp_path / "out"), f"s3://{BUCKET}/stopped"):
+        output = job.Storage(dst)
+        job.ManifestWriter(output, {"run": "1"}).abort()
+        assert job._journals(output) == [], dst
+        writer = job.ManifestWriter(output, {"run": "1"})
+        writer.started = True
+        writer.abort()
+        rows, metas, journals = job.previous_rows(output)
+        assert (rows, metas, len(journals)) == ({}, [{"run": "1"}], 1), dst
+
+
+def test_each_row_names_the_model_that_wrote_its_output(tmp_path):
+    """A rerun with another model keeps the outputs the first one wrote (skipped): their
+    rows keep naming the first model, while the manifest's metadata names the rerun's."""
+    out = job.Storage(str(tmp_path))
+    first = job.ManifestWriter(out, {"run": "1", "model_sha256": "m1"})
+    ok = {"path": "a.png", "output": "a.png", "status": "ok", "width": 28, "psnr": 30.0}
+    failed = {"path": "b.png", "status": "failed", "error": "not a readable image"}
+    first.add(pa.Table.from_pylist([ok, failed], schema=job._ROW_SCHEMA))
+    first.close()
+    before, _, _ = job.previous_rows(out)
+    assert {p: r["model_sha256"] for p, r in before.items()} == {"a.png": "m1", "b.png": None}
+
+    second = job.ManifestWriter(out, {"run": "2", "model_sha256": "m2"}, earlier=before)
+    second.add_rows([job._skipped_row("a.png", "a.png", 10, before["a.png"])])
+    redone = {"path": "c.png", "output": "c.png", "status": "ok", "width": 28}
+    second.add(pa.Table.from_pylist([redone], schema=job._ROW_SCHEMA))
+    second.close()
+    table = pq.read_table(tmp_path / job.MANIFEST)
+    assert table.schema.metadata[b"model_sha256"] == b"m2"
+    rows = {r["path"]: (r["status"], r["model_sha256"]) for r in table.to_pylist()}
+    assert rows == {"a.png": ("skipped", "m1"), "c.png": ("ok", "m2")}
 
 
 def test_formats_without_16_bits_get_8_bits_with_a_note():
@@ -2279,8 +2330,27 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     assert plan([("x.png", 6)], {}, record) == ({"x.png": "skipped"}, [])
     # ... unless it changed size while it had no row.
     assert plan([("x.png", 7)], {}, record) == ({}, [("x.png", 7)])
-    # No record (a first run killed early, an older version's DST): the outputs decide.
+    # No record (a DST this job never wrote, an older version's): the outputs decide.
     assert plan([("x.jpg", 5)], {}, {}) == ({"x.jpg": "skipped"}, [])
+    # But where this job wrote before, an output without a row or record is one a run
+    # wrote and then stopped before keeping its row: done again, for the row.
+    inputs = job.Inputs("files", src, [("x.jpg", 5), ("a.png", 6)], [])
+    last = {"a.png": {"status": "ok", "output": "a.png", "input_bytes": 6}}
+    early, todo = job._plan(inputs, png, {"x.png", "a.png"}, last, False, {}, unrecorded=False)
+    assert [r["path"] for r in early] == ["a.png"] and todo == [("x.jpg", 5)]
+    # An input modified after its output was written, with the same size: done again;
+    # not where this job never wrote (a.png would be another dataset's file).
+    inputs = job.Inputs("files", src, [("a.png", 6)], [])
+    src.mtimes["a.png"] = 2_000
+    for out_time, unrecorded, redone in (
+        (1_000, False, True),
+        (3_000, False, False),
+        (1_000, True, False),
+    ):
+        early, todo = job._plan(
+            inputs, png, {"a.png"}, last, False, {}, unrecorded, {"a.png": out_time}
+        )
+        assert (todo == [("a.png", 6)], len(early)) == (redone, 1 - redone)
 
 
 def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_end(tmp_path):
@@ -2322,6 +2392,13 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     }
     # Changed bytes, or gone.tif's output: done again.
     assert skipped == {("same.tif", 3): True, ("same.tif", 4): False, ("unrecorded.tif", 1): False}
+    # An output without a record: the row's own where this job never wrote (the outputs
+    # decide), else a stopped run's whose row was lost (done again, for its row).
+    for unrecorded in (True, False):
+        extra = {"written": written, "writers": {}, "unrecorded": unrecorded}
+        settings = job.JobSettings.in_process(str(model_path), None, str(out), extra=extra)
+        row = job.Denoiser(settings)._read(("unrecorded.tif", b"a", 1))[0]
+        assert (row["status"] == "skipped") is unrecorded
 
 
 def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
