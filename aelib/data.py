@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
         with np.load(resolved, allow_pickle=False) as f:
             arrays = {key: f[key] for key in _MNIST_KEYS if key in f.files}
             found = list(f.files)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
         raise ValueError(f"{resolved} is not a readable .npz file: {e}") from e
     missing = [key for key in _MNIST_KEYS if key not in arrays]
     if missing:

@@ -136,7 +136,8 @@ def tsne_codes(
     from sklearn.manifold import TSNE
 
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
-    perplexity = float(min(30, max(2, len(codes) // 4)))
+    # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
+    perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         codes
     )
@@ -168,7 +169,7 @@ def tutorial_figures(
             codes = codes[0]
         if codes.ndim == 4:
             figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
-    if name in ("dense", "sparse", "deep"):
+    if name in ("dense", "sparse", "deep") and limit >= 2:  # (no map of one point)
         codes = model.encoder.predict(splits.x_test[:limit], verbose=0)
         figures["tsne"] = tsne_codes(
             codes, splits.labels_test[:limit], out_dir / f"{name}_codes_tsne.png"
@@ -183,7 +184,7 @@ def tutorial_figures(
                 z, splits.labels_test[:limit], out_dir / f"{name}_latent_plane.png"
             )
             figures["manifold"] = digit_manifold(model.decoder, out_dir / f"{name}_manifold.png")
-        else:  # the plane and its manifold are the tutorial's 2-D latent space's
+        elif limit >= 2:  # the plane and its manifold are the tutorial's 2-D latent space's
             figures["latent_tsne"] = tsne_codes(
                 z,
                 splits.labels_test[:limit],

@@ -45,6 +45,7 @@ import ast
 import atexit
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -144,7 +145,15 @@ RESUMED = (
     "search",
     "pins",
     "smoke_test",
+    # Restored by Tune with the experiment (its RunConfig and searcher), whatever the
+    # flags say: refused rather than ignored.
+    "max_concurrent",
+    "max_failures",
 )
+# What to say beside a refused --resume flag, where dropping it is not the only way.
+RESUME_HINTS = {
+    "max_concurrent": " (more --cpus-per-trial, which a resume takes, runs fewer trials at once)",
+}
 # Imported by `import tensorflow` only for features no trial uses (Keras's scikit-learn
 # wrappers, TF-lite's JAX converter, Keras's image-gallery plot), and optional there:
 # ~1.2 s of each process's start. (The report imports Matplotlib itself, later.)
@@ -335,19 +344,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         experiment = os.path.join(args.storage_path, args.name)
         if os.path.exists(experiment) and not os.path.isdir(experiment):
             parser.error(f"--name {args.name}: {experiment} is a file, not an experiment folder")
+        if os.path.isdir(experiment):  # (one of another user's, say: as --storage-path above)
+            try:
+                with tempfile.TemporaryFile(dir=experiment):
+                    pass
+            except OSError as e:
+                parser.error(f"--name {args.name}: cannot write to {experiment}: {e.strerror or e}")
     elif problem := _unreachable(args.storage_path):
         parser.error(f"--storage-path: cannot reach {args.storage_path}: {problem}")
     if args.data is not None:
         args.data = os.path.abspath(os.path.expanduser(args.data))
+        if os.path.isdir(args.data):
+            parser.error(f"--data: {args.data} is a folder; expected the mnist.npz file")
         if not os.path.isfile(args.data):
             parser.error(f"--data: MNIST file not found: {args.data}")
     if args.resume:
         _keep_first_settings(args, given, parser)
     if args.scheduler == "asha" and args.grace_period > args.epochs:
         parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
-    for variant, key, _ in args.pins:
+    seen: dict[tuple[str, str], Any] = {}
+    for variant, key, value in args.pins:
         if variant not in args.models:
             parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
+        if (variant, key) in seen:  # (the last would win, and the report listed both)
+            parser.error(
+                f"--set {variant}.{key} is given twice ({json.dumps(seen[variant, key])} and "
+                f"{json.dumps(value)}): give it once"
+            )
+        seen[variant, key] = value
     if args.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -377,17 +401,48 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_settings(args: argparse.Namespace) -> None:
-    """Records what the sweep's trials are made of, for a later --resume."""
+    """Records what the sweep's trials are made of, for a later --resume: the settings,
+    and the data (its file, and a digest of the arrays the trials get)."""
     fs, path = _settings_file(args)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    digest = getattr(args, "data_sha256", None)  # (main's; None: not known to differ)
+    settings = {**_settings(args), "data": args.data, "data_sha256": digest}
     with fs.open_output_stream(path) as f:
-        f.write(json.dumps(_settings(args), indent=2).encode())
+        f.write(json.dumps(settings, indent=2).encode())
+
+
+def data_digest(arrays) -> str:
+    """SHA-256 of the arrays the trials get (images and labels, cut to --limit and
+    --test-limit): the same data at another path has the same digest."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for split in arrays:
+        for array in split:
+            digest.update(str((array.dtype.str, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def check_same_data(args: argparse.Namespace) -> None:
+    """A resumed sweep's trials to come get the data its first trials had, or none."""
+    first = getattr(args, "first_data", None)
+    if first and first.get("data_sha256") not in (None, args.data_sha256):
+        raise SystemExit(
+            f"sweep.py: error: --resume: {args.name} started with other data "
+            f"({first.get('data') or 'MNIST from Keras'}, digest {first['data_sha256'][:12]}) "
+            f"than this run's ({args.data or 'MNIST from Keras'}, digest "
+            f"{args.data_sha256[:12]}): its trials would compare models trained on both; give "
+            "the same --data (or $AELIB_MNIST), or a new --name"
+        )
 
 
 def _shown(key: str, value: Any) -> str:
     """A setting as its flag takes it: `dense.batch_size=64`, `dense vae`, `3`."""
     if key == "pins":
         return " ".join(f"{v}.{k}={json.dumps(x)}" for v, k, x in value) or "(none)"
+    if value is None:
+        return "(not given)"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
@@ -419,6 +474,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     # How its denoise trials are scored: an experiment of before 2026-12-04 scored each
     # at the noise it trained at, and its trials to come are scored so too.
     args.scoring = first.get("scoring", "as-trained")
+    args.first_data = {k: first[k] for k in ("data", "data_sha256") if k in first}
     if not first:
         return
     now = _settings(args)
@@ -430,7 +486,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
             parser.error(
                 f"--resume: {args.name} started with {flag} {_shown(key, first[key])}, not "
                 f"{_shown(key, now[key])}; a resumed sweep keeps its first settings: drop "
-                f"{flag}, or give a new --name"
+                f"{flag}, or give a new --name{RESUME_HINTS.get(key, '')}"
             )
         if key in SMOKE and "--smoke-test" in given:
             parser.error(
@@ -965,9 +1021,12 @@ class VariantASHA(ASHAScheduler):
 
 
 def _flatten_row(
-    result, epochs: int, pins: dict[str, dict], unfinished: frozenset[str] = frozenset()
+    result, epochs: int, pins: dict[str, dict], unfinished: dict[str, dict] | None = None
 ) -> dict[str, Any]:
-    config = result.config or {}
+    unfinished = unfinished or {}
+    # (A trial that never reported, pending at a Ctrl-C, has no config in its Result:
+    # Tune takes it from the last result. The experiment's state has it.)
+    config = result.config or unfinished.get(Path(result.path).name) or {}
     metrics = result.metrics or {}
     model = config.get("model")
     row: dict[str, Any] = {
@@ -1054,7 +1113,7 @@ def _why_no_best(rows: list[dict], model: str) -> str:
 
 
 def write_results(
-    results, args, arrays, out_dir: Path, unfinished: frozenset[str] = frozenset()
+    results, args, arrays, out_dir: Path, unfinished: dict[str, dict] | None = None
 ) -> tuple[list[dict], dict[str, dict]]:
     """Writes the trial table, best models and report into `out_dir` (local)."""
     import pandas as pd
@@ -1428,6 +1487,8 @@ def main(argv: list[str] | None = None) -> int:
         arrays = load_arrays(args)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"sweep.py: error: {e}") from e
+    args.data_sha256 = data_digest(arrays)
+    check_same_data(args)
     if not pins_are_defaults(args.pins):
         check_pins(args, arrays)
     elif not args.no_figures:
@@ -1443,7 +1504,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
         interrupted = _interrupted(handler)
-        unfinished = _unfinished_trials(experiment) if interrupted else frozenset()
+        unfinished = _unfinished_trials(experiment) if interrupted else {}
         local = "://" not in experiment
         with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
             out_dir = Path(experiment) if local else Path(staging)
@@ -1483,10 +1544,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if missing else 0
 
 
-def _unfinished_trials(experiment_path: str) -> frozenset[str]:
-    """The folders of the trials a --resume would run on: those the experiment's state
-    file has neither terminated nor errored. (The results `fit` returns after a Ctrl-C
-    call every trial TERMINATED, those still running or pending included.)"""
+def _unfinished_trials(experiment_path: str) -> dict[str, dict]:
+    """The folders of the trials a --resume would run on, with their configs: those the
+    experiment's state file has neither terminated nor errored. (The results `fit`
+    returns after a Ctrl-C call every trial TERMINATED, those still running or pending
+    included.)"""
     import logging
 
     tune_logger = logging.getLogger("ray.tune")
@@ -1496,11 +1558,11 @@ def _unfinished_trials(experiment_path: str) -> frozenset[str]:
         trials = tune.ExperimentAnalysis(experiment_path).trials
     except Exception as e:  # (no state file: Tune had not saved one yet)
         print(f"sweep.py: note: cannot tell which trials were cut short ({e})", file=sys.stderr)
-        return frozenset()
+        return {}
     finally:
         tune_logger.setLevel(level)
     done = ("TERMINATED", "ERROR")
-    return frozenset(Path(t.path).name for t in trials if t.status not in done)
+    return {Path(t.path).name: dict(t.config) for t in trials if t.status not in done}
 
 
 def _interrupted(before: Any) -> bool:
@@ -1528,6 +1590,14 @@ def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except SystemExit as e:  # argparse's errors, sys.exit("message")
         code = e.code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's run (the report)
+        print(
+            "sweep.py: interrupted. What was written is kept: rerun the same command with "
+            "--resume to finish the sweep and its report (without --resume if it stopped "
+            "before its experiment folder had a trial).",
+            file=sys.stderr,
+        )
+        code = 130
     if isinstance(code, str):  # what sys.exit(message) prints and returns
         print(code, file=sys.stderr)
         code = 2 if code.startswith("sweep.py: error:") else 1  # a usage error, as argparse

@@ -32,6 +32,19 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
         data_lib.load_mnist(bad)
 
 
+def test_a_damaged_member_is_a_clear_error(tmp_path):
+    """A zip whose directory reads but whose compressed data is damaged (zlib's error,
+    not the zip module's) names the file too."""
+    arrays = {"x_train": np.arange(784 * 50, dtype=np.uint8).reshape(50, 28, 28)}
+    np.savez_compressed(tmp_path / "ok.npz", **arrays)
+    data = bytearray((tmp_path / "ok.npz").read_bytes())
+    data[200:600] = bytes(400)  # inside x_train's deflate stream
+    bad = tmp_path / "mnist.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"mnist\.npz is not a readable \.npz file"):
+        data_lib.load_mnist(bad)
+
+
 def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
     wrong_keys = tmp_path / "keys.npz"
     np.savez(wrong_keys, images=np.zeros((2, 28, 28)))

@@ -146,6 +146,17 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
             assert Image.open(path).size[0] > 100
 
 
+def test_code_maps_of_a_few_test_digits(digits, tmp_path):
+    """A t-SNE map of 2 or 3 codes (--test-limit 2) is drawn (scikit-learn refused a
+    perplexity of 2 after the whole sweep); of one code, none is drawn."""
+    model = aelib.build_model("dense")
+    for count in (1, 2, 3):
+        x = data_lib.prepare(digits[:count], "flat")
+        splits = Splits(x, x, x, x, x, x, labels_test=np.arange(count) % 10)
+        figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / str(count))
+        assert ("tsne" in figures) is (count > 1)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     model = aelib.build_model(name)

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import assert_head_up, kill_ray, start_logged, wait_for, without_tensorflow
@@ -389,11 +390,14 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     trials `interrupted` (not `stopped_early`, which the FIFO scheduler never does), says
     to rerun with --resume and exits 130 (it exited 0, as if done, and a `sweep && ...`
     went on). The resumed trial's optimizer went on from its checkpoint's state."""
+    from ray._private.utils import get_num_cpus  # (what a local Ray takes)
+
     epochs = 4
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
     cmd += ["--epochs", str(epochs), "--limit", "1500", "--test-limit", "100", "--num-samples"]
-    cmd += ["1", "--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
-    cmd += ["--storage-path", str(tmp_path), "--name", "stopped"]
+    # Each trial takes every CPU, so the second waits: pending, with no result yet.
+    cmd += ["2", "--cpus-per-trial", str(get_num_cpus()), "--scheduler", "fifo", "--no-figures"]
+    cmd += ["--max-failures", "0", "--storage-path", str(tmp_path), "--name", "stopped"]
     exp = tmp_path / "stopped"
     log = tmp_path / "sweep.log"
     driver = start_logged(cmd, _env(ray_tmp), log)
@@ -406,10 +410,11 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
         if driver.poll() is None:
             driver.kill()
     text = log.read_text()
-    assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text
+    assert "sweep.py: interrupted: 2 of 2 trials did not finish" in text
     assert "rerun the same command with --resume" in text
-    with open(exp / "trials.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
+    with open(exp / "trials.csv") as f:  # the one still pending too names its variant
+        rows = list(csv.DictReader(f))
+    assert [(r["status"], r["model"]) for r in rows] == [("interrupted", "conv")] * 2
     assert _wait_no_ray(ray_tmp, timeout=30) == []
     # The resume takes the first run's settings: --epochs 2 would mix two experiments.
     other = [a if a != str(epochs) else "2" for a in cmd]
@@ -423,7 +428,7 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     with open(exp / "trials.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished"] * 2
     assert _optimizer_steps(exp / "best" / "conv.keras", 1500, epochs)
     assert _wait_no_ray(ray_tmp) == []
 
@@ -452,6 +457,9 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
             ["--set", "dense.batch_size=32"],
             "started with --set dense.batch_size=64, not dense.batch_size=32",
         ),
+        # Tune restores these with the experiment: refused, not ignored.
+        (["--max-concurrent", "1"], "started with --max-concurrent (not given), not 1"),
+        (["--max-failures", "0"], "started with --max-failures 2, not 0"),
     ):
         with pytest.raises(SystemExit) as e:
             sweep.parse_args([*base, *extra])
@@ -476,6 +484,32 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     assert (config.noise_factor, config.eval_noise_factor) == (0.3, 0.5)
 
 
+def test_a_resume_on_other_data_is_refused(tmp_path):
+    """sweep_settings.json records a digest of the arrays the trials get: a resume with
+    another --data (or $AELIB_MNIST) would rank models trained on either, and is refused;
+    the same arrays from another path are the same data."""
+    sweep = _load_sweep_module()
+    flags = ["--storage-path", str(tmp_path), "--name", "s", "--models", "dense"]
+    flags += ["--limit", "100", "--test-limit", "50"]
+    first = sweep.parse_args(["--data", str(MNIST), *flags])
+    first.data_sha256 = sweep.data_digest(sweep.load_arrays(first))
+    sweep.write_settings(first)
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")  # (what Tuner.can_restore looks for)
+    with np.load(MNIST) as d:
+        arrays = {k: d[k] for k in d.files}
+    copy, inverted = tmp_path / "copy.npz", tmp_path / "inverted.npz"
+    np.savez_compressed(copy, **arrays)
+    np.savez_compressed(inverted, **{**arrays, "x_train": 255 - arrays["x_train"]})
+    for data, same in ((copy, True), (inverted, False)):
+        args = sweep.parse_args(["--data", str(data), *flags, "--resume"])
+        args.data_sha256 = sweep.data_digest(sweep.load_arrays(args))
+        if same:
+            sweep.check_same_data(args)
+            continue
+        with pytest.raises(SystemExit, match=f"started with other data \\({MNIST}, digest"):
+            sweep.check_same_data(args)
+
+
 # ------------------------------------------------------------ bad flags
 
 
@@ -490,6 +524,11 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
         (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be a finite number >= 0"),
         (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
         (["--data", "/nonexistent/mnist.npz"], "MNIST file not found"),
+        (["--data", "/tmp"], "--data: /tmp is a folder; expected the mnist.npz file"),
+        (
+            ["--set", "dense.batch_size=64", "--set", "dense.batch_size=32"],
+            "--set dense.batch_size is given twice (64 and 32): give it once",
+        ),
         (["--set", "gan.l1=0.1"], "unknown variant 'gan'"),
         (["--set", "vae.learning_rate=1e-3", "--models", "dense"], "not among --models"),
         (["--limit", "1"], "--limit must be >= 2"),  # aelib's own bound (TrainConfig.limit)
@@ -599,6 +638,21 @@ def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_t
     assert seconds < 30
 
 
+def test_an_experiment_folder_that_cannot_be_written_fails_before_ray(tmp_path, ray_tmp):
+    """--storage-path can be written, its --name folder not (another user's, say; here a
+    link to /proc, which not even root can write): refused before Ray, not as a
+    PermissionError once Ray has started."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "ro").symlink_to("/proc")
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--storage-path", str(store), "--name", "ro"]
+    proc = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"--name ro: cannot write to {store / 'ro'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(ray_tmp.iterdir()) == []
+
+
 def test_pinned_values_are_checked_against_the_option_defaults():
     """--set values of the wrong type fail before Ray starts; what the README shows, ints
     for floats, tuples or lists for tuples, and anything for a None default pass."""
@@ -618,10 +672,8 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         "dense.lr_schedule=cosine",
         "vae.seed=3",
     ]
-    flags = ["--models", *models]
-    for pin in good:
-        flags += ["--set", pin]
-    sweep.check_search_space(models, sweep.parse_args(flags).pins)
+    for pin in good:  # (one at a time: a key given twice is refused)
+        sweep.check_search_space(models, sweep.parse_args(["--models", *models, "--set", pin]).pins)
     bad = {
         "dense.encoding_dim=32.0": "expected an int (default 32)",
         "dense.encoding_dim=True": "expected an int (default 32)",
