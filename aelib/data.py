@@ -88,7 +88,24 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
                 f"{resolved}: x_{split} and y_{split} differ in length "
                 f"({len(arrays[f'x_{split}'])} != {len(arrays[f'y_{split}'])})."
             )
+        _check_pixels(arrays[f"x_{split}"], f"{resolved}: x_{split}")
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _check_pixels(x: np.ndarray, name: str) -> None:
+    """Digits `scale` takes: some, of 8-bit gray (0..255) or floats in [0, 1] (a file of
+    floats 0..255 failed in every trial, after Ray had started)."""
+    if not len(x):
+        raise ValueError(f"{name} holds no images.")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name} holds {x.dtype} values; expected 8-bit gray digits.")
+    low, high = x.min(), x.max()
+    top = 255 if np.issubdtype(x.dtype, np.integer) else 1.0
+    if not (low >= 0 and high <= top):  # (NaN fails too)
+        raise ValueError(
+            f"{name} holds {x.dtype} values in [{low}, {high}]; expected 8-bit gray digits "
+            "(integers 0..255) or floats in [0, 1]."
+        )
 
 
 def scale(x: np.ndarray) -> np.ndarray:

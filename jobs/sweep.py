@@ -1222,6 +1222,8 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         info = bundle.config
         config = TrainConfig.from_dict(info["train_config"])
         splits = make_splits(config, arrays, bundle.input_kind)
+        # (the figures of an earlier best, which a resume may have replaced, go first)
+        shutil.rmtree(report / model, ignore_errors=True)
         figures = plots.tutorial_figures(bundle, splits, info["history"], report / model)
         for name, path in figures.items():
             lines += [f"![{model} {name}]({Path(path).relative_to(report).as_posix()})", ""]

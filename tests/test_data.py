@@ -57,6 +57,16 @@ def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"x_train must have 3 dimensions.*\(4, 784\)"):
         data_lib.load_mnist(wrong_shape)
+    # Pixels `scale` would refuse in every trial, and no test digits at all.
+    y = np.zeros(4, np.uint8)
+    for name, x_test, said in (
+        ("floats.npz", np.full((4, 28, 28), 255.0), r"x_test holds float64 values in \[255"),
+        ("wide.npz", np.full((4, 28, 28), 300, np.uint16), r"uint16 values in \[300, 300\]"),
+        ("empty.npz", z[:0], "x_test holds no images"),
+    ):
+        np.savez(tmp_path / name, x_train=z, y_train=y, x_test=x_test, y_test=y[: len(x_test)])
+        with pytest.raises(ValueError, match=said):
+            data_lib.load_mnist(tmp_path / name)
 
 
 def test_scale_and_shapes():
