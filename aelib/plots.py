@@ -138,10 +138,15 @@ def tsne_codes(
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        codes
-    )
-    return latent_plane(xy, labels, path, title=title or f"t-SNE of {codes.shape[1]}-float codes")
+    title = title or f"t-SNE of {codes.shape[1]}-float codes"
+    # All codes the same (a dead encoder: a sparse one whose codes are all 0): the PCA
+    # start divides by their spread, zero, and the process died (SIGSEGV), report and all.
+    same = not np.ptp(codes, axis=0).any()
+    if same:
+        title += f": all {len(codes)} codes are the same"
+    init = "random" if same else "pca"
+    tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
+    return latent_plane(tsne.fit_transform(codes), labels, path, title=title)
 
 
 def tutorial_figures(

@@ -23,8 +23,9 @@ How it runs: the driver lists the inputs (one recursive listing, no Ray task
 per file), drops those whose output already exists and is complete (a rerun
 resumes: local outputs are written to a temp file and renamed, and an output
 whose size is not the one the manifest recorded, or without a row and whose
-file format's end is missing, or older than its input, or without a row where
-this job wrote before (a crash lost it), is done again), and hands the rest to Ray Data
+file format's end is missing, or whose input has another size or modification
+time than its row recorded, or without a row where this job wrote before (a crash
+lost it), is done again), and hands the rest to Ray Data
 in blocks of --batch-size paths. One `map_batches` stage with a pool of
 `Denoiser` actors (model loaded once in `__init__`, from bytes shipped by the
 driver, so workers need no shared disk) reads each block's files, groups
@@ -148,6 +149,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("channels", pa.int32()),
         ("input_bytes", pa.int64()),  # size of the input file (to tell a changed file on rerun)
+        ("input_mtime_ns", pa.int64()),  # and its modification time then, as listed
         ("output_bytes", pa.int64()),  # size of the output written (to tell one cut short)
         ("psnr_noisy", pa.float64()),  # input vs --clean reference, dB
         ("psnr", pa.float64()),  # output vs --clean reference, dB
@@ -164,7 +166,15 @@ MANIFEST_SCHEMA = pa.schema(
 _COLUMNS = MANIFEST_SCHEMA.names
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
-_INPUT_COLUMNS = ("width", "height", "channels", "input_bytes", "psnr_noisy", "ssim_noisy")
+_INPUT_COLUMNS = (
+    "width",
+    "height",
+    "channels",
+    "input_bytes",
+    "input_mtime_ns",
+    "psnr_noisy",
+    "ssim_noisy",
+)
 # On a CPU the model runs on slices of a group of one of these many pixels, whatever
 # --batch-size is; which one is faster depends on the CPU. The tutorial's denoiser on one
 # core, per 28x28 image (bench_denoise.py --stages prints both):
@@ -264,7 +274,8 @@ class Storage:
             self.local = True
         self._made: set[str] = set()
         # Modification times (ns) of the files listed (walk, or find_inputs for a glob or
-        # one file): an input newer than its output has changed since (see _plan).
+        # one file): an input whose time is not the one its row recorded has changed
+        # since (see _plan).
         self.mtimes: dict[str, int] = {}
         self.mtime_ns: int | None = None  # the root's, once `entry` has looked
 
@@ -2205,6 +2216,14 @@ def read_journal(output: Storage, name: str) -> pa.Table | None:
     return pa.Table.from_batches(batches, schema=schema)
 
 
+@dataclass
+class Hold:
+    """This run's hold on DST (one_run_at_a_time)."""
+
+    stopped_before: bool = False
+    mark_started: Callable[[], None] = lambda: None
+
+
 @contextlib.contextmanager
 def one_run_at_a_time(output: Storage, flag: str):
     """Keeps a second run of the job off a local DST while this one writes there.
@@ -2217,21 +2236,22 @@ def one_run_at_a_time(output: Storage, flag: str):
     file names the holder, for the second run's message, and goes at the end. On an
     object store, which has no locks, DST/LOCK is a lease instead (see _lease).
 
-    Yields whether a run that stopped without ending (killed, its machine lost) left its
-    LOCK there: then outputs in DST without a row are that run's (see _plan).
+    Yields a Hold: on an object store, whether a run that stopped without ending (killed,
+    its machine lost) after its actors had started left its lease there (then outputs in
+    DST without a row are that run's, see _plan; locally its journal says so), and what
+    to call when this run's actors start (marks the lease).
 
     Raises:
         ValueError: naming DST and the run that holds it.
     """
     if not output.local:
-        with _lease(output, flag) as stopped_before:
-            yield stopped_before
+        with _lease(output, flag) as hold:
+            yield hold
         return
     import fcntl
     import socket
 
     path = output.full(LOCK)
-    stopped_before = os.path.lexists(path)  # (a run that ends removes it)
     if os.path.islink(output.root) and not os.path.exists(output.root):
         target = os.readlink(output.root)
         raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
@@ -2286,7 +2306,7 @@ def one_run_at_a_time(output: Storage, flag: str):
             file=sys.stderr,
         )
     try:
-        yield stopped_before
+        yield Hold()
     finally:  # removed while still held, so no run can lock the file and then lose it
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -2400,11 +2420,18 @@ def _lease(output: Storage, flag: str):
         lost_it.set()
         _thread.interrupt_main()  # a KeyboardInterrupt in the driver: the Ctrl-C path
 
+    def mark_started() -> None:
+        """Says in the lease that actors may write outputs from now on: a rerun that finds
+        it stale takes outputs without a row for this run's (renewals PUT it too)."""
+        me["started"] = True
+        with contextlib.suppress(Exception):
+            put()
+
     lost_it = threading.Event()
     beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
     beats.start()
     try:
-        yield lease is not None
+        yield Hold(bool(lease and lease.get("started")), mark_started)
     finally:
         stop.set()
         beats.join(timeout=5)  # (a request under way may take GCS_RETRY_SECONDS)
@@ -2436,6 +2463,7 @@ class ManifestWriter:
         consumed: list[str] = (),
         earlier: dict[str, dict[str, Any]] | None = None,
         writers: dict[str, tuple] | None = None,
+        mtimes: dict[str, int] | None = None,
     ):
         self.output = output
         # Output -> (input, output size, input size) of every output in DST an earlier
@@ -2444,6 +2472,7 @@ class ManifestWriter:
         self.earlier = earlier or {}  # earlier runs' rows, for the actors' `skipped` rows
         self.schema = MANIFEST_SCHEMA.with_metadata(metadata)
         self.model_sha256 = metadata.get("model_sha256")  # (set in the `ok` rows)
+        self.mtimes = mtimes or {}  # input -> modification time listed (set in its row)
         self.consumed = list(consumed)  # earlier journals, read by previous_rows
         if output.local:
             os.makedirs(output.root, exist_ok=True)
@@ -2467,9 +2496,13 @@ class ManifestWriter:
         self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
         self.started = False  # set (start) once actors may write outputs (see abort)
+        self.when_started: Callable[[], None] = lambda: None
         self.failures: list[str] = []
 
-    def add(self, table: pa.Table, new: bool = True) -> None:
+    def add(self, table: pa.Table, new: bool = True, journal: bool = False) -> None:
+        """Adds rows: `new` ones of this run's actors, or rows settled up front, which a
+        rerun settles again the same way and which an object store's journal parts
+        leave out unless `journal` (see _run_locked)."""
         table = table.select(_COLUMNS).cast(MANIFEST_SCHEMA.remove_metadata())
         status = table.column("status").to_pylist()  # carrying rows over keeps each status
         if new and self.earlier and "skipped" in status:
@@ -2482,6 +2515,15 @@ class ManifestWriter:
                 for r in table.to_pylist()
             ]
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
+        if self.mtimes:
+            paths = table.column("path").to_pylist()
+            known = table.column("input_mtime_ns").to_pylist()
+            times = [
+                t if t is not None else self.mtimes.get(p)
+                for p, t in zip(paths, known, strict=True)
+            ]
+            index = table.schema.get_field_index("input_mtime_ns")
+            table = table.set_column(index, "input_mtime_ns", pa.array(times, pa.int64()))
         if new and self.model_sha256 and "ok" in status:
             models = table.column("model_sha256").to_pylist()
             models = [
@@ -2491,7 +2533,7 @@ class ManifestWriter:
             table = table.set_column(index, "model_sha256", pa.array(models, pa.string()))
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
-        if new and not self.output.local:  # (rows settled up front are settled again)
+        if (new or journal) and not self.output.local:
             with self.lock:
                 self.pending.append(table)
                 first = not self.parts and not self.failed_parts
@@ -2535,10 +2577,11 @@ class ManifestWriter:
                 self.sums[key] += float(np.sum(values[key][both].astype(float)))
             self.measured += int(both.sum())
 
-    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+    def add_rows(self, rows: list[dict[str, Any]], journal: bool = False) -> None:
         if rows:
             cols = {c: [r.get(c) for r in rows] for c in _COLUMNS}
-            self.add(pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata()), new=False)
+            table = pa.table(cols, schema=MANIFEST_SCHEMA.remove_metadata())
+            self.add(table, new=False, journal=journal)
 
     def _put_parts(self) -> None:
         interval = JOURNAL_SECONDS
@@ -2577,6 +2620,7 @@ class ManifestWriter:
 
     def start(self) -> None:
         self.started = True
+        self.when_started()
 
     def abort(self) -> None:
         """The job failed: the outputs written stay, and so does the journal once actors
@@ -2765,8 +2809,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if clean is not None and not clean.is_dir():
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
-    with one_run_at_a_time(output, args.output) as stopped_before:
-        return _run_locked(args, start, spec, model_bytes, inputs, output, stopped_before)
+    with one_run_at_a_time(output, args.output) as hold:
+        return _run_locked(args, start, spec, model_bytes, inputs, output, hold)
 
 
 def _run_locked(
@@ -2776,7 +2820,7 @@ def _run_locked(
     model_bytes: bytes,
     inputs: Inputs,
     output: Storage,
-    stopped_before: bool = False,
+    hold: Hold | None = None,
 ) -> dict:
     if inputs.hidden:
         print(
@@ -2796,7 +2840,8 @@ def _run_locked(
     # No manifest, journal, record of outputs or lock left by a run that stopped: this
     # job has not written here before. Otherwise an output without a row was written by
     # a run that stopped before its row was kept (a block under way): it is done again.
-    unrecorded = not (before or journals or writers or stopped_before)
+    hold = hold or Hold()
+    unrecorded = not (before or journals or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
     done = existing_outputs(output, written)
@@ -2842,15 +2887,22 @@ def _run_locked(
         )
     try:
         kept = {out: writer for out, writer in writers.items() if out in done}
-        manifest = ManifestWriter(output, metadata, consumed=journals, earlier=before, writers=kept)
+        mtimes = inputs.storage.mtimes if inputs.kind == "files" and inputs.storage else None
+        manifest = ManifestWriter(
+            output, metadata, consumed=journals, earlier=before, writers=kept, mtimes=mtimes
+        )
     except OSError as e:  # a read-only or full DST: say so before any work
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
+    manifest.when_started = hold.mark_started
     try:
         retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded, output.mtimes)
+        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded)
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
-        manifest.add_rows(early)
+        # Where this job has no record yet, the outputs skipped now may be another
+        # dataset's: their rows go in the journal at once (also an object store's),
+        # so that a rerun after a crash does not take them for this run's (see _plan).
+        manifest.add_rows(early, journal=unrecorded)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
             units, clashes, unusable = _parquet_units(inputs, args)
@@ -2927,7 +2979,7 @@ def _warn_unrecorded(output: Storage, skipped: int) -> None:
             f"already in {redacted(output.location)}, with no record that this job wrote "
             f"them (no {MANIFEST}, journal or {WRITERS} there): if they are not this "
             "job's results (another folder of images, a copy of the input), give an empty "
-            "--output (a run stopped in its first block leaves no record either)",
+            "--output",
             file=sys.stderr,
         )
 
@@ -2940,7 +2992,6 @@ def _plan(
     retry_failed: bool,
     writers: dict[str, tuple] | None = None,
     unrecorded: bool = True,
-    output_mtimes: dict[str, int] | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -2948,16 +2999,16 @@ def _plan(
     (previous_writers). `unrecorded`: DST holds no record of this job (see _run_locked),
     so an output with neither a row nor a record is taken for its input's; else it was
     written by a run that stopped before keeping its row, and is done again (its row,
-    sizes and metrics, would be missing for good). `output_mtimes`: the outputs'
-    modification times; an input modified after its output was written is done again
-    (size and time, as rsync's quick check: a file changed in place can keep its size;
-    10,000 noisy test digits as PNGs have 108 sizes among them)."""
+    sizes and metrics, would be missing for good). An input is unchanged if it has the
+    size and the modification time its row recorded (as rsync's quick check: a file
+    changed in place can keep its size; 10,000 noisy test digits as PNGs have 108 sizes
+    among them). The times are compared with the input's own earlier listing, not
+    with the output's: a clock elsewhere, or one an unzip set ahead, does not count."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     orphans = 0  # outputs without a row, of a run that stopped
-    newer = 0  # inputs modified since their outputs were written
-    input_mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
-    output_mtimes = output_mtimes or {}
+    touched = 0  # inputs of the size recorded, with another modification time
+    mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
     claimed: dict[str, str] = {}  # output -> the input writing it
     # An output an earlier run wrote stays its input's, though an input added since
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
@@ -2997,20 +3048,16 @@ def _plan(
         last = before.get(rel, {})
         record = (writers or {}).get(out_rel, ())
         recorded_size = record[2] if record and record[0] == rel and not last else None
+        mtime, recorded_mtime = mtimes.get(rel), last.get("input_mtime_ns")
+        same_time = mtime is None or recorded_mtime in (None, mtime)
         if out_rel in done and not (last or record or unrecorded):
             orphans += 1
             todo.append((rel, size))
         elif (
             out_rel in done
-            and not unrecorded  # (another dataset's outputs are not this job's to redo)
-            and input_mtimes.get(rel, 0) > output_mtimes.get(out_rel, 1 << 62)
-        ):
-            newer += 1
-            todo.append((rel, size))
-        elif (
-            out_rel in done
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
+            and same_time
             and recorded_size in (None, size)  # no row now: the record's size
             and written_by.get(out_rel, rel) == rel
         ):
@@ -3020,6 +3067,7 @@ def _plan(
         elif (
             last.get("status") == "failed"
             and last.get("input_bytes") == size
+            and same_time
             and (last.get("error") or "").removeprefix("(earlier run) ").startswith(BAD_INPUT)
             and not retry_failed
         ):  # the same bytes would fail the same way: keep the reason, skip the work
@@ -3028,6 +3076,7 @@ def _plan(
             carried["error"] = f"(earlier run) {carried['error']}"
             early.append(carried)
         else:
+            touched += not same_time and last.get("input_bytes") == size
             todo.append((rel, size))
     if orphans:
         print(
@@ -3035,10 +3084,10 @@ def _plan(
             "stopped before keeping their rows): they are done again",
             file=sys.stderr,
         )
-    if newer:
+    if touched:
         print(
-            f"denoise: note: {newer} input(s) were modified after their outputs were "
-            "written: they are done again",
+            f"denoise: note: {touched} input(s) have the size recorded but another "
+            "modification time (changed in place, or touched): they are done again",
             file=sys.stderr,
         )
     return early, todo

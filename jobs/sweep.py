@@ -358,20 +358,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--data: {args.data} is a folder; expected the mnist.npz file")
         if not os.path.isfile(args.data):
             parser.error(f"--data: MNIST file not found: {args.data}")
-    if args.resume:
-        _keep_first_settings(args, given, parser)
-    if args.scheduler == "asha" and args.grace_period > args.epochs:
-        parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
     seen: dict[tuple[str, str], Any] = {}
-    for variant, key, value in args.pins:
-        if variant not in args.models:
-            parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
+    for variant, key, value in args.pins:  # (those given: a resume's are checked below)
         if (variant, key) in seen:  # (the last would win, and the report listed both)
             parser.error(
                 f"--set {variant}.{key} is given twice ({json.dumps(seen[variant, key])} and "
                 f"{json.dumps(value)}): give it once"
             )
         seen[variant, key] = value
+    if args.resume:
+        _keep_first_settings(args, given, parser)
+    if args.scheduler == "asha" and args.grace_period > args.epochs:
+        parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
+    for variant, key, _ in args.pins:
+        if variant not in args.models:
+            parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")
     if args.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -406,7 +407,7 @@ def write_settings(args: argparse.Namespace) -> None:
     fs, path = _settings_file(args)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     digest = getattr(args, "data_sha256", None)  # (main's; None: not known to differ)
-    settings = {**_settings(args), "data": args.data, "data_sha256": digest}
+    settings = {**_settings(args), "data": data_label(args), "data_sha256": digest}
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(settings, indent=2).encode())
 
@@ -431,10 +432,16 @@ def check_same_data(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"sweep.py: error: --resume: {args.name} started with other data "
             f"({first.get('data') or 'MNIST from Keras'}, digest {first['data_sha256'][:12]}) "
-            f"than this run's ({args.data or 'MNIST from Keras'}, digest "
-            f"{args.data_sha256[:12]}): its trials would compare models trained on both; give "
-            "the same --data (or $AELIB_MNIST), or a new --name"
+            f"than this run's ({data_label(args)}, digest {args.data_sha256[:12]}): its "
+            "trials would compare models trained on both; give the same --data (or "
+            "$AELIB_MNIST), or a new --name"
         )
+
+
+def data_label(args: argparse.Namespace) -> str:
+    """The MNIST file the driver loads: --data, else $AELIB_MNIST, else Keras's."""
+    path = _aelib_data().resolve_mnist_path(args.data)
+    return str(path) if path is not None else "MNIST from Keras"
 
 
 def _shown(key: str, value: Any) -> str:
@@ -1167,7 +1174,7 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         f"scheduler {args.scheduler}, search {args.search}. "
         f"Statuses: {_counts(r['status'] for r in rows)}. Table: `trials.csv`, `trials.parquet`.",
         "",
-        f"Data: {args.data or 'MNIST from Keras'}; the first {len(arrays[0][0]):,} training "
+        f"Data: {data_label(args)}; the first {len(arrays[0][0]):,} training "
         f"images (the last tenth of them held out for validation) and the first "
         f"{len(arrays[1][0]):,} test images, on which every test metric below is measured; "
         f"seed {args.seed}"

@@ -607,18 +607,21 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     cut = "2/000001.png"  # a copy of DST cut short: not complete, so done again
     whole = (dst / cut).read_bytes()
     (dst / cut).write_bytes(whole[: len(whole) // 2])
-    # An output older than its input (as when the input was replaced since by a file of
-    # the same size): done again.
-    older = "4/000004.png"
-    os.utime(dst / older, ns=(10**9, 10**9))
-    pattern = f"{dataset['src']}/**/*.png"  # a glob this time: .png files only
+    # An input of the size its row recorded but another modification time (replaced in
+    # place by a file of the same size, or touched): done again. (In a copy of SRC that
+    # keeps the times, so that the other tests' inputs stay as they are.)
+    src = tmp_path / "src"
+    shutil.copytree(dataset["src"], src)
+    touched = "4/000004.png"
+    os.utime(src / touched, ns=(10**18, 10**18))
+    pattern = f"{src}/**/*.png"  # a glob this time: .png files only
     result = run_job("--model", model_path, "--input", pattern, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 output(s)" in result.stderr and f"cut short (e.g. {cut})" in result.stderr
-    assert "1 input(s) were modified after their outputs were written" in result.stderr
+    assert "1 input(s) have the size recorded but another modification time" in result.stderr
     rows = manifest(dst)
     assert sorted(rows) == sorted(p for p in manifest(first_run[0]) if p.endswith(".png"))
-    redone = sorted([*removed, cut, older])
+    redone = sorted([*removed, cut, touched])
     assert sorted(p for p, r in rows.items() if r["status"] == "ok") == redone
     again = np.asarray(Image.open(dst / cut), dtype=int)  # (batching may move a level)
     assert np.abs(again - np.asarray(Image.open(first_run[0] / cut), dtype=int)).max() <= 1
@@ -711,8 +714,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     holder killed without a chance to clean up leaves its lock file, but not its lock."""
     dst = tmp_path / "out"
     args = ["--model", model_path, "--input", dataset["src"], "--output", dst]
-    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as stopped_before:
-        assert not stopped_before
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)):
         holder = (dst / job.LOCK).read_text()
         assert holder.startswith(f"pid {os.getpid()} on ")
         result = run_job(*args, timeout=120)
@@ -743,9 +745,11 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
         if holder.poll() is None:
             holder.kill()
     assert (dst / job.LOCK).exists()
-    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as stopped_before:
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as hold:
         assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
-        assert stopped_before  # (its outputs without a row are done again: see _plan)
+        # (locally a lock left without a journal is of a run killed before it wrote:
+        # the journal, opened before any actor, is the record, see _plan)
+        assert not hold.stopped_before
     assert not (dst / job.LOCK).exists()
 
 
@@ -764,8 +768,8 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
         with s3.fs.open_input_stream(lease) as f:
             return json.loads(f.read())
 
-    with job.one_run_at_a_time(output, dst) as stopped_before:
-        assert not stopped_before
+    with job.one_run_at_a_time(output, dst) as hold:
+        assert not hold.stopped_before
         mine = held()
         assert (mine["pid"], mine["beat"]) == (os.getpid(), pytest.approx(time.time(), abs=30))
         src = tmp_path / "src"
@@ -779,12 +783,16 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
         assert "last seen 0 s ago" in result.stderr and "Traceback" not in result.stderr
     assert not s3.fs.get_file_info(lease).is_file  # removed at the end
 
-    stale = {**mine, "pid": 1, "beat": time.time() - job.LEASE_SECONDS - 5}
-    with s3.fs.open_output_stream(lease) as f:  # a run killed a minute ago
+    stale = {**mine, "pid": 1, "beat": time.time() - job.LEASE_SECONDS - 5, "started": True}
+    with s3.fs.open_output_stream(lease) as f:  # a run killed a minute ago, its actors on
         f.write(json.dumps(stale).encode())
     monkeypatch.setattr(job, "LEASE_SECONDS", 2.0)  # renewed every 0.5 s
-    with job.one_run_at_a_time(output, dst) as stopped_before:
-        assert "a run that wrote to" in capsys.readouterr().err and stopped_before
+    with job.one_run_at_a_time(output, dst) as hold:
+        # (its outputs without a row are its own: done again, see _plan)
+        assert "a run that wrote to" in capsys.readouterr().err and hold.stopped_before
+        assert "started" not in held()
+        hold.mark_started()  # this run's actors start: a rerun after a crash will know
+        assert held()["started"] is True
         first = held()
         assert first["pid"] == os.getpid() and first["token"] != mine["token"]
         time.sleep(1.2)
@@ -1247,10 +1255,22 @@ def test_a_run_stopped_before_its_first_rows_leaves_a_record(tmp_path, s3, monke
         job.ManifestWriter(output, {"run": "1"}).abort()
         assert job._journals(output) == [], dst
         writer = job.ManifestWriter(output, {"run": "1"})
-        writer.started = True
+        writer.start()
         writer.abort()
         rows, metas, journals = job.previous_rows(output)
         assert (rows, metas, len(journals)) == ({}, [{"run": "1"}], 1), dst
+        for name in journals:
+            output.remove(name)
+        # In a DST with no record of this job, the outputs skipped up front (maybe another
+        # dataset's) are in the journal at once, in a bucket too: a rerun after a crash
+        # skips them again rather than taking them for the crashed run's.
+        writer = job.ManifestWriter(output, {"run": "1"})
+        skipped = {"path": "a.png", "output": "a.png", "status": "skipped"}
+        writer.add_rows([skipped], journal=True)
+        writer.start()
+        writer.abort()
+        rows, _, _ = job.previous_rows(output)
+        assert {p: r["status"] for p, r in rows.items()} == {"a.png": "skipped"}, dst
 
 
 def test_each_row_names_the_model_that_wrote_its_output(tmp_path):
@@ -2338,18 +2358,14 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     last = {"a.png": {"status": "ok", "output": "a.png", "input_bytes": 6}}
     early, todo = job._plan(inputs, png, {"x.png", "a.png"}, last, False, {}, unrecorded=False)
     assert [r["path"] for r in early] == ["a.png"] and todo == [("x.jpg", 5)]
-    # An input modified after its output was written, with the same size: done again;
-    # not where this job never wrote (a.png would be another dataset's file).
+    # An input of the size its row recorded, but another modification time than it
+    # recorded: changed in place, done again (a time not recorded, or not listed, is not
+    # known to differ).
     inputs = job.Inputs("files", src, [("a.png", 6)], [])
     src.mtimes["a.png"] = 2_000
-    for out_time, unrecorded, redone in (
-        (1_000, False, True),
-        (3_000, False, False),
-        (1_000, True, False),
-    ):
-        early, todo = job._plan(
-            inputs, png, {"a.png"}, last, False, {}, unrecorded, {"a.png": out_time}
-        )
+    for recorded, redone in ((1_000, True), (2_000, False), (None, False)):
+        row = {**last["a.png"], "input_mtime_ns": recorded}
+        early, todo = job._plan(inputs, png, {"a.png"}, {"a.png": row}, False, {})
         assert (todo == [("a.png", 6)], len(early)) == (redone, 1 - redone)
 
 

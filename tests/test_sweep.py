@@ -482,6 +482,11 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     assert (config.noise_factor, config.eval_noise_factor) == (0.3, None)
     config = sweep.trial_config("denoise", {"noise_factor": 0.3}, sweep.trial_settings(args))
     assert (config.noise_factor, config.eval_noise_factor) == (0.3, 0.5)
+    # A sweep started before a --set key given twice was refused still resumes (the
+    # check is of the flags given, not of the pins restored).
+    recorded["pins"] = [["dense", "batch_size", 64]] * 2
+    settings.write_text(json.dumps(recorded))
+    assert sweep.parse_args(base).pins == [("dense", "batch_size", 64)] * 2
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path):
