@@ -139,12 +139,13 @@ def tsne_codes(
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
     title = title or f"t-SNE of {codes.shape[1]}-float codes"
-    # All codes the same (a dead encoder: a sparse one whose codes are all 0): the PCA
-    # start divides by their spread, zero, and the process died (SIGSEGV), report and all.
-    same = not np.ptp(codes, axis=0).any()
-    if same:
+    # All codes the same (a dead encoder: a sparse one whose codes are all 0), or nearly
+    # (a saturated one): the PCA start divides by their spread, zero in float32, and the
+    # process died (SIGSEGV), report and all. A random start is fine.
+    spread = float(np.ptp(codes.astype(np.float64), axis=0).max())
+    if spread == 0:
         title += f": all {len(codes)} codes are the same"
-    init = "random" if same else "pca"
+    init = "pca" if spread > 1e-10 else "random"
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
     return latent_plane(tsne.fit_transform(codes), labels, path, title=title)
 

@@ -2218,10 +2218,17 @@ def read_journal(output: Storage, name: str) -> pa.Table | None:
 
 @dataclass
 class Hold:
-    """This run's hold on DST (one_run_at_a_time)."""
+    """This run's hold on DST (one_run_at_a_time). `stopped_before`: a run killed after
+    its actors had started left its lock (or lease) marked so; then an output in DST
+    without a row is that run's (see _plan). `mark_started`: marks this run's, when its
+    actors start. A run that finds a marked one keeps the mark until it ends: if it is
+    killed in turn before its own actors start, the record is not lost."""
 
     stopped_before: bool = False
     mark_started: Callable[[], None] = lambda: None
+
+
+STARTED_MARK = b"; actors started"  # in a local LOCK (in a lease: "started": true)
 
 
 @contextlib.contextmanager
@@ -2236,10 +2243,9 @@ def one_run_at_a_time(output: Storage, flag: str):
     file names the holder, for the second run's message, and goes at the end. On an
     object store, which has no locks, DST/LOCK is a lease instead (see _lease).
 
-    Yields a Hold: on an object store, whether a run that stopped without ending (killed,
-    its machine lost) after its actors had started left its lease there (then outputs in
-    DST without a row are that run's, see _plan; locally its journal says so), and what
-    to call when this run's actors start (marks the lease).
+    Yields a Hold: whether a run that stopped without ending (killed, its machine lost)
+    after its actors had started left its lock or lease there, and what to call when
+    this run's actors start.
 
     Raises:
         ValueError: naming DST and the run that holds it.
@@ -2252,6 +2258,11 @@ def one_run_at_a_time(output: Storage, flag: str):
     import socket
 
     path = output.full(LOCK)
+    try:  # a lock file left there is a killed run's (one that ends removes its own)
+        with open(path, "rb") as f:
+            stopped_before = STARTED_MARK in f.read(512)
+    except OSError:
+        stopped_before = False
     if os.path.islink(output.root) and not os.path.exists(output.root):
         target = os.readlink(output.root)
         raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
@@ -2282,9 +2293,11 @@ def one_run_at_a_time(output: Storage, flag: str):
         else:  # (inode numbers that do not hold still, as on some network mounts)
             lockless = OSError(f"{path} is another file each time it is opened")
         if lockless is None:
-            os.ftruncate(fd, 0)
             since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+            line = f"pid {os.getpid()} on {socket.gethostname()}, since {since}".encode()
+            os.ftruncate(fd, 0)
+            # (a killed run's mark is kept until this run ends: see Hold)
+            os.write(fd, line + (STARTED_MARK if stopped_before else b"") + b"\n")
     except BaseException as e:
         if fd is not None:
             if not isinstance(e, ValueError):  # ours, still held: nobody else has it
@@ -2305,8 +2318,15 @@ def one_run_at_a_time(output: Storage, flag: str):
             "from writing to this --output at the same time",
             file=sys.stderr,
         )
+
+    def mark_started() -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, line + STARTED_MARK + b"\n", 0)
+
     try:
-        yield Hold()
+        yield Hold(stopped_before, mark_started)
     finally:  # removed while still held, so no run can lock the file and then lose it
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -2369,6 +2389,8 @@ def _lease(output: Storage, flag: str):
     try:
         lease = held()
         live = lease is not None and time.time() - (lease.get("beat") or 0) < LEASE_SECONDS
+        if not live and lease and lease.get("started"):
+            me["started"] = True  # (a killed run's mark is kept: see Hold)
         if not live:
             put()
             mine = held()
@@ -2425,7 +2447,8 @@ def _lease(output: Storage, flag: str):
         it stale takes outputs without a row for this run's (renewals PUT it too)."""
         me["started"] = True
         with contextlib.suppress(Exception):
-            put()
+            if (held() or {}).get("token") == me["token"]:  # (else renew stops this run)
+                put()
 
     lost_it = threading.Event()
     beats = threading.Thread(target=renew, name="denoise-lease", daemon=True)
@@ -2837,11 +2860,12 @@ def _run_locked(
     if clean is None:  # the references of the metrics carried over, if any (the last run's)
         clean = before_metas[-1].get("clean", "") if before_metas else ""
     writers = previous_writers(output, before)
-    # No manifest, journal, record of outputs or lock left by a run that stopped: this
-    # job has not written here before. Otherwise an output without a row was written by
-    # a run that stopped before its row was kept (a block under way): it is done again.
+    # No manifest, journal (with its schema at least: a run killed before it wrote any
+    # leaves an empty file), record of outputs, or lock of a run killed once its actors
+    # had started: this job has not written here before. Otherwise an output without a
+    # row was written by a run that stopped before keeping its row: it is done again.
     hold = hold or Hold()
-    unrecorded = not (before or journals or writers or hold.stopped_before)
+    unrecorded = not (before or before_metas or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
     done = existing_outputs(output, written)
@@ -2894,6 +2918,7 @@ def _run_locked(
     except OSError as e:  # a read-only or full DST: say so before any work
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     manifest.when_started = hold.mark_started
+    manifest.started = hold.stopped_before  # (if this run stops, it keeps that record)
     try:
         retry = args.retry_failed or bool(changed)
         early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded)
@@ -3050,33 +3075,34 @@ def _plan(
         recorded_size = record[2] if record and record[0] == rel and not last else None
         mtime, recorded_mtime = mtimes.get(rel), last.get("input_mtime_ns")
         same_time = mtime is None or recorded_mtime in (None, mtime)
-        if out_rel in done and not (last or record or unrecorded):
-            orphans += 1
-            todo.append((rel, size))
-        elif (
+        # Complete (existing_outputs checked it), written for this input, and from these
+        # bytes (an input whose size or time changed since is done again).
+        done_here = (
             out_rel in done
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
-            and same_time
             and recorded_size in (None, size)  # no row now: the record's size
             and written_by.get(out_rel, rel) == rel
-        ):
-            # Complete (existing_outputs checked it), written for this input, and from
-            # these bytes (an input whose size changed since is done again).
-            early.append(_skipped_row(rel, out_rel, size, last))
-        elif (
+        )
+        # The same bytes would fail the same way: keep the reason, skip the work.
+        fails_again = (
             last.get("status") == "failed"
             and last.get("input_bytes") == size
-            and same_time
             and (last.get("error") or "").removeprefix("(earlier run) ").startswith(BAD_INPUT)
             and not retry_failed
-        ):  # the same bytes would fail the same way: keep the reason, skip the work
+        )
+        if out_rel in done and not (last or record or unrecorded):
+            orphans += 1
+            todo.append((rel, size))
+        elif done_here and same_time:
+            early.append(_skipped_row(rel, out_rel, size, last))
+        elif fails_again and same_time:
             carried = {k: last.get(k) for k in _COLUMNS}
             carried["error"] = last["error"].removeprefix("(earlier run) ")
             carried["error"] = f"(earlier run) {carried['error']}"
             early.append(carried)
         else:
-            touched += not same_time and last.get("input_bytes") == size
+            touched += not same_time and (done_here or fails_again)
             todo.append((rel, size))
     if orphans:
         print(

@@ -747,9 +747,18 @@ def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_
     assert (dst / job.LOCK).exists()
     with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as hold:
         assert (dst / job.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
-        # (locally a lock left without a journal is of a run killed before it wrote:
-        # the journal, opened before any actor, is the record, see _plan)
-        assert not hold.stopped_before
+        assert not hold.stopped_before  # (killed before its actors started: wrote nothing)
+        hold.mark_started()  # this run's actors start: its lock says so,
+        assert (dst / job.LOCK).read_text().endswith("; actors started\n")
+        with open(dst / job.LOCK, "rb") as f:
+            left = f.read()  # as a kill now would leave it
+    assert not (dst / job.LOCK).exists()
+    (dst / job.LOCK).write_bytes(left)
+    with job.one_run_at_a_time(job.Storage(str(dst)), str(dst)) as hold:
+        # so a rerun knows outputs without a row are that run's (see _plan), and keeps the
+        # mark while it runs, in case it is killed in turn before its own actors start.
+        assert hold.stopped_before
+        assert (dst / job.LOCK).read_text().endswith("; actors started\n")
     assert not (dst / job.LOCK).exists()
 
 
@@ -769,7 +778,9 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
             return json.loads(f.read())
 
     with job.one_run_at_a_time(output, dst) as hold:
-        assert not hold.stopped_before
+        assert not hold.stopped_before and "started" not in held()
+        hold.mark_started()  # this run's actors start: a rerun after a crash will know
+        assert held()["started"] is True
         mine = held()
         assert (mine["pid"], mine["beat"]) == (os.getpid(), pytest.approx(time.time(), abs=30))
         src = tmp_path / "src"
@@ -788,10 +799,9 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
         f.write(json.dumps(stale).encode())
     monkeypatch.setattr(job, "LEASE_SECONDS", 2.0)  # renewed every 0.5 s
     with job.one_run_at_a_time(output, dst) as hold:
-        # (its outputs without a row are its own: done again, see _plan)
+        # (its outputs without a row are its own: done again, see _plan; its mark is kept
+        # in case this run is killed in turn before its actors start)
         assert "a run that wrote to" in capsys.readouterr().err and hold.stopped_before
-        assert "started" not in held()
-        hold.mark_started()  # this run's actors start: a rerun after a crash will know
         assert held()["started"] is True
         first = held()
         assert first["pid"] == os.getpid() and first["token"] != mine["token"]

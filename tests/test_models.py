@@ -155,10 +155,14 @@ def test_code_maps_of_a_few_test_digits(digits, tmp_path):
         splits = Splits(x, x, x, x, x, x, labels_test=np.arange(count) % 10)
         figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / str(count))
         assert ("tsne" in figures) is (count > 1)
-    # Codes all the same (a dead encoder): drawn, and said (the PCA start crashed).
-    codes = np.zeros((20, 32), "float32")
-    path = plots.tsne_codes(codes, np.arange(20) % 10, tmp_path / "dead.png")
-    assert path.is_file()
+    # Codes all the same (a dead encoder) or nearly (a saturated one): drawn (the PCA
+    # start crashed the process).
+    tiny = np.random.default_rng(0).random((20, 32)) * 1e-25
+    for name, codes in (("dead", np.zeros((20, 32))), ("saturated", tiny)):
+        path = plots.tsne_codes(
+            codes.astype("float32"), np.arange(20) % 10, tmp_path / f"{name}.png"
+        )
+        assert path.is_file()
 
 
 @pytest.mark.parametrize("name", NAMES)
