@@ -2465,6 +2465,12 @@ def _lease(output: Storage, flag: str):
         raise KeyboardInterrupt  # finalizer, __del__): the block still does not end well
 
 
+def _with_column(table: pa.Table, name: str, values: list) -> pa.Table:
+    """`table` with column `name` (of its type) replaced by `values`."""
+    index = table.schema.get_field_index(name)
+    return table.set_column(index, name, pa.array(values, table.schema.field(name).type))
+
+
 class ManifestWriter:
     """Streams rows into DST/manifest.parquet and keeps counts.
 
@@ -2487,6 +2493,7 @@ class ManifestWriter:
         earlier: dict[str, dict[str, Any]] | None = None,
         writers: dict[str, tuple] | None = None,
         mtimes: dict[str, int] | None = None,
+        hold: Hold | None = None,
     ):
         self.output = output
         # Output -> (input, output size, input size) of every output in DST an earlier
@@ -2518,8 +2525,12 @@ class ManifestWriter:
         self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
         self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
-        self.started = False  # set (start) once actors may write outputs (see abort)
-        self.when_started: Callable[[], None] = lambda: None
+        # Set (start) once actors may write outputs, or from the start where a run killed
+        # after its actors started left its mark: if this one stops, it keeps that
+        # record (see abort).
+        hold = hold or Hold()
+        self.started = hold.stopped_before
+        self.mark_started = hold.mark_started
         self.failures: list[str] = []
 
     def add(self, table: pa.Table, new: bool = True, journal: bool = False) -> None:
@@ -2538,22 +2549,20 @@ class ManifestWriter:
                 for r in table.to_pylist()
             ]
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
-        if self.mtimes:
+        if self.mtimes:  # (as listed, where a row has none)
             paths = table.column("path").to_pylist()
             known = table.column("input_mtime_ns").to_pylist()
             times = [
                 t if t is not None else self.mtimes.get(p)
                 for p, t in zip(paths, known, strict=True)
             ]
-            index = table.schema.get_field_index("input_mtime_ns")
-            table = table.set_column(index, "input_mtime_ns", pa.array(times, pa.int64()))
+            table = _with_column(table, "input_mtime_ns", times)
         if new and self.model_sha256 and "ok" in status:
             models = table.column("model_sha256").to_pylist()
             models = [
                 self.model_sha256 if s == "ok" else m for s, m in zip(status, models, strict=True)
             ]
-            index = table.schema.get_field_index("model_sha256")
-            table = table.set_column(index, "model_sha256", pa.array(models, pa.string()))
+            table = _with_column(table, "model_sha256", models)
         self.writer.write_table(table)
         self.new_rows += table.num_rows if new else 0
         if (new or journal) and not self.output.local:
@@ -2643,7 +2652,7 @@ class ManifestWriter:
 
     def start(self) -> None:
         self.started = True
-        self.when_started()
+        self.mark_started()
 
     def abort(self) -> None:
         """The job failed: the outputs written stay, and so does the journal once actors
@@ -2843,7 +2852,7 @@ def _run_locked(
     model_bytes: bytes,
     inputs: Inputs,
     output: Storage,
-    hold: Hold | None = None,
+    hold: Hold,
 ) -> dict:
     if inputs.hidden:
         print(
@@ -2864,7 +2873,6 @@ def _run_locked(
     # leaves an empty file), record of outputs, or lock of a run killed once its actors
     # had started: this job has not written here before. Otherwise an output without a
     # row was written by a run that stopped before keeping its row: it is done again.
-    hold = hold or Hold()
     unrecorded = not (before or before_metas or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
@@ -2913,12 +2921,16 @@ def _run_locked(
         kept = {out: writer for out, writer in writers.items() if out in done}
         mtimes = inputs.storage.mtimes if inputs.kind == "files" and inputs.storage else None
         manifest = ManifestWriter(
-            output, metadata, consumed=journals, earlier=before, writers=kept, mtimes=mtimes
+            output,
+            metadata,
+            consumed=journals,
+            earlier=before,
+            writers=kept,
+            mtimes=mtimes,
+            hold=hold,
         )
     except OSError as e:  # a read-only or full DST: say so before any work
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
-    manifest.when_started = hold.mark_started
-    manifest.started = hold.stopped_before  # (if this run stops, it keeps that record)
     try:
         retry = args.retry_failed or bool(changed)
         early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded)

@@ -45,6 +45,7 @@ import ast
 import atexit
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -335,21 +336,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
         if os.path.exists(args.storage_path) and not os.path.isdir(args.storage_path):
             parser.error(f"--storage-path: {args.storage_path} is a file, not a folder")
-        try:  # here, not as a pyarrow traceback once Ray has started
-            os.makedirs(args.storage_path, exist_ok=True)
-            with tempfile.TemporaryFile(dir=args.storage_path):
-                pass
-        except OSError as e:
-            parser.error(f"--storage-path: cannot write to {args.storage_path}: {e.strerror or e}")
+        # (here, not as a pyarrow traceback once Ray has started)
+        if problem := _cannot_write(args.storage_path, make=True):
+            parser.error(f"--storage-path: cannot write to {args.storage_path}: {problem}")
         experiment = os.path.join(args.storage_path, args.name)
         if os.path.exists(experiment) and not os.path.isdir(experiment):
             parser.error(f"--name {args.name}: {experiment} is a file, not an experiment folder")
-        if os.path.isdir(experiment):  # (one of another user's, say: as --storage-path above)
-            try:
-                with tempfile.TemporaryFile(dir=experiment):
-                    pass
-            except OSError as e:
-                parser.error(f"--name {args.name}: cannot write to {experiment}: {e.strerror or e}")
+        # (an existing one may not be: another user's, say)
+        if os.path.isdir(experiment) and (problem := _cannot_write(experiment)):
+            parser.error(f"--name {args.name}: cannot write to {experiment}: {problem}")
     elif problem := _unreachable(args.storage_path):
         parser.error(f"--storage-path: cannot reach {args.storage_path}: {problem}")
     if args.data is not None:
@@ -503,6 +498,19 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
             )
         value = first[key]
         setattr(args, key, [tuple(pin) for pin in value] if key == "pins" else value)
+
+
+def _cannot_write(folder: str, make: bool = False) -> str | None:
+    """Why a local `folder` (made first if `make`) cannot be written, or None: a temp
+    file is made there and removed."""
+    try:
+        if make:
+            os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
 
 
 def _unreachable(uri: str) -> str | None:
@@ -1299,6 +1307,7 @@ def load_arrays(args: argparse.Namespace):
     return (x_train, y_train), (x_test, y_test)
 
 
+@functools.cache
 def _aelib_data():
     """aelib.data (NumPy only), loaded from its file without importing the aelib
     package, whose __init__ imports Keras (see variant_options): not even when the
