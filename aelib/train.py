@@ -300,6 +300,34 @@ def compile_model(model: Autoencoder, learning_rate: float, decay_steps: int | N
     )
 
 
+def compute_device() -> str:
+    """Where Keras's backend computes in this process: "CPU", or "GPU (<name>)" of its
+    first GPU. A sweep's trials and a training run record it, so a run on a GPU machine
+    shows whether the backend saw the GPU (a CPU-only build of TensorFlow or JAX runs,
+    slowly, on the CPU)."""
+    backend = keras.backend.backend()
+    name = None
+    if backend == "jax":
+        import jax
+
+        if jax.default_backend() != "cpu":
+            name = jax.devices()[0].device_kind
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "")
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+    if name is None:
+        return "CPU"
+    return f"GPU ({name})" if name else "GPU"
+
+
 def evaluate(model: Autoencoder, splits: Splits, batch_size: int = 256) -> dict[str, float]:
     """Test metrics: `test_loss` (what training minimises: BCE plus any penalty),
     `test_bce` (pure reconstruction BCE, comparable across variants), and per variant
@@ -403,6 +431,7 @@ def train(
         "val_loss": hist.get("val_loss", [math.nan])[-1],
         "epochs_run": len(hist.get("loss", [])),
         "train_seconds": train_seconds,
+        "device": compute_device(),
         "nan": not math.isfinite(last_loss),
     }
     if not metrics["nan"]:

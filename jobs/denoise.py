@@ -43,7 +43,8 @@ is atomic, so no temp file is used there). S3 is tested against a local S3 serve
 
 Ray: `ray.init()` takes its address from RAY_ADDRESS (or starts a local Ray).
 With GPUs in the cluster the actors ask for --gpus-per-worker GPUs each
-(default 1 then, 0 without GPUs); TensorFlow uses a GPU only if it can see one.
+(default 1/4 on nodes of 16 CPUs or more per GPU, 1/2 from 8, else 1: see
+ACTORS_PER_GPU; 0 without GPUs, and an actor given none does not see the GPUs).
 Each actor takes --cpus-per-worker CPUs (default 1), TensorFlow's ops use
 those, and --io-threads threads (default CPUs + 1) read, decode, encode and
 write its files (file calls, zlib and Pillow release the GIL). Files are created
@@ -1089,6 +1090,7 @@ class Denoiser:
     def __init__(self, settings: JobSettings):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         backend = _keras_backend()  # TensorFlow, or JAX/PyTorch where TF is not installed
+        _hide_gpus_ray_did_not_give(backend)
         if backend == "jax":  # GPU memory on demand (not 75% up front): actors may share a GPU
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         with _optional_imports_skipped(UNUSED_IMPORTS):
@@ -1661,6 +1663,21 @@ def _backend_device(backend: str) -> str:
 
         return "GPU" if torch.cuda.is_available() else "CPU"
     return "CPU"
+
+
+def _hide_gpus_ray_did_not_give(backend: str) -> None:
+    """In a Ray worker given no GPU (--gpus-per-worker 0), hides the node's GPUs from
+    the backend, before it is imported. Ray sets CUDA_VISIBLE_DEVICES only for workers
+    it gives GPUs, so the others see every GPU of their node: on an H200 node, 16
+    actors asked with --gpus-per-worker 0 all ran their model on the GPU, which Ray
+    counted as free for other work. Outside Ray (tests, benchmarks) nothing changes."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_gpu_ids():
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if backend == "jax":  # (else JAX logs that its CUDA plugin found no GPU)
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _keras_backend() -> str:
@@ -2759,7 +2776,8 @@ class ManifestWriter:
 def _default_resources(
     gpus_per_worker: float | None, workers: int | None, cpus: float | None
 ) -> tuple[float, float, int]:
-    """(CPUs and GPUs per actor, actors): by default one 1-CPU actor per CPU (or GPU).
+    """(CPUs and GPUs per actor, actors): by default one 1-CPU actor per CPU, or, where
+    the cluster has GPUs, 1, 2 or 4 1-CPU actors sharing each GPU (ACTORS_PER_GPU).
 
     One actor per node holding all its CPUs was measured too: it saves one TensorFlow
     import per extra CPU (~4 CPU-s) but its Python work (decode, encode, rows) shares one
@@ -2770,7 +2788,10 @@ def _default_resources(
     resources = ray.cluster_resources()
     total_gpus = float(resources.get("GPU", 0))
     total_cpus = float(resources.get("CPU", 1))
-    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+    if gpus_per_worker is not None:
+        gpus = gpus_per_worker
+    else:
+        gpus = 1.0 / _actors_per_gpu(ray.nodes()) if total_gpus else 0.0
     cpus = 1.0 if cpus is None else cpus
     if workers is None:
         if gpus > 0:
@@ -2778,6 +2799,27 @@ def _default_resources(
         else:
             workers = max(1, int(total_cpus // cpus))
     return cpus, gpus, workers
+
+
+# Default actors per GPU by the CPUs per GPU of the GPU nodes: (at least so many CPUs,
+# actors), first match. A GPU actor's work on digits is mostly its CPU's (decode,
+# encode; the GPU waits), so one actor leaves a 16-CPU node idle; but each actor's
+# start costs ~20 CPU-s with JAX on a GPU (import, CUDA, the model's compile). On an
+# H200 node of 16 CPUs, 50,000 digits (start-up included) took 38.4 s with 1 actor,
+# 30.9 s with 4, 37.5 s with 8 and 42.9 s with 16 (jobs/bench_gpu.py,
+# jobs/results/gpu_check_2026-12-04.json). 4 CPUs or more per actor then.
+ACTORS_PER_GPU = ((16, 4), (8, 2), (0, 1))
+
+
+def _actors_per_gpu(nodes: list[dict]) -> int:
+    """ACTORS_PER_GPU's count for the live GPU node with the fewest CPUs per GPU."""
+    ratios = [
+        n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
+        for n in nodes
+        if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0
+    ]
+    fewest = min(ratios, default=0)
+    return next(actors for least, actors in ACTORS_PER_GPU if fewest >= least)
 
 
 def warn_local_paths(args: argparse.Namespace, hosts: set[str]) -> None:
@@ -3408,7 +3450,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-worker",
         type=_non_negative,
         default=None,
-        help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)",
+        help="GPUs per actor, fractions allowed (default where the cluster has GPUs: 1/4 on "
+        "nodes of 16 CPUs or more per GPU, 1/2 from 8, else 1; 0 without GPUs). An actor "
+        "given 0 computes on its CPU",
     )
     p.add_argument(
         "--cpus-per-worker",

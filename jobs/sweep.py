@@ -727,6 +727,14 @@ def _configure_backend(cpus: int) -> None:
     before it starts: TensorFlow by default, JAX or PyTorch where TF is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     backend = _keras_backend()
+    if not ray.get_gpu_ids():
+        # Ray sets CUDA_VISIBLE_DEVICES only for workers it gives GPUs: a trial of
+        # --gpus-per-trial 0 would otherwise train on its node's GPUs, out of Ray's
+        # accounting (jobs/denoise.py's actors did, with JAX on an H200 node). Hidden
+        # before the backend starts.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if backend == "jax":
+            os.environ["JAX_PLATFORMS"] = "cpu"
     if backend == "jax":  # not 75% of the GPU up front: trials may share a GPU
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         return
@@ -1081,6 +1089,7 @@ def _flatten_row(
         "code_mean",
         "code_active_fraction",
         "time_total_s",
+        "device",
         "node_id",
         "node_ip",
         "hostname",
@@ -1548,7 +1557,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"  best {model:8s} NONE: {_why_no_best(rows, model)}")
-    nodes = _counts(f"{r['hostname']} ({r['node_ip']})" for r in rows if r.get("hostname"))
+    nodes = _counts(
+        f"{r['hostname']} ({r['node_ip']})" + (f" on {r['device']}" if r.get("device") else "")
+        for r in rows
+        if r.get("hostname")
+    )
     print(f"  trials per node: {nodes or 'none reported'}")
     missing = [m for m in args.models if m not in best]
     if interrupted:

@@ -2437,3 +2437,62 @@ def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
     err = capsys.readouterr().err
     assert "--input /data/noisy, --output file:///data/out: local path(s)" in err
     assert "cluster of 2 machines" in err
+
+
+def test_default_actors_per_gpu_follow_the_cpus_per_gpu_of_the_gpu_nodes():
+    def node(cpus, gpus, alive=True):
+        resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        return {"Alive": alive, "Resources": resources}
+
+    assert job._actors_per_gpu([node(16, 1)]) == 4  # the H200 node it was measured on
+    assert job._actors_per_gpu([node(4, 1)]) == 1  # cluster.yaml's g5.xlarge workers
+    assert job._actors_per_gpu([node(8, 1), node(2, 0)]) == 2  # CPU-only nodes don't count
+    assert job._actors_per_gpu([node(64, 8)]) == 2  # per GPU, not per node
+    # the GPU node with the fewest CPUs per GPU decides; a dead node does not count
+    assert job._actors_per_gpu([node(32, 1), node(4, 1, alive=False), node(8, 1)]) == 2
+
+
+def test_workers_given_no_gpu_do_not_see_the_nodes_gpus(ray_tmp):
+    """Ray sets CUDA_VISIBLE_DEVICES only for the workers it gives GPUs: on an H200 node,
+    16 denoise actors asked with --gpus-per-worker 0 all ran their model on the GPU. On a
+    local Ray declaring one (fake) GPU, whose processes see GPU 0 as a GPU node's do: a
+    worker given it keeps it, a denoise actor or a sweep trial given none sees no GPU
+    (and JAX no CUDA) once the job has set it up; outside Ray nothing changes."""
+    code = """
+import json, os
+import ray
+import denoise, sweep  # (from PYTHONPATH, as Ray's workers import them too)
+denoise._hide_gpus_ray_did_not_give("jax")
+outside = os.environ.get("CUDA_VISIBLE_DEVICES")
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+
+def seen(which):
+    if which == "denoise":
+        denoise._hide_gpus_ray_did_not_give("jax")
+    else:
+        sweep._configure_backend(1)
+    return [os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("JAX_PLATFORMS")]
+
+runs = {}
+for which in ("denoise", "sweep"):
+    runs[which + " given the GPU"] = ray.get(ray.remote(num_gpus=1)(seen).remote(which))
+    runs[which + " given none"] = ray.get(ray.remote(num_gpus=0)(seen).remote(which))
+print("seen " + json.dumps({"outside": outside, **runs}))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "KERAS_BACKEND": "jax"}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS="local")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "jobs")])
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("seen "))
+    seen = json.loads(line.removeprefix("seen "))
+    assert seen == {
+        "outside": "0",
+        "denoise given the GPU": ["0", None],
+        "denoise given none": ["", "cpu"],
+        "sweep given the GPU": ["0", None],
+        "sweep given none": ["", "cpu"],
+    }

@@ -112,7 +112,11 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     for variant in VARIANTS:  # the job prints where the best of each variant went
         assert f"best {variant}" in proc.stdout
     assert str(smoke["exp"] / "trials.csv") in proc.stdout
-    assert f"trials per node: {socket.gethostname()} (" in proc.stdout  # where trials ran
+    # where trials ran, and on what (no GPU here: a GPU machine says "on GPU (<name>)")
+    assert f"trials per node: {socket.gethostname()} (" in proc.stdout
+    assert f") on CPU {len(VARIANTS)}\n" in proc.stdout, proc.stdout[-2000:]
+    with open(smoke["exp"] / "trials.csv", newline="") as f:
+        assert {row["device"] for row in csv.DictReader(f)} == {"CPU"}
     assert smoke["leftover"] == [], "Ray processes outlived the sweep"
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
 
