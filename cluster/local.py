@@ -99,12 +99,14 @@ def start(
     head_cpus: int | None = None,
     head_object_store_bytes: int = 200_000_000,
     autoscaler_interval_s: int = 1,
+    head_gpus: int = 0,
 ) -> dict:
     """Start the head; return the cluster state (address, dashboard URL, token path, ...).
 
     With a `config` (the default), the head runs Ray's autoscaler on the fake_multinode
     provider and advertises the head resources of that config. With ``config=None`` it is a
-    plain single-node Ray head with `head_cpus` CPUs (the "local head" of the Jobs path).
+    plain single-node Ray head with `head_cpus` CPUs (the "local head" of the Jobs path)
+    and `head_gpus` GPUs, declared only: Ray schedules on them, nothing computes there.
     """
     state_dir = Path(state_dir).resolve()
     if _read_state(state_dir) and _cluster_pids(state_dir):
@@ -159,7 +161,8 @@ def start(
         ]
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S=str(autoscaler_interval_s))
     else:
-        cmd += [f"--num-cpus={head_cpus if head_cpus is not None else 2}", "--num-gpus=0"]
+        cpus = head_cpus if head_cpus is not None else 2
+        cmd += [f"--num-cpus={cpus}", f"--num-gpus={head_gpus}"]
     started = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:

@@ -2776,8 +2776,10 @@ class ManifestWriter:
 def _default_resources(
     gpus_per_worker: float | None, workers: int | None, cpus: float | None
 ) -> tuple[float, float, int]:
-    """(CPUs and GPUs per actor, actors): by default one 1-CPU actor per CPU, or, where
-    the cluster has GPUs, 1, 2 or 4 1-CPU actors sharing each GPU (ACTORS_PER_GPU).
+    """(CPUs and GPUs per actor, actors): by default 1-CPU actors, one per CPU, or where
+    the cluster has GPUs, 1, 2 or 4 sharing each GPU (ACTORS_PER_GPU); as many actors
+    as the live nodes hold (a GPU actor of more --cpus-per-worker than its share of a
+    node's CPUs: fewer, not actors that would never start).
 
     One actor per node holding all its CPUs was measured too: it saves one TensorFlow
     import per extra CPU (~4 CPU-s) but its Python work (decode, encode, rows) shares one
@@ -2785,20 +2787,25 @@ def _default_resources(
     1-CPU actors. Pass --cpus-per-worker to choose it."""
     import ray
 
-    resources = ray.cluster_resources()
-    total_gpus = float(resources.get("GPU", 0))
-    total_cpus = float(resources.get("CPU", 1))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if gpus_per_worker is not None:
         gpus = gpus_per_worker
+    elif any(n.get("Resources", {}).get("GPU", 0) > 0 for n in nodes):
+        gpus = 1.0 / _actors_per_gpu(nodes)
     else:
-        gpus = 1.0 / _actors_per_gpu(ray.nodes()) if total_gpus else 0.0
+        gpus = 0.0
     cpus = 1.0 if cpus is None else cpus
-    if workers is None:
-        if gpus > 0:
-            workers = max(1, int(total_gpus // gpus))
-        else:
-            workers = max(1, int(total_cpus // cpus))
+    if workers is None:  # as many as the nodes hold now (an autoscaler's: at least 1)
+        workers = max(1, sum(_actors_on(n.get("Resources", {}), cpus, gpus) for n in nodes))
     return cpus, gpus, workers
+
+
+def _actors_on(resources: dict, cpus: float, gpus: float) -> int:
+    """How many actors of `cpus` CPUs and `gpus` GPUs a node of `resources` holds."""
+    fits = resources.get("CPU", 0) / cpus
+    if gpus > 0:
+        fits = min(fits, resources.get("GPU", 0) / gpus)
+    return int(fits + 1e-9)  # (0.25 GPUs x 4 is 1.0 in floats, but not every fraction)
 
 
 # Default actors per GPU by the CPUs per GPU of the GPU nodes: (at least so many CPUs,
@@ -2816,7 +2823,7 @@ def _actors_per_gpu(nodes: list[dict]) -> int:
     ratios = [
         n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
         for n in nodes
-        if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0
+        if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) > 0
     ]
     fewest = min(ratios, default=0)
     return next(actors for least, actors in ACTORS_PER_GPU if fewest >= least)

@@ -2450,6 +2450,12 @@ def test_default_actors_per_gpu_follow_the_cpus_per_gpu_of_the_gpu_nodes():
     assert job._actors_per_gpu([node(64, 8)]) == 2  # per GPU, not per node
     # the GPU node with the fewest CPUs per GPU decides; a dead node does not count
     assert job._actors_per_gpu([node(32, 1), node(4, 1, alive=False), node(8, 1)]) == 2
+    # how many actors of {CPU, GPU} a node holds: the default pool is their sum
+    assert job._actors_on({"CPU": 16, "GPU": 1}, 1, 0.25) == 4
+    assert job._actors_on({"CPU": 16, "GPU": 1}, 8, 0.25) == 2  # --cpus-per-worker 8
+    assert job._actors_on({"CPU": 16}, 1, 0.25) == 0  # a CPU-only node holds no GPU actor
+    assert job._actors_on({"CPU": 2}, 1, 0) == 2
+    assert job._actors_on({"CPU": 3, "GPU": 1}, 1, 0.1) == 3
 
 
 def test_workers_given_no_gpu_do_not_see_the_nodes_gpus(ray_tmp):

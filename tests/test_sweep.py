@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_head_up, kill_ray, start_logged, wait_for, without_tensorflow
+from helpers import assert_head_up, kill_ray, local, start_logged, wait_for, without_tensorflow
 from helpers import wait_no_ray as _wait_no_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -892,6 +892,45 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert "--allow-autoscale" in proc.stderr
     assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
     assert _wait_no_ray(ray_tmp) == []
+
+
+def test_default_gpus_per_trial_is_a_share_in_proportion_to_the_trials_cpus():
+    """Trials given no GPU do not see the node's (Ray hides them only from workers it
+    gives none), so on a cluster with GPUs each trial gets its share of one by default."""
+    sweep = _load_sweep_module()
+
+    def node(cpus, gpus=0, alive=True):
+        resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        return {"Alive": alive, "Resources": resources}
+
+    assert sweep.gpus_per_trial([node(2)], 1) == 0  # no GPU: CPUs only, as before
+    assert sweep.gpus_per_trial([node(16, 1)], 1) == 0.0625  # the H200 node
+    assert sweep.gpus_per_trial([node(16, 1)], 2) == 0.125  # what ran there in 63 s
+    assert sweep.gpus_per_trial([node(8), node(4, 1)], 1) == 0.25  # a CPU head, g5 workers
+    assert sweep.gpus_per_trial([node(4, 1)], 8) == 1  # at most one GPU
+    assert sweep.gpus_per_trial([node(48, 8)], 1) == 0.1666  # Ray's 1e-4 steps, rounded down
+    assert sweep.gpus_per_trial([node(4, 1, alive=False), node(32, 1)], 1) == 0.0312
+
+
+@pytest.mark.ray
+def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path):
+    """On a Ray head declaring one GPU and 2 CPUs (nothing computes on it: this machine
+    has none), a sweep without --gpus-per-trial asks for 1/2 of the GPU per 1-CPU trial,
+    says so, and its trials run; each says where it trained (TensorFlow finds no GPU)."""
+    state_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: unix socket paths
+    state = local.start(None, state_dir, head_cpus=2, head_gpus=1, head_object_store_bytes=10**9)
+    try:
+        cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--no-figures"]
+        cmd += ["--models", "dense", "deep", "--storage-path", str(tmp_path), "--name", "g"]
+        env = local.client_env(state, _env(None))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        local.stop(state_dir, remove=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--gpus-per-trial 0.5: this cluster has GPUs" in proc.stdout, proc.stdout[-2000:]
+    with open(tmp_path / "g" / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["status"], r["device"]) for r in rows] == [("finished", "CPU")] * 2
 
 
 def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
