@@ -1670,10 +1670,13 @@ def _hide_gpus_ray_did_not_give(backend: str) -> None:
     the backend, before it is imported. Ray sets CUDA_VISIBLE_DEVICES only for workers
     it gives GPUs, so the others see every GPU of their node: on an H200 node, 16
     actors asked with --gpus-per-worker 0 all ran their model on the GPU, which Ray
-    counted as free for other work. Outside Ray (tests, benchmarks) nothing changes."""
+    counted as free for other work. Outside a Ray worker (a driver, tests, benchmarks
+    that build a Denoiser in-process) nothing changes."""
     import ray
 
-    if not ray.is_initialized() or ray.get_gpu_ids():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return
+    if ray.get_gpu_ids():
         return
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if backend == "jax":  # (else JAX logs that its CUDA plugin found no GPU)
@@ -3340,6 +3343,13 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     cpus, gpus, workers = _default_resources(
         args.gpus_per_worker, args.workers, args.cpus_per_worker
     )
+    if args.allow_autoscale and args.gpus_per_worker is None and not gpus:
+        print(
+            "denoise: note: no node of this Ray cluster has a GPU now, so the actors run on "
+            "CPUs, also on GPU workers an autoscaler adds for them; pass --gpus-per-worker "
+            "to ask for GPUs",
+            file=sys.stderr,
+        )
     check_resources(cpus, gpus, args.allow_autoscale)
     settings = JobSettings(
         model_bytes=model_bytes,

@@ -663,8 +663,11 @@ def _aelib_folder() -> Path:
 def gpus_per_trial(nodes: list[dict], cpus_per_trial: float) -> float:
     """--gpus-per-trial when not given: 0 without GPU nodes; else each trial's share of a
     GPU in proportion to its CPUs, on the live GPU node with the fewest CPUs per GPU, so
-    trials run out of a node's CPUs and GPUs together, as many at once as with no GPU,
-    each training on a GPU (a trial given none does not see them: _configure_backend).
+    trials run out of a GPU node's CPUs and GPUs together, as many at once there as with
+    no GPU, each training on a GPU (a trial given none does not see them:
+    _configure_backend). CPU-only nodes (a head) then hold no trial. Only the nodes up
+    now count: on an autoscaling cluster whose GPU workers are not up yet it is 0 (a
+    note says so; pass --gpus-per-trial there).
     On an H200 node of 16 CPUs, 7 trials of 2 CPUs and 1/8 of the GPU trained 3 epochs
     of all 60,000 digits each in 63 s together (jobs/results/gpu_check_2026-12-04.json)."""
     per_cpu = [
@@ -753,7 +756,7 @@ def _configure_backend(cpus: int) -> None:
     before it starts: TensorFlow by default, JAX or PyTorch where TF is not installed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     backend = _keras_backend()
-    if not ray.get_gpu_ids():
+    if ray.get_runtime_context().worker.mode == ray.WORKER_MODE and not ray.get_gpu_ids():
         # Ray sets CUDA_VISIBLE_DEVICES only for workers it gives GPUs: a trial of
         # --gpus-per-trial 0 would otherwise train on its node's GPUs, out of Ray's
         # accounting (jobs/denoise.py's actors did, with JAX on an H200 node). Hidden
@@ -833,14 +836,15 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         import keras
 
         import aelib
-    from aelib.train import write_outputs
+    from aelib.train import compute_device, write_outputs
 
     model = config["model"]
     total = trial_config(model, config["hparams"][model], settings)
-    where = {
+    where = {  # in every report, so a trial ASHA stops early has them too
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),
+        "device": compute_device(),
         "pid": os.getpid(),
         "started_at": started_at,
     }
@@ -1556,6 +1560,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"sweep.py: --gpus-per-trial {args.gpus_per_trial:g}: this cluster has "
                     f"GPUs, so each trial of {args.cpus_per_trial:g} CPU(s) has its share of "
                     "one (--gpus-per-trial 0: CPUs only)"
+                )
+            elif args.allow_autoscale:
+                print(
+                    "sweep.py: note: no node of this Ray cluster has a GPU now, so trials "
+                    "train on CPUs, also on GPU workers an autoscaler adds for them; pass "
+                    "--gpus-per-trial to ask for GPUs"
                 )
         check_resources(args)
         print(f"sweep.py: experiment {experiment}; cluster {ray.cluster_resources()}")

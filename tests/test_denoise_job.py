@@ -2463,7 +2463,8 @@ def test_workers_given_no_gpu_do_not_see_the_nodes_gpus(ray_tmp):
     16 denoise actors asked with --gpus-per-worker 0 all ran their model on the GPU. On a
     local Ray declaring one (fake) GPU, whose processes see GPU 0 as a GPU node's do: a
     worker given it keeps it, a denoise actor or a sweep trial given none sees no GPU
-    (and JAX no CUDA) once the job has set it up; outside Ray nothing changes."""
+    (and JAX no CUDA) once the job has set it up; outside a Ray worker (a driver that
+    builds a Denoiser in-process, as bench_denoise.py --stages does) nothing changes."""
     code = """
 import json, os
 import ray
@@ -2471,6 +2472,8 @@ import denoise, sweep  # (from PYTHONPATH, as Ray's workers import them too)
 denoise._hide_gpus_ray_did_not_give("jax")
 outside = os.environ.get("CUDA_VISIBLE_DEVICES")
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+denoise._hide_gpus_ray_did_not_give("jax")  # a driver (an in-process Denoiser) keeps them
+driver = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 def seen(which):
     if which == "denoise":
@@ -2483,7 +2486,7 @@ runs = {}
 for which in ("denoise", "sweep"):
     runs[which + " given the GPU"] = ray.get(ray.remote(num_gpus=1)(seen).remote(which))
     runs[which + " given none"] = ray.get(ray.remote(num_gpus=0)(seen).remote(which))
-print("seen " + json.dumps({"outside": outside, **runs}))
+print("seen " + json.dumps({"outside": outside, "driver": driver, **runs}))
 """
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "KERAS_BACKEND": "jax"}
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS="local")
@@ -2497,6 +2500,7 @@ print("seen " + json.dumps({"outside": outside, **runs}))
     seen = json.loads(line.removeprefix("seen "))
     assert seen == {
         "outside": "0",
+        "driver": "0",
         "denoise given the GPU": ["0", None],
         "denoise given none": ["", "cpu"],
         "sweep given the GPU": ["0", None],

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -114,9 +115,11 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     assert str(smoke["exp"] / "trials.csv") in proc.stdout
     # where trials ran, and on what (no GPU here: a GPU machine says "on GPU (<name>)")
     assert f"trials per node: {socket.gethostname()} (" in proc.stdout
-    assert f") on CPU {len(VARIANTS)}\n" in proc.stdout, proc.stdout[-2000:]
     with open(smoke["exp"] / "trials.csv", newline="") as f:
-        assert {row["device"] for row in csv.DictReader(f)} == {"CPU"}
+        devices = {row["device"] for row in csv.DictReader(f)}
+    assert len(devices) == 1, devices  # "CPU" here, "GPU (<name>)" on a GPU machine
+    assert devices == {"CPU"} or devices.pop().startswith("GPU ("), devices
+    assert re.search(r"\) on (CPU|GPU \(.+\)) 7\n", proc.stdout), proc.stdout[-2000:]
     assert smoke["leftover"] == [], "Ray processes outlived the sweep"
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
 
@@ -916,12 +919,14 @@ def test_default_gpus_per_trial_is_a_share_in_proportion_to_the_trials_cpus():
 def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path):
     """On a Ray head declaring one GPU and 2 CPUs (nothing computes on it: this machine
     has none), a sweep without --gpus-per-trial asks for 1/2 of the GPU per 1-CPU trial,
-    says so, and its trials run; each says where it trained (TensorFlow finds no GPU)."""
+    says so, and its trials run; each says where it trained (TensorFlow finds no GPU),
+    also one that ASHA stops early (its last report is an epoch's)."""
     state_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: unix socket paths
     state = local.start(None, state_dir, head_cpus=2, head_gpus=1, head_object_store_bytes=10**9)
     try:
-        cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--no-figures"]
-        cmd += ["--models", "dense", "deep", "--storage-path", str(tmp_path), "--name", "g"]
+        cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--no-figures", "--models"]
+        cmd += ["dense", "--num-samples", "4", "--epochs", "3", "--limit", "300"]
+        cmd += ["--test-limit", "100", "--storage-path", str(tmp_path), "--name", "g"]
         env = local.client_env(state, _env(None))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     finally:
@@ -930,7 +935,17 @@ def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path):
     assert "--gpus-per-trial 0.5: this cluster has GPUs" in proc.stdout, proc.stdout[-2000:]
     with open(tmp_path / "g" / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["status"], r["device"]) for r in rows] == [("finished", "CPU")] * 2
+    assert len(rows) == 4 and {r["device"] for r in rows} == {"CPU"}, rows
+    assert {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    # every epoch's report names the device, so a trial stopped early (whose last report
+    # is an epoch's) has it too: Tune's result.json, one line per report
+    reports = [
+        json.loads(line)
+        for path in (tmp_path / "g").glob("*/result.json")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(reports) > 4, len(reports)  # epochs' reports, not only the final ones
+    assert {r.get("device") for r in reports} == {"CPU"}
 
 
 def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
