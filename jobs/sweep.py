@@ -1551,6 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_figures:
         _import_aelib_early()
     ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
+    _sigterm_as_ctrl_c()  # (after ray.init, which installs Ray's own handler)
     _trial_actors_on_prestarted_workers()
     try:
         if args.gpus_per_trial is None:
@@ -1615,8 +1616,35 @@ def main(argv: list[str] | None = None) -> int:
             "is of the trials so far); rerun the same command with --resume to finish them",
             file=sys.stderr,
         )
-        return 130  # as a shell reports a command ended by Ctrl-C
+        return _interrupted_status()
     return 1 if missing else 0
+
+
+_TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a scheduler or a container stopping the driver) ends the sweep as
+    Ctrl-C does: Tune stops the trials and saves the experiment, the report of the trials
+    so far is written, the driver says to rerun with --resume and exits 143. Before, Ray's
+    handler printed its stack lines and killed the driver wherever it was."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        _TERMINATED.append(signum)
+        current = signal.getsignal(signal.SIGINT)  # Tune's during its run, else Python's
+        if callable(current):
+            current(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupted_status() -> int:
+    """As a shell reports a command ended by that signal: Ctrl-C 130, SIGTERM 143."""
+    return 128 + signal.SIGTERM if _TERMINATED else 130
 
 
 def _unfinished_trials(experiment_path: str) -> dict[str, dict]:
@@ -1672,7 +1700,7 @@ def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
             "before its experiment folder had a trial).",
             file=sys.stderr,
         )
-        code = 130
+        code = _interrupted_status()
     if isinstance(code, str):  # what sys.exit(message) prints and returns
         print(code, file=sys.stderr)
         code = 2 if code.startswith("sweep.py: error:") else 1  # a usage error, as argparse

@@ -440,6 +440,33 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     assert _wait_no_ray(ray_tmp) == []
 
 
+def test_sigterm_ends_the_sweep_as_ctrl_c_does(tmp_path, ray_tmp):
+    """`kill` (or a scheduler stopping the driver) while a trial trains: the same end as
+    Ctrl-C, exit 143 (Ray's handler printed its stack lines and killed the driver before
+    it wrote trials.csv or said to --resume)."""
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
+    cmd += ["--epochs", "4", "--limit", "1500", "--test-limit", "100", "--num-samples", "1"]
+    cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "termed"]
+    exp, log = tmp_path / "termed", tmp_path / "sweep.log"
+    driver = start_logged(cmd, _env(ray_tmp), log)
+    try:
+        reported = wait_for(lambda: _reports(exp), driver, log, timeout=240)
+        assert reported and reported[-1]["epoch"] < 4, "finished before the SIGTERM"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 143, log.read_text()[-5000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text, text[-3000:]
+    assert "rerun the same command with --resume" in text
+    assert "SIGTERM received" not in text  # Ray's stack lines
+    with open(exp / "trials.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
+    assert _wait_no_ray(ray_tmp, timeout=30) == []
+
+
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     """Flags left out of a --resume come from the experiment's sweep_settings.json; one
     given with another value is refused before Ray starts (no Ray here: parse_args)."""
