@@ -52,8 +52,8 @@ one at a time per actor: several threads creating files in one folder made the
 kernel spin on the folder's lock (about 3x the system time, measured).
 Exit status: 0 when the job ran to the end (failed files are in the
 manifest), 2 for bad arguments (a bad model, DST inside SRC, ...), 1 when
-DST cannot be written mid-run (disk full), 130 after Ctrl-C (what was done is
-kept for the rerun).
+DST cannot be written mid-run (disk full), 130 after Ctrl-C and 143 after
+SIGTERM (what was done is kept for the rerun).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ import math
 import os
 import posixpath
 import re
+import signal
 import stat
 import struct
 import sys
@@ -3313,6 +3314,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=True)
+    _sigterm_as_ctrl_c()  # (after ray.init, which installs Ray's own handler)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
@@ -3596,8 +3598,27 @@ def main(argv: list[str] | None = None) -> int:
             "in --output: run the same command again to resume.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signal.SIGTERM if _TERMINATED else 130  # as a shell reports them
     return 0
+
+
+_TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a scheduler or container stopping the driver) ends the job as
+    Ctrl-C does: the rows received so far stay in the journal, the run's lock or lease is
+    released, the driver says to rerun and exits 143. Before, Ray's handler printed its
+    stack lines and killed the driver wherever it was (the rerun still resumed, as after
+    a crash)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        _TERMINATED.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _credentials_hint(text: str) -> str:

@@ -708,6 +708,33 @@ def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     assert stale_lock and not (dst / job.LOCK).exists()  # the killed run's lock held nothing
 
 
+def test_sigterm_ends_the_job_as_ctrl_c_does(model_path, tmp_path, ray_tmp):
+    """`kill` (or a scheduler stopping the driver) mid-run: the Ctrl-C path, exit 143,
+    the journal of the blocks done kept for the rerun, the lock released, no Ray left
+    (Ray's handler printed its stack lines and killed the driver as a crash would)."""
+    src, dst = tmp_path / "noisy", tmp_path / "out"
+    make_noisy.make_noisy(str(MNIST), 4000, src)
+    args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
+    log = tmp_path / "termed.log"
+    cmd = [sys.executable, str(JOB), *map(str, args)]
+    job_proc = start_logged(cmd, {**_env(), "RAY_TMPDIR": str(ray_tmp)}, log)
+    try:
+        first = wait_for(lambda: _journal_rows(dst), job_proc, log, timeout=300, interval=0.02)
+        assert first, "no block recorded within 300 s"
+        job_proc.send_signal(signal.SIGTERM)
+        assert job_proc.wait(timeout=120) == 143, log.read_text()[-5000:]
+    finally:
+        if job_proc.poll() is None:
+            job_proc.kill()
+    text = log.read_text()
+    assert "denoise: interrupted" in text and "run the same command again" in text
+    assert "SIGTERM received" not in text  # Ray's stack lines
+    kept = _journal_rows(dst)
+    assert len(kept) >= len(first) and len(kept) < 4000
+    assert not (dst / job.LOCK).exists() and not (dst / "manifest.parquet").exists()
+    assert wait_no_ray(ray_tmp, timeout=30) == []
+
+
 def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_path):
     """While a run holds DST (here this process, through the job's own lock), another
     run there exits 2 naming the holder, before it reads or writes anything in DST; a
