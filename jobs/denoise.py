@@ -3313,8 +3313,14 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     ready and when the first results came back, in seconds since `start`."""
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=True)
-    _sigterm_as_ctrl_c()  # (after ray.init, which installs Ray's own handler)
+    try:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    except SystemExit as e:  # Ray's SIGTERM handler while it starts: Ctrl-C's path
+        if e.code != signal.SIGTERM:
+            raise
+        _TERMINATED.append(e.code)
+        raise KeyboardInterrupt from None
+    _sigterm_as_ctrl_c()  # (again: ray.init set Ray's own)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
@@ -3334,6 +3340,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
         raise ValueError(f"--model {args.model}: the actors cannot use it: {cause[-1]}") from e
     finally:
         shutdown_ray()
+        _sigterm_as_ctrl_c()  # (again: Ray's shutdown set SIGTERM's default action back)
     return timings
 
 
@@ -3580,6 +3587,10 @@ def _non_negative_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _TERMINATED.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    _sigterm_as_ctrl_c()  # from the start: a lease taken while planning is given back too
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
@@ -3599,6 +3610,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM if _TERMINATED else 130  # as a shell reports them
+    finally:
+        if main_thread:  # the caller's handler back (None: set outside Python)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 
@@ -3610,15 +3624,14 @@ def _sigterm_as_ctrl_c() -> None:
     Ctrl-C does: the rows received so far stay in the journal, the run's lock or lease is
     released, the driver says to rerun and exits 143. Before, Ray's handler printed its
     stack lines and killed the driver wherever it was (the rerun still resumed, as after
-    a crash)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+    a crash). Set when the job starts, and again after ray.init and ray.shutdown."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
-    def handler(signum, frame):
-        _TERMINATED.append(signum)
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+def _on_sigterm(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
 
 
 def _credentials_hint(text: str) -> str:

@@ -1318,6 +1318,22 @@ def _counts(values) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
 
 
+def _per_node(rows: list[dict]) -> str:
+    """Trials per node, with the devices they trained on where they said: "host (ip) 7
+    (7 on CPU)" (a trial stopped before its first epoch has no device)."""
+    nodes: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r.get("hostname"):
+            devices = nodes.setdefault(f"{r['hostname']} ({r['node_ip']})", {})
+            device = r.get("device") if isinstance(r.get("device"), str) else ""
+            devices[device] = devices.get(device, 0) + 1
+    parts = []
+    for node, devices in sorted(nodes.items()):
+        said = ", ".join(f"{n} on {d}" for d, n in sorted(devices.items()) if d)
+        parts.append(f"{node} {sum(devices.values())}" + (f" ({said})" if said else ""))
+    return ", ".join(parts)
+
+
 def _pins_by_model(pins: list[tuple[str, str, Any]]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for variant, key, value in pins:
@@ -1528,6 +1544,19 @@ def _keras_backend() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; SIGTERM takes Ctrl-C's path while it runs (_sigterm_as_ctrl_c)."""
+    _TERMINATED.clear()  # (a run before in this process was stopped)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    _sigterm_as_ctrl_c()
+    try:
+        return _sweep(argv)
+    finally:
+        if main_thread:  # (None: set outside Python)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _sweep(argv: list[str] | None) -> int:
     args = parse_args(argv)
     experiment = experiment_path(args)
     exists = tune.Tuner.can_restore(experiment)
@@ -1550,8 +1579,8 @@ def main(argv: list[str] | None = None) -> int:
         check_pins(args, arrays)
     elif not args.no_figures:
         _import_aelib_early()
-    ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
-    _sigterm_as_ctrl_c()  # (after ray.init, which installs Ray's own handler)
+    with _sigterm_in_ray_init():
+        ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
     _trial_actors_on_prestarted_workers()
     try:
         if args.gpus_per_trial is None:
@@ -1585,6 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
                 _publish(out_dir, experiment)
     finally:
         shutdown_ray()
+        _sigterm_as_ctrl_c()  # (Ray's shutdown set SIGTERM's action back to the default)
         remove_stale_staging()  # the last trials' checkpoints on this node
 
     print(f"\nsweep.py: {len(rows)} trials in {time.perf_counter() - start:.0f}s")
@@ -1602,12 +1632,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"  best {model:8s} NONE: {_why_no_best(rows, model)}")
-    nodes = _counts(
-        f"{r['hostname']} ({r['node_ip']})" + (f" on {r['device']}" if r.get("device") else "")
-        for r in rows
-        if r.get("hostname")
-    )
-    print(f"  trials per node: {nodes or 'none reported'}")
+    print(f"  trials per node: {_per_node(rows) or 'none reported'}")
     missing = [m for m in args.models if m not in best]
     if interrupted:
         left = sum(r["status"] == "interrupted" for r in rows)
@@ -1624,22 +1649,72 @@ _TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
 
 
 def _sigterm_as_ctrl_c() -> None:
-    """SIGTERM (`kill`, a scheduler or a container stopping the driver) ends the sweep as
+    """SIGTERM (`kill`, a scheduler or container stopping the driver) ends the sweep as
     Ctrl-C does: Tune stops the trials and saves the experiment, the report of the trials
     so far is written, the driver says to rerun with --resume and exits 143. Before, Ray's
-    handler printed its stack lines and killed the driver wherever it was."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+    handler printed its stack lines and killed the driver wherever it was. Installed when
+    the driver starts and again after ray.init and ray.shutdown, which set their own."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
-    def handler(signum, frame):
-        _TERMINATED.append(signum)
-        current = signal.getsignal(signal.SIGINT)  # Tune's during its run, else Python's
-        if callable(current):
-            current(signal.SIGINT, frame)
-        else:
-            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+def _on_sigterm(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    if _own_ray_gone():
+        _exit_with_own_ray_gone()
+    current = signal.getsignal(signal.SIGINT)  # Tune's during its run, else Python's
+    if callable(current):
+        current(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_in_ray_init():
+    """A SIGTERM while ray.init runs meets Ray's handler (it exits the driver with status
+    15): the Ctrl-C path instead. Our handler is set again once Ray is up."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        _TERMINATED.append(signal.SIGTERM)
+        raise KeyboardInterrupt from None
+    _sigterm_as_ctrl_c()
+
+
+def _own_ray_gone() -> bool:
+    """Whether the local Ray this driver started stopped serving with the signal: a
+    SIGTERM sent to the whole process group (`timeout`, Slurm, systemd) reaches Ray's
+    processes too, and Tune's graceful stop then waits a minute for a GCS that is gone,
+    to exit 1 with nothing said. The GCS stops answering at once but its process lingers
+    for seconds, so it is asked (a key read) rather than polled."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.all_processes.get("gcs_server"):
+        return False  # connected to a Ray someone else started: not in our group
+    time.sleep(0.2)  # (the group's signal reaches the GCS at the same moment)
+    try:
+        ray._private.worker.global_worker.gcs_client.internal_kv_get(b"aelib", None, timeout=2)
+    except Exception:  # noqa: BLE001  (RpcError: "Timed out while waiting for GCS")
+        return True
+    return False
+
+
+def _exit_with_own_ray_gone() -> NoReturn:
+    print(
+        "sweep.py: terminated with the local Ray it started (the signal reached the whole "
+        "process group). What was written is kept: rerun the same command with --resume "
+        "to finish the sweep and its report.",
+        file=sys.stderr,
+        flush=True,
+    )
+    node = ray._private.worker._global_node
+    for processes in list(node.all_processes.values()):
+        for info in processes:
+            if info.process.poll() is None:
+                info.process.kill()
+    sys.stdout.flush()
+    os._exit(128 + signal.SIGTERM)
 
 
 def _interrupted_status() -> int:

@@ -179,6 +179,25 @@ def wait_for(ready, proc: subprocess.Popen, log: Path, timeout: float, interval:
     return value
 
 
+def signal_when(cmd, env, log: Path, ready, sig, group=False, interval=0.1, timeout=240):
+    """Starts `cmd` (start_logged), waits until ready() returns something truthy
+    (wait_for), then sends it `sig`, or with `group` sends `sig` to its whole process
+    group as `timeout`, Slurm or systemd do. Returns (what ready() returned, the exit
+    status, the log's text)."""
+    proc = start_logged(cmd, env, log)
+    try:
+        seen = wait_for(ready, proc, log, timeout=timeout, interval=interval)
+        if group:
+            os.killpg(proc.pid, sig)  # (its own session: its process group is its pid)
+        else:
+            proc.send_signal(sig)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen, status, log.read_text()
+
+
 def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while (left := ray_pids(ray_tmp)) and time.monotonic() < deadline:

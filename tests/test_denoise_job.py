@@ -33,7 +33,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import GcsServer, ray_pids, start_logged, wait_for, wait_no_ray, without_tensorflow
+from helpers import (
+    GcsServer,
+    ray_pids,
+    signal_when,
+    start_logged,
+    wait_for,
+    wait_no_ray,
+    without_tensorflow,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "denoise.py"
@@ -715,18 +723,14 @@ def test_sigterm_ends_the_job_as_ctrl_c_does(model_path, tmp_path, ray_tmp):
     src, dst = tmp_path / "noisy", tmp_path / "out"
     make_noisy.make_noisy(str(MNIST), 4000, src)
     args = ["--model", model_path, "--input", src, "--output", dst, "--batch-size", 64]
-    log = tmp_path / "termed.log"
     cmd = [sys.executable, str(JOB), *map(str, args)]
-    job_proc = start_logged(cmd, {**_env(), "RAY_TMPDIR": str(ray_tmp)}, log)
-    try:
-        first = wait_for(lambda: _journal_rows(dst), job_proc, log, timeout=300, interval=0.02)
-        assert first, "no block recorded within 300 s"
-        job_proc.send_signal(signal.SIGTERM)
-        assert job_proc.wait(timeout=120) == 143, log.read_text()[-5000:]
-    finally:
-        if job_proc.poll() is None:
-            job_proc.kill()
-    text = log.read_text()
+    env = {**_env(), "RAY_TMPDIR": str(ray_tmp)}
+    first, status, text = signal_when(
+        cmd, env, tmp_path / "termed.log", lambda: _journal_rows(dst), signal.SIGTERM,
+        interval=0.02, timeout=300,
+    )  # fmt: skip
+    assert first, "no block recorded within 300 s"
+    assert status == 143, text[-5000:]
     assert "denoise: interrupted" in text and "run the same command again" in text
     assert "SIGTERM received" not in text  # Ray's stack lines
     kept = _journal_rows(dst)

@@ -31,7 +31,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_head_up, kill_ray, local, start_logged, wait_for, without_tensorflow
+from helpers import (
+    assert_head_up,
+    kill_ray,
+    local,
+    signal_when,
+    start_logged,
+    wait_for,
+    without_tensorflow,
+)
 from helpers import wait_no_ray as _wait_no_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +127,8 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
         devices = {row["device"] for row in csv.DictReader(f)}
     assert len(devices) == 1, devices  # "CPU" here, "GPU (<name>)" on a GPU machine
     assert devices == {"CPU"} or devices.pop().startswith("GPU ("), devices
-    assert re.search(r"\) on (CPU|GPU \(.+\)) 7\n", proc.stdout), proc.stdout[-2000:]
+    said = r"trials per node: .+ \(.+\) 7 \(7 on (CPU|GPU \(.+\))\)\n"
+    assert re.search(said, proc.stdout), proc.stdout[-2000:]
     assert smoke["leftover"] == [], "Ray processes outlived the sweep"
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
 
@@ -406,17 +415,11 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     cmd += ["2", "--cpus-per-trial", str(get_num_cpus()), "--scheduler", "fifo", "--no-figures"]
     cmd += ["--max-failures", "0", "--storage-path", str(tmp_path), "--name", "stopped"]
     exp = tmp_path / "stopped"
-    log = tmp_path / "sweep.log"
-    driver = start_logged(cmd, _env(ray_tmp), log)
-    try:
-        reported = wait_for(lambda: _reports(exp), driver, log, timeout=240)
-        assert reported and reported[-1]["epoch"] < epochs, "finished before the Ctrl-C"
-        driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=120) == 130, log.read_text()[-5000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    text = log.read_text()
+    reported, status, text = signal_when(
+        cmd, _env(ray_tmp), tmp_path / "sweep.log", lambda: _reports(exp), signal.SIGINT
+    )
+    assert reported and reported[-1]["epoch"] < epochs, "finished before the Ctrl-C"
+    assert status == 130, text[-5000:]
     assert "sweep.py: interrupted: 2 of 2 trials did not finish" in text
     assert "rerun the same command with --resume" in text
     with open(exp / "trials.csv") as f:  # the one still pending too names its variant
@@ -440,30 +443,32 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     assert _wait_no_ray(ray_tmp) == []
 
 
-def test_sigterm_ends_the_sweep_as_ctrl_c_does(tmp_path, ray_tmp):
+@pytest.mark.parametrize("group", [False, True], ids=["driver", "process-group"])
+def test_sigterm_ends_the_sweep_as_ctrl_c_does(tmp_path, ray_tmp, group):
     """`kill` (or a scheduler stopping the driver) while a trial trains: the same end as
     Ctrl-C, exit 143 (Ray's handler printed its stack lines and killed the driver before
-    it wrote trials.csv or said to --resume)."""
+    it wrote trials.csv or said to --resume). Sent to the whole process group (`timeout`,
+    Slurm, systemd), it also ends the local Ray the driver started, so Tune cannot stop
+    gracefully (it waited a minute for the GCS, then exited 1 without a word): the driver
+    says so, with the hint, and exits 143 at once."""
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
     cmd += ["--epochs", "4", "--limit", "1500", "--test-limit", "100", "--num-samples", "1"]
     cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
     cmd += ["--storage-path", str(tmp_path), "--name", "termed"]
-    exp, log = tmp_path / "termed", tmp_path / "sweep.log"
-    driver = start_logged(cmd, _env(ray_tmp), log)
-    try:
-        reported = wait_for(lambda: _reports(exp), driver, log, timeout=240)
-        assert reported and reported[-1]["epoch"] < 4, "finished before the SIGTERM"
-        driver.send_signal(signal.SIGTERM)
-        assert driver.wait(timeout=120) == 143, log.read_text()[-5000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    text = log.read_text()
-    assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text, text[-3000:]
+    exp = tmp_path / "termed"
+    reported, status, text = signal_when(
+        cmd, _env(ray_tmp), tmp_path / "sweep.log", lambda: _reports(exp), signal.SIGTERM, group
+    )
+    assert reported and reported[-1]["epoch"] < 4, "finished before the SIGTERM"
+    assert status == 143, text[-5000:]
     assert "rerun the same command with --resume" in text
     assert "SIGTERM received" not in text  # Ray's stack lines
-    with open(exp / "trials.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
+    if group:
+        assert "terminated with the local Ray it started" in text, text[-3000:]
+    else:
+        assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text, text[-3000:]
+        with open(exp / "trials.csv") as f:
+            assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
     assert _wait_no_ray(ray_tmp, timeout=30) == []
 
 
@@ -922,6 +927,22 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert "--allow-autoscale" in proc.stderr
     assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
     assert _wait_no_ray(ray_tmp) == []
+
+
+def test_trials_per_node_counts_each_node_once_with_the_devices_said():
+    sweep = _load_sweep_module()
+    here = {"hostname": "a", "node_ip": "10.0.0.1"}
+    rows = [
+        {**here, "device": "CPU"},
+        {**here, "device": "GPU (NVIDIA H200)"},
+        {**here, "device": "GPU (NVIDIA H200)"},
+        {**here, "device": float("nan")},  # stopped before its first epoch: none said
+        {"hostname": "b", "node_ip": "10.0.0.2"},
+        {"status": "interrupted"},  # pending at a Ctrl-C: no node
+    ]
+    assert sweep._per_node(rows) == (
+        "a (10.0.0.1) 4 (1 on CPU, 2 on GPU (NVIDIA H200)), b (10.0.0.2) 1"
+    )
 
 
 def test_default_gpus_per_trial_is_a_share_in_proportion_to_the_trials_cpus():
