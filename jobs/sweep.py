@@ -1649,19 +1649,21 @@ _TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
 
 
 def _sigterm_as_ctrl_c() -> None:
-    """SIGTERM (`kill`, a scheduler or container stopping the driver) ends the sweep as
-    Ctrl-C does: Tune stops the trials and saves the experiment, the report of the trials
-    so far is written, the driver says to rerun with --resume and exits 143. Before, Ray's
-    handler printed its stack lines and killed the driver wherever it was. Installed when
-    the driver starts and again after ray.init and ray.shutdown, which set their own."""
+    """SIGTERM (`kill`, a scheduler or container stopping the driver) ends the sweep with
+    what it has and the --resume hint, exit 143; Ray's handler printed its stack lines and
+    killed the driver wherever it was. Connected to a Ray cluster, the driver stops as on
+    Ctrl-C: Tune stops the trials and saves the experiment, and the report of the trials
+    so far is written. With a local Ray it started itself, it stops at once, that Ray
+    with it (_exit_with_own_ray). Installed when the driver starts and again after
+    ray.init and ray.shutdown, which set their own."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _on_sigterm(signum, frame) -> None:
     _TERMINATED.append(signum)
-    if _own_ray_gone():
-        _exit_with_own_ray_gone()
+    if _own_ray_processes():
+        _exit_with_own_ray()
     current = signal.getsignal(signal.SIGINT)  # Tune's during its run, else Python's
     if callable(current):
         current(signal.SIGINT, frame)
@@ -1683,36 +1685,32 @@ def _sigterm_in_ray_init():
     _sigterm_as_ctrl_c()
 
 
-def _own_ray_gone() -> bool:
-    """Whether the local Ray this driver started stopped serving with the signal: a
-    SIGTERM sent to the whole process group (`timeout`, Slurm, systemd) reaches Ray's
-    processes too, and Tune's graceful stop then waits a minute for a GCS that is gone,
-    to exit 1 with nothing said. The GCS stops answering at once but its process lingers
-    for seconds, so it is asked (a key read) rather than polled."""
+def _own_ray_processes() -> list:
+    """The processes of the local Ray this driver started (none when connected to a
+    cluster, or before ray.init)."""
     node = getattr(ray._private.worker, "_global_node", None)
-    if node is None or not node.all_processes.get("gcs_server"):
-        return False  # connected to a Ray someone else started: not in our group
-    time.sleep(0.2)  # (the group's signal reaches the GCS at the same moment)
-    try:
-        ray._private.worker.global_worker.gcs_client.internal_kv_get(b"aelib", None, timeout=2)
-    except Exception:  # noqa: BLE001  (RpcError: "Timed out while waiting for GCS")
-        return True
-    return False
+    processes = getattr(node, "all_processes", None) or {}
+    if not processes.get("gcs_server"):
+        return []
+    return [info.process for infos in list(processes.values()) for info in infos]
 
 
-def _exit_with_own_ray_gone() -> NoReturn:
+def _exit_with_own_ray() -> NoReturn:
+    """The end of a SIGTERM with a local Ray this driver started. That Ray is in the
+    driver's process group, and a signal sent to the group (`timeout`, Slurm, systemd)
+    stops it too: Tune's graceful stop then waited a minute for the GCS and exited 1
+    without a word, or the driver's core worker exited 1 once the raylet was gone. So
+    the driver stops at once: Tune's experiment and every trial's last checkpoint are
+    on disk, and --resume goes on from them (as after a crash)."""
     print(
-        "sweep.py: terminated with the local Ray it started (the signal reached the whole "
-        "process group). What was written is kept: rerun the same command with --resume "
-        "to finish the sweep and its report.",
+        "sweep.py: terminated (SIGTERM). What was written is kept: rerun the same command "
+        "with --resume to finish the sweep and its report.",
         file=sys.stderr,
         flush=True,
     )
-    node = ray._private.worker._global_node
-    for processes in list(node.all_processes.values()):
-        for info in processes:
-            if info.process.poll() is None:
-                info.process.kill()
+    for process in _own_ray_processes():
+        if process.poll() is None:
+            process.kill()
     sys.stdout.flush()
     os._exit(128 + signal.SIGTERM)
 

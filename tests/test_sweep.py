@@ -443,33 +443,41 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     assert _wait_no_ray(ray_tmp) == []
 
 
-@pytest.mark.parametrize("group", [False, True], ids=["driver", "process-group"])
-def test_sigterm_ends_the_sweep_as_ctrl_c_does(tmp_path, ray_tmp, group):
-    """`kill` (or a scheduler stopping the driver) while a trial trains: the same end as
-    Ctrl-C, exit 143 (Ray's handler printed its stack lines and killed the driver before
-    it wrote trials.csv or said to --resume). Sent to the whole process group (`timeout`,
-    Slurm, systemd), it also ends the local Ray the driver started, so Tune cannot stop
-    gracefully (it waited a minute for the GCS, then exited 1 without a word): the driver
-    says so, with the hint, and exits 143 at once."""
+@pytest.mark.parametrize("own_ray", [False, True], ids=["on-a-cluster", "own-ray-group"])
+def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, own_ray):
+    """SIGTERM while a trial trains (Ray's handler printed its stack lines and killed the
+    driver before it wrote trials.csv or said to --resume). Connected to a cluster (the
+    tests' shared head), as on Ctrl-C: trials.csv with the trial `interrupted`, the hint,
+    exit 143. With a local Ray of its own, sent to the whole process group as `timeout`,
+    Slurm or systemd send it, which stops that Ray too (Tune then waited a minute for the
+    GCS and exited 1 without a word): the hint and exit 143 at once, no Ray left, and
+    --resume finishes the sweep."""
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
     cmd += ["--epochs", "4", "--limit", "1500", "--test-limit", "100", "--num-samples", "1"]
     cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
     cmd += ["--storage-path", str(tmp_path), "--name", "termed"]
     exp = tmp_path / "termed"
+    env = _env(ray_tmp) if own_ray else _env(None, shared_ray)
     reported, status, text = signal_when(
-        cmd, _env(ray_tmp), tmp_path / "sweep.log", lambda: _reports(exp), signal.SIGTERM, group
+        cmd, env, tmp_path / "sweep.log", lambda: _reports(exp), signal.SIGTERM, own_ray
     )
     assert reported and reported[-1]["epoch"] < 4, "finished before the SIGTERM"
     assert status == 143, text[-5000:]
     assert "rerun the same command with --resume" in text
     assert "SIGTERM received" not in text  # Ray's stack lines
-    if group:
-        assert "terminated with the local Ray it started" in text, text[-3000:]
-    else:
+    if not own_ray:
         assert "sweep.py: interrupted: 1 of 1 trials did not finish" in text, text[-3000:]
         with open(exp / "trials.csv") as f:
             assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
+        return
+    assert "sweep.py: terminated (SIGTERM)" in text, text[-3000:]
     assert _wait_no_ray(ray_tmp, timeout=30) == []
+    resumed = subprocess.run(
+        [*cmd, "--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with open(exp / "trials.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
 
 
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
