@@ -3447,15 +3447,26 @@ def shutdown_ray() -> None:
     Connected to a cluster, this process started no processes and kills nothing."""
     import ray
 
-    node = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(node, "_global_node", None)
     try:
-        for info in node.all_processes.get("monitor", []) if node is not None else []:
-            info.process.kill()
-            info.process.wait(timeout=1)
+        for process in _own_ray_processes("monitor"):
+            process.kill()
+            process.wait(timeout=1)
     except Exception:  # best effort: ray.shutdown() below stops it anyway
         pass
     ray.shutdown()
+
+
+def _own_ray_processes(kind: str) -> list:
+    """The processes (Popen) of one kind ("monitor") of the local Ray this driver
+    started: none when connected to a cluster, or before ray.init. Ray keeps them in a
+    private attribute: if that changes, there are none."""
+    import ray
+
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    if not processes.get("gcs_server"):
+        return []
+    return [info.process for info in processes.get(kind, [])]
 
 
 def build_parser() -> argparse.ArgumentParser:

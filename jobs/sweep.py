@@ -1472,12 +1472,10 @@ def shutdown_ray() -> None:
     started has nothing left to do, so it is killed first. Ray's own processes are
     in a private attribute: if that changes, this is a plain ray.shutdown().
     Connected to a cluster, this process started no processes and kills nothing."""
-    node = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(node, "_global_node", None)
     try:
-        for info in node.all_processes.get("monitor", []) if node is not None else []:
-            info.process.kill()
-            info.process.wait(timeout=1)
+        for process in _own_ray_processes("monitor"):
+            process.kill()
+            process.wait(timeout=1)
     except Exception:  # best effort: ray.shutdown() below stops it anyway
         pass
     ray.shutdown()
@@ -1685,14 +1683,16 @@ def _sigterm_in_ray_init():
     _sigterm_as_ctrl_c()
 
 
-def _own_ray_processes() -> list:
-    """The processes of the local Ray this driver started (none when connected to a
-    cluster, or before ray.init)."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    processes = getattr(node, "all_processes", None) or {}
+def _own_ray_processes(kind: str | None = None) -> list:
+    """The processes (Popen) of the local Ray this driver started, all of them or those
+    of one kind ("monitor"): none when connected to a cluster, or before ray.init. Ray
+    keeps them in a private attribute: if that changes, there are none."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    processes = dict(getattr(node, "all_processes", None) or {})
     if not processes.get("gcs_server"):
         return []
-    return [info.process for infos in list(processes.values()) for info in infos]
+    kinds = [kind] if kind else list(processes)
+    return [info.process for k in kinds for info in processes.get(k, [])]
 
 
 def _exit_with_own_ray() -> NoReturn:
