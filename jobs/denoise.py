@@ -3313,14 +3313,8 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     ready and when the first results came back, in seconds since `start`."""
     import ray
 
-    try:
+    with _sigterm_in_ray_init():
         ray.init(include_dashboard=False, log_to_driver=True)
-    except SystemExit as e:  # Ray's SIGTERM handler while it starts: Ctrl-C's path
-        if e.code != signal.SIGTERM:
-            raise
-        _TERMINATED.append(e.code)
-        raise KeyboardInterrupt from None
-    _sigterm_as_ctrl_c()  # (again: ray.init set Ray's own)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     try:
@@ -3643,6 +3637,20 @@ def _sigterm_as_ctrl_c() -> None:
 def _on_sigterm(signum, frame) -> None:
     _TERMINATED.append(signum)
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_in_ray_init():
+    """A SIGTERM while ray.init runs meets Ray's handler (it exits the driver with status
+    15): the Ctrl-C path instead. Our handler is set again once Ray is up."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        _TERMINATED.append(signal.SIGTERM)
+        raise KeyboardInterrupt from None
+    _sigterm_as_ctrl_c()
 
 
 def _credentials_hint(text: str) -> str:
