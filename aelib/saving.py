@@ -4,12 +4,19 @@ The file is Keras's own format (reloads with `keras.models.load_model` after
 `import aelib`, safe_mode on) plus one extra member, `aelib.json`, holding the
 variant name, its input kind, the full training config, data settings, final
 metrics and library versions. Keras ignores members it does not know.
+
+A file reloads, and trains on, under any backend: Keras writes the compile config as
+the saving backend has it (PyTorch's own Adam class, which TensorFlow and JAX cannot
+train with; JAX's `jit_compile=True`, which sent PyTorch's fit through torch.compile and
+failed; TensorFlow's `False`, which left JAX without jit), so `save` writes
+Keras's public optimizer and lets each backend choose its own jit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import keras
 from aelib.registry import Autoencoder
 
 INFO_MEMBER = "aelib.json"
+CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
 
 
 def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
@@ -44,14 +52,40 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
         },
         **(info or {}),
     }
+    keras_tmp = tmp.with_name(f".{path.stem}.{os.getpid()}.keras-tmp.keras")
     try:
-        model.autoencoder.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as zf:
-            zf.writestr(INFO_MEMBER, json.dumps(record, indent=2, default=_json_default))
+        model.autoencoder.save(keras_tmp)
+        with zipfile.ZipFile(keras_tmp) as zin, zipfile.ZipFile(tmp, "w") as zout:
+            for item in zin.infolist():
+                with zin.open(item) as src:
+                    if item.filename == CONFIG_MEMBER:
+                        config = json.loads(src.read())
+                        if config.get("compile_config"):
+                            config["compile_config"] = portable(config["compile_config"])
+                        zout.writestr(item, json.dumps(config))
+                    else:
+                        with zout.open(item, "w") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+            zout.writestr(INFO_MEMBER, json.dumps(record, indent=2, default=_json_default))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        keras_tmp.unlink(missing_ok=True)
     return path
+
+
+def portable(compile_config: dict) -> dict:
+    """A compile config any backend trains with: the optimizer by its public class
+    (`keras.optimizers.Adam`, not the saving backend's own), and no `jit_compile`, so
+    that the loading backend resolves its default ("auto")."""
+    config = dict(compile_config)
+    optimizer = config.get("optimizer")
+    if isinstance(optimizer, dict) and str(optimizer.get("module", "")).startswith(
+        "keras.src.backend."
+    ):
+        config["optimizer"] = {**optimizer, "module": "keras.optimizers"}
+    config.pop("jit_compile", None)
+    return config
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -71,7 +105,10 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
     """Reloads a model saved by `save` as an `Autoencoder` bundle.
 
-    `.config` holds the whole stored record (training config, metrics, ...).
+    `.config` holds the whole stored record (training config, metrics, ...). A file
+    written by an earlier aelib under another backend, whose compile config only that
+    backend trains with, is compiled from its portable form, without the optimizer's
+    state (its weights are all there).
     """
     info = read_info(path)
     if "name" not in info:
@@ -79,8 +116,22 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
             f"{path} has no {INFO_MEMBER}: it was not saved by aelib.save, so its variant "
             "is unknown. Load it with keras.models.load_model instead."
         )
-    model = keras.models.load_model(path, compile=compile)
+    compile_config = _compile_config(path) if compile else None
+    if (
+        compile_config
+        and portable(compile_config) != compile_config
+        and (info.get("versions", {}).get("backend") != keras.backend.backend())
+    ):
+        model = keras.models.load_model(path, compile=False)
+        model.compile_from_config(portable(compile_config))
+    else:
+        model = keras.models.load_model(path, compile=compile)
     return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], info)
+
+
+def _compile_config(path: str | os.PathLike) -> dict | None:
+    with zipfile.ZipFile(path) as zf:
+        return json.loads(zf.read(CONFIG_MEMBER)).get("compile_config")
 
 
 def _version() -> str:
