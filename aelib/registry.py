@@ -29,6 +29,9 @@ class Autoencoder:
 
     `autoencoder` is `decoder(encoder(x))` by construction: it is a functional
     model whose two layers are the nested `encoder` and `decoder` models.
+    `config` is the variant's options (`build_model(name, **config)` builds it
+    again); `info` is what `aelib.save` stored with a reloaded one (training config,
+    data settings, metrics, history, versions), empty for one just built.
     """
 
     name: str
@@ -37,10 +40,16 @@ class Autoencoder:
     decoder: keras.Model
     input_kind: str
     config: dict[str, Any]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_autoencoder(
-        cls, model: keras.Model, name: str, input_kind: str, config: dict[str, Any]
+        cls,
+        model: keras.Model,
+        name: str,
+        input_kind: str,
+        config: dict[str, Any],
+        info: dict[str, Any] | None = None,
     ) -> Autoencoder:
         """Rebuilds the bundle from a (reloaded) autoencoder model."""
         return cls(
@@ -50,6 +59,7 @@ class Autoencoder:
             decoder=model.get_layer("decoder"),
             input_kind=input_kind,
             config=config,
+            info=info or {},
         )
 
 

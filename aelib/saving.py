@@ -30,7 +30,8 @@ CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile co
 
 
 def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
-    """Writes `model.autoencoder` to `path` (.keras) atomically, with its info.
+    """Writes `model.autoencoder` to `path` (.keras) atomically, with its info: what
+    a reloaded model was stored with (`model.info`), updated by `info`.
 
     Returns:
         The path written.
@@ -42,6 +43,7 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     # Write beside the target, then rename: a crash never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     record = {
+        **model.info,
         "name": model.name,
         "input_kind": model.input_kind,
         "model_config": model.config,
@@ -105,7 +107,8 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
     """Reloads a model saved by `save` as an `Autoencoder` bundle.
 
-    `.config` holds the whole stored record (training config, metrics, ...). A file
+    `.config` is the variant's options, as `build_model` takes them; `.info` the whole
+    stored record (training config, data settings, metrics, history, ...). A file
     written by an earlier aelib under another backend, whose compile config only that
     backend trains with, is compiled from its portable form, without the optimizer's
     state (its weights are all there).
@@ -126,7 +129,8 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
         model.compile_from_config(portable(compile_config))
     else:
         model = keras.models.load_model(path, compile=compile)
-    return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], info)
+    options = info.get("model_config") or {}
+    return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)
 
 
 def _compile_config(path: str | os.PathLike) -> dict | None:

@@ -1273,7 +1273,7 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         from aelib.train import TrainConfig, make_splits
 
         bundle = aelib.load(out_dir / "best" / f"{model}.keras")
-        info = bundle.config
+        info = bundle.info
         config = TrainConfig.from_dict(info["train_config"])
         splits = make_splits(config, arrays, bundle.input_kind)
         # (the figures of an earlier best, which a resume may have replaced, go first)

@@ -101,7 +101,7 @@ def test_denoise_transposed_upsampling_is_learned_and_keeps_shapes(tmp_path):
     assert model.autoencoder.predict(x, verbose=0).shape == (2, 30, 44, 1)
     path = aelib.save(model, tmp_path / "d.keras")
     reloaded = aelib.load(path)
-    assert reloaded.config["model_config"]["upsample"] == "transpose"
+    assert reloaded.config["upsample"] == "transpose"
     np.testing.assert_allclose(
         reloaded.autoencoder.predict(x, verbose=0), model.autoencoder.predict(x, verbose=0)
     )
@@ -123,7 +123,7 @@ def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
     big = np.random.default_rng(0).random((2, 32, 44, 1)).astype("float32")
     assert model.autoencoder.predict(big, verbose=0).shape == (2, 32, 44, 1)
     reloaded = aelib.load(aelib.save(model, tmp_path / "skips.keras"))
-    assert reloaded.config["model_config"]["skips"] is True
+    assert reloaded.config["skips"] is True
     np.testing.assert_allclose(reloaded.autoencoder.predict(x, verbose=0), out, atol=1e-6)
     splits = Splits(x, x, x, x, x, x, labels_test=np.zeros(len(x), "int64"))
     figures = plots.tutorial_figures(reloaded, splits, {"loss": [1.0]}, tmp_path / "fig")
@@ -188,8 +188,13 @@ def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     reloaded = keras.models.load_model(path)  # safe_mode stays on
     np.testing.assert_allclose(reloaded.predict(x[:16], verbose=0), out, atol=1e-6)
     bundle = aelib.load(path)
-    assert bundle.name == name and bundle.config["note"] == "test"
-    assert bundle.config["model_config"] == model.config
+    assert bundle.name == name and bundle.info["note"] == "test"
+    assert bundle.config == bundle.info["model_config"] == model.config
+    # ... and builds again from it; saved again, it keeps its record, one level deep
+    assert aelib.build_model(name, **bundle.config).config == model.config
+    again = aelib.load(aelib.save(bundle, tmp_path / f"{name}-again.keras", {"more": 1}))
+    assert again.config == model.config and again.info["note"] == "test"
+    assert again.info["more"] == 1 and "model_config" not in again.info["model_config"]
     np.testing.assert_allclose(
         bundle.decoder.predict(bundle.encoder.predict(x[:16], verbose=0), verbose=0),
         out,
