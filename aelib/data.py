@@ -145,6 +145,15 @@ def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) ->
     """
     if not 0.0 <= noise_factor <= 1.0:
         raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+    x = np.asarray(x)
+    # Raw uint8 digits were taken as they are: the clip to [0, 1] then left a fifth of
+    # the pixels white and the rest noise, without a word.
+    if x.size and (x.dtype.kind not in "fc" or float(x.min()) < 0 or float(x.max()) > 1):
+        low, high = (float(x.min()), float(x.max()))
+        raise ValueError(
+            f"add_noise expects images scaled to [0, 1]. Received {x.dtype} values from "
+            f"{low:g} to {high:g}: scale them first (aelib.data.scale)"
+        )
     rng = np.random.default_rng(seed)
     noisy = x + noise_factor * rng.standard_normal(x.shape, dtype="float32")
     return np.clip(noisy, 0.0, 1.0).astype("float32")

@@ -41,7 +41,11 @@ def _per_image(metric, reference: np.ndarray, images: np.ndarray, data_range: fl
 
 
 def psnr(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> np.ndarray:
-    """Per-image PSNR in dB (the mean over images is what we report)."""
+    """Per-image PSNR in dB (the mean over images is what we report).
+
+    Both take a batch: (N, H, W), (N, H, W, C), or (N, H*W) flat square images (a
+    dense model's). A 2-D array is read as flat images, so one H x W image needs its
+    batch axis: `psnr(a[None], b[None])`."""
     from skimage.metrics import peak_signal_noise_ratio
 
     return _per_image(peak_signal_noise_ratio, reference, images, data_range)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,24 @@ if TYPE_CHECKING:
     from aelib.train import Splits
 
 
+def _closes_its_figure(draw):
+    """A drawing that fails (bad arrays, a full disk) closes the figure it opened:
+    pyplot keeps every open figure, and a long process (a sweep's driver, a notebook)
+    would hold them all."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        before = set(plt.get_fignums())
+        try:
+            return draw(*args, **kwargs)
+        except BaseException:
+            for number in set(plt.get_fignums()) - before:
+                plt.close(number)
+            raise
+
+    return wrapper
+
+
 def _as_hw(x: np.ndarray) -> np.ndarray:
     """Model arrays (flat, sequence or channels-last) -> (N, 28, 28)-like images."""
     x = np.asarray(x)
@@ -28,6 +47,7 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
     return x
 
 
+@_closes_its_figure
 def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10) -> Path:
     """Draws each array's first `n` images as one labelled row (originals over
     reconstructions, noisy over denoised, ...)."""
@@ -45,6 +65,7 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
     return _save(fig, path)
 
 
+@_closes_its_figure
 def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
     """Draws (N, h, w, c) conv codes: for each of the first `n` digits, its c channel
     maps of h x w on a grid, all on one gray scale (up to the largest value), so each
@@ -72,6 +93,7 @@ def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
     return _save(fig, path)
 
 
+@_closes_its_figure
 def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
     keys = [k for k in ("loss", "val_loss") if k in history]
     extra = [k for k in ("val_psnr",) if k in history]
@@ -92,6 +114,7 @@ def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) ->
     return _save(fig, path)
 
 
+@_closes_its_figure
 def latent_plane(
     z: np.ndarray,
     labels: np.ndarray,
@@ -107,6 +130,7 @@ def latent_plane(
     return _save(fig, path)
 
 
+@_closes_its_figure
 def digit_manifold(decoder, path: str | os.PathLike, n: int = 15, digit_size: int = 28) -> Path:
     """Decodes an n x n grid of the 2-D latent plane, spaced by the Gaussian's
     quantiles as in the tutorial."""

@@ -165,6 +165,24 @@ def test_code_maps_of_a_few_test_digits(digits, tmp_path):
         assert path.is_file()
 
 
+def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path):
+    """pyplot keeps every figure open until closed: one whose drawing raised (rows too
+    short to be images, a folder where the file goes) stayed open for the process's life."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    model = aelib.build_model("conv")
+    x = data_lib.prepare(digits[:4], "image")
+    splits = Splits(x, x, x, x, x, x, labels_test=np.arange(4))
+    assert plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / "ok")
+    (tmp_path / "taken.png").mkdir()
+    with pytest.raises(OSError):
+        plots.learning_curves({"loss": [1.0, 0.5]}, tmp_path / "taken.png")
+    with pytest.raises(ValueError):
+        plots.image_rows({"flat": np.zeros((3, 10))}, tmp_path / "rows.png")
+    assert plt.get_fignums() == before
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     model = aelib.build_model(name)
