@@ -148,8 +148,13 @@ def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) ->
     x = np.asarray(x)
     # Raw uint8 digits were taken as they are: the clip to [0, 1] then left a fifth of
     # the pixels white and the rest noise, without a word.
-    if x.size and (x.dtype.kind not in "fc" or float(x.min()) < 0 or float(x.max()) > 1):
-        low, high = (float(x.min()), float(x.max()))
+    if x.dtype.kind != "f":
+        raise ValueError(
+            f"add_noise expects float images scaled to [0, 1]. Received {x.dtype}: scale "
+            "8-bit images first (aelib.data.scale), convert others to float"
+        )
+    low, high = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
+    if not (low >= 0 and high <= 1):  # (NaN fails both)
         raise ValueError(
             f"add_noise expects images scaled to [0, 1]. Received {x.dtype} values from "
             f"{low:g} to {high:g}: scale them first (aelib.data.scale)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile co
 
 
 def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
-    """Writes `model.autoencoder` to `path` (.keras) atomically, with its info: what
-    a reloaded model was stored with (`model.info`), updated by `info`.
+    """Writes `model.autoencoder` to `path` (.keras) atomically, with `info` (what
+    produced it: training config, metrics, ...). A reloaded model's record is its
+    `.info`; it is not carried over by itself, as training on would leave it stale:
+    `save(model, path, {**model.info, ...})` keeps it.
 
     Returns:
         The path written.
@@ -43,7 +46,6 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     # Write beside the target, then rename: a crash never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     record = {
-        **model.info,
         "name": model.name,
         "input_kind": model.input_kind,
         "model_config": model.config,
@@ -57,23 +59,32 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     keras_tmp = tmp.with_name(f".{path.stem}.{os.getpid()}.keras-tmp.keras")
     try:
         model.autoencoder.save(keras_tmp)
-        with zipfile.ZipFile(keras_tmp) as zin, zipfile.ZipFile(tmp, "w") as zout:
-            for item in zin.infolist():
-                with zin.open(item) as src:
-                    if item.filename == CONFIG_MEMBER:
-                        config = json.loads(src.read())
-                        if config.get("compile_config"):
-                            config["compile_config"] = portable(config["compile_config"])
-                        zout.writestr(item, json.dumps(config))
-                    else:
-                        with zout.open(item, "w") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-            zout.writestr(INFO_MEMBER, json.dumps(record, indent=2, default=_json_default))
+        _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=_json_default))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         keras_tmp.unlink(missing_ok=True)
     return path
+
+
+def _copy_portable(src: Path, dst: Path, info: str | None = None) -> None:
+    """Copies the .keras file `src` to `dst` with its compile config made `portable`
+    (every other member as it is) and, given `info`, that as its aelib record."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            if item.filename == INFO_MEMBER and info is not None:
+                continue
+            with zin.open(item) as member:
+                if item.filename == CONFIG_MEMBER:
+                    config = json.loads(member.read())
+                    if config.get("compile_config"):
+                        config["compile_config"] = portable(config["compile_config"])
+                    zout.writestr(item, json.dumps(config))
+                else:
+                    with zout.open(item, "w") as out:
+                        shutil.copyfileobj(member, out, 1 << 20)
+        if info is not None:
+            zout.writestr(INFO_MEMBER, info)
 
 
 def portable(compile_config: dict) -> dict:
@@ -109,9 +120,8 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
 
     `.config` is the variant's options, as `build_model` takes them; `.info` the whole
     stored record (training config, data settings, metrics, history, ...). A file
-    written by an earlier aelib under another backend, whose compile config only that
-    backend trains with, is compiled from its portable form, without the optimizer's
-    state (its weights are all there).
+    an earlier aelib wrote has its saving backend's compile config: it is loaded from a
+    portable copy, optimizer state included, so that it trains on under any backend.
     """
     info = read_info(path)
     if "name" not in info:
@@ -120,13 +130,11 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
             "is unknown. Load it with keras.models.load_model instead."
         )
     compile_config = _compile_config(path) if compile else None
-    if (
-        compile_config
-        and portable(compile_config) != compile_config
-        and (info.get("versions", {}).get("backend") != keras.backend.backend())
-    ):
-        model = keras.models.load_model(path, compile=False)
-        model.compile_from_config(portable(compile_config))
+    if compile_config and portable(compile_config) != compile_config:
+        with tempfile.TemporaryDirectory(prefix="aelib-load-") as folder:
+            copy = Path(folder, "portable.keras")
+            _copy_portable(Path(path), copy)
+            model = keras.models.load_model(copy, compile=True)
     else:
         model = keras.models.load_model(path, compile=compile)
     options = info.get("model_config") or {}

@@ -93,10 +93,12 @@ def test_add_noise_is_seeded_clipped_and_checked():
         data_lib.add_noise(x, 1.5)
     # raw digits (uint8, or their floats 0-255) are refused, not clipped to white
     raw = np.full((2, 28, 28), 200, np.uint8)
-    with pytest.raises(ValueError, match=r"scaled to \[0, 1\]. Received uint8 values from 200"):
+    with pytest.raises(ValueError, match=r"float images scaled to \[0, 1\]. Received uint8"):
         data_lib.add_noise(raw)
     with pytest.raises(ValueError, match="float32 values from 200 to 200: scale them first"):
         data_lib.add_noise(raw.astype(np.float32))
+    with pytest.raises(ValueError, match="float64 values from nan to nan"):
+        data_lib.add_noise(np.full((1, 2, 2), np.nan))
     assert data_lib.add_noise(data_lib.scale(raw)).shape == raw.shape
 
 

@@ -208,11 +208,13 @@ def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     bundle = aelib.load(path)
     assert bundle.name == name and bundle.info["note"] == "test"
     assert bundle.config == bundle.info["model_config"] == model.config
-    # ... and builds again from it; saved again, it keeps its record, one level deep
+    # ... and builds again from it; saved again, it keeps the record it is given, one
+    # level deep (the whole record was stored as model_config, nested again each time)
     assert aelib.build_model(name, **bundle.config).config == model.config
-    again = aelib.load(aelib.save(bundle, tmp_path / f"{name}-again.keras", {"more": 1}))
+    again = aelib.load(aelib.save(bundle, tmp_path / "again.keras", {**bundle.info, "more": 1}))
     assert again.config == model.config and again.info["note"] == "test"
     assert again.info["more"] == 1 and "model_config" not in again.info["model_config"]
+    assert "note" not in aelib.load(aelib.save(bundle, tmp_path / "bare.keras")).info
     np.testing.assert_allclose(
         bundle.decoder.predict(bundle.encoder.predict(x[:16], verbose=0), verbose=0),
         out,
@@ -287,6 +289,42 @@ def test_vae_samples_only_while_training():
     np.testing.assert_allclose(model.encoder.predict(x, verbose=0), z_mean.predict(x, verbose=0))
     sampled = model.encoder(x, training=True)
     assert not np.allclose(keras.ops.convert_to_numpy(sampled), z_mean.predict(x, verbose=0))
+
+
+def test_a_file_of_an_earlier_version_from_another_backend_loads_with_its_state(tmp_path):
+    """Files written before save made them portable hold the saving backend's compile
+    config (PyTorch's Adam class, which TensorFlow's fit fails on; a jit_compile).
+    aelib.load reads them through a portable copy: they train on here, Adam's state
+    and step count kept."""
+    import zipfile
+
+    model = aelib.build_model("dense")
+    compile_model(model, 1e-3)
+    x = np.random.default_rng(0).random((64, 784)).astype("float32")
+    model.autoencoder.fit(x, x, batch_size=16, epochs=1, verbose=0)
+    path = aelib.save(model, tmp_path / "new.keras")
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(old, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["compile_config"]["jit_compile"] = True
+                optimizer = config["compile_config"]["optimizer"]
+                optimizer["module"] = "keras.src.backend.torch.optimizers.torch_adam"
+                data = json.dumps(config)
+            zout.writestr(item, data)
+    bundle = aelib.load(old)
+    assert int(bundle.autoencoder.optimizer.iterations) == 4
+    moments = [np.asarray(v) for v in bundle.autoencoder.optimizer.variables[1:]]
+    assert moments and all(
+        np.array_equal(a, np.asarray(b))
+        for a, b in zip(moments, model.autoencoder.optimizer.variables[1:], strict=True)
+    )
+    bundle.autoencoder.fit(x, x, batch_size=16, epochs=1, verbose=0)
+    assert int(bundle.autoencoder.optimizer.iterations) == 8
+    assert bundle.autoencoder.jit_compile == model.autoencoder.jit_compile
+    assert not list(tmp_path.glob(".*"))  # no temp files left beside
 
 
 def test_load_refuses_plain_keras_file(tmp_path):
