@@ -1958,6 +1958,7 @@ def check_locations(
     """DST may not be SRC or inside it: the job would list its own outputs (and its
     manifest, in a folder of Parquet files) as inputs. Nor may DST and --clean overlap:
     the references would count as finished outputs, and outputs would land among them.
+    Nor may --clean be SRC's folder: every input would be its own reference.
 
     Raises:
         ValueError: naming the two flags.
@@ -1982,6 +1983,11 @@ def check_locations(
         raise ValueError(
             f"--output {output.location} and --clean {clean.location} overlap: the "
             "references would be taken for finished outputs. Choose separate folders."
+        )
+    if clean is not None and src is not None and _nested(src, clean) == "same":
+        raise ValueError(  # (every input its own reference: PSNR inf, left out of the means)
+            f"--clean {clean.location} is the folder of --input {location}: each input "
+            "would be its own reference. Give the folder of the clean images."
         )
 
 

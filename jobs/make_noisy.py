@@ -10,7 +10,10 @@ to the same relative path under `--clean-out`, which is what `jobs/denoise.py
 --clean` expects. `--corrupt K` adds K broken files under `OUT/broken/`: a
 truncated PNG, random bytes named `.png`, and a text file, in turn. Files
 already there are kept (a noisy file if it is not empty, a clean one as it is),
-so a rerun (or a larger `--count`) only writes what is missing.
+so a rerun (or a larger `--count`) only writes what is missing. Each folder
+records what its digits were made with (`.make_noisy.json`: the noise factor, seed
+and data; a hidden file, which image jobs leave out), and a rerun with other
+settings is refused instead of keeping digits that are not what it asked for.
 
 This script needs neither Ray nor TensorFlow: NumPy and Pillow only, and Keras
 only to download MNIST when neither --data nor $AELIB_MNIST names a file.
@@ -19,8 +22,10 @@ only to download MNIST when neither --data nor $AELIB_MNIST names a file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -48,6 +53,7 @@ data_lib = _load_data_lib()
 
 MNIST_TEST_SIZE = 10_000
 _CHUNK = 10_000
+SETTINGS = ".make_noisy.json"  # in each folder: what its digits were made with
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -90,6 +96,12 @@ def make_noisy(
     (_, _), (x_test, y_test) = data_lib.load_mnist(data)
     out = Path(out)
     clean_root = Path(clean_out) if clean_out else None
+    digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
+    made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
+    _check_folders(out, clean_root)
+    _claim(out, "--out", made_with)
+    if clean_root is not None:
+        _claim(clean_root, "--clean-out", {"data_sha256": digest})
     written = kept = 0
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
@@ -118,6 +130,52 @@ def make_noisy(
         else:
             _write(out / "broken" / f"notes_{k}.txt", b"not an image\n")
     return {"written": written, "kept": kept, "corrupt": corrupt}
+
+
+def _check_folders(out: Path, clean_root: Path | None) -> None:
+    """Each a folder (or one to create) that this process can make, and apart."""
+    if clean_root is not None:
+        a, b = out.resolve(), clean_root.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise ValueError(
+                f"--out {out} and --clean-out {clean_root} overlap: the noisy and the clean "
+                "digits have the same relative paths. Choose separate folders."
+            )
+    folders = [(flag, f) for flag, f in (("--out", out), ("--clean-out", clean_root)) if f]
+    for flag, folder in folders:
+        taken = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if taken is not None and not taken.is_dir():
+            raise ValueError(f"{flag} {folder}: {taken} is a file; expected a folder.")
+    for flag, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror or e}).") from e
+
+
+def _claim(folder: Path, flag: str, made_with: dict) -> None:
+    """Records in `folder` what its digits are made with; refuses a folder made with
+    other settings (a rerun keeps the files there). A folder of digits from before
+    the record is taken as it is, with a note."""
+    record = folder / SETTINGS
+    if record.is_file():
+        before = json.loads(record.read_text())
+        changed = [k for k in made_with if before.get(k) != made_with[k]]
+        if changed:
+            said = ", ".join(f"{k} {before.get(k)} (now {made_with[k]})" for k in changed)
+            raise ValueError(
+                f"{flag} {folder} holds digits made with other settings: {said}. A rerun "
+                "keeps the files there: use another folder, or remove this one first."
+            )
+        return
+    if next(folder.rglob("*.png"), None) is not None:
+        print(
+            f"make_noisy: note: {flag} {folder} holds PNGs with no record of what made "
+            "them; they are kept as they are",
+            file=sys.stderr,
+        )
+        return
+    _write(record, json.dumps(made_with).encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,3 +234,46 @@ def test_make_noisy_without_mnist_offline_is_one_line(tmp_path):
     assert "make_noisy: error: No MNIST path given (--data PATH or $AELIB_MNIST)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "noisy").exists()
+
+
+def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
+    """Each exits 2 with one line naming the flag, and leaves nothing: --out and
+    --clean-out the same or nested (the clean files were skipped, the noisy ones being
+    at their paths, and denoise --clean then scored each input against itself), a path
+    under a file (a traceback, a file left behind). A rerun with other settings is
+    refused (it kept the old digits and said `written: 0`); the same settings resume."""
+
+    def make(*flags):
+        cmd = [sys.executable, str(REPO / "jobs" / "make_noisy.py"), "--data", str(MNIST)]
+        return subprocess.run(
+            [*cmd, "--count", "6", *map(str, flags)],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for flags, said in (
+        (["--out", tmp_path / "same", "--clean-out", tmp_path / "same"], "overlap"),
+        (["--out", tmp_path / "c" / "n", "--clean-out", tmp_path / "c"], "overlap"),
+        (["--out", a_file / "n"], f"--out {a_file / 'n'}: {a_file} is a file"),
+        (["--out", tmp_path / "n2", "--clean-out", a_file], "--clean-out"),
+    ):
+        proc = make(*flags)
+        assert proc.returncode == 2 and said in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    noisy, clean = tmp_path / "noisy", tmp_path / "clean"
+    assert make("--out", noisy, "--clean-out", clean).returncode == 0
+    first = {p: p.read_bytes() for p in noisy.rglob("*.png")}
+    assert len(first) == 6 and len(list(clean.rglob("*.png"))) == 6
+    proc = make("--out", noisy, "--clean-out", clean, "--noise-factor", "0.1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = f"--out {noisy} holds digits made with other settings: noise_factor 0.5 (now 0.1)"
+    assert said in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
+    proc = make("--out", noisy, "--clean-out", clean)
+    assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
