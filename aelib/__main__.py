@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise-factor", type=float, default=None)
     t.add_argument("--val-split", type=float, default=None)
     t.add_argument("--seed", type=_seed, default=0)
-    t.add_argument(
+    source = t.add_mutually_exclusive_group()  # (--data beside --images went unread)
+    source.add_argument(
         "--data",
         default=None,
         help="path to mnist.npz (default: $AELIB_MNIST, then Keras's download)",
     )
-    t.add_argument(
+    source.add_argument(
         "--images",
         default=None,
         metavar="DIR",
@@ -104,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--image-mode",
         choices=["resize", "patch"],
-        default="resize",
-        help="bring own images to 28x28 by resizing or by cutting patches",
+        default=None,
+        help="bring own images to 28x28 by resizing (the default) or by cutting patches",
     )
     t.add_argument("--invert", action="store_true", help="own images are dark on light")
     t.add_argument("--out", required=True, help="output folder")
@@ -124,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and not args.images:
+        given = [f for f, v in (("--image-mode", args.image_mode), ("--invert", args.invert)) if v]
+        if given:  # (recorded in metrics.json as if they had acted on MNIST)
+            verb = "apply" if len(given) > 1 else "applies"
+            parser.error(f"{' and '.join(given)} {verb} to --images only")
     if args.command == "models":
         from aelib.registry import model_defaults
 
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_limit": args.test_limit,
         "model_options": dict(args.options),
         "images": args.images,
-        "image_mode": args.image_mode,
+        "image_mode": args.image_mode or "resize",
         "invert": args.invert,
     }
     fields = ("epochs", "batch_size", "learning_rate", "lr_schedule", "noise_factor", "val_split")

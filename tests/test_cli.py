@@ -151,6 +151,12 @@ BAD_INPUT = [
     (["--model", "dense", "--epochs", "abc"], "--epochs: invalid positive integer value: 'abc'"),
     (["--model", "dense", "--learning-rate", "inf"], "learning_rate must be > 0 and finite"),
     (["--model", "dense", "--data", "/proc/cpuinfo"], "is not an .npz (zip) archive"),
+    (  # --data beside --images went unread, a missing file too
+        ["--model", "dense", "--images", "/tmp", "--data", "/nonexistent/mnist.npz"],
+        "argument --data: not allowed with argument --images",
+    ),
+    (["--model", "dense", "--invert"], "--invert applies to --images only"),
+    (["--model", "dense", "--image-mode", "patch"], "--image-mode applies to --images only"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
         ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
         "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
