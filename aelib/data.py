@@ -249,7 +249,8 @@ def load_image_folder(
         size: (height, width) of the model's input.
         mode: "resize" or "patch".
         invert: turn dark-on-light images into MNIST's light-on-dark.
-        on_error: "raise" on the first unreadable file, or "skip" it.
+        on_error: "raise" if any file is unreadable (naming them all, so that one run
+            finds every broken file), or "skip" them.
 
     Raises:
         ValueError: a bad argument, no usable image, or (on_error="raise") an unreadable file.
@@ -261,13 +262,12 @@ def load_image_folder(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'. Received: on_error={on_error!r}")
     height, width = size
-    out = []
+    out, unreadable = [], []
     for path in list_images(folder):
         try:
             img = read_gray(path)
-        except ValueError:
-            if on_error == "raise":
-                raise
+        except ValueError as e:
+            unreadable.append(str(e))
             continue
         if mode == "resize":
             resized = Image.fromarray(img).resize((width, height), Image.Resampling.LANCZOS)
@@ -277,6 +277,12 @@ def load_image_folder(
             if rows and cols:
                 tiles = img[: rows * height, : cols * width].reshape(rows, height, cols, width)
                 out.append(tiles.transpose(0, 2, 1, 3).reshape(-1, height, width))
+    if unreadable and on_error == "raise":
+        if len(unreadable) == 1:
+            raise ValueError(unreadable[0])
+        shown = "\n  ".join(unreadable[:10])
+        more = f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        raise ValueError(f"{len(unreadable)} unreadable images in {folder}:\n  {shown}{more}")
     if not out:
         what = "readable images" if mode == "resize" else f"images of at least {height}x{width}"
         raise ValueError(

@@ -128,6 +128,11 @@ def test_image_folder_resize_patch_invert_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png"):
         data_lib.load_image_folder(tmp_path)
     assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
+    (tmp_path / "sub" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ValueError, match=r"2 unreadable images in .*\n  Cannot read image .*"):
+        data_lib.load_image_folder(tmp_path)  # every one named, not the first alone
+    assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
+    (tmp_path / "sub" / "cut.png").unlink()
     with pytest.raises(FileNotFoundError, match="Image folder not found"):
         data_lib.load_image_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match="No images of at least 64x64"):
