@@ -7,6 +7,7 @@ import ast
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 from aelib.registry import list_models
 
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--invert", action="store_true", help="own images are dark on light")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model (and its metrics and figures) an earlier run left in --out",
+    )
+    t.add_argument(
         "--set",
         dest="options",
         type=_parse_option,
@@ -160,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     made: list = []  # output folders this run created: removed again if it fails
     try:
         config = TrainConfig(model=args.model, **values)
+        earlier = Path(args.out).expanduser() / f"{args.model}.keras"
+        if earlier.exists() and not args.overwrite:  # (a smoke run replaced a long one)
+            raise ValueError(
+                f"--out {args.out} already holds {earlier.name} from an earlier run: pass "
+                "--overwrite to replace it, or choose another --out."
+            )
         _writable_folder(args.out, "--out", made)
         if args.tensorboard is not None:
             _writable_folder(args.tensorboard, "--tensorboard", made)

@@ -181,6 +181,23 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
+    """A second run into the same --out (a smoke test after a long run, a NaN run) replaced
+    the first one's model without a word; now it stops before training unless told to."""
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--epochs", "1", "--limit", "64", "--test-limit"]
+    args += ["32", "--data", str(MNIST), "--no-figures", "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "dense.keras").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds dense.keras from an earlier run: pass --overwrite" in err
+    assert "Epoch" not in err and (out / "dense.keras").read_bytes() == first
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "dense.keras").read_bytes() != first
+
+
 def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
     """An --out (or --tensorboard) that is a file, or under one, failed after the whole
     training, with a traceback."""
