@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model (and its metrics and figures) an earlier run left in --out",
+        help="replace the model and metrics.json an earlier run left in --out (its "
+        "figures are drawn again unless --no-figures)",
     )
     t.add_argument(
         "--set",
@@ -166,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     made: list = []  # output folders this run created: removed again if it fails
     try:
         config = TrainConfig(model=args.model, **values)
-        earlier = Path(args.out).expanduser() / f"{args.model}.keras"
-        if earlier.exists() and not args.overwrite:  # (a smoke run replaced a long one)
+        out = Path(args.out).expanduser()
+        earlier = [p.name for p in (out / f"{args.model}.keras", out / "metrics.json")]
+        earlier = [name for name in earlier if (out / name).exists()]
+        if earlier and not args.overwrite:  # (a smoke run replaced a long one)
             raise ValueError(
-                f"--out {args.out} already holds {earlier.name} from an earlier run: pass "
-                "--overwrite to replace it, or choose another --out."
+                f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
+                "run: pass --overwrite to replace them, or choose another --out."
             )
         _writable_folder(args.out, "--out", made)
         if args.tensorboard is not None:
@@ -180,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = train(
                 config,
-                out_dir=args.out,
-                tensorboard_dir=args.tensorboard,
+                out_dir=str(out),  # (~ expanded, as the checks above did)
+                tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
                 figures=not args.no_figures,
                 verbose="auto" if sys.stderr.isatty() else 2,
             )

@@ -249,8 +249,8 @@ def load_image_folder(
         size: (height, width) of the model's input.
         mode: "resize" or "patch".
         invert: turn dark-on-light images into MNIST's light-on-dark.
-        on_error: "raise" if any file is unreadable (naming them all, so that one run
-            finds every broken file), or "skip" them.
+        on_error: "raise" if any file is unreadable (naming up to 100 of them, so
+            that one run finds the broken files), or "skip" them.
 
     Raises:
         ValueError: a bad argument, no usable image, or (on_error="raise") an unreadable file.
@@ -280,8 +280,8 @@ def load_image_folder(
     if unreadable and on_error == "raise":
         if len(unreadable) == 1:
             raise ValueError(unreadable[0])
-        shown = "\n  ".join(unreadable[:10])
-        more = f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        shown = "\n  ".join(unreadable[:100])
+        more = f"\n  ... and {len(unreadable) - 100} more" if len(unreadable) > 100 else ""
         raise ValueError(f"{len(unreadable)} unreadable images in {folder}:\n  {shown}{more}")
     if not out:
         what = "readable images" if mode == "resize" else f"images of at least {height}x{width}"

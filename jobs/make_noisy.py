@@ -93,15 +93,22 @@ def make_noisy(
         raise ValueError(f"count must be >= 0. Received: count={count}")
     if corrupt < 0:
         raise ValueError(f"corrupt must be >= 0. Received: corrupt={corrupt}")
+    if not 0.0 <= noise_factor <= 1.0:  # (before a folder records it: NaN too)
+        raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0. Received: seed={seed}")
     (_, _), (x_test, y_test) = data_lib.load_mnist(data)
     out = Path(out)
     clean_root = Path(clean_out) if clean_out else None
     digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
-    made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
-    _check_folders(out, clean_root)
-    _claim(out, "--out", made_with)
+    claims = [(out, "--out", {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest})]
     if clean_root is not None:
-        _claim(clean_root, "--clean-out", {"data_sha256": digest})
+        claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
+    _check_folders(out, clean_root)
+    records = [_claim(*claim) for claim in claims]  # every folder checked, then recorded
+    for (folder, _, made_with), record in zip(claims, records, strict=True):
+        if record:
+            _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = 0
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
@@ -153,13 +160,19 @@ def _check_folders(out: Path, clean_root: Path | None) -> None:
             raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror or e}).") from e
 
 
-def _claim(folder: Path, flag: str, made_with: dict) -> None:
-    """Records in `folder` what its digits are made with; refuses a folder made with
-    other settings (a rerun keeps the files there). A folder of digits from before
-    the record is taken as it is, with a note."""
+def _claim(folder: Path, flag: str, made_with: dict) -> bool:
+    """Whether `folder` needs its record of what its digits are made with written.
+    Refuses a folder made with other settings (a rerun keeps the files there). A
+    folder of digits from before the record is taken as it is, with a note."""
     record = folder / SETTINGS
     if record.is_file():
-        before = json.loads(record.read_text())
+        try:
+            before = json.loads(record.read_text())
+            before.get("seed")
+        except (ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{record} is not a make_noisy record ({e}): remove it, or the folder"
+            ) from e
         changed = [k for k in made_with if before.get(k) != made_with[k]]
         if changed:
             said = ", ".join(f"{k} {before.get(k)} (now {made_with[k]})" for k in changed)
@@ -167,15 +180,15 @@ def _claim(folder: Path, flag: str, made_with: dict) -> None:
                 f"{flag} {folder} holds digits made with other settings: {said}. A rerun "
                 "keeps the files there: use another folder, or remove this one first."
             )
-        return
+        return False
     if next(folder.rglob("*.png"), None) is not None:
         print(
             f"make_noisy: note: {flag} {folder} holds PNGs with no record of what made "
             "them; they are kept as they are",
             file=sys.stderr,
         )
-        return
-    _write(record, json.dumps(made_with).encode())
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,10 +192,14 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     capsys.readouterr()
     assert main([*args, "--seed", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"--out {out} already holds dense.keras from an earlier run: pass --overwrite" in err
+    said = f"--out {out} already holds dense.keras and metrics.json from an earlier run: pass"
+    assert said in err
     assert "Epoch" not in err and (out / "dense.keras").read_bytes() == first
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (out / "dense.keras").read_bytes() != first
+    capsys.readouterr()  # another variant would replace the first one's metrics.json
+    assert main([*args, "--model", "deep"]) == 2
+    assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
@@ -288,6 +292,9 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         assert proc.returncode == 2 and said in proc.stderr, (flags, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    # a run refused for its settings records nothing that would refuse the right ones
+    assert make("--out", tmp_path / "n3", "--noise-factor", "1.5").returncode == 2
+    assert make("--out", tmp_path / "n3", "--clean-out", tmp_path / "c3").returncode == 0
 
     noisy, clean = tmp_path / "noisy", tmp_path / "clean"
     assert make("--out", noisy, "--clean-out", clean).returncode == 0
@@ -300,3 +307,7 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
     proc = make("--out", noisy, "--clean-out", clean)
     assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
+    (clean / ".make_noisy.json").write_text("{bad")
+    proc = make("--out", noisy, "--clean-out", clean)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{clean / '.make_noisy.json'} is not a make_noisy record" in proc.stderr
