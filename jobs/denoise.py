@@ -2914,9 +2914,14 @@ def _run_locked(
     hold: Hold,
 ) -> dict:
     if inputs.hidden:
+        n, where = inputs.hidden, redacted(args.input)
+        why = "(a name or folder starting with '.')"
         print(
-            f"denoise: note: {inputs.hidden} hidden files under {redacted(args.input)} (a name or "
-            "folder starting with '.') are not inputs; a glob naming them includes them",
+            f"denoise: note: {n} hidden files under {where} {why} are not inputs; a glob "
+            "naming them includes them"
+            if n > 1
+            else f"denoise: note: 1 hidden file under {where} {why} is not an input; a glob "
+            "naming it includes it",
             file=sys.stderr,
         )
 
