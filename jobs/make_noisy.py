@@ -128,14 +128,16 @@ def make_noisy(
                 _write(clean_root / rel, png_bytes(ref))
     good = png_bytes(np.zeros((28, 28), np.uint8))
     rng = np.random.default_rng(seed)
-    for k in range(corrupt):
+    for k in range(corrupt):  # (kept too: written again, the denoise job retried them)
         kind = k % 3
-        if kind == 0:
-            _write(out / "broken" / f"truncated_{k}.png", good[: len(good) // 2])
-        elif kind == 1:
-            _write(out / "broken" / f"garbage_{k}.png", rng.bytes(200))
-        else:
-            _write(out / "broken" / f"notes_{k}.txt", b"not an image\n")
+        garbage = rng.bytes(200)  # (drawn for each k, so the files are the same either way)
+        name, payload = (
+            (f"truncated_{k}.png", good[: len(good) // 2]),
+            (f"garbage_{k}.png", garbage),
+            (f"notes_{k}.txt", b"not an image\n"),
+        )[kind]
+        if not (out / "broken" / name).is_file():
+            _write(out / "broken" / name, payload)
     return {"written": written, "kept": kept, "corrupt": corrupt}
 
 

@@ -297,16 +297,19 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     assert make("--out", tmp_path / "n3", "--clean-out", tmp_path / "c3").returncode == 0
 
     noisy, clean = tmp_path / "noisy", tmp_path / "clean"
-    assert make("--out", noisy, "--clean-out", clean).returncode == 0
+    assert make("--out", noisy, "--clean-out", clean, "--corrupt", "3").returncode == 0
     first = {p: p.read_bytes() for p in noisy.rglob("*.png")}
-    assert len(first) == 6 and len(list(clean.rglob("*.png"))) == 6
+    broken = {p: p.stat().st_mtime_ns for p in (noisy / "broken").iterdir()}
+    assert len(first) == 6 + 2 and len(broken) == 3 and len(list(clean.rglob("*.png"))) == 6
     proc = make("--out", noisy, "--clean-out", clean, "--noise-factor", "0.1")
     assert proc.returncode == 2, proc.stderr[-2000:]
     said = f"--out {noisy} holds digits made with other settings: noise_factor 0.5 (now 0.1)"
     assert said in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
-    proc = make("--out", noisy, "--clean-out", clean)
+    proc = make("--out", noisy, "--clean-out", clean, "--corrupt", "3")
     assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
+    # the broken files too (written again, a denoise rerun retried them as changed inputs)
+    assert {p: p.stat().st_mtime_ns for p in (noisy / "broken").iterdir()} == broken
     (clean / ".make_noisy.json").write_text("{bad")
     proc = make("--out", noisy, "--clean-out", clean)
     assert proc.returncode == 2, proc.stderr

@@ -450,8 +450,9 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     tests' shared head), as on Ctrl-C: trials.csv with the trial `interrupted`, the hint,
     exit 143. With a local Ray of its own, sent to the whole process group as `timeout`,
     Slurm or systemd send it, which stops that Ray too (Tune then waited a minute for the
-    GCS and exited 1 without a word): the hint and exit 143 at once, no Ray left, and
-    --resume finishes the sweep."""
+    GCS and exited 1 without a word): the hint and exit 143 at once, no Ray left. (What it
+    leaves is what a kill -9 of the driver and its Ray leaves, whose --resume
+    test_resume_after_driver_killed_reruns_no_finished_trial runs.)"""
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
     cmd += ["--epochs", "4", "--limit", "1500", "--test-limit", "100", "--num-samples", "1"]
     cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
@@ -472,12 +473,7 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
         return
     assert "sweep.py: terminated (SIGTERM)" in text, text[-3000:]
     assert _wait_no_ray(ray_tmp, timeout=30) == []
-    resumed = subprocess.run(
-        [*cmd, "--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=400
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    with open(exp / "trials.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
+    assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
