@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainConfig(model=args.model, **values)
         out = Path(args.out).expanduser()
-        earlier = [p.name for p in (out / f"{args.model}.keras", out / "metrics.json")]
-        earlier = [name for name in earlier if (out / name).exists()]
+        earlier = [n for n in (f"{args.model}.keras", "metrics.json") if (out / n).exists()]
         if earlier and not args.overwrite:  # (a smoke run replaced a long one)
             raise ValueError(
                 f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "

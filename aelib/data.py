@@ -135,6 +135,12 @@ def as_sequences(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[:3])
 
 
+def check_noise_factor(noise_factor: float) -> None:
+    """Raises ValueError unless `noise_factor` is in [0, 1] (NaN is not)."""
+    if not 0.0 <= noise_factor <= 1.0:
+        raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+
+
 def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) -> np.ndarray:
     """The tutorial's synthetic noise: x + noise_factor * N(0, 1), clipped to [0, 1].
 
@@ -143,8 +149,7 @@ def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) ->
         noise_factor: standard deviation of the Gaussian noise, in [0, 1].
         seed: seed of the noise, so noisy sets are reproducible.
     """
-    if not 0.0 <= noise_factor <= 1.0:
-        raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+    check_noise_factor(noise_factor)
     x = np.asarray(x)
     # Raw uint8 digits were taken as they are: the clip to [0, 1] then left a fifth of
     # the pixels white and the rest noise, without a word.

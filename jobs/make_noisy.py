@@ -93,8 +93,7 @@ def make_noisy(
         raise ValueError(f"count must be >= 0. Received: count={count}")
     if corrupt < 0:
         raise ValueError(f"corrupt must be >= 0. Received: corrupt={corrupt}")
-    if not 0.0 <= noise_factor <= 1.0:  # (before a folder records it: NaN too)
-        raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
+    data_lib.check_noise_factor(noise_factor)  # (before a folder records it: NaN too)
     if seed < 0:
         raise ValueError(f"seed must be >= 0. Received: seed={seed}")
     (_, _), (x_test, y_test) = data_lib.load_mnist(data)
@@ -105,10 +104,9 @@ def make_noisy(
     if clean_root is not None:
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
     _check_folders(out, clean_root)
-    records = [_claim(*claim) for claim in claims]  # every folder checked, then recorded
-    for (folder, _, made_with), record in zip(claims, records, strict=True):
-        if record:
-            _write(folder / SETTINGS, json.dumps(made_with).encode())
+    unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
+    for folder, _, made_with in unrecorded:
+        _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = 0
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
@@ -170,8 +168,9 @@ def _claim(folder: Path, flag: str, made_with: dict) -> bool:
     if record.is_file():
         try:
             before = json.loads(record.read_text())
-            before.get("seed")
-        except (ValueError, AttributeError) as e:
+            if not isinstance(before, dict):
+                raise ValueError(f"a JSON {type(before).__name__}, not an object")
+        except ValueError as e:  # (json's errors are ValueErrors too)
             raise ValueError(
                 f"{record} is not a make_noisy record ({e}): remove it, or the folder"
             ) from e
