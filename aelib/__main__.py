@@ -62,6 +62,22 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
         raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e}).") from e
 
 
+def _note_limits(args: argparse.Namespace, arrays) -> None:
+    """Says so when --limit or --test-limit asks for more images than the data has (all
+    are used; metrics.json records how many), rather than letting a typo pass unseen."""
+    (x_train, _), (x_test, _) = arrays
+    for flag, limit, have, kind in (
+        ("--limit", args.limit, len(x_train), "training"),
+        ("--test-limit", args.test_limit, len(x_test), "test"),
+    ):
+        if limit is not None and limit > have:
+            print(
+                f"aelib: note: {flag} {limit} is more than the {have} {kind} images; "
+                f"using all {have}",
+                file=sys.stderr,
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aelib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model and metrics.json an earlier run left in --out (its "
-        "figures are drawn again unless --no-figures)",
+        help="replace the model, metrics.json and figures an earlier run of the variant "
+        "left in --out (with --no-figures its figures are removed, not kept stale)",
     )
     t.add_argument(
         "--set",
@@ -139,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if given:  # (recorded in metrics.json as if they had acted on MNIST)
             verb = "apply" if len(given) > 1 else "applies"
             parser.error(f"{' and '.join(given)} {verb} to --images only")
+    keys = [key for key, _ in getattr(args, "options", [])]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:  # (the last one silently won)
+        parser.error(f"--set {', '.join(twice)} given more than once; give each option once")
     if args.command == "models":
         from aelib.registry import model_defaults
 
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8s} {model_defaults(name)}")
         return 0
 
-    from aelib.train import TrainConfig, finite, train
+    from aelib.train import TrainConfig, finite, load_arrays, train
     from aelib.tutorial import tutorial_settings
 
     values = {
@@ -177,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         _writable_folder(args.out, "--out", made)
         if args.tensorboard is not None:
             _writable_folder(args.tensorboard, "--tensorboard", made)
+        arrays = load_arrays(config)
+        _note_limits(args, arrays)
         # Keras's progress goes to stderr, so that stdout is the metrics' JSON alone (for
         # `| jq`); one line per epoch where stderr is not a terminal (a log, CI).
         with contextlib.redirect_stdout(sys.stderr):
             result = train(
                 config,
+                arrays,
                 out_dir=str(out),  # (~ expanded, as the checks above did)
                 tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
                 figures=not args.no_figures,

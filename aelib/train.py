@@ -491,6 +491,12 @@ def write_outputs(
             model, splits, history, out_dir / "figures"
         ).items():
             paths[f"figure_{name}"] = str(path)
+    # An earlier run's figures of this variant that this run did not draw again
+    # (--no-figures, a NaN run, a VAE no longer 2-D) would show another model.
+    drawn = {Path(p) for k, p in paths.items() if k.startswith("figure_")}
+    for stale in sorted((out_dir / "figures").glob(f"{config.model}_*.png")):
+        if stale not in drawn:
+            stale.unlink()
     return paths
 
 

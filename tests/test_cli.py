@@ -155,6 +155,10 @@ BAD_INPUT = [
         ["--model", "dense", "--images", "/tmp", "--data", "/nonexistent/mnist.npz"],
         "argument --data: not allowed with argument --images",
     ),
+    (  # the last one silently won
+        ["--model", "dense", "--set", "encoding_dim=8", "--set", "encoding_dim=64"],
+        "--set encoding_dim given more than once; give each option once",
+    ),
     (["--model", "dense", "--invert"], "--invert applies to --images only"),
     (["--model", "dense", "--image-mode", "patch"], "--image-mode applies to --images only"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
@@ -183,20 +187,30 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
 
 def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     """A second run into the same --out (a smoke test after a long run, a NaN run) replaced
-    the first one's model without a word; now it stops before training unless told to."""
+    the first one's model without a word; now it stops before training unless told to.
+    Replaced without figures, the first one's figures go too (they showed the old model)."""
     out = tmp_path / "o"
     args = ["train", "--model", "dense", "--epochs", "1", "--limit", "64", "--test-limit"]
-    args += ["32", "--data", str(MNIST), "--no-figures", "--out", str(out)]
+    args += ["32", "--data", str(MNIST), "--out", str(out)]
     assert main(args) == 0
     first = (out / "dense.keras").read_bytes()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == [
+        f"dense_{n}.png" for n in ("codes_tsne", "learning_curves", "reconstructions")
+    ]
     capsys.readouterr()
     assert main([*args, "--seed", "1"]) == 2
     err = capsys.readouterr().err
     said = f"--out {out} already holds dense.keras and metrics.json from an earlier run: pass"
     assert said in err
     assert "Epoch" not in err and (out / "dense.keras").read_bytes() == first
-    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    # (also: a --test-limit beyond the data is said, not passed over)
+    again = [*args, "--seed", "1", "--overwrite", "--no-figures", "--test-limit", "20000"]
+    assert main(again) == 0
     assert (out / "dense.keras").read_bytes() != first
+    assert list((out / "figures").iterdir()) == []
+    err = capsys.readouterr().err
+    assert "note: --test-limit 20000 is more than the 10000 test images; using all 10000" in err
     capsys.readouterr()  # another variant would replace the first one's metrics.json
     assert main([*args, "--model", "deep"]) == 2
     assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
