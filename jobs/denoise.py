@@ -2549,6 +2549,7 @@ class ManifestWriter:
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
         self.measured = 0
+        self.measured_elsewhere = 0  # of them, outputs another model wrote (kept, skipped)
         self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
         self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
@@ -2635,6 +2636,10 @@ class ManifestWriter:
             for key in _METRICS:
                 self.sums[key] += float(np.sum(values[key][both].astype(float)))
             self.measured += int(both.sum())
+            if self.model_sha256:  # (None: a row of a version before the column)
+                models = table.column("model_sha256").to_pylist()
+                other = np.array([m not in (None, self.model_sha256) for m in models], bool)
+                self.measured_elsewhere += int((both & other).sum())
 
     def add_rows(self, rows: list[dict[str, Any]], journal: bool = False) -> None:
         if rows:
@@ -3052,8 +3057,11 @@ def _run_locked(
         f"{counts['skipped']} skipped in {seconds:.1f} s ({summary['images_per_s']} images/s)"
     )
     if means:
+        summary["measured_by_other_models"] = manifest.measured_elsewhere
+        elsewhere = manifest.measured_elsewhere  # (a rerun with another --model)
+        by = f" ({elsewhere} by another model: the manifest's model_sha256)" if elsewhere else ""
         line += (
-            f"; on the {manifest.measured} with a --clean reference: mean PSNR "
+            f"; on the {manifest.measured} with a --clean reference{by}: mean PSNR "
             f"{means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
             f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
             f"{means['ssim']:.3f}"
@@ -3556,6 +3564,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a rerun, retry inputs that failed before even if their size is unchanged",
     )
+    p.add_argument(
+        "--max-failed",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="exit 3 once the job is done if more than N inputs failed (default: exit 0 "
+        "however many failed, unless every input did; 0: any failure fails the command)",
+    )
     p.add_argument("--image-column", default="image", help="Parquet column of image bytes")
     p.add_argument("--path-column", default="path", help="Parquet column of relative paths")
     return p
@@ -3608,7 +3624,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     _sigterm_as_ctrl_c()  # from the start: a lease taken while planning is given back too
     try:
-        run(args)
+        summary = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"denoise: error: {redacted(str(e))}{_credentials_hint(str(e))}", file=sys.stderr)
         return 2
@@ -3629,7 +3645,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:  # the caller's handler back (None: set outside Python)
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    return 0
+    return _failures_status(summary, args.max_failed)
+
+
+def _failures_status(summary: dict, max_failed: int | None) -> int:
+    """3 where the failures should fail the command (a pipeline, a scheduler: every file
+    failed, say for a wrong --input, and the job still exited 0); the job is done either
+    way, and its manifest and outputs are complete."""
+    failed, inputs = summary["failed"], summary["inputs"]
+    if max_failed is not None and failed > max_failed:
+        why = f"{failed} of the {inputs} inputs failed, more than --max-failed {max_failed}"
+    elif max_failed is None and failed and failed == inputs:
+        why = f"every input failed ({failed})"
+    else:
+        return 0
+    print(
+        f"denoise: error: {why}; the manifest's error column has each reason",
+        file=sys.stderr,
+    )
+    return 3
 
 
 _TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)

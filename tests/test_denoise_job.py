@@ -231,8 +231,9 @@ def test_manifest_records_node_and_device(first_run):
 def test_rerun_skips_everything_without_starting_ray(first_run, model_path, dataset):
     dst, _ = first_run
     before = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
+    args = ["--model", model_path, "--input", dataset["src"], "--output", dst]
     start = time.perf_counter()
-    result = run_job("--model", model_path, "--input", dataset["src"], "--output", dst)
+    result = run_job(*args, "--max-failed", 3)  # (the 3 broken files: not more)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(dst)
@@ -246,6 +247,24 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
     after = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
     assert after == before  # nothing rewritten
     print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
+    # A pipeline that wants no failures is told with the exit status, once all is done.
+    strict = run_job(*args, "--max-failed", 2)
+    assert strict.returncode == 3, strict.stderr[-3000:]
+    said = f"denoise: error: 3 of the {len(rows)} inputs failed, more than --max-failed 2; "
+    assert said + "the manifest's error column has each reason" in strict.stderr
+    assert f"{len(rows) - 3} skipped" in strict.stdout and manifest(dst) == rows
+
+
+def test_the_exit_status_says_when_every_input_failed(capsys):
+    """Failures are rows and the job exits 0, but not when nothing was done at all (a
+    wrong --input, a folder of another format): then a pipeline sees 3."""
+    every = {"inputs": 4, "ok": 0, "skipped": 0, "failed": 4}
+    assert job._failures_status(every, None) == 3
+    assert "denoise: error: every input failed (4); the manifest's" in capsys.readouterr().err
+    assert job._failures_status(every, 4) == 0  # (told how many may fail)
+    some = {"inputs": 4, "ok": 1, "skipped": 0, "failed": 3}
+    assert job._failures_status(some, None) == 0 and capsys.readouterr().err == ""
+    assert job._failures_status({"inputs": 2, "ok": 0, "skipped": 2, "failed": 0}, 0) == 0
 
 
 def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, dataset, tmp_path):
@@ -283,6 +302,29 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, d
         result.stderr
     )
     assert "warning" not in run_job(*args).stderr  # DST has this job's record
+
+
+def test_a_rerun_with_another_model_counts_its_outputs_apart(first_run, model_path, dataset):
+    """The outputs the first model wrote are kept (skipped) on a rerun with another
+    model; the summary's PSNR/SSIM means include them, and now say how many."""
+    import aelib
+
+    dst, _ = first_run
+    copy = dataset["root"] / "other-model"
+    shutil.copytree(dst, copy)
+    other = dataset["root"] / "other.keras"  # the same weights saved again: other bytes
+    bundle = aelib.load(model_path)
+    aelib.save(bundle, other, {**bundle.info, "note": "saved again"})
+    args = ["--input", dataset["src"], "--output", copy, "--clean", dataset["clean"]]
+    result = run_job("--model", other, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds a run with another model_sha256: its outputs are kept" in result.stderr
+    measured = sum(r["psnr"] is not None for r in manifest(copy).values())
+    assert measured == N_DIGITS
+    said = f"on the {N_DIGITS} with a --clean reference ({N_DIGITS} by another model: the "
+    assert said + "manifest's model_sha256): mean PSNR" in result.stdout
+    summary = json.loads(result.stdout.split("denoise-summary ")[1])
+    assert summary["measured_by_other_models"] == N_DIGITS
 
 
 BUCKET = "aelib-test"
@@ -1328,10 +1370,14 @@ def test_each_row_names_the_model_that_wrote_its_output(tmp_path):
     assert {p: r["model_sha256"] for p, r in before.items()} == {"a.png": "m1", "b.png": None}
 
     second = job.ManifestWriter(out, {"run": "2", "model_sha256": "m2"}, earlier=before)
+    before["a.png"]["psnr_noisy"] = 20.0  # (measured against --clean)
     second.add_rows([job._skipped_row("a.png", "a.png", 10, before["a.png"])])
     redone = {"path": "c.png", "output": "c.png", "status": "ok", "width": 28}
+    redone.update(psnr=32.0, psnr_noisy=21.0)
     second.add(pa.Table.from_pylist([redone], schema=job._ROW_SCHEMA))
     second.close()
+    # the summary's means count the first model's output apart
+    assert (second.measured, second.measured_elsewhere) == (2, 1)
     table = pq.read_table(tmp_path / job.MANIFEST)
     assert table.schema.metadata[b"model_sha256"] == b"m2"
     rows = {r["path"]: (r["status"], r["model_sha256"]) for r in table.to_pylist()}
