@@ -67,8 +67,12 @@ def _write(path: Path, payload: bytes) -> None:
     """Writes `payload` to `path` atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: no temp file left beside the digits)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def relative_path(index: int, label: int) -> str:

@@ -1012,10 +1012,28 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         ([*src, "--output", dataset["clean"] / "o", "--clean", dataset["clean"]], "overlap"),
         ([*src, "--output", tmp_path / "o5", "--clean", dataset["src"]], "its own reference"),
         (["--model", model_path, "--input", folder, "--output", folder / "out"], "inside --input"),
-        ([*src, "--output", tmp_path / "o1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
-        ([*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"], "--gpus-per-worker"),
-        ([*src, "--output", tmp_path / "o3", "--quality", "101"], "--quality"),
-        ([*src, "--output", tmp_path / "o4", "--max-pixels", "-1"], "--max-pixels"),
+        ([*src, "--output", "/proc/aelib-out"], "--output /proc/aelib-out: cannot write there"),
+        # (whole messages: argparse's usage lines name every flag)
+        (
+            [*src, "--output", tmp_path / "o1", "--cpus-per-worker", "0"],
+            "argument --cpus-per-worker: must be a number > 0. Received: 0",
+        ),
+        (
+            [*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"],
+            "argument --gpus-per-worker: must be a number >= 0. Received: -1",
+        ),
+        (
+            [*src, "--output", tmp_path / "o3", "--quality", "101"],
+            "argument --quality: must be between 1 and 100. Received: 101",
+        ),
+        (
+            [*src, "--output", tmp_path / "o4", "--max-pixels", "-1", "--max-failed", "0"],
+            "argument --max-pixels: must be >= 0. Received: -1",
+        ),
+        (
+            [*src, "--output", tmp_path / "o4", "--max-failed", "-1"],
+            "argument --max-failed: must be >= 0. Received: -1",
+        ),
     ]
     for args, message in cases:
         result = run_job(*args)
@@ -2472,9 +2490,44 @@ def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_e
     (out / "cut.png").write_bytes(whole[:-1])  # as an interrupted copy leaves it
     (out / "unrecorded_cut.png").write_bytes(whole[:-1])
     (out / "notes.txt").write_bytes(b"no format to check")
+    # Without a row, each format is checked for its own end: JPEG's end marker, the
+    # sizes BMP's and WEBP's headers give (Pillow's files, whole and cut).
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    for suffix, fmt in ((".jpg", "JPEG"), (".jpeg", "JPEG"), (".bmp", "BMP"), (".webp", "WEBP")):
+        buf = io.BytesIO()
+        gray.save(buf, format=fmt)
+        (out / f"whole{suffix}").write_bytes(buf.getvalue())
+        (out / f"cut{suffix}").write_bytes(buf.getvalue()[:-2])
     written = {name: len(whole) for name in ("same.png", "cut.png")}  # as rows recorded
     done = job.existing_outputs(job.Storage(str(out)), written)
-    assert sorted(done) == ["notes.txt", "same.png", "unrecorded.png"]
+    assert sorted(done) == [
+        "notes.txt", "same.png", "unrecorded.png",
+        "whole.bmp", "whole.jpeg", "whole.jpg", "whole.webp",
+    ]  # fmt: skip
+
+
+def test_a_write_that_fails_leaves_no_output_and_no_temp_file(tmp_path, monkeypatch):
+    """Outputs are written beside the target and renamed: a write cut short (a full
+    disk, a kill) leaves no half image under the output's name, nor its temp file."""
+    out = job.Storage(str(tmp_path))
+    out.write_atomic("a/old.png", b"old bytes")
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 4:
+            real_write(fd, bytes(data[:4]))
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    for rel in ("a/new.png", "a/old.png"):
+        with pytest.raises(OSError, match="No space left"):
+            out.write_atomic(rel, b"new image bytes")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["old.png"]
+    assert (tmp_path / "a" / "old.png").read_bytes() == b"old bytes"
+    out.write_atomic("a/new.png", b"new image bytes")
+    assert (tmp_path / "a" / "new.png").read_bytes() == b"new image bytes"
 
 
 def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_path, tmp_path):

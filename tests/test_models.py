@@ -205,6 +205,11 @@ def test_variant_trains_splits_and_round_trips(name, digits, tmp_path):
     path = aelib.save(model, tmp_path / f"{name}.keras", {"note": "test"})
     reloaded = keras.models.load_model(path)  # safe_mode stays on
     np.testing.assert_allclose(reloaded.predict(x[:16], verbose=0), out, atol=1e-6)
+    # the loss too: it holds the sparse code's L1 penalty and the VAE's KL term, whose
+    # settings predict never uses
+    loss = model.autoencoder.evaluate(x[:64], target[:64], batch_size=64, verbose=0)
+    reloaded_loss = reloaded.evaluate(x[:64], target[:64], batch_size=64, verbose=0)
+    assert reloaded_loss == pytest.approx(loss, rel=1e-5)
     bundle = aelib.load(path)
     assert bundle.name == name and bundle.info["note"] == "test"
     assert bundle.config == bundle.info["model_config"] == model.config
@@ -271,6 +276,10 @@ def test_denoise_is_scored_at_eval_noise_factor_and_trained_at_noise_factor(digi
 def test_custom_layer_config_round_trips(layer):
     clone = type(layer).from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+    # (each setting itself: one left out of get_config is left out of both sides above,
+    # and a reloaded sparse model trained on with the layer's default penalty)
+    settings = {"l1": 3e-4} if isinstance(layer, ActivityL1) else {"kl_weight": 0.5, "seed": 7}
+    assert {k: getattr(clone, k) for k in settings} == settings
 
 
 def test_activity_l1_is_batch_size_invariant():
@@ -289,6 +298,27 @@ def test_vae_samples_only_while_training():
     np.testing.assert_allclose(model.encoder.predict(x, verbose=0), z_mean.predict(x, verbose=0))
     sampled = model.encoder(x, training=True)
     assert not np.allclose(keras.ops.convert_to_numpy(sampled), z_mean.predict(x, verbose=0))
+
+
+def test_a_save_that_fails_keeps_the_earlier_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """save writes beside the target and renames: a save cut short (a full disk, a kill
+    between the two) leaves the earlier model whole under its name."""
+    from aelib import saving
+
+    model = aelib.build_model("dense", encoding_dim=4)
+    path = aelib.save(model, tmp_path / "m.keras", {"run": 1})
+    before = path.read_bytes()
+
+    def cut_short(src, dst, info=None):
+        dst.write_bytes(src.read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving, "_copy_portable", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        aelib.save(model, path, {"run": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
+    assert path.read_bytes() == before and aelib.load(path).info["run"] == 1
 
 
 def test_a_file_of_an_earlier_version_from_another_backend_loads_with_its_state(tmp_path):
