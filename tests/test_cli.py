@@ -216,6 +216,26 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
 
 
+def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
+    """What the README says of a NaN run: training stops at the end of that epoch, the
+    model is saved as it was, stdout and metrics.json are JSON with nulls (json.dumps
+    wrote NaN, which strict parsers refuse), and the command says why and exits 1."""
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--learning-rate", "1e30", "--epochs", "5"]
+    args += ["--limit", "256", "--test-limit", "32", "--data", str(MNIST), "--out", str(out)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out, parse_constant=lambda c: pytest.fail(c))
+    assert printed["nan"] is True and printed["train_loss"] is None
+    assert printed["epochs_run"] < 5  # stopped, not run to the end
+    said = f"the loss became NaN in epoch {printed['epochs_run']}, so training stopped"
+    assert said in captured.err and "try a smaller --learning-rate" in captured.err
+    record = json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert record["metrics"] == {k: v for k, v in printed.items() if k != "model"}
+    assert None in record["history"]["loss"]
+    assert (out / "dense.keras").exists() and not (out / "figures").exists()
+
+
 def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
     """An --out (or --tensorboard) that is a file, or under one, failed after the whole
     training, with a traceback."""
