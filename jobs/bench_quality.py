@@ -520,7 +520,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## VAE",
             "",
-            f"Test loss (BCE per pixel + KL / 784) after {r['epochs_run']} epochs: "
+            f"Test loss (BCE per pixel + KL / 784) after {r['epochs_run']} "
+            f"epoch{'s' * (r['epochs_run'] != 1)}: "
             f"{r['metrics']['test_loss']:.4f} (pure BCE {r['metrics']['test_bce']:.4f}). "
             "Figures: `vae_latent_plane.png`, `vae_manifold.png`.",
             f"Command: `{r['command']}`",

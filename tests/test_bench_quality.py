@@ -31,7 +31,7 @@ def test_quick_mode_writes_results(tmp_path, capsys):
         "--models",
         "classical,denoise,dense",
         "--denoisers",
-        "median_3x3,gaussian",
+        "median_3x3,gaussian,wavelet",
         "--data",
         MNIST,
         "--out",
@@ -59,7 +59,7 @@ def test_quick_mode_writes_results(tmp_path, capsys):
     assert {"noisy_psnr", "psnr_gain"} <= set(rows["denoise"]["metrics"])
     assert rows["denoise"]["subset"]["images"] == bench.QUICK["slow_limit"]
     den = rows["classical"]["denoisers"]
-    assert list(den) == ["noisy", "median_3x3", "gaussian"]
+    assert list(den) == ["noisy", "median_3x3", "gaussian", "wavelet"]
     assert den["gaussian"]["param"] == "sigma"
     assert den["gaussian"]["value"] in [g["value"] for g in den["gaussian"]["tuning"]["grid"]]
     # The noisy baseline is the same noisy test set aelib scores the model on.
