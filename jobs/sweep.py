@@ -845,6 +845,9 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),
         "device": compute_device(),
+        # The GPUs the trial's process could see ("": none; Ray gives a trial of
+        # --gpus-per-trial 0 none, and the trial hides the node's from its backend).
+        "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
         "started_at": started_at,
     }
@@ -1120,6 +1123,7 @@ def _flatten_row(
         "code_active_fraction",
         "time_total_s",
         "device",
+        "visible_gpus",
         "node_id",
         "node_ip",
         "hostname",

@@ -926,7 +926,7 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     env = _env(ray_tmp)
     env["CUDA_VISIBLE_DEVICES"] = ""  # this machine's Ray must see no GPU
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a usage error, as argparse's
     assert "--gpus-per-trial 1 asks for GPUs but no node" in proc.stderr
     assert "--allow-autoscale" in proc.stderr
     assert not (tmp_path / "gpu").exists()  # no trial, no experiment folder
@@ -968,19 +968,37 @@ def test_default_gpus_per_trial_is_a_share_in_proportion_to_the_trials_cpus():
 
 
 @pytest.mark.ray
-def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path):
+def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path, monkeypatch):
     """On a Ray head declaring one GPU and 2 CPUs (nothing computes on it: this machine
     has none), a sweep without --gpus-per-trial asks for 1/2 of the GPU per 1-CPU trial,
     says so, and its trials run; each says where it trained (TensorFlow finds no GPU),
-    also one that ASHA stops early (its last report is an epoch's)."""
+    also one that ASHA stops early (its last report is an epoch's). Their processes see
+    the GPU Ray gave them (GPU 0, as Ray's workers on a GPU node do); trials of
+    --gpus-per-trial 0 on that node see none (they trained on the node's GPUs, out of
+    Ray's accounting)."""
     state_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: unix socket paths
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the node's workers see GPU 0, as on
     state = local.start(None, state_dir, head_cpus=2, head_gpus=1, head_object_store_bytes=10**9)
+    monkeypatch.undo()  # a GPU node (Ray sets it only for the workers it gives GPUs)
     try:
         cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--no-figures", "--models"]
-        cmd += ["dense", "--num-samples", "2", "--epochs", "2", "--limit", "300"]
-        cmd += ["--test-limit", "100", "--storage-path", str(tmp_path), "--name", "g"]
+        cmd += ["dense", "--epochs", "2", "--limit", "300", "--test-limit", "100"]
+        cmd += ["--storage-path", str(tmp_path)]
         env = local.client_env(state, _env(None))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [*cmd, "--num-samples", "2", "--name", "g"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        none = subprocess.run(
+            [*cmd, "--num-samples", "1", "--epochs", "1", "--gpus-per-trial", "0", "--name", "n"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         local.stop(state_dir, remove=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -988,6 +1006,11 @@ def test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it(tmp_path):
     with open(tmp_path / "g" / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["device"] for r in rows} == {"CPU"}, rows
+    assert {r["visible_gpus"] for r in rows} == {"0"}, rows
+    assert none.returncode == 0, none.stdout[-2000:] + none.stderr[-3000:]
+    with open(tmp_path / "n" / "trials.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "finished" and row["visible_gpus"] == "", row
     assert {r["status"] for r in rows} <= {"finished", "stopped_early"}
     # every epoch's report names the device, so a trial stopped early (whose last report
     # is an epoch's) has it too: Tune's result.json, one line per report
