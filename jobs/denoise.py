@@ -684,11 +684,13 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
         with zipfile.ZipFile(io.BytesIO(payload)) as zf:
             names = zf.namelist()
             if "config.json" not in names:
-                raise ValueError(f"{label} is not a Keras 3 .keras file (no config.json inside).")
+                raise ValueError(
+                    f"--model {label}: not a Keras 3 .keras file (no config.json inside)."
+                )
             config = json.loads(zf.read("config.json"))
             info = json.loads(zf.read("aelib.json")) if "aelib.json" in names else {}
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{label} is not a .keras file (not a zip archive): {e}") from e
+        raise ValueError(f"--model {label}: not a .keras file (not a zip archive: {e})") from e
     name = info.get("name") or config.get("config", {}).get("name", "?")
     sources = config.get("config", {}).get("input_layers") or []
     single = isinstance(sources, list) and sources and isinstance(sources[0], str)
@@ -2294,6 +2296,7 @@ def one_run_at_a_time(output: Storage, flag: str):
         target = os.readlink(output.root)
         raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
     fd = None
+    made = _missing_folders(output.root)  # (removed again if this run leaves them empty)
     try:
         os.makedirs(output.root, exist_ok=True)
         for _ in range(100):  # a file that is not the one locked: the run before removed it
@@ -2331,6 +2334,7 @@ def one_run_at_a_time(output: Storage, flag: str):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             os.close(fd)
+        _remove_empty(made)
         if isinstance(e, OSError):  # a read-only or full DST: say so before any work
             raise ValueError(f"--output {flag}: cannot write there ({e})") from e
         raise
@@ -2359,6 +2363,27 @@ def one_run_at_a_time(output: Storage, flag: str):
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(fd)
+        _remove_empty(made)  # a run refused before any work leaves no empty --output
+
+
+def _missing_folders(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        if os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Removes the folders, deepest first, while they are empty (rmdir takes no other)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 # A run on an object store renews its lease on DST (DST/LOCK) every LEASE_SECONDS / 4;
@@ -2969,11 +2994,12 @@ def _run_locked(
         k for k in keys if any(meta.get(k, defaults.get(k)) != metadata[k] for meta in before_metas)
     ]
     if before and changed:
+        names = "; the manifest's model_sha256 column names the model of each"
         print(
             f"denoise: note: {redacted(output.location)} holds a run with another "
             f"{', '.join(changed)}: its outputs are kept (skipped where this run would "
-            "write the same file; the manifest's model_sha256 column names the model of "
-            "each), its failures retried",
+            f"write the same file{names if 'model_sha256' in changed else ''}), its "
+            "failures retried",
             file=sys.stderr,
         )
     others = sorted(  # ("" is no --clean, or not recorded: not known to differ)
@@ -3073,6 +3099,12 @@ def _run_locked(
         )
     for failure in manifest.failures:
         print(f"denoise: failed: {failure}", file=sys.stderr)
+    if counts["failed"] > len(manifest.failures):  # (the first few only)
+        more = counts["failed"] - len(manifest.failures)
+        print(
+            f"denoise: failed: ... and {more} more (the manifest's error column has each)",
+            file=sys.stderr,
+        )
     print(line, flush=True)
     print("denoise-summary " + json.dumps(summary), flush=True)
     return summary
@@ -3400,13 +3432,15 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         # file), smaller when that would leave actors idle: at least two blocks per actor.
         items = [{"path": rel, "bytes": size} for rel, size in todo]
         batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
-        what, block = f"{len(todo)} files", f"blocks of {batch_size} files"
+        what = f"{len(todo)} file{'s' * (len(todo) != 1)}"
+        block = f"blocks of {batch_size} file{'s' * (batch_size != 1)}"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
         items = [{"path": src, "row_group": group} for src, group in units]
         batch_size = 1
-        what, block = f"{len(units)} Parquet row groups", "a row group per block"
+        what = f"{len(units)} Parquet row group{'s' * (len(units) != 1)}"
+        block = "a row group per block"
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
     calls = (
         f"up to {args.batch_size} images per model call"
@@ -3542,7 +3576,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rgb",
         choices=("per-channel", "luminance"),
         default="per-channel",
-        help="RGB through a grayscale model: each channel alone, or converted to gray",
+        help="RGB through a grayscale model: each channel alone (the default), or "
+        "converted to gray",
     )
     p.add_argument(
         "--max-pixels",

@@ -247,12 +247,17 @@ def test_rerun_skips_everything_without_starting_ray(first_run, model_path, data
     after = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*.png")}
     assert after == before  # nothing rewritten
     print(f"rerun of {len(rows)} inputs: {seconds:.1f} s")
-    # A pipeline that wants no failures is told with the exit status, once all is done.
-    strict = run_job(*args, "--max-failed", 2)
+    # A pipeline that wants no failures is told with the exit status, once all is done;
+    # --retry-failed tries the broken files again (they fail again, from this run).
+    strict = run_job(*args, "--max-failed", 2, "--retry-failed")
     assert strict.returncode == 3, strict.stderr[-3000:]
     said = f"denoise: error: 3 of the {len(rows)} inputs failed, more than --max-failed 2; "
     assert said + "the manifest's error column has each reason" in strict.stderr
-    assert f"{len(rows) - 3} skipped" in strict.stdout and manifest(dst) == rows
+    assert f"{len(rows) - 3} skipped" in strict.stdout
+    again = manifest(dst)
+    assert {p: r["status"] for p, r in again.items()} == {p: r["status"] for p, r in rows.items()}
+    retried = [again[p]["error"] for p in again if "broken" in p]
+    assert len(retried) == 3 and not any(e.startswith("(earlier run)") for e in retried)
 
 
 def test_the_exit_status_says_when_every_input_failed(capsys):
@@ -407,9 +412,16 @@ def test_cloud_storage_input_references_and_output(first_run, model_path, datase
     assert left == sorted([*ok, job.MANIFEST, job.WRITERS]), left
 
     s3.requests.clear()
-    again = run_job(*args, ray=s3.env)
+    # The rerun with the key in the URIs, as a user may give it: the same locations, and
+    # the secret in nothing the job prints or records.
+    keyed = [a.replace("s3://", "s3://test:test@") for a in args]
+    again = run_job(*keyed, ray=s3.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Started a local Ray" not in again.stdout + again.stderr
+    assert "test:test" not in again.stdout + again.stderr
+    table = pq.read_table(f"{BUCKET}/out/{job.MANIFEST}", filesystem=s3.fs)
+    assert table.schema.metadata[b"input"] == f"s3://test:***@{BUCKET}/noisy".encode()
+    assert "test:test" not in str(table.schema.metadata) + str(table.to_pylist())
     rows = rows_at(f"{BUCKET}/out")
     assert {r["status"] for p, r in rows.items() if not p.startswith("broken/")} == {"skipped"}
     assert rows["sizes/odd.png"]["width"] == 45  # carried over from the first run
@@ -958,6 +970,8 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     dst = tmp_path / "out"
     result = run_job("--model", model_path, "--input", source, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
+    said = [x for x in result.stderr.splitlines() if x.startswith("denoise: failed: ")]
+    assert len(said) == 6 and "... and 2 more (the manifest's error column" in said[-1], said
     listed = pq.read_table(dst / "manifest.parquet").column("path").to_pylist()
     assert len(listed) == len(paths)
     rows = manifest(dst)
@@ -1005,8 +1019,14 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     pq.write_table(table, folder / "part-0.parquet")
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
+    no_images = tmp_path / "no-images.parquet"  # refused once --output is locked
+    pq.write_table(pa.table({"path": ["a.png"], "pixels": [b"x"]}), no_images)
     src = ["--model", model_path, "--input", dataset["src"]]
     cases = [
+        (
+            ["--model", model_path, "--input", no_images, "--output", tmp_path / "o6" / "o"],
+            f"--input {no_images} has no column(s) ['image']; found ['path', 'pixels']",
+        ),
         ([*src, "--output", a_file], "is a file"),
         ([*src, "--output", dataset["clean"], "--clean", dataset["clean"]], "overlap"),
         ([*src, "--output", dataset["clean"] / "o", "--clean", dataset["clean"]], "overlap"),
@@ -1041,7 +1061,7 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
 
 
 def test_an_impossible_actor_request_fails_instead_of_waiting(
@@ -1215,6 +1235,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     result = run_job("--model", model_path, "--input", src, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "another format" in result.stderr and "max_pixels" in result.stderr
+    assert "model_sha256" not in result.stderr  # (the same model: nothing to say of it)
     rows = manifest(dst)
     assert rows["y.jpg"]["status"] == "skipped"  # its output is there, the input unchanged
     assert rows["x.jpg"]["status"] == "ok"  # changed since the last run: done again
@@ -1228,14 +1249,20 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     with Image.open(dst / "anim.png") as image:
         assert image.format == "PNG"
     assert rows["bad\\xffname.png"]["status"] == "failed"
-    # One file as --input, its output in a folder beside it (nothing there is listed).
+    # One file as --input, its output in a folder beside it (nothing there is listed);
+    # a colour photo made gray by --rgb luminance keeps its EXIF and DPI, not its RGB
+    # profile; two I/O threads.
     one = src / "denoised"
     result = run_job(
-        "--model", model_path, "--input", src / "y.jpg", "--output", one, ray=shared_ray
-    )
+        "--model", model_path, "--input", src / "photo.jpg", "--output", one,
+        "--rgb", "luminance", "--io-threads", 2, ray=shared_ray,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list(manifest(one)) == ["y.jpg"] and manifest(one)["y.jpg"]["status"] == "ok"
-    assert Image.open(one / "y.jpg").size == (9, 8)
+    assert list(manifest(one)) == ["photo.jpg"] and manifest(one)["photo.jpg"]["status"] == "ok"
+    with Image.open(one / "photo.jpg") as image:
+        assert (image.mode, image.size, image.getexif().get(0x0112)) == ("L", (12, 12), 6)
+        assert "icc_profile" not in image.info
+        assert image.info.get("dpi") == pytest.approx((300, 300), abs=0.01)
 
 
 def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
@@ -1310,7 +1337,8 @@ def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     junk = tmp_path / "junk.keras"
     junk.write_text("not a zip")
     result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
-    assert result.returncode == 2 and "not a .keras file" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--model {junk}: not a .keras file (not a zip archive" in result.stderr
 
 
 def test_earlier_rows_are_read_in_run_order_and_carried_only_to_their_own_output(tmp_path):
@@ -2595,26 +2623,29 @@ def test_default_actors_per_gpu_follow_the_cpus_per_gpu_of_the_gpu_nodes():
     assert job._actors_on({"CPU": 3, "GPU": 1}, 1, 0.1) == 3
 
 
-def test_workers_given_no_gpu_do_not_see_the_nodes_gpus(ray_tmp):
+def test_workers_given_no_gpu_do_not_see_the_nodes_gpus(ray_tmp, model_path, tmp_path):
     """Ray sets CUDA_VISIBLE_DEVICES only for the workers it gives GPUs: on an H200 node,
     16 denoise actors asked with --gpus-per-worker 0 all ran their model on the GPU. On a
     local Ray declaring one (fake) GPU, whose processes see GPU 0 as a GPU node's do: a
-    worker given it keeps it, a denoise actor or a sweep trial given none sees no GPU
-    (and JAX no CUDA) once the job has set it up; outside a Ray worker (a driver that
-    builds a Denoiser in-process, as bench_denoise.py --stages does) nothing changes."""
+    worker given it keeps it, a denoise actor (the job's own Denoiser, its model loaded)
+    or a sweep trial given none sees no GPU (and JAX no CUDA) once the job has set it up;
+    outside a Ray worker (a driver that builds a Denoiser in-process, as
+    bench_denoise.py --stages does) nothing changes. (A sweep trial's own call is checked
+    by test_a_sweep_on_a_node_with_a_gpu_gives_each_trial_a_share_of_it.)"""
     code = """
-import json, os
+import json, os, sys
 import ray
 import denoise, sweep  # (from PYTHONPATH, as Ray's workers import them too)
-denoise._hide_gpus_ray_did_not_give("jax")
+settings = denoise.JobSettings.in_process(sys.argv[1], sys.argv[2], "unused")
+denoise.Denoiser(settings)
 outside = os.environ.get("CUDA_VISIBLE_DEVICES")
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
-denoise._hide_gpus_ray_did_not_give("jax")  # a driver (an in-process Denoiser) keeps them
+denoise.Denoiser(settings)  # a driver (an in-process Denoiser) keeps them
 driver = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 def seen(which):
     if which == "denoise":
-        denoise._hide_gpus_ray_did_not_give("jax")
+        denoise.Denoiser(settings)
     else:
         sweep._configure_backend(1)
     return [os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("JAX_PLATFORMS")]
@@ -2630,7 +2661,11 @@ print("seen " + json.dumps({"outside": outside, "driver": driver, **runs}))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "jobs")])
     env.pop("JAX_PLATFORMS", None)
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-c", code, str(model_path), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("seen "))
