@@ -2366,6 +2366,14 @@ def one_run_at_a_time(output: Storage, flag: str):
         _remove_empty(made)  # a run refused before any work leaves no empty --output
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _missing_folders(path: str) -> list[str]:
     """`path` and those of its parents that do not exist yet, deepest first."""
     missing, folder = [], os.path.abspath(path)
@@ -3162,24 +3170,30 @@ def _plan(
             if last.get("output") and last.get("status") != "failed"
         },
     }
-    present = {rel for rel, _ in inputs.files}
-    for out_rel, rel in written_by.items():
-        if rel in present:
-            with contextlib.suppress(ValueError):
-                if output_path(safe_relative(rel), args.format) == out_rel:
-                    claimed[out_rel] = rel
-    for rel, size in inputs.files:
+    outputs: dict[str, str | ValueError] = {}  # input -> its output, or why it has none
+    for rel, _ in inputs.files:
         try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:  # os.listdir's stand-ins for bytes that are not UTF-8
+            outputs[rel] = output_path(safe_relative(rel), args.format)
+        except ValueError as e:
+            outputs[rel] = e
+    for out_rel, rel in written_by.items():
+        if outputs.get(rel) == out_rel:
+            claimed[out_rel] = rel
+    # Else an input already of the output's name and format keeps it (x.png, not x.gif
+    # beside it, which sorts first: the job writes GIFs as PNGs).
+    for rel, out_rel in outputs.items():
+        if out_rel == rel and _utf8(rel):
+            claimed.setdefault(out_rel, rel)
+    for rel, size in inputs.files:
+        if not _utf8(rel):  # os.listdir's stand-ins for bytes that are not UTF-8
             shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
             reason = "the file name is not valid UTF-8 (rename it to process it)"
             early.append({"path": shown, "status": "failed", "error": reason, "input_bytes": size})
             continue
-        try:
-            out_rel = output_path(safe_relative(rel), args.format)
-        except ValueError as e:
-            early.append({"path": rel, "status": "failed", "error": str(e), "input_bytes": size})
+        out_rel = outputs[rel]
+        if isinstance(out_rel, ValueError):
+            failed = {"path": rel, "status": "failed", "error": str(out_rel), "input_bytes": size}
+            early.append(failed)
             continue
         owner = claimed.setdefault(out_rel, rel)
         if owner != rel:  # x.png and x.jpg with --format jpeg: both would be x.jpg

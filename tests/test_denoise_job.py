@@ -2419,6 +2419,11 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         "x.png": "skipped",
     }
     assert "also the output of x.png" in early[0]["error"]
+    # A first run: the input already of the output's name and format keeps it, though
+    # x.jpg sorts first (a GIF beside a PNG of its name, as the job writes GIFs as PNGs).
+    early, todo = job._plan(inputs, args, set(), {}, False)
+    assert todo == [("x.png", 6)] and [r["path"] for r in early] == ["x.jpg"]
+    assert "also the output of x.png" in early[0]["error"]
     # x.png deleted since: its output is not x.jpg's, so x.jpg is done, not skipped.
     gone = job.Inputs("files", job.Storage(str(src)), [("x.jpg", 5)], [])
     assert job._plan(gone, args, {"x.png"}, before, False) == ([], [("x.jpg", 5)])
