@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="train on a folder of your own images instead of MNIST (any size and colour: "
-        "converted to gray, then resized or cut to 28x28, see --image-mode)",
+        "converted to gray, then resized or cut to 28x28, see --image-mode); the last tenth "
+        "is the test split",
     )
     t.add_argument(
         "--image-mode",

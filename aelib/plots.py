@@ -122,9 +122,12 @@ def latent_plane(
     title: str = "VAE latent plane (z_mean of test digits)",
 ) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
-    # one color per digit 0-9, also where the labels shown lack some digits
-    sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
-    fig.colorbar(sc, ax=ax, label="digit")
+    if np.all(np.asarray(labels) < 0):  # own images (train --images): no digits to colour
+        ax.scatter(z[:, 0], z[:, 1], s=4)
+        title += " (unlabelled)"
+    else:  # one color per digit 0-9, also where the labels shown lack some digits
+        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+        fig.colorbar(sc, ax=ax, label="digit")
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)

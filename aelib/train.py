@@ -164,7 +164,8 @@ class Splits:
 
 def load_arrays(config: TrainConfig) -> MnistArrays:
     """MNIST (by path), or the user's image folder as 28x28 digits-like arrays with
-    its last tenth (at least one image) as the test split and no labels (zeros)."""
+    its last tenth (at least one image) as the test split and no labels (-1: the
+    figures colour no digits)."""
     if config.images is None:
         return data_lib.load_mnist(config.data)
     x = data_lib.load_image_folder(
@@ -173,7 +174,7 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
     if len(x) < 3:
         raise ValueError(f"{config.images} gives {len(x)} images; training needs at least 3.")
     n_test = max(1, len(x) // 10)
-    labels = np.zeros(len(x), np.uint8)
+    labels = np.full(len(x), -1, np.int16)
     return (x[:-n_test], labels[:-n_test]), (x[-n_test:], labels[-n_test:])
 
 

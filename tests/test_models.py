@@ -16,7 +16,7 @@ import aelib
 from aelib import data as data_lib
 from aelib import plots
 from aelib.layers import ActivityL1, Sampling
-from aelib.train import Splits, TrainConfig, compile_model, make_splits
+from aelib.train import Splits, TrainConfig, compile_model, load_arrays, make_splits
 from helpers import subprocess_env
 
 NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
@@ -280,6 +280,40 @@ def test_custom_layer_config_round_trips(layer):
     # and a reloaded sparse model trained on with the layer's default penalty)
     settings = {"l1": 3e-4} if isinstance(layer, ActivityL1) else {"kl_weight": 0.5, "seed": 7}
     assert {k: getattr(clone, k) for k in settings} == settings
+
+
+def test_maps_of_own_images_colour_no_digits(tmp_path, monkeypatch):
+    """train --images has no labels (-1): its t-SNE and latent maps drew every point as
+    digit 0 under a 0-9 digit colour bar."""
+    import matplotlib.figure
+
+    bars = []
+    real = matplotlib.figure.Figure.colorbar
+
+    def spy(self, *args, **kwargs):
+        bars.append(kwargs.get("label"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", spy)
+    z = np.random.default_rng(0).random((20, 2))
+    assert plots.latent_plane(z, np.arange(20) % 10, tmp_path / "digits.png").is_file()
+    assert plots.latent_plane(z, np.full(20, -1), tmp_path / "own.png").is_file()
+    assert bars == ["digit"]
+    arrays = load_arrays(TrainConfig(model="dense", images=str(own_images(tmp_path))))
+    assert set(arrays[1][1]) == {-1}
+
+
+def own_images(folder):
+    """Ten small PNGs of noise, as a user's folder of images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (folder / "own").mkdir()
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(
+            folder / f"own/{i}.png"
+        )
+    return folder / "own"
 
 
 def test_activity_l1_is_batch_size_invariant():
