@@ -32,6 +32,16 @@ def _positive(text: str) -> int:
 _positive.__name__ = "positive integer"  # argparse's "invalid positive integer value: 'x'"
 
 
+def _limit(text: str) -> int:
+    value = int(text)
+    if value < 2:  # (TrainConfig's own message says "or None", the Python API's word)
+        raise argparse.ArgumentTypeError(f"must be >= 2 (omit it for all). Received: {text}")
+    return value
+
+
+_limit.__name__ = "positive integer"
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
@@ -91,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the tutorial's (50; 100 for sparse and deep, 30 for denoise)",
     )
-    t.add_argument("--limit", type=_positive, default=None, help="use the first N training images")
+    t.add_argument("--limit", type=_limit, default=None, help="use the first N training images")
     t.add_argument(
         "--test-limit", type=_positive, default=None, help="evaluate on the first N test images"
     )

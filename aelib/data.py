@@ -44,14 +44,16 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
                 f"No MNIST path given (--data PATH or ${MNIST_ENV}) and Keras's download "
                 f"failed: {e}. Point --data or ${MNIST_ENV} at a local mnist.npz."
             ) from e
+    # (a stale $AELIB_MNIST is not a path the user typed this time: say where it came from)
+    given = f"{resolved}" if path not in (None, "") else f"{resolved} (from ${MNIST_ENV})"
     if resolved.is_dir():
         raise ValueError(
-            f"{resolved} is a folder; expected Keras's mnist.npz file (keys x_train, "
+            f"{given} is a folder; expected Keras's mnist.npz file (keys x_train, "
             "y_train, x_test, y_test)."
         )
     if not resolved.is_file():
         raise FileNotFoundError(
-            f"MNIST file not found: {resolved}. Pass --data PATH or set ${MNIST_ENV} to "
+            f"MNIST file not found: {given}. Pass --data PATH or set ${MNIST_ENV} to "
             "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
         )
     if not zipfile.is_zipfile(resolved):  # (np.load would read a .npy, or try a pickle)

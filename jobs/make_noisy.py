@@ -201,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", default=None, help="mnist.npz (default: $AELIB_MNIST, then Keras's download)"
     )
-    parser.add_argument("--count", type=int, required=True, help="number of noisy digits")
+    parser.add_argument(
+        "--count",
+        type=int,
+        required=True,
+        help="number of noisy digits; image i is test digit i %% 10000, so past 10,000 the "
+        "same digits come again with other noise",
+    )
     parser.add_argument("--out", required=True, help="folder for the noisy PNGs")
     parser.add_argument("--clean-out", default=None, help="folder for the clean references")
-    parser.add_argument("--noise-factor", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-factor", type=float, default=0.5, help="default: 0.5")
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--corrupt", type=int, default=0, help="broken files to add")
     args = parser.parse_args(argv)
     try:

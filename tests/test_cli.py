@@ -128,6 +128,8 @@ def test_models_command_lists_the_seven(capsys):
 BAD_INPUT = [
     (["--model", "pca"], "invalid choice: 'pca'"),
     (["--model", "dense", "--epochs", "0"], "--epochs: must be >= 1. Received: 0"),
+    (["--model", "dense", "--limit", "1"], "--limit: must be >= 2 (omit it for all). Received: 1"),
+    (["--model", "dense", "--limit", "0"], "--limit: must be >= 2 (omit it for all). Received: 0"),
     (
         ["--model", "dense", "--data", "/nonexistent/mnist.npz"],
         "MNIST file not found: /nonexistent/mnist.npz",

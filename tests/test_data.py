@@ -20,9 +20,12 @@ def test_load_mnist_by_path_and_env(monkeypatch):
     assert np.array_equal(x_env[:5], x_train[:5])
 
 
-def test_missing_file_names_the_path_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.npz.*--data PATH or set \$AELIB_MNIST"):
+def test_missing_file_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz\. Pass --data PATH or set \$AELI"):
         data_lib.load_mnist(tmp_path / "nope.npz")
+    monkeypatch.setenv("AELIB_MNIST", str(tmp_path / "stale.npz"))  # not typed this time
+    with pytest.raises(FileNotFoundError, match=r"stale\.npz \(from \$AELIB_MNIST\)\. Pass"):
+        data_lib.load_mnist()
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):

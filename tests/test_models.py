@@ -353,6 +353,10 @@ def test_a_save_that_fails_keeps_the_earlier_file_and_leaves_no_temp_file(tmp_pa
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
     assert path.read_bytes() == before and aelib.load(path).info["run"] == 1
+    # a folder in the path that is a file is named as such (mkdir's FileExistsError)
+    for inside in (path / "x.keras", path / "sub" / "x.keras"):
+        with pytest.raises(NotADirectoryError, match=f"Cannot save {inside}: {path} is a file"):
+            aelib.save(model, inside)
 
 
 def test_a_file_of_an_earlier_version_from_another_backend_loads_with_its_state(tmp_path):
