@@ -39,7 +39,7 @@ def _limit(text: str) -> int:
     return value
 
 
-_limit.__name__ = "positive integer"
+_limit.__name__ = "whole number"
 
 
 def _seed(text: str) -> int:
@@ -208,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         _writable_folder(args.out, "--out", made)
         if args.tensorboard is not None:
             _writable_folder(args.tensorboard, "--tensorboard", made)
-        arrays = load_arrays(config)
-        _note_limits(args, arrays)
-        # Keras's progress goes to stderr, so that stdout is the metrics' JSON alone (for
-        # `| jq`); one line per epoch where stderr is not a terminal (a log, CI).
+        # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is
+        # the metrics' JSON alone (for `| jq`); one line per epoch where stderr is not a
+        # terminal (a log, CI).
         with contextlib.redirect_stdout(sys.stderr):
+            arrays = load_arrays(config)
+            _note_limits(args, arrays)
             result = train(
                 config,
                 arrays,

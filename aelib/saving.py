@@ -45,8 +45,9 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:  # (mkdir's words name no save)
-        blocker = next((p for p in path.parents if p.is_file()), e.filename)
-        raise NotADirectoryError(f"Cannot save {path}: {blocker} is a file, not a folder.") from e
+        blocker = next((p for p in path.parents if p.is_file()), None)
+        what = f"{blocker} is a file" if blocker else f"{e.filename} is not a folder"
+        raise NotADirectoryError(f"Cannot save {path}: {what}.") from e
     # Write beside the target, then rename: a crash never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     record = {

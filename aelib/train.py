@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -494,10 +495,14 @@ def write_outputs(
             paths[f"figure_{name}"] = str(path)
     # An earlier run's figures of this variant that this run did not draw again
     # (--no-figures, a NaN run, a VAE no longer 2-D) would show another model.
+    from aelib.plots import FIGURE_FILES
+
     drawn = {Path(p) for k, p in paths.items() if k.startswith("figure_")}
-    for stale in sorted((out_dir / "figures").glob(f"{config.model}_*.png")):
+    for name in FIGURE_FILES:
+        stale = out_dir / "figures" / f"{config.model}_{name}.png"
         if stale not in drawn:
-            stale.unlink()
+            with contextlib.suppress(OSError):  # (none there; or kept, as a run is no
+                stale.unlink()  # failure for a figure it could not remove)
     return paths
 
 

@@ -2356,14 +2356,19 @@ def one_run_at_a_time(output: Storage, flag: str):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, line + STARTED_MARK + b"\n", 0)
 
+    refused = False
     try:
         yield Hold(stopped_before, mark_started)
+    except BaseException:
+        refused = True
+        raise
     finally:  # removed while still held, so no run can lock the file and then lose it
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(fd)
-        _remove_empty(made)  # a run refused before any work leaves no empty --output
+        if refused:  # refused (or stopped) before it wrote anything: no empty --output
+            _remove_empty(made)
 
 
 def _utf8(name: str) -> bool:

@@ -846,8 +846,9 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         "hostname": socket.gethostname(),
         "device": compute_device(),
         # The GPUs the trial's process could see ("": none; Ray gives a trial of
-        # --gpus-per-trial 0 none, and the trial hides the node's from its backend).
-        "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # --gpus-per-trial 0 none, and the trial hides the node's from its backend;
+        # "all": CUDA_VISIBLE_DEVICES unset, every GPU of the node).
+        "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
         "pid": os.getpid(),
         "started_at": started_at,
     }

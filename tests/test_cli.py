@@ -200,6 +200,7 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert figures == [
         f"dense_{n}.png" for n in ("codes_tsne", "learning_curves", "reconstructions")
     ]
+    (out / "figures" / "dense_mine.png").write_bytes(b"a user's own file")  # (not aelib's)
     capsys.readouterr()
     assert main([*args, "--seed", "1"]) == 2
     err = capsys.readouterr().err
@@ -210,7 +211,7 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     again = [*args, "--seed", "1", "--overwrite", "--no-figures", "--test-limit", "20000"]
     assert main(again) == 0
     assert (out / "dense.keras").read_bytes() != first
-    assert list((out / "figures").iterdir()) == []
+    assert [p.name for p in (out / "figures").iterdir()] == ["dense_mine.png"]
     err = capsys.readouterr().err
     assert "note: --test-limit 20000 is more than the 10000 test images; using all 10000" in err
     capsys.readouterr()  # another variant would replace the first one's metrics.json
@@ -236,6 +237,29 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert record["metrics"] == {k: v for k, v in printed.items() if k != "model"}
     assert None in record["history"]["loss"]
     assert (out / "dense.keras").exists() and not (out / "figures").exists()
+
+
+def test_stdout_is_the_json_alone_also_when_keras_downloads_mnist(tmp_path, monkeypatch, capsys):
+    """Without --data or $AELIB_MNIST, Keras's download prints to stdout ("Downloading
+    data from ..."), which went before the JSON and broke `| jq`. (This machine is
+    offline: Keras's loader is replaced by one that prints as it does.)"""
+    import keras
+    import numpy as np
+
+    with np.load(MNIST) as f:
+        digits = {k: f[k][:200] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+    def load_data():
+        print("Downloading data from https://storage.googleapis.com/tensorflow/mnist.npz")
+        return (digits["x_train"], digits["y_train"]), (digits["x_test"], digits["y_test"])
+
+    monkeypatch.delenv("AELIB_MNIST", raising=False)
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", load_data)
+    args = ["train", "--model", "dense", "--epochs", "1", "--no-figures"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model"] == "dense"
+    assert "Downloading data from" in captured.err
 
 
 def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):

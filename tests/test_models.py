@@ -128,6 +128,7 @@ def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
     splits = Splits(x, x, x, x, x, x, labels_test=np.zeros(len(x), "int64"))
     figures = plots.tutorial_figures(reloaded, splits, {"loss": [1.0]}, tmp_path / "fig")
     assert figures["codes"].is_file()
+    assert {p.stem.removeprefix("denoise_") for p in figures.values()} <= set(plots.FIGURE_FILES)
 
 
 def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, tmp_path):
@@ -144,6 +145,8 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
         assert {"latent_plane", "manifold", "latent_tsne"} & set(figures) == expected
         for path in figures.values():
             assert Image.open(path).size[0] > 100
+            # (what a later run into the folder removes if it does not draw it again)
+            assert path.stem.removeprefix("vae_") in plots.FIGURE_FILES, path
 
 
 def test_code_maps_of_a_few_test_digits(digits, tmp_path):
