@@ -3460,7 +3460,11 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         batch_size = 1
         what = f"{len(units)} Parquet row group{'s' * (len(units) != 1)}"
         block = "a row group per block"
-    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
+    blocks = -(-len(items) // batch_size)
+    # No more actors than blocks: one with none would only load the model (on a CPU,
+    # TensorFlow's import: seconds of a core the others need), and Ray Data warns of it.
+    workers = max(1, min(workers, blocks))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     calls = (
         f"up to {args.batch_size} images per model call"
         if gpus

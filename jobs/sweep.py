@@ -1261,6 +1261,9 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         lines.append("")
     for model in args.models:
         lines += [f"## {model}", ""]
+        # (an earlier report's figures of the variant, which a resume may have replaced,
+        # left without a best model or drawn with --no-figures now, go first)
+        shutil.rmtree(report / model, ignore_errors=True)
         if model not in best:
             lines += [f"No best model: {_why_no_best(rows, model)}.", ""]
             continue
@@ -1281,8 +1284,6 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         info = bundle.info
         config = TrainConfig.from_dict(info["train_config"])
         splits = make_splits(config, arrays, bundle.input_kind)
-        # (the figures of an earlier best, which a resume may have replaced, go first)
-        shutil.rmtree(report / model, ignore_errors=True)
         figures = plots.tutorial_figures(bundle, splits, info["history"], report / model)
         for name, path in figures.items():
             lines += [f"![{model} {name}]({Path(path).relative_to(report).as_posix()})", ""]

@@ -1259,6 +1259,8 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(manifest(one)) == ["photo.jpg"] and manifest(one)["photo.jpg"]["status"] == "ok"
+    # (one block, one actor: a second would only have loaded the model)
+    assert "denoise: 1 file to do on 1 worker(s)" in result.stdout, result.stdout
     with Image.open(one / "photo.jpg") as image:
         assert (image.mode, image.size, image.getexif().get(0x0112)) == ("L", (12, 12), 6)
         assert "icc_profile" not in image.info

@@ -933,6 +933,22 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert _wait_no_ray(ray_tmp) == []
 
 
+def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
+    """report/<variant> held an earlier report's figures after a resume that found no
+    best model for the variant, or that drew none (--no-figures): report.md no longer
+    showed them, yet they stood beside it as if they were of this sweep's models."""
+    sweep = _load_sweep_module()
+    args = sweep.parse_args(["--data", str(MNIST), "--models", "dense", "--no-figures"])
+    old = tmp_path / "report" / "dense"
+    old.mkdir(parents=True)
+    (old / "dense_reconstructions.png").write_bytes(b"an earlier best's figure")
+    digits = np.zeros((4, 28, 28), np.uint8)
+    arrays = ((digits, np.zeros(4)), (digits, np.zeros(4)))
+    sweep.write_report({}, [], args, arrays, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.md"]
+    assert "No best model" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_trials_per_node_counts_each_node_once_with_the_devices_said():
     sweep = _load_sweep_module()
     here = {"hostname": "a", "node_ip": "10.0.0.1"}
