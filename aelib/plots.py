@@ -177,20 +177,6 @@ def tsne_codes(
     return latent_plane(tsne.fit_transform(codes), labels, path, title=title)
 
 
-# The files tutorial_figures writes, as NAME_<one of these>.png (a run's figures that a
-# later run into the same folder does not draw again are removed: aelib.train).
-FIGURE_FILES = (
-    "learning_curves",
-    "noisy_vs_denoised",
-    "reconstructions",
-    "codes",
-    "codes_tsne",
-    "latent_plane",
-    "manifold",
-    "latent_tsne",
-)
-
-
 def tutorial_figures(
     model: Autoencoder, splits: Splits, history: dict[str, list[float]], out_dir: str | os.PathLike
 ) -> dict[str, Path]:

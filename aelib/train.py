@@ -469,6 +469,21 @@ def run_record(
     }
 
 
+# The files plots.tutorial_figures writes, as NAME_<one of these>.png: an earlier run's
+# that a later run into the same folder does not draw again are removed (write_outputs).
+# Here, not in plots: a run without figures (every sweep trial) imports no Matplotlib.
+FIGURE_FILES = (
+    "learning_curves",
+    "noisy_vs_denoised",
+    "reconstructions",
+    "codes",
+    "codes_tsne",
+    "latent_plane",
+    "manifold",
+    "latent_tsne",
+)
+
+
 def write_outputs(
     model: Autoencoder,
     config: TrainConfig,
@@ -495,8 +510,6 @@ def write_outputs(
             paths[f"figure_{name}"] = str(path)
     # An earlier run's figures of this variant that this run did not draw again
     # (--no-figures, a NaN run, a VAE no longer 2-D) would show another model.
-    from aelib.plots import FIGURE_FILES
-
     drawn = {Path(p) for k, p in paths.items() if k.startswith("figure_")}
     for name in FIGURE_FILES:
         stale = out_dir / "figures" / f"{config.model}_{name}.png"

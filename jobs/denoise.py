@@ -3580,7 +3580,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads per actor that read, decode, encode and write files (default: CPUs + "
         f"1; at least {REMOTE_IO_THREADS} where --input, --output or --clean is remote)",
     )
-    p.add_argument("--workers", type=_positive, default=None, help="actors (default: fill)")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="actors (default: fill the cluster; never more than the blocks of work)",
+    )
     p.add_argument(
         "--format",
         default="same",

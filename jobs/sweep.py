@@ -1248,6 +1248,7 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             "only where that noise is the same.",
             "",
         ]
+    (report / "compare.png").unlink(missing_ok=True)  # (an earlier report's: drawn again)
     if best:
         _compare_chart(best, report / "compare.png")
         lines += ["## Variants compared", "", "![compare](compare.png)", ""]

@@ -16,7 +16,14 @@ import aelib
 from aelib import data as data_lib
 from aelib import plots
 from aelib.layers import ActivityL1, Sampling
-from aelib.train import Splits, TrainConfig, compile_model, load_arrays, make_splits
+from aelib.train import (
+    FIGURE_FILES,
+    Splits,
+    TrainConfig,
+    compile_model,
+    load_arrays,
+    make_splits,
+)
 from helpers import subprocess_env
 
 NAMES = ["dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae"]
@@ -128,7 +135,7 @@ def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
     splits = Splits(x, x, x, x, x, x, labels_test=np.zeros(len(x), "int64"))
     figures = plots.tutorial_figures(reloaded, splits, {"loss": [1.0]}, tmp_path / "fig")
     assert figures["codes"].is_file()
-    assert {p.stem.removeprefix("denoise_") for p in figures.values()} <= set(plots.FIGURE_FILES)
+    assert {p.stem.removeprefix("denoise_") for p in figures.values()} <= set(FIGURE_FILES)
 
 
 def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, tmp_path):
@@ -146,7 +153,7 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
         for path in figures.values():
             assert Image.open(path).size[0] > 100
             # (what a later run into the folder removes if it does not draw it again)
-            assert path.stem.removeprefix("vae_") in plots.FIGURE_FILES, path
+            assert path.stem.removeprefix("vae_") in FIGURE_FILES, path
 
 
 def test_code_maps_of_a_few_test_digits(digits, tmp_path):

@@ -870,6 +870,32 @@ def test_the_same_seed_samples_the_same_hyperparameters(seeded_runs):
     assert len(rates) == 4  # each trial drew its own: the search did sample
 
 
+def test_a_trial_trains_and_saves_without_the_imports_it_skipped(tmp_path):
+    """Trials import Keras with Matplotlib, scikit-learn and JAX left out (UNUSED_IMPORTS:
+    seconds of CPU each); aelib's own saving, without figures, must not import them
+    after all (its stale-figure names came from aelib.plots, which loads pyplot)."""
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sweep', {str(SWEEP)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "with m._optional_imports_skipped(m.UNUSED_IMPORTS):\n"
+        "    import keras, aelib\n"
+        f"config = aelib.TrainConfig(model='dense', epochs=1, limit=64, data={str(MNIST)!r})\n"
+        f"aelib.train(config, out_dir={str(tmp_path)!r}, figures=False, verbose=0)\n"
+        "print(json.dumps(sorted(n for n in m.UNUSED_IMPORTS if n in sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(Path(tempfile.gettempdir())),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "dense.keras").is_file()
+
+
 def test_driver_checks_and_loads_data_without_importing_keras():
     """The driver reads aelib's variants from its builders' source and loads MNIST with
     aelib.data alone, so it starts without Keras/TensorFlow; what it reads must be what
@@ -942,6 +968,7 @@ def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     old = tmp_path / "report" / "dense"
     old.mkdir(parents=True)
     (old / "dense_reconstructions.png").write_bytes(b"an earlier best's figure")
+    (tmp_path / "report" / "compare.png").write_bytes(b"an earlier report's chart")
     digits = np.zeros((4, 28, 28), np.uint8)
     arrays = ((digits, np.zeros(4)), (digits, np.zeros(4)))
     sweep.write_report({}, [], args, arrays, tmp_path)
