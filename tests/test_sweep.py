@@ -870,29 +870,38 @@ def test_the_same_seed_samples_the_same_hyperparameters(seeded_runs):
     assert len(rates) == 4  # each trial drew its own: the search did sample
 
 
-def test_a_trial_trains_and_saves_without_the_imports_it_skipped(tmp_path):
-    """Trials import Keras with Matplotlib, scikit-learn and JAX left out (UNUSED_IMPORTS:
-    seconds of CPU each); aelib's own saving, without figures, must not import them
-    after all (its stale-figure names came from aelib.plots, which loads pyplot)."""
+def _in_a_fresh_process_with_sweep(body: str, timeout: int):
+    """Runs `body` in a new Python with jobs/sweep.py loaded as `m` (json and sys
+    imported), and returns the JSON its last line of output prints."""
     code = (
         "import importlib.util, json, sys\n"
         f"spec = importlib.util.spec_from_file_location('sweep', {str(SWEEP)!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "with m._optional_imports_skipped(m.UNUSED_IMPORTS):\n"
-        "    import keras, aelib\n"
-        f"config = aelib.TrainConfig(model='dense', epochs=1, limit=64, data={str(MNIST)!r})\n"
-        f"aelib.train(config, out_dir={str(tmp_path)!r}, figures=False, verbose=0)\n"
-        "print(json.dumps(sorted(n for n in m.UNUSED_IMPORTS if n in sys.modules)))\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n" + body
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=_env(Path(tempfile.gettempdir())),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_trial_trains_and_saves_without_the_imports_it_skipped(tmp_path):
+    """Trials import Keras with Matplotlib, scikit-learn and JAX left out (UNUSED_IMPORTS:
+    seconds of CPU each); aelib's own saving, without figures, must not import them
+    after all (its stale-figure names came from aelib.plots, which loads pyplot)."""
+    loaded = _in_a_fresh_process_with_sweep(
+        "with m._optional_imports_skipped(m.UNUSED_IMPORTS):\n"
+        "    import keras, aelib\n"
+        f"config = aelib.TrainConfig(model='dense', epochs=1, limit=64, data={str(MNIST)!r})\n"
+        f"aelib.train(config, out_dir={str(tmp_path)!r}, figures=False, verbose=0)\n"
+        "print(json.dumps(sorted(n for n in m.UNUSED_IMPORTS if n in sys.modules)))\n",
+        timeout=180,
+    )
+    assert loaded == []
     assert (tmp_path / "dense.keras").is_file()
 
 
@@ -900,24 +909,13 @@ def test_driver_checks_and_loads_data_without_importing_keras():
     """The driver reads aelib's variants from its builders' source and loads MNIST with
     aelib.data alone, so it starts without Keras/TensorFlow; what it reads must be what
     aelib's registry holds."""
-    code = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('sweep', {str(SWEEP)!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+    out = _in_a_fresh_process_with_sweep(
         "options = {k: sorted(v) for k, v in m.variant_options().items()}\n"
         f"(x, y), (xt, yt) = m._aelib_data().load_mnist({str(MNIST)!r})\n"
         "heavy = sorted(n for n in ('keras', 'tensorflow', 'aelib') if n in sys.modules)\n"
-        "print(json.dumps({'options': options, 'shape': list(x.shape), 'heavy': heavy}))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_env(Path(tempfile.gettempdir())),
-        capture_output=True,
-        text=True,
+        "print(json.dumps({'options': options, 'shape': list(x.shape), 'heavy': heavy}))\n",
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []
     assert out["shape"] == [60000, 28, 28]
     import aelib
