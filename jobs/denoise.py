@@ -1021,6 +1021,20 @@ def safe_relative(rel: str, foreign: bool = False) -> str:
     return norm
 
 
+def output_for(rel: str, fmt_choice: str, foreign: bool = False, within: str | None = None) -> str:
+    """The output path of input `rel` (see safe_relative, output_path), or ValueError if
+    it would be inside `within`: the input folder's place in the output folder, when the
+    one is inside the other (source_within). There it could overwrite an input, and would
+    be an input of the next run."""
+    out_rel = output_path(safe_relative(rel, foreign), fmt_choice)
+    if within is not None and _inside(out_rel, within):
+        raise ValueError(
+            f"its output {out_rel} would be inside the input folder ({within}/ in the "
+            "output folder), where it could replace an input"
+        )
+    return out_rel
+
+
 def _metrics(
     clean: np.ndarray, clean_max: int, noisy: np.ndarray, out: np.ndarray, maxval: int
 ) -> dict:
@@ -1372,7 +1386,8 @@ class Denoiser:
         rel, payload = str(entry[0]), entry[1]
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
-            out_rel = output_path(safe_relative(rel, foreign=self.src is None), self.s.fmt)
+            foreign = self.src is None
+            out_rel = output_for(rel, self.s.fmt, foreign, self.s.extra.get("within"))
             if out_rel in self.s.extra.get("clashes", ()):
                 raise ValueError(
                     f"its output {out_rel} is also the output of another row of the Parquet "
@@ -2009,7 +2024,20 @@ def _nested(outer: Storage, inner: Storage) -> str | None:
     return None
 
 
-def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
+def source_within(inputs: Inputs, output: Storage) -> str | None:
+    """Where the input folder is inside the output folder (an allowed layout: --input
+    data/noisy --output data), as a path relative to it; None if it is not."""
+    src = inputs.storage
+    if src is None or _nested(output, src) != "inside":
+        return None
+    if src.local:
+        return os.path.relpath(os.path.realpath(src.root), os.path.realpath(output.root))
+    return src.root[len(output.root.rstrip("/")) + 1 :]
+
+
+def existing_outputs(
+    output: Storage, written: dict[str, int], within: str | None = None
+) -> set[str]:
     """Completed outputs under DST; stale temp files of a crashed run are removed.
 
     The job renames each output into place whole, but DST may have been copied or
@@ -2017,11 +2045,14 @@ def existing_outputs(output: Storage, written: dict[str, int]) -> set[str]:
     wrote (`written`, see previous_writers) is not complete, and is done again; one
     without such a row (a manifest of an older version of the job, or none) is checked
     by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
-    size its header declares)."""
+    size its header declares). The files of an input folder `within` DST are inputs,
+    not outputs."""
     if not output.is_dir():
         return set()
     done, cut = set(), []
     for rel, size in output.walk():
+        if within is not None and _inside(rel, within):
+            continue
         if rel.endswith(TMP_MARK):
             try:
                 output.remove(rel)
@@ -2983,7 +3014,8 @@ def _run_locked(
     unrecorded = not (before or before_metas or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
-    done = existing_outputs(output, written)
+    within = source_within(inputs, output)
+    done = existing_outputs(output, written, within)
     metadata = {
         "job": "jobs/denoise.py",
         "model": redacted(args.model),
@@ -3041,7 +3073,7 @@ def _run_locked(
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded)
+        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded, within)
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
         # Where this job has no record yet, the outputs skipped now may be another
@@ -3050,12 +3082,13 @@ def _run_locked(
         manifest.add_rows(early, journal=unrecorded)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
-            units, clashes, unusable = _parquet_units(inputs, args)
+            units, clashes, unusable = _parquet_units(inputs, args, within)
             # Rows are skipped in the actors: for the outputs their own path wrote, from
             # bytes of the same size.
             writers_in = {out: (w[0], w[2]) for out, w in kept.items()}
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
+            parquet["within"] = within
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
         if todo or units:
@@ -3146,6 +3179,7 @@ def _plan(
     retry_failed: bool,
     writers: dict[str, tuple] | None = None,
     unrecorded: bool = True,
+    within: str | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -3157,7 +3191,8 @@ def _plan(
     size and the modification time its row recorded (as rsync's quick check: a file
     changed in place can keep its size; 10,000 noisy test digits as PNGs have 108 sizes
     among them). The times are compared with the input's own earlier listing, not
-    with the output's: a clock elsewhere, or one an unzip set ahead, does not count."""
+    with the output's: a clock elsewhere, or one an unzip set ahead, does not count.
+    `within`: the input folder's place in DST, if it is there (see output_for)."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     orphans = 0  # outputs without a row, of a run that stopped
@@ -3178,7 +3213,7 @@ def _plan(
     outputs: dict[str, str | ValueError] = {}  # input -> its output, or why it has none
     for rel, _ in inputs.files:
         try:
-            outputs[rel] = output_path(safe_relative(rel), args.format)
+            outputs[rel] = output_for(rel, args.format, within=within)
         except ValueError as e:
             outputs[rel] = e
     for out_rel, rel in written_by.items():
@@ -3339,7 +3374,7 @@ def _column_problem(schema: pa.Schema, source: str, path_column: str, image_colu
 
 
 def _parquet_units(
-    inputs: Inputs, args: argparse.Namespace
+    inputs: Inputs, args: argparse.Namespace, within: str | None = None
 ) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]]]:
     """(file, row group) work units, the outputs that more than one row would write
     (those rows fail), and a failed row for each file that cannot be read or lacks the
@@ -3368,7 +3403,7 @@ def _parquet_units(
             if isinstance(rel, bytes):
                 rel = rel.decode("utf-8", "backslashreplace")
             try:
-                out_rel = output_path(safe_relative(rel, foreign=True), args.format)
+                out_rel = output_for(rel, args.format, foreign=True, within=within)
             except ValueError:  # an unsafe path fails on its own
                 continue
             (clashes if out_rel in seen else seen).add(out_rel)

@@ -1013,6 +1013,49 @@ def test_output_inside_input_is_refused(model_path, dataset):
     assert not (dataset["src"] / "0" / "out").exists()
 
 
+def test_an_input_folder_inside_the_output_folder_is_never_written_to(
+    model_path, tmp_path, shared_ray
+):
+    """--input proj/noisy --output proj is allowed, but an input whose output would land
+    in proj/noisy fails (noisy/a.png would have replaced the input a.png), and the
+    inputs there are not taken for outputs: a rerun leaves them as they were."""
+    digits = (np.random.default_rng(1).random((4, 28, 28)) * 255).astype(np.uint8)
+    proj = tmp_path / "proj"
+    src = proj / "noisy"
+    files = {"a.png": digits[0], "noisy/a.png": digits[1], "c/d.png": digits[2]}
+    for rel, pixels in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(png(pixels))
+    inputs = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.png")}
+    for _ in range(2):  # the first run and a rerun
+        result = run_job("--model", model_path, "--input", src, "--output", proj, ray=shared_ray)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.png")} == inputs
+        rows = manifest(proj)
+        assert sorted(rows) == sorted(files)
+        assert rows["noisy/a.png"]["status"] == "failed", rows["noisy/a.png"]
+        assert rows["noisy/a.png"]["error"].startswith(
+            "its output noisy/a.png would be inside the input folder (noisy/ in the output"
+        )
+        assert {rows[p]["status"] for p in ("a.png", "c/d.png")} <= {"ok", "skipped"}
+    assert {rows[p]["status"] for p in ("a.png", "c/d.png")} == {"skipped"}
+    assert "have no row" not in result.stderr and (proj / "c" / "d.png").exists()
+
+    # A folder of Parquet files inside DST: no row writes beside them.
+    data = tmp_path / "data"
+    (data / "pq").mkdir(parents=True)
+    table = pa.table({"path": ["pq/x.png", "y.png"], "image": [png(digits[3])] * 2})
+    pq.write_table(table, data / "pq" / "data.parquet")
+    result = run_job(
+        "--model", model_path, "--input", data / "pq", "--output", data, ray=shared_ray
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(data)
+    assert rows["y.png"]["status"] == "ok" and rows["pq/x.png"]["status"] == "failed"
+    assert "would be inside the input folder (pq/ in" in rows["pq/x.png"]["error"]
+    assert sorted(p.name for p in (data / "pq").iterdir()) == ["data.parquet"]
+
+
 def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, dataset, tmp_path):
     """Each exits 2 with a message naming the flag, before any image is touched."""
     folder = tmp_path / "pq"  # a folder of Parquet files: the manifest would be listed
