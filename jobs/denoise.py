@@ -168,6 +168,7 @@ MANIFEST_SCHEMA = pa.schema(
 _COLUMNS = MANIFEST_SCHEMA.names
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
+TOO_SMALL = "under 3 px on a side"  # SSIM's smallest window
 _INPUT_COLUMNS = (
     "width",
     "height",
@@ -1043,6 +1044,10 @@ def _metrics(
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     ref = clean.astype(np.float64) / clean_max
+    # SSIM's 7x7 window, smaller (odd) for an image narrower than that; below 3 pixels
+    # there is no SSIM (NaN: left out of its means), though PSNR is measured.
+    side = min(ref.shape[:2])
+    window = min(7, side if side % 2 else side - 1)
     result = {}
     for key, img in (("noisy", noisy), ("", out)):
         x = img.astype(np.float64) / maxval
@@ -1050,7 +1055,11 @@ def _metrics(
             p = peak_signal_noise_ratio(ref, x, data_range=1.0)
         channel_axis = -1 if ref.shape[-1] > 1 else None
         a, b = (ref, x) if channel_axis is not None else (ref[..., 0], x[..., 0])
-        s = structural_similarity(a, b, data_range=1.0, channel_axis=channel_axis)
+        s = math.nan
+        if window >= 3:
+            s = structural_similarity(
+                a, b, win_size=window, data_range=1.0, channel_axis=channel_axis
+            )
         suffix = f"_{key}" if key else ""
         result[f"psnr{suffix}"] = float(p)
         result[f"ssim{suffix}"] = float(s)
@@ -1526,6 +1535,8 @@ class Denoiser:
                 if item["fmt"] in LOSSY or note:  # the metrics of the file as written
                     written = self._read_back(payload, result, item["maxval"])
                 row.update(_metrics(clean, clean_max, item["array"], written, item["maxval"]))
+                if math.isnan(row["ssim"]):
+                    row["error"] = "; ".join(filter(None, [note, f"no SSIM: {TOO_SMALL}"]))
             except Exception as e:
                 row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
 
@@ -2617,7 +2628,8 @@ class ManifestWriter:
             self.timer.start()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.sums = {key: 0.0 for key in _METRICS}
-        self.measured = 0
+        self.measured = 0  # outputs with metrics; of them, with a finite PSNR and an SSIM:
+        self.in_means = {"psnr": 0, "ssim": 0}
         self.measured_elsewhere = 0  # of them, outputs another model wrote (kept, skipped)
         self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
         self.unmeasured_example: str | None = None  # the first one's error, if any
@@ -2692,8 +2704,6 @@ class ManifestWriter:
         values = {k: np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in _METRICS}
         psnr = values["psnr"].astype(float)
         done = np.array([s != "failed" for s in status], dtype=bool)
-        both = np.isfinite(psnr) & np.isfinite(values["psnr_noisy"].astype(float)) & done
-        # (An output equal to its reference has an infinite PSNR: measured, not in the means.)
         none = done & np.isnan(psnr)
         self.unmeasured += int(none.sum())
         if self.unmeasured_example is None and none.any():
@@ -2701,9 +2711,17 @@ class ManifestWriter:
             self.unmeasured_example = next(
                 (errors[i] for i in np.flatnonzero(none) if errors[i]), None
             )
-        if both.any():
-            for key in _METRICS:
+        measured = done & ~np.isnan(psnr)
+        # An image equal to its reference has an infinite PSNR, and one under 3 pixels on
+        # a side no SSIM: each is measured, but left out of that metric's means.
+        for metric in self.in_means:
+            pair = (f"{metric}_noisy", metric)
+            both = measured & np.all([np.isfinite(values[k].astype(float)) for k in pair], 0)
+            for key in pair:
                 self.sums[key] += float(np.sum(values[key][both].astype(float)))
+            self.in_means[metric] += int(both.sum())
+        if measured.any():
+            both = measured
             self.measured += int(both.sum())
             if self.model_sha256:  # (None: a row of a version before the column)
                 models = table.column("model_sha256").to_pylist()
@@ -2852,9 +2870,36 @@ class ManifestWriter:
             print(f"denoise: note: could not write {WRITERS} in DST ({e})", file=sys.stderr)
 
     def means(self) -> dict[str, float]:
-        if not self.measured:
-            return {}
-        return {key: value / self.measured for key, value in self.sums.items()}
+        """The mean of each metric over the outputs it has a finite value for."""
+        return {
+            key: value / self.in_means[key.removesuffix("_noisy")]
+            for key, value in self.sums.items()
+            if self.in_means[key.removesuffix("_noisy")]
+        }
+
+
+def _means_text(means: dict[str, float], measured: int, in_means: dict[str, int]) -> str:
+    """'mean PSNR 9.38 -> 18.05 dB (+8.67), SSIM 0.359 -> 0.728', saying how many of the
+    `measured` outputs a mean leaves out, and why."""
+    why = {
+        "psnr": "with an infinite PSNR: input or output equal to its reference",
+        "ssim": TOO_SMALL,
+    }
+    parts = []
+    for metric, name in (("psnr", "PSNR"), ("ssim", "SSIM")):
+        if metric not in means:
+            parts.append(f"no {name} mean (all {measured} {why[metric]})")
+            continue
+        a, b = means[f"{metric}_noisy"], means[metric]
+        text = (
+            f"{a:.2f} -> {b:.2f} dB ({b - a:+.2f})" if metric == "psnr" else f"{a:.3f} -> {b:.3f}"
+        )
+        first = not any(part.startswith("mean ") for part in parts)
+        text = f"{'mean ' if first else ''}{name} {text}"
+        if measured > in_means[metric]:
+            text += f" (without the {measured - in_means[metric]} {why[metric]})"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _default_resources(
@@ -3121,23 +3166,22 @@ def _run_locked(
         "manifest": output.full(MANIFEST),
     }
     means = manifest.means()
-    if means:
+    if manifest.measured:
         summary.update({f"mean_{k}": round(v, 3) for k, v in means.items()})
-        summary["mean_psnr_gain"] = round(means["psnr"] - means["psnr_noisy"], 3)
+        if "psnr" in means:
+            summary["mean_psnr_gain"] = round(means["psnr"] - means["psnr_noisy"], 3)
+        summary["measured"] = manifest.measured
+        summary.update({f"in_{k}_means": n for k, n in manifest.in_means.items()})
     line = (
         f"denoise: {summary['inputs']} inputs: {counts['ok']} ok, {counts['failed']} failed, "
         f"{counts['skipped']} skipped in {seconds:.1f} s ({summary['images_per_s']} images/s)"
     )
-    if means:
+    if manifest.measured:
         summary["measured_by_other_models"] = manifest.measured_elsewhere
         elsewhere = manifest.measured_elsewhere  # (a rerun with another --model)
         by = f" ({elsewhere} by another model: the manifest's model_sha256)" if elsewhere else ""
-        line += (
-            f"; on the {manifest.measured} with a --clean reference{by}: mean PSNR "
-            f"{means['psnr_noisy']:.2f} -> {means['psnr']:.2f} dB "
-            f"({summary['mean_psnr_gain']:+.2f}), SSIM {means['ssim_noisy']:.3f} -> "
-            f"{means['ssim']:.3f}"
-        )
+        measured = _means_text(means, manifest.measured, manifest.in_means)
+        line += f"; on the {manifest.measured} with a --clean reference{by}: {measured}"
     if timings.get("first_result_s") is not None:
         line += (
             f"; start-up: Ray ready after {timings['ray_ready_s']:.1f} s, first results "

@@ -1477,6 +1477,45 @@ def test_each_row_names_the_model_that_wrote_its_output(tmp_path):
     assert rows == {"a.png": ("skipped", "m1"), "c.png": ("ok", "m2")}
 
 
+def test_means_leave_out_only_the_metric_an_output_lacks_and_say_so(tmp_path):
+    """An input equal to its reference has an infinite PSNR, and an image under 3 px on a
+    side no SSIM: each is left out of that metric's means only, and the summary says how
+    many (an infinite PSNR dropped the output from the SSIM means and from the count)."""
+    tiny = np.arange(500 * 3, dtype=np.uint8).reshape(500, 3, 1)
+    measured = job._metrics(tiny, 255, tiny, tiny // 2, 255)  # a 3x3 window
+    assert measured["psnr_noisy"] == np.inf and measured["ssim_noisy"] == 1.0
+    assert 0 < measured["ssim"] < 1 and np.isfinite(measured["psnr"])
+    thin = job._metrics(tiny[:, :2], 255, tiny[:, :2], tiny[:, :2] // 2, 255)
+    assert np.isnan(thin["ssim"]) and np.isnan(thin["ssim_noisy"]) and thin["psnr_noisy"] == np.inf
+
+    writer = job.ManifestWriter(job.Storage(str(tmp_path)), {"run": "1"})
+    rows = [
+        dict(psnr_noisy=10.0, psnr=20.0, ssim_noisy=0.2, ssim=0.6),
+        dict(psnr_noisy=14.0, psnr=22.0, ssim_noisy=0.4, ssim=0.8),
+        dict(psnr_noisy=np.inf, psnr=40.0, ssim_noisy=1.0, ssim=0.9),  # a clean input
+        dict(psnr_noisy=16.0, psnr=18.0, ssim_noisy=np.nan, ssim=np.nan),  # 2 px wide
+        dict(),  # no reference
+    ]
+    for i, row in enumerate(rows):
+        row.update(path=f"{i}.png", output=f"{i}.png", status="ok", width=28)
+    writer.add(pa.Table.from_pylist(rows, schema=job._ROW_SCHEMA))
+    writer.close()
+    assert (writer.measured, writer.in_means, writer.unmeasured) == (4, {"psnr": 3, "ssim": 3}, 1)
+    means = writer.means()
+    assert means == pytest.approx(
+        {"psnr_noisy": 40 / 3, "psnr": 20.0, "ssim_noisy": 1.6 / 3, "ssim": 2.3 / 3}
+    )
+    assert job._means_text(means, writer.measured, writer.in_means) == (
+        "mean PSNR 13.33 -> 20.00 dB (+6.67) (without the 1 with an infinite PSNR: input or "
+        "output equal to its reference), SSIM 0.533 -> 0.767 (without the 1 under 3 px on a side)"
+    )
+    only_ssim = {"ssim_noisy": 0.5, "ssim": 0.7}
+    assert job._means_text(only_ssim, 2, {"psnr": 0, "ssim": 2}).startswith(
+        "no PSNR mean (all 2 with an infinite PSNR: input or output equal to its reference), "
+        "mean SSIM 0.500 -> 0.700"
+    )
+
+
 def test_formats_without_16_bits_get_8_bits_with_a_note():
     """WEBP took 16-bit gray without an error and clipped it to white."""
     gray16 = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8, 1)
