@@ -62,6 +62,7 @@ import argparse
 import atexit
 import contextlib
 import fnmatch
+import functools
 import gc
 import glob
 import hashlib
@@ -1302,6 +1303,7 @@ class Denoiser:
     def _parquet_group(self, source: str, group: int) -> list[dict[str, Any]]:
         path_column, image_column = self.s.extra["path_column"], self.s.extra["image_column"]
         try:
+            mtime = _mtime_ns(source)
             parquet = _parquet_file(source)
             columns = {_top_column(parquet.schema_arrow, c) for c in (path_column, image_column)}
             table = parquet.read_row_group(group, columns=sorted(columns))
@@ -1322,10 +1324,12 @@ class Denoiser:
                 pairs.append((rel, payload, len(payload) if payload is not None else None))
         step = self.s.max_batch
         for i in range(0, len(pairs), step):
-            rows.extend(self._process(pairs[i : i + step]))
+            rows.extend(self._process(pairs[i : i + step], mtime))
         return rows
 
-    def _process(self, items: list[tuple[str, bytes | None, int | None]]) -> list[dict]:
+    def _process(
+        self, items: list[tuple[str, bytes | None, int | None]], mtime: int | None = None
+    ) -> list[dict]:
         """Reads (or takes) the images, denoises and writes them in groups of at most
         about GROUP_PIXELS (a whole block of digits at once); one row each.
 
@@ -1334,7 +1338,7 @@ class Denoiser:
         the images so far, and at most READ_BYTES of them; each one's pixels are then
         taken from its header before anything is decoded, so a group holds at most
         GROUP_PIXELS (or one image bigger than that), even when a block of icons goes
-        on with photos.
+        on with photos. `mtime`: the modification time of the Parquet file of `items`.
         """
         rows: list[dict[str, Any]] = []
         ready: list[tuple[dict, str, bytes]] = []  # read, counted in `pixels`, not decoded
@@ -1349,7 +1353,8 @@ class Denoiser:
                 chunk.append(item)
             done += len(chunk)
             sizes = []
-            for row, out_rel, payload, size in self._parallel(self._read, chunk):
+            read = functools.partial(self._read, mtime=mtime)
+            for row, out_rel, payload, size in self._parallel(read, chunk):
                 if payload is None:
                     rows.append(row)
                     continue
@@ -1388,10 +1393,14 @@ class Denoiser:
         futures = [self._pool.submit(lambda part: [fn(x) for x in part], p) for p in slices]
         return [y for f in futures for y in f.result()]
 
-    def _read(self, entry: tuple[str, bytes | None, int | None]) -> tuple[dict, Any, Any, int]:
+    def _read(
+        self, entry: tuple[str, bytes | None, int | None], mtime: int | None = None
+    ) -> tuple[dict, Any, Any, int]:
         """Reads one input: (its row, its output path and bytes, or None for both if it is
         settled, its pixels as its header says: 0 if it has none, for _decode to say
-        what is wrong)."""
+        what is wrong). A Parquet row's input time is its file's (`mtime`): a row whose
+        output exists is skipped only if its file has the time recorded, or none was (a
+        file written again can keep each image's size)."""
         rel, payload = str(entry[0]), entry[1]
         row: dict[str, Any] = {"path": rel, "output": None, "status": "failed", "error": None}
         try:
@@ -1410,8 +1419,12 @@ class Denoiser:
                 # No record of the output: a DST this job never wrote (the outputs decide),
                 # or a run that stopped before keeping the row of it (done again).
                 mine = rel if self.s.extra.get("unrecorded", True) else None
-                writer, size = self.s.extra.get("writers", {}).get(out_rel, (mine, None))
-                if writer == rel and size in (None, len(payload)) and self._exists(out_rel):
+                row["input_mtime_ns"] = mtime
+                writer, size, then = self.s.extra.get("writers", {}).get(
+                    out_rel, (mine, None, None)
+                )
+                same = size in (None, len(payload)) and then in (None, mtime)
+                if writer == rel and same and self._exists(out_rel):
                     # Parquet resume: this row's output, complete, from these bytes.
                     row.update(status="skipped", output=out_rel, input_bytes=len(payload))
                     return row, None, None, 0
@@ -1722,6 +1735,14 @@ def _keras_backend() -> str:
             return json.load(f).get("backend", "tensorflow")
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
+
+
+def _mtime_ns(source: str) -> int | None:
+    """A file's modification time, local or in an object store (None if not known)."""
+    if "://" in source:
+        fs, path = filesystem(source)
+        return fs.get_file_info(path).mtime_ns
+    return os.stat(source).st_mtime_ns
 
 
 def _parquet_file(source: str) -> pq.ParquetFile:
@@ -2657,6 +2678,9 @@ class ManifestWriter:
                 else r
                 for r in table.to_pylist()
             ]
+            for row, mtime in zip(rows, table.column("input_mtime_ns").to_pylist(), strict=True):
+                if row["input_mtime_ns"] is None:  # (rows of a version that kept none)
+                    row["input_mtime_ns"] = mtime
             table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.remove_metadata())
         if self.mtimes:  # (as listed, where a row has none)
             paths = table.column("path").to_pylist()
@@ -3130,7 +3154,10 @@ def _run_locked(
             units, clashes, unusable = _parquet_units(inputs, args, within)
             # Rows are skipped in the actors: for the outputs their own path wrote, from
             # bytes of the same size.
-            writers_in = {out: (w[0], w[2]) for out, w in kept.items()}
+            writers_in = {
+                out: (w[0], w[2], before.get(w[0], {}).get("input_mtime_ns"))
+                for out, w in kept.items()
+            }
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
             parquet["within"] = within

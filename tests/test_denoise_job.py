@@ -1003,6 +1003,17 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     assert sorted(p for p in again if again[p]["status"] == "skipped") == done
     for path in done:
         assert again[path]["width"] == 28 and again[path]["output"] == rows[path]["output"]
+        assert again[path]["input_mtime_ns"] == source.stat().st_mtime_ns
+
+    # The file written again (here with the same rows; a regenerated dataset can keep
+    # every image's size, which alone had its rows skipped with the old outputs and
+    # metrics): its rows are redone.
+    pq.write_table(table, source, row_group_size=4)
+    os.utime(source, ns=(0, source.stat().st_mtime_ns + 10**9))  # (a coarse clock)
+    result = run_job("--model", model_path, "--input", source, "--output", dst, ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    third = manifest(dst)
+    assert sorted(p for p in third if third[p]["status"] == "ok") == done
 
 
 def test_output_inside_input_is_refused(model_path, dataset):
@@ -2663,17 +2674,31 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     found = {n: denoiser._exists(n) for n in ("same.tif", "cut.tif", "unrecorded.tif", "no.tif")}
     assert found == {"same.tif": True, "cut.tif": False, "unrecorded.tif": True, "no.tif": False}
     # A row is skipped only for an output its own path wrote, from bytes of that size.
-    writers = {"same.tif": ("same.tif", 3), "unrecorded.tif": ("gone.tif", None)}
+    # (input, its size, its Parquet file's modification time), as recorded
+    writers = {"same.tif": ("same.tif", 3, 7), "unrecorded.tif": ("gone.tif", None, None)}
     settings = job.JobSettings.in_process(
         str(model_path), None, str(out), extra={"written": written, "writers": writers}
     )
     denoiser = job.Denoiser(settings)
     skipped = {
-        (rel, len(data)): denoiser._read((rel, data, len(data)))[0]["status"] == "skipped"
-        for rel, data in (("same.tif", b"abc"), ("same.tif", b"abcd"), ("unrecorded.tif", b"a"))
+        (rel, len(data), t): denoiser._read((rel, data, len(data)), t)[0]["status"] == "skipped"
+        for rel, data, t in (
+            ("same.tif", b"abc", 7),
+            ("same.tif", b"abcd", 7),
+            ("same.tif", b"abc", 8),
+            ("unrecorded.tif", b"a", 7),
+        )
     }
-    # Changed bytes, or gone.tif's output: done again.
-    assert skipped == {("same.tif", 3): True, ("same.tif", 4): False, ("unrecorded.tif", 1): False}
+    # Changed bytes, a file written since, or gone.tif's output: done again.
+    assert skipped == {
+        ("same.tif", 3, 7): True,
+        ("same.tif", 4, 7): False,
+        ("same.tif", 3, 8): False,
+        ("unrecorded.tif", 1, 7): False,
+    }
+    writers["same.tif"] = ("same.tif", 3, None)  # a version that recorded no time
+    denoiser = job.Denoiser(settings)
+    assert denoiser._read(("same.tif", b"abc", 3), 8)[0]["status"] == "skipped"
     # An output without a record: the row's own where this job never wrote (the outputs
     # decide), else a stopped run's whose row was lost (done again, for its row).
     for unrecorded in (True, False):
