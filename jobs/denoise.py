@@ -958,6 +958,9 @@ def encode(
     if array.dtype == np.uint16 and fmt not in HOLDS_16_BITS:  # WEBP would clip it to white
         array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         notes.append("16-bit values scaled to 8 bits")
+    if fmt == "BMP" and array.shape[2] == 4:  # written as 32 bits that readers take for RGB
+        array = array[..., :3]
+        notes.append("alpha dropped")
     try:
         payload = _pillow_encode(array, fmt, quality, info)
     except (OSError, ValueError, KeyError) as e:

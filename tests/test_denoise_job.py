@@ -1541,6 +1541,21 @@ def test_formats_without_16_bits_get_8_bits_with_a_note():
         assert np.abs(back[..., 0].astype(float) - expected).max() <= 3, fmt
 
 
+def test_every_format_keeps_the_alpha_or_says_it_dropped_it():
+    """Pillow writes RGBA as a 32-bit BMP that readers (Pillow too) take for RGB: the
+    alpha was lost without the note other formats get."""
+    rng = np.random.default_rng(0)
+    for channels in (2, 4):
+        image = rng.integers(0, 256, (8, 8, channels), dtype=np.uint8)
+        for fmt in ("PNG", "WEBP", "JPEG", "BMP", "TIFF"):
+            payload, note = job.encode(image, fmt, quality=100)
+            _, _, _, alpha = job.decode(payload, "per-channel")
+            if alpha is not None:
+                assert note is None and np.array_equal(alpha, image[..., -1]), (fmt, channels)
+            else:
+                assert note == f"alpha dropped: {fmt} cannot store it", (fmt, channels, note)
+
+
 def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
     for bad in ("../x.png", "/etc/passwd", "a/../../x", "", ".", "C:/x.png", "..\\x.png"):
