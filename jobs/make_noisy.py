@@ -22,12 +22,14 @@ only to download MNIST when neither --data nor $AELIB_MNIST names a file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +73,17 @@ def _write(path: Path, payload: bytes) -> None:
         tmp.write_bytes(payload)
         os.replace(tmp, path)
     except BaseException:  # (a full disk: no temp file left beside the digits)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only folder: none was made)
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The noise seed of the `chunk`-th 10,000 digits, drawn from (seed, chunk): the
+    same each run, and no two chunks share noise, of one --seed or of two (seed +
+    10,000 * chunk gave --seed 10000 the noise of --seed 0's second pass over the
+    same digits: the same images)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
 def relative_path(index: int, label: int) -> str:
@@ -104,7 +115,9 @@ def make_noisy(
     out = Path(out)
     clean_root = Path(clean_out) if clean_out else None
     digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
-    claims = [(out, "--out", {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest})]
+    made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
+    made_with["noise_seeds"] = "SeedSequence([seed, chunk])"  # (before: seed + 10000 * chunk)
+    claims = [(out, "--out", made_with)]
     if clean_root is not None:
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
     _check_folders(out, clean_root)
@@ -115,8 +128,9 @@ def make_noisy(
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
         clean = x_test[index % MNIST_TEST_SIZE]
-        # One seed per chunk: reproducible, and chunks never share noise.
-        noisy = data_lib.add_noise(data_lib.scale(clean), noise_factor, seed=seed + start)
+        noisy = data_lib.add_noise(
+            data_lib.scale(clean), noise_factor, seed=chunk_seed(seed, start // _CHUNK)
+        )
         noisy = np.round(noisy * 255.0).astype(np.uint8)
         for i, image, ref in zip(index, noisy, clean, strict=True):
             rel = relative_path(int(i), int(y_test[i % MNIST_TEST_SIZE]))
@@ -157,11 +171,25 @@ def _check_folders(out: Path, clean_root: Path | None) -> None:
         taken = next((p for p in [folder, *folder.parents] if p.exists()), None)
         if taken is not None and not taken.is_dir():
             raise ValueError(f"{flag} {folder}: {taken} is a file; expected a folder.")
-    for flag, folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror or e}).") from e
+    made: list[Path] = []  # removed again if a folder is refused: a refusal leaves nothing
+    try:
+        for flag, folder in folders:
+            missing = [p for p in [folder, *folder.parents] if not p.exists()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror or e}).") from e
+            made.extend(missing)  # (deepest first)
+            try:  # (before either folder records its settings)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e}).") from e
+    except ValueError:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 def _claim(folder: Path, flag: str, made_with: dict) -> bool:
@@ -227,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: offline
         print(f"make_noisy: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk: the files written so far are kept, a rerun adds
+        print(f"make_noisy: error: {e} (a rerun keeps the files written)", file=sys.stderr)
+        return 1
     print(f"make_noisy: {counts} in {args.out}")
     return 0
 

@@ -323,6 +323,17 @@ def test_make_noisy_without_mnist_offline_is_one_line(tmp_path):
     assert not (tmp_path / "noisy").exists()
 
 
+def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import make_noisy
+
+    seeds = {
+        make_noisy.chunk_seed(seed, chunk) for seed in range(0, 30001, 10000) for chunk in range(4)
+    }
+    assert len(seeds) == 16  # (seed + 10000 * chunk had 7)
+    assert make_noisy.chunk_seed(5, 1) == make_noisy.chunk_seed(5, 1)
+
+
 def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     """Each exits 2 with one line naming the flag, and leaves nothing: --out and
     --clean-out the same or nested (the clean files were skipped, the noisy ones being
@@ -347,6 +358,11 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         (["--out", tmp_path / "c" / "n", "--clean-out", tmp_path / "c"], "overlap"),
         (["--out", a_file / "n"], f"--out {a_file / 'n'}: {a_file} is a file"),
         (["--out", tmp_path / "n2", "--clean-out", a_file], "--clean-out"),
+        # a folder even root cannot write to (a traceback, after --out recorded its settings)
+        (
+            ["--out", tmp_path / "n4" / "n", "--clean-out", "/proc/self"],
+            "--clean-out /proc/self: cannot write there",
+        ),
     ):
         proc = make(*flags)
         assert proc.returncode == 2 and said in proc.stderr, (flags, proc.stderr[-2000:])
