@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from aelib.registry import list_models
+from aelib.registry import list_models, plain_message
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        print(f"aelib: error: {e}", file=sys.stderr)
+        print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         return 2
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():

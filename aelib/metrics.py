@@ -62,7 +62,11 @@ def ssim(reference: np.ndarray, images: np.ndarray, data_range: float = 1.0) -> 
 
 
 def binary_crossentropy(targets: np.ndarray, outputs: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean per-pixel binary cross-entropy, as Keras computes it."""
+    """Mean per-pixel binary cross-entropy of outputs clipped to [eps, 1 - eps], as
+    Keras's backend-neutral loss computes it (under JAX and PyTorch, the compiled loss).
+    TensorFlow's compiled loss reads a sigmoid layer's logits instead, so the model's
+    `test_loss` differs from this where outputs saturate below eps (a diverged model);
+    this one is the same for every variant and backend."""
     t = np.asarray(targets, dtype=np.float64)
     o = np.clip(np.asarray(outputs, dtype=np.float64), eps, 1.0 - eps)
     return float(np.mean(-(t * np.log(o) + (1.0 - t) * np.log(1.0 - o))))

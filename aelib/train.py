@@ -294,6 +294,7 @@ def tf_data_autotune_off() -> bool:
 def compile_model(model: Autoencoder, learning_rate: float, decay_steps: int | None = None) -> None:
     """Adam on binary cross-entropy; with `decay_steps`, a cosine decay of the
     learning rate to 0 over that many steps."""
+    learning_rate = float(learning_rate)  # (Keras refuses an int: every trial of --set lr=1)
     if decay_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.autoencoder.compile(

@@ -51,6 +51,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1146,6 +1147,7 @@ def _error_text(error: BaseException | str) -> str:
     else:  # the traceback's last line where there is one (a text error from error.txt)
         lines = [line for line in str(error).splitlines() if line.strip()] or [repr(error)]
         text = lines[-1] if "Traceback (most recent call last)" in str(error) else lines[0]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Keras's terminal colour codes
     return " ".join(text.split())[:500]
 
 

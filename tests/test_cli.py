@@ -149,6 +149,10 @@ BAD_INPUT = [
         "Model 'denoise' (depth=3) maps the data's (28, 28, 1) inputs to (32, 32, 1)",
     ),
     (["--model", "denoise", "--set", "channels=3"], "channels must be 1. Received: channels=3"),
+    (  # (built, then failed inside fit with Keras's message in terminal colour codes)
+        ["--model", "denoise", "--set", "convs_per_stage=0"],
+        "convs_per_stage must be >= 1. Received: convs_per_stage=0",
+    ),
     (["--model", "dense", "--seed", "-1"], "--seed: must be in [0, 2**32 - 1]"),
     (["--model", "dense", "--epochs", "abc"], "--epochs: invalid positive integer value: 'abc'"),
     (["--model", "dense", "--learning-rate", "inf"], "learning_rate must be > 0 and finite"),

@@ -2239,7 +2239,7 @@ def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_pa
     real_denoise, real_parallel = denoiser._denoise, denoiser._parallel
     denoiser._denoise = lambda todo: (groups.append(todo), real_denoise(todo))[1]
     denoiser._parallel = lambda fn, items: (
-        reads.append(len(items)) if fn == denoiser._read else None,
+        reads.append(len(items)) if getattr(fn, "func", fn) == denoiser._read else None,
         real_parallel(fn, items),
     )[1]
     rows = denoiser({"path": np.array(names), "bytes": np.array(sizes)}).to_pylist()

@@ -456,6 +456,13 @@ def test_cosine_lr_schedule_decays_to_zero_over_the_run():
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="lr_schedule"):
         aelib.TrainConfig(lr_schedule="step")
+    # A whole-number learning rate (--set dense.learning_rate=1 in a sweep) trains:
+    # Keras's Adam refused the int, in every trial, after the driver's checks passed.
+    for schedule in ("constant", "cosine"):
+        config = aelib.TrainConfig(
+            model="dense", epochs=1, limit=64, test_limit=16, learning_rate=1, lr_schedule=schedule
+        )
+        assert aelib.train(config, figures=False, verbose=0).history["loss"]
 
 
 AUTOTUNE_SCRIPT = r"""

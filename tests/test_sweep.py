@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1080,3 +1081,14 @@ def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
         assert (exp / "best" / f"{model}.keras").stat().st_size > 0
     assert (exp / "report" / "report.md").is_file()
     assert run["leftover"] == []
+
+
+def test_a_trial_error_is_one_plain_line():
+    """Keras wraps parts of some messages in terminal colour codes; trials.csv and the
+    report got them raw (ESC[1m ... ESC[0m)."""
+    sweep = _load_sweep_module()
+    error = ValueError("Input 0 of layer \x1b[1m'reconstruction'\x1b[0m is\n  incompatible")
+    said = "ValueError: Input 0 of layer 'reconstruction' is incompatible"
+    assert sweep._error_text(SimpleNamespace(cause=error)) == said  # as a RayTaskError holds it
+    traceback = "Traceback (most recent call last):\n  File x\n" + said.replace("'r", "\x1b[1m'r")
+    assert sweep._error_text(traceback) == said

@@ -74,6 +74,10 @@ def denoise(
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1. Received: depth={depth}")
+    if convs_per_stage < 1:  # (0 left the encoder's input channels to its code)
+        raise ValueError(
+            f"convs_per_stage must be >= 1. Received: convs_per_stage={convs_per_stage}"
+        )
     if upsample not in ("nearest", "transpose"):
         raise ValueError(f"upsample must be 'nearest' or 'transpose'. Received: {upsample!r}")
     conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
