@@ -714,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow-limit",
         type=int,
         default=300,
-        help="test digits BM3D (~3 img/s) is scored on; all methods also on these",
+        help="test digits BM3D (~1 img/s on 2 cores) is scored on; all methods also on these",
     )
     p.add_argument(
         "--denoise-config",
@@ -736,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default: jobs/results; runs/bench_quick with --quick)",
     )
     p.add_argument(
-        "--runs-dir", default=None, help="models, figures and samples (default: runs/bench[_quick])"
+        "--runs-dir",
+        default=None,
+        help="models, figures and samples (default: runs/bench, or OUT/runs with --quick)",
     )
     p.add_argument(
         "--quick", action="store_true", help=f"smoke run: {QUICK} (overrides those settings)"

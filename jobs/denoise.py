@@ -51,7 +51,8 @@ write its files (file calls, zlib and Pillow release the GIL). Files are created
 one at a time per actor: several threads creating files in one folder made the
 kernel spin on the folder's lock (about 3x the system time, measured).
 Exit status: 0 when the job ran to the end (failed files are in the
-manifest), 2 for bad arguments (a bad model, DST inside SRC, ...), 1 when
+manifest), 3 when it did but every input failed, or more than --max-failed
+did, 2 for bad arguments (a bad model, DST inside SRC, ...), 1 when
 DST cannot be written mid-run (disk full), 130 after Ctrl-C and 143 after
 SIGTERM (what was done is kept for the rerun).
 """

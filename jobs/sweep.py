@@ -33,7 +33,7 @@ the flag the job takes $AELIB_STORAGE_PATH/sweeps, which cluster.yaml sets on ev
 node, and ~/ray_results where it is not set.
 
 Faults: a failing trial is retried (--max-failures); a trial whose loss turns
-NaN stops and is marked `nan` in the table while the sweep goes on; after the
+NaN stops and is marked `diverged` in the table while the sweep goes on; after the
 driver dies, rerun the same command with --resume: finished trials are kept,
 unfinished ones continue from their last epoch's checkpoint.
 """
