@@ -179,10 +179,10 @@ def actor_stages(model: str, images: Path, out: Path) -> None:
         for name in spent:
             method = getattr(actor, name)
 
-            def timed_call(*a, _method=method, _name=name):
+            def timed_call(*a, _method=method, _name=name, **kw):
                 begin = time.perf_counter()
                 try:
-                    return _method(*a)
+                    return _method(*a, **kw)
                 finally:
                     spent[_name] += time.perf_counter() - begin
 

@@ -950,8 +950,8 @@ def encode(
     """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
     `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
     the format holds them; returns the bytes and a note when the format cannot hold
-    the image as it is (JPEG: no alpha, no 16 bits), so the alpha channel was dropped
-    or the values scaled to 8 bits."""
+    the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits), so the
+    alpha channel was dropped or the values scaled to 8 bits."""
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
@@ -1027,16 +1027,17 @@ def safe_relative(rel: str, foreign: bool = False) -> str:
     return norm
 
 
-def output_for(rel: str, fmt_choice: str, foreign: bool = False, within: str | None = None) -> str:
+def output_for(
+    rel: str, fmt_choice: str, foreign: bool = False, within: SourceFolder | None = None
+) -> str:
     """The output path of input `rel` (see safe_relative, output_path), or ValueError if
-    it would be inside `within`: the input folder's place in the output folder, when the
-    one is inside the other (source_within). There it could overwrite an input, and would
-    be an input of the next run."""
+    it would be in the input folder (`within`, see SourceFolder). There it could
+    overwrite an input, and would be an input of the next run."""
     out_rel = output_path(safe_relative(rel, foreign), fmt_choice)
-    if within is not None and _inside(out_rel, within):
+    if within is not None and within.holds(out_rel):
         raise ValueError(
-            f"its output {out_rel} would be inside the input folder ({within}/ in the "
-            "output folder), where it could replace an input"
+            f"its output {out_rel} would be in the input folder {within.shown}, where it "
+            "could replace an input"
         )
     return out_rel
 
@@ -2060,19 +2061,39 @@ def _nested(outer: Storage, inner: Storage) -> str | None:
     return None
 
 
-def source_within(inputs: Inputs, output: Storage) -> str | None:
-    """Where the input folder is inside the output folder (an allowed layout: --input
-    data/noisy --output data), as a path relative to it; None if it is not."""
-    src = inputs.storage
-    if src is None or _nested(output, src) != "inside":
-        return None
-    if src.local:
-        return os.path.relpath(os.path.realpath(src.root), os.path.realpath(output.root))
-    return src.root[len(output.root.rstrip("/")) + 1 :]
+@dataclass
+class SourceFolder:
+    """The input folder, for the outputs to stay out of: it may be inside DST (--input
+    data/noisy --output data, an allowed layout), or be reached from DST through a link
+    (data/noisy -> /disk2/noisy). Locally, an output path is in it if its real path is;
+    in an object store, if its key is below the folder's."""
+
+    output_root: str
+    real: str  # the input folder's real path, or its remote root
+    local: bool
+    shown: str  # as the user gave it
+    _folders: dict[str, str] = field(default_factory=dict)  # DST folder -> its real path
+
+    @classmethod
+    def of(cls, inputs: Inputs, output: Storage) -> SourceFolder | None:
+        src = inputs.storage  # (None for one Parquet file: rows do not write beside it)
+        if src is None or src.local != output.local or _nested(src, output) in ("same", "inside"):
+            return None  # (DST in SRC: refused, or the folder of one input file)
+        real = os.path.realpath(src.root) if src.local else src.root
+        return cls(output.root, real, src.local, redacted(src.location))
+
+    def holds(self, out_rel: str) -> bool:
+        if not self.local:
+            return _inside(f"{self.output_root}/{out_rel}", self.real)
+        folder, name = posixpath.split(out_rel)
+        real = self._folders.get(folder)
+        if real is None:  # (one realpath a folder, not a file)
+            real = self._folders[folder] = os.path.realpath(os.path.join(self.output_root, folder))
+        return _inside(os.path.join(real, name), self.real)
 
 
 def existing_outputs(
-    output: Storage, written: dict[str, int], within: str | None = None
+    output: Storage, written: dict[str, int], within: SourceFolder | None = None
 ) -> set[str]:
     """Completed outputs under DST; stale temp files of a crashed run are removed.
 
@@ -2081,13 +2102,13 @@ def existing_outputs(
     wrote (`written`, see previous_writers) is not complete, and is done again; one
     without such a row (a manifest of an older version of the job, or none) is checked
     by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
-    size its header declares). The files of an input folder `within` DST are inputs,
-    not outputs."""
+    size its header declares). The files of the input folder (`within`: in DST, or
+    reached from it through a link) are inputs, not outputs."""
     if not output.is_dir():
         return set()
     done, cut = set(), []
     for rel, size in output.walk():
-        if within is not None and _inside(rel, within):
+        if within is not None and within.holds(rel):
             continue
         if rel.endswith(TMP_MARK):
             try:
@@ -3087,7 +3108,7 @@ def _run_locked(
     unrecorded = not (before or before_metas or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, _) in writers.items() if size}
-    within = source_within(inputs, output)
+    within = SourceFolder.of(inputs, output)
     done = existing_outputs(output, written, within)
     metadata = {
         "job": "jobs/denoise.py",
@@ -3254,7 +3275,7 @@ def _plan(
     retry_failed: bool,
     writers: dict[str, tuple] | None = None,
     unrecorded: bool = True,
-    within: str | None = None,
+    within: SourceFolder | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -3267,7 +3288,7 @@ def _plan(
     changed in place can keep its size; 10,000 noisy test digits as PNGs have 108 sizes
     among them). The times are compared with the input's own earlier listing, not
     with the output's: a clock elsewhere, or one an unzip set ahead, does not count.
-    `within`: the input folder's place in DST, if it is there (see output_for)."""
+    `within`: the input folder, for outputs to stay out of (see output_for)."""
     early: list[dict[str, Any]] = []
     todo: list[tuple[str, int]] = []
     orphans = 0  # outputs without a row, of a run that stopped
@@ -3449,7 +3470,7 @@ def _column_problem(schema: pa.Schema, source: str, path_column: str, image_colu
 
 
 def _parquet_units(
-    inputs: Inputs, args: argparse.Namespace, within: str | None = None
+    inputs: Inputs, args: argparse.Namespace, within: SourceFolder | None = None
 ) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]]]:
     """(file, row group) work units, the outputs that more than one row would write
     (those rows fail), and a failed row for each file that cannot be read or lacks the

@@ -1046,7 +1046,7 @@ def test_an_input_folder_inside_the_output_folder_is_never_written_to(
         assert sorted(rows) == sorted(files)
         assert rows["noisy/a.png"]["status"] == "failed", rows["noisy/a.png"]
         assert rows["noisy/a.png"]["error"].startswith(
-            "its output noisy/a.png would be inside the input folder (noisy/ in the output"
+            f"its output noisy/a.png would be in the input folder {src}, where"
         )
         assert {rows[p]["status"] for p in ("a.png", "c/d.png")} <= {"ok", "skipped"}
     assert {rows[p]["status"] for p in ("a.png", "c/d.png")} == {"skipped"}
@@ -1063,8 +1063,38 @@ def test_an_input_folder_inside_the_output_folder_is_never_written_to(
     assert result.returncode == 0, result.stderr[-3000:]
     rows = manifest(data)
     assert rows["y.png"]["status"] == "ok" and rows["pq/x.png"]["status"] == "failed"
-    assert "would be inside the input folder (pq/ in" in rows["pq/x.png"]["error"]
+    assert f"would be in the input folder {data / 'pq'}, where" in rows["pq/x.png"]["error"]
     assert sorted(p.name for p in (data / "pq").iterdir()) == ["data.parquet"]
+
+
+@pytest.mark.parametrize("layout", ["in DST", "in DST through a link", "linked into DST"])
+def test_outputs_stay_out_of_the_input_folder_however_dst_reaches_it(layout, tmp_path):
+    """--input data/noisy --output data, where data/noisy is a folder, a link to one in
+    data, or a link to another disk: an output that would land in the input folder
+    fails, and the input folder's files (a stale temp file among them) are neither taken
+    for outputs nor removed."""
+    data, disk2 = tmp_path / "data", tmp_path / "disk2" / "noisy"
+    real = {"in DST": data / "noisy", "in DST through a link": data / "v2" / "noisy"}
+    real = real.get(layout, disk2)
+    for rel in ("a.png", "noisy/a.png", f".c.png.1{job.TMP_MARK}"):
+        (real / rel).parent.mkdir(parents=True, exist_ok=True)
+        (real / rel).write_bytes(png(np.zeros((4, 4), np.uint8)))
+    data.mkdir(exist_ok=True)
+    if real != data / "noisy":
+        (data / "noisy").symlink_to(real)
+    output = job.Storage(str(data))
+    inputs = job.find_inputs(str(data / "noisy"), "auto", str(data))
+    within = job.SourceFolder.of(inputs, output)
+    assert job.existing_outputs(output, {}, within) == set()
+    assert (real / f".c.png.1{job.TMP_MARK}").exists()
+    args = SimpleNamespace(format="same")
+    early, todo = job._plan(inputs, args, set(), {}, False, within=within)
+    assert todo == [("a.png", len(png(np.zeros((4, 4), np.uint8))))]
+    assert [row["path"] for row in early] == ["noisy/a.png"]
+    assert early[0]["error"] == (
+        f"its output noisy/a.png would be in the input folder {data / 'noisy'}, where it "
+        "could replace an input"
+    )
 
 
 def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, dataset, tmp_path):
