@@ -3,8 +3,9 @@
     import aelib
     aelib.list_models()                      # the seven variant names
     model = aelib.build_model("deep")        # .autoencoder, .encoder, .decoder
-    result = aelib.train(aelib.TrainConfig(model="denoise", epochs=1, limit=2000))
-    model = aelib.load("runs/denoise.keras") # .config: its options; .info: metrics, ...
+    result = aelib.train(aelib.TrainConfig(model="denoise", epochs=1, limit=2000),
+                         out_dir="runs/denoise")
+    model = aelib.load("runs/denoise/denoise.keras")  # .config: its options; .info: metrics
 
 aelib never imports Ray: Ray jobs live in the project's `jobs/` folder.
 """

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8s} {model_defaults(name)}")
         return 0
 
-    from aelib.train import TrainConfig, finite, load_arrays, train
+    from aelib.train import TrainConfig, config_source, finite, load_arrays, train
     from aelib.tutorial import tutorial_settings
 
     values = {
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(
                 config,
                 arrays,
+                data_source=config_source(config),
                 out_dir=str(out),  # (~ expanded, as the checks above did)
                 tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
                 figures=not args.no_figures,

@@ -110,6 +110,23 @@ def _check_pixels(x: np.ndarray, name: str) -> None:
         )
 
 
+def check_arrays(arrays, name: str = "data") -> None:
+    """Arrays as `load_mnist` returns them, ((x_train, y_train), (x_test, y_test)), of
+    pixels `scale` takes, with a label per image: refused before any training (out of
+    range values failed only in the metrics after it, or never)."""
+    try:
+        (x_train, y_train), (x_test, y_test) = arrays
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be ((x_train, y_train), (x_test, y_test)), as aelib.data.load_mnist "
+            "returns it (labels may be -1 where there are none)"
+        ) from None
+    for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
+        _check_pixels(np.asarray(x), f"{name}'s {part} images")
+        if len(y) != len(x):
+            raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
+
+
 def scale(x: np.ndarray) -> np.ndarray:
     """uint8 0..255 -> float32 0..1 (float input is checked, not rescaled)."""
     if np.issubdtype(x.dtype, np.integer):
@@ -186,7 +203,7 @@ def prepare(x: np.ndarray, input_kind: str) -> np.ndarray:
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under `folder`, recursively, sorted; not hidden ones (a name or a
     folder starting with ".": macOS's `._x.png` side files, `.git/`), as a shell's `*`."""
-    root = Path(folder)
+    root = Path(folder).expanduser()
     if root.is_file():
         raise ValueError(f"{root} is a file; expected a folder of images.")
     if not root.is_dir():
@@ -268,6 +285,12 @@ def load_image_folder(
         raise ValueError(f"mode must be 'resize' or 'patch'. Received: mode={mode!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'. Received: on_error={on_error!r}")
+    if not (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(isinstance(s, int | np.integer) and s >= 1 for s in size)
+    ):
+        raise ValueError(f"size must be (height, width), each >= 1. Received: size={size!r}")
     height, width = size
     out, unreadable = [], []
     for path in list_images(folder):

@@ -19,8 +19,8 @@ class ActivityL1(layers.Layer):
 
     def __init__(self, l1: float = 1e-4, **kwargs):
         super().__init__(**kwargs)
-        if l1 < 0:
-            raise ValueError(f"l1 must be >= 0. Received: l1={l1}")
+        if not 0 <= l1 < float("inf"):  # (NaN fails too)
+            raise ValueError(f"l1 must be >= 0 and finite. Received: l1={l1}")
         self.l1 = float(l1)
 
     def call(self, x):

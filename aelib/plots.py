@@ -43,6 +43,8 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
         return x[..., 0] if x.shape[-1] == 1 else x
     if x.ndim == 2:
         side = int(round(np.sqrt(x.shape[1])))
+        if side * side != x.shape[1]:
+            raise ValueError(f"Flat images must be square. Received shape {x.shape}")
         return x.reshape(len(x), side, side)
     return x
 
@@ -134,15 +136,17 @@ def latent_plane(
 
 
 @_closes_its_figure
-def digit_manifold(decoder, path: str | os.PathLike, n: int = 15, digit_size: int = 28) -> Path:
+def digit_manifold(decoder, path: str | os.PathLike, n: int = 15) -> Path:
     """Decodes an n x n grid of the 2-D latent plane, spaced by the Gaussian's
-    quantiles as in the tutorial."""
+    quantiles as in the tutorial (square images of the decoder's output size)."""
     from scipy.stats import norm
 
     grid = norm.ppf(np.linspace(0.05, 0.95, n))
     z = np.array([[xi, yi] for yi in grid[::-1] for xi in grid], dtype="float32")
-    decoded = _as_hw(decoder.predict(z, verbose=0)).reshape(n, n, digit_size, digit_size)
-    figure = decoded.transpose(0, 2, 1, 3).reshape(n * digit_size, n * digit_size)
+    decoded = _as_hw(decoder.predict(z, verbose=0))
+    height, width = decoded.shape[1:3]
+    decoded = decoded.reshape(n, n, height, width)
+    figure = decoded.transpose(0, 2, 1, 3).reshape(n * height, n * width)
     fig, ax = plt.subplots(figsize=(8, 8))
     ax.imshow(figure, cmap="Greys_r")
     ax.axis("off")
@@ -229,7 +233,9 @@ def tutorial_figures(
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.suffix:  # (Matplotlib adds ".png" itself: the path returned must say it)
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

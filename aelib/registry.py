@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import numbers
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -88,8 +89,9 @@ def register_model(input_kind: str) -> Callable:
                 )
             for key, value in overrides.items():
                 _check_option(fn.__name__, key, value, defaults[key])
-            # JSON-native (tuples become lists) so a reloaded config equals this one.
-            config = json.loads(json.dumps({**defaults, **overrides}))
+            # JSON-native (tuples become lists, NumPy numbers Python's) so a reloaded
+            # config equals this one.
+            config = json.loads(json.dumps({**defaults, **overrides}, default=json_default))
             try:
                 encoder, decoder = fn(**config)
             except (TypeError, ValueError) as e:  # name the options, not only Keras's words
@@ -109,6 +111,15 @@ def register_model(input_kind: str) -> Callable:
         return fn
 
     return decorator
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for what `json` does not take: NumPy arrays and numbers, paths."""
+    if hasattr(obj, "tolist"):  # NumPy arrays, and numbers (whose tolist is .item())
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")
 
 
 def is_int(value: Any) -> bool:

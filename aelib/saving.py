@@ -24,7 +24,7 @@ from typing import Any
 
 import keras
 
-from aelib.registry import Autoencoder
+from aelib.registry import Autoencoder, json_default
 
 INFO_MEMBER = "aelib.json"
 CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
@@ -34,12 +34,13 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     """Writes `model.autoencoder` to `path` (.keras) atomically, with `info` (what
     produced it: training config, metrics, ...). A reloaded model's record is its
     `.info`; it is not carried over by itself, as training on would leave it stale:
-    `save(model, path, {**model.info, ...})` keeps it.
+    `save(model, path, {**model.info, ...})` keeps it (the variant, its options and the
+    versions and backend saving it are always recorded anew).
 
     Returns:
         The path written.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix != ".keras":
         raise ValueError(f"Model path must end in .keras. Received: {path}")
     try:
@@ -48,9 +49,14 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
         blocker = next((p for p in path.parents if p.is_file()), None)
         what = f"{blocker} is a file" if blocker else f"{e.filename} is not a folder"
         raise NotADirectoryError(f"Cannot save {path}: {what}.") from e
+    if path.is_dir():
+        raise IsADirectoryError(f"Cannot save {path}: it is a folder.")
     # Write beside the target, then rename: a crash never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    # aelib's own fields last: `info` may be a reloaded model's record, naming the
+    # backend and versions it was saved with before.
     record = {
+        **(info or {}),
         "name": model.name,
         "input_kind": model.input_kind,
         "model_config": model.config,
@@ -59,12 +65,11 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
             "keras": keras.__version__,
             "backend": keras.backend.backend(),
         },
-        **(info or {}),
     }
     keras_tmp = tmp.with_name(f".{path.stem}.{os.getpid()}.keras-tmp.keras")
     try:
         model.autoencoder.save(keras_tmp)
-        _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=_json_default))
+        _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=json_default))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -108,7 +113,9 @@ def portable(compile_config: dict) -> dict:
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
     """The aelib record stored in a `.keras` file ({} for a plain Keras file)."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a .keras file.")
     if not path.is_file():
         raise FileNotFoundError(f"Model file not found: {path}")
     try:
@@ -128,6 +135,7 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
     an earlier aelib wrote has its saving backend's compile config: it is loaded from a
     portable copy, optimizer state included, so that it trains on under any backend.
     """
+    path = Path(path).expanduser()
     info = read_info(path)
     if "name" not in info:
         raise ValueError(
@@ -155,13 +163,3 @@ def _version() -> str:
     from aelib import __version__
 
     return __version__
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")

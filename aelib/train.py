@@ -21,6 +21,7 @@ from aelib.registry import (
     build_model,
     is_int,
     is_number,
+    json_default,
     list_models,
     model_defaults,
     options_text,
@@ -82,6 +83,10 @@ class TrainConfig:
             _check(is_number(value), f"{name} must be a number. Received: {name}={value!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
+        _check(
+            self.metrics_limit >= 1,
+            f"metrics_limit must be >= 1. Received: metrics_limit={self.metrics_limit}",
+        )
         _check(
             0 < self.learning_rate < math.inf,
             f"learning_rate must be > 0 and finite. Received: {self.learning_rate}",
@@ -373,6 +378,7 @@ def train(
     figures: bool = True,
     verbose: str | int = "auto",
     initial_epoch: int = 0,
+    data_source: str | None = None,
 ) -> TrainResult:
     """Builds, trains and evaluates one variant; optionally saves it with its figures.
 
@@ -390,6 +396,8 @@ def train(
             state a callback restores in `on_train_begin`): trains epochs
             `initial_epoch + 1` to `config.epochs`, with the learning-rate schedule of
             the whole run.
+        data_source: what `data` is, for the saved record (default: the config's MNIST
+            file or image folder when `data` is None, else "arrays passed to train()").
 
     Returns:
         A `TrainResult`. Training stops at the end of the epoch where the loss
@@ -397,6 +405,14 @@ def train(
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    if not (is_int(initial_epoch) and 0 <= initial_epoch < config.epochs):
+        raise ValueError(
+            f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
+            f"Received: initial_epoch={initial_epoch!r}"
+        )
+    if data is not None:
+        data_lib.check_arrays(data)
+        data_source = data_source or "arrays passed to train()"
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)
     arrays = data if data is not None else load_arrays(config)
@@ -442,7 +458,8 @@ def train(
 
     paths: dict[str, str] = {}
     if out_dir is not None:
-        paths = write_outputs(model, config, metrics, hist, splits, Path(out_dir), figures)
+        out_dir = Path(out_dir).expanduser()
+        paths = write_outputs(model, config, metrics, hist, splits, out_dir, figures, data_source)
     return TrainResult(model, metrics, hist, config, paths, splits)
 
 
@@ -452,13 +469,14 @@ def run_record(
     history: dict[str, list[float]],
     n_train: int,
     n_val: int,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """What gets stored with a model: config, data settings, metrics, history."""
+    """What gets stored with a model: config, data settings, metrics, history.
+    `source`: where the data came from (default: the config's, see config_source)."""
     return {
         "train_config": config.to_dict(),
         "data_settings": {
-            "source": config.images
-            or str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist"),
+            "source": source or config_source(config),
             "train_images": n_train,
             "val_images": n_val,
             "noise_factor": config.noise_factor if config.model == "denoise" else None,
@@ -468,6 +486,11 @@ def run_record(
         "metrics": metrics,
         "history": history,
     }
+
+
+def config_source(config: TrainConfig) -> str:
+    """Where `config` reads its data: its image folder, MNIST file or Keras's download."""
+    return config.images or str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist")
 
 
 # The files plots.tutorial_figures writes, as NAME_<one of these>.png: an earlier run's
@@ -493,13 +516,16 @@ def write_outputs(
     splits: Splits,
     out_dir: Path,
     figures: bool,
+    source: str | None = None,
 ) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = run_record(config, metrics, history, len(splits.x_train), len(splits.x_val))
+    n_train, n_val = len(splits.x_train), len(splits.x_val)
+    record = run_record(config, metrics, history, n_train, n_val, source)
     paths = {"model": str(save(model, out_dir / f"{config.model}.keras", record))}
     metrics_path = out_dir / "metrics.json"
     tmp = metrics_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(finite({"model": config.model, **record}), indent=2, default=float))
+    text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
+    tmp.write_text(text)
     os.replace(tmp, metrics_path)
     paths["metrics"] = str(metrics_path)
     if figures and not metrics["nan"]:
@@ -526,7 +552,14 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
     train() checks first, for callers that want a bad option refused before any
     work (the sweep's driver, before its trials)."""
     model = build_model(config.model, **config.model_options)
-    image = data_lib.prepare(arrays[0][0][:1], model.input_kind)
+    first = np.asarray(arrays[0][0][:1])
+    if model.input_kind == "flat" and first.ndim == 3 and first.shape[1] != first.shape[2]:
+        raise ValueError(  # (after training, the metrics and figures failed on them)
+            f"Model {model.name!r} reads images as flat vectors, and its metrics and figures "
+            f"read them back as square images: the data's {first.shape[1]}x{first.shape[2]} "
+            "images are not square. Resize them, or use conv or denoise."
+        )
+    image = data_lib.prepare(first, model.input_kind)
     _check_shapes(model, image.shape[1:], config.model_options)
     return model
 

@@ -228,8 +228,15 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
         data=args.data,
     )
     out_dir = runs_dir / row
+    from aelib.train import config_source
+
     result = aelib.train(
-        config, data=arrays, out_dir=out_dir, figures=not args.no_figures, verbose=args.verbose
+        config,
+        data=arrays,
+        out_dir=out_dir,
+        figures=not args.no_figures,
+        verbose=args.verbose,
+        data_source=config_source(config),  # (the arrays are config.data's)
     )
     m = dict(result.metrics)
     epochs_run = m.get("epochs_run", 0)

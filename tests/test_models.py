@@ -5,6 +5,7 @@ and PyTorch)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -565,3 +566,78 @@ def test_metrics_match_scikit_image_and_refuse_integer_images():
         for wrong in (digits, digits.astype(np.float32), ref - 0.5):  # 0..255, or below 0
             with pytest.raises(ValueError, match=r"must have values in \[0, data_range=1.0\]"):
                 metric(wrong, wrong)
+
+
+def test_options_and_records_a_library_user_can_trip_on(tmp_path, monkeypatch):
+    """NumPy numbers as options (a TypeError of json), conv's unpadded layer at another
+    kernel_size (a 24x24 output), a record whose `info` overrode aelib's own fields
+    (`{**model.info, ...}` from another backend kept its versions), a NumPy array in
+    `info`, folders where files belong, and `~`."""
+    deep = aelib.build_model("deep", encoding_dim=np.int64(16), hidden_units=(np.int32(64),))
+    assert deep.config["encoding_dim"] == 16 and type(deep.config["encoding_dim"]) is int
+    for kernel_size in (1, 5):
+        conv = aelib.build_model("conv", kernel_size=kernel_size)
+        assert conv.autoencoder.output_shape == (None, 28, 28, 1), kernel_size
+    for name, options, message in (
+        ("vae", {"input_dim": 0}, "input_dim must be >= 1"),
+        ("sparse", {"l1": float("nan")}, "l1 must be >= 0 and finite"),
+        ("sparse", {"l1": float("inf")}, "l1 must be >= 0 and finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            aelib.build_model(name, **options)
+
+    dense = aelib.build_model("dense")
+    info = {"name": "vae", "versions": {"backend": "jax"}, "arr": np.arange(3), "n": np.int64(2)}
+    saved = aelib.read_info(aelib.save(dense, tmp_path / "d.keras", info))
+    assert saved["name"] == "dense" and saved["versions"]["backend"] == keras.backend.backend()
+    assert saved["arr"] == [0, 1, 2] and saved["n"] == 2
+    (tmp_path / "dir.keras").mkdir()
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        aelib.save(dense, tmp_path / "dir.keras")
+    with pytest.raises(IsADirectoryError, match="is a folder; expected a .keras file"):
+        aelib.load(tmp_path / "dir.keras")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert aelib.save(dense, "~/home.keras") == tmp_path / "home.keras"
+    assert aelib.load("~/home.keras").name == "dense"
+    figure = plots.learning_curves({"loss": [1.0, 0.5]}, "~/curves")
+    assert figure == tmp_path / "curves.png" and figure.is_file()
+    with pytest.raises(ValueError, match="size must be"):
+        data_lib.load_image_folder(tmp_path, size=(0, 0))
+
+
+def test_train_refuses_before_training_what_would_fail_after_it(tmp_path):
+    """Arrays of the wrong structure or range, a flat model of non-square images, a
+    metrics_limit below 1 and an initial_epoch past the epochs failed after training
+    (or never, or reported a run of no epochs as NaN); a VAE of 32x32 images crashed
+    in its manifold figure. Arrays passed to train() are recorded as such."""
+    rng = np.random.default_rng(0)
+
+    def arrays(shape, n=60, dtype=np.uint8, top=256):
+        labels = np.arange(n) % 10
+        x = rng.integers(0, top, (n, *shape)).astype(dtype)
+        return (x, labels), (x[:20], labels[:20])
+
+    config = TrainConfig(model="dense", epochs=1, batch_size=16)
+    (x_train, _), (x_test, _) = arrays((28, 28))
+    bad = [
+        ((x_train, x_test), "data must be ((x_train, y_train), (x_test, y_test))"),
+        (arrays((28, 28), dtype=np.int16, top=300), "training images holds int16 values in"),
+        (arrays((28, 32)), "the data's 28x32 images are not square"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            aelib.train(config, data=data, figures=False, verbose=0)
+    with pytest.raises(ValueError, match=r"initial_epoch must be in \[0, epochs=1\)"):
+        aelib.train(config, data=arrays((28, 28)), initial_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="metrics_limit must be >= 1"):
+        TrainConfig(model="denoise", metrics_limit=0)
+
+    vae = TrainConfig(model="vae", epochs=np.int64(1), model_options={"input_dim": 1024})
+    result = aelib.train(vae, data=arrays((32, 32)), out_dir=tmp_path / "vae", verbose=0)
+    assert result.paths["figure_manifold"].endswith("vae_manifold.png")
+    record = json.loads((tmp_path / "vae" / "metrics.json").read_text())
+    assert record["train_config"]["epochs"] == 1 and isinstance(
+        record["train_config"]["epochs"], int
+    )
+    assert record["data_settings"]["source"] == "arrays passed to train()"
+    TrainConfig.from_dict(record["train_config"])  # (1.0 was refused as an int)

@@ -36,7 +36,9 @@ def conv(
     x = layers.UpSampling2D(2)(x)  # 8
     x = layers.Conv2D(f2, **conv_kw, name="dec_conv_1")(x)
     x = layers.UpSampling2D(2)(x)  # 16
-    x = layers.Conv2D(f1, kernel_size, activation=activation, name="dec_conv_2")(x)  # 14, unpadded
+    # 16 -> 14 unpadded, as in the tutorial: 3x3 whatever kernel_size (a 5x5 gave 12,
+    # and a 24x24 output)
+    x = layers.Conv2D(f1, 3, activation=activation, name="dec_conv_2")(x)
     x = layers.UpSampling2D(2)(x)  # 28
     outputs = layers.Conv2D(
         1, kernel_size, activation="sigmoid", padding="same", name="reconstruction"

@@ -22,6 +22,8 @@ def vae(
     variant) plus the KL term, which `Sampling` adds scaled by 1 / input_dim:
     the tutorial's `784 * bce + kl`, divided by 784.
     """
+    if input_dim < 1:  # (the KL weight is 1 / input_dim)
+        raise ValueError(f"input_dim must be >= 1. Received: input_dim={input_dim}")
     inputs = keras.Input(shape=(input_dim,), name="image")
     h = layers.Dense(intermediate_dim, activation="relu", name="enc_dense")(inputs)
     z_mean = layers.Dense(latent_dim, name="z_mean")(h)
