@@ -1806,15 +1806,30 @@ def _hidden(rel: str) -> bool:
 
 
 def _matching(files: list[tuple[str, int]], pattern: str) -> list[tuple[str, int]]:
-    """A remote listing's files that `pattern` matches as a local glob would: fnmatch's
-    "*" also matches a leading "." (and "/"), glob's does not, so hidden files count
-    only when the pattern names them."""
+    """A remote listing's files that `pattern` matches as a local glob (recursive=True)
+    would: "*", "?" and "[...]" within one folder's name ("*/x" matches no "a/b/x"), a
+    "**" folder for any folders, none too ("**/*.png" matches "x.png"); hidden files
+    only where the pattern names them (glob's "*" skips a leading ".")."""
     dotted = _hidden(pattern)
+    parts = pattern.split("/")
     return [
         (rel, n)
         for rel, n in files
-        if fnmatch.fnmatch(rel, pattern) and (dotted or not _hidden(rel))
+        if _glob_match(rel.split("/"), parts) and (dotted or not _hidden(rel))
     ]
+
+
+def _glob_match(names: list[str], parts: list[str]) -> bool:
+    """Whether a path's names match a glob's parts, as glob.glob(recursive=True)."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return any(_glob_match(names[i:], parts[1:]) for i in range(len(names) + 1))
+    return (
+        bool(names)
+        and fnmatch.fnmatchcase(names[0], parts[0])
+        and _glob_match(names[1:], parts[1:])
+    )
 
 
 def find_inputs(location: str, input_format: str, output: str | None = None) -> Inputs:
@@ -3026,6 +3041,31 @@ def _is_local(location: str) -> bool:
     return "://" not in location or location.startswith("file://")
 
 
+def check_uri(location: str, flag: str) -> None:
+    """Refuses what an object store's URI cannot say as the user meant it: a "#" ends
+    its path (the rest is a fragment: the outputs went to the folder before it); "."
+    and ".." are resolved when writing but not when listing (an output "outside" the
+    input was in it, and every rerun found no outputs); a space or a non-ASCII letter
+    does not parse. Each must be percent-encoded, or left out."""
+    if _is_local(location):
+        return
+    path = split_query(location)[0]
+    shown = f"{flag} {redacted(location)}"
+    if "#" in path:
+        raise ValueError(f"{shown}: a '#' ends a URI's path; write it as %23.")
+    segments = path.split("://", 1)[1].split("/")
+    if any(part in (".", "..") for part in segments[1:]):
+        raise ValueError(
+            f"{shown}: '.' and '..' are not folders in an object store (its listing would "
+            "not find what was written there); give the path without them."
+        )
+    if any(ch.isspace() or not ch.isascii() for ch in path):
+        raise ValueError(
+            f"{shown}: percent-encode spaces and non-ASCII letters in a URI "
+            "(a space is %20; urllib.parse.quote gives the rest)."
+        )
+
+
 def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
     """Fails before any actor is asked for if no node can ever hold one (Ray Data
     would otherwise wait forever for it)."""
@@ -3053,19 +3093,31 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the job; returns the summary (also printed)."""
     start = time.perf_counter()
+    for flag, location in (("--model", args.model), ("--input", args.input)):
+        check_uri(location, flag)
+    for flag, location in (("--output", args.output), ("--clean", args.clean)):
+        if location:
+            check_uri(location, flag)
     model, query = split_query(args.model)
     model_store = Storage((os.path.dirname(model) or ".") + query)
     try:
         model_bytes = model_store.read(os.path.basename(model))
     except OSError as e:
-        raise ValueError(f"--model {args.model}: cannot read it ({e}).") from e
+        raise ValueError(f"--model {redacted(args.model)}: cannot read it ({e}).") from e
     spec = inspect_model(model_bytes, args.model)
     if spec.note:
         print(f"denoise: note: {spec.note}", file=sys.stderr)
-    inputs = find_inputs(args.input, args.input_format, args.output)
+    try:
+        inputs = find_inputs(args.input, args.input_format, args.output)
+    except OSError as e:  # (an object store out of reach: nothing was written)
+        raise ValueError(f"--input {redacted(args.input)}: cannot list it ({e}).") from e
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
-    if clean is not None and not clean.is_dir():
+    try:
+        clean_found = clean is None or clean.is_dir()
+    except OSError as e:
+        raise ValueError(f"--clean {redacted(args.clean)}: cannot list it ({e}).") from e
+    if not clean_found:
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
     with one_run_at_a_time(output, args.output) as hold:
@@ -3215,7 +3267,7 @@ def _run_locked(
         "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
         "hidden_not_inputs": inputs.hidden,
         **timings,
-        "manifest": output.full(MANIFEST),
+        "manifest": output.full(MANIFEST) if output.local else redacted(output.uri(MANIFEST)),
     }
     means = manifest.means()
     if manifest.measured:

@@ -9,6 +9,7 @@ address of `shared_ray` (conftest.py), a head the tests start for themselves.
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
 import os
@@ -1140,6 +1141,14 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
             [*src, "--output", tmp_path / "o4", "--max-failed", "-1"],
             "argument --max-failed: must be >= 0. Received: -1",
         ),
+        (  # an object store out of reach (rc 1 and "rerun to resume", naming no flag)
+            [
+                *src[:2],
+                *("--input", "s3://KEY:SECRET@bkt/in?endpoint_override=127.0.0.1:1&scheme=http"),
+                *("--output", tmp_path / "o7"),
+            ],
+            "--input s3://KEY:***@bkt/in?endpoint_override=127.0.0.1:1&scheme=http: cannot list",
+        ),
     ]
     for args, message in cases:
         result = run_job(*args)
@@ -1147,7 +1156,26 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
+
+
+def test_uris_an_object_store_would_read_otherwise_are_refused():
+    """'#' ended the path (the outputs went to the folder before it), '.' and '..' were
+    resolved when writing but not when listing (an output "outside" the input was in
+    it), and a space did not parse (pyarrow's message named no flag)."""
+    for uri, said in (
+        ("s3://b/res#1/out", "a '#' ends a URI's path; write it as %23."),
+        ("s3://b/./noisy/out", "'.' and '..' are not folders in an object store"),
+        ("gs://b/x/../noisy", "'.' and '..' are not folders in an object store"),
+        ("s3://K:S@b/a b?region=x", "percent-encode spaces and non-ASCII letters in a URI"),
+        ("s3://b/\u00f6dd", "percent-encode spaces and non-ASCII letters in a URI"),
+    ):
+        with pytest.raises(ValueError) as e:
+            job.check_uri(uri, "--output")
+        assert str(e.value).startswith(f"--output {job.redacted(uri)}: {said}"), str(e.value)
+        assert "S@" not in str(e.value)
+    for fine in ("s3://b/res%231/out", "s3://b/a%20b/*.png?region=x", "./x/../#1 b", "file:///a b"):
+        job.check_uri(fine, "--output")
 
 
 def test_an_impossible_actor_request_fails_instead_of_waiting(
@@ -1187,10 +1215,15 @@ def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # a local glob: Python's glob leaves hidden files out ...
     assert [rel for rel, _ in job.find_inputs("**/*", "auto").files] == ["a.png", "sub/b.png"]
     assert [rel for rel, _ in job.find_inputs("sub/.*", "auto").files] == [".b.png.swp"]
-    listing = job.Storage(str(tmp_path)).walk()  # ... and so does a remote one, by fnmatch
-    visible = [("a.png", 1), ("sub/b.png", 1)]  # (fnmatch's * spans folders)
-    assert job._matching(listing, "*") == visible
-    assert job._matching(listing, "sub/.*") == [("sub/.b.png.swp", 1)]
+    # ... and a remote listing matches as the local glob does (fnmatch's "*" spanned
+    # folders, and "**/" needed one: "s3://b/**/*.png" missed the top folder's images)
+    listing = job.Storage(str(tmp_path)).walk()
+    patterns = ["*", "**/*", "**", "sub/*", "**/*.png", "*/b.png", "*.png", "sub/.*", "**/.*"]
+    patterns += ["[as]*", "?.png", "s?b/[!x]*", "**/objects/*", ".git/**"]
+    for pattern in patterns:
+        local = sorted(glob.glob(pattern, root_dir=tmp_path, recursive=True))
+        local = [rel for rel in local if (tmp_path / rel).is_file()]
+        assert [rel for rel, _ in job._matching(listing, pattern)] == local, pattern
     (tmp_path / "a.png").unlink()
     (tmp_path / "sub" / "b.png").unlink()
     with pytest.raises(ValueError, match=r"no files found \(only 3 hidden ones\)"):
