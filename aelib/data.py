@@ -122,8 +122,10 @@ def check_arrays(arrays, name: str = "data") -> None:
             "returns it (labels may be -1 where there are none)"
         ) from None
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
-        _check_pixels(np.asarray(x), f"{name}'s {part} images")
-        if len(y) != len(x):
+        x = np.asarray(x)
+        if x.dtype != bool:  # (bool images scale to 0 and 1)
+            _check_pixels(x, f"{name}'s {part} images")
+        if y is not None and len(y) != len(x):
             raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
 
 
@@ -286,7 +288,7 @@ def load_image_folder(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'. Received: on_error={on_error!r}")
     if not (
-        isinstance(size, tuple | list)
+        np.ndim(size) == 1
         and len(size) == 2
         and all(isinstance(s, int | np.integer) and s >= 1 for s in size)
     ):

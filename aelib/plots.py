@@ -136,15 +136,20 @@ def latent_plane(
 
 
 @_closes_its_figure
-def digit_manifold(decoder, path: str | os.PathLike, n: int = 15) -> Path:
+def digit_manifold(
+    decoder, path: str | os.PathLike, n: int = 15, digit_size: int | None = None
+) -> Path:
     """Decodes an n x n grid of the 2-D latent plane, spaced by the Gaussian's
-    quantiles as in the tutorial (square images of the decoder's output size)."""
+    quantiles as in the tutorial: square images of the decoder's output size
+    (`digit_size`, if given, must be it)."""
     from scipy.stats import norm
 
     grid = norm.ppf(np.linspace(0.05, 0.95, n))
     z = np.array([[xi, yi] for yi in grid[::-1] for xi in grid], dtype="float32")
     decoded = _as_hw(decoder.predict(z, verbose=0))
     height, width = decoded.shape[1:3]
+    if digit_size is not None and digit_size != height:
+        raise ValueError(f"digit_size={digit_size}, but the decoder gives {height}x{width} images")
     decoded = decoded.reshape(n, n, height, width)
     figure = decoded.transpose(0, 2, 1, 3).reshape(n * height, n * width)
     fig, ax = plt.subplots(figsize=(8, 8))

@@ -553,13 +553,17 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
     work (the sweep's driver, before its trials)."""
     model = build_model(config.model, **config.model_options)
     first = np.asarray(arrays[0][0][:1])
-    if model.input_kind == "flat" and first.ndim == 3 and first.shape[1] != first.shape[2]:
+    image = data_lib.prepare(first, model.input_kind)
+    values = image.shape[-1]
+    if model.input_kind == "flat" and (
+        first.ndim >= 3 and first.shape[1] != first.shape[2] or math.isqrt(values) ** 2 != values
+    ):
+        shape = "x".join(map(str, first.shape[1:3])) if first.ndim >= 3 else f"{values}-value"
         raise ValueError(  # (after training, the metrics and figures failed on them)
             f"Model {model.name!r} reads images as flat vectors, and its metrics and figures "
-            f"read them back as square images: the data's {first.shape[1]}x{first.shape[2]} "
-            "images are not square. Resize them, or use conv or denoise."
+            f"read them back as square images: the data's {shape} images are not square. "
+            "Resize them, or use denoise (sides multiples of 2**depth)."
         )
-    image = data_lib.prepare(first, model.input_kind)
     _check_shapes(model, image.shape[1:], config.model_options)
     return model
 

@@ -603,9 +603,13 @@ def test_options_and_records_a_library_user_can_trip_on(tmp_path, monkeypatch):
     assert figure == tmp_path / "curves.png" and figure.is_file()
     with pytest.raises(ValueError, match="size must be"):
         data_lib.load_image_folder(tmp_path, size=(0, 0))
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        plots.image_rows({"x": np.zeros((1, 28, 28))}, tmp_path / "images" / f"{i}.png")
+    assert data_lib.load_image_folder("~/images", size=np.array([8, 8])).shape == (2, 8, 8)
 
 
-def test_train_refuses_before_training_what_would_fail_after_it(tmp_path):
+def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkeypatch):
     """Arrays of the wrong structure or range, a flat model of non-square images, a
     metrics_limit below 1 and an initial_epoch past the epochs failed after training
     (or never, or reported a run of no epochs as NaN); a VAE of 32x32 images crashed
@@ -623,6 +627,9 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path):
         ((x_train, x_test), "data must be ((x_train, y_train), (x_test, y_test))"),
         (arrays((28, 28), dtype=np.int16, top=300), "training images holds int16 values in"),
         (arrays((28, 32)), "the data's 28x32 images are not square"),
+        (arrays((28, 32, 1)), "the data's 28x32 images are not square"),
+        (arrays((896,)), "the data's 896-value images are not square"),
+        (((x_train, np.zeros(3)), (x_test, None)), "data has 3 training labels for 60 training"),
     ]
     for data, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -633,8 +640,9 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path):
         TrainConfig(model="denoise", metrics_limit=0)
 
     vae = TrainConfig(model="vae", epochs=np.int64(1), model_options={"input_dim": 1024})
-    result = aelib.train(vae, data=arrays((32, 32)), out_dir=tmp_path / "vae", verbose=0)
-    assert result.paths["figure_manifold"].endswith("vae_manifold.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = aelib.train(vae, data=arrays((32, 32)), out_dir="~/vae", verbose=0)
+    assert result.paths["figure_manifold"] == str(tmp_path / "vae/figures/vae_manifold.png")
     record = json.loads((tmp_path / "vae" / "metrics.json").read_text())
     assert record["train_config"]["epochs"] == 1 and isinstance(
         record["train_config"]["epochs"], int
