@@ -23,7 +23,8 @@ def resolve_mnist_path(path: str | os.PathLike | None = None) -> Path | None:
 
 
 def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
-    """Loads MNIST as `((x_train, y_train), (x_test, y_test))`, uint8 0..255.
+    """Loads MNIST as `((x_train, y_train), (x_test, y_test))`, as the file stores it:
+    uint8 0..255 (Keras's), or floats in [0, 1], which `scale` takes as they are.
 
     Looks at `path`, then the `AELIB_MNIST` environment variable, and only then
     falls back to `keras.datasets.mnist.load_data()` (which needs internet).

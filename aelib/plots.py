@@ -52,14 +52,15 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
 @_closes_its_figure
 def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10) -> Path:
     """Draws each array's first `n` images as one labelled row (originals over
-    reconstructions, noisy over denoised, ...)."""
+    reconstructions, noisy over denoised, ...): floats in [0, 1], or 8-bit 0..255."""
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.2, len(rows) * 1.3), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         images = _as_hw(images)
+        top = 255 if np.issubdtype(images.dtype, np.integer) else 1  # (raw digits: all white)
         for c in range(n):
             ax = axes[r][c]
             if c < len(images):
-                ax.imshow(images[c], cmap="gray", vmin=0, vmax=1)
+                ax.imshow(images[c], cmap="gray", vmin=0, vmax=top)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")

@@ -192,6 +192,10 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path):
     with pytest.raises(ValueError):
         plots.image_rows({"flat": np.zeros((3, 10))}, tmp_path / "rows.png")
     assert plt.get_fignums() == before
+    # 8-bit digits are drawn as their floats are (vmax=1 drew every lit pixel white)
+    raw = plots.image_rows({"digits": digits[:3]}, tmp_path / "raw.png")
+    scaled = plots.image_rows({"digits": data_lib.scale(digits[:3])}, tmp_path / "scaled.png")
+    assert raw.read_bytes() == scaled.read_bytes()
 
 
 @pytest.mark.parametrize("name", NAMES)
