@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -150,6 +151,15 @@ def flatten(x: np.ndarray) -> np.ndarray:
 def as_images(x: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N, H, W, 1), channels-last."""
     return x.reshape((*x.shape[:3], 1)) if x.ndim == 3 else x
+
+
+def unflatten(x: np.ndarray) -> np.ndarray:
+    """(N, side * side) -> (N, side, side): flat images back as the square ones they
+    were (ValueError if their length is no square)."""
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"Flat images must be square. Received shape {x.shape}")
+    return x.reshape(len(x), side, side)
 
 
 def as_sequences(x: np.ndarray) -> np.ndarray:

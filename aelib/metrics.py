@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aelib import data as data_lib
+
 # scikit-image is imported on first use: it pulls in SciPy (~0.6 s), which
 # `import aelib` (for loading a model, or in a Ray worker) does not need.
 
@@ -25,10 +27,7 @@ def _as_hw(x: np.ndarray, data_range: float) -> np.ndarray:
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
-        if side * side != x.shape[1]:
-            raise ValueError(f"Flat images must be square. Received shape {x.shape}")
-        x = x.reshape(len(x), side, side)
+        x = data_lib.unflatten(x)
     return x
 
 

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aelib import data as data_lib  # noqa: E402
+
 if TYPE_CHECKING:
     from aelib.registry import Autoencoder
     from aelib.train import Splits
@@ -42,10 +44,7 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
     if x.ndim == 4:
         return x[..., 0] if x.shape[-1] == 1 else x
     if x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
-        if side * side != x.shape[1]:
-            raise ValueError(f"Flat images must be square. Received shape {x.shape}")
-        return x.reshape(len(x), side, side)
+        return data_lib.unflatten(x)
     return x
 
 

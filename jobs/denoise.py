@@ -1308,8 +1308,9 @@ class Denoiser:
     def _parquet_group(self, source: str, group: int) -> list[dict[str, Any]]:
         path_column, image_column = self.s.extra["path_column"], self.s.extra["image_column"]
         try:
-            mtime = _mtime_ns(source)
-            parquet = _parquet_file(source)
+            located = _located(source)  # (one client: S3's may ask for the bucket's region)
+            mtime = _mtime_ns(*located)
+            parquet = _parquet_file(source, located)
             columns = {_top_column(parquet.schema_arrow, c) for c in (path_column, image_column)}
             table = parquet.read_row_group(group, columns=sorted(columns))
             paths = _parquet_values(table, path_column)
@@ -1742,19 +1743,19 @@ def _keras_backend() -> str:
         return "tensorflow"
 
 
-def _mtime_ns(source: str) -> int | None:
+def _located(source: str) -> tuple[Any, str]:
+    """pyarrow's filesystem and path of a URI; None and the path of a local file."""
+    return filesystem(source) if "://" in source else (None, source)
+
+
+def _mtime_ns(fs, path: str) -> int | None:
     """A file's modification time, local or in an object store (None if not known)."""
-    if "://" in source:
-        fs, path = filesystem(source)
-        return fs.get_file_info(path).mtime_ns
-    return os.stat(source).st_mtime_ns
+    return fs.get_file_info(path).mtime_ns if fs is not None else os.stat(path).st_mtime_ns
 
 
-def _parquet_file(source: str) -> pq.ParquetFile:
-    if "://" in source:
-        fs, path = filesystem(source)
-        return pq.ParquetFile(fs.open_input_file(path))
-    return pq.ParquetFile(source)
+def _parquet_file(source: str, located: tuple[Any, str] | None = None) -> pq.ParquetFile:
+    fs, path = located or _located(source)
+    return pq.ParquetFile(fs.open_input_file(path) if fs is not None else path)
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -2785,12 +2786,11 @@ class ManifestWriter:
                 self.sums[key] += float(np.sum(values[key][both].astype(float)))
             self.in_means[metric] += int(both.sum())
         if measured.any():
-            both = measured
-            self.measured += int(both.sum())
+            self.measured += int(measured.sum())
             if self.model_sha256:  # (None: a row of a version before the column)
                 models = table.column("model_sha256").to_pylist()
                 other = np.array([m not in (None, self.model_sha256) for m in models], bool)
-                self.measured_elsewhere += int((both & other).sum())
+                self.measured_elsewhere += int((measured & other).sum())
 
     def add_rows(self, rows: list[dict[str, Any]], journal: bool = False) -> None:
         if rows:
@@ -3093,9 +3093,8 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the job; returns the summary (also printed)."""
     start = time.perf_counter()
-    for flag, location in (("--model", args.model), ("--input", args.input)):
-        check_uri(location, flag)
-    for flag, location in (("--output", args.output), ("--clean", args.clean)):
+    for flag in ("--model", "--input", "--output", "--clean"):
+        location = getattr(args, flag[2:])
         if location:
             check_uri(location, flag)
     model, query = split_query(args.model)
