@@ -3227,13 +3227,26 @@ def _run_locked(
         manifest.add_rows(early, journal=unrecorded)
         units, parquet = [], {}
         if inputs.kind == "parquet":  # rows are skipped in the actors, which need these
-            units, clashes, unusable = _parquet_units(inputs, args, within)
-            # Rows are skipped in the actors: for the outputs their own path wrote, from
-            # bytes of the same size.
+            # Rows are skipped for the outputs their own path wrote, from bytes of the
+            # same size, in a file of the same modification time: here, a row group all
+            # of whose rows have their output and were recorded with their file's time
+            # now (as files are: see _plan); in the actors, the others.
             writers_in = {
                 out: (w[0], w[2], before.get(w[0], {}).get("input_mtime_ns"))
                 for out, w in kept.items()
             }
+
+            def settled(rel: str, out_rel: str, mtime: int | None) -> bool:
+                writer, size, then = writers_in.get(out_rel, (None, None, None))
+                return writer == rel and size is not None and then == mtime
+
+            units, clashes, unusable, skipped = _parquet_units(inputs, args, within, settled)
+            manifest.add_rows(
+                [
+                    {**_skipped_row(rel, out_rel, None, before[rel]), "input_mtime_ns": mtime}
+                    for rel, out_rel, mtime in skipped
+                ]
+            )
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
             parquet["within"] = within
@@ -3521,18 +3534,27 @@ def _column_problem(schema: pa.Schema, source: str, path_column: str, image_colu
 
 
 def _parquet_units(
-    inputs: Inputs, args: argparse.Namespace, within: SourceFolder | None = None
-) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]]]:
+    inputs: Inputs,
+    args: argparse.Namespace,
+    within: SourceFolder | None = None,
+    settled: Callable[[str, str, int | None], bool] | None = None,
+) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]], list[tuple]]:
     """(file, row group) work units, the outputs that more than one row would write
-    (those rows fail), and a failed row for each file that cannot be read or lacks the
-    columns: the other files still run. If no file can, that is the error (raised)."""
+    (those rows fail), a failed row for each file that cannot be read or lacks the
+    columns (the other files still run; if no file can, that is the error, raised),
+    and the rows of the row groups settled here: `settled(path, output, the file's
+    modification time)` for each of their rows, as (path, output, time). Such a group
+    is no unit: a rerun of a finished Parquet job starts no Ray."""
     units = []
     seen: set[str] = set()
     clashes: set[str] = set()
     bad: list[tuple[str, str]] = []
+    done: list[tuple[tuple[str, int], list[tuple]]] = []  # each group settled here: its rows
     for source in inputs.parquet:
         try:
-            parquet = _parquet_file(source)
+            located = _located(source)
+            mtime = _mtime_ns(*located) if settled else None
+            parquet = _parquet_file(source, located)
             schema = parquet.schema_arrow
             problem = _column_problem(schema, source, args.path_column, args.image_column)
             if problem is None:  # only the paths ("image.path": not the image bytes)
@@ -3543,21 +3565,43 @@ def _parquet_units(
         if problem:
             bad.append((source, problem))
             continue
-        units.extend((source, group) for group in range(parquet.num_row_groups))
-        for rel in paths:
-            if rel is None:  # a null path fails on its own (in its actor)
-                continue
-            if isinstance(rel, bytes):
-                rel = rel.decode("utf-8", "backslashreplace")
-            try:
-                out_rel = output_for(rel, args.format, foreign=True, within=within)
-            except ValueError:  # an unsafe path fails on its own
-                continue
-            (clashes if out_rel in seen else seen).add(out_rel)
+        first = 0
+        for group in range(parquet.num_row_groups):
+            rows: list[tuple] | None = [] if settled and mtime is not None else None
+            last = first + parquet.metadata.row_group(group).num_rows
+            for rel in paths[first:last]:
+                if rel is None:  # a null path fails on its own (in its actor)
+                    rows = None
+                    continue
+                # (as the actors name it: bytes as UTF-8, a row id as its digits)
+                rel = (
+                    rel.decode("utf-8", "backslashreplace") if isinstance(rel, bytes) else str(rel)
+                )
+                try:
+                    out_rel = output_for(rel, args.format, foreign=True, within=within)
+                except ValueError:  # an unsafe path fails on its own
+                    rows = None
+                    continue
+                (clashes if out_rel in seen else seen).add(out_rel)
+                if rows is not None and settled(rel, out_rel, mtime):
+                    rows.append((rel, out_rel, mtime))
+                else:
+                    rows = None
+            first = last
+            if rows:
+                done.append(((source, group), rows))
+            else:
+                units.append((source, group))
     if bad and len(bad) == len(inputs.parquet):
         raise ValueError(bad[0][1])
     failed = [{"path": redacted(src), "status": "failed", "error": redacted(e)} for src, e in bad]
-    return units, clashes, failed
+    skipped = []
+    for unit, rows in done:  # a row whose output a later row writes too fails (its actor)
+        if any(out_rel in clashes for _, out_rel, _ in rows):
+            units.append(unit)
+        else:
+            skipped += rows
+    return units, clashes, failed, skipped
 
 
 def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, start) -> dict:

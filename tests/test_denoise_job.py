@@ -1016,6 +1016,35 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     third = manifest(dst)
     assert sorted(p for p in third if third[p]["status"] == "ok") == done
 
+    # Row groups whose rows all have their outputs, from a file of the time recorded,
+    # are skipped by the driver: a finished Parquet job's rerun starts no Ray.
+    good = tmp_path / "good"
+    good.mkdir()
+    pq.write_table(table.slice(0, 3), good / "1.parquet", row_group_size=2)
+    pq.write_table(table.slice(10, 1), good / "2.parquet")
+    dst = tmp_path / "good_out"
+    runs = []
+    for _ in range(2):
+        result = run_job("--model", model_path, "--input", good, "--output", dst, ray=shared_ray)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.split("denoise-summary ")[1]))
+        rows = manifest(dst)
+        assert sorted(rows) == done and all(rows[p]["width"] == 28 for p in done), rows
+    assert runs[0]["ok"] == 4 and "ray_ready_s" in runs[0]
+    assert runs[1]["skipped"] == 4 and "ray_ready_s" not in runs[1], runs[1]
+    assert rows["b/2.png"]["input_mtime_ns"] == (good / "1.parquet").stat().st_mtime_ns
+    (dst / "b" / "2.png").unlink()  # its row group runs again; the others do not
+    os.utime(good / "2.parquet", ns=(0, (good / "2.parquet").stat().st_mtime_ns + 10**9))
+    result = run_job("--model", model_path, "--input", good, "--output", dst, ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert {p: rows[p]["status"] for p in done} == {
+        "None.png": "ok",  # (its file's time changed)
+        "a/0.png": "skipped",
+        "a/1.png": "skipped",
+        "b/2.png": "ok",
+    }
+
 
 def test_output_inside_input_is_refused(model_path, dataset):
     for dst in (dataset["src"], dataset["src"] / "0" / "out"):
@@ -2496,8 +2525,8 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     (folder / "broken.parquet").write_bytes(b"PAR1 not really")
     inputs = job.find_inputs(str(folder), "auto")
     args = SimpleNamespace(path_column="path", image_column="image", format="same")
-    units, clashes, failed = job._parquet_units(inputs, args)
-    assert units == [(str(folder / "good.parquet"), 0)] and not clashes
+    units, clashes, failed, skipped = job._parquet_units(inputs, args)
+    assert units == [(str(folder / "good.parquet"), 0)] and not clashes and not skipped
     assert [row["path"] for row in failed] == [str(folder / "broken.parquet")]
     assert "not a readable Parquet file" in failed[0]["error"]
     (folder / "good.parquet").unlink()  # every file unusable: the job's error, up front
