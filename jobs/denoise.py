@@ -168,6 +168,7 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 _COLUMNS = MANIFEST_SCHEMA.names
+NO_METRICS = "no metrics: "  # (then why, at the end of an output's error column)
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 TOO_SMALL = "under 3 px on a side"  # SSIM's smallest window
@@ -1557,7 +1558,7 @@ class Denoiser:
                 if math.isnan(row["ssim"]):
                     row["error"] = "; ".join(filter(None, [note, f"no SSIM: {TOO_SMALL}"]))
             except Exception as e:
-                row["error"] = "; ".join(filter(None, [note, f"no metrics: {_reason(e)}"]))
+                row["error"] = "; ".join(filter(None, [note, f"{NO_METRICS}{_reason(e)}"]))
 
     def _read_back(self, payload: bytes, result: np.ndarray, maxval: int) -> np.ndarray:
         """An output as written (lossy, or changed to fit its format), on the scale and
@@ -2268,8 +2269,20 @@ def previous_rows(
     for row in rows.values():
         if target and row["_clean"] and row["_clean"] != target:
             row.update(dict.fromkeys((k for k in _METRICS if k in row), None))
+            if row.get("error") and row.get("status") != "failed":  # (and what it said of them)
+                row["error"] = _without_metric_note(row["error"])
         del row["_clean"]
     return rows, metas, journals
+
+
+def _without_metric_note(note: str) -> str | None:
+    """An output's note without its last part, if that says why it has no metrics (see
+    Denoiser._finish)."""
+    for marker in ("no SSIM: ", NO_METRICS):
+        head, found, _ = note.partition(marker)
+        if found and (not head or head.endswith("; ")):
+            return head.removesuffix("; ") or None
+    return note
 
 
 def _place(location: str) -> str:
@@ -2325,7 +2338,9 @@ def _skipped_row(rel: str, out_rel: str, size: int | None, last: dict) -> dict[s
     the .webp of an earlier --format)."""
     same = last.get("output") == out_rel
     row = {k: last.get(k) if same or k in _INPUT_COLUMNS else None for k in _COLUMNS}
-    row.update(path=rel, output=out_rel, status="skipped", error=None)
+    # Its note too ("alpha dropped: ..."): the output is still the one it describes.
+    note = last.get("error") if same and last.get("status") != "failed" else None
+    row.update(path=rel, output=out_rel, status="skipped", error=note)
     row["input_bytes"] = size if size is not None else row.get("input_bytes")
     return row
 
@@ -2771,10 +2786,15 @@ class ManifestWriter:
         done = np.array([s != "failed" for s in status], dtype=bool)
         none = done & np.isnan(psnr)
         self.unmeasured += int(none.sum())
-        if self.unmeasured_example is None and none.any():
+        if self.unmeasured_example is None and none.any():  # (why, not the note before it)
             errors = table.column("error").to_pylist()
             self.unmeasured_example = next(
-                (errors[i] for i in np.flatnonzero(none) if errors[i]), None
+                (
+                    errors[i][errors[i].index(NO_METRICS) :]
+                    for i in np.flatnonzero(none)
+                    if NO_METRICS in (errors[i] or "")
+                ),
+                None,
             )
         measured = done & ~np.isnan(psnr)
         # An image equal to its reference has an infinite PSNR, and one under 3 pixels on

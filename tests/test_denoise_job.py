@@ -1386,6 +1386,8 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     assert "model_sha256" not in result.stderr  # (the same model: nothing to say of it)
     rows = manifest(dst)
     assert rows["y.jpg"]["status"] == "skipped"  # its output is there, the input unchanged
+    assert rows["cmyk.jpg"]["status"] == "skipped"  # with what the first run said of it
+    assert "CMYK pixels converted to RGB" in rows["cmyk.jpg"]["error"]
     assert rows["x.jpg"]["status"] == "ok"  # changed since the last run: done again
     assert Image.open(dst / "x.jpg").size == (7, 11)
     assert rows["x.png"]["status"] == "ok"  # the earlier failure is retried: own output now
@@ -2813,6 +2815,37 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
         settings = job.JobSettings.in_process(str(model_path), None, str(out), extra=extra)
         row = job.Denoiser(settings)._read(("unrecorded.tif", b"a", 1))[0]
         assert (row["status"] == "skipped") is unrecorded
+
+
+def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
+    """A rerun's skipped row says what the run that wrote its output said of it, but
+    not why it had no metrics once those are dropped (measured against other
+    references: previous_rows), nor anything of an output it did not write."""
+    last = {"output": "a.jpg", "status": "ok", "error": "alpha dropped: JPEG cannot store it"}
+    assert job._skipped_row("a.png", "a.jpg", 3, last)["error"] == last["error"]
+    assert job._skipped_row("a.png", "a.png", 3, last)["error"] is None  # (--format since)
+    note = "CMYK pixels converted to RGB; no SSIM: too small"
+    assert job._without_metric_note(note) == "CMYK pixels converted to RGB"
+    assert job._without_metric_note("no metrics: no such file") is None
+    assert job._without_metric_note("CMYK pixels converted to RGB") == note.split("; ")[0]
+    row = {"path": "a.png", "output": "a.png", "status": "ok", "psnr": 20.0, "error": note}
+    meta = {"clean": str(tmp_path / "refs"), "run": "1"}
+    table = pa.Table.from_pylist([row], schema=job.MANIFEST_SCHEMA.with_metadata(meta))
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    rows, _, _ = job.previous_rows(job.Storage(str(tmp_path)), str(tmp_path / "refs"))
+    assert rows["a.png"]["error"] == note and rows["a.png"]["psnr"] == 20.0
+    rows, _, _ = job.previous_rows(job.Storage(str(tmp_path)), str(tmp_path / "other"))
+    assert (
+        rows["a.png"]["error"] == "CMYK pixels converted to RGB" and rows["a.png"]["psnr"] is None
+    )
+    # The summary's example of why outputs have no PSNR/SSIM is a reason, not a note.
+    writer = job.ManifestWriter(job.Storage(str(tmp_path / "out")), {"run": "1"})
+    notes = ["alpha dropped: JPEG cannot store it", "CMYK converted; no metrics: no such file"]
+    writer.add_rows(
+        [{"path": p, "status": "skipped", "error": e} for p, e in zip("ab", notes, strict=True)]
+    )
+    assert writer.unmeasured == 2 and writer.unmeasured_example == "no metrics: no such file"
+    writer.abort()
 
 
 def test_local_paths_on_a_cluster_of_several_machines_are_warned_about(capsys):
