@@ -169,6 +169,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 _COLUMNS = MANIFEST_SCHEMA.names
 NO_METRICS = "no metrics: "  # (then why, at the end of an output's error column)
+EARLIER = "(earlier run) "  # (an error or note carried over from an earlier run's row)
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 TOO_SMALL = "under 3 px on a side"  # SSIM's smallest window
@@ -2277,11 +2278,13 @@ def previous_rows(
 
 def _without_metric_note(note: str) -> str | None:
     """An output's note without its last part, if that says why it has no metrics (see
-    Denoiser._finish)."""
+    Denoiser._finish; an earlier run's mark is kept)."""
+    earlier = EARLIER * note.startswith(EARLIER)
     for marker in ("no SSIM: ", NO_METRICS):
-        head, found, _ = note.partition(marker)
+        head, found, _ = note.removeprefix(earlier).partition(marker)
         if found and (not head or head.endswith("; ")):
-            return head.removesuffix("; ") or None
+            head = head.removesuffix("; ")
+            return earlier + head if head else None
     return note
 
 
@@ -2339,10 +2342,15 @@ def _skipped_row(rel: str, out_rel: str, size: int | None, last: dict) -> dict[s
     same = last.get("output") == out_rel
     row = {k: last.get(k) if same or k in _INPUT_COLUMNS else None for k in _COLUMNS}
     # Its note too ("alpha dropped: ..."): the output is still the one it describes.
-    note = last.get("error") if same and last.get("status") != "failed" else None
+    note = _earlier(last.get("error")) if same and last.get("status") != "failed" else None
     row.update(path=rel, output=out_rel, status="skipped", error=note)
     row["input_bytes"] = size if size is not None else row.get("input_bytes")
     return row
+
+
+def _earlier(error: str | None) -> str | None:
+    """An earlier run's error or note, carried into this run's row: marked as such."""
+    return error and f"{EARLIER}{error.removeprefix(EARLIER)}"
 
 
 def read_journal(output: Storage, name: str) -> pa.Table | None:
@@ -2790,7 +2798,8 @@ class ManifestWriter:
             errors = table.column("error").to_pylist()
             self.unmeasured_example = next(
                 (
-                    errors[i][errors[i].index(NO_METRICS) :]
+                    EARLIER * errors[i].startswith(EARLIER)
+                    + errors[i][errors[i].index(NO_METRICS) :]
                     for i in np.flatnonzero(none)
                     if NO_METRICS in (errors[i] or "")
                 ),
@@ -3256,9 +3265,12 @@ def _run_locked(
                 for out, w in kept.items()
             }
 
-            def settled(rel: str, out_rel: str, mtime: int | None) -> bool:
+            def settled(rel: str, out_rel: str, mtime: int | None) -> int | None:
+                """The size of the bytes the row's output was made from, if the row is to
+                be skipped once its bytes have that size (as in the actors: its output
+                recorded as its own, its last row of its file's time now)."""
                 writer, size, then = writers_in.get(out_rel, (None, None, None))
-                return writer == rel and size is not None and then == mtime
+                return size if writer == rel and then == mtime else None
 
             units, clashes, unusable, skipped = _parquet_units(inputs, args, within, settled)
             manifest.add_rows(
@@ -3422,7 +3434,11 @@ def _plan(
             continue
         last = before.get(rel, {})
         record = (writers or {}).get(out_rel, ())
-        recorded_size = record[2] if record and record[0] == rel and not last else None
+        # The record's size where the last row is not this output's (none, or of
+        # another --format since: its size is of the input then, not when this was made).
+        recorded_size = (
+            record[2] if record and record[0] == rel and last.get("output") != out_rel else None
+        )
         mtime, recorded_mtime = mtimes.get(rel), last.get("input_mtime_ns")
         same_time = mtime is None or recorded_mtime in (None, mtime)
         # Complete (existing_outputs checked it), written for this input, and from these
@@ -3431,14 +3447,14 @@ def _plan(
             out_rel in done
             and last.get("status") != "failed"  # a file there is not this input's result
             and last.get("input_bytes") in (None, size)
-            and recorded_size in (None, size)  # no row now: the record's size
+            and recorded_size in (None, size)  # (see recorded_size)
             and written_by.get(out_rel, rel) == rel
         )
         # The same bytes would fail the same way: keep the reason, skip the work.
         fails_again = (
             last.get("status") == "failed"
             and last.get("input_bytes") == size
-            and (last.get("error") or "").removeprefix("(earlier run) ").startswith(BAD_INPUT)
+            and (last.get("error") or "").removeprefix(EARLIER).startswith(BAD_INPUT)
             and not retry_failed
         )
         if out_rel in done and not (last or record or unrecorded):
@@ -3448,8 +3464,7 @@ def _plan(
             early.append(_skipped_row(rel, out_rel, size, last))
         elif fails_again and same_time:
             carried = {k: last.get(k) for k in _COLUMNS}
-            carried["error"] = last["error"].removeprefix("(earlier run) ")
-            carried["error"] = f"(earlier run) {carried['error']}"
+            carried["error"] = _earlier(last["error"])
             early.append(carried)
         else:
             touched += not same_time and (done_here or fails_again)
@@ -3512,8 +3527,13 @@ def _is_one_of(kind: pa.DataType, checks: tuple) -> bool:
 
 
 def _parquet_values(table: pa.Table, name: str) -> list:
-    """Column or struct field `name` of `table` as Python values; a struct of image
-    bytes (Hugging Face's Image feature: {bytes, path}) gives its bytes."""
+    """Column or struct field `name` of `table` as Python values (_parquet_column)."""
+    return _parquet_column(table, name).to_pylist()
+
+
+def _parquet_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    """Column or struct field `name` of `table`; a struct of image bytes (Hugging
+    Face's Image feature: {bytes, path}) gives its bytes."""
     import pyarrow.compute as pc
 
     if name in table.column_names:
@@ -3523,7 +3543,7 @@ def _parquet_values(table: pa.Table, name: str) -> list:
         column = pc.struct_field(table.column(top), rest)
     if pa.types.is_struct(column.type):
         column = pc.struct_field(column, "bytes")
-    return column.to_pylist()
+    return column
 
 
 def _column_problem(schema: pa.Schema, source: str, path_column: str, image_column: str):
@@ -3557,14 +3577,16 @@ def _parquet_units(
     inputs: Inputs,
     args: argparse.Namespace,
     within: SourceFolder | None = None,
-    settled: Callable[[str, str, int | None], bool] | None = None,
+    settled: Callable[[str, str, int | None], int | None] | None = None,
 ) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]], list[tuple]]:
     """(file, row group) work units, the outputs that more than one row would write
     (those rows fail), a failed row for each file that cannot be read or lacks the
     columns (the other files still run; if no file can, that is the error, raised),
-    and the rows of the row groups settled here: `settled(path, output, the file's
-    modification time)` for each of their rows, as (path, output, time). Such a group
-    is no unit: a rerun of a finished Parquet job starts no Ray."""
+    and the rows of the row groups settled here, as (path, output, time): groups each
+    of whose rows has the size of image bytes `settled(path, output, the file's
+    modification time)` says its output was made from (the actors' check, see
+    Denoiser._read). Such a group is no unit: a rerun of a finished Parquet job reads
+    its images' sizes but starts no Ray."""
     units = []
     seen: set[str] = set()
     clashes: set[str] = set()
@@ -3603,13 +3625,14 @@ def _parquet_units(
                     rows = None
                     continue
                 (clashes if out_rel in seen else seen).add(out_rel)
-                if rows is not None and settled(rel, out_rel, mtime):
-                    rows.append((rel, out_rel, mtime))
-                else:
+                size = settled(rel, out_rel, mtime) if rows is not None else None
+                if size is None:
                     rows = None
+                else:
+                    rows.append((rel, out_rel, mtime, size))
             first = last
-            if rows:
-                done.append(((source, group), rows))
+            if rows and _sizes_match(parquet, group, args.image_column, rows):
+                done.append(((source, group), [row[:3] for row in rows]))
             else:
                 units.append((source, group))
     if bad and len(bad) == len(inputs.parquet):
@@ -3622,6 +3645,20 @@ def _parquet_units(
         else:
             skipped += rows
     return units, clashes, failed, skipped
+
+
+def _sizes_match(parquet: pq.ParquetFile, group: int, image_column: str, rows: list) -> bool:
+    """Whether the images of row group `group` have the sizes of `rows` (the last item
+    of each); read, not decoded."""
+    import pyarrow.compute as pc
+
+    try:
+        top = _top_column(parquet.schema_arrow, image_column)
+        table = parquet.read_row_group(group, columns=[top])
+        sizes = pc.binary_length(_parquet_column(table, image_column)).to_pylist()
+    except Exception:  # (the actors say what is wrong with it)
+        return False
+    return sizes == [row[-1] for row in rows]
 
 
 def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, start) -> dict:

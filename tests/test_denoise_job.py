@@ -1020,8 +1020,11 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     # are skipped by the driver: a finished Parquet job's rerun starts no Ray.
     good = tmp_path / "good"
     good.mkdir()
-    pq.write_table(table.slice(0, 3), good / "1.parquet", row_group_size=2)
-    pq.write_table(table.slice(10, 1), good / "2.parquet")
+    small = pa.array([png(d[:20, :20]) for d in digits], pa.binary())  # (other sizes)
+    first = table.slice(0, 3).append_column("image2", small[:3])
+    last = table.slice(10, 1).append_column("image2", small[4:5])
+    pq.write_table(first, good / "1.parquet", row_group_size=2)
+    pq.write_table(last, good / "2.parquet")
     dst = tmp_path / "good_out"
     runs = []
     for _ in range(2):
@@ -1044,6 +1047,22 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
         "a/1.png": "skipped",
         "b/2.png": "ok",
     }
+    # Other bytes in a file of the time recorded (here another --image-column; or
+    # another file with the same time) are denoised again: the driver compares the
+    # sizes of the images with those the outputs were made from, as the actors do. And
+    # a row that failed is not skipped for the output an earlier run made of it.
+    pq.write_table(last.set_column(2, "image2", pa.array([b"\x89PNG cut"])), good / "2.parquet")
+    os.utime(good / "2.parquet", ns=(0, (good / "2.parquet").stat().st_mtime_ns + 10**9))
+    for status in ("ok", "skipped"):
+        args = ("--input", good, "--output", dst, "--image-column", "image2")
+        result = run_job("--model", model_path, *args, ray=shared_ray)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = manifest(dst)
+        assert {p: rows[p]["status"] for p in done} == {
+            "None.png": "failed",
+            **{p: status for p in ("a/0.png", "a/1.png", "b/2.png")},
+        }
+        assert rows["a/0.png"]["width"] == 20 and "not a readable" in rows["None.png"]["error"]
 
 
 def test_output_inside_input_is_refused(model_path, dataset):
@@ -1387,7 +1406,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     rows = manifest(dst)
     assert rows["y.jpg"]["status"] == "skipped"  # its output is there, the input unchanged
     assert rows["cmyk.jpg"]["status"] == "skipped"  # with what the first run said of it
-    assert "CMYK pixels converted to RGB" in rows["cmyk.jpg"]["error"]
+    assert rows["cmyk.jpg"]["error"].startswith("(earlier run) CMYK pixels converted to RGB")
     assert rows["x.jpg"]["status"] == "ok"  # changed since the last run: done again
     assert Image.open(dst / "x.jpg").size == (7, 11)
     assert rows["x.png"]["status"] == "ok"  # the earlier failure is retried: own output now
@@ -2698,6 +2717,10 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     webp = {"x.png": {"status": "ok", "output": "x.webp", "input_bytes": 6}}
     record = {"x.png": ("x.png", 9, 6)}
     assert plan([("x.png", 6)], webp, record) == ({"x.png": "skipped"}, [])
+    # ... but not once x.png changed since that output was made: the last row has the
+    # size x.png has now, the record the size it had then.
+    webp_since = {"x.png": {**webp["x.png"], "input_bytes": 7}}
+    assert plan([("x.png", 7)], webp_since, record) == ({}, [("x.png", 7)])
     assert plan([("x.png", 6)], {}, record) == ({"x.png": "skipped"}, [])
     # ... unless it changed size while it had no row.
     assert plan([("x.png", 7)], {}, record) == ({}, [("x.png", 7)])
@@ -2818,15 +2841,22 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
 
 
 def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
-    """A rerun's skipped row says what the run that wrote its output said of it, but
-    not why it had no metrics once those are dropped (measured against other
-    references: previous_rows), nor anything of an output it did not write."""
+    """A rerun's skipped row says what the run that wrote its output said of it, marked
+    as the earlier run's, but not why it had no metrics once those are dropped
+    (measured against other references: previous_rows), nor anything of an output it
+    did not write."""
     last = {"output": "a.jpg", "status": "ok", "error": "alpha dropped: JPEG cannot store it"}
-    assert job._skipped_row("a.png", "a.jpg", 3, last)["error"] == last["error"]
+    carried = job._skipped_row("a.png", "a.jpg", 3, last)["error"]
+    assert carried == f"(earlier run) {last['error']}"
+    assert job._skipped_row("a.png", "a.jpg", 3, {**last, "error": carried})["error"] == carried
     assert job._skipped_row("a.png", "a.png", 3, last)["error"] is None  # (--format since)
     note = "CMYK pixels converted to RGB; no SSIM: too small"
     assert job._without_metric_note(note) == "CMYK pixels converted to RGB"
+    assert job._without_metric_note(f"(earlier run) {note}") == "(earlier run) CMYK pixels " + (
+        "converted to RGB"
+    )
     assert job._without_metric_note("no metrics: no such file") is None
+    assert job._without_metric_note("(earlier run) no metrics: no such file") is None
     assert job._without_metric_note("CMYK pixels converted to RGB") == note.split("; ")[0]
     row = {"path": "a.png", "output": "a.png", "status": "ok", "psnr": 20.0, "error": note}
     meta = {"clean": str(tmp_path / "refs"), "run": "1"}
@@ -2838,13 +2868,15 @@ def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
     assert (
         rows["a.png"]["error"] == "CMYK pixels converted to RGB" and rows["a.png"]["psnr"] is None
     )
-    # The summary's example of why outputs have no PSNR/SSIM is a reason, not a note.
+    # The summary's example of why outputs have no PSNR/SSIM is a reason, not a note,
+    # and an earlier run's is said to be.
     writer = job.ManifestWriter(job.Storage(str(tmp_path / "out")), {"run": "1"})
-    notes = ["alpha dropped: JPEG cannot store it", "CMYK converted; no metrics: no such file"]
+    notes = ["(earlier run) alpha dropped: x", "(earlier run) CMYK; no metrics: no such file"]
     writer.add_rows(
         [{"path": p, "status": "skipped", "error": e} for p, e in zip("ab", notes, strict=True)]
     )
-    assert writer.unmeasured == 2 and writer.unmeasured_example == "no metrics: no such file"
+    assert writer.unmeasured == 2
+    assert writer.unmeasured_example == "(earlier run) no metrics: no such file"
     writer.abort()
 
 
