@@ -121,7 +121,7 @@ def check_arrays(arrays, name: str = "data") -> None:
     except (TypeError, ValueError):
         raise ValueError(
             f"{name} must be ((x_train, y_train), (x_test, y_test)), as aelib.data.load_mnist "
-            "returns it (labels may be -1 where there are none)"
+            "returns it (labels may be None, or -1 where there are none)"
         ) from None
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
         x = np.asarray(x)

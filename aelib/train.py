@@ -187,6 +187,8 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
 def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Splits:
     """Limits, scales, reshapes and (for `denoise`) adds noise, reproducibly."""
     (x_train, _), (x_test, labels_test) = arrays
+    if labels_test is None:  # (train(data=...) without labels: as own images have none)
+        labels_test = np.full(len(x_test), -1, np.int16)
     if config.limit is not None:
         x_train = x_train[: config.limit]
     if config.test_limit is not None:

@@ -617,7 +617,8 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     """Arrays of the wrong structure or range, a flat model of non-square images, a
     metrics_limit below 1 and an initial_epoch past the epochs failed after training
     (or never, or reported a run of no epochs as NaN); a VAE of 32x32 images crashed
-    in its manifold figure. Arrays passed to train() are recorded as such."""
+    in its manifold figure, and one without labels in its latent plane. Arrays passed
+    to train() are recorded as such."""
     rng = np.random.default_rng(0)
 
     def arrays(shape, n=60, dtype=np.uint8, top=256):
@@ -645,8 +646,10 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
 
     vae = TrainConfig(model="vae", epochs=np.int64(1), model_options={"input_dim": 1024})
     monkeypatch.setenv("HOME", str(tmp_path))
-    result = aelib.train(vae, data=arrays((32, 32)), out_dir="~/vae", verbose=0)
+    (x, _), (x_test, _) = arrays((32, 32))  # and no labels (None: the figures had none)
+    result = aelib.train(vae, data=((x, None), (x_test, None)), out_dir="~/vae", verbose=0)
     assert result.paths["figure_manifold"] == str(tmp_path / "vae/figures/vae_manifold.png")
+    assert (tmp_path / "vae/figures/vae_latent_plane.png").is_file()
     record = json.loads((tmp_path / "vae" / "metrics.json").read_text())
     assert record["train_config"]["epochs"] == 1 and isinstance(
         record["train_config"]["epochs"], int
