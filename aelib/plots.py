@@ -121,8 +121,9 @@ def latent_plane(
     z: np.ndarray,
     labels: np.ndarray,
     path: str | os.PathLike,
-    title: str = "VAE latent plane (z_mean of test digits)",
+    title: str | None = None,
 ) -> Path:
+    title = title or f"VAE latent plane (z_mean of {len(z):,} test digits)"
     fig, ax = plt.subplots(figsize=(6, 5))
     if np.all(np.asarray(labels) < 0):  # own images (train --images): no digits to colour
         ax.scatter(z[:, 0], z[:, 1], s=4)
@@ -153,7 +154,7 @@ def digit_manifold(
     decoded = decoded.reshape(n, n, height, width)
     figure = decoded.transpose(0, 2, 1, 3).reshape(n * height, n * width)
     fig, ax = plt.subplots(figsize=(8, 8))
-    ax.imshow(figure, cmap="Greys_r")
+    ax.imshow(figure, cmap="Greys_r", vmin=0, vmax=1)  # (not stretched: a faint grid shows)
     ax.axis("off")
     ax.set_title(f"{n}x{n} digit manifold")
     fig.tight_layout()
@@ -174,7 +175,7 @@ def tsne_codes(
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
-    title = title or f"t-SNE of {codes.shape[1]}-float codes"
+    title = title or f"t-SNE of the {codes.shape[1]}-float codes of {len(codes):,} test digits"
     # All codes the same (a dead encoder: a sparse one whose codes are all 0), or nearly
     # (a saturated one): the PCA start divides by their spread, zero in float32, and the
     # process died (SIGSEGV), report and all. A random start is fine.

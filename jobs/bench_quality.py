@@ -616,7 +616,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         ax.bar(x - 0.2, ours, 0.4, label="aelib (this run)")
         ax.bar(x + 0.2, theirs, 0.4, label="tutorial's reported")
         ax.set_xticks(x, [f"{n}\n{rows[n]['epochs_run']} ep" for n in recon])
-        ax.set_ylabel("test loss (BCE)")
+        ax.set_ylabel("test loss (BCE; sparse: + L1, vae: + KL/784)")
         ax.legend()
         fig.tight_layout()
         written.append(_savefig(fig, out / "test_loss.png"))

@@ -157,6 +157,23 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
             assert path.stem.removeprefix("vae_") in FIGURE_FILES, path
 
 
+def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
+    """A decoder whose digits are faint (an undertrained VAE: 0.4-0.6 everywhere) gives
+    a grey manifold, not one stretched to black and white."""
+    from PIL import Image
+
+    class Faint:
+        def predict(self, z, verbose=0):
+            ramp = np.linspace(0.4, 0.6, 28 * 28, dtype="float32").reshape(28, 28)
+            return np.broadcast_to(ramp, (len(z), 28, 28)).copy()
+
+    path = plots.digit_manifold(Faint(), tmp_path / "manifold.png")
+    gray = np.asarray(Image.open(path).convert("L"), float)
+    h, w = gray.shape
+    centre = gray[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]  # (inside the grid)
+    assert 80 < centre.min() and centre.max() < 220, (centre.min(), centre.max())  # (not 0, 255)
+
+
 def test_code_maps_of_a_few_test_digits(digits, tmp_path):
     """A t-SNE map of 2 or 3 codes (--test-limit 2) is drawn (scikit-learn refused a
     perplexity of 2 after the whole sweep); of one code, none is drawn."""
