@@ -135,6 +135,7 @@ SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metric
 CHECKPOINT_STATE = "state.json"
 # The settings a sweep started with, in its experiment folder: a --resume keeps them.
 SETTINGS = "sweep_settings.json"
+LOCK = ".sweep.lock"  # (in the experiment folder: see one_sweep_at_a_time)
 RESUMED = (
     "models",
     "num_samples",
@@ -388,6 +389,61 @@ def experiment_path(args: argparse.Namespace) -> str:
     return f"{args.storage_path.rstrip('/')}/{args.name}"
 
 
+def restorable(experiment: str) -> bool:
+    """Whether the experiment has a sweep to resume. Tune writes its tuner.pkl (which
+    Tuner.can_restore looks for) before its experiment state: a sweep stopped between
+    the two left a folder that a plain rerun refused and that Tuner.restore started
+    anew without its settings (every trial failed, and so did every --resume)."""
+    if not tune.Tuner.can_restore(experiment):
+        return False
+    import pyarrow.fs
+
+    if "://" in experiment:
+        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+    else:
+        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
+    return any(
+        info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
+    )
+
+
+@contextlib.contextmanager
+def one_sweep_at_a_time(experiment: str):
+    """Keeps a second sweep off a local experiment while this one runs: two at once both
+    ran, into one folder (two experiment states; the results of whichever ended last).
+    The lock is the kernel's (flock on LOCK in the folder), so it ends with the process
+    however it ends; the file stays. A folder this made is removed again if the sweep
+    is refused before it writes anything else there. (An object store has no locks.)"""
+    if "://" in experiment:
+        yield
+        return
+    import fcntl
+
+    folder = Path(experiment)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise SystemExit(
+                f"sweep.py: error: {experiment} is in use by another sweep ({holder}): wait "
+                "for it to end, or choose another --name."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+        if made and sorted(os.listdir(folder)) == [LOCK]:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / LOCK)
+                folder.rmdir()
+
+
 def _settings_file(args: argparse.Namespace):
     """pyarrow's filesystem and path of the experiment's SETTINGS file."""
     import pyarrow.fs
@@ -467,7 +523,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     search and scheduler, while --epochs, --limit, ... went to each trial from this
     run's flags (a sweep started with 4 epochs and resumed with 2 had trials of both,
     and a report of neither). A flag given with another value is refused."""
-    if not tune.Tuner.can_restore(experiment_path(args)):
+    if not restorable(experiment_path(args)):
         return  # nothing to resume: main() says so
     fs, path = _settings_file(args)
     try:
@@ -1565,8 +1621,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    with one_sweep_at_a_time(experiment_path(args)):
+        return _sweep_locked(args)
+
+
+def _sweep_locked(args: argparse.Namespace) -> int:
     experiment = experiment_path(args)
-    exists = tune.Tuner.can_restore(experiment)
+    exists = restorable(experiment)
     if args.resume and not exists:
         raise SystemExit(f"sweep.py: error: --resume: no experiment to resume at {experiment}")
     if exists and not args.resume:

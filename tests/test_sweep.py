@@ -484,8 +484,9 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     first = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s"]
     first += ["--models", "dense", "vae", "--epochs", "3", "--set", "dense.batch_size=64"]
     sweep.write_settings(sweep.parse_args(first))
-    # What Tuner.can_restore looks for (a sweep that ran)
+    # What a sweep that ran leaves (Tune's tuner.pkl and experiment state)
     (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
+    (tmp_path / "s" / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
     base = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s", "--resume"]
     args = sweep.parse_args(base)
     assert (args.models, args.epochs, args.pins) == (
@@ -543,7 +544,8 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
     first = sweep.parse_args(["--data", str(MNIST), *flags])
     first.data_sha256 = sweep.data_digest(sweep.load_arrays(first))
     sweep.write_settings(first)
-    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")  # (what Tuner.can_restore looks for)
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")  # (what a sweep that ran leaves)
+    (tmp_path / "s" / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
     with np.load(MNIST) as d:
         arrays = {k: d[k] for k in d.files}
     copy, inverted = tmp_path / "copy.npz", tmp_path / "inverted.npz"
@@ -942,6 +944,29 @@ def test_resume_without_an_experiment_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="no experiment to resume at"):
         sweep.main(args)
     assert list(tmp_path.iterdir()) == []
+    # Stopped after Tune wrote its tuner.pkl but before its experiment state: nothing to
+    # resume (Tuner.restore started it anew without its settings, every trial failed),
+    # and a plain rerun is not refused.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "tuner.pkl").write_bytes(b"")
+    assert not sweep.restorable(str(stopped))
+    with pytest.raises(SystemExit, match="no experiment to resume at"):
+        sweep.main([*args[:-2], "stopped", "--resume"])
+    (stopped / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
+    assert sweep.restorable(str(stopped))
+
+
+def test_a_second_sweep_on_a_running_experiment_is_refused(tmp_path):
+    """Two sweeps of one --name at once both ran into its folder (two experiment states,
+    the results of whichever ended last): the second is refused, naming the first."""
+    sweep = _load_sweep_module()
+    args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "busy"]
+    args += ["--resume"]  # (without the lock: its own error, not a whole sweep)
+    with sweep.one_sweep_at_a_time(str(tmp_path / "busy")):  # (a sweep running)
+        with pytest.raises(SystemExit, match=f"in use by another sweep \\(pid {os.getpid()} on"):
+            sweep.main(args)
+    assert list(tmp_path.iterdir()) == []  # (the folder it made, with nothing else in it)
 
 
 def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, ray_tmp):
