@@ -6,7 +6,10 @@ import argparse
 import ast
 import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from aelib.registry import list_models, plain_message
@@ -70,6 +73,47 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
             pass
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e}).") from e
+
+
+LOCK = ".aelib-train.lock"  # (in --out: see _one_run_at_a_time)
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(folder: Path, made: list):
+    """Keeps a second `aelib train` off --out while this one runs: two at once both
+    passed the check for an earlier run's files, and the one that ended last replaced
+    the other's model without a word. The lock is the kernel's (flock), so it ends
+    with the process however it ends; the file stays, but not in a folder this run
+    made (which main() removes if the run fails and leaves it empty)."""
+    import fcntl
+
+    lock = folder.expanduser().absolute() / LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(
+                f"--out {folder} is in use by another run of aelib train ({holder}): wait "
+                "for it to end, or choose another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+        if lock.parent in made:  # (so that main() can remove it if the run failed)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run ends with its message, exit 143."""
+
+
+def _sigterm(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _note_limits(args: argparse.Namespace, arrays) -> None:
@@ -177,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8s} {model_defaults(name)}")
         return 0
 
-    from aelib.train import TrainConfig, config_source, finite, load_arrays, train
+    from aelib.train import TrainConfig
     from aelib.tutorial import tutorial_settings
 
     values = {
@@ -196,41 +240,36 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     made: list = []  # output folders this run created: removed again if it fails
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
         config = TrainConfig(model=args.model, **values)
         out = Path(args.out).expanduser()
-        earlier = [n for n in (f"{args.model}.keras", "metrics.json") if (out / n).exists()]
-        if earlier and not args.overwrite:  # (a smoke run replaced a long one)
-            raise ValueError(
-                f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
-                "run: pass --overwrite to replace them, or choose another --out."
-            )
         _writable_folder(args.out, "--out", made)
-        if args.tensorboard is not None:
-            _writable_folder(args.tensorboard, "--tensorboard", made)
-        # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is
-        # the metrics' JSON alone (for `| jq`); one line per epoch where stderr is not a
-        # terminal (a log, CI).
-        with contextlib.redirect_stdout(sys.stderr):
-            arrays = load_arrays(config)
-            _note_limits(args, arrays)
-            result = train(
-                config,
-                arrays,
-                data_source=config_source(config),
-                out_dir=str(out),  # (~ expanded, as the checks above did)
-                tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
-                figures=not args.no_figures,
-                verbose="auto" if sys.stderr.isatty() else 2,
-            )
-    except (ValueError, OSError, RuntimeError) as e:
+        with _one_run_at_a_time(out, made):
+            result = _train_locked(args, config, out, made)
+    except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
         # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
         # something: only empty ones go (a bad --set, bad data: nothing was written).
         for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
+            how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+            print(
+                f"aelib: {how}: the run did not finish, and {args.out} holds no "
+                "metrics.json of it (a model saved before its figures is replaced by "
+                "the rerun)",
+                file=sys.stderr,
+            )
+            return 143 if isinstance(e, _Terminated) else 130
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    from aelib.train import finite
+
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():
         print(f"aelib: wrote {kind}: {path}", file=sys.stderr)
@@ -242,6 +281,41 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
+    from aelib.train import config_source, load_arrays, train
+
+    model_file = f"{args.model}.keras"
+    if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
+        earlier = [n for n in (model_file, "metrics.json") if (out / n).exists()]  # a long one)
+        raise ValueError(
+            f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
+            "run: pass --overwrite to replace them, or choose another --out."
+        )
+    if (out / model_file).exists() and not args.overwrite:
+        print(
+            f"aelib: note: --out {args.out} holds a {model_file} without its metrics.json "
+            "(written last: a run that stopped before it ended): it is replaced",
+            file=sys.stderr,
+        )
+    if args.tensorboard is not None:
+        _writable_folder(args.tensorboard, "--tensorboard", made)
+    # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is the
+    # metrics' JSON alone (for `| jq`); one line per epoch where stderr is not a
+    # terminal (a log, CI).
+    with contextlib.redirect_stdout(sys.stderr):
+        arrays = load_arrays(config)
+        _note_limits(args, arrays)
+        return train(
+            config,
+            arrays,
+            data_source=config_source(config),
+            out_dir=str(out),  # (~ expanded, as the checks above did)
+            tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
+            figures=not args.no_figures,
+            verbose="auto" if sys.stderr.isatty() else 2,
+        )
 
 
 if __name__ == "__main__":

@@ -524,12 +524,6 @@ def write_outputs(
     n_train, n_val = len(splits.x_train), len(splits.x_val)
     record = run_record(config, metrics, history, n_train, n_val, source)
     paths = {"model": str(save(model, out_dir / f"{config.model}.keras", record))}
-    metrics_path = out_dir / "metrics.json"
-    tmp = metrics_path.with_suffix(".json.tmp")
-    text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
-    tmp.write_text(text)
-    os.replace(tmp, metrics_path)
-    paths["metrics"] = str(metrics_path)
     if figures and not metrics["nan"]:
         from aelib import plots
 
@@ -545,6 +539,14 @@ def write_outputs(
         if stale not in drawn:
             with contextlib.suppress(OSError):  # (none there; or kept, as a run is no
                 stale.unlink()  # failure for a figure it could not remove)
+    # Last: the record of a run that ended (the CLI refuses to replace it without
+    # --overwrite; a model without it is a stopped run's).
+    metrics_path = out_dir / "metrics.json"
+    tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
+    text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
+    tmp.write_text(text)
+    os.replace(tmp, metrics_path)
+    paths["metrics"] = str(metrics_path)
     return paths
 
 

@@ -28,8 +28,11 @@ import importlib.util
 import io
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,38 @@ def _write(path: Path, payload: bytes) -> None:
         raise
 
 
+_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # _write's temp files: .NAME.PID.tmp
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Removes the temp files under `folder` of runs no longer running (a kill -9 left
+    them: nothing else does)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            match = _TMP.match(name)
+            if match and not _alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(root, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: running)
+        return True
+    return True
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run ends with its message, exit 143."""
+
+
+def _sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """The noise seed of the `chunk`-th 10,000 digits, drawn from (seed, chunk): the
     same each run, and no two chunks share noise, of one --seed or of two (seed +
@@ -121,6 +156,8 @@ def make_noisy(
     if clean_root is not None:
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
     _check_folders(out, clean_root)
+    for folder, _, _ in claims:
+        _remove_stale_temp_files(folder)
     unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     for folder, _, made_with in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
@@ -242,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--corrupt", type=int, default=0, help="broken files to add")
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
         counts = make_noisy(
             args.data,
@@ -258,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk: the files written so far are kept, a rerun adds
         print(f"make_noisy: error: {e} (a rerun keeps the files written)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Pillow's traceback, or no word
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(
+            f"make_noisy: {how}: a rerun keeps the files written and adds the rest", file=sys.stderr
+        )
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(f"make_noisy: {counts} in {args.out}")
     return 0
 

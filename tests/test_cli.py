@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -221,6 +224,42 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     capsys.readouterr()  # another variant would replace the first one's metrics.json
     assert main([*args, "--model", "deep"]) == 2
     assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
+    # A model without metrics.json (written last) is a stopped run's: replaced, said so.
+    (out / "metrics.json").unlink()
+    assert main([*args, "--no-figures"]) == 0
+    assert "holds a dense.keras without its metrics.json" in capsys.readouterr().err
+    assert (out / "metrics.json").is_file()
+    # Another run training into --out now (two at once both passed the check above, and
+    # the last to end replaced the other's model): refused, naming it.
+    from aelib.__main__ import _one_run_at_a_time
+
+    with _one_run_at_a_time(out, []):
+        assert main([*args, "--overwrite"]) == 2
+    assert f"--out {out} is in use by another run of aelib train (pid " in capsys.readouterr().err
+
+
+def test_a_stopped_training_says_so_and_leaves_no_folder(tmp_path):
+    """Ctrl-C printed TensorFlow's KeyboardInterrupt traceback; SIGTERM ended the run
+    without a word and left the --out folder it had made."""
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "100"]
+    cmd += ["--limit", "2000", "--data", str(MNIST), "--out", str(out)]
+    for signum, code, said in (
+        (signal.SIGTERM, 143, "aelib: terminated (SIGTERM): the run did not finish"),
+        (signal.SIGINT, 130, "aelib: interrupted: the run did not finish"),
+    ):
+        proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stderr:  # (one line per epoch: stderr is no terminal)
+            lines.append(line)
+            if "Epoch 2/" in line:
+                proc.send_signal(signum)
+                break
+        err = "".join(lines) + proc.stderr.read()
+        assert proc.wait(timeout=60) == code, err[-3000:]
+        assert said in err and "Traceback" not in err, err[-3000:]
+        assert not out.exists()
 
 
 def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
@@ -386,10 +425,27 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     said = f"--out {noisy} holds digits made with other settings: noise_factor 0.5 (now 0.1)"
     assert said in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
+    # A kill -9 leaves its temp file (.NAME.PID.tmp): a rerun removes those of runs gone.
+    stale, live = noisy / "7" / ".000000.png.999999999.tmp", clean / f".x.png.{os.getpid()}.tmp"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
     proc = make("--out", noisy, "--clean-out", clean, "--corrupt", "3")
     assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
+    assert not stale.exists() and live.exists()
+    live.unlink()
     # the broken files too (written again, a denoise rerun retried them as changed inputs)
     assert {p: p.stat().st_mtime_ns for p in (noisy / "broken").iterdir()} == broken
+    # SIGTERM (and Ctrl-C) end it with a line, not in silence (or Pillow's traceback).
+    cmd = [sys.executable, str(REPO / "jobs" / "make_noisy.py"), "--data", str(MNIST)]
+    cmd += ["--count", "100000", "--out", str(tmp_path / "big")]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "big").rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143, err[-2000:]
+    assert "make_noisy: terminated (SIGTERM): a rerun keeps the files written" in err
     (clean / ".make_noisy.json").write_text("{bad")
     proc = make("--out", noisy, "--clean-out", clean)
     assert proc.returncode == 2, proc.stderr
