@@ -523,6 +523,10 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_train, n_val = len(splits.x_train), len(splits.x_val)
     record = run_record(config, metrics, history, n_train, n_val, source)
+    metrics_path = out_dir / "metrics.json"
+    # An earlier run's record goes first: until this one's is written last, the folder
+    # holds a run that did not end (a new model beside the old record, if stopped).
+    metrics_path.unlink(missing_ok=True)
     paths = {"model": str(save(model, out_dir / f"{config.model}.keras", record))}
     if figures and not metrics["nan"]:
         from aelib import plots
@@ -541,7 +545,6 @@ def write_outputs(
                 stale.unlink()  # failure for a figure it could not remove)
     # Last: the record of a run that ended (the CLI refuses to replace it without
     # --overwrite; a model without it is a stopped run's).
-    metrics_path = out_dir / "metrics.json"
     tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
     text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
     tmp.write_text(text)

@@ -81,7 +81,7 @@ def _write(path: Path, payload: bytes) -> None:
         raise
 
 
-_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # _write's temp files: .NAME.PID.tmp
+_TMP = re.compile(r"^\..+\.(\d{1,7})\.tmp$")  # _write's temp files: .NAME.PID.tmp
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -89,8 +89,8 @@ def _remove_stale_temp_files(folder: Path) -> None:
     them: nothing else does)."""
     for root, _, names in os.walk(folder):
         for name in names:
-            match = _TMP.match(name)
-            if match and not _alive(int(match.group(1))):
+            match = _TMP.match(name)  # (a PID is at most 2**22: not a timestamp)
+            if match and int(match.group(1)) <= 2**22 and not _alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(root, name))
 

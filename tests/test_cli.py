@@ -194,7 +194,7 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
+def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
     """A second run into the same --out (a smoke test after a long run, a NaN run) replaced
     the first one's model without a word; now it stops before training unless told to.
     Replaced without figures, the first one's figures go too (they showed the old model)."""
@@ -225,7 +225,17 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert main([*args, "--model", "deep"]) == 2
     assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
     # A model without metrics.json (written last) is a stopped run's: replaced, said so.
-    (out / "metrics.json").unlink()
+    # (An --overwrite run removes the old one first: stopped, it left its new model
+    # beside the old run's record, and the next run was refused as finished.)
+    from aelib import plots
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "tutorial_figures", stopped)
+    assert main([*args, "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert not (out / "metrics.json").exists()
     assert main([*args, "--no-figures"]) == 0
     assert "holds a dense.keras without its metrics.json" in capsys.readouterr().err
     assert (out / "metrics.json").is_file()
@@ -426,13 +436,16 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     assert said in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
     # A kill -9 leaves its temp file (.NAME.PID.tmp): a rerun removes those of runs gone.
-    stale, live = noisy / "7" / ".000000.png.999999999.tmp", clean / f".x.png.{os.getpid()}.tmp"
+    stale, live = noisy / "7" / ".000000.png.4194304.tmp", clean / f".x.png.{os.getpid()}.tmp"
     stale.write_bytes(b"")
     live.write_bytes(b"")
+    other = noisy / "7" / ".x.20241205120000.tmp"  # (another tool's: no PID, kept)
+    other.write_bytes(b"")
     proc = make("--out", noisy, "--clean-out", clean, "--corrupt", "3")
     assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and other.exists()
     live.unlink()
+    other.unlink()
     # the broken files too (written again, a denoise rerun retried them as changed inputs)
     assert {p: p.stat().st_mtime_ns for p in (noisy / "broken").iterdir()} == broken
     # SIGTERM (and Ctrl-C) end it with a line, not in silence (or Pillow's traceback).
