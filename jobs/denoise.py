@@ -117,6 +117,9 @@ WRITERS_SCHEMA = pa.schema(
         ("input", pa.string()),
         ("output_bytes", pa.int64()),
         ("input_bytes", pa.int64()),  # the input's size then: a changed input is redone
+        # and its modification time then (a file replaced by one of its size): null in
+        # a record of before the column, and where the listing gave none
+        ("input_mtime_ns", pa.int64()),
     ]
 )
 GLOB_CHARS = "*?["
@@ -2148,30 +2151,51 @@ def existing_outputs(
 
 
 def previous_writers(output: Storage, before: dict[str, dict[str, Any]]) -> dict[str, tuple]:
-    """Output -> (the input that wrote it, the output's size, the input's size): the
-    record the last finished run kept (WRITERS), updated by the earlier rows (`before`:
-    that run's manifest and the journals of runs stopped since)."""
+    """Output -> (the input that wrote it, the output's size, the input's size and
+    modification time then): the record the last finished run kept (WRITERS), updated
+    by the earlier rows (`before`: that run's manifest and the journals of runs stopped
+    since). The input's time is the output's own, where the input's last row may be of
+    another output (another --format since) or a failure."""
     writers: dict[str, tuple] = {}
     try:
-        table = pq.read_table(io.BytesIO(output.read(WRITERS)), schema=WRITERS_SCHEMA)
-        for row in table.to_pylist():
-            writers[row["output"]] = (row["input"], row["output_bytes"], row["input_bytes"])
+        table = pq.read_table(io.BytesIO(output.read(WRITERS)))
+        for row in table.to_pylist():  # (input_mtime_ns: not in a record of before it)
+            record = (row["input"], row["output_bytes"], row["input_bytes"])
+            writers[row["output"]] = (*record, row.get("input_mtime_ns"))
     except Exception:  # none yet (a first run, an older version's DST) or unreadable
         pass
     for rel, row in before.items():
         if row.get("output") and row.get("status") != "failed":
-            _record(writers, row["output"], rel, row.get("output_bytes"), row.get("input_bytes"))
+            sizes = (row.get("output_bytes"), row.get("input_bytes"))
+            _record(writers, row["output"], rel, *sizes, row.get("input_mtime_ns"))
     return writers
 
 
-def _record(writers: dict, out: str, rel: str, size: int | None, input_size: int | None):
-    """Records `rel` as the writer of `out`; a size not known now (a `skipped` row of an
-    output written under another --format) is kept from the record of the same input."""
+def _output_time(record: tuple, last: dict) -> int | None:
+    """The modification time of the input its output was made from: the record's
+    (WRITERS), else, for a record of before it kept one, the input's last row's."""
+    if len(record) > 3 and record[3] is not None:
+        return record[3]
+    return last.get("input_mtime_ns")
+
+
+def _record(
+    writers: dict,
+    out: str,
+    rel: str,
+    size: int | None,
+    input_size: int | None,
+    mtime: int | None = None,
+):
+    """Records `rel` as the writer of `out`; a size or time not known now (a `skipped`
+    row of an output written under another --format) is kept from the record of the
+    same input."""
     old = writers.get(out)
     if old is not None and old[0] == rel:
         size = old[1] if size is None else size
         input_size = old[2] if input_size is None else input_size
-    writers[out] = (rel, size, input_size)
+        mtime = _output_time(old, {}) if mtime is None else mtime
+    writers[out] = (rel, size, input_size, mtime)
 
 
 def _complete(size: int, expected: int | None, path: str | None) -> bool:
@@ -2768,16 +2792,17 @@ class ManifestWriter:
                 first = not self.parts and not self.failed_parts
             if first:  # the first block's rows at once
                 self._put_part()
-        for path, out, size, input_size, s in zip(
+        for path, out, size, input_size, mtime, s in zip(
             table.column("path").to_pylist(),
             table.column("output").to_pylist(),
             table.column("output_bytes").to_pylist(),
             table.column("input_bytes").to_pylist(),
+            table.column("input_mtime_ns").to_pylist(),
             status,
             strict=True,
         ):
             if out and s != "failed":
-                _record(self.writers, out, path, size, input_size)
+                _record(self.writers, out, path, size, input_size, mtime)
         for s in status:
             self.counts[s] = self.counts.get(s, 0) + 1
         if len(self.failures) < 5:
@@ -2953,6 +2978,7 @@ class ManifestWriter:
                     "input": [self.writers[o][0] for o in outputs],
                     "output_bytes": [self.writers[o][1] for o in outputs],
                     "input_bytes": [self.writers[o][2] for o in outputs],
+                    "input_mtime_ns": [_output_time(self.writers[o], {}) for o in outputs],
                 },
                 schema=WRITERS_SCHEMA,
             )
@@ -3187,7 +3213,7 @@ def _run_locked(
     # row was written by a run that stopped before keeping its row: it is done again.
     unrecorded = not (before or before_metas or writers or hold.stopped_before)
     # Sizes for the skips here, and in the actors for Parquet.
-    written = {out: size for out, (_, size, _) in writers.items() if size}
+    written = {out: size for out, (_, size, *_) in writers.items() if size}
     within = SourceFolder.of(inputs, output)
     done = existing_outputs(output, written, within)
     metadata = {
@@ -3261,8 +3287,7 @@ def _run_locked(
             # of whose rows have their output and were recorded with their file's time
             # now (as files are: see _plan); in the actors, the others.
             writers_in = {
-                out: (w[0], w[2], before.get(w[0], {}).get("input_mtime_ns"))
-                for out, w in kept.items()
+                out: (w[0], w[2], _output_time(w, before.get(w[0], {}))) for out, w in kept.items()
             }
 
             def settled(rel: str, out_rel: str, mtime: int | None) -> int | None:
@@ -3439,8 +3464,13 @@ def _plan(
         recorded_size = (
             record[2] if record and record[0] == rel and last.get("output") != out_rel else None
         )
-        mtime, recorded_mtime = mtimes.get(rel), last.get("input_mtime_ns")
-        same_time = mtime is None or recorded_mtime in (None, mtime)
+        mtime = mtimes.get(rel)
+        # The time its output was made from (the record's, else the row's), and the time
+        # its last row (perhaps a failure) had.
+        mine = bool(record) and record[0] == rel
+        made_at = _output_time(record, last) if mine else last.get("input_mtime_ns")
+        same_time = mtime is None or made_at in (None, mtime)
+        same_as_last = mtime is None or last.get("input_mtime_ns") in (None, mtime)
         # Complete (existing_outputs checked it), written for this input, and from these
         # bytes (an input whose size or time changed since is done again).
         done_here = (
@@ -3462,12 +3492,12 @@ def _plan(
             todo.append((rel, size))
         elif done_here and same_time:
             early.append(_skipped_row(rel, out_rel, size, last))
-        elif fails_again and same_time:
+        elif fails_again and same_as_last:
             carried = {k: last.get(k) for k in _COLUMNS}
             carried["error"] = _earlier(last["error"])
             early.append(carried)
         else:
-            touched += not same_time and (done_here or fails_again)
+            touched += (done_here and not same_time) or (fails_again and not same_as_last)
             todo.append((rel, size))
     if orphans:
         print(

@@ -1051,7 +1051,10 @@ def test_parquet_input_and_unsafe_paths(model_path, tmp_path, shared_ray):
     # another file with the same time) are denoised again: the driver compares the
     # sizes of the images with those the outputs were made from, as the actors do. And
     # a row that failed is not skipped for the output an earlier run made of it.
-    pq.write_table(last.set_column(2, "image2", pa.array([b"\x89PNG cut"])), good / "2.parquet")
+    # (of the size of the image its output was made from: a failure since, with the
+    # file's new time, did not make those bytes its output's)
+    cut = pa.array([b"\x89PNG cut".ljust(len(payloads[10]), b"\x00")])
+    pq.write_table(last.set_column(2, "image2", cut), good / "2.parquet")
     os.utime(good / "2.parquet", ns=(0, (good / "2.parquet").stat().st_mtime_ns + 10**9))
     for status in ("ok", "skipped"):
         args = ("--input", good, "--output", dst, "--image-column", "image2")
@@ -2684,10 +2687,10 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     writer.close()
     before = {"d.png": {"output": "d.png", "status": "ok", "output_bytes": 3, "input_bytes": 1}}
     assert job.previous_writers(dst, before) == {
-        "old.png": ("gone.png", 10, 4),
-        "a.png": ("a.png", 5, None),
-        "b.png": ("b.png", 7, 2),
-        "d.png": ("d.png", 3, 1),
+        "old.png": ("gone.png", 10, 4, None),
+        "a.png": ("a.png", 5, None, None),
+        "b.png": ("b.png", 7, 2, None),
+        "d.png": ("d.png", 3, 1, None),
     }
     (tmp_path / "out" / "a.png").write_bytes(job.encode_png(np.zeros((2, 2, 1), np.uint8)))
     assert job.existing_outputs(dst, {}) == {"a.png"}  # the record is not an output
@@ -2721,6 +2724,14 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
     # size x.png has now, the record the size it had then.
     webp_since = {"x.png": {**webp["x.png"], "input_bytes": 7}}
     assert plan([("x.png", 7)], webp_since, record) == ({}, [("x.png", 7)])
+    # ... nor once replaced by a file of its size: the record's time is the output's
+    # (the last row's is the webp's, of the file now).
+    src.mtimes["x.png"] = 2_000
+    webp_now = {"x.png": {**webp["x.png"], "input_mtime_ns": 2_000}}
+    assert plan([("x.png", 6)], webp_now, {"x.png": ("x.png", 9, 6, 1_000)})[1] == [("x.png", 6)]
+    assert plan([("x.png", 6)], webp_now, {"x.png": ("x.png", 9, 6, 2_000)})[1] == []
+    assert plan([("x.png", 6)], webp_now, record)[1] == []  # (a record of before the time)
+    del src.mtimes["x.png"]
     assert plan([("x.png", 6)], {}, record) == ({"x.png": "skipped"}, [])
     # ... unless it changed size while it had no row.
     assert plan([("x.png", 7)], {}, record) == ({}, [("x.png", 7)])
