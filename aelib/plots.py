@@ -116,6 +116,11 @@ def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) ->
     return _save(fig, path)
 
 
+def _noun(labels: np.ndarray) -> str:
+    """What the test split holds: MNIST's labelled digits, or own images (-1)."""
+    return "images" if np.all(np.asarray(labels) < 0) else "digits"
+
+
 @_closes_its_figure
 def latent_plane(
     z: np.ndarray,
@@ -123,9 +128,10 @@ def latent_plane(
     path: str | os.PathLike,
     title: str | None = None,
 ) -> Path:
-    title = title or f"VAE latent plane (z_mean of {len(z):,} test digits)"
+    own = np.all(np.asarray(labels) < 0)  # own images (train --images): no digits to colour
+    title = title or f"VAE latent plane (z_mean of {len(z):,} test {_noun(labels)})"
     fig, ax = plt.subplots(figsize=(6, 5))
-    if np.all(np.asarray(labels) < 0):  # own images (train --images): no digits to colour
+    if own:
         ax.scatter(z[:, 0], z[:, 1], s=4)
         title += " (unlabelled)"
     else:  # one color per digit 0-9, also where the labels shown lack some digits
@@ -175,7 +181,9 @@ def tsne_codes(
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
-    title = title or f"t-SNE of the {codes.shape[1]}-float codes of {len(codes):,} test digits"
+    title = title or (
+        f"t-SNE of the {codes.shape[1]}-float codes of {len(codes):,} test {_noun(labels)}"
+    )
     # All codes the same (a dead encoder: a sparse one whose codes are all 0), or nearly
     # (a saturated one): the PCA start divides by their spread, zero in float32, and the
     # process died (SIGSEGV), report and all. A random start is fine.

@@ -167,6 +167,8 @@ def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
             ramp = np.linspace(0.4, 0.6, 28 * 28, dtype="float32").reshape(28, 28)
             return np.broadcast_to(ramp, (len(z), 28, 28)).copy()
 
+    # (and the latent plane and t-SNE titles say digits of MNIST, images of one's own)
+    assert (plots._noun(np.arange(3)), plots._noun(np.full(3, -1))) == ("digits", "images")
     path = plots.digit_manifold(Faint(), tmp_path / "manifold.png")
     gray = np.asarray(Image.open(path).convert("L"), float)
     h, w = gray.shape

@@ -800,6 +800,10 @@ def test_a_failing_trial_records_its_exception(tmp_path, ray_tmp):
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
     cmd += ["--max-failures", "0", "--no-figures"]
     cmd += ["--storage-path", str(tmp_path), "--name", "failing"]
+    # (A sweep stopped before Tune wrote its experiment state left this: it has nothing
+    # to resume, and this plain run starts it; it was refused as an experiment.)
+    (tmp_path / "failing").mkdir()
+    (tmp_path / "failing" / "tuner.pkl").write_bytes(b"stopped")
     env = {**_env(ray_tmp), "KERAS_BACKEND": "nosuch"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
