@@ -85,24 +85,18 @@ def _one_run_at_a_time(folder: Path, made: list):
     the other's model without a word. The lock is the kernel's (flock), so it ends
     with the process however it ends; the file stays, but not in a folder this run
     made (which main() removes if the run fails and leaves it empty)."""
-    import fcntl
+    from aelib.locks import Busy, held
 
     lock = folder.expanduser().absolute() / LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise ValueError(
-                f"--out {folder} is in use by another run of aelib train ({holder}): wait "
-                "for it to end, or choose another --out."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        yield
+        with held(lock, f"pid {os.getpid()}"):
+            yield
+    except Busy as e:
+        raise ValueError(
+            f"--out {folder} is in use by another run of aelib train ({e}): wait for it to "
+            "end, or choose another --out."
+        ) from None
     finally:
-        os.close(fd)
         if lock.parent in made:  # (so that main() can remove it if the run failed)
             with contextlib.suppress(OSError):
                 lock.unlink()

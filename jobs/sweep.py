@@ -418,26 +418,19 @@ def one_sweep_at_a_time(experiment: str):
     if "://" in experiment:
         yield
         return
-    import fcntl
-
+    locks = _aelib_module("locks")
     folder = Path(experiment)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise SystemExit(
-                f"sweep.py: error: {experiment} is in use by another sweep ({holder}): wait "
-                "for it to end, or choose another --name."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
+        with locks.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
+            yield
+    except locks.Busy as e:
+        raise SystemExit(
+            f"sweep.py: error: {experiment} is in use by another sweep ({e}): wait for it "
+            "to end, or choose another --name."
+        ) from None
     finally:
-        os.close(fd)
         if made and sorted(os.listdir(folder)) == [LOCK]:
             with contextlib.suppress(OSError):
                 os.unlink(folder / LOCK)
@@ -498,7 +491,7 @@ def check_same_data(args: argparse.Namespace) -> None:
 
 def data_label(args: argparse.Namespace) -> str:
     """The MNIST file the driver loads: --data, else $AELIB_MNIST, else Keras's."""
-    path = _aelib_data().resolve_mnist_path(args.data)
+    path = _aelib_module("data").resolve_mnist_path(args.data)
     return str(path) if path is not None else "MNIST from Keras"
 
 
@@ -1419,7 +1412,7 @@ def _publish(local_dir: Path, experiment_uri: str) -> None:
 
 def load_arrays(args: argparse.Namespace):
     """MNIST, cut to what the trials use, loaded once by the driver."""
-    (x_train, y_train), (x_test, y_test) = _aelib_data().load_mnist(args.data)
+    (x_train, y_train), (x_test, y_test) = _aelib_module("data").load_mnist(args.data)
     if args.limit is not None:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     if args.test_limit is not None:
@@ -1428,11 +1421,12 @@ def load_arrays(args: argparse.Namespace):
 
 
 @functools.cache
-def _aelib_data():
-    """aelib.data (NumPy only), loaded from its file without importing the aelib
-    package, whose __init__ imports Keras (see variant_options): not even when the
-    report's figures are wanted, since that import may still be under way."""
-    spec = importlib.util.spec_from_file_location("_aelib_data", _aelib_folder() / "data.py")
+def _aelib_module(name: str):
+    """aelib.<name> (data: NumPy only; locks: the standard library), loaded from its
+    file without importing the aelib package, whose __init__ imports Keras (see
+    variant_options): not even when the report's figures are wanted, since that import
+    may still be under way."""
+    spec = importlib.util.spec_from_file_location(f"_aelib_{name}", _aelib_folder() / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
