@@ -7,9 +7,7 @@ import ast
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from aelib.registry import list_models, plain_message
@@ -85,7 +83,7 @@ def _one_run_at_a_time(folder: Path, made: list):
     the other's model without a word. The lock is the kernel's (flock), so it ends
     with the process however it ends; the file stays, but not in a folder this run
     made (which main() removes if the run fails and leaves it empty)."""
-    from aelib.locks import Busy, held
+    from aelib.process import Busy, held
 
     lock = folder.expanduser().absolute() / LOCK
     try:
@@ -100,14 +98,6 @@ def _one_run_at_a_time(folder: Path, made: list):
         if lock.parent in made:  # (so that main() can remove it if the run failed)
             with contextlib.suppress(OSError):
                 lock.unlink()
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is: the run ends with its message, exit 143."""
-
-
-def _sigterm(signum, frame) -> None:
-    raise _Terminated()
 
 
 def _note_limits(args: argparse.Namespace, arrays) -> None:
@@ -233,15 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     for field in fields:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
+    from aelib import process
+
     made: list = []  # output folders this run created: removed again if it fails
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
-        config = TrainConfig(model=args.model, **values)
-        out = Path(args.out).expanduser()
-        _writable_folder(args.out, "--out", made)
-        with _one_run_at_a_time(out, made):
-            result = _train_locked(args, config, out, made)
+        with process.sigterm_as_ctrl_c():  # (SIGTERM: as Ctrl-C, not a silent end)
+            config = TrainConfig(model=args.model, **values)
+            out = Path(args.out).expanduser()
+            _writable_folder(args.out, "--out", made)
+            with _one_run_at_a_time(out, made):
+                result = _train_locked(args, config, out, made)
     except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
         # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
         # something: only empty ones go (a bad --set, bad data: nothing was written).
@@ -249,19 +240,16 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
-            how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+            how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
             print(
                 f"aelib: {how}: the run did not finish, and {args.out} holds no "
                 "metrics.json of it (a model saved before its figures is replaced by "
                 "the rerun)",
                 file=sys.stderr,
             )
-            return 143 if isinstance(e, _Terminated) else 130
+            return process.exit_code(e)
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         return 2
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     from aelib.train import finite
 
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))

@@ -29,32 +29,32 @@ import io
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-def _load_data_lib():
-    """aelib.data without running aelib/__init__ (which imports Keras/TensorFlow, ~5 s)."""
+def _load_aelib(name: str):
+    """aelib.<name> (data, process: no Keras) without running aelib/__init__ (which
+    imports Keras/TensorFlow, ~5 s)."""
     spec = importlib.util.find_spec("aelib")
     if spec is None:  # a lone copy of this script: use the repository beside it
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         spec = importlib.util.find_spec("aelib")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("aelib is not importable: install it or run from the repository.")
-    path = Path(spec.submodule_search_locations[0]) / "data.py"
-    module_spec = importlib.util.spec_from_file_location("_aelib_data", path)
+    path = Path(spec.submodule_search_locations[0]) / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(f"_aelib_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
 
 
-data_lib = _load_data_lib()
+data_lib = _load_aelib("data")
+process = _load_aelib("process")
 
 MNIST_TEST_SIZE = 10_000
 _CHUNK = 10_000
@@ -90,27 +90,9 @@ def _remove_stale_temp_files(folder: Path) -> None:
     for root, _, names in os.walk(folder):
         for name in names:
             match = _TMP.match(name)  # (a PID is at most 2**22: not a timestamp)
-            if match and int(match.group(1)) <= 2**22 and not _alive(int(match.group(1))):
+            if match and int(match.group(1)) <= 2**22 and not process.alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(root, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (another user's: running)
-        return True
-    return True
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is: the run ends with its message, exit 143."""
-
-
-def _sigterm(signum, frame) -> None:
-    raise _Terminated()
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -279,18 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--corrupt", type=int, default=0, help="broken files to add")
     args = parser.parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
-        counts = make_noisy(
-            args.data,
-            args.count,
-            args.out,
-            args.clean_out,
-            args.noise_factor,
-            args.seed,
-            args.corrupt,
-        )
+        with process.sigterm_as_ctrl_c():  # (SIGTERM: as Ctrl-C, not a silent end)
+            counts = make_noisy(
+                args.data,
+                args.count,
+                args.out,
+                args.clean_out,
+                args.noise_factor,
+                args.seed,
+                args.corrupt,
+            )
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: offline
         print(f"make_noisy: error: {e}", file=sys.stderr)
         return 2
@@ -298,14 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_noisy: error: {e} (a rerun keeps the files written)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Pillow's traceback, or no word
-        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
         print(
             f"make_noisy: {how}: a rerun keeps the files written and adds the rest", file=sys.stderr
         )
-        return 143 if isinstance(e, _Terminated) else 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        return process.exit_code(e)
     print(f"make_noisy: {counts} in {args.out}")
     return 0
 

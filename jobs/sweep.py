@@ -418,14 +418,14 @@ def one_sweep_at_a_time(experiment: str):
     if "://" in experiment:
         yield
         return
-    locks = _aelib_module("locks")
+    process = _aelib_module("process")
     folder = Path(experiment)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with locks.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
+        with process.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
             yield
-    except locks.Busy as e:
+    except process.Busy as e:
         raise SystemExit(
             f"sweep.py: error: {experiment} is in use by another sweep ({e}): wait for it "
             "to end, or choose another --name."
@@ -1422,7 +1422,7 @@ def load_arrays(args: argparse.Namespace):
 
 @functools.cache
 def _aelib_module(name: str):
-    """aelib.<name> (data: NumPy only; locks: the standard library), loaded from its
+    """aelib.<name> (data: NumPy only; process: the standard library), loaded from its
     file without importing the aelib package, whose __init__ imports Keras (see
     variant_options): not even when the report's figures are wanted, since that import
     may still be under way."""

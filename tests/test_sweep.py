@@ -919,7 +919,7 @@ def test_driver_checks_and_loads_data_without_importing_keras():
     out = _in_a_fresh_process_with_sweep(
         "options = {k: sorted(v) for k, v in m.variant_options().items()}\n"
         f"(x, y), (xt, yt) = m._aelib_module('data').load_mnist({str(MNIST)!r})\n"
-        "m._aelib_module('locks')  # (a sweep's lock on its experiment)\n"
+        "m._aelib_module('process')  # (a sweep's lock on its experiment)\n"
         "heavy = sorted(n for n in ('keras', 'tensorflow', 'aelib') if n in sys.modules)\n"
         "print(json.dumps({'options': options, 'shape': list(x.shape), 'heavy': heavy}))\n",
         timeout=120,

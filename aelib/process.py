@@ -1,0 +1,80 @@
+"""What a run of a command does as a process: one at a time in a folder, and how it ends.
+
+- `held`: a lock file the kernel holds (flock) for its process. It ends with the process
+  however that ends, so a crash or a kill leaves nothing to clear by hand.
+- `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
+  a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence.
+- `alive`: whether a process of that ID runs (the owner of a temp file, say).
+
+Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
+importing the aelib package (whose __init__ imports Keras).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class Busy(Exception):
+    """Another process holds the lock; str() is what it wrote there (who it is)."""
+
+
+@contextlib.contextmanager
+def held(lock: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Holds file `lock` (made if missing) while the block runs, with `holder` written in
+    it for a second process to name; raises Busy at once if another process holds it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise Busy(who or "another process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is (exit_code: 143, against Ctrl-C's 130)."""
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """The exit status of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return 143 if isinstance(stop, Terminated) else 130
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises Terminated while the block runs (in the main thread: elsewhere
+    Python sets no handler); the handler before it is set again after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (one of another user's does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
