@@ -3293,7 +3293,7 @@ def _run_locked(
             def settled(rel: str, out_rel: str, mtime: int | None) -> int | None:
                 """The size of the bytes the row's output was made from, if the row is to
                 be skipped once its bytes have that size (as in the actors: its output
-                recorded as its own, its last row of its file's time now)."""
+                recorded as its own, made from its file at the time it has now)."""
                 writer, size, then = writers_in.get(out_rel, (None, None, None))
                 return size if writer == rel and then == mtime else None
 
@@ -3467,8 +3467,7 @@ def _plan(
         mtime = mtimes.get(rel)
         # The time its output was made from (the record's, else the row's), and the time
         # its last row (perhaps a failure) had.
-        mine = bool(record) and record[0] == rel
-        made_at = _output_time(record, last) if mine else last.get("input_mtime_ns")
+        made_at = _output_time(record if record and record[0] == rel else (), last)
         same_time = mtime is None or made_at in (None, mtime)
         same_as_last = mtime is None or last.get("input_mtime_ns") in (None, mtime)
         # Complete (existing_outputs checked it), written for this input, and from these
