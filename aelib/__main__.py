@@ -286,12 +286,26 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
     # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is the
     # metrics' JSON alone (for `| jq`); one line per epoch where stderr is not a
     # terminal (a log, CI).
+    import keras
+
+    from aelib import process
+
+    class StopOnSignal(keras.callbacks.Callback):
+        """Ctrl-C and SIGTERM stop the training at the end of a batch, if their own
+        exception was lost (see process.raise_if_stopped)."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            process.raise_if_stopped()
+
+        on_test_batch_end = on_epoch_end = on_train_batch_end
+
     with contextlib.redirect_stdout(sys.stderr):
         arrays = load_arrays(config)
         _note_limits(args, arrays)
         return train(
             config,
             arrays,
+            callbacks=[StopOnSignal()],
             data_source=config_source(config),
             out_dir=str(out),  # (~ expanded, as the checks above did)
             tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),

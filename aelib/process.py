@@ -3,7 +3,8 @@
 - `held`: a lock file the kernel holds (flock) for its process. It ends with the process
   however that ends, so a crash or a kill leaves nothing to clear by hand.
 - `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
-  a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence.
+  a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence;
+  `raise_if_stopped` raises either again at a safe point of a long loop.
 - `alive`: whether a process of that ID runs (the owner of a temp file, say).
 
 Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
@@ -51,22 +52,40 @@ def exit_code(stop: KeyboardInterrupt) -> int:
     return 143 if isinstance(stop, Terminated) else 130
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_STOPPED: list[type[KeyboardInterrupt]] = []  # what the handlers below raised
+
+
+def _stop(signum, frame) -> None:
+    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _STOPPED.append(stop)
+    raise stop()
+
+
+def raise_if_stopped() -> None:
+    """Raises again what Ctrl-C or SIGTERM raised in sigterm_as_ctrl_c's block, for a
+    long loop to call where it is safe: a handler's exception lands wherever the main
+    thread is, and in a __del__ Python only prints it (a training went on to its end,
+    then died in the interpreter's teardown)."""
+    if _STOPPED:
+        raise _STOPPED[-1]()
 
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM raises Terminated while the block runs (in the main thread: elsewhere
-    Python sets no handler); the handler before it is set again after."""
+    """SIGTERM raises Terminated, and Ctrl-C KeyboardInterrupt, while the block runs, and
+    raise_if_stopped again after either, in the block (in the main thread: elsewhere
+    Python sets no handler); the handlers before are set again after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _STOPPED.clear()
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _STOPPED.clear()
 
 
 def alive(pid: int) -> bool:

@@ -248,6 +248,26 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert f"--out {out} is in use by another run of aelib train (pid " in capsys.readouterr().err
 
 
+def test_a_signal_whose_exception_was_lost_is_raised_again():
+    """A handler's exception lands wherever the main thread is; in a __del__ Python only
+    prints it, and a training went on to its end: raise_if_stopped raises it again."""
+    from aelib import process
+
+    for signum, stop in ((signal.SIGTERM, process.Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        with process.sigterm_as_ctrl_c():
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(1)  # (the handler runs here)
+            except KeyboardInterrupt as e:  # (lost, as in a __del__)
+                assert type(e) is stop
+            with pytest.raises(stop):
+                process.raise_if_stopped()
+            assert process.exit_code(stop()) == (143 if stop is process.Terminated else 130)
+        process.raise_if_stopped()  # (outside a block, and in a new one: nothing to raise)
+        with process.sigterm_as_ctrl_c():
+            process.raise_if_stopped()
+
+
 def test_a_stopped_training_says_so_and_leaves_no_folder(tmp_path):
     """Ctrl-C printed TensorFlow's KeyboardInterrupt traceback; SIGTERM ended the run
     without a word and left the --out folder it had made."""
