@@ -291,13 +291,20 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
     from aelib import process
 
     class StopOnSignal(keras.callbacks.Callback):
-        """Ctrl-C and SIGTERM stop the training at the end of a batch, if their own
-        exception was lost (see process.raise_if_stopped)."""
+        """Ctrl-C and SIGTERM stop the training at the end of a batch: in it, they only
+        record the stop (see process.defer_stops)."""
+
+        def on_train_begin(self, logs=None):
+            process.defer_stops(True)
 
         def on_train_batch_end(self, batch, logs=None):
             process.raise_if_stopped()
 
         on_test_batch_end = on_epoch_end = on_train_batch_end
+
+        def on_train_end(self, logs=None):
+            process.defer_stops(False)
+            process.raise_if_stopped()
 
     with contextlib.redirect_stdout(sys.stderr):
         arrays = load_arrays(config)

@@ -53,12 +53,21 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 
 _STOPPED: list[type[KeyboardInterrupt]] = []  # what the handlers below raised
+_DEFERRED: list[bool] = []  # [True] while stops wait for raise_if_stopped (defer_stops)
 
 
 def _stop(signum, frame) -> None:
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     _STOPPED.append(stop)
-    raise stop()
+    if not _DEFERRED:
+        raise stop()
+
+
+def defer_stops(defer: bool) -> None:
+    """While deferred, Ctrl-C and SIGTERM only record the stop, for raise_if_stopped to
+    raise at a safe point: raised inside TensorFlow's training, the exception was lost,
+    or the process died (SIGSEGV, a corrupted heap)."""
+    _DEFERRED[:] = [True] if defer else []
 
 
 def raise_if_stopped() -> None:
@@ -86,6 +95,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         _STOPPED.clear()
+        _DEFERRED.clear()
 
 
 def alive(pid: int) -> bool:

@@ -263,6 +263,13 @@ def test_a_signal_whose_exception_was_lost_is_raised_again():
             with pytest.raises(stop):
                 process.raise_if_stopped()
             assert process.exit_code(stop()) == (143 if stop is process.Terminated else 130)
+        # Deferred (in a training), a stop is only recorded, and raised where asked.
+        with process.sigterm_as_ctrl_c():
+            process.defer_stops(True)
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)  # (the handler runs here, and raises nothing)
+            with pytest.raises(stop):
+                process.raise_if_stopped()
         process.raise_if_stopped()  # (outside a block, and in a new one: nothing to raise)
         with process.sigterm_as_ctrl_c():
             process.raise_if_stopped()
