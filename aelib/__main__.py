@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a model option, e.g. --set encoding_dim=64",
     )
+    t.add_argument(
+        "--restart",
+        action="store_true",
+        help="train from epoch 1 even where a stopped run of the same settings left its "
+        "checkpoint in --out (by default, the run goes on from that run's last epoch)",
+    )
     t.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard logs")
     t.add_argument("--no-figures", action="store_true")
     return parser
@@ -241,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder.rmdir()
         if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
             how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
-            print(
-                f"aelib: {how}: the run did not finish, and {args.out} holds no "
-                "metrics.json of it (a model saved before its figures is replaced by "
-                "the rerun)",
-                file=sys.stderr,
-            )
+            print(f"aelib: {how}: the run did not finish; {_how_to_go_on(args)}", file=sys.stderr)
             return process.exit_code(e)
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         return 2
@@ -265,8 +266,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _how_to_go_on(args: argparse.Namespace) -> str:
+    """What a stopped run left in --out, and what its rerun does with it."""
+    from aelib.saving import read_info
+    from aelib.train import CHECKPOINT, checkpoint_path
+
+    path = checkpoint_path(args.out, args.model)
+    try:
+        state = read_info(path).get(CHECKPOINT) or {}
+    except (OSError, ValueError):
+        state = {}
+    done = state.get("epochs_done")
+    if not done:
+        return f"{args.out} holds no metrics.json of it, and the same command trains it again"
+    return (
+        f"its checkpoint after epoch {done} is {path}: the same command goes on from "
+        f"epoch {done + 1} (--restart trains from epoch 1)"
+    )
+
+
 def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
-    from aelib.train import config_source, load_arrays, train
+    from aelib.train import config_source, load_arrays, stopped_run, train
 
     model_file = f"{args.model}.keras"
     if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
@@ -275,7 +295,21 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
             f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
             "run: pass --overwrite to replace them, or choose another --out."
         )
-    if (out / model_file).exists() and not args.overwrite:
+    state, why_not = stopped_run(out, config)
+    if state and not args.restart:
+        print(
+            f"aelib: note: going on from epoch {state['epochs_done'] + 1} of {config.epochs}: "
+            f"a run of the same settings stopped after epoch {state['epochs_done']} and left "
+            "its checkpoint in --out (--restart trains from epoch 1)",
+            file=sys.stderr,
+        )
+    elif why_not:
+        print(
+            f"aelib: note: --out holds the checkpoint of a stopped run that this one does "
+            f"not go on from: {why_not}; this run trains from epoch 1 and replaces it",
+            file=sys.stderr,
+        )
+    elif (out / model_file).exists() and not args.overwrite:
         print(
             f"aelib: note: --out {args.out} holds a {model_file} without its metrics.json "
             "(written last: a run that stopped before it ended): it is replaced",
@@ -318,6 +352,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
             tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
             figures=not args.no_figures,
             verbose="auto" if sys.stderr.isatty() else 2,
+            resume=not args.restart,
         )
 
 

@@ -5,7 +5,8 @@
 - `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
   a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence;
   `raise_if_stopped` raises either again at a safe point of a long loop.
-- `alive`: whether a process of that ID runs (the owner of a temp file, say).
+- `alive`: whether a process of that ID runs (the owner of a temp file, say);
+  `remove_dead_temp_files`: removes the temp files of runs that no longer run.
 
 Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
 importing the aelib package (whose __init__ imports Keras).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -107,3 +109,17 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def remove_dead_temp_files(folder: str | os.PathLike, pattern: str) -> None:
+    """Removes the files in `folder` whose names match `pattern`, a regular expression
+    whose first group is the PID of the process writing them, where that process no
+    longer runs: the temp files a kill -9 left (nothing else leaves one). A number
+    above 2**22, Linux's largest PID, is no PID (a timestamp, say): kept."""
+    regex = re.compile(pattern)
+    with contextlib.suppress(OSError):  # (no folder: nothing to remove)
+        for entry in os.scandir(folder):
+            match = regex.fullmatch(entry.name)
+            if match and int(match.group(1)) <= 2**22 and not alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)

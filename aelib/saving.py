@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import keras
 
+from aelib import process
 from aelib.registry import Autoencoder, json_default
 
 INFO_MEMBER = "aelib.json"
@@ -51,7 +53,9 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
         raise NotADirectoryError(f"Cannot save {path}: {what}.") from e
     if path.is_dir():
         raise IsADirectoryError(f"Cannot save {path}: it is a folder.")
-    # Write beside the target, then rename: a crash never leaves half a file.
+    # Write beside the target, then rename: a crash never leaves half a file (and a
+    # kill -9 leaves the temp files, which the next save of this name removes).
+    remove_stale_temp_files(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     # aelib's own fields last: `info` may be a reloaded model's record, naming the
     # backend and versions it was saved with before.
@@ -75,6 +79,14 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
         tmp.unlink(missing_ok=True)
         keras_tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> None:
+    """Removes the temp files `save` left beside `path` in a process that no longer runs
+    (killed while it saved)."""
+    path = Path(path)
+    pattern = rf"\.{re.escape(path.stem)}\.(\d+)\.(tmp|keras-tmp)\.keras"
+    process.remove_dead_temp_files(path.parent, pattern)
 
 
 def _copy_portable(src: Path, dst: Path, info: str | None = None) -> None:

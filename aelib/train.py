@@ -16,6 +16,7 @@ import numpy as np
 
 from aelib import data as data_lib
 from aelib import metrics as metrics_lib
+from aelib import process
 from aelib.registry import (
     Autoencoder,
     build_model,
@@ -27,7 +28,7 @@ from aelib.registry import (
     options_text,
     plain_message,
 )
-from aelib.saving import save
+from aelib.saving import remove_stale_temp_files, save
 
 MnistArrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -259,6 +260,106 @@ class DenoiseMetrics(keras.callbacks.Callback):
         logs["val_ssim"] = float(np.mean(metrics_lib.ssim(self.y_val, out)))
 
 
+def restore_training_state(model: keras.Model, path: str | os.PathLike) -> None:
+    """Sets `model`'s weights and its optimizer's state (Adam's moments and step count,
+    which a learning-rate schedule reads) to those saved in `path` with the same model
+    compiled: a run continued from it trains on as if it had never stopped. Call it
+    after `compile`, before the first step (a callback's `on_train_begin`)."""
+    from aelib.saving import load
+
+    saved = load(path, compile=True).autoencoder
+    model.set_weights(saved.get_weights())
+    state = saved.optimizer.variables if saved.optimizer else []
+    if not model.optimizer.built:  # (TensorFlow builds it at the first step)
+        model.optimizer.build(model.trainable_variables)
+    own = model.optimizer.variables
+    if [v.shape for v in state] != [v.shape for v in own]:
+        raise ValueError(
+            f"the optimizer state in {path} ({len(state)} variables) does not fit this "
+            f"model's optimizer ({len(own)})"
+        )
+    for mine, theirs in zip(own, state, strict=True):
+        mine.assign(theirs)
+
+
+class RestoreState(keras.callbacks.Callback):
+    """Restores a checkpoint's weights and optimizer state as training begins."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        restore_training_state(self.model, self.path)
+
+
+def checkpoint_path(out_dir: str | os.PathLike, model: str) -> Path:
+    """Where `train(out_dir=...)` keeps the checkpoint of a run that has not ended."""
+    return Path(out_dir).expanduser() / f"{model}.checkpoint.keras"
+
+
+CHECKPOINT = "checkpoint"  # (the key of a checkpoint's state in its aelib record)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """At the end of every epoch but the last, saves the model with its optimizer state
+    and the run's history so far to `path` (atomically: a run stopped while it saves
+    keeps the epoch before), for `train(resume=True)` to go on from. An epoch whose
+    loss is NaN is not saved: its weights are NaN too."""
+
+    def __init__(self, path: Path, model: Autoencoder, config: TrainConfig, past: dict):
+        super().__init__()
+        self.path, self.bundle, self.config = path, model, config
+        self.history = {k: list(v) for k, v in past["history"].items()}
+        self.past_seconds = past["train_seconds"]
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+        done = epoch + 1  # (fit counts on from the checkpoint's epochs)
+        if done >= self.config.epochs or not math.isfinite(logs.get("loss", math.nan)):
+            return
+        state = {
+            "epochs_done": done,
+            "history": self.history,
+            "train_seconds": self.past_seconds + time.perf_counter() - self.start,
+        }
+        save(self.bundle, self.path, {"train_config": self.config.to_dict(), CHECKPOINT: state})
+
+
+def stopped_run(out_dir: str | os.PathLike, config: TrainConfig) -> tuple[dict | None, str]:
+    """The state a stopped run of `config` left in `out_dir` (its epochs done, history
+    and training seconds), or None and why there is none to go on from: "" where no
+    checkpoint is there, else what keeps it from this run (other settings, a damaged
+    file)."""
+    from aelib.saving import read_info
+
+    path = checkpoint_path(out_dir, config.model)
+    if not path.exists():
+        return None, ""
+    try:
+        info = read_info(path)
+    except (OSError, ValueError) as e:
+        return None, f"{path.name} cannot be read ({plain_message(e)})"
+    theirs = info.get("train_config")
+    state = info.get(CHECKPOINT)
+    if not isinstance(theirs, dict) or not isinstance(state, dict):
+        return None, f"{path.name} is not a checkpoint of aelib train"
+    ours = json.loads(json.dumps(config.to_dict(), default=json_default))
+    differ = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+    if differ:
+        were = ", ".join(f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        return None, f"{path.name} is of a run with other settings: {were}"
+    return state, ""
+
+
+def merge_history(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
+    """Two runs' per-epoch logs, one after the other."""
+    return {k: list(a.get(k, [])) + list(b.get(k, [])) for k in dict.fromkeys([*a, *b])}
+
+
 def tf_data_autotune_off() -> bool:
     """Under TensorFlow, turns off tf.data autotuning in the pipelines Keras builds
     from NumPy arrays (fit, validation, evaluate, predict); returns whether it did.
@@ -381,6 +482,7 @@ def train(
     verbose: str | int = "auto",
     initial_epoch: int = 0,
     data_source: str | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Builds, trains and evaluates one variant; optionally saves it with its figures.
 
@@ -400,6 +502,10 @@ def train(
             the whole run.
         data_source: what `data` is, for the saved record (default: the config's MNIST
             file or image folder when `data` is None, else "arrays passed to train()").
+        resume: with `out_dir`, go on from the checkpoint a stopped run of this same
+            config left there (see `stopped_run`): from the epoch after its last, with
+            its weights, optimizer state and history. A run with `out_dir` saves one
+            after every epoch but the last, and removes it once it has ended.
 
     Returns:
         A `TrainResult`. Training stops at the end of the epoch where the loss
@@ -412,6 +518,14 @@ def train(
             f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
             f"Received: initial_epoch={initial_epoch!r}"
         )
+    past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
+    checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
+    state = stopped_run(out_dir, config)[0] if resume and checkpoint else None
+    resumed = state is not None
+    if resumed:
+        if initial_epoch:
+            raise ValueError("initial_epoch and resume=True both say where to start: give one")
+        past, initial_epoch = state, state["epochs_done"]
     if data is not None:
         data_lib.check_arrays(data)
         data_source = data_source or "arrays passed to train()"
@@ -430,8 +544,12 @@ def train(
         own.append(
             DenoiseMetrics(splits.x_val, splits.y_val, config.metrics_limit, config.batch_size)
         )
+    if resumed:
+        own.append(RestoreState(checkpoint))
     if tensorboard_dir is not None:
         own.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
+    if checkpoint is not None:
+        own.append(EpochCheckpoint(checkpoint, model, config, past))
     start = time.perf_counter()
     history = model.autoencoder.fit(
         splits.x_train,
@@ -444,8 +562,9 @@ def train(
         verbose=verbose,
         initial_epoch=initial_epoch,
     )
-    train_seconds = time.perf_counter() - start
+    train_seconds = past["train_seconds"] + time.perf_counter() - start
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    hist = merge_history(past["history"], hist)
     last_loss = hist.get("loss", [math.nan])[-1]
     metrics: dict[str, Any] = {
         "train_loss": last_loss,
@@ -455,6 +574,8 @@ def train(
         "device": compute_device(),
         "nan": not math.isfinite(last_loss),
     }
+    if resumed:  # (the epochs before it ran in a run that stopped)
+        metrics["resumed_after_epoch"] = past["epochs_done"]
     if not metrics["nan"]:
         metrics.update(evaluate(model, splits, config.batch_size))
 
@@ -462,6 +583,8 @@ def train(
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()
         paths = write_outputs(model, config, metrics, hist, splits, out_dir, figures, data_source)
+        checkpoint.unlink(missing_ok=True)  # (the run has ended: metrics.json says so)
+        remove_stale_temp_files(checkpoint)
     return TrainResult(model, metrics, hist, config, paths, splits)
 
 
@@ -545,6 +668,7 @@ def write_outputs(
                 stale.unlink()  # failure for a figure it could not remove)
     # Last: the record of a run that ended (the CLI refuses to replace it without
     # --overwrite; a model without it is a stopped run's).
+    process.remove_dead_temp_files(out_dir, r"metrics\.json\.(\d+)\.tmp")  # (kill -9's)
     tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
     text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
     tmp.write_text(text)

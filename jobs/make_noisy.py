@@ -28,7 +28,6 @@ import importlib.util
 import io
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -81,18 +80,10 @@ def _write(path: Path, payload: bytes) -> None:
         raise
 
 
-_TMP = re.compile(r"^\..+\.(\d{1,7})\.tmp$")  # _write's temp files: .NAME.PID.tmp
-
-
 def _remove_stale_temp_files(folder: Path) -> None:
-    """Removes the temp files under `folder` of runs no longer running (a kill -9 left
-    them: nothing else does)."""
-    for root, _, names in os.walk(folder):
-        for name in names:
-            match = _TMP.match(name)  # (a PID is at most 2**22: not a timestamp)
-            if match and int(match.group(1)) <= 2**22 and not process.alive(int(match.group(1))):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(root, name))
+    """Removes the temp files (see _write) under `folder` of runs no longer running."""
+    for root, _, _ in os.walk(folder):
+        process.remove_dead_temp_files(root, r"\..+\.(\d{1,7})\.tmp")
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

@@ -886,7 +886,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         import keras
 
         import aelib
-    from aelib.train import compute_device, write_outputs
+    from aelib.train import compute_device, merge_history, write_outputs
 
     model = config["model"]
     total = trial_config(model, config["hparams"][model], settings)
@@ -939,7 +939,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
 
-    history = _merge(past_history, result.history)
+    history = merge_history(past_history, result.history)
     final = {
         **reporter.last_logs,
         **{k: v for k, v in result.metrics.items() if k != "train_seconds"},
@@ -1050,16 +1050,13 @@ def check_pins(args: argparse.Namespace, arrays) -> None:
             keras.backend.clear_session()
 
 
-def _merge(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
-    return {k: list(a.get(k, [])) + list(b.get(k, [])) for k in dict.fromkeys([*a, *b])}
-
-
 def _TuneReporter(model, config, past_history, where, weights):  # noqa: N802
     """Builds the per-epoch Keras callback (Keras is imported inside the trial only)."""
     import keras
 
     from aelib.registry import Autoencoder, model_input_kind
     from aelib.saving import save
+    from aelib.train import restore_training_state
 
     class TuneReporter(keras.callbacks.Callback):
         def __init__(self):
@@ -1068,21 +1065,8 @@ def _TuneReporter(model, config, past_history, where, weights):  # noqa: N802
             self.history: dict[str, list] = copy.deepcopy(past_history)
 
         def on_train_begin(self, logs=None):
-            if weights:  # the checkpoint's weights and optimizer state (Adam's moments,
-                # its step count, which a learning-rate schedule reads)
-                saved = keras.saving.load_model(weights, compile=True)
-                self.model.set_weights(saved.get_weights())
-                state = saved.optimizer.variables if saved.optimizer else []
-                if not self.model.optimizer.built:  # (TensorFlow builds it at the first step)
-                    self.model.optimizer.build(self.model.trainable_variables)
-                own = self.model.optimizer.variables
-                if [v.shape for v in state] != [v.shape for v in own]:
-                    raise ValueError(
-                        f"the checkpoint's optimizer state ({len(state)} variables) does "
-                        f"not fit this trial's optimizer ({len(own)})"
-                    )
-                for mine, theirs in zip(own, state, strict=True):
-                    mine.assign(theirs)
+            if weights:  # the checkpoint's weights and optimizer state
+                restore_training_state(self.model, weights)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}

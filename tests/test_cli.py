@@ -248,6 +248,42 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert f"--out {out} is in use by another run of aelib train (pid " in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
+    tmp_path, capsys, monkeypatch
+):
+    """A stopped run's checkpoint is gone on from only by a run of the same settings, and
+    not with --restart; either way the run says what it does with it."""
+    from aelib import plots
+
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--epochs", "2", "--limit", "64", "--test-limit"]
+    args += ["32", "--data", str(MNIST), "--out", str(out)]
+
+    def stopped(*args, **kwargs):  # (stopped while it draws its figures: after epoch 2)
+        raise KeyboardInterrupt
+
+    for then, said in (
+        (
+            ["--epochs", "3"],
+            "is of a run with other settings: epochs=2 (now 3); this run "
+            "trains from epoch 1 and replaces it",
+        ),
+        (["--overwrite", "--restart"], None),
+    ):
+        monkeypatch.setattr(plots, "tutorial_figures", stopped)
+        assert main([*args, "--overwrite"]) == 130
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert (
+            "its checkpoint after epoch 1 is " in err and (out / "dense.checkpoint.keras").exists()
+        )
+        assert main([*args, "--no-figures", *then]) == 0
+        err = capsys.readouterr().err
+        assert "Epoch 1/" in err and "going on from" not in err
+        assert said is None or said in err
+        assert not (out / "dense.checkpoint.keras").exists()
+
+
 def test_a_signal_whose_exception_was_lost_is_raised_again():
     """A handler's exception lands wherever the main thread is; in a __del__ Python only
     prints it, and a training went on to its end: raise_if_stopped raises it again."""
@@ -275,28 +311,52 @@ def test_a_signal_whose_exception_was_lost_is_raised_again():
             process.raise_if_stopped()
 
 
-def test_a_stopped_training_says_so_and_leaves_no_folder(tmp_path):
+def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tmp_path):
     """Ctrl-C printed TensorFlow's KeyboardInterrupt traceback; SIGTERM ended the run
-    without a word and left the --out folder it had made."""
+    without a word and left the --out folder it had made. And a stopped run trained again
+    from its first epoch: now it goes on from the checkpoint of its last."""
 
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "100"]
-    cmd += ["--limit", "2000", "--data", str(MNIST), "--out", str(out)]
-    for signum, code, said in (
-        (signal.SIGTERM, 143, "aelib: terminated (SIGTERM): the run did not finish"),
-        (signal.SIGINT, 130, "aelib: interrupted: the run did not finish"),
-    ):
+    cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "20"]
+    cmd += ["--limit", "2000", "--test-limit", "100", "--data", str(MNIST), "--out", str(out)]
+
+    def stopped(signum: int, at: str) -> tuple[int, str]:
         proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
         lines = []
         for line in proc.stderr:  # (one line per epoch: stderr is no terminal)
             lines.append(line)
-            if "Epoch 2/" in line:
+            if at in line:
                 proc.send_signal(signum)
                 break
         err = "".join(lines) + proc.stderr.read()
-        assert proc.wait(timeout=60) == code, err[-3000:]
-        assert said in err and "Traceback" not in err, err[-3000:]
-        assert not out.exists()
+        return proc.wait(timeout=60), err
+
+    # In its first epoch: nothing to go on from, and the folder it made is gone.
+    code, err = stopped(signal.SIGINT, "Epoch 1/")
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    assert "aelib: interrupted: the run did not finish; " in err
+    assert f"{out} holds no metrics.json of it, and the same command trains it again" in err
+    assert not out.exists()
+    # Later: its checkpoint stays, and the same command goes on from it.
+    code, err = stopped(signal.SIGTERM, "Epoch 3/")
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    said = re.search(
+        r"terminated \(SIGTERM\): the run did not finish; its checkpoint after "
+        r"epoch (\d+) is (.+): the same command goes on from epoch (\d+) ",
+        err,
+    )
+    assert said, err[-3000:]
+    done = int(said[1])
+    assert said[2] == str(out / "dense.checkpoint.keras") and int(said[3]) == done + 1
+    assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
+    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"note: going on from epoch {done + 1} of 20: a run of the same" in run.stderr
+    assert f"Epoch {done + 1}/20" in run.stderr and "Epoch 1/20" not in run.stderr
+    metrics = json.loads(run.stdout)
+    assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == done
+    assert not (out / "dense.checkpoint.keras").exists()
+    assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 20
 
 
 def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):

@@ -5,6 +5,7 @@ and PyTorch)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from aelib.train import (
     FIGURE_FILES,
     Splits,
     TrainConfig,
+    checkpoint_path,
     compile_model,
     load_arrays,
     make_splits,
+    stopped_run,
 )
 from helpers import subprocess_env
 
@@ -675,3 +678,57 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     )
     assert record["data_settings"]["source"] == "arrays passed to train()"
     TrainConfig.from_dict(record["train_config"])  # (1.0 was refused as an int)
+
+
+def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
+    """A run with out_dir saves a checkpoint after every epoch but the last; resume=True
+    goes on from it with its weights, its optimizer's state (Adam's step count, which the
+    cosine schedule reads) and its history, and the ended run removes it. A checkpoint
+    of other settings is not gone on from, and says why."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (100, 28, 28)).astype(np.uint8)
+    data = ((x, np.arange(100) % 10), (x[:20], np.arange(20) % 10))
+    config = TrainConfig(model="dense", epochs=3, batch_size=32, lr_schedule="cosine")
+    steps = 3  # (90 training images after val_split 0.1, in batches of 32)
+
+    class StopAfterEpoch2(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+    state, why_not = stopped_run(out, config)
+    assert why_not == "" and state["epochs_done"] == 2 and len(state["history"]["loss"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
+    saved = aelib.load(checkpoint_path(out, "dense"))
+    assert int(saved.autoencoder.optimizer.iterations) == 2 * steps
+
+    other = TrainConfig.from_dict({**config.to_dict(), "epochs": 4, "seed": 1})
+    assert stopped_run(out, other) == (
+        None,
+        "dense.checkpoint.keras is of a run with other settings: epochs=3 (now 4), seed=0 (now 1)",
+    )
+    assert stopped_run(tmp_path / "none", config) == (None, "")
+
+    # A kill -9 while saving leaves temp files: the next save removes those of runs gone.
+    stale = [".dense.checkpoint.4194304.tmp.keras", ".dense.4194303.keras-tmp.keras"]
+    stale.append("metrics.json.4194304.tmp")
+    live = f".dense.checkpoint.{os.getpid()}.tmp.keras"
+    for name in [*stale, live]:
+        (out / name).write_bytes(b"half a file")
+    result = aelib.train(config, data, out, figures=False, verbose=0, resume=True)
+    (out / live).unlink()  # (kept: its process runs)
+    assert result.metrics["resumed_after_epoch"] == 2 and result.metrics["epochs_run"] == 3
+    assert result.history["loss"][:2] == state["history"]["loss"]
+    assert len(result.history["val_loss"]) == 3
+    assert int(result.model.autoencoder.optimizer.iterations) == 3 * steps
+    assert result.metrics["train_seconds"] > state["train_seconds"]
+    assert sorted(p.name for p in out.iterdir()) == ["dense.keras", "metrics.json"]
+    record = json.loads((out / "metrics.json").read_text())
+    assert len(record["history"]["loss"]) == 3
+    with pytest.raises(KeyboardInterrupt):  # (resume=False: from epoch 1, not the end)
+        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], verbose=0)
+    with pytest.raises(ValueError, match="initial_epoch and resume=True both say where"):
+        aelib.train(config, data, out, initial_epoch=1, resume=True, verbose=0)
