@@ -325,21 +325,18 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
     from aelib import process
 
     class StopOnSignal(keras.callbacks.Callback):
-        """Ctrl-C and SIGTERM stop the training at the end of a batch: in it, they only
-        record the stop (see process.defer_stops)."""
-
-        def on_train_begin(self, logs=None):
-            process.defer_stops(True)
+        """Ctrl-C and SIGTERM stop the training at the end of a batch."""
 
         def on_train_batch_end(self, batch, logs=None):
             process.raise_if_stopped()
 
-        on_test_batch_end = on_epoch_end = on_train_batch_end
+        on_test_batch_end = on_epoch_end = on_train_end = on_train_batch_end
 
-        def on_train_end(self, logs=None):
-            process.defer_stops(False)
-            process.raise_if_stopped()
-
+    # From here on, Ctrl-C and SIGTERM only record the stop, and train() and the callback
+    # above raise it where it is safe: raised inside TensorFlow (in fit, and as much in
+    # evaluate or predict), the exception was lost, or the process died (SIGSEGV, a
+    # corrupted heap).
+    process.defer_stops(True)
     with contextlib.redirect_stdout(sys.stderr):
         arrays = load_arrays(config)
         _note_limits(args, arrays)

@@ -66,9 +66,10 @@ def _stop(signum, frame) -> None:
 
 
 def defer_stops(defer: bool) -> None:
-    """While deferred, Ctrl-C and SIGTERM only record the stop, for raise_if_stopped to
-    raise at a safe point: raised inside TensorFlow's training, the exception was lost,
-    or the process died (SIGSEGV, a corrupted heap)."""
+    """While deferred (until the end of sigterm_as_ctrl_c's block, or defer_stops(False)),
+    Ctrl-C and SIGTERM only record the stop, for raise_if_stopped to raise at a safe
+    point: raised inside TensorFlow (its training, evaluate, predict), the exception was
+    lost, or the process died (SIGSEGV, a corrupted heap)."""
     _DEFERRED[:] = [True] if defer else []
 
 

@@ -562,6 +562,7 @@ def train(
         verbose=verbose,
         initial_epoch=initial_epoch,
     )
+    process.raise_if_stopped()  # (here and below: a stop that process.defer_stops held)
     train_seconds = past["train_seconds"] + time.perf_counter() - start
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     hist = merge_history(past["history"], hist)
@@ -578,6 +579,7 @@ def train(
         metrics["resumed_after_epoch"] = past["epochs_done"]
     if not metrics["nan"]:
         metrics.update(evaluate(model, splits, config.batch_size))
+        process.raise_if_stopped()
 
     paths: dict[str, str] = {}
     if out_dir is not None:
@@ -654,6 +656,8 @@ def write_outputs(
     if figures and not metrics["nan"]:
         from aelib import plots
 
+        process.raise_if_stopped()  # (a stop that process.defer_stops held)
+
         for name, path in plots.tutorial_figures(
             model, splits, history, out_dir / "figures"
         ).items():
@@ -668,6 +672,7 @@ def write_outputs(
                 stale.unlink()  # failure for a figure it could not remove)
     # Last: the record of a run that ended (the CLI refuses to replace it without
     # --overwrite; a model without it is a stopped run's).
+    process.raise_if_stopped()
     process.remove_dead_temp_files(out_dir, r"metrics\.json\.(\d+)\.tmp")  # (kill -9's)
     tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
     text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)

@@ -337,6 +337,20 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
     assert "aelib: interrupted: the run did not finish; " in err
     assert f"{out} holds no metrics.json of it, and the same command trains it again" in err
     assert not out.exists()
+    # After its last epoch (in the test set's evaluation or the figures): raised inside
+    # TensorFlow's evaluate, a SIGTERM killed the process (a corrupted heap, exit 134).
+    after = [*cmd[:7], "1", *cmd[8:]]  # (--epochs 1)
+    proc = subprocess.Popen(after, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if " - loss: " in line:  # (the epoch's line: its training has ended)
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 143 and "Traceback" not in err, err[-3000:]
+    assert "terminated (SIGTERM): the run did not finish" in err
+    assert not (out / "metrics.json").exists()
     # Later: its checkpoint stays, and the same command goes on from it.
     code, err = stopped(signal.SIGTERM, "Epoch 3/")
     assert code == 143 and "Traceback" not in err, err[-3000:]
