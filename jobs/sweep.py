@@ -1217,10 +1217,13 @@ def write_results(
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "trials.csv", index=False)
-    table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
-        out_dir / "trials.parquet", index=False
-    )
+    # Each file is written beside its place, then renamed: a driver stopped while it
+    # writes leaves the last run's file whole (for --resume to write again), never half.
+    with _replaced(out_dir / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with _replaced(out_dir / "trials.parquet") as tmp:
+        strings = {c: "string" for c in table.columns if table[c].dtype == object}
+        table.astype(strings).to_parquet(tmp, index=False)
 
     by_path = {r.path: r for r in results}
     best: dict[str, dict] = {}
@@ -1241,11 +1244,13 @@ def write_results(
         (out_dir / "best").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="aelib-best-") as tmp:
             checkpoint.to_directory(tmp)
-            shutil.copyfile(Path(tmp, f"{model}.keras"), out_dir / "best" / f"{model}.keras")
+            with _replaced(out_dir / "best" / f"{model}.keras") as dest:
+                shutil.copyfile(Path(tmp, f"{model}.keras"), dest)
         record = dict(winner)
         sampled = by_path[winner["path"]].config["hparams"][model]
         record["hparams"] = effective_hparams(model, sampled, pins)
-        (out_dir / "best" / f"{model}.json").write_text(json.dumps(record, indent=2, default=str))
+        with _replaced(out_dir / "best" / f"{model}.json") as dest:
+            dest.write_text(json.dumps(record, indent=2, default=str))
         best[model] = record
     write_report(best, rows, args, arrays, out_dir)
     return rows, best
@@ -1323,7 +1328,21 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         figures = plots.tutorial_figures(bundle, splits, info["history"], report / model)
         for name, path in figures.items():
             lines += [f"![{model} {name}]({Path(path).relative_to(report).as_posix()})", ""]
-    (report / "report.md").write_text("\n".join(lines))
+    with _replaced(report / "report.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _replaced(path: Path):
+    """A temp path beside `path` for the block to write, renamed to `path` after it (and
+    removed if the block fails): no reader, nor a stopped driver, sees half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _compare_chart(best: dict[str, dict], path: Path) -> None:

@@ -141,6 +141,23 @@ def test_smoke_sweep_leaves_no_checkpoint_staging_behind(smoke):
     assert sorted(p.name for p in smoke["tmp"].glob("aelib-*")) == []
 
 
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """trials.csv, best/ and the report were written in place: a driver stopped while it
+    wrote them left half a file (a best model the denoise job could not read)."""
+    sweep = _load_sweep_module()
+    target = tmp_path / "trials.csv"
+    target.write_text("the last run's table")
+    with pytest.raises(KeyboardInterrupt), sweep._replaced(target) as tmp:
+        tmp.write_text("half a ta")
+        raise KeyboardInterrupt
+    assert target.read_text() == "the last run's table"
+    with sweep._replaced(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent  # (a rename: one file system)
+        tmp.write_text("this run's table")
+    assert target.read_text() == "this run's table"
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+
+
 def test_checkpoint_staging_of_ended_processes_is_removed(tmp_path, monkeypatch):
     """What _staging_dir leaves when Tune ends a trial inside tune.report (its actor is
     killed) is removed by the next trial on the node, or by the driver at the end."""
