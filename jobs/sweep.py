@@ -1672,7 +1672,8 @@ def _sweep_locked(args: argparse.Namespace) -> int:
         interrupted = _interrupted(handler)
         unfinished = _unfinished_trials(experiment) if interrupted else {}
         local = "://" not in experiment
-        with tempfile.TemporaryDirectory(prefix="aelib-sweep-") as staging:
+        # (named as _staging_dir names its folders: a killed driver's is removed by the next)
+        with tempfile.TemporaryDirectory(prefix=f"aelib-sweep-pid{os.getpid()}-") as staging:
             out_dir = Path(experiment) if local else Path(staging)
             rows, best = write_results(results, args, arrays, out_dir, unfinished)
             if not local:
