@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from aelib import data as data_lib  # noqa: E402
 
@@ -96,7 +97,9 @@ def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
 
 
 @_closes_its_figure
-def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
+def learning_curves(
+    history: dict[str, list[float]], path: str | os.PathLike, title: str | None = None
+) -> Path:
     keys = [k for k in ("loss", "val_loss") if k in history]
     extra = [k for k in ("val_psnr",) if k in history]
     fig, axes = plt.subplots(
@@ -104,14 +107,17 @@ def learning_curves(history: dict[str, list[float]], path: str | os.PathLike) ->
     )
     for k in keys:
         axes[0][0].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
-    axes[0][0].set_xlabel("epoch")
     axes[0][0].set_ylabel("loss")
     axes[0][0].legend()
     for k in extra:
         axes[0][1].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
-        axes[0][1].set_xlabel("epoch")
         axes[0][1].set_ylabel("dB")
         axes[0][1].legend()
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (no epoch 1.5 in short runs)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -204,7 +210,14 @@ def tutorial_figures(
     n = 10
     x, y = splits.x_test[:n], splits.y_test[:n]
     out = model.autoencoder.predict(x, verbose=0)
-    figures = {"learning_curves": learning_curves(history, out_dir / f"{name}_learning_curves.png")}
+    epochs = len(history.get("loss", []))
+    figures = {
+        "learning_curves": learning_curves(
+            history,
+            out_dir / f"{name}_learning_curves.png",
+            title=f"{name}: {epochs} epoch{'s' if epochs != 1 else ''}",
+        )
+    }
     if name == "denoise":
         figures["denoised"] = image_rows(
             {"noisy": x, "denoised": out, "clean": y}, out_dir / f"{name}_noisy_vs_denoised.png"

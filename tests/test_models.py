@@ -198,7 +198,7 @@ def test_code_maps_of_a_few_test_digits(digits, tmp_path):
         assert path.is_file()
 
 
-def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path):
+def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, monkeypatch):
     """pyplot keeps every figure open until closed: one whose drawing raised (rows too
     short to be images, a folder where the file goes) stayed open for the process's life."""
     import matplotlib.pyplot as plt
@@ -218,6 +218,13 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path):
     raw = plots.image_rows({"digits": digits[:3]}, tmp_path / "raw.png")
     scaled = plots.image_rows({"digits": data_lib.scale(digits[:3])}, tmp_path / "scaled.png")
     assert raw.read_bytes() == scaled.read_bytes()
+    # Whole epochs only on the x axis (a 2-epoch run had ticks at 1.25, 1.5, ...)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.learning_curves({"loss": [1.0, 0.5], "val_psnr": [9.0, 12.0]}, tmp_path / "c.png")
+    for ax in drawn[0].axes:
+        assert [t for t in ax.get_xticks() if 1 <= t <= 2] == [1, 2]
+    plt.close(drawn[0])
 
 
 @pytest.mark.parametrize("name", NAMES)
