@@ -65,7 +65,6 @@ import contextlib
 import fnmatch
 import functools
 import gc
-import glob
 import hashlib
 import io
 import json
@@ -288,6 +287,9 @@ class Storage:
         # since (see _plan).
         self.mtimes: dict[str, int] = {}
         self.mtime_ns: int | None = None  # the root's, once `entry` has looked
+        # Files walk listed that are links to files in its `prune` folder (the output
+        # folder): relative path -> the real path (see _plan).
+        self.linked_out: dict[str, str] = {}
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
@@ -304,7 +306,11 @@ class Storage:
 
     def read(self, rel: str) -> bytes:
         if self.local:
-            with open(self.full(rel), "rb") as f:
+            path = self.full(rel)
+            mode = os.stat(path).st_mode  # (a FIFO's open would wait for a writer)
+            if not stat.S_ISREG(mode):  # /dev/zero: read to the end, it filled the memory
+                raise ValueError(f"not a regular file but {_file_kind(mode)}: not an image")
+            with open(path, "rb") as f:
                 return f.read()
         with self.fs.open_input_stream(self.full(rel)) as f:
             return f.read()
@@ -373,12 +379,14 @@ class Storage:
             return "dir", found.st_size
         return ("file" if stat.S_ISREG(found.st_mode) else "other"), found.st_size
 
-    def walk(self, prune: str | None = None) -> list[tuple[str, int]]:
+    def walk(self, prune: str | None = None, depth: int | None = None) -> list[tuple[str, int]]:
         """Every file under the root as (relative path, size), sorted. Locally, links to
         folders are followed, as a glob does (not into a folder of their own path: a
         link loop ends; nor into `prune`, a real path (the job's output folder), or below
-        it, unless that is inside the root itself), and a broken link is listed with size
-        0 (reading it fails, so it gets a `failed` row rather than no row)."""
+        it, unless that is inside the root itself); a link to a file there is listed, and
+        put in `linked_out`; a broken link, a FIFO or a device is listed with size 0
+        (reading it fails, so it gets a `failed` row rather than no row). `depth`: the
+        levels of folders below the root to go into (None: all)."""
         if not self.local:
             import pyarrow.fs as pafs
 
@@ -389,21 +397,26 @@ class Storage:
             return sorted((i.path[cut:], i.size) for i in files)
         found = []
         tree = os.path.realpath(self.root)
-        stack = [("", frozenset([tree]))]  # a folder, its path's folders
+        stack = [("", frozenset([tree]), 0)]  # a folder, its path's folders, its depth
         while stack:
-            rel_dir, above = stack.pop()
+            rel_dir, above, level = stack.pop()
             with os.scandir(os.path.join(self.root, rel_dir)) as it:
                 for entry in it:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                     if entry.is_dir():
                         real = os.path.realpath(entry.path)
-                        if real not in above and not _linked_into(real, prune, tree):
-                            stack.append((rel, above | {real}))
+                        deeper = depth is None or level < depth
+                        if deeper and real not in above and not _linked_into(real, prune, tree):
+                            stack.append((rel, above | {real}, level + 1))
                     elif entry.is_file():
                         info = entry.stat()
                         found.append((rel, info.st_size))
                         self.mtimes[rel] = info.st_mtime_ns
-                    elif entry.is_symlink():
+                        if prune is not None and entry.is_symlink():
+                            real = os.path.realpath(entry.path)
+                            if _linked_into(real, prune, tree):
+                                self.linked_out[rel] = real
+                    else:  # a broken link, a FIFO, a device, a socket (or a link to one)
                         found.append((rel, 0))
         return sorted(found)
 
@@ -1458,8 +1471,8 @@ class Denoiser:
         row.update(width=width, height=height, channels=channels + (alpha is not None))
         if self.spec.fixed_size and (height, width) != self.spec.fixed_size:
             row["error"] = (
-                f"image is {height}x{width}; model {self.spec.name} only takes "
-                f"{self.spec.fixed_size[0]}x{self.spec.fixed_size[1]}"
+                f"image is {width}x{height} (width x height); model {self.spec.name} only "
+                f"takes {self.spec.fixed_size[1]}x{self.spec.fixed_size[0]}"
             )
             return row, None
         out_fmt = SUFFIX_FORMAT[posixpath.splitext(out_rel)[1].lower()]
@@ -1871,38 +1884,23 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             if not found:
                 raise ValueError(f"--input {location}: no Parquet files found.")
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
-        if has_glob:
-            found = sorted(glob.glob(location, recursive=True))
-        elif os.path.isdir(location):
-            found = sorted(
-                str(p)
-                for p in glob.glob(os.path.join(location, "**", "*"), recursive=True)
-                if p.lower().endswith(PARQUET_SUFFIXES)
-            )
+        if has_glob or os.path.isdir(location):
+            root, pattern = _glob_root(location) if has_glob else (location, None)
+            listed = Storage(root)
+            found = [
+                listed.full(rel)
+                for rel, _ in _listed(listed, pattern, prune)
+                if has_glob or rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
+            ]
         else:
-            found = [location] if os.path.isfile(location) else []
-        if has_glob:
-            root = _glob_root(location)[0]
-        else:
-            root = location if os.path.isdir(location) else os.path.dirname(location) or "."
-        found = _outside(found, prune, root)
+            listed, found = None, [location] if os.path.isfile(location) else []
         if not found:
             raise ValueError(f"--input {location}: no Parquet files found.")
-        listed = Storage(root) if has_glob or os.path.isdir(location) else None
         return Inputs("parquet", listed, [], found)
     if has_glob:
         root, pattern = _glob_root(location)
         storage = Storage(root)
-        if storage.local:
-            full = _outside(sorted(glob.glob(location, recursive=True)), prune, root)
-            # A broken link gets size 0 and a `failed` row, as in a folder (Storage.walk).
-            files = []
-            for p in full:
-                if os.path.isfile(p) or not os.path.exists(p):
-                    rel = os.path.relpath(p, storage.root).replace(os.sep, "/")
-                    files.append((rel, _size(p, storage.mtimes, rel)))
-        else:
-            files = _matching(storage.walk(), pattern)
+        files = _listed(storage, pattern, prune)
     else:
         storage = Storage(location)
         kind, size = storage.entry()
@@ -1968,17 +1966,6 @@ def _is_glob(location: str) -> bool:
     return any(ch in path for ch in GLOB_CHARS) and not exists
 
 
-def _size(path: str, mtimes: dict[str, int], rel: str) -> int:
-    """A file's size, its modification time put in `mtimes[rel]`; 0 for a broken link
-    (one stat, not two)."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        return 0
-    mtimes[rel] = found.st_mtime_ns
-    return found.st_size
-
-
 def _inside(real: str, folder: str) -> bool:
     return real == folder or real.startswith(folder.rstrip("/") + "/")
 
@@ -1990,30 +1977,31 @@ def _linked_into(real: str, prune: str | None, tree: str) -> bool:
     return prune is not None and _inside(real, prune) and not _inside(real, tree)
 
 
-def _outside(paths: list[str], folder: str | None, root: str) -> list[str]:
-    """The local `paths` (found under `root`) not reached through a link into `folder`,
-    the real output folder: no folder on the way from `root` to the file is one (a glob
-    may go through such a link and come back into the input tree)."""
-    if folder is None:
-        return paths
-    top = os.path.abspath(root)
-    tree = os.path.realpath(top)
-    linked: dict[str, bool] = {top: False}  # by folder: a few realpath calls, not one a file
-    kept = []
-    for path in paths:
-        parent = home = os.path.dirname(os.path.abspath(path))
-        todo = []  # the folders from `parent` up to one already judged
-        while parent not in linked and parent != os.path.dirname(parent):
-            todo.append(parent)
-            parent = os.path.dirname(parent)
-        linked.setdefault(parent, False)  # "/": a ".." in the glob led above its root
-        for folder_path in reversed(todo):  # top down: a folder below a link is linked too
-            linked[folder_path] = linked.get(os.path.dirname(folder_path), False) or (
-                _linked_into(os.path.realpath(folder_path), folder, tree)
-            )
-        if not linked[home]:
-            kept.append(path)
-    return kept
+def _listed(
+    storage: Storage, pattern: str | None, prune: str | None = None
+) -> list[tuple[str, int]]:
+    """The files under `storage` that the glob `pattern` (None: every file) matches, as
+    glob.glob(recursive=True) would, listed by Storage.walk: a link loop ends, and no
+    link into `prune` (the real output folder) is followed (glob.glob followed both: a
+    link to its own folder gave one image 41 times, and two of them never ended). No
+    folder deeper than the pattern reaches is listed."""
+    if pattern is None:
+        return storage.walk(prune)
+    parts = pattern.split("/")
+    depth = None if "**" in parts or not storage.local else len(parts) - 1
+    return _matching(storage.walk(prune, depth), pattern)
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message."""
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _glob_root(location: str) -> tuple[str, str]:
@@ -2315,12 +2303,13 @@ def _without_metric_note(note: str) -> str | None:
 def _place(location: str) -> str:
     """A location as recorded in a manifest, comparable with another: a local path made
     absolute (one recorded relative, by an older version of the job, from the working
-    folder, as a rerun of the same command would), a URI without its user info, query
-    or trailing "/"."""
+    folder, as a rerun of the same command would) and real (a link to the folder is the
+    folder: taken for another --clean, it cost the outputs' metrics), a URI without its
+    user info, query or trailing "/"."""
     if not location:
         return ""
     if _is_local(location):
-        return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+        return os.path.realpath(os.path.expanduser(location.removeprefix("file://")))
     path, _ = split_query(location)
     scheme, _, rest = path.partition("://")
     return f"{scheme.lower()}://{rest.rpartition('@')[2]}".rstrip("/")
@@ -3415,6 +3404,7 @@ def _plan(
     orphans = 0  # outputs without a row, of a run that stopped
     touched = 0  # inputs of the size recorded, with another modification time
     mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
+    linked_out = inputs.storage.linked_out if inputs.storage is not None else {}
     claimed: dict[str, str] = {}  # output -> the input writing it
     # An output an earlier run wrote stays its input's, though an input added since
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
@@ -3448,6 +3438,11 @@ def _plan(
             early.append({"path": shown, "status": "failed", "error": reason, "input_bytes": size})
             continue
         out_rel = outputs[rel]
+        if rel in linked_out:  # (its own output would be written over it: each rerun
+            out_rel = ValueError(  # found it changed, and denoised its output again)
+                f"it is a link to a file in --output ({linked_out[rel]}): an output could "
+                "be written over it; copy it out of --output to denoise it"
+            )
         if isinstance(out_rel, ValueError):
             failed = {"path": rel, "status": "failed", "error": str(out_rel), "input_bytes": size}
             early.append(failed)

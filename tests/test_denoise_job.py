@@ -1255,6 +1255,25 @@ def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path
     (root / "b" / "loop").symlink_to(root)
     (root / "gone.png").symlink_to(tmp_path / "missing.png")
     assert job.Storage(str(root)).walk() == [("b/x.png", 2), ("gone.png", 0), ("linked/y.png", 3)]
+    # A glob ends loops too: glob.glob gave x.png once per pass through a loop (41), and
+    # with two loops never ended.
+    (root / "b" / "loop2").symlink_to(root / "b")
+    for pattern in ("**/*.png", "**/x.png", "b/*.png"):
+        found = job.find_inputs(f"{root}/{pattern}", "auto").files
+        assert len([rel for rel, _ in found if rel.endswith("x.png")]) == 1, pattern
+    # A FIFO and a link to a device are inputs (with a failed row): reading /dev/zero
+    # filled the memory, and a FIFO was left out without a word.
+    os.mkfifo(root / "pipe.png")
+    (root / "zero.png").symlink_to("/dev/zero")
+    storage = job.Storage(str(root))
+    listed = dict(storage.walk())
+    assert listed["pipe.png"] == 0 and listed["zero.png"] == 0
+    for rel, kind in (("pipe.png", "a FIFO"), ("zero.png", "a character device")):
+        with pytest.raises(ValueError, match=f"not a regular file but {kind}"):
+            storage.read(rel)
+    # A --clean reached through a link is the same --clean (taken for another, it cost
+    # the outputs' metrics for good).
+    assert job._place(str(root / "linked")) == job._place(str(tmp_path / "elsewhere"))
 
 
 def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypatch):
@@ -2634,8 +2653,17 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
         assert [rel for rel, _ in job.find_inputs(location, "auto", str(proj)).files] == ["a.png"]
     found = job.find_inputs(str(proj / "data.parquet"), "auto", str(proj))
     assert found.parquet == [str(proj / "data.parquet")]
-    # A ".." in a glob may lead above its root, to "/" itself.
-    assert job._outside(["/tmp/a/../../x.png"], str(proj), "/tmp") == ["/tmp/a/../../x.png"]
+
+    # A link to a file in DST is an input that fails: its output could be written over
+    # it (each rerun then found it changed and denoised its own output again).
+    (src / "photo.png").symlink_to(shared / "out" / "old.png")
+    found = job.find_inputs(str(src), "auto", dst)
+    assert found.storage.linked_out == {"photo.png": str(shared / "out" / "old.png")}
+    early, todo = job._plan(found, SimpleNamespace(format="same"), set(), {}, False)
+    assert [(r["path"], r["status"]) for r in early] == [("photo.png", "failed")]
+    assert "it is a link to a file in --output" in early[0]["error"]
+    assert [rel for rel, _ in todo] == expected
+    (src / "photo.png").unlink()
 
     files = [("x.jpg", 5), ("x.png", 6)]
     inputs = job.Inputs("files", job.Storage(str(src)), files, [])
