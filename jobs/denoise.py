@@ -305,13 +305,20 @@ class Storage:
         return f"{path.rstrip('/')}/{urllib.parse.quote(rel, safe='/')}{query}"
 
     def read(self, rel: str) -> bytes:
-        if self.local:
-            path = self.full(rel)
-            mode = os.stat(path).st_mode  # (a FIFO's open would wait for a writer)
-            if not stat.S_ISREG(mode):  # /dev/zero: read to the end, it filled the memory
-                raise ValueError(f"not a regular file but {_file_kind(mode)}: not an image")
-            with open(path, "rb") as f:
-                return f.read()
+        if self.local:  # (os calls: 2.8 us a small file here, against open()'s 4.6)
+            fd = os.open(self.full(rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:  # (O_NONBLOCK: a FIFO's open would wait for a writer)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):  # /dev/zero filled the memory
+                    kind = _file_kind(info.st_mode)
+                    raise ValueError(f"not a regular file but {kind}: not an image")
+                parts = [os.read(fd, info.st_size + 1)]  # the whole file, as a rule
+                if len(parts[0]) != info.st_size:  # (it grew, or a short read): to its end
+                    while parts[-1]:
+                        parts.append(os.read(fd, 1 << 20))
+                return b"".join(parts)
+            finally:
+                os.close(fd)
         with self.fs.open_input_stream(self.full(rel)) as f:
             return f.read()
 
