@@ -232,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     from aelib import process
 
     made: list = []  # output folders this run created: removed again if it fails
+    settings: dict = {}  # the run's resume_settings, once known
     try:
         with process.sigterm_as_ctrl_c():  # (SIGTERM: as Ctrl-C, not a silent end)
             config = TrainConfig(model=args.model, **values)
             out = Path(args.out).expanduser()
             _writable_folder(args.out, "--out", made)
             with _one_run_at_a_time(out, made):
-                result = _train_locked(args, config, out, made)
+                result = _train_locked(args, config, out, made, settings)
     except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
         # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
         # something: only empty ones go (a bad --set, bad data: nothing was written).
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 folder.rmdir()
         if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
             how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
-            print(f"aelib: {how}: the run did not finish; {_how_to_go_on(args)}", file=sys.stderr)
+            go_on = _how_to_go_on(args, settings)
+            print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
             return process.exit_code(e)
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         return 2
@@ -266,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _how_to_go_on(args: argparse.Namespace) -> str:
-    """What a stopped run left in --out, and what its rerun does with it."""
+def _how_to_go_on(args: argparse.Namespace, settings: dict) -> str:
+    """What a stopped run left in --out, and what its rerun does with it: goes on from
+    the checkpoint only where it is of this run's `settings` (resume_settings; {} if
+    the run stopped before it knew them), and not with --restart."""
     from aelib.saving import read_info
     from aelib.train import CHECKPOINT, checkpoint_path
 
@@ -277,16 +281,23 @@ def _how_to_go_on(args: argparse.Namespace) -> str:
     except (OSError, ValueError):
         state = {}
     done = state.get("epochs_done")
-    if not done:
+    if not done or not settings or state.get("settings") != settings:
         return f"{args.out} holds no metrics.json of it, and the same command trains it again"
+    if args.restart:
+        return (
+            f"its checkpoint after epoch {done} is {path}: the same command trains from "
+            f"epoch 1 again, and without --restart it goes on from epoch {done + 1}"
+        )
     return (
         f"its checkpoint after epoch {done} is {path}: the same command goes on from "
         f"epoch {done + 1} (--restart trains from epoch 1)"
     )
 
 
-def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
-    from aelib.train import config_source, load_arrays, stopped_run, train
+def _train_locked(args: argparse.Namespace, config, out: Path, made: list, settings: dict):
+    """Trains into `out`; `settings` gets the run's resume_settings once its data is
+    read (for main() to say, if the run is stopped, what its rerun does)."""
+    from aelib.train import config_source, load_arrays, resume_settings, stopped_run, train
 
     model_file = f"{args.model}.keras"
     if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
@@ -295,26 +306,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
             f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
             "run: pass --overwrite to replace them, or choose another --out."
         )
-    state, why_not = stopped_run(out, config)
-    if state and not args.restart:
-        print(
-            f"aelib: note: going on from epoch {state['epochs_done'] + 1} of {config.epochs}: "
-            f"a run of the same settings stopped after epoch {state['epochs_done']} and left "
-            "its checkpoint in --out (--restart trains from epoch 1)",
-            file=sys.stderr,
-        )
-    elif why_not:
-        print(
-            f"aelib: note: --out holds the checkpoint of a stopped run that this one does "
-            f"not go on from: {why_not}; this run trains from epoch 1 and replaces it",
-            file=sys.stderr,
-        )
-    elif (out / model_file).exists() and not args.overwrite:
-        print(
-            f"aelib: note: --out {args.out} holds a {model_file} without its metrics.json "
-            "(written last: a run that stopped before it ended): it is replaced",
-            file=sys.stderr,
-        )
+    model_there = (out / model_file).exists()
     if args.tensorboard is not None:
         _writable_folder(args.tensorboard, "--tensorboard", made)
     # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is the
@@ -336,10 +328,31 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list):
     # above raise it where it is safe: raised inside TensorFlow (in fit, and as much in
     # evaluate or predict), the exception was lost, or the process died (SIGSEGV, a
     # corrupted heap).
-    process.defer_stops(True)
+    process.defer_stops(True, "aelib: stopping after the step under way (again: at once)")
     with contextlib.redirect_stdout(sys.stderr):
         arrays = load_arrays(config)
         _note_limits(args, arrays)
+        settings.update(resume_settings(config, arrays))
+        state, why_not = stopped_run(out, config, arrays)
+        if state and not args.restart:
+            print(
+                f"aelib: note: going on from epoch {state['epochs_done'] + 1} of {config.epochs}: "
+                f"a run of the same settings stopped after epoch {state['epochs_done']} and left "
+                "its checkpoint in --out (--restart trains from epoch 1)",
+                file=sys.stderr,
+            )
+        elif why_not:
+            print(
+                f"aelib: note: --out holds the checkpoint of a stopped run that this one does "
+                f"not go on from: {why_not}; this run trains from epoch 1 and replaces it",
+                file=sys.stderr,
+            )
+        elif model_there and not args.overwrite:
+            print(
+                f"aelib: note: --out {args.out} holds a {model_file} without its metrics.json "
+                "(written last: a run that stopped before it ended): it is replaced",
+                file=sys.stderr,
+            )
         return train(
             config,
             arrays,

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from aelib import data as data_lib  # noqa: E402
+from aelib import process  # noqa: E402
 
 if TYPE_CHECKING:
     from aelib.registry import Autoencoder
@@ -227,6 +228,7 @@ def tutorial_figures(
             {"original": y, "reconstructed": out}, out_dir / f"{name}_reconstructions.png"
         )
     limit = min(len(splits.x_test), 2000)
+    process.raise_if_stopped()  # (between figures: a stop process.defer_stops held)
     if name in ("conv", "denoise"):
         codes = model.encoder.predict(x, verbose=0)
         if isinstance(codes, list | tuple):  # denoise(skips=True): the code comes first
@@ -235,6 +237,7 @@ def tutorial_figures(
             figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
     if name in ("dense", "sparse", "deep") and limit >= 2:  # (no map of one point)
         codes = model.encoder.predict(splits.x_test[:limit], verbose=0)
+        process.raise_if_stopped()  # (before t-SNE: seconds)
         figures["tsne"] = tsne_codes(
             codes, splits.labels_test[:limit], out_dir / f"{name}_codes_tsne.png"
         )
@@ -243,6 +246,7 @@ def tutorial_figures(
 
         z_mean = keras.Model(model.encoder.inputs, model.encoder.get_layer("z_mean").output)
         z = z_mean.predict(splits.x_test[:limit], verbose=0)
+        process.raise_if_stopped()
         if z.shape[1] == 2:
             figures["latent_plane"] = latent_plane(
                 z, splits.labels_test[:limit], out_dir / f"{name}_latent_plane.png"

@@ -55,22 +55,26 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 
 _STOPPED: list[type[KeyboardInterrupt]] = []  # what the handlers below raised
-_DEFERRED: list[bool] = []  # [True] while stops wait for raise_if_stopped (defer_stops)
+_DEFERRED: list[str] = []  # [notice] while stops wait for raise_if_stopped (defer_stops)
 
 
 def _stop(signum, frame) -> None:
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     _STOPPED.append(stop)
-    if not _DEFERRED:
+    if not _DEFERRED or len(_STOPPED) > 1:  # (a second stop: at once, as asked)
         raise stop()
+    if _DEFERRED[0]:  # (os.write: a print here could land inside another one's)
+        with contextlib.suppress(OSError):
+            os.write(2, f"{_DEFERRED[0]}\n".encode())
 
 
-def defer_stops(defer: bool) -> None:
+def defer_stops(defer: bool, notice: str = "") -> None:
     """While deferred (until the end of sigterm_as_ctrl_c's block, or defer_stops(False)),
     Ctrl-C and SIGTERM only record the stop, for raise_if_stopped to raise at a safe
     point: raised inside TensorFlow (its training, evaluate, predict), the exception was
-    lost, or the process died (SIGSEGV, a corrupted heap)."""
-    _DEFERRED[:] = [True] if defer else []
+    lost, or the process died (SIGSEGV, a corrupted heap). The first stop writes
+    `notice` to stderr (what happens now); a second one is raised at once."""
+    _DEFERRED[:] = [notice] if defer else []
 
 
 def raise_if_stopped() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -290,7 +291,13 @@ class RestoreState(keras.callbacks.Callback):
         self.path = path
 
     def on_train_begin(self, logs=None):
-        restore_training_state(self.model, self.path)
+        try:
+            restore_training_state(self.model, self.path)
+        except Exception as e:  # (a damaged file; a model aelib now builds otherwise)
+            raise ValueError(
+                f"cannot go on from {self.path}: {plain_message(e)}. --restart (or removing "
+                "the file) trains from epoch 1"
+            ) from e
 
 
 def checkpoint_path(out_dir: str | os.PathLike, model: str) -> Path:
@@ -307,9 +314,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
     keeps the epoch before), for `train(resume=True)` to go on from. An epoch whose
     loss is NaN is not saved: its weights are NaN too."""
 
-    def __init__(self, path: Path, model: Autoencoder, config: TrainConfig, past: dict):
+    def __init__(
+        self, path: Path, model: Autoencoder, config: TrainConfig, past: dict, settings: dict
+    ):
         super().__init__()
-        self.path, self.bundle, self.config = path, model, config
+        self.path, self.bundle, self.config, self.settings = path, model, config, settings
         self.history = {k: list(v) for k, v in past["history"].items()}
         self.past_seconds = past["train_seconds"]
         self.start = time.perf_counter()
@@ -323,17 +332,37 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         state = {
             "epochs_done": done,
+            "settings": self.settings,
             "history": self.history,
             "train_seconds": self.past_seconds + time.perf_counter() - self.start,
         }
         save(self.bundle, self.path, {"train_config": self.config.to_dict(), CHECKPOINT: state})
 
 
-def stopped_run(out_dir: str | os.PathLike, config: TrainConfig) -> tuple[dict | None, str]:
-    """The state a stopped run of `config` left in `out_dir` (its epochs done, history
-    and training seconds), or None and why there is none to go on from: "" where no
-    checkpoint is there, else what keeps it from this run (other settings, a damaged
-    file)."""
+def resume_settings(config: TrainConfig, arrays: MnistArrays) -> dict[str, Any]:
+    """What a run must share with a stopped one to go on from its checkpoint: its
+    config, with the model's options as built (an option given at its default is the
+    same run), the training images themselves (by a hash of their bytes, not by the
+    path given: a relative --data read another file from another folder, and the same
+    file given another way was another run), and not what only the final evaluation
+    reads (test_limit)."""
+    values = config.to_dict()
+    for name in ("data", "images", "test_limit"):
+        values.pop(name)
+    values["model_options"] = {**model_defaults(config.model), **config.model_options}
+    x_train = np.ascontiguousarray(arrays[0][0][: config.limit])
+    digest = hashlib.blake2b(memoryview(x_train).cast("B"), digest_size=16).hexdigest()
+    values["training_images"] = f"{len(x_train)} of {x_train.dtype} {digest}"
+    return json.loads(json.dumps(values, default=json_default))
+
+
+def stopped_run(
+    out_dir: str | os.PathLike, config: TrainConfig, arrays: MnistArrays
+) -> tuple[dict | None, str]:
+    """The state a stopped run of `config` on `arrays` left in `out_dir` (its epochs
+    done, history and training seconds), or None and why there is none to go on from:
+    "" where no checkpoint is there, else what keeps it from this run (other settings
+    (see resume_settings), a damaged file)."""
     from aelib.saving import read_info
 
     path = checkpoint_path(out_dir, config.model)
@@ -343,14 +372,17 @@ def stopped_run(out_dir: str | os.PathLike, config: TrainConfig) -> tuple[dict |
         info = read_info(path)
     except (OSError, ValueError) as e:
         return None, f"{path.name} cannot be read ({plain_message(e)})"
-    theirs = info.get("train_config")
     state = info.get(CHECKPOINT)
-    if not isinstance(theirs, dict) or not isinstance(state, dict):
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return None, f"{path.name} is not a checkpoint of aelib train"
-    ours = json.loads(json.dumps(config.to_dict(), default=json_default))
+    theirs, ours = state["settings"], resume_settings(config, arrays)
     differ = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
     if differ:
-        were = ", ".join(f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        were = ", ".join(
+            "other training images" if k == "training_images"
+            else f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})"
+            for k in differ
+        )  # fmt: skip
         return None, f"{path.name} is of a run with other settings: {were}"
     return state, ""
 
@@ -518,20 +550,21 @@ def train(
             f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
             f"Received: initial_epoch={initial_epoch!r}"
         )
-    past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
-    checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
-    state = stopped_run(out_dir, config)[0] if resume and checkpoint else None
-    resumed = state is not None
-    if resumed:
-        if initial_epoch:
-            raise ValueError("initial_epoch and resume=True both say where to start: give one")
-        past, initial_epoch = state, state["epochs_done"]
     if data is not None:
         data_lib.check_arrays(data)
         data_source = data_source or "arrays passed to train()"
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)
     arrays = data if data is not None else load_arrays(config)
+    past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
+    checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
+    settings = resume_settings(config, arrays) if checkpoint else {}
+    state = stopped_run(out_dir, config, arrays)[0] if resume and checkpoint else None
+    resumed = state is not None
+    if resumed:
+        if initial_epoch:
+            raise ValueError("initial_epoch and resume=True both say where to start: give one")
+        past, initial_epoch = state, state["epochs_done"]
     model = build_checked(config, arrays)
     splits = make_splits(config, arrays, model.input_kind)
     decay_steps = None
@@ -549,7 +582,7 @@ def train(
     if tensorboard_dir is not None:
         own.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
     if checkpoint is not None:
-        own.append(EpochCheckpoint(checkpoint, model, config, past))
+        own.append(EpochCheckpoint(checkpoint, model, config, past, settings))
     start = time.perf_counter()
     history = model.autoencoder.fit(
         splits.x_train,

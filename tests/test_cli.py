@@ -270,13 +270,17 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
         ),
         (["--overwrite", "--restart"], None),
     ):
+        restart = [flag for flag in then if flag == "--restart"]
         monkeypatch.setattr(plots, "tutorial_figures", stopped)
-        assert main([*args, "--overwrite"]) == 130
+        assert main([*args, "--overwrite", *restart]) == 130
         monkeypatch.undo()
         err = capsys.readouterr().err
-        assert (
-            "its checkpoint after epoch 1 is " in err and (out / "dense.checkpoint.keras").exists()
-        )
+        go_on = "the same command goes on from epoch 2 (--restart trains from epoch 1)"
+        if restart:  # (its rerun trains from epoch 1: it says so, not that it goes on)
+            go_on = "the same command trains from epoch 1 again, and without --restart it "
+            go_on += "goes on from epoch 2"
+        assert f"its checkpoint after epoch 1 is {out / 'dense.checkpoint.keras'}: {go_on}" in err
+        assert (out / "dense.checkpoint.keras").exists()
         assert main([*args, "--no-figures", *then]) == 0
         err = capsys.readouterr().err
         assert "Epoch 1/" in err and "going on from" not in err
@@ -284,7 +288,7 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
         assert not (out / "dense.checkpoint.keras").exists()
 
 
-def test_a_signal_whose_exception_was_lost_is_raised_again():
+def test_a_signal_whose_exception_was_lost_is_raised_again(capfd):
     """A handler's exception lands wherever the main thread is; in a __del__ Python only
     prints it, and a training went on to its end: raise_if_stopped raises it again."""
     from aelib import process
@@ -309,6 +313,17 @@ def test_a_signal_whose_exception_was_lost_is_raised_again():
         process.raise_if_stopped()  # (outside a block, and in a new one: nothing to raise)
         with process.sigterm_as_ctrl_c():
             process.raise_if_stopped()
+        # The first deferred stop says what happens now; a second one acts at once (a
+        # Ctrl-C in the figures' t-SNE waited half a minute without a word).
+        capfd.readouterr()
+        with process.sigterm_as_ctrl_c():
+            process.defer_stops(True, "stopping after the step under way")
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)
+            assert capfd.readouterr().err == "stopping after the step under way\n"
+            with pytest.raises(stop):
+                os.kill(os.getpid(), signum)
+                time.sleep(1)  # (the handler raises here)
 
 
 def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tmp_path):

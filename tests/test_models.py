@@ -706,18 +706,27 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
-    state, why_not = stopped_run(out, config)
+    state, why_not = stopped_run(out, config, data)
     assert why_not == "" and state["epochs_done"] == 2 and len(state["history"]["loss"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
     saved = aelib.load(checkpoint_path(out, "dense"))
     assert int(saved.autoencoder.optimizer.iterations) == 2 * steps
 
     other = TrainConfig.from_dict({**config.to_dict(), "epochs": 4, "seed": 1})
-    assert stopped_run(out, other) == (
+    assert stopped_run(out, other, data) == (
         None,
         "dense.checkpoint.keras is of a run with other settings: epochs=3 (now 4), seed=0 (now 1)",
     )
-    assert stopped_run(tmp_path / "none", config) == (None, "")
+    # The images themselves, not the path they were read from, and options as built
+    # (a relative --data read another file in another folder; an option given at its
+    # default, or the test split's size, made another run).
+    same = {"data": "elsewhere/mnist.npz", "test_limit": 10, "model_options": {"encoding_dim": 32}}
+    assert stopped_run(out, TrainConfig.from_dict({**config.to_dict(), **same}), data)[0]
+    flipped = ((255 - x, data[0][1]), data[1])
+    assert stopped_run(out, config, flipped)[1] == (
+        "dense.checkpoint.keras is of a run with other settings: other training images"
+    )
+    assert stopped_run(tmp_path / "none", config, data) == (None, "")
 
     # A kill -9 while saving leaves temp files: the next save removes those of runs gone.
     stale = [".dense.checkpoint.4194304.tmp.keras", ".dense.4194303.keras-tmp.keras"]

@@ -156,6 +156,10 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
         tmp.write_text("this run's table")
     assert target.read_text() == "this run's table"
     assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+    (tmp_path / ".trials.4194304.tmp.csv").write_text("a killed driver's")  # (no such PID)
+    with sweep._replaced(target) as tmp:
+        tmp.write_text("the next run's table")
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
 
 
 def test_checkpoint_staging_of_ended_processes_is_removed(tmp_path, monkeypatch):
