@@ -1727,6 +1727,39 @@ def _sigterm_as_ctrl_c() -> None:
     ray.init and ray.shutdown, which set their own."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        _watch_for_sigterm()
+
+
+_WATCHING: list = []  # the socket pair of _watch_for_sigterm, once it watches
+_EXITING = threading.Lock()  # held by whichever thread ends the driver (_exit_with_own_ray)
+
+
+def _watch_for_sigterm() -> None:
+    """A thread that ends the driver with its own Ray as soon as a SIGTERM arrives.
+
+    Python runs a signal's handler in the main thread, once that thread runs Python
+    again: while it waited in Ray's C++ code, a SIGTERM sent to the whole group also
+    stopped the local Ray, and the core worker saw its raylet gone and exited the
+    driver with status 1, without a word, before the handler ran (a clean-clone CI run
+    on a loaded machine). Python's C-level handler also writes the signal's number to
+    the wakeup fd at once, whatever the main thread does: this thread reads it there."""
+    if _WATCHING:
+        return
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    try:
+        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # (not the main thread)
+        return
+    _WATCHING.append((receive, send))
+
+    def watch() -> None:
+        while data := receive.recv(64):
+            if signal.SIGTERM in data and _own_ray_processes():
+                _TERMINATED.append(signal.SIGTERM)
+                _exit_with_own_ray()
+
+    threading.Thread(target=watch, name="aelib-sigterm", daemon=True).start()
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -1772,7 +1805,11 @@ def _exit_with_own_ray() -> NoReturn:
     stops it too: Tune's graceful stop then waited a minute for the GCS and exited 1
     without a word, or the driver's core worker exited 1 once the raylet was gone. So
     the driver stops at once: Tune's experiment and every trial's last checkpoint are
-    on disk, and --resume goes on from them (as after a crash)."""
+    on disk, and --resume goes on from them (as after a crash). Called by the handler
+    and by _watch_for_sigterm's thread, whichever is first: the other waits for the end."""
+    if not _EXITING.acquire(blocking=False):
+        while True:
+            time.sleep(1)
     print(
         "sweep.py: terminated (SIGTERM). What was written is kept: rerun the same command "
         "with --resume to finish the sweep and its report.",

@@ -498,6 +498,34 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
+def test_a_sigterm_ends_the_driver_while_its_main_thread_is_in_c_code(tmp_path):
+    """Python runs a signal handler in the main thread once it runs Python again; a
+    SIGTERM sent to the group while the driver waited in Ray's C++ code stopped the local
+    Ray too, and the core worker exited the driver with status 1, without a word, before
+    the handler ran. The watcher thread ends it at once, its Ray's processes killed."""
+    code = f"""
+import hashlib, importlib.util, os, signal, subprocess, sys, threading, time
+spec = importlib.util.spec_from_file_location("s", {str(SWEEP)!r})
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+ray = subprocess.Popen(["sleep", "60"])  # (stands for the local Ray's processes)
+m._own_ray_processes = lambda kind=None: [ray]
+def handler(signum, frame):
+    print("the main thread's handler ran", flush=True)
+m._on_sigterm = handler
+m._sigterm_as_ctrl_c()
+print(ray.pid, flush=True)
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+hashlib.sha256(bytes(1 << 31))  # (C code that runs its seconds without a break)
+print("the main thread went on", flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 143, run.stdout + run.stderr[-3000:]
+    assert "terminated (SIGTERM)" in run.stderr
+    assert run.stdout.split() == [run.stdout.split()[0]], run.stdout  # (the pid alone)
+    pid = int(run.stdout.split()[0])
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     """Flags left out of a --resume come from the experiment's sweep_settings.json; one
     given with another value is refused before Ray starts (no Ray here: parse_args)."""
