@@ -1999,6 +1999,12 @@ def _listed(
     return _matching(storage.walk(prune, depth), pattern)
 
 
+def _parents(rel: str) -> list[str]:
+    """The folders of a relative POSIX path: "a/b/c.png" -> ["a", "a/b"]."""
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
 def _file_kind(mode: int) -> str:
     """What a file that is not a regular one is, for a message."""
     kinds = (
@@ -3433,6 +3439,14 @@ def _plan(
     for out_rel, rel in written_by.items():
         if outputs.get(rel) == out_rel:
             claimed[out_rel] = rel
+    # The folders the outputs go in: an output of one of their names cannot be written
+    # (a.gif -> a.png beside a folder a.png/ of inputs failed at its rename, every run).
+    folders = {
+        parent
+        for out_rel in outputs.values()
+        if isinstance(out_rel, str)
+        for parent in _parents(out_rel)
+    }
     # Else an input already of the output's name and format keeps it (x.png, not x.gif
     # beside it, which sorts first: the job writes GIFs as PNGs).
     for rel, out_rel in outputs.items():
@@ -3457,6 +3471,10 @@ def _plan(
         owner = claimed.setdefault(out_rel, rel)
         if owner != rel:  # x.png and x.jpg with --format jpeg: both would be x.jpg
             reason = f"its output {out_rel} is also the output of {owner}"
+            early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
+            continue
+        if out_rel in folders:
+            reason = f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         last = before.get(rel, {})
@@ -4013,11 +4031,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except KeyboardInterrupt:
-        print(
-            "denoise: interrupted. The outputs written are kept, and their rows in a journal "
-            "in --output: run the same command again to resume.",
-            file=sys.stderr,
-        )
+        local = _is_local(args.output)
+        folder = os.path.expanduser(args.output.removeprefix("file://")) if local else ""
+        if local and not os.path.isdir(folder):  # (stopped while it listed the inputs)
+            said = "No output was written (no --output folder): the same command starts again."
+        else:
+            said = (
+                "The outputs written are kept, and their rows in a journal in --output: run "
+                "the same command again to resume."
+            )
+        print(f"denoise: interrupted. {said}", file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED else 130  # as a shell reports them
     finally:
         if main_thread:  # the caller's handler back (None: set outside Python)

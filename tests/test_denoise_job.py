@@ -796,6 +796,24 @@ def test_sigterm_ends_the_job_as_ctrl_c_does(model_path, tmp_path, ray_tmp):
     assert wait_no_ray(ray_tmp, timeout=30) == []
 
 
+def test_stopped_while_listing_it_says_nothing_was_written(
+    model_path, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while the inputs were listed said the outputs and a journal were kept in
+    --output, which did not exist."""
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "find_inputs", stopped)
+    dst = tmp_path / "out"
+    args = ["--model", str(model_path), "--input", str(tmp_path), "--output", str(dst)]
+    assert job.main(args) == 130
+    err = capsys.readouterr().err
+    assert "denoise: interrupted. No output was written (no --output folder)" in err
+    assert not dst.exists()
+
+
 def test_a_second_run_on_the_same_output_stops_at_once(model_path, dataset, tmp_path):
     """While a run holds DST (here this process, through the job's own lock), another
     run there exits 2 naming the holder, before it reads or writes anything in DST; a
@@ -2664,6 +2682,13 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     assert "it is a link to a file in --output" in early[0]["error"]
     assert [rel for rel, _ in todo] == expected
     (src / "photo.png").unlink()
+    # An output that is also a folder of outputs (a.gif -> a.png beside a.png/c.png)
+    # failed at its rename, leaking the temp file's name, on every run.
+    files = [("a.gif", 5), ("a.png/c.png", 6)]
+    clash = job.Inputs("files", job.Storage(str(src)), files, [])
+    early, todo = job._plan(clash, SimpleNamespace(format="png"), set(), {}, False)
+    assert todo == [("a.png/c.png", 6)] and [r["path"] for r in early] == ["a.gif"]
+    assert early[0]["error"] == "its output a.png is also the folder of other outputs (a.png/...)"
 
     files = [("x.jpg", 5), ("x.png", 6)]
     inputs = job.Inputs("files", job.Storage(str(src)), files, [])
