@@ -1755,7 +1755,11 @@ def _watch_for_sigterm() -> None:
 
     def watch() -> None:
         while data := receive.recv(64):
-            if signal.SIGTERM in data and _own_ray_processes():
+            if (
+                signal.SIGTERM in data
+                and signal.getsignal(signal.SIGTERM) is _on_sigterm  # (not another's now)
+                and _own_ray_processes()
+            ):
                 _TERMINATED.append(signal.SIGTERM)
                 _exit_with_own_ray()
 
