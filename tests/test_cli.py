@@ -262,6 +262,14 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
     def stopped(*args, **kwargs):  # (stopped while it draws its figures: after epoch 2)
         raise KeyboardInterrupt
 
+    # Stopped before its first epoch ends: nothing to go on from, and the folder it made
+    # is gone (SIGTERM left it).
+    monkeypatch.setattr(sys.modules["aelib.train"], "load_arrays", stopped)
+    assert main(args) == 130
+    monkeypatch.undo()
+    said = f"{out} holds no metrics.json of it, and the same command trains it again"
+    assert said in capsys.readouterr().err and not out.exists()
+
     for then, said in (
         (
             ["--epochs", "3"],
@@ -335,38 +343,19 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
     cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "20"]
     cmd += ["--limit", "2000", "--test-limit", "100", "--data", str(MNIST), "--out", str(out)]
 
-    def stopped(signum: int, at: str) -> tuple[int, str]:
+    def stopped(signum: int, at: str, after: str = "") -> tuple[int, str]:
+        """Runs cmd and sends `signum` at its first line with `at` (after one with `after`)."""
         proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
         lines = []
         for line in proc.stderr:  # (one line per epoch: stderr is no terminal)
             lines.append(line)
-            if at in line:
+            if at in line and after in "".join(lines):
                 proc.send_signal(signum)
                 break
         err = "".join(lines) + proc.stderr.read()
         return proc.wait(timeout=60), err
 
-    # In its first epoch: nothing to go on from, and the folder it made is gone.
-    code, err = stopped(signal.SIGINT, "Epoch 1/")
-    assert code == 130 and "Traceback" not in err, err[-3000:]
-    assert "aelib: interrupted: the run did not finish; " in err
-    assert f"{out} holds no metrics.json of it, and the same command trains it again" in err
-    assert not out.exists()
-    # After its last epoch (in the test set's evaluation or the figures): raised inside
-    # TensorFlow's evaluate, a SIGTERM killed the process (a corrupted heap, exit 134).
-    after = [*cmd[:7], "1", *cmd[8:]]  # (--epochs 1)
-    proc = subprocess.Popen(after, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if " - loss: " in line:  # (the epoch's line: its training has ended)
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = "".join(lines) + proc.stderr.read()
-    assert proc.wait(timeout=60) == 143 and "Traceback" not in err, err[-3000:]
-    assert "terminated (SIGTERM): the run did not finish" in err
-    assert not (out / "metrics.json").exists()
-    # Later: its checkpoint stays, and the same command goes on from it.
+    # Stopped in epoch 3: its checkpoint stays, and the same command goes on from it.
     code, err = stopped(signal.SIGTERM, "Epoch 3/")
     assert code == 143 and "Traceback" not in err, err[-3000:]
     said = re.search(
@@ -378,12 +367,20 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
     done = int(said[1])
     assert said[2] == str(out / "dense.checkpoint.keras") and int(said[3]) == done + 1
     assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
+    # Its rerun goes on, and is stopped after its last epoch (in the test set's
+    # evaluation or the figures): raised inside TensorFlow's evaluate, a SIGTERM killed
+    # the process (a corrupted heap, exit 134).
+    code, err = stopped(signal.SIGINT, " - loss: ", after="Epoch 20/20")
+    assert code == 130 and "Traceback" not in err, err[-3000:]
+    assert f"note: going on from epoch {done + 1} of 20: a run of the same" in err
+    assert f"Epoch {done + 1}/20" in err and "Epoch 1/20" not in err
+    assert "aelib: interrupted: the run did not finish; its checkpoint after epoch 19" in err
+    assert not (out / "metrics.json").exists()
     run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"note: going on from epoch {done + 1} of 20: a run of the same" in run.stderr
-    assert f"Epoch {done + 1}/20" in run.stderr and "Epoch 1/20" not in run.stderr
+    assert "note: going on from epoch 20 of 20" in run.stderr
     metrics = json.loads(run.stdout)
-    assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == done
+    assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == 19
     assert not (out / "dense.checkpoint.keras").exists()
     assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 20
 
