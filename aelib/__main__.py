@@ -272,17 +272,13 @@ def _how_to_go_on(args: argparse.Namespace, settings: dict) -> str:
     """What a stopped run left in --out, and what its rerun does with it: goes on from
     the checkpoint only where it is of this run's `settings` (resume_settings; {} if
     the run stopped before it knew them), and not with --restart."""
-    from aelib.saving import read_info
-    from aelib.train import CHECKPOINT, checkpoint_path
+    from aelib.train import checkpoint_path, stopped_run
 
     path = checkpoint_path(args.out, args.model)
-    try:
-        state = read_info(path).get(CHECKPOINT) or {}
-    except (OSError, ValueError):
-        state = {}
-    done = state.get("epochs_done")
-    if not done or not settings or state.get("settings") != settings:
+    state = stopped_run(args.out, args.model, settings)[0] if settings else None
+    if state is None:
         return f"{args.out} holds no metrics.json of it, and the same command trains it again"
+    done = state["epochs_done"]
     if args.restart:
         return (
             f"its checkpoint after epoch {done} is {path}: the same command trains from "
@@ -333,7 +329,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
         arrays = load_arrays(config)
         _note_limits(args, arrays)
         settings.update(resume_settings(config, arrays))
-        state, why_not = stopped_run(out, config, arrays)
+        state, why_not = stopped_run(out, config.model, settings)
         if state and not args.restart:
             print(
                 f"aelib: note: going on from epoch {state['epochs_done'] + 1} of {config.epochs}: "

@@ -357,15 +357,15 @@ def resume_settings(config: TrainConfig, arrays: MnistArrays) -> dict[str, Any]:
 
 
 def stopped_run(
-    out_dir: str | os.PathLike, config: TrainConfig, arrays: MnistArrays
+    out_dir: str | os.PathLike, model: str, settings: dict[str, Any]
 ) -> tuple[dict | None, str]:
-    """The state a stopped run of `config` on `arrays` left in `out_dir` (its epochs
-    done, history and training seconds), or None and why there is none to go on from:
-    "" where no checkpoint is there, else what keeps it from this run (other settings
-    (see resume_settings), a damaged file)."""
+    """The state a stopped run of variant `model` with these `settings` (see
+    resume_settings) left in `out_dir` (its epochs done, history and training seconds),
+    or None and why there is none to go on from: "" where no checkpoint is there, else
+    what keeps it from this run (other settings, a damaged file)."""
     from aelib.saving import read_info
 
-    path = checkpoint_path(out_dir, config.model)
+    path = checkpoint_path(out_dir, model)
     if not path.exists():
         return None, ""
     try:
@@ -375,7 +375,7 @@ def stopped_run(
     state = info.get(CHECKPOINT)
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return None, f"{path.name} is not a checkpoint of aelib train"
-    theirs, ours = state["settings"], resume_settings(config, arrays)
+    theirs, ours = state["settings"], settings
     differ = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
     if differ:
         were = ", ".join(
@@ -559,7 +559,7 @@ def train(
     past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
     checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
     settings = resume_settings(config, arrays) if checkpoint else {}
-    state = stopped_run(out_dir, config, arrays)[0] if resume and checkpoint else None
+    state = stopped_run(out_dir, config.model, settings)[0] if resume and checkpoint else None
     resumed = state is not None
     if resumed:
         if initial_epoch:

@@ -26,6 +26,7 @@ from aelib.train import (
     compile_model,
     load_arrays,
     make_splits,
+    resume_settings,
     stopped_run,
 )
 from helpers import subprocess_env
@@ -706,14 +707,14 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
-    state, why_not = stopped_run(out, config, data)
+    state, why_not = stopped_run(out, "dense", resume_settings(config, data))
     assert why_not == "" and state["epochs_done"] == 2 and len(state["history"]["loss"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
     saved = aelib.load(checkpoint_path(out, "dense"))
     assert int(saved.autoencoder.optimizer.iterations) == 2 * steps
 
     other = TrainConfig.from_dict({**config.to_dict(), "epochs": 4, "seed": 1})
-    assert stopped_run(out, other, data) == (
+    assert stopped_run(out, "dense", resume_settings(other, data)) == (
         None,
         "dense.checkpoint.keras is of a run with other settings: epochs=3 (now 4), seed=0 (now 1)",
     )
@@ -721,12 +722,14 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     # (a relative --data read another file in another folder; an option given at its
     # default, or the test split's size, made another run).
     same = {"data": "elsewhere/mnist.npz", "test_limit": 10, "model_options": {"encoding_dim": 32}}
-    assert stopped_run(out, TrainConfig.from_dict({**config.to_dict(), **same}), data)[0]
+    assert stopped_run(
+        out, "dense", resume_settings(TrainConfig.from_dict({**config.to_dict(), **same}), data)
+    )[0]
     flipped = ((255 - x, data[0][1]), data[1])
-    assert stopped_run(out, config, flipped)[1] == (
+    assert stopped_run(out, "dense", resume_settings(config, flipped))[1] == (
         "dense.checkpoint.keras is of a run with other settings: other training images"
     )
-    assert stopped_run(tmp_path / "none", config, data) == (None, "")
+    assert stopped_run(tmp_path / "none", "dense", resume_settings(config, data)) == (None, "")
 
     # A kill -9 while saving leaves temp files: the next save removes those of runs gone.
     stale = [".dense.checkpoint.4194304.tmp.keras", ".dense.4194303.keras-tmp.keras"]
