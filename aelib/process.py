@@ -7,6 +7,8 @@
   `raise_if_stopped` raises either again at a safe point of a long loop.
 - `alive`: whether a process of that ID runs (the owner of a temp file, say);
   `remove_dead_temp_files`: removes the temp files of runs that no longer run.
+- `replaced`: a temp file beside a path, renamed onto it once written: a reader, a
+  crash or a stop never sees half a file.
 
 Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
 importing the aelib package (whose __init__ imports Keras).
@@ -21,6 +23,7 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class Busy(Exception):
@@ -128,3 +131,31 @@ def remove_dead_temp_files(folder: str | os.PathLike, pattern: str) -> None:
             if match and int(match.group(1)) <= 2**22 and not alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def replaced(path: str | os.PathLike, clean: bool = True) -> Iterator[Path]:
+    """A temp path beside `path` (`.STEM.PID.tmpSUFFIX`) for the block to write, renamed
+    to `path` after it and removed if the block fails: no reader, nor a run that was
+    stopped or crashed, sees half a file. With `clean`, the temp files of `path` that a
+    kill -9 left are removed first (`remove_dead_temp_files`; a caller writing many
+    files to one folder does that once, with `temp_pattern()`)."""
+    path = Path(path)
+    if clean:
+        remove_dead_temp_files(path.parent, temp_pattern(path))
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # (renamed; or never made, e.g. a read-only folder)
+            tmp.unlink()
+
+
+def temp_pattern(path: str | os.PathLike | None = None) -> str:
+    """The `remove_dead_temp_files` pattern of `replaced`'s temp files for `path`, or for
+    any file with None."""
+    if path is None:
+        return r"\..+\.(\d+)\.tmp(\.[^.]*)?"
+    path = Path(path)
+    return rf"\.{re.escape(path.stem)}\.(\d+)\.tmp{re.escape(path.suffix)}"

@@ -56,7 +56,6 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     # Write beside the target, then rename: a crash never leaves half a file (and a
     # kill -9 leaves the temp files, which the next save of this name removes).
     remove_stale_temp_files(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     # aelib's own fields last: `info` may be a reloaded model's record, naming the
     # backend and versions it was saved with before.
     record = {
@@ -70,13 +69,12 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
             "backend": keras.backend.backend(),
         },
     }
-    keras_tmp = tmp.with_name(f".{path.stem}.{os.getpid()}.keras-tmp.keras")
+    keras_tmp = path.with_name(f".{path.stem}.{os.getpid()}.keras-tmp.keras")
     try:
-        model.autoencoder.save(keras_tmp)
-        _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=json_default))
-        os.replace(tmp, path)
+        with process.replaced(path, clean=False) as tmp:
+            model.autoencoder.save(keras_tmp)
+            _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=json_default))
     finally:
-        tmp.unlink(missing_ok=True)
         keras_tmp.unlink(missing_ok=True)
     return path
 

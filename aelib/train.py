@@ -706,11 +706,9 @@ def write_outputs(
     # Last: the record of a run that ended (the CLI refuses to replace it without
     # --overwrite; a model without it is a stopped run's).
     process.raise_if_stopped()
-    process.remove_dead_temp_files(out_dir, r"metrics\.json\.(\d+)\.tmp")  # (kill -9's)
-    tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
     text = json.dumps(finite({"model": config.model, **record}), indent=2, default=json_default)
-    tmp.write_text(text)
-    os.replace(tmp, metrics_path)
+    with process.replaced(metrics_path) as tmp:
+        tmp.write_text(text)
     paths["metrics"] = str(metrics_path)
     return paths
 

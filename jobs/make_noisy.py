@@ -70,20 +70,14 @@ def png_bytes(image: np.ndarray) -> bytes:
 def _write(path: Path, payload: bytes) -> None:
     """Writes `payload` to `path` atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with process.replaced(path, clean=False) as tmp:  # (cleaned once, below)
         tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except BaseException:  # (a full disk: no temp file left beside the digits)
-        with contextlib.suppress(OSError):  # (a read-only folder: none was made)
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
     """Removes the temp files (see _write) under `folder` of runs no longer running."""
     for root, _, _ in os.walk(folder):
-        process.remove_dead_temp_files(root, r"\..+\.(\d{1,7})\.tmp")
+        process.remove_dead_temp_files(root, process.temp_pattern())
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

@@ -1332,20 +1332,11 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         tmp.write_text("\n".join(lines))
 
 
-@contextlib.contextmanager
 def _replaced(path: Path):
-    """A temp path beside `path` for the block to write, renamed to `path` after it (and
-    removed if the block fails): no reader, nor a stopped driver, sees half a file. The
-    temp files a killed driver left there are removed first."""
-    pattern = rf"\.{re.escape(path.stem)}\.(\d+)\.tmp{re.escape(path.suffix)}"
-    _aelib_module("process").remove_dead_temp_files(path.parent, pattern)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    """aelib.process.replaced(path): a temp path beside `path` for a block to write,
+    renamed to `path` after it (or removed): no reader, nor a stopped driver, sees half a
+    file, and the temp files a killed driver left there are removed first."""
+    return _aelib_module("process").replaced(path)
 
 
 def _compare_chart(best: dict[str, dict], path: Path) -> None:

@@ -548,8 +548,8 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     said = f"--out {noisy} holds digits made with other settings: noise_factor 0.5 (now 0.1)"
     assert said in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
-    # A kill -9 leaves its temp file (.NAME.PID.tmp): a rerun removes those of runs gone.
-    stale, live = noisy / "7" / ".000000.png.4194304.tmp", clean / f".x.png.{os.getpid()}.tmp"
+    # A kill -9 leaves its temp file (.STEM.PID.tmp.png): a rerun removes those of runs gone.
+    stale, live = noisy / "7" / ".000000.4194304.tmp.png", clean / f".x.{os.getpid()}.tmp.png"
     stale.write_bytes(b"")
     live.write_bytes(b"")
     other = noisy / "7" / ".x.20241205120000.tmp"  # (another tool's: no PID, kept)

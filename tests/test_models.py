@@ -733,7 +733,7 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
 
     # A kill -9 while saving leaves temp files: the next save removes those of runs gone.
     stale = [".dense.checkpoint.4194304.tmp.keras", ".dense.4194303.keras-tmp.keras"]
-    stale.append("metrics.json.4194304.tmp")
+    stale.append(".metrics.4194304.tmp.json")
     live = f".dense.checkpoint.{os.getpid()}.tmp.keras"
     for name in [*stale, live]:
         (out / name).write_bytes(b"half a file")
