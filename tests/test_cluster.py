@@ -179,6 +179,17 @@ def test_cloud_config_opens_only_ssh_turns_on_token_auth_and_holds_no_secrets(pa
             for t in config["available_node_types"].values()
         ]
         assert all(n == networks[0] for n in networks), networks
+        for name, t in config["available_node_types"].items():
+            node = t["node_config"]
+            # A way out for every node (the image, pip, gs://): the default network has no
+            # Cloud NAT. And `scheduling` is GCE's object, not Ray's examples' list (#46248).
+            assert all(i.get("accessConfigs") for i in node["networkInterfaces"]), name
+            scheduling = node.get("scheduling", {})
+            assert isinstance(scheduling, dict), (name, scheduling)
+            if node.get("guestAccelerators"):
+                assert scheduling["onHostMaintenance"] == "TERMINATE", name
+            if scheduling.get("preemptible"):
+                assert scheduling["automaticRestart"] is False, name
     assert "~/.ray/auth_token" in config["file_mounts"], "the token is copied, not written here"
     assert re.search(r"(s3|gs)://CHANGE-ME", text), "a shared-storage URI placeholder for Tune"
     # Every container gets it: sweep.py's default --storage-path (a `ray submit` adds no flag).
