@@ -114,9 +114,13 @@ def learning_curves(
         axes[0][1].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
         axes[0][1].set_ylabel("dB")
         axes[0][1].legend()
+    epochs = max(len(history[k]) for k in keys + extra) if keys + extra else 0
     for ax in axes[0]:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (no epoch 1.5 in short runs)
+        if epochs <= 10:  # every epoch (MaxNLocator gave a 1-epoch run 0.95, 0.96, ... 1.05)
+            ax.set_xticks(range(1, epochs + 1))
+        else:  # (no epoch 1.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -144,6 +148,8 @@ def latent_plane(
     else:  # one color per digit 0-9, also where the labels shown lack some digits
         sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
         fig.colorbar(sc, ax=ax, label="digit")
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
@@ -168,8 +174,14 @@ def digit_manifold(
     figure = decoded.transpose(0, 2, 1, 3).reshape(n * height, n * width)
     fig, ax = plt.subplots(figsize=(8, 8))
     ax.imshow(figure, cmap="Greys_r", vmin=0, vmax=1)  # (not stretched: a faint grid shows)
-    ax.axis("off")
-    ax.set_title(f"{n}x{n} digit manifold")
+    # Where each image's z is, as on the latent plane (z[1] up): first, middle, last.
+    marks = sorted({0, n // 2, n - 1})
+    label = [f"{round(v, 2) + 0.0:.2f}" for v in grid]  # (+ 0.0: no "-0.00" at the middle)
+    ax.set_xticks([(i + 0.5) * width - 0.5 for i in marks], [label[i] for i in marks])
+    ax.set_yticks([(i + 0.5) * height - 0.5 for i in marks], [label[::-1][i] for i in marks])
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    ax.set_title(f"{n}x{n} digit manifold: the decoder at the Gaussian's 5-95% quantiles")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -225,7 +225,27 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
     plots.learning_curves({"loss": [1.0, 0.5], "val_psnr": [9.0, 12.0]}, tmp_path / "c.png")
     for ax in drawn[0].axes:
         assert [t for t in ax.get_xticks() if 1 <= t <= 2] == [1, 2]
-    plt.close(drawn[0])
+    # ... and one epoch is one tick (MaxNLocator gave 0.945, 0.96, ... 1.05), many a few
+    plots.learning_curves({"loss": [1.0], "val_loss": [1.1]}, tmp_path / "one.png")
+    assert list(drawn[1].axes[0].get_xticks()) == [1]
+    plots.learning_curves({"loss": list(np.linspace(1, 0, 50))}, tmp_path / "many.png")
+    ticks = [t for t in drawn[2].axes[0].get_xticks() if 1 <= t <= 50]
+    assert 3 <= len(ticks) <= 11 and all(t == int(t) for t in ticks), ticks
+
+    # The VAE's figures say where in z they are (the manifold had no axes at all).
+    class Decoder:
+        def predict(self, z, verbose=0):
+            return np.zeros((len(z), 28, 28), "float32")
+
+    plots.digit_manifold(Decoder(), tmp_path / "manifold.png")
+    ax = drawn[3].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["-1.64", "0.00", "1.64"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1.64", "0.00", "-1.64"]  # (up)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
+    plots.latent_plane(np.zeros((3, 2)), np.arange(3), tmp_path / "plane.png")
+    assert (drawn[4].axes[0].get_xlabel(), drawn[4].axes[0].get_ylabel()) == ("z[0]", "z[1]")
+    for fig in drawn:
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("name", NAMES)
