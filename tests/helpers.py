@@ -199,10 +199,27 @@ def signal_when(cmd, env, log: Path, ready, sig, group=False, interval=0.1, time
 
 
 def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
+    """Waits until no process of the Ray under `ray_tmp` runs; returns the PIDs still
+    running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while (left := ray_pids(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def ray_left(ray_tmp: Path, timeout: float = 20.0) -> list[str]:
+    """wait_no_ray's PIDs as "PID (state) command line": which process outlived its
+    run, in the failure's text."""
+    described = []
+    for pid in wait_no_ray(ray_tmp, timeout):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue  # (ended since)
+        state = stat.rsplit(")", 1)[1].split()[0]
+        described.append(f"{pid} ({state}) {cmdline.decode(errors='replace')[:200]}")
+    return described
 
 
 def kill_ray(ray_tmp: Path) -> None:

@@ -36,6 +36,7 @@ from PIL import Image
 
 from helpers import (
     GcsServer,
+    ray_left,
     ray_pids,
     signal_when,
     start_logged,
@@ -793,7 +794,7 @@ def test_sigterm_ends_the_job_as_ctrl_c_does(model_path, tmp_path, ray_tmp):
     kept = _journal_rows(dst)
     assert len(kept) >= len(first) and len(kept) < 4000
     assert not (dst / job.LOCK).exists() and not (dst / "manifest.parquet").exists()
-    assert wait_no_ray(ray_tmp, timeout=30) == []
+    assert ray_left(ray_tmp, timeout=30) == []
 
 
 def test_stopped_while_listing_it_says_nothing_was_written(
