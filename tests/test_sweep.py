@@ -496,7 +496,8 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
         return
     assert "sweep.py: terminated (SIGTERM)" in text, text[-3000:]
     # (Ray's runtime-env agent, which the group's SIGTERM reaches too, usually ends within
-    # 5 s, but on a loaded machine it was seen still sleeping 30 s later.)
+    # 5 s, but on a loaded machine it was seen still asleep 30 s later: it is an aiohttp
+    # app, whose graceful shutdown on SIGTERM waits up to 60 s for open connections.)
     assert _ray_left(ray_tmp, timeout=90) == []
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
