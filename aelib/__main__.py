@@ -358,7 +358,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
             tensorboard_dir=args.tensorboard and str(Path(args.tensorboard).expanduser()),
             figures=not args.no_figures,
             verbose="auto" if sys.stderr.isatty() else 2,
-            resume=not args.restart,
+            resume=state is not None and not args.restart,  # (why not: said above)
         )
 
 

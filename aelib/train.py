@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -559,7 +560,14 @@ def train(
     past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
     checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
     settings = resume_settings(config, arrays) if checkpoint else {}
-    state = stopped_run(out_dir, config.model, settings)[0] if resume and checkpoint else None
+    state, why_not = None, ""
+    if resume and checkpoint:
+        state, why_not = stopped_run(out_dir, config.model, settings)
+    if why_not:  # (the CLI says so itself and asks for resume only where it goes on)
+        warnings.warn(
+            f"resume=True: {why_not}; training from epoch 1 (the checkpoint is replaced)",
+            stacklevel=2,
+        )
     resumed = state is not None
     if resumed:
         if initial_epoch:

@@ -771,3 +771,7 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
         aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], verbose=0)
     with pytest.raises(ValueError, match="initial_epoch and resume=True both say where"):
         aelib.train(config, data, out, initial_epoch=1, resume=True, verbose=0)
+    # A checkpoint resume=True cannot go on from is said, not passed over in silence.
+    with pytest.warns(UserWarning, match="other settings: other training images; training"):
+        result = aelib.train(config, flipped, out, figures=False, verbose=0, resume=True)
+    assert "resumed_after_epoch" not in result.metrics
