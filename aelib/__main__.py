@@ -53,6 +53,15 @@ def _seed(text: str) -> int:
 _seed.__name__ = "seed"
 
 
+def _path(text: str) -> str:
+    if not text.strip():  # (--images "$DIR" with DIR unset read the working folder)
+        raise argparse.ArgumentTypeError("expected a path, not an empty string")
+    return text
+
+
+_path.__name__ = "path"
+
+
 def _writable_folder(path: str, flag: str, made: list) -> None:
     """Makes `path` a folder this process can write to, or says why not, before any
     training: after it, an --out that is a file cost the whole run. The folders it
@@ -147,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = t.add_mutually_exclusive_group()  # (--data beside --images went unread)
     source.add_argument(
         "--data",
+        type=_path,
         default=None,
         help="path to mnist.npz (default: $AELIB_MNIST, then Keras's download)",
     )
     source.add_argument(
         "--images",
+        type=_path,
         default=None,
         metavar="DIR",
         help="train on a folder of your own images instead of MNIST (any size and colour: "
@@ -165,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bring own images to 28x28 by resizing (the default) or by cutting patches",
     )
     t.add_argument("--invert", action="store_true", help="own images are dark on light")
-    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--out", type=_path, required=True, help="output folder")
     t.add_argument(
         "--overwrite",
         action="store_true",
@@ -187,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from epoch 1 even where a stopped run of the same settings left its "
         "checkpoint in --out (by default, the run goes on from that run's last epoch)",
     )
-    t.add_argument("--tensorboard", default=None, metavar="DIR", help="write TensorBoard logs")
+    t.add_argument(
+        "--tensorboard", type=_path, default=None, metavar="DIR", help="write TensorBoard logs"
+    )
     t.add_argument("--no-figures", action="store_true")
     return parser
 
@@ -279,15 +292,18 @@ def _how_to_go_on(args: argparse.Namespace, settings: dict) -> str:
     if state is None:
         return f"{args.out} holds no metrics.json of it, and the same command trains it again"
     done = state["epochs_done"]
+    if done >= state["settings"]["epochs"]:  # (trained to the end: stopped after it)
+        where = f"its checkpoint after its last epoch ({done}) is {path}"
+        goes_on = "evaluates it and writes the outputs, without training again"
+    else:
+        where = f"its checkpoint after epoch {done} is {path}"
+        goes_on = f"goes on from epoch {done + 1}"
     if args.restart:
         return (
-            f"its checkpoint after epoch {done} is {path}: the same command trains from "
-            f"epoch 1 again, and without --restart it goes on from epoch {done + 1}"
+            f"{where}: the same command trains from epoch 1 again, and without --restart it "
+            f"{goes_on}"
         )
-    return (
-        f"its checkpoint after epoch {done} is {path}: the same command goes on from "
-        f"epoch {done + 1} (--restart trains from epoch 1)"
-    )
+    return f"{where}: the same command {goes_on} (--restart trains from epoch 1)"
 
 
 def _train_locked(args: argparse.Namespace, config, out: Path, made: list, settings: dict):
@@ -330,7 +346,15 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
         _note_limits(args, arrays)
         settings.update(resume_settings(config, arrays))
         state, why_not = stopped_run(out, config.model, settings)
-        if state and not args.restart:
+        if state and not args.restart and state["epochs_done"] >= config.epochs:
+            print(
+                f"aelib: note: a run of the same settings trained all {config.epochs} epochs "
+                "but stopped before it ended (in its evaluation, figures or files): this run "
+                "evaluates its checkpoint and writes the outputs, without training again "
+                "(--restart trains from epoch 1)",
+                file=sys.stderr,
+            )
+        elif state and not args.restart:
             print(
                 f"aelib: note: going on from epoch {state['epochs_done'] + 1} of {config.epochs}: "
                 f"a run of the same settings stopped after epoch {state['epochs_done']} and left "

@@ -60,7 +60,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
         )
     if not zipfile.is_zipfile(resolved):  # (np.load would read a .npy, or try a pickle)
         raise ValueError(
-            f"{resolved} is not an .npz (zip) archive (or it is cut short); expected "
+            f"{given} is not an .npz (zip) archive (or it is cut short); expected "
             "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
         )
     try:
@@ -68,31 +68,35 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
             arrays = {key: f[key] for key in _MNIST_KEYS if key in f.files}
             found = list(f.files)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
-        raise ValueError(f"{resolved} is not a readable .npz file: {e}") from e
+        raise ValueError(f"{given} is not a readable .npz file: {e}") from e
     missing = [key for key in _MNIST_KEYS if key not in arrays]
     if missing:
         raise ValueError(
-            f"{resolved} is not an MNIST .npz: missing keys {missing}. Found keys: {found}. "
+            f"{given} is not an MNIST .npz: missing keys {missing}. Found keys: {found}. "
             f"Expected {list(_MNIST_KEYS)}."
         )
     for key, ndim in _MNIST_KEYS.items():
+        if not isinstance(arrays[key], np.ndarray):  # (a member that is no .npy: its bytes)
+            raise ValueError(
+                f"{given}: {key} is not a NumPy array (its {key}.npy member has no .npy "
+                "header); expected Keras's mnist.npz."
+            )
         if arrays[key].ndim != ndim:
             raise ValueError(
-                f"{resolved}: {key} must have {ndim} dimensions. "
-                f"Received shape {arrays[key].shape}."
+                f"{given}: {key} must have {ndim} dimensions. Received shape {arrays[key].shape}."
             )
     for split in ("train", "test"):
         if arrays[f"x_{split}"].shape[1:] != (28, 28):  # what every variant's input is
             raise ValueError(
-                f"{resolved}: x_{split} must hold 28x28 images, as MNIST does. Received "
+                f"{given}: x_{split} must hold 28x28 images, as MNIST does. Received "
                 f"shape {arrays[f'x_{split}'].shape}."
             )
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise ValueError(
-                f"{resolved}: x_{split} and y_{split} differ in length "
+                f"{given}: x_{split} and y_{split} differ in length "
                 f"({len(arrays[f'x_{split}'])} != {len(arrays[f'y_{split}'])})."
             )
-        _check_pixels(arrays[f"x_{split}"], f"{resolved}: x_{split}")
+        _check_pixels(arrays[f"x_{split}"], f"{given}: x_{split}")
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
@@ -123,12 +127,24 @@ def check_arrays(arrays, name: str = "data") -> None:
             f"{name} must be ((x_train, y_train), (x_test, y_test)), as aelib.data.load_mnist "
             "returns it (labels may be None, or -1 where there are none)"
         ) from None
+    train_shape, test_shape = np.shape(x_train)[1:], np.shape(x_test)[1:]
+    if train_shape != test_shape:  # (found by the test split, after all the training)
+        raise ValueError(
+            f"{name}'s training images are {_shape(train_shape)} and its test images "
+            f"{_shape(test_shape)}: a model is trained and tested on images of one shape."
+        )
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
         x = np.asarray(x)
         if x.dtype != bool:  # (bool images scale to 0 and 1)
             _check_pixels(x, f"{name}'s {part} images")
         if y is not None and len(y) != len(x):
             raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    if len(shape) == 1:
+        return f"{shape[0]}-value vectors"
+    return "x".join(map(str, shape)) or "single values"
 
 
 def scale(x: np.ndarray) -> np.ndarray:

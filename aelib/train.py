@@ -61,6 +61,10 @@ class TrainConfig:
     invert: bool = False  # own images dark-on-light: invert to MNIST's light-on-dark
 
     def __post_init__(self):
+        _check(  # ("" read the working folder's images, and was recorded as MNIST)
+            self.images is None or str(self.images).strip() != "",
+            "images must be a folder's path, or None for MNIST. Received: images=''",
+        )
         _check(
             self.image_mode in ("resize", "patch"),
             f"image_mode must be 'resize' or 'patch'. Received: {self.image_mode!r}",
@@ -310,10 +314,11 @@ CHECKPOINT = "checkpoint"  # (the key of a checkpoint's state in its aelib recor
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """At the end of every epoch but the last, saves the model with its optimizer state
-    and the run's history so far to `path` (atomically: a run stopped while it saves
-    keeps the epoch before), for `train(resume=True)` to go on from. An epoch whose
-    loss is NaN is not saved: its weights are NaN too."""
+    """At the end of every epoch, saves the model with its optimizer state and the run's
+    history so far to `path` (atomically: a run stopped while it saves keeps the epoch
+    before), for `train(resume=True)` to go on from: the last epoch's too, so that a run
+    stopped in its evaluation, figures or writing goes on without training again. An
+    epoch whose loss is NaN is not saved: its weights are NaN too."""
 
     def __init__(
         self, path: Path, model: Autoencoder, config: TrainConfig, past: dict, settings: dict
@@ -329,7 +334,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for k, v in logs.items():
             self.history.setdefault(k, []).append(v)
         done = epoch + 1  # (fit counts on from the checkpoint's epochs)
-        if done >= self.config.epochs or not math.isfinite(logs.get("loss", math.nan)):
+        if not math.isfinite(logs.get("loss", math.nan)):
             return
         state = {
             "epochs_done": done,
@@ -537,8 +542,9 @@ def train(
             file or image folder when `data` is None, else "arrays passed to train()").
         resume: with `out_dir`, go on from the checkpoint a stopped run of this same
             config left there (see `stopped_run`): from the epoch after its last, with
-            its weights, optimizer state and history. A run with `out_dir` saves one
-            after every epoch but the last, and removes it once it has ended.
+            its weights, optimizer state and history (after all its epochs: to the
+            evaluation and outputs, training none). A run with `out_dir` saves one after
+            every epoch, and removes it once it has ended.
 
     Returns:
         A `TrainResult`. Training stops at the end of the epoch where the loss
@@ -551,6 +557,13 @@ def train(
             f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
             f"Received: initial_epoch={initial_epoch!r}"
         )
+    if out_dir is not None:  # (found after the training and evaluation before)
+        folder = Path(out_dir).expanduser()
+        blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+        if blocker is not None:
+            raise NotADirectoryError(
+                f"out_dir {out_dir}: {blocker} is a file; expected a folder (or none yet)."
+            )
     if data is not None:
         data_lib.check_arrays(data)
         data_source = data_source or "arrays passed to train()"
@@ -726,7 +739,17 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
     arrays' images (as its input kind reads them) and gives back their shape: what
     train() checks first, for callers that want a bad option refused before any
     work (the sweep's driver, before its trials)."""
-    model = build_model(config.model, **config.model_options)
+    try:
+        model = build_model(config.model, **config.model_options)
+    except Exception as e:  # (TensorFlow's ResourceExhaustedError: a traceback before)
+        text = f"{type(e).__name__}: {e}"
+        if not isinstance(e, MemoryError) and "ResourceExhausted" not in text:
+            raise
+        raise ValueError(
+            f"Model {config.model!r} ({options_text(config.model_options)}) does not fit in "
+            f"memory: its weights could not be allocated ({type(e).__name__}). Use smaller "
+            "options."
+        ) from None
     first = np.asarray(arrays[0][0][:1])
     image = data_lib.prepare(first, model.input_kind)
     values = image.shape[-1]

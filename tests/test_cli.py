@@ -283,11 +283,14 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
         assert main([*args, "--overwrite", *restart]) == 130
         monkeypatch.undo()
         err = capsys.readouterr().err
-        go_on = "the same command goes on from epoch 2 (--restart trains from epoch 1)"
+        # (its last epoch's: the rerun trains no epoch again, only evaluates and writes)
+        where = f"its checkpoint after its last epoch (2) is {out / 'dense.checkpoint.keras'}"
+        go_on = "evaluates it and writes the outputs, without training again"
+        go_on = f"the same command {go_on} (--restart trains from epoch 1)"
         if restart:  # (its rerun trains from epoch 1: it says so, not that it goes on)
             go_on = "the same command trains from epoch 1 again, and without --restart it "
-            go_on += "goes on from epoch 2"
-        assert f"its checkpoint after epoch 1 is {out / 'dense.checkpoint.keras'}: {go_on}" in err
+            go_on += "evaluates it and writes the outputs, without training again"
+        assert f"{where}: {go_on}" in err, err[-2000:]
         assert (out / "dense.checkpoint.keras").exists()
         assert main([*args, "--no-figures", *then]) == 0
         err = capsys.readouterr().err
@@ -374,13 +377,19 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
     assert code == 130 and "Traceback" not in err, err[-3000:]
     assert f"note: going on from epoch {done + 1} of 20: a run of the same" in err
     assert f"Epoch {done + 1}/20" in err and "Epoch 1/20" not in err
-    assert "aelib: interrupted: the run did not finish; its checkpoint after epoch 19" in err
+    assert (
+        "aelib: interrupted: the run did not finish; its checkpoint after its last epoch (20) "
+        "is " in err
+    ), err[-3000:]
     assert not (out / "metrics.json").exists()
+    # ... and its rerun trains no epoch again (it trained the last one again, and a stop
+    # in a long run's figures cost all of its epochs where they were 1).
     run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "note: going on from epoch 20 of 20" in run.stderr
+    assert "note: a run of the same settings trained all 20 epochs" in run.stderr
+    assert "Epoch " not in run.stderr, run.stderr[-3000:]
     metrics = json.loads(run.stdout)
-    assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == 19
+    assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == 20
     assert not (out / "dense.checkpoint.keras").exists()
     assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 20
 

@@ -754,7 +754,7 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     # A kill -9 while saving leaves temp files: the next save removes those of runs gone.
     stale = [".dense.checkpoint.4194304.tmp.keras", ".dense.4194303.keras-tmp.keras"]
     stale.append(".metrics.4194304.tmp.json")
-    live = f".dense.checkpoint.{os.getpid()}.tmp.keras"
+    live = f".dense.checkpoint.{os.getppid()}.tmp.keras"  # (a process that runs)
     for name in [*stale, live]:
         (out / name).write_bytes(b"half a file")
     result = aelib.train(config, data, out, figures=False, verbose=0, resume=True)
