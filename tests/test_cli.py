@@ -168,6 +168,15 @@ BAD_INPUT = [
         ["--model", "dense", "--set", "encoding_dim=8", "--set", "encoding_dim=64"],
         "--set encoding_dim given more than once; give each option once",
     ),
+    (  # ("$DIR" unset: the working folder's images were read, and recorded as MNIST)
+        ["--model", "dense", "--images", ""],
+        "argument --images: expected a path, not an empty string",
+    ),
+    (["--model", "dense", "--out", " "], "argument --out: expected a path, not an empty"),
+    (  # (TensorFlow's ResourceExhaustedError traceback)
+        ["--model", "dense", "--set", "encoding_dim=1099511627776"],
+        "Model 'dense' (encoding_dim=1099511627776) does not fit in memory",
+    ),
     (["--model", "dense", "--invert"], "--invert applies to --images only"),
     (["--model", "dense", "--image-mode", "patch"], "--image-mode applies to --images only"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on

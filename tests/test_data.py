@@ -48,7 +48,7 @@ def test_a_damaged_member_is_a_clear_error(tmp_path):
         data_lib.load_mnist(bad)
 
 
-def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
+def test_wrong_keys_and_shapes_are_clear_errors(tmp_path, monkeypatch):
     wrong_keys = tmp_path / "keys.npz"
     np.savez(wrong_keys, images=np.zeros((2, 28, 28)))
     with pytest.raises(ValueError, match=r"missing keys \['x_train'.*Found keys: \['images'\]"):
@@ -70,6 +70,31 @@ def test_wrong_keys_and_shapes_are_clear_errors(tmp_path):
         np.savez(tmp_path / name, x_train=z, y_train=y, x_test=x_test, y_test=y[: len(x_test)])
         with pytest.raises(ValueError, match=said):
             data_lib.load_mnist(tmp_path / name)
+    # Members that are no .npy files: NumPy gives their bytes (an AttributeError
+    # traceback followed); and a stale $AELIB_MNIST is named as such.
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as f:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            f.writestr(f"{key}.npy", b"not an array")
+    with pytest.raises(ValueError, match=r"raw\.npz: x_train is not a NumPy array"):
+        data_lib.load_mnist(tmp_path / "raw.npz")
+    monkeypatch.setenv("AELIB_MNIST", str(tmp_path / "keys.npz"))
+    with pytest.raises(ValueError, match=r"keys\.npz \(from \$AELIB_MNIST\) is not an MNIST"):
+        data_lib.load_mnist()
+
+
+def test_arrays_of_two_image_shapes_are_refused():
+    """Training images of one shape and test images of another failed after the whole
+    training, in the test set's evaluation."""
+    x = np.zeros((4, 28, 28), np.uint8)
+    data_lib.check_arrays(((x, None), (x, None)))
+    for test, said in (
+        (x[:, :20, :20], "28x28 and its test images 20x20"),
+        (x[:, 0], "28x28 and its test images 28-value vectors"),
+    ):
+        with pytest.raises(ValueError, match=f"training images are {said}"):
+            data_lib.check_arrays(((x, None), (test, None)))
 
 
 def test_scale_and_shapes():

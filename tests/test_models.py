@@ -771,6 +771,13 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
         aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], verbose=0)
     with pytest.raises(ValueError, match="initial_epoch and resume=True both say where"):
         aelib.train(config, data, out, initial_epoch=1, resume=True, verbose=0)
+    # An out_dir that is a file is refused before training (after it, before), and an
+    # empty image folder path (the working folder's images were read).
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file; expected a folder"):
+        aelib.train(config, data, tmp_path / "afile" / "o", verbose=0)
+    with pytest.raises(ValueError, match="images must be a folder's path, or None"):
+        TrainConfig.from_dict({**config.to_dict(), "images": ""})
     # A checkpoint resume=True cannot go on from is said, not passed over in silence.
     with pytest.warns(UserWarning, match="other settings: other training images; training"):
         result = aelib.train(config, flipped, out, figures=False, verbose=0, resume=True)
