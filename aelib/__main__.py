@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig(model=args.model, **values)
             out = Path(args.out).expanduser()
             _writable_folder(args.out, "--out", made)
+            if not args.no_figures and (out / "figures").exists():  # (found after training)
+                _writable_folder(str(out / "figures"), "--out's figures folder", made)
             with _one_run_at_a_time(out, made):
                 result = _train_locked(args, config, out, made, settings)
     except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
             return process.exit_code(e)
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
+        if settings and "checkpoint after" in (go_on := _how_to_go_on(args, settings)):
+            print(f"aelib: note: the run did not finish; {go_on}", file=sys.stderr)
         return 2
     from aelib.train import finite
 
@@ -348,7 +352,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
         state, why_not = stopped_run(out, config.model, settings)
         if state and not args.restart and state["epochs_done"] >= config.epochs:
             print(
-                f"aelib: note: a run of the same settings trained all {config.epochs} epochs "
+                f"aelib: note: a run of the same settings trained all its epochs ({config.epochs}) "
                 "but stopped before it ended (in its evaluation, figures or files): this run "
                 "evaluates its checkpoint and writes the outputs, without training again "
                 "(--restart trains from epoch 1)",

@@ -280,6 +280,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     if not path.suffix:  # (Matplotlib adds ".png" itself: the path returned must say it)
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    with process.replaced(path) as tmp:  # (a stop while it saved left half a PNG)
+        fig.savefig(tmp, dpi=80, format=path.suffix[1:] or "png")
     plt.close(fig)
     return path

@@ -20,13 +20,14 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import keras
 
 from aelib import process
-from aelib.registry import Autoencoder, json_default
+from aelib.registry import Autoencoder, json_default, plain_message
 
 INFO_MEMBER = "aelib.json"
 CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
@@ -132,9 +133,14 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         with zipfile.ZipFile(path) as zf:
             if INFO_MEMBER not in zf.namelist():
                 return {}
-            return json.loads(zf.read(INFO_MEMBER))
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not a .keras file (not a zip archive): {e}") from e
+            record = json.loads(zf.read(INFO_MEMBER))
+    except zipfile.BadZipFile as e:  # (not a zip; or a member's CRC: a damaged file)
+        raise ValueError(f"{path} is not a readable .keras file: {e}") from e
+    except (ValueError, zlib.error, EOFError) as e:  # (JSON's error, a damaged member)
+        raise ValueError(f"{path}: its {INFO_MEMBER} cannot be read ({e}).") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: its {INFO_MEMBER} is not aelib's record (a JSON object).")
+    return record
 
 
 def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
@@ -147,19 +153,25 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
     """
     path = Path(path).expanduser()
     info = read_info(path)
-    if "name" not in info:
+    if not info:
         raise ValueError(
             f"{path} has no {INFO_MEMBER}: it was not saved by aelib.save, so its variant "
             "is unknown. Load it with keras.models.load_model instead."
         )
-    compile_config = _compile_config(path) if compile else None
-    if compile_config and portable(compile_config) != compile_config:
-        with tempfile.TemporaryDirectory(prefix="aelib-load-") as folder:
-            copy = Path(folder, "portable.keras")
-            _copy_portable(Path(path), copy)
-            model = keras.models.load_model(copy, compile=True)
-    else:
-        model = keras.models.load_model(path, compile=compile)
+    lacking = [key for key in ("name", "input_kind") if key not in info]
+    if lacking:
+        raise ValueError(f"{path}: its {INFO_MEMBER} lacks {', '.join(lacking)}.")
+    try:
+        compile_config = _compile_config(path) if compile else None
+        if compile_config and portable(compile_config) != compile_config:
+            with tempfile.TemporaryDirectory(prefix="aelib-load-") as folder:
+                copy = Path(folder, "portable.keras")
+                _copy_portable(Path(path), copy)
+                model = keras.models.load_model(copy, compile=True)
+        else:
+            model = keras.models.load_model(path, compile=compile)
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:  # (a damaged member)
+        raise ValueError(f"{path} is not a readable .keras file: {plain_message(e)}") from e
     options = info.get("model_config") or {}
     return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)
 

@@ -245,7 +245,7 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert main([*args, "--overwrite"]) == 130
     monkeypatch.undo()
     assert not (out / "metrics.json").exists()
-    assert main([*args, "--no-figures"]) == 0
+    assert main([*args, "--no-figures", "--restart"]) == 0  # (without: its checkpoint's)
     assert "holds a dense.keras without its metrics.json" in capsys.readouterr().err
     assert (out / "metrics.json").is_file()
     # Another run training into --out now (two at once both passed the check above, and
@@ -395,7 +395,7 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
     # in a long run's figures cost all of its epochs where they were 1).
     run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "note: a run of the same settings trained all 20 epochs" in run.stderr
+    assert "note: a run of the same settings trained all its epochs (20)" in run.stderr
     assert "Epoch " not in run.stderr, run.stderr[-3000:]
     metrics = json.loads(run.stdout)
     assert metrics["epochs_run"] == 20 and metrics["resumed_after_epoch"] == 20
@@ -446,7 +446,9 @@ def test_stdout_is_the_json_alone_also_when_keras_downloads_mnist(tmp_path, monk
     assert "Downloading data from" in captured.err
 
 
-def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+def test_an_output_folder_that_cannot_be_written_fails_before_training(
+    tmp_path, capsys, monkeypatch
+):
     """An --out (or --tensorboard) that is a file, or under one, failed after the whole
     training, with a traceback."""
     a_file = tmp_path / "afile"
@@ -467,6 +469,32 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(tmp_path,
     assert main([*args, "--tensorboard", str(out / "tb")]) == 2
     assert "must be a tuple like" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [a_file]
+    # Its figures folder too (a file there failed the run after training) ...
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "figures").write_text("x")
+    args = ["train", "--model", "dense", "--epochs", "2", "--limit", "64", "--test-limit", "32"]
+    args += ["--data", str(MNIST), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out's figures folder {out / 'figures'} is a file; expected a folder" in err
+    assert "Epoch" not in err
+    (out / "figures").unlink()
+
+    # ... and a run that fails after its training says that its rerun does not train again.
+    from aelib import plots
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "tutorial_figures", no_room)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "aelib: error: [Errno 28] No space left on device" in err, err[-2000:]
+    assert "note: the run did not finish; its checkpoint after its last epoch (2) is" in err
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "Epoch " not in capsys.readouterr().err
 
 
 def test_train_on_own_image_folder(tmp_path):

@@ -471,10 +471,43 @@ def test_load_refuses_plain_keras_file(tmp_path):
 def test_load_refuses_non_zip_and_missing(tmp_path):
     bad = tmp_path / "bad.keras"
     bad.write_text("not a zip")
-    with pytest.raises(ValueError, match="not a .keras file"):
+    with pytest.raises(ValueError, match="bad.keras is not a readable .keras file"):
         aelib.read_info(bad)
     with pytest.raises(FileNotFoundError, match="Model file not found"):
         aelib.load(tmp_path / "missing.keras")
+
+
+def test_load_names_the_file_and_what_is_damaged(tmp_path):
+    """A damaged weights member gave zipfile's BadZipFile (no path, no ValueError); a
+    damaged record JSON's error; a record that is no object was said to be missing."""
+    import zipfile
+
+    good = aelib.save(aelib.build_model("dense"), tmp_path / "good.keras")
+    with zipfile.ZipFile(good) as zin:
+        members = {i.filename: zin.read(i) for i in zin.infolist()}
+
+    def variant(name, **changed):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zout:
+            for member, data in {**members, **changed}.items():
+                zout.writestr(member, data)
+        return path
+
+    raw = bytearray(good.read_bytes())  # (Keras stores the weights uncompressed)
+    at = raw.find(members["model.weights.h5"][:64])
+    assert at > 0
+    raw[at + len(members["model.weights.h5"]) // 2] ^= 0xFF  # (its CRC no longer matches)
+    (tmp_path / "flipped.keras").write_bytes(bytes(raw))
+    assert aelib.read_info(tmp_path / "flipped.keras")["name"] == "dense"
+    with pytest.raises(ValueError, match="flipped.keras is not a readable .keras file.*CRC"):
+        aelib.load(tmp_path / "flipped.keras")
+    for name, record, said in (
+        ("json.keras", b"{bad", "json.keras: its aelib.json cannot be read"),
+        ("list.keras", b"[1, 2]", "list.keras: its aelib.json is not aelib's record"),
+        ("kind.keras", b'{"name": "dense"}', "kind.keras: its aelib.json lacks input_kind"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            aelib.load(variant(name, **{"aelib.json": record}))
 
 
 def test_save_wants_keras_suffix(tmp_path):
