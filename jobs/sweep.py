@@ -59,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -313,6 +314,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scoring = SCORING  # (a resumed sweep keeps its own: _keep_first_settings)
     if args.cpus_per_trial <= 0:
         parser.error(f"--cpus-per-trial must be > 0. Received: {args.cpus_per_trial}")
+    for flag, share in (("cpus", args.cpus_per_trial), ("gpus", args.gpus_per_trial)):
+        if share and share < 1e-4:  # (Ray's traceback, after it had started)
+            parser.error(
+                f"--{flag}-per-trial must be 0 or at least 0.0001, the smallest share Ray "
+                f"counts. Received: {share}"
+            )
     gpus = args.gpus_per_trial
     if gpus is not None and gpus > 1 and gpus != int(gpus):
         parser.error(
@@ -328,8 +335,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seed must be an integer in [0, {2**32 - 1}]. Received: {args.seed}")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
+    # (In a URI, # and ? end the path: a sweep named a#b trained into a#b, then published
+    # its results to a, and could not be resumed. A name too long failed after Ray.)
+    if odd := sorted(set(re.findall(r"[#?%\\\x00-\x1f\x7f]", args.name))):
+        parser.error(
+            f"--name {args.name!r}: {' '.join(map(repr, odd))} cannot be in a sweep's name "
+            "(storage URIs read them otherwise); use letters, digits, '.', '_' or '-'"
+        )
+    if len(args.name.encode()) > 200:
+        parser.error(
+            f"--name is {len(args.name.encode())} bytes long: at most 200 (a folder name's "
+            "limit is 255, and Tune names files after it)"
+        )
     if args.storage_path == "":  # (an unset variable: not the current folder)
         parser.error("--storage-path is empty: give a folder or a cloud URI")
+    if args.storage_path and args.storage_path.startswith("file://"):
+        # A local folder, as one (a file:// experiment had no lock: two sweeps ran in it).
+        uri = urllib.parse.urlparse(args.storage_path)
+        if uri.netloc not in ("", "localhost"):
+            parser.error(f"--storage-path {args.storage_path}: not a folder of this machine")
+        args.storage_path = urllib.parse.unquote(uri.path)
+    if args.storage_path and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", args.storage_path):
+        parser.error(  # (s3:/x wrote to the folder ./s3:/x)
+            f"--storage-path {args.storage_path}: a URI's scheme is followed by '://'"
+        )
     if args.storage_path is None:
         shared = os.environ.get("AELIB_STORAGE_PATH", "").rstrip("/")
         args.storage_path = f"{shared}/sweeps" if shared else "~/ray_results"
@@ -614,6 +643,18 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
                 f"nor training fields {list(TRAIN_FIELDS)}"
             )
         for key, value in _pins_by_model(pins).get(model, {}).items():
+            if key in ("noise_factor", "eval_noise_factor") and model != "denoise":
+                raise SystemExit(  # (pinned, reported, and read by no trial)
+                    f"sweep.py: error: --set {model}.{key}={value!r}: {key} is denoise's only (the "
+                    "other variants train and are scored on clean digits)"
+                )
+            if key == "eval_noise_factor" and value is None:
+                raise SystemExit(  # (each trial was scored at its own noise; the report
+                    # said they compared)
+                    "sweep.py: error: --set denoise.eval_noise_factor=None: the sweep scores "
+                    "every denoise trial at one noise factor, so that their scores compare: "
+                    "pin a number in (0, 1], or leave it to noise_factor's"
+                )
             default = train_defaults.get(key) if key in TRAIN_FIELDS else options[key]
             expected = _unlike(value, default)
             if expected:

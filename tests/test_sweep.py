@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -757,6 +758,30 @@ def test_an_experiment_folder_that_cannot_be_written_fails_before_ray(tmp_path, 
     assert "Traceback" not in proc.stderr and list(ray_tmp.iterdir()) == []
 
 
+def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys):
+    """Refused at once, not after the training: a --name with # or ? (a URI's end: the
+    results went to another folder and the sweep could not be resumed) or too long; a
+    one-slash URI (written to a local folder s3:); a share Ray counts as none (its
+    traceback after it started). A file:// path is the local folder, with its lock."""
+    sweep = _load_sweep_module()
+    for flags, said in (
+        (["--name", "a#b"], "--name 'a#b': '#' cannot be in a sweep's name"),
+        (["--name", "x?y=1"], "--name 'x?y=1': '?' cannot be in"),
+        (["--name", "n" * 201], "--name is 201 bytes long: at most 200"),
+        (["--storage-path", "s3:/bucket"], "--storage-path s3:/bucket: a URI's scheme is"),
+        (["--storage-path", "file://host/x"], "not a folder of this machine"),
+        (["--cpus-per-trial", "0.00001"], "--cpus-per-trial must be 0 or at least 0.0001"),
+        (["--gpus-per-trial", "0.00005"], "--gpus-per-trial must be 0 or at least 0.0001"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.parse_args(flags)
+        assert exit_info.value.code == 2
+        assert said in capsys.readouterr().err
+    folder = tmp_path / "my store"
+    args = sweep.parse_args(["--storage-path", f"file://{urllib.parse.quote(str(folder))}"])
+    assert args.storage_path == str(folder) and folder.is_dir()
+
+
 def test_pinned_values_are_checked_against_the_option_defaults():
     """--set values of the wrong type fail before Ray starts; what the README shows, ints
     for floats, tuples or lists for tuples, and anything for a None default pass."""
@@ -786,6 +811,11 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         "conv.filters=16": "expected a tuple or list of ints (default (16, 8, 8))",
         "conv.filters=(16,8,'x')": "expected a tuple or list of ints (default (16, 8, 8))",
         "dense.batch_size=1e2": "expected an int (default 256)",
+        # (read by no trial, and reported as pinned)
+        "dense.noise_factor=0.3": "noise_factor is denoise's only",
+        "vae.eval_noise_factor=0.3": "eval_noise_factor is denoise's only",
+        # (each trial was scored at its own noise, and the report said they compared)
+        "denoise.eval_noise_factor=None": "scores every denoise trial at one noise factor",
     }
     for pin, expected in bad.items():
         args = sweep.parse_args(["--models", *models, "--set", pin])
