@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model, metrics.json and figures an earlier run of the variant "
-        "left in --out (with --no-figures its figures are removed, not kept stale)",
+        help="replace the model and figures an earlier run of the variant left in --out, "
+        "and its metrics.json (one per --out: of whichever variant ran there last; with "
+        "--no-figures the variant's figures are removed, not kept stale)",
     )
     t.add_argument(
         "--set",
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         if given:  # (recorded in metrics.json as if they had acted on MNIST)
             verb = "apply" if len(given) > 1 else "applies"
             parser.error(f"{' and '.join(given)} {verb} to --images only")
+    if args.command == "train" and args.noise_factor is not None and args.model != "denoise":
+        # (recorded in metrics.json as if it had acted: the others train on clean digits)
+        parser.error(f"--noise-factor applies to --model denoise only, not {args.model}")
     keys = [key for key, _ in getattr(args, "options", [])]
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # (the last one silently won)

@@ -177,6 +177,7 @@ BAD_INPUT = [
         ["--model", "dense", "--set", "encoding_dim=1099511627776"],
         "Model 'dense' (encoding_dim=1099511627776) does not fit in memory",
     ),
+    (["--model", "dense", "--noise-factor", "0.3"], "--noise-factor applies to --model denoise"),
     (["--model", "dense", "--invert"], "--invert applies to --images only"),
     (["--model", "dense", "--image-mode", "patch"], "--image-mode applies to --images only"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
