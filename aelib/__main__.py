@@ -271,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
             return process.exit_code(e)
         print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
-        if settings and "checkpoint after" in (go_on := _how_to_go_on(args, settings)):
+        from aelib.train import CheckpointUnusable  # (its rerun would fail the same way)
+
+        if (
+            settings
+            and not isinstance(e, CheckpointUnusable)
+            and "checkpoint after" in (go_on := _how_to_go_on(args, settings))
+        ):
             print(f"aelib: note: the run did not finish; {go_on}", file=sys.stderr)
         return 2
     from aelib.train import finite

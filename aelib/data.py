@@ -128,7 +128,8 @@ def check_arrays(arrays, name: str = "data") -> None:
             "returns it (labels may be None, or -1 where there are none)"
         ) from None
     train_shape, test_shape = np.shape(x_train)[1:], np.shape(x_test)[1:]
-    if train_shape != test_shape:  # (found by the test split, after all the training)
+    # (found by the test split, after all the training; 784 values and 28x28 are one size)
+    if math.prod(train_shape) != math.prod(test_shape):
         raise ValueError(
             f"{name}'s training images are {_shape(train_shape)} and its test images "
             f"{_shape(test_shape)}: a model is trained and tested on images of one shape."

@@ -139,7 +139,7 @@ def replaced(path: str | os.PathLike, clean: bool = True) -> Iterator[Path]:
     to `path` after it and removed if the block fails: no reader, nor a run that was
     stopped or crashed, sees half a file. With `clean`, the temp files of `path` that a
     kill -9 left are removed first (`remove_dead_temp_files`; a caller writing many
-    files to one folder does that once, with `temp_pattern()`)."""
+    files to one folder does that once, with a pattern of its own)."""
     path = Path(path)
     if clean:
         remove_dead_temp_files(path.parent, temp_pattern(path))
@@ -152,10 +152,7 @@ def replaced(path: str | os.PathLike, clean: bool = True) -> Iterator[Path]:
             tmp.unlink()
 
 
-def temp_pattern(path: str | os.PathLike | None = None) -> str:
-    """The `remove_dead_temp_files` pattern of `replaced`'s temp files for `path`, or for
-    any file with None."""
-    if path is None:
-        return r"\..+\.(\d+)\.tmp(\.[^.]*)?"
+def temp_pattern(path: str | os.PathLike) -> str:
+    """The `remove_dead_temp_files` pattern of `replaced`'s temp files for `path`."""
     path = Path(path)
     return rf"\.{re.escape(path.stem)}\.(\d+)\.tmp{re.escape(path.suffix)}"

@@ -170,7 +170,7 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
                 model = keras.models.load_model(copy, compile=True)
         else:
             model = keras.models.load_model(path, compile=compile)
-    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:  # (a damaged member)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # (a damaged member)
         raise ValueError(f"{path} is not a readable .keras file: {plain_message(e)}") from e
     options = info.get("model_config") or {}
     return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)

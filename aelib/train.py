@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -63,7 +64,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(  # ("" read the working folder's images, and was recorded as MNIST)
             self.images is None or str(self.images).strip() != "",
-            "images must be a folder's path, or None for MNIST. Received: images=''",
+            f"images must be a folder's path, or None for MNIST. Received: images={self.images!r}",
         )
         _check(
             self.image_mode in ("resize", "patch"),
@@ -288,6 +289,10 @@ def restore_training_state(model: keras.Model, path: str | os.PathLike) -> None:
         mine.assign(theirs)
 
 
+class CheckpointUnusable(ValueError):
+    """A checkpoint that `train(resume=True)` was to go on from cannot be restored."""
+
+
 class RestoreState(keras.callbacks.Callback):
     """Restores a checkpoint's weights and optimizer state as training begins."""
 
@@ -299,7 +304,7 @@ class RestoreState(keras.callbacks.Callback):
         try:
             restore_training_state(self.model, self.path)
         except Exception as e:  # (a damaged file; a model aelib now builds otherwise)
-            raise ValueError(
+            raise CheckpointUnusable(
                 f"cannot go on from {self.path}: {plain_message(e)}. --restart (or removing "
                 "the file) trains from epoch 1"
             ) from e
@@ -724,6 +729,9 @@ def write_outputs(
         if stale not in drawn:
             with contextlib.suppress(OSError):  # (none there; or kept, as a run is no
                 stale.unlink()  # failure for a figure it could not remove)
+    # ... nor the temp files of its figures that a kill -9 left while they were saved.
+    pattern = rf"\.{re.escape(config.model)}_[a-z_]+\.(\d+)\.tmp\.png"
+    process.remove_dead_temp_files(out_dir / "figures", pattern)
     # Last: the record of a run that ended (the CLI refuses to replace it without
     # --overwrite; a model without it is a stopped run's).
     process.raise_if_stopped()
@@ -742,8 +750,9 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
     try:
         model = build_model(config.model, **config.model_options)
     except Exception as e:  # (TensorFlow's ResourceExhaustedError: a traceback before)
-        text = f"{type(e).__name__}: {e}"
-        if not isinstance(e, MemoryError) and "ResourceExhausted" not in text:
+        text = f"{type(e).__name__}: {e}"  # (TensorFlow's, JAX's, PyTorch's words)
+        marks = ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory")
+        if not isinstance(e, MemoryError) and not any(m in text for m in marks):
             raise
         raise ValueError(
             f"Model {config.model!r} ({options_text(config.model_options)}) does not fit in "

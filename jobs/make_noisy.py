@@ -77,7 +77,9 @@ def _write(path: Path, payload: bytes) -> None:
 def _remove_stale_temp_files(folder: Path) -> None:
     """Removes the temp files (see _write) under `folder` of runs no longer running."""
     for root, _, _ in os.walk(folder):
-        process.remove_dead_temp_files(root, process.temp_pattern())
+        # (.NAME.PID.tmp.png/.json/.txt, and .NAME.PID.tmp before: only what _write
+        # makes, in folders that may hold the user's own files)
+        process.remove_dead_temp_files(root, r"\..+\.(\d+)\.tmp(\.(png|txt|json))?")
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

@@ -335,33 +335,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seed must be an integer in [0, {2**32 - 1}]. Received: {args.seed}")
     if not args.name or "/" in args.name or args.name in (".", ".."):
         parser.error(f"--name must be a plain folder name. Received: {args.name!r}")
-    # (In a URI, # and ? end the path: a sweep named a#b trained into a#b, then published
-    # its results to a, and could not be resumed. A name too long failed after Ray.)
-    if odd := sorted(set(re.findall(r"[#?%\\\x00-\x1f\x7f]", args.name))):
-        parser.error(
-            f"--name {args.name!r}: {' '.join(map(repr, odd))} cannot be in a sweep's name "
-            "(storage URIs read them otherwise); use letters, digits, '.', '_' or '-'"
-        )
-    if len(args.name.encode()) > 200:
+    if len(args.name.encode()) > 200:  # (a traceback, once Ray had started)
         parser.error(
             f"--name is {len(args.name.encode())} bytes long: at most 200 (a folder name's "
             "limit is 255, and Tune names files after it)"
         )
     if args.storage_path == "":  # (an unset variable: not the current folder)
         parser.error("--storage-path is empty: give a folder or a cloud URI")
-    if args.storage_path and args.storage_path.startswith("file://"):
+    if args.storage_path is None:
+        shared = os.environ.get("AELIB_STORAGE_PATH", "").rstrip("/")
+        args.storage_path = f"{shared}/sweeps" if shared else "~/ray_results"
+    if args.storage_path.startswith("file:/"):
         # A local folder, as one (a file:// experiment had no lock: two sweeps ran in it).
         uri = urllib.parse.urlparse(args.storage_path)
         if uri.netloc not in ("", "localhost"):
             parser.error(f"--storage-path {args.storage_path}: not a folder of this machine")
+        if not uri.path.strip("/"):
+            parser.error(f"--storage-path {args.storage_path}: no folder in it")
         args.storage_path = urllib.parse.unquote(uri.path)
-    if args.storage_path and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", args.storage_path):
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", args.storage_path):
         parser.error(  # (s3:/x wrote to the folder ./s3:/x)
             f"--storage-path {args.storage_path}: a URI's scheme is followed by '://'"
         )
-    if args.storage_path is None:
-        shared = os.environ.get("AELIB_STORAGE_PATH", "").rstrip("/")
-        args.storage_path = f"{shared}/sweeps" if shared else "~/ray_results"
+    if "://" in args.storage_path and not re.fullmatch(r"[A-Za-z0-9._=+@,-]+", args.name):
+        # (In a URI, # and ? end the path, and pyarrow refuses a space: a sweep named a#b
+        # trained into a#b, then published its results to a, and could not be resumed.)
+        odd = sorted(set(re.sub(r"[A-Za-z0-9._=+@,-]", "", args.name)))
+        parser.error(
+            f"--name {args.name!r}: {' '.join(map(repr, odd))} cannot be in the name of a "
+            f"sweep stored at a URI ({args.storage_path}): use letters, digits and . _ - = + @ ,"
+        )
     if "CHANGE-ME" in args.storage_path:  # cluster.yaml's placeholder bucket, never set
         parser.error(
             f"--storage-path: {args.storage_path} is the placeholder of cluster.yaml "

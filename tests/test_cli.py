@@ -494,8 +494,28 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(
     assert "aelib: error: [Errno 28] No space left on device" in err, err[-2000:]
     assert "note: the run did not finish; its checkpoint after its last epoch (2) is" in err
     monkeypatch.undo()
-    assert main(args) == 0
+    # (but not where the checkpoint itself cannot be restored: that rerun fails the same)
+    import zipfile
+
+    checkpoint = out / "dense.checkpoint.keras"
+    kept = checkpoint.read_bytes()
+    with zipfile.ZipFile(checkpoint) as zin:
+        members = {i.filename: zin.read(i) for i in zin.infolist()}
+    members["model.weights.h5"] = members["model.weights.h5"][:100]
+    with zipfile.ZipFile(checkpoint, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot go on from" in err and "--restart (or removing the file)" in err, err
+    assert "the run did not finish" not in err
+    checkpoint.write_bytes(kept)
+    # (a kill -9 while a figure was saved left its temp file: an ended run removes it)
+    (out / "figures").mkdir(exist_ok=True)
+    (out / "figures" / ".dense_learning_curves.4194304.tmp.png").write_bytes(b"half")
+    assert main([*args, "--no-figures"]) == 0
     assert "Epoch " not in capsys.readouterr().err
+    assert list((out / "figures").iterdir()) == []
 
 
 def test_train_on_own_image_folder(tmp_path):

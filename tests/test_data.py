@@ -89,6 +89,7 @@ def test_arrays_of_two_image_shapes_are_refused():
     training, in the test set's evaluation."""
     x = np.zeros((4, 28, 28), np.uint8)
     data_lib.check_arrays(((x, None), (x, None)))
+    data_lib.check_arrays(((x.reshape(4, 784), None), (x, None)))  # (one size: flat models)
     for test, said in (
         (x[:, :20, :20], "28x28 and its test images 20x20"),
         (x[:, 0], "28x28 and its test images 28-value vectors"),

@@ -758,16 +758,19 @@ def test_an_experiment_folder_that_cannot_be_written_fails_before_ray(tmp_path, 
     assert "Traceback" not in proc.stderr and list(ray_tmp.iterdir()) == []
 
 
-def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys):
-    """Refused at once, not after the training: a --name with # or ? (a URI's end: the
-    results went to another folder and the sweep could not be resumed) or too long; a
+def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys, monkeypatch):
+    """Refused at once, not after the training: a --name with # or ? under a URI (its
+    end: the results went to another folder and the sweep could not be resumed) or too
+    long; a
     one-slash URI (written to a local folder s3:); a share Ray counts as none (its
     traceback after it started). A file:// path is the local folder, with its lock."""
     sweep = _load_sweep_module()
+    uri = ["--storage-path", "s3://bucket/sweeps"]
     for flags, said in (
-        (["--name", "a#b"], "--name 'a#b': '#' cannot be in a sweep's name"),
-        (["--name", "x?y=1"], "--name 'x?y=1': '?' cannot be in"),
+        (uri + ["--name", "a#b"], "--name 'a#b': '#' cannot be in the name of a sweep"),
+        (uri + ["--name", "x?y=1 2"], "--name 'x?y=1 2': ' ' '?' cannot be in"),
         (["--name", "n" * 201], "--name is 201 bytes long: at most 200"),
+        (["--storage-path", "file://"], "--storage-path file://: no folder in it"),
         (["--storage-path", "s3:/bucket"], "--storage-path s3:/bucket: a URI's scheme is"),
         (["--storage-path", "file://host/x"], "not a folder of this machine"),
         (["--cpus-per-trial", "0.00001"], "--cpus-per-trial must be 0 or at least 0.0001"),
@@ -780,6 +783,9 @@ def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys
     folder = tmp_path / "my store"
     args = sweep.parse_args(["--storage-path", f"file://{urllib.parse.quote(str(folder))}"])
     assert args.storage_path == str(folder) and folder.is_dir()
+    monkeypatch.setenv("AELIB_STORAGE_PATH", f"file:{tmp_path}/env")  # (cluster.yaml's)
+    args = sweep.parse_args(["--name", "run#2 (local)"])  # (a local folder takes any name)
+    assert args.storage_path == str(tmp_path / "env" / "sweeps")
 
 
 def test_pinned_values_are_checked_against_the_option_defaults():
