@@ -2404,10 +2404,13 @@ class Hold:
     its actors had started left its lock (or lease) marked so; then an output in DST
     without a row is that run's (see _plan). `mark_started`: marks this run's, when its
     actors start. A run that finds a marked one keeps the mark until it ends: if it is
-    killed in turn before its own actors start, the record is not lost."""
+    killed in turn before its own actors start, the record is not lost. `keep_mark`: set
+    by a run that failed after its actors started without its journal reaching the disk
+    (a full one): its marked lock stays, as a killed run's, to be that record."""
 
     stopped_before: bool = False
     mark_started: Callable[[], None] = lambda: None
+    keep_mark: bool = False
 
 
 STARTED_MARK = b"; actors started"  # in a local LOCK (in a lease: "started": true)
@@ -2510,15 +2513,17 @@ def one_run_at_a_time(output: Storage, flag: str):
                 os.pwrite(fd, line + STARTED_MARK + b"\n", 0)
 
     refused = False
+    hold = Hold(stopped_before, mark_started)
     try:
-        yield Hold(stopped_before, mark_started)
+        yield hold
     except BaseException:
         refused = True
         raise
     finally:  # removed while still held, so no run can lock the file and then lose it
         if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if not hold.keep_mark:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             os.close(fd)
         if refused:  # refused (or stopped) before it wrote anything: no empty --output
             _remove_empty(made)
@@ -2749,6 +2754,7 @@ class ManifestWriter:
         # after its actors started left its mark: if this one stops, it keeps that
         # record (see abort).
         hold = hold or Hold()
+        self.hold = hold
         self.started = hold.stopped_before
         self.mark_started = hold.mark_started
         self.failures: list[str] = []
@@ -2786,7 +2792,11 @@ class ManifestWriter:
                 self.model_sha256 if s == "ok" else m for s, m in zip(status, models, strict=True)
             ]
             table = _with_column(table, "model_sha256", models)
-        self.writer.write_table(table)
+        try:
+            self.writer.write_table(table)
+        except OSError as e:  # (a full disk: name the file, not "Error writing bytes")
+            where = self.output.full(self.journal) if self.output.local else "the manifest"
+            raise OSError(e.errno, f"cannot write {where} ({e.strerror or e})") from e
         self.new_rows += table.num_rows if new else 0
         if (new or journal) and not self.output.local:
             with self.lock:
@@ -2907,12 +2917,22 @@ class ManifestWriter:
             self._put_part()  # (it says so itself if it cannot)
         try:
             self.writer.close()
-            if self.output.local:
-                self.sink.close()
-                if not (self.new_rows or self.started):
-                    self.output.remove(self.journal)
         except Exception:
             pass
+        if not self.output.local:
+            return
+        with contextlib.suppress(Exception):
+            self.sink.close()
+        if not (self.new_rows or self.started):
+            with contextlib.suppress(Exception):
+                self.output.remove(self.journal)
+            return
+        try:  # kept: the record that this job wrote there, if its schema got to the disk
+            empty = os.path.getsize(self.output.full(self.journal)) == 0
+        except OSError:
+            empty = True
+        if empty and self.started:  # (a full disk: then the lock, marked, is the record)
+            self.hold.keep_mark = True
 
     def close(self) -> None:
         self.writer.close()
@@ -3719,6 +3739,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
         ray.init(include_dashboard=False, log_to_driver=True)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
+    pipeline = None
     try:
         pipeline = _run_pipeline(
             args, spec, model_bytes, inputs, todo, units, parquet, manifest.start
@@ -3735,6 +3756,11 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
             raise
         raise ValueError(f"--model {args.model}: the actors cannot use it: {cause[-1]}") from e
     finally:
+        # Ray Data's iterator ended while Ray runs: closed later, by the garbage collector
+        # after the shutdown (a failed run's), it printed tracebacks after the message.
+        if pipeline is not None:
+            with contextlib.suppress(Exception):
+                pipeline.close()
         shutdown_ray()
         _sigterm_as_ctrl_c()  # (again: Ray's shutdown set SIGTERM's default action back)
     return timings

@@ -714,6 +714,43 @@ def _journal_rows(dst: Path) -> dict[str, dict]:
     return rows
 
 
+def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path, tmp_path):
+    """A run that filled its disk left whole outputs but an empty journal (its first
+    rows did not fit): the rerun took them for another dataset's and skipped them, with
+    no size or metrics, for good, and Ray's tracebacks followed the error line. Now the
+    failed run leaves its lock marked, as a killed one does, and the rerun does them
+    again. On a real full file system: a tmpfs (root only; skipped elsewhere)."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        (src / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        (src / str(i % 3) / f"{i}.png").write_bytes(
+            png((rng.random((28, 28)) * 255).astype(np.uint8))
+        )
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(full)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        args = ("--model", model_path, "--input", src, "--output", full / "o")
+        result = run_job(*args)
+        assert result.returncode == 1, result.stderr[-3000:]
+        said = [x for x in result.stderr.splitlines() if x.startswith("denoise: error: ")]
+        assert said and "cannot write" in said[0] and "No space left on device" in said[0]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        written = list((full / "o").rglob("*.png"))
+        assert 0 < len(written) < 120
+        subprocess.run(["mount", "-o", "remount,size=20M", str(full)], check=True)
+        result = run_job(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"note: {len(written)} output(s) in DST have no row" in result.stderr
+        rows = manifest(full / "o")
+        assert len(rows) == 120 and {r["status"] for r in rows.values()} == {"ok"}
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)
+
+
 def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
     model_path, tmp_path, ray_tmp, shared_ray
 ):
