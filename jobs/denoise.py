@@ -1568,9 +1568,14 @@ class Denoiser:
         row.update(status="ok", output=item["out_rel"], error=note, output_bytes=len(payload))
         if self.clean is not None:
             try:
-                clean, clean_max, _, _ = decode(
-                    self.clean.read(item["rel"]), self.s.rgb, self.s.max_pixels
-                )
+                try:  # (which file: the reason named no reference, as if the input were bad)
+                    reference = self.clean.read(item["rel"])
+                except FileNotFoundError:
+                    raise ValueError(f"no clean reference {item['rel']} in --clean") from None
+                try:
+                    clean, clean_max, _, _ = decode(reference, self.s.rgb, self.s.max_pixels)
+                except Exception as e:
+                    raise ValueError(f"clean reference {item['rel']}: {_reason(e)}") from e
                 if clean.shape != item["array"].shape:
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"
