@@ -3214,6 +3214,7 @@ def _run_locked(
     output: Storage,
     hold: Hold,
 ) -> dict:
+    _default_path_column(args, inputs)
     if inputs.hidden:
         n, where = inputs.hidden, redacted(args.input)
         why = "(a name or folder starting with '.')"
@@ -3620,6 +3621,30 @@ def _parquet_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
     return column
 
 
+def _default_path_column(args: argparse.Namespace, inputs: Inputs) -> None:
+    """Sets --path-column where it was not given: "path", or where the first readable
+    Parquet file has no such column and its image column is a struct with a "path"
+    field (as Hugging Face datasets store images), that field, with a note: such files
+    were refused, their users told to give --path-column IMAGE.path."""
+    if args.path_column is not None:
+        return
+    args.path_column = "path"
+    for source in inputs.parquet if inputs.kind == "parquet" else []:
+        try:
+            schema = _parquet_file(source).schema_arrow
+        except Exception:  # (_parquet_units says what is wrong with it)
+            continue
+        field = f"{args.image_column}.path"
+        if "path" not in schema.names and _parquet_field(schema, field) is not None:
+            args.path_column = field
+            print(
+                f"denoise: note: the Parquet files have no 'path' column: their images' own "
+                f"file names ({field}) are the outputs' paths (--path-column names another)",
+                file=sys.stderr,
+            )
+        return
+
+
 def _column_problem(schema: pa.Schema, source: str, path_column: str, image_column: str):
     """Why `source` lacks a column of paths or one of image bytes; None if it has both."""
     paths, images = _parquet_field(schema, path_column), _parquet_field(schema, image_column)
@@ -3999,7 +4024,13 @@ def build_parser() -> argparse.ArgumentParser:
         "however many failed, unless every input did; 0: any failure fails the command)",
     )
     p.add_argument("--image-column", default="image", help="Parquet column of image bytes")
-    p.add_argument("--path-column", default="path", help="Parquet column of relative paths")
+    p.add_argument(
+        "--path-column",
+        default=None,
+        help="Parquet column of relative paths (default: path; in files without one whose "
+        "image column is Hugging Face's struct of bytes and path, IMAGE_COLUMN.path: the "
+        "images' own file names)",
+    )
     return p
 
 

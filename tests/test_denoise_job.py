@@ -2656,11 +2656,13 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
     (src / "README.md").write_text("# A dataset card, as a Hugging Face repo has\n")
     (src / ".gitattributes").write_text("*.parquet filter=lfs\n")
     dst = tmp_path / "out"
-    result = run_job(
-        "--model", custom_model, "--input", src, "--output", dst, "--path-column", "image.path",
-        ray=shared_ray,
-    )  # fmt: skip
+    # (Without --path-column: the images' own names, as their files have no 'path' column;
+    # such files were refused, their users told to give --path-column image.path.)
+    result = run_job("--model", custom_model, "--input", src, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: the Parquet files have no 'path' column: their images' own file names" in (
+        result.stderr
+    )
     assert "read as Parquet (2 file(s)); its 1 other file(s) (e.g. README.md)" in result.stderr
     rows = manifest(dst)
     assert sorted(rows) == [str(src / "b.parquet"), "d0.png", "d1.png", "d2.png"]
