@@ -1929,6 +1929,11 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     shown = [(rel, n) for rel, n in files if not _hidden(rel)] if not has_glob else files
     if not shown:
         hidden = f" (only {len(files)} hidden ones)" if files else ""
+        if has_glob:  # (one naming folders said only this)
+            hidden += (
+                "; a glob takes the files it names, not those inside the folders it names "
+                "('DIR/**/*' takes every file under DIR)"
+            )
         raise ValueError(f"--input {location}: no files found{hidden}.")
     if input_format == "auto":
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
@@ -3382,6 +3387,8 @@ def _run_locked(
         elsewhere = manifest.measured_elsewhere  # (a rerun with another --model)
         by = f" ({elsewhere} by another model: the manifest's model_sha256)" if elsewhere else ""
         measured = _means_text(means, manifest.measured, manifest.in_means)
+        if not args.clean:  # (carried: measured by an earlier run, against its --clean)
+            by = f" (an earlier run's --clean: {redacted(clean) or 'not recorded'}){by}"
         line += f"; on the {manifest.measured} with a --clean reference{by}: {measured}"
     if timings.get("first_result_s") is not None:
         line += (

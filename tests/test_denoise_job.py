@@ -291,6 +291,10 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, d
     assert "with a --clean reference: mean PSNR" in result.stdout
     measured = sum(r["psnr"] is not None for r in manifest(copy).values())
     assert measured == N_DIGITS
+    result = run_job(*args)  # (carried too, and said whose: it read as this run's --clean)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = f"with a --clean reference (an earlier run's --clean: {dataset['clean']}): mean PSNR"
+    assert said in result.stdout, result.stdout[-2000:]
     result = run_job(*args, "--clean", refs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"holds a run measured against another --clean ({dataset['clean']})" in result.stderr
@@ -1355,6 +1359,9 @@ def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypa
     (tmp_path / "sub" / "b.png").unlink()
     with pytest.raises(ValueError, match=r"no files found \(only 3 hidden ones\)"):
         job.find_inputs(str(tmp_path), "auto")
+    # A glob naming only folders: say that it takes no file inside them.
+    with pytest.raises(ValueError, match=r"no files found; a glob takes the files it names, not"):
+        job.find_inputs(f"{tmp_path}/s*", "auto")
 
 
 def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
