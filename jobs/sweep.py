@@ -357,10 +357,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(  # (s3:/x wrote to the folder ./s3:/x)
             f"--storage-path {args.storage_path}: a URI's scheme is followed by '://'"
         )
-    if "://" in args.storage_path and not re.fullmatch(r"[A-Za-z0-9._=+@,-]+", args.name):
-        # (In a URI, # and ? end the path, and pyarrow refuses a space: a sweep named a#b
-        # trained into a#b, then published its results to a, and could not be resumed.)
-        odd = sorted(set(re.sub(r"[A-Za-z0-9._=+@,-]", "", args.name)))
+    # (In a URI, # and ? end the path, and pyarrow refuses a space: a sweep named a#b
+    # trained into a#b, then published its results to a, and could not be resumed.)
+    odd = sorted(set(re.sub(r"[A-Za-z0-9._=+@,-]", "", args.name)))
+    if "://" in args.storage_path and odd:
         parser.error(
             f"--name {args.name!r}: {' '.join(map(repr, odd))} cannot be in the name of a "
             f"sweep stored at a URI ({args.storage_path}): use letters, digits and . _ - = + @ ,"
