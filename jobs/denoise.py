@@ -2766,7 +2766,6 @@ class ManifestWriter:
         hold = hold or Hold()
         self.hold = hold
         self.started = hold.stopped_before
-        self.mark_started = hold.mark_started
         self.failures: list[str] = []
 
     def add(self, table: pa.Table, new: bool = True, journal: bool = False) -> None:
@@ -2911,7 +2910,7 @@ class ManifestWriter:
 
     def start(self) -> None:
         self.started = True
-        self.mark_started()
+        self.hold.mark_started()
 
     def abort(self) -> None:
         """The job failed: the outputs written stay, and so does the journal once actors
