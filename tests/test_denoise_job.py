@@ -742,7 +742,9 @@ def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path,
         result = run_job(*args)
         assert result.returncode == 1, result.stderr[-3000:]
         said = [x for x in result.stderr.splitlines() if x.startswith("denoise: error: ")]
-        assert said and "cannot write" in said[0] and "No space left on device" in said[0]
+        assert said and "cannot write" in said[0] and "No space left on device" in said[0], (
+            result.stderr[-3000:]
+        )
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         written = list((full / "o").rglob("*.png"))
         assert 0 < len(written) < 120
