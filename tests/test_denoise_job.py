@@ -755,7 +755,7 @@ def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path,
         rows = manifest(full / "o")
         assert len(rows) == 120 and {r["status"] for r in rows.values()} == {"ok"}
     finally:
-        subprocess.run(["umount", str(full)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)  # (busy: later)
 
 
 def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
