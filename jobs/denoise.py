@@ -81,6 +81,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -200,6 +201,13 @@ _INPUT_COLUMNS = (
 CPU_CALL_PIXELS = (1 << 15, 1 << 20)
 # On a GPU a call takes --batch-size images, and at most this many pixels.
 GPU_CALL_PIXELS = 1 << 24
+# A block whose actor dies this many times (its process killed, e.g. for memory, or
+# crashed) is given up: its inputs are recorded as failed, the other blocks go on. Ray
+# Data's default retries such a block for ever, so an image that kills its actor every
+# time stalled the whole job (measured: 8 restarts in a minute, no progress).
+BLOCK_TRIES = 4
+LOST = "not denoised: its block"  # (then how; not BAD_INPUT: a rerun does it again)
+ITEM = "item"  # the column, in an actor's rows, of each row's place in the job's items
 # A block is decoded, run and written in groups of at most about this many pixels
 # (channels x height x width): a block of big photos is done a few at a time, as each
 # pixel costs ~30 bytes on its way (decoded array, float32 stack, output, rounding).
@@ -796,8 +804,6 @@ def allow_pixels(limit: int | None) -> None:
     ever loosens it.
     Pillow's warning for images between its two limits is turned off: the job's limit
     is the one that counts."""
-    import warnings
-
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -1318,8 +1324,12 @@ class Denoiser:
         """Denoises one block: file paths, or Parquet row groups (file, index) to read here."""
         rows: list[dict[str, Any]] = []
         if "row_group" in batch:
-            for source, group in zip(batch["path"], batch["row_group"], strict=True):
-                rows.extend(self._parquet_group(str(source), int(group)))
+            groups = []  # the unit of each row
+            pairs = zip(batch["path"], batch["row_group"], strict=True)
+            for k, (source, group) in enumerate(pairs):
+                got = self._parquet_group(str(source), int(group))
+                rows.extend(got)
+                groups += [k] * len(got)
         else:
             rels = [str(rel) for rel in batch["path"]]
             sizes = batch["bytes"].tolist() if "bytes" in batch else [None] * len(rels)
@@ -1328,7 +1338,16 @@ class Denoiser:
                 rows.extend(self._process(entries[i : i + self.s.max_batch]))
         for row in rows:
             row.update(node=self.node, device=self.device)
-        return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+        if ITEM in batch:  # each row's item of the job's (see _run_pipeline)
+            if "row_group" in batch:  # (a row group's rows in turn, at least one each)
+                counts = np.bincount(groups, minlength=len(batch[ITEM]))
+                item = np.repeat(np.asarray(batch[ITEM], dtype=np.int64), counts)
+            else:
+                index = dict(zip(rels, batch[ITEM].tolist(), strict=True))
+                item = np.array([index[row["path"]] for row in rows], dtype=np.int64)
+            table = table.append_column(ITEM, pa.array(item, pa.int64()))
+        return table
 
     def _parquet_group(self, source: str, group: int) -> list[dict[str, Any]]:
         path_column, image_column = self.s.extra["path_column"], self.s.extra["image_column"]
@@ -3735,6 +3754,8 @@ def _parquet_units(
                     rows = None
                 else:
                     rows.append((rel, out_rel, mtime, size))
+            if last == first:  # an empty row group: nothing to do (nor any row to return)
+                continue
             first = last
             if rows and _sizes_match(parquet, group, args.image_column, rows):
                 done.append(((source, group), [row[:3] for row in rows]))
@@ -3843,14 +3864,14 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     if inputs.kind == "files":
         # One block per --batch-size paths (a block is one actor call, not one task per
         # file), smaller when that would leave actors idle: at least two blocks per actor.
-        items = [{"path": rel, "bytes": size} for rel, size in todo]
+        items = [{"path": rel, "bytes": size, ITEM: i} for i, (rel, size) in enumerate(todo)]
         batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
         what = f"{len(todo)} file{'s' * (len(todo) != 1)}"
         block = f"blocks of {batch_size} file{'s' * (batch_size != 1)}"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
-        items = [{"path": src, "row_group": group} for src, group in units]
+        items = [{"path": src, "row_group": group, ITEM: i} for i, (src, group) in enumerate(units)]
         batch_size = 1
         what = f"{len(units)} Parquet row group{'s' * (len(units) != 1)}"
         block = "a row group per block"
@@ -3870,7 +3891,26 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         f"{block}, {calls}",
         flush=True,
     )
-    ds = ds.map_batches(
+    with warnings.catch_warnings():  # (Ray 2.60 deprecates the kwargs for Ray 2.64, but
+        # has no named parameter for max_task_retries yet)
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        ds = _map_batches(ds, settings, batch_size, workers, cpus, gpus)
+    ds.context.max_errored_blocks = -1  # a block given up: its inputs failed, see below
+    if on_start is not None:
+        on_start()
+    returned = np.zeros(len(items), dtype=bool)
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        returned[table.column(ITEM).to_numpy()] = True
+        yield table.drop_columns([ITEM])
+    lost = [items[i] for i in np.flatnonzero(~returned)]
+    if lost:  # (Ray Data logged the error of each block it gave up, above)
+        yield pa.Table.from_pylist(_lost_rows(lost), schema=_ROW_SCHEMA)
+
+
+def _map_batches(ds, settings: JobSettings, batch_size: int, workers: int, cpus, gpus):
+    import ray
+
+    return ds.map_batches(
         Denoiser,
         fn_constructor_kwargs={"settings": settings},
         batch_size=batch_size,
@@ -3879,10 +3919,29 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         num_cpus=cpus,
         num_gpus=gpus,
         zero_copy_batch=True,
+        max_task_retries=BLOCK_TRIES - 1,  # (then the block is given up, not the job)
     )
-    if on_start is not None:
-        on_start()
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _lost_rows(items: list[dict]) -> list[dict]:
+    """A failed row for each input of the blocks given up (Parquet: each row group, as a
+    row group that cannot be read is recorded)."""
+    how = (
+        f" was given up after its worker process died {BLOCK_TRIES} times (killed, e.g. for "
+        "memory, or crashed: Ray's error above says which; a block waiting for that worker "
+        "is given up with it); a rerun does it again"
+    )
+    rows = []
+    for item in items:
+        if "row_group" in item:
+            path = redacted(f"{item['path']}#row_group={item['row_group']}")
+            error = f"{LOST} (its row group){how}"
+        else:
+            path = item["path"]
+            error = f"{LOST}{how}, and a smaller --batch-size puts fewer inputs in a block"
+        rows.append({"path": path, "status": "failed", "error": error})
+        rows[-1]["input_bytes"] = item.get("bytes")
+    return rows
 
 
 # I/O threads per actor where a location is remote. Each request there waits a network

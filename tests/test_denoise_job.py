@@ -9,6 +9,7 @@ address of `shared_ray` (conftest.py), a head the tests start for themselves.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import io
 import json
@@ -20,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import zipfile
@@ -756,6 +758,84 @@ def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path,
         assert len(rows) == 120 and {r["status"] for r in rows.values()} == {"ok"}
     finally:
         subprocess.run(["umount", "--lazy", str(full)], capture_output=True)  # (busy: later)
+
+
+def _actor_memory() -> dict[int, int]:
+    """The job's Ray Data actors on this machine: PID -> resident memory in bytes."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"(Denoiser)" not in (proc / "cmdline").read_bytes():
+                continue
+            rss = re.search(r"^VmRSS:\s+(\d+) kB", (proc / "status").read_text(), re.M)
+        except OSError:
+            continue
+        if rss:
+            found[int(proc.name)] = int(rss.group(1)) * 1024
+    return found
+
+
+def test_a_block_whose_worker_keeps_dying_is_given_up_and_the_rest_is_done(
+    model_path, tmp_path, shared_ray
+):
+    """An image that gets its actor killed each time, as the OOM killer kills a process
+    that outgrows the memory (here the test kills any actor 400 MB over what one used
+    for the digits, which only the 4000x4000 image's block reaches): Ray Data retried
+    its block for ever, so the job never ended (8 restarts in a minute, no progress).
+    Now the block is given up after BLOCK_TRIES deaths: its inputs are failed rows that
+    say why, every other input is done, and a rerun does them again."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):  # in blocks of about 8: the big image in the last one
+        (src / f"{i:02d}.png").write_bytes(png((rng.random((28, 28)) * 255).astype(np.uint8)))
+    (src / "zz_big.png").write_bytes(png((rng.random((4000, 4000)) * 255).astype(np.uint8)))
+    stop, kills, digits = threading.Event(), [], []
+
+    def oom_killer():
+        while not stop.is_set():
+            actors = _actor_memory()
+            if not digits and actors and any(dst.rglob("*.png")):  # a block of digits done
+                digits.append(max(actors.values()))
+            for pid, rss in actors.items():
+                if digits and rss > digits[0] + (400 << 20):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=oom_killer, daemon=True)
+    watcher.start()
+    args = ("--model", model_path, "--input", src, "--output", dst, "--workers", 1)
+    try:
+        result = run_job(*args, "--batch-size", 8, ray=shared_ray, timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(kills) == job.BLOCK_TRIES, (kills, result.stderr[-3000:])
+    rows = manifest(dst)
+    assert sorted(rows) == sorted(p.name for p in src.iterdir())
+    lost = {path for path, row in rows.items() if row["status"] == "failed"}
+    big = rows["zz_big.png"]
+    assert big["status"] == "failed" and big["error"].startswith(job.LOST), big
+    assert f"after its worker process died {job.BLOCK_TRIES} times" in big["error"]
+    # The last digits: those in its block, and in a block that waited for the same actor.
+    digits_lost = sorted(lost - {"zz_big.png"})
+    assert digits_lost == [f"{i:02d}.png" for i in range(32 - len(digits_lost), 32)]
+    assert len(digits_lost) < 16
+    assert all(rows[path]["error"] == big["error"] for path in lost)
+    assert all((dst / path).is_file() for path in rows if path not in lost)
+    assert f"{len(rows) - len(lost)} ok, {len(lost)} failed" in result.stdout
+    assert f"denoise: failed: {min(lost)}: {job.LOST} was given up after" in result.stderr
+
+    # A rerun does them again (the big image now a digit: no killer here).
+    (src / "zz_big.png").write_bytes(png((rng.random((28, 28)) * 255).astype(np.uint8)))
+    result = run_job(*args, ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert {path for path, row in rows.items() if row["status"] == "ok"} == lost
+    assert {row["status"] for path, row in rows.items() if path not in lost} == {"skipped"}
 
 
 def test_a_killed_run_leaves_only_whole_images_and_a_rerun_does_the_rest(
