@@ -3948,7 +3948,7 @@ def _lost_rows(items: list[dict]) -> list[dict]:
 # round trip (tens of ms on S3), not the CPU, so more of them in flight is what raises
 # the rate: against moto's S3 on this machine with 20 ms added per request, 1,000
 # digits took 37.6 s with 2 threads and 27.9 s with 16, start-up included (medians of
-# 3; moto's own CPU, on the same two cores, was then the limit; README "Cloud storage").
+# 3; moto's own CPU, on the same two cores, was then the limit; jobs/results/BENCHMARKS.md).
 REMOTE_IO_THREADS = 16
 
 

@@ -2114,7 +2114,7 @@ def _config(model) -> dict:
     ],
 )
 def test_the_tile_margin_covers_the_reach_of_aelib_denoisers(options, margin, measured):
-    """The margin bounds the reach and is close to it (the README's figures: the margin
+    """The margin bounds the reach and is close to it (jobs/README.md's figures: the margin
     read from the model's file, and the reach measured by changing one input pixel; the
     rule before, the sum of all layers' spans times the total downsampling, gave 36, 176
     and 156 here)."""
