@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_positive,
         default=None,
-        help="default: the tutorial's (50; 100 for sparse and deep, 30 for denoise)",
+        help="default: the tutorial's (50; 100 for sparse, deep and denoise)",
     )
     t.add_argument("--limit", type=_limit, default=None, help="use the first N training images")
     t.add_argument(

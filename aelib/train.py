@@ -42,7 +42,7 @@ class TrainConfig:
 
     model: str = "dense"  # a name from aelib.list_models()
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # build_model overrides
-    epochs: int = 50  # the tutorial's 50 (100 for deep, 30 for denoise)
+    epochs: int = 50  # the tutorial's 50 (100 for sparse, deep and denoise)
     batch_size: int = 256  # the tutorial's 256 (128 for denoise)
     learning_rate: float = 1e-3  # Adam
     lr_schedule: str = "constant"  # or "cosine": decays to 0 over the run's epochs

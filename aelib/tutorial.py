@@ -11,7 +11,7 @@ TUTORIAL = {
     "sparse": {"epochs": 100, "batch_size": 256, "reported_code_mean": 3.33},
     "deep": {"epochs": 100, "batch_size": 256, "reported_test_loss": 0.08},
     "conv": {"epochs": 50, "batch_size": 128, "reported_test_loss": 0.094},
-    "denoise": {"epochs": 30, "batch_size": 128},
+    "denoise": {"epochs": 100, "batch_size": 128},
     "seq2seq": {"epochs": 50, "batch_size": 256},
     "vae": {"epochs": 50, "batch_size": 100},
 }
