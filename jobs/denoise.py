@@ -79,6 +79,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import warnings
@@ -1321,7 +1322,26 @@ class Denoiser:
         return max(1, min(self.s.max_batch, call_pixels // pixels))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Denoises one block: file paths, or Parquet row groups (file, index) to read here."""
+        """Denoises one block: file paths, or Parquet row groups (file, index) to read here.
+        An error that escapes the per-image handling (a bug) fails the block's inputs, with
+        its traceback in the job's log, and the job goes on: Ray Data would stop the job
+        at the first such block (or, as it goes past a block its actor died on, record
+        its inputs as that: see _run_pipeline)."""
+        try:
+            return self._block(batch)
+        except Exception as e:
+            traceback.print_exc()
+            error = f"{LOST} failed in its actor ({_reason(e)}; the traceback is in the log)"
+            rows = [
+                {"path": path, "status": "failed", "error": error, "node": self.node}
+                for path in _item_paths(batch)
+            ]
+            table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+            if ITEM in batch:
+                table = table.append_column(ITEM, pa.array(batch[ITEM], pa.int64()))
+            return table
+
+    def _block(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows: list[dict[str, Any]] = []
         if "row_group" in batch:
             groups = []  # the unit of each row
@@ -1341,7 +1361,7 @@ class Denoiser:
         table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
         if ITEM in batch:  # each row's item of the job's (see _run_pipeline)
             if "row_group" in batch:  # (a row group's rows in turn, at least one each)
-                counts = np.bincount(groups, minlength=len(batch[ITEM]))
+                counts = np.bincount(np.asarray(groups, np.int64), minlength=len(batch[ITEM]))
                 item = np.repeat(np.asarray(batch[ITEM], dtype=np.int64), counts)
             else:
                 index = dict(zip(rels, batch[ITEM].tolist(), strict=True))
@@ -3923,24 +3943,30 @@ def _map_batches(ds, settings: JobSettings, batch_size: int, workers: int, cpus,
     )
 
 
-def _lost_rows(items: list[dict]) -> list[dict]:
-    """A failed row for each input of the blocks given up (Parquet: each row group, as a
+def _item_paths(batch: dict) -> list[str]:
+    """The manifest path of each item of a block: a file's, or a Parquet row group's (as a
     row group that cannot be read is recorded)."""
+    if "row_group" in batch:
+        pairs = zip(batch["path"], batch["row_group"], strict=True)
+        return [redacted(f"{source}#row_group={group}") for source, group in pairs]
+    return [str(path) for path in batch["path"]]
+
+
+def _lost_rows(items: list[dict]) -> list[dict]:
+    """A failed row for each input of the blocks given up."""
+    if not items:
+        return []
     how = (
         f" was given up after its worker process died {BLOCK_TRIES} times (killed, e.g. for "
         "memory, or crashed: Ray's error above says which; a block waiting for that worker "
         "is given up with it); a rerun does it again"
     )
-    rows = []
-    for item in items:
-        if "row_group" in item:
-            path = redacted(f"{item['path']}#row_group={item['row_group']}")
-            error = f"{LOST} (its row group){how}"
-        else:
-            path = item["path"]
-            error = f"{LOST}{how}, and a smaller --batch-size puts fewer inputs in a block"
-        rows.append({"path": path, "status": "failed", "error": error})
-        rows[-1]["input_bytes"] = item.get("bytes")
+    if "row_group" not in items[0]:
+        how += ", and a smaller --batch-size puts fewer inputs in a block"
+    batch = {key: [item.get(key) for item in items] for key in items[0]}
+    rows = [{"path": path, "status": "failed", "error": LOST + how} for path in _item_paths(batch)]
+    for row, item in zip(rows, items, strict=True):
+        row["input_bytes"] = item.get("bytes")
     return rows
 
 

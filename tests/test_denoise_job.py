@@ -2532,6 +2532,32 @@ def test_a_group_of_icons_then_photos_stays_within_its_pixels(model_path, tmp_pa
     assert sorted(p.name for p in dst.iterdir()) == names[:11]
 
 
+def test_an_error_outside_the_per_image_handling_fails_its_block_not_the_job(
+    model_path, tmp_path, capfd
+):
+    """An exception that escapes an actor's per-image handling (a bug: here a block whose
+    sizes do not match its paths) fails that block's inputs, each row naming its item,
+    with the traceback in the log; Ray Data would have stopped the whole job."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a.png").write_bytes(png(np.zeros((28, 28), np.uint8)))
+    denoiser = job.Denoiser(job.JobSettings.in_process(str(model_path), str(src), str(dst)))
+    batch = {"path": np.array(["a.png", "b.png"]), "bytes": np.array([1]), job.ITEM: [7, 8]}
+    table = denoiser(batch)
+    assert table.column(job.ITEM).to_pylist() == [7, 8]
+    rows = table.to_pylist()
+    assert [(r["path"], r["status"]) for r in rows] == [("a.png", "failed"), ("b.png", "failed")]
+    assert rows[0]["error"].startswith(f"{job.LOST} failed in its actor (zip() argument 2")
+    assert "Traceback" in capfd.readouterr().err
+    assert not dst.exists()  # (nothing written for it)
+    # A Parquet block's rows name their row group's item (here one row: no such file).
+    groups = {"path": np.array([str(tmp_path / "x.parquet")]), "row_group": np.array([3])}
+    rows = denoiser({**groups, job.ITEM: np.array([5])}).to_pylist()
+    assert [(r["path"], r["status"], r[job.ITEM]) for r in rows] == [
+        (f"{tmp_path / 'x.parquet'}#row_group=3", "failed", 5)
+    ]
+
+
 @pytest.mark.parametrize("backend_from", ["env", "keras.json"])
 def test_unused_imports_are_skipped_only_inside_the_block(backend_from, tmp_path):
     code = f"""
