@@ -97,6 +97,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
                 f"({len(arrays[f'x_{split}'])} != {len(arrays[f'y_{split}'])})."
             )
         _check_pixels(arrays[f"x_{split}"], f"{given}: x_{split}")
+        _check_labels(arrays[f"y_{split}"], f"{given}: the labels y_{split}")
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
@@ -116,10 +117,25 @@ def _check_pixels(x: np.ndarray, name: str) -> None:
         )
 
 
+def _check_labels(y: np.ndarray, name: str) -> None:
+    """Labels the figures colour digits by: one integer per image, -1 where an image has
+    none (labels of str, of floats or one-hot passed every check and broke the figures
+    after the whole training). Bool is no label."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+        found = "str" if y.dtype.kind in "US" else str(y.dtype)
+        one_hot = ": of one-hot labels, pass their argmax" if y.ndim == 2 else ""
+        raise ValueError(
+            f"{name} are {found} values of shape {y.shape}; expected a 1-D array of "
+            f"integer labels, one per image (-1 where an image has none){one_hot}."
+        )
+
+
 def check_arrays(arrays, name: str = "data") -> None:
     """Arrays as `load_mnist` returns them, ((x_train, y_train), (x_test, y_test)), of
-    pixels `scale` takes, with a label per image: refused before any training (out of
-    range values failed only in the metrics after it, or never)."""
+    pixels `scale` takes, with an integer label per image (or None): refused before any
+    training (out of range values failed only in the metrics after it, or never; labels
+    that are no integers, in the figures after it)."""
     try:
         (x_train, y_train), (x_test, y_test) = arrays
     except (TypeError, ValueError):
@@ -138,8 +154,12 @@ def check_arrays(arrays, name: str = "data") -> None:
         x = np.asarray(x)
         if x.dtype != bool:  # (bool images scale to 0 and 1)
             _check_pixels(x, f"{name}'s {part} images")
-        if y is not None and len(y) != len(x):
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.ndim and len(y) != len(x):
             raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
+        _check_labels(y, f"{name}'s {part} labels")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -96,6 +98,29 @@ def test_arrays_of_two_image_shapes_are_refused():
     ):
         with pytest.raises(ValueError, match=f"training images are {said}"):
             data_lib.check_arrays(((x, None), (test, None)))
+
+
+def test_labels_that_are_no_integers_are_refused(tmp_path):
+    """Labels of str (an npz saved with y.astype(str)) or one-hot passed every check and
+    broke the figures after the whole training: a UFuncTypeError traceback, and
+    Matplotlib's "'c' argument has 20000 elements"."""
+    x = np.zeros((4, 28, 28), np.uint8)
+    for fine in (np.arange(4, dtype=np.uint8), np.arange(4, dtype=np.int16), np.full(4, -1)):
+        data_lib.check_arrays(((x, fine), (x, fine)))
+    for y, said in (
+        (np.eye(10)[:4], "training labels are float64 values of shape (4, 10); expected a 1-D"),
+        (np.arange(4).astype(str), "training labels are str values of shape (4,)"),
+        (np.arange(4) % 2 == 0, "training labels are bool values of shape (4,)"),
+        (np.arange(4.0), "training labels are float64 values of shape (4,)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"data's {said}")):
+            data_lib.check_arrays(((x, y), (x, None)))
+    with pytest.raises(ValueError, match="of one-hot labels, pass their argmax"):
+        data_lib.check_arrays(((x, None), (x, np.eye(10)[:4])))
+    labels = np.arange(4).astype(str)
+    np.savez(tmp_path / "str.npz", x_train=x, y_train=labels, x_test=x, y_test=labels)
+    with pytest.raises(ValueError, match=r"str\.npz: the labels y_train are str values of sh"):
+        data_lib.load_mnist(tmp_path / "str.npz")
 
 
 def test_scale_and_shapes():

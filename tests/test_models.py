@@ -718,6 +718,10 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
         (arrays((28, 32, 1)), "the data's 28x32 images are not square"),
         (arrays((896,)), "the data's 896-value images are not square"),
         (((x_train, np.zeros(3)), (x_test, None)), "data has 3 training labels for 60 training"),
+        (  # (one-hot labels: after training, Matplotlib's "'c' argument has 200 elements")
+            ((x_train, None), (x_test, np.eye(10)[np.arange(20) % 10])),
+            "data's test labels are float64 values of shape (20, 10); expected a 1-D array",
+        ),
     ]
     for data, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
