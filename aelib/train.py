@@ -771,6 +771,16 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
             f"read them back as square images: the data's {shape} images are not square. "
             "Resize them, or use denoise (sides multiples of 2**depth)."
         )
+    # The test SSIM (and denoise's val_ssim after each epoch) is scikit-image's, of a 7x7
+    # window: smaller images failed in it, after the training (or its first epoch).
+    flat = model.input_kind == "flat"
+    height, width = (math.isqrt(values),) * 2 if flat else image.shape[1:3]
+    if min(height, width) < 7:
+        raise ValueError(
+            f"The data's {height}x{width} images are too small: the SSIM of the test metrics "
+            "(scikit-image's, of a 7x7 window; denoise's val_ssim too) needs images of at "
+            "least 7x7."
+        )
     _check_shapes(model, image.shape[1:], config.model_options)
     return model
 

@@ -697,9 +697,9 @@ def test_options_and_records_a_library_user_can_trip_on(tmp_path, monkeypatch):
 
 
 def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkeypatch):
-    """Arrays of the wrong structure or range, a flat model of non-square images, a
-    metrics_limit below 1 and an initial_epoch past the epochs failed after training
-    (or never, or reported a run of no epochs as NaN); a VAE of 32x32 images crashed
+    """Arrays of the wrong structure or range, a flat model of non-square images, images
+    under 7x7, a metrics_limit below 1 and an initial_epoch past the epochs failed after
+    training (or never, or reported a run of no epochs as NaN); a VAE of 32x32 images crashed
     in its manifold figure, and one without labels in its latent plane. Arrays passed
     to train() are recorded as such."""
     rng = np.random.default_rng(0)
@@ -726,6 +726,12 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     for data, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             aelib.train(config, data=data, figures=False, verbose=0)
+    # Images under SSIM's 7x7 window: dense failed in the test metrics after training,
+    # denoise in its val_ssim at the end of epoch 1.
+    for name, options, shape in (("dense", {"input_dim": 36}, (6, 6)), ("denoise", {}, (4, 4))):
+        small = TrainConfig(model=name, model_options=options, epochs=1, batch_size=16)
+        with pytest.raises(ValueError, match=f"data's {shape[0]}x{shape[1]} images are too small"):
+            aelib.train(small, data=arrays(shape), figures=False, verbose=0)
     with pytest.raises(ValueError, match=r"initial_epoch must be in \[0, epochs=1\)"):
         aelib.train(config, data=arrays((28, 28)), initial_epoch=1, verbose=0)
     with pytest.raises(ValueError, match="metrics_limit must be >= 1"):
