@@ -180,6 +180,14 @@ def scale(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def describe_scaling(dtype) -> str:
+    """What `scale` does to images of `dtype`, in the words a run's record keeps."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return f"{dtype} / 255 -> [0, 1]"
+    return f"{dtype} in [0, 1], as they are (not rescaled)"
+
+
 def flatten(x: np.ndarray) -> np.ndarray:
     """(N, H, W[, 1]) -> (N, H * W)."""
     return x.reshape((len(x), -1))

@@ -174,6 +174,8 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     labels_test: np.ndarray
+    # What scaling the images to [0, 1] did (data.describe_scaling; None: not said)
+    scaling: str | None = None
 
 
 def load_arrays(config: TrainConfig) -> MnistArrays:
@@ -201,6 +203,9 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
         x_train = x_train[: config.limit]
     if config.test_limit is not None:
         x_test, labels_test = x_test[: config.test_limit], labels_test[: config.test_limit]
+    scaling = data_lib.describe_scaling(x_train.dtype)  # (for the run's record)
+    if x_test.dtype != x_train.dtype:
+        scaling += f"; test images: {data_lib.describe_scaling(x_test.dtype)}"
     clean_train = data_lib.prepare(x_train, input_kind)
     clean_test = data_lib.prepare(x_test, input_kind)
     n_val = int(round(len(clean_train) * config.val_split))
@@ -227,9 +232,11 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
                 ((clean_train, config.noise_factor), (clean_val, scored), (clean_test, scored))
             )
         ]
-        return Splits(noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test)
+        return Splits(
+            noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test, scaling
+        )
     return Splits(
-        clean_train, clean_train, clean_val, clean_val, clean_test, clean_test, labels_test
+        clean_train, clean_train, clean_val, clean_val, clean_test, clean_test, labels_test, scaling
     )
 
 
@@ -656,9 +663,11 @@ def run_record(
     n_train: int,
     n_val: int,
     source: str | None = None,
+    scaling: str | None = None,
 ) -> dict[str, Any]:
     """What gets stored with a model: config, data settings, metrics, history.
-    `source`: where the data came from (default: the config's, see config_source)."""
+    `source`: where the data came from (default: the config's, see config_source);
+    `scaling`: what scaling its images to [0, 1] did (Splits.scaling)."""
     return {
         "train_config": config.to_dict(),
         "data_settings": {
@@ -667,7 +676,7 @@ def run_record(
             "val_images": n_val,
             "noise_factor": config.noise_factor if config.model == "denoise" else None,
             "eval_noise_factor": (config.eval_noise_factor if config.model == "denoise" else None),
-            "scaling": "uint8 / 255 -> [0, 1]",
+            "scaling": scaling,  # (it said uint8 / 255 of float images too)
         },
         "metrics": metrics,
         "history": history,
@@ -706,7 +715,7 @@ def write_outputs(
 ) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     n_train, n_val = len(splits.x_train), len(splits.x_val)
-    record = run_record(config, metrics, history, n_train, n_val, source)
+    record = run_record(config, metrics, history, n_train, n_val, source, splits.scaling)
     metrics_path = out_dir / "metrics.json"
     # An earlier run's record goes first: until this one's is written last, the folder
     # holds a run that did not end (a new model beside the old record, if stopped).

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from aelib import data as data_lib
 from aelib.__main__ import main
 from helpers import MNIST, REPO, subprocess_env
 
@@ -422,6 +424,26 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert record["metrics"] == {k: v for k, v in printed.items() if k != "model"}
     assert None in record["history"]["loss"]
     assert (out / "dense.keras").exists() and not (out / "figures").exists()
+
+
+def test_the_record_says_how_the_images_were_scaled(tmp_path, capsys):
+    """metrics.json said "uint8 / 255 -> [0, 1]" also of a --data file of float images
+    already in [0, 1], which are taken as they are."""
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(MNIST)
+    floats = tmp_path / "floats.npz"
+    np.savez(
+        floats,
+        x_train=x_train[:256] / 255,
+        y_train=y_train[:256],
+        x_test=x_test[:32] / 255,
+        y_test=y_test[:32],
+    )
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--epochs", "1", "--limit", "256", "--no-figures"]
+    assert main([*args, "--data", str(floats), "--out", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["data_settings"]["scaling"] == "float64 in [0, 1], as they are (not rescaled)"
+    assert data_lib.describe_scaling(np.uint8) == "uint8 / 255 -> [0, 1]"  # (MNIST's, as before)
 
 
 def test_stdout_is_the_json_alone_also_when_keras_downloads_mnist(tmp_path, monkeypatch, capsys):
