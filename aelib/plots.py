@@ -156,6 +156,41 @@ def latent_plane(
 
 
 @_closes_its_figure
+def code_values(
+    codes: np.ndarray,
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    value_label: str = "code value",
+) -> Path:
+    """1-D codes (encoding_dim=1, a VAE's latent_dim=1), which t-SNE has no plane to map
+    (its PCA start failed after the whole training): each test digit's code value, in a
+    row per digit (spread a little up and down, so that the points are seen); of own
+    images (no labels), a histogram of the values."""
+    values = np.asarray(codes, dtype=np.float64).reshape(len(codes))
+    labels = np.asarray(labels)
+    title = title or f"The 1-D codes of {len(values):,} test {_noun(labels)}"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if np.all(labels < 0):
+        ax.hist(values, bins=min(50, max(1, len(values) // 4)))
+        ax.set_ylabel("images")
+        title += " (unlabelled)"
+    else:
+        spread = np.random.default_rng(0).uniform(-0.3, 0.3, len(values))
+        ax.scatter(values, labels + spread, c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+        rows = np.unique(labels)
+        if len(rows) <= 20:  # (a tick per digit; MaxNLocator named every other one)
+            ax.set_yticks(rows)
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("digit")
+    ax.set_xlabel(value_label)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@_closes_its_figure
 def digit_manifold(
     decoder, path: str | os.PathLike, n: int = 15, digit_size: int | None = None
 ) -> Path:
@@ -194,7 +229,8 @@ def tsne_codes(
     seed: int = 0,
     title: str | None = None,
 ) -> Path:
-    """A t-SNE map (scikit-learn) of the codes of up to `limit` test digits."""
+    """A t-SNE map (scikit-learn) of the codes of up to `limit` test digits (of 1-D codes
+    too, from a random start; `code_values` draws those as they are)."""
     from sklearn.manifold import TSNE
 
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
@@ -209,7 +245,8 @@ def tsne_codes(
     spread = float(np.ptp(codes.astype(np.float64), axis=0).max())
     if spread == 0:
         title += f": all {len(codes)} codes are the same"
-    init = "pca" if spread > 1e-10 else "random"
+    # (PCA to 2 components of 1-D codes: scikit-learn refuses it)
+    init = "pca" if spread > 1e-10 and codes.shape[1] >= 2 else "random"
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
     return latent_plane(tsne.fit_transform(codes), labels, path, title=title)
 
@@ -247,12 +284,17 @@ def tutorial_figures(
             codes = codes[0]
         if codes.ndim == 4:
             figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
-    if name in ("dense", "sparse", "deep") and limit >= 2:  # (no map of one point)
+    if name in ("dense", "sparse", "deep"):
         codes = model.encoder.predict(splits.x_test[:limit], verbose=0)
         process.raise_if_stopped()  # (before t-SNE: seconds)
-        figures["tsne"] = tsne_codes(
-            codes, splits.labels_test[:limit], out_dir / f"{name}_codes_tsne.png"
-        )
+        if codes.shape[1] == 1:  # (encoding_dim=1: no t-SNE map, its values as they are)
+            figures["codes_1d"] = code_values(
+                codes, splits.labels_test[:limit], out_dir / f"{name}_codes_1d.png"
+            )
+        elif limit >= 2:  # (no map of one point)
+            figures["tsne"] = tsne_codes(
+                codes, splits.labels_test[:limit], out_dir / f"{name}_codes_tsne.png"
+            )
     if name == "vae":
         import keras
 
@@ -264,6 +306,15 @@ def tutorial_figures(
                 z, splits.labels_test[:limit], out_dir / f"{name}_latent_plane.png"
             )
             figures["manifold"] = digit_manifold(model.decoder, out_dir / f"{name}_manifold.png")
+        elif z.shape[1] == 1:
+            figures["latent_1d"] = code_values(
+                z,
+                splits.labels_test[:limit],
+                out_dir / f"{name}_latent_1d.png",
+                title=f"The 1-D z_mean of {len(z):,} test {_noun(splits.labels_test[:limit])}\n"
+                "(latent plane and manifold: latent_dim=2 only)",
+                value_label="z_mean",
+            )
         elif limit >= 2:  # the plane and its manifold are the tutorial's 2-D latent space's
             figures["latent_tsne"] = tsne_codes(
                 z,

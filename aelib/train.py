@@ -697,9 +697,11 @@ FIGURE_FILES = (
     "reconstructions",
     "codes",
     "codes_tsne",
+    "codes_1d",
     "latent_plane",
     "manifold",
     "latent_tsne",
+    "latent_1d",
 )
 
 

@@ -426,6 +426,20 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert (out / "dense.keras").exists() and not (out / "figures").exists()
 
 
+def test_a_code_of_one_value_gets_its_figure(tmp_path, capsys):
+    """--set encoding_dim=1 trained, then failed in its t-SNE figure (scikit-learn's PCA
+    start of one feature), and so did every rerun: its codes are drawn as they are."""
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--set", "encoding_dim=1", "--epochs", "1"]
+    args += ["--limit", "256", "--test-limit", "32", "--data", str(MNIST), "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    assert {p.name for p in (out / "figures").iterdir()} == {
+        "dense_learning_curves.png",
+        "dense_reconstructions.png",
+        "dense_codes_1d.png",
+    }
+
+
 def test_the_record_says_how_the_images_were_scaled(tmp_path, capsys):
     """metrics.json said "uint8 / 255 -> [0, 1]" also of a --data file of float images
     already in [0, 1], which are taken as they are."""

@@ -151,10 +151,15 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
 
     x = data_lib.prepare(digits[:40], "flat")
     splits = Splits(x, x, x, x, x, x, labels_test=np.arange(40) % 10)
-    for latent_dim, expected in ((2, {"latent_plane", "manifold"}), (4, {"latent_tsne"})):
+    latent = {"latent_plane", "manifold", "latent_tsne", "latent_1d"}
+    for latent_dim, expected in (
+        (2, {"latent_plane", "manifold"}),
+        (4, {"latent_tsne"}),
+        (1, {"latent_1d"}),  # (t-SNE's PCA start of one value failed after the training)
+    ):
         model = aelib.build_model("vae", latent_dim=latent_dim)
         figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / str(latent_dim))
-        assert {"latent_plane", "manifold", "latent_tsne"} & set(figures) == expected
+        assert latent & set(figures) == expected
         for path in figures.values():
             assert Image.open(path).size[0] > 100
             # (what a later run into the folder removes if it does not draw it again)
@@ -182,13 +187,27 @@ def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
 
 def test_code_maps_of_a_few_test_digits(digits, tmp_path):
     """A t-SNE map of 2 or 3 codes (--test-limit 2) is drawn (scikit-learn refused a
-    perplexity of 2 after the whole sweep); of one code, none is drawn."""
+    perplexity of 2 after the whole sweep); of one code, none is drawn. Codes of one
+    value (encoding_dim=1) are drawn as they are, by digit: t-SNE's PCA start failed on
+    them after the whole training (and t-SNE itself, from a random start, is drawn)."""
     model = aelib.build_model("dense")
     for count in (1, 2, 3):
         x = data_lib.prepare(digits[:count], "flat")
         splits = Splits(x, x, x, x, x, x, labels_test=np.arange(count) % 10)
         figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / str(count))
         assert ("tsne" in figures) is (count > 1)
+    for name in ("dense", "sparse", "deep"):
+        model = aelib.build_model(name, encoding_dim=1)
+        for count in (1, 40):
+            x = data_lib.prepare(digits[:count], "flat")
+            splits = Splits(x, x, x, x, x, x, labels_test=np.arange(count) % 10)
+            out = tmp_path / f"{name}_1d_{count}"
+            figures = plots.tutorial_figures(model, splits, {"loss": [1.0]}, out)
+            assert "tsne" not in figures and figures["codes_1d"].is_file()
+            assert figures["codes_1d"].stem.removeprefix(f"{name}_") in FIGURE_FILES
+    one = np.random.default_rng(0).random((20, 1)).astype("float32")
+    assert plots.tsne_codes(one, np.arange(20) % 10, tmp_path / "one.png").is_file()
+    assert plots.code_values(one, np.full(20, -1), tmp_path / "own.png").is_file()
     # Codes all the same (a dead encoder) or nearly (a saturated one): drawn (the PCA
     # start crashed the process).
     tiny = np.random.default_rng(0).random((20, 32)) * 1e-25
