@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,12 @@ def learning_curves(
     return _save(fig, path)
 
 
+def _fit(title: str, width: int = 50) -> str:
+    """A map's title in lines that fit its 6-inch figure (a VAE's t-SNE title was cut
+    off on the left): each line of `title` wrapped at `width` characters."""
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
+
+
 def _noun(labels: np.ndarray) -> str:
     """What the test split holds: MNIST's labelled digits, or own images (-1)."""
     return "images" if np.all(np.asarray(labels) < 0) else "digits"
@@ -138,7 +145,10 @@ def latent_plane(
     labels: np.ndarray,
     path: str | os.PathLike,
     title: str | None = None,
+    axis_labels: tuple[str, str] = ("z[0]", "z[1]"),
 ) -> Path:
+    """A scatter of 2-D points (a VAE's z_mean, a t-SNE map of codes), coloured by digit;
+    `axis_labels` name its x and y."""
     own = np.all(np.asarray(labels) < 0)  # own images (train --images): no digits to colour
     title = title or f"VAE latent plane (z_mean of {len(z):,} test {_noun(labels)})"
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -148,9 +158,9 @@ def latent_plane(
     else:  # one color per digit 0-9, also where the labels shown lack some digits
         sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
         fig.colorbar(sc, ax=ax, label="digit")
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
-    ax.set_title(title)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(_fit(title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -185,7 +195,7 @@ def code_values(
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("digit")
     ax.set_xlabel(value_label)
-    ax.set_title(title)
+    ax.set_title(_fit(title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -248,7 +258,8 @@ def tsne_codes(
     # (PCA to 2 components of 1-D codes: scikit-learn refuses it)
     init = "pca" if spread > 1e-10 and codes.shape[1] >= 2 else "random"
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
-    return latent_plane(tsne.fit_transform(codes), labels, path, title=title)
+    mapped = tsne.fit_transform(codes)
+    return latent_plane(mapped, labels, path, title=title, axis_labels=("t-SNE 1", "t-SNE 2"))
 
 
 def tutorial_figures(
@@ -320,7 +331,7 @@ def tutorial_figures(
                 z,
                 splits.labels_test[:limit],
                 out_dir / f"{name}_latent_tsne.png",
-                title=f"t-SNE of the {z.shape[1]}-D z_mean (latent plane and manifold: "
+                title=f"t-SNE of the {z.shape[1]}-D z_mean\n(latent plane and manifold: "
                 "latent_dim=2 only)",
             )
     return figures

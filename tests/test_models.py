@@ -166,6 +166,35 @@ def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, t
             assert path.stem.removeprefix("vae_") in FIGURE_FILES, path
 
 
+def test_maps_name_their_axes_and_their_titles_fit(digits, tmp_path, monkeypatch):
+    """The t-SNE maps labelled their axes z[0] and z[1], as the latent plane does, and a
+    VAE's t-SNE title ran off the figure's left edge. Each figure is measured as drawn,
+    then saved."""
+    seen = {}
+    save = plots._save
+
+    def measured(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        title = ax.title.get_window_extent(fig.canvas.get_renderer())
+        inside = 0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1
+        seen[path.name] = (ax.get_xlabel(), ax.get_ylabel(), inside)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", measured)
+    x = data_lib.prepare(digits[:40], "flat")
+    splits = Splits(x, x, x, x, x, x, labels_test=np.arange(40) % 10)
+    for name, options in (("vae", {"latent_dim": 3}), ("vae", {"latent_dim": 1}), ("dense", {})):
+        model = aelib.build_model(name, **options)
+        plots.tutorial_figures(model, splits, {"loss": [1.0]}, tmp_path / name)
+    dead = np.zeros((40, 32), "float32")  # (the longest title: all the same, unlabelled)
+    plots.tsne_codes(dead, np.full(40, -1), tmp_path / "dead.png")
+    assert seen["vae_latent_tsne.png"] == ("t-SNE 1", "t-SNE 2", True)
+    assert seen["vae_latent_1d.png"] == ("z_mean", "digit", True)
+    assert seen["dense_codes_tsne.png"] == ("t-SNE 1", "t-SNE 2", True)
+    assert seen["dead.png"] == ("t-SNE 1", "t-SNE 2", True)
+
+
 def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
     """A decoder whose digits are faint (an undertrained VAE: 0.4-0.6 everywhere) gives
     a grey manifold, not one stretched to black and white."""
