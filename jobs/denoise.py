@@ -3887,7 +3887,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         items = [{"path": rel, "bytes": size, ITEM: i} for i, (rel, size) in enumerate(todo)]
         batch_size = max(1, min(args.batch_size, -(-len(todo) // (2 * workers))))
         what = f"{len(todo)} file{'s' * (len(todo) != 1)}"
-        block = f"blocks of {batch_size} file{'s' * (batch_size != 1)}"
+        block = f"blocks of up to {batch_size} file{'s' * (batch_size != 1)}"
     else:
         # One block per row group, read inside the actor: no read tasks competing with
         # the actors for CPUs (which can deadlock a small node), and streaming by row group.
@@ -3914,7 +3914,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     with warnings.catch_warnings():  # (Ray 2.60 deprecates the kwargs for Ray 2.64, but
         # has no named parameter for max_task_retries yet)
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-        ds = _map_batches(ds, settings, batch_size, workers, cpus, gpus)
+        ds = _map_batches(ds, settings, workers, cpus, gpus)
     ds.context.max_errored_blocks = -1  # a block given up: its inputs failed, see below
     if on_start is not None:
         on_start()
@@ -3927,13 +3927,16 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         yield pa.Table.from_pylist(_lost_rows(lost), schema=_ROW_SCHEMA)
 
 
-def _map_batches(ds, settings: JobSettings, batch_size: int, workers: int, cpus, gpus):
+def _map_batches(ds, settings: JobSettings, workers: int, cpus, gpus):
     import ray
 
     return ds.map_batches(
         Denoiser,
         fn_constructor_kwargs={"settings": settings},
-        batch_size=batch_size,
+        # A block per call: a batch size would bundle blocks up to it (from_items makes
+        # them a little smaller: blocks of 7 and 6 became calls of 14 and 13), and an
+        # actor that dies loses the whole call.
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
@@ -3957,9 +3960,10 @@ def _lost_rows(items: list[dict]) -> list[dict]:
     if not items:
         return []
     how = (
-        f" was given up after its worker process died {BLOCK_TRIES} times (killed, e.g. for "
-        "memory, or crashed: Ray's error above says which; a block waiting for that worker "
-        "is given up with it); a rerun does it again"
+        f" did not come back after {BLOCK_TRIES} tries: its actor died on it each time (an "
+        "actor that dies is restarted and its blocks are tried again; killed, e.g. for "
+        "memory, or crashed: Ray's log says why), or died with it queued; a rerun does it "
+        "again"
     )
     if "row_group" not in items[0]:
         how += ", and a smaller --batch-size puts fewer inputs in a block"
