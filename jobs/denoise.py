@@ -3914,7 +3914,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     with warnings.catch_warnings():  # (Ray 2.60 deprecates the kwargs for Ray 2.64, but
         # has no named parameter for max_task_retries yet)
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-        ds = _map_batches(ds, settings, workers, cpus, gpus)
+        ds = _map_batches(ds, settings, batch_size, workers, cpus, gpus)
     ds.context.max_errored_blocks = -1  # a block given up: its inputs failed, see below
     if on_start is not None:
         on_start()
@@ -3927,16 +3927,17 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
         yield pa.Table.from_pylist(_lost_rows(lost), schema=_ROW_SCHEMA)
 
 
-def _map_batches(ds, settings: JobSettings, workers: int, cpus, gpus):
+def _map_batches(ds, settings: JobSettings, batch_size: int, workers: int, cpus, gpus):
     import ray
 
     return ds.map_batches(
         Denoiser,
         fn_constructor_kwargs={"settings": settings},
-        # A block per call: a batch size would bundle blocks up to it (from_items makes
+        # A block per call on CPUs: a batch size bundles blocks up to it (from_items makes
         # them a little smaller: blocks of 7 and 6 became calls of 14 and 13), and an
-        # actor that dies loses the whole call.
-        batch_size=None,
+        # actor that dies loses the whole call. GPU actors must be given one (Ray Data
+        # refuses them without), so there a call may take two blocks.
+        batch_size=batch_size if gpus else None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
