@@ -62,6 +62,21 @@ class TrainConfig:
     invert: bool = False  # own images dark-on-light: invert to MNIST's light-on-dark
 
     def __post_init__(self):
+        _check(  # (None failed with "'NoneType' object is not iterable")
+            isinstance(self.model_options, dict),
+            "model_options must be a dict of build_model options. "
+            f"Received: model_options={self.model_options!r}",
+        )
+        for name in ("data", "images"):  # (a number was accepted, and failed at the load)
+            value = getattr(self, name)
+            _check(
+                value is None or isinstance(value, (str, os.PathLike)),
+                f"{name} must be a path or None. Received: {name}={value!r}",
+            )
+        _check(
+            isinstance(self.invert, bool),
+            f"invert must be True or False. Received: invert={self.invert!r}",
+        )
         _check(  # ("" read the working folder's images, and was recorded as MNIST)
             self.images is None or str(self.images).strip() != "",
             f"images must be a folder's path, or None for MNIST. Received: images={self.images!r}",
@@ -564,6 +579,11 @@ def train(
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    if not isinstance(config, TrainConfig):  # (train("dense") was an AttributeError)
+        raise TypeError(
+            "train() takes a TrainConfig (or a dict of its fields), e.g. "
+            f"aelib.TrainConfig(model='dense'). Received: {config!r}"
+        )
     if not (is_int(initial_epoch) and 0 <= initial_epoch < config.epochs):
         raise ValueError(
             f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
@@ -578,6 +598,11 @@ def train(
             )
     if data is not None:
         data_lib.check_arrays(data)
+        (x_train, y_train), (x_test, y_test) = data  # (lists: an AttributeError after)
+        data = tuple(
+            (np.asarray(x), None if y is None else np.asarray(y))
+            for x, y in ((x_train, y_train), (x_test, y_test))
+        )
         data_source = data_source or "arrays passed to train()"
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)

@@ -799,6 +799,29 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     TrainConfig.from_dict(record["train_config"])  # (1.0 was refused as an int)
 
 
+def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
+    """model_options=None, train("dense") and arrays passed as lists failed with a
+    TypeError or an AttributeError naming no input; a number for data or images, and a
+    string for invert, were accepted (and failed, or did the wrong thing, later)."""
+    for field, value, message in (
+        ("model_options", None, "model_options must be a dict of build_model options"),
+        ("data", 123, "data must be a path or None. Received: data=123"),
+        ("images", 7, "images must be a path or None. Received: images=7"),
+        ("invert", "yes", "invert must be True or False. Received: invert='yes'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig(**{field: value})
+    with pytest.raises(TypeError, match=re.escape("train() takes a TrainConfig")):
+        aelib.train("dense")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 28, 28)).astype(np.uint8)
+    labels = np.arange(40) % 10
+    data = ((x.tolist(), labels.tolist()), (x[:10].tolist(), labels[:10].tolist()))
+    config = TrainConfig(model="dense", epochs=1, batch_size=16, val_split=0)
+    result = aelib.train(config, data=data, figures=False, verbose=0)
+    assert np.isfinite(result.metrics["test_loss"])
+
+
 def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     """A run with out_dir saves a checkpoint after every epoch but the last; resume=True
     goes on from it with its weights, its optimizer's state (Adam's step count, which the
