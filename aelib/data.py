@@ -131,11 +131,12 @@ def _check_labels(y: np.ndarray, name: str) -> None:
         )
 
 
-def check_arrays(arrays, name: str = "data") -> None:
+def check_arrays(arrays, name: str = "data") -> tuple[Split, Split]:
     """Arrays as `load_mnist` returns them, ((x_train, y_train), (x_test, y_test)), of
     pixels `scale` takes, with an integer label per image (or None): refused before any
     training (out of range values failed only in the metrics after it, or never; labels
-    that are no integers, in the figures after it)."""
+    that are no integers, in the figures after it). Returns them as numpy arrays (lists
+    passed in failed after the checks)."""
     try:
         (x_train, y_train), (x_test, y_test) = arrays
     except (TypeError, ValueError):
@@ -150,16 +151,18 @@ def check_arrays(arrays, name: str = "data") -> None:
             f"{name}'s training images are {_shape(train_shape)} and its test images "
             f"{_shape(test_shape)}: a model is trained and tested on images of one shape."
         )
+    checked = []
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
         x = np.asarray(x)
         if x.dtype != bool:  # (bool images scale to 0 and 1)
             _check_pixels(x, f"{name}'s {part} images")
-        if y is None:
-            continue
-        y = np.asarray(y)
-        if y.ndim and len(y) != len(x):
-            raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
-        _check_labels(y, f"{name}'s {part} labels")
+        if y is not None:
+            y = np.asarray(y)
+            if y.ndim and len(y) != len(x):
+                raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
+            _check_labels(y, f"{name}'s {part} labels")
+        checked.append((x, y))
+    return checked[0], checked[1]
 
 
 def _shape(shape: tuple[int, ...]) -> str:

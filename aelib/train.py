@@ -597,12 +597,7 @@ def train(
                 f"out_dir {out_dir}: {blocker} is a file; expected a folder (or none yet)."
             )
     if data is not None:
-        data_lib.check_arrays(data)
-        (x_train, y_train), (x_test, y_test) = data  # (lists: an AttributeError after)
-        data = tuple(
-            (np.asarray(x), None if y is None else np.asarray(y))
-            for x, y in ((x_train, y_train), (x_test, y_test))
-        )
+        data = data_lib.check_arrays(data)  # (as arrays: lists failed after the checks)
         data_source = data_source or "arrays passed to train()"
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)
