@@ -134,9 +134,18 @@ def _fit(title: str, width: int = 50) -> str:
     return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
+# Points coloured by digit: one colour per digit 0-9, also where the labels shown lack some.
+_BY_DIGIT = dict(cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+
+
+def _unlabelled(labels: np.ndarray) -> bool:
+    """Own images (train --images, labels -1): no digits to colour."""
+    return bool(np.all(np.asarray(labels) < 0))
+
+
 def _noun(labels: np.ndarray) -> str:
     """What the test split holds: MNIST's labelled digits, or own images (-1)."""
-    return "images" if np.all(np.asarray(labels) < 0) else "digits"
+    return "images" if _unlabelled(labels) else "digits"
 
 
 @_closes_its_figure
@@ -149,14 +158,13 @@ def latent_plane(
 ) -> Path:
     """A scatter of 2-D points (a VAE's z_mean, a t-SNE map of codes), coloured by digit;
     `axis_labels` name its x and y."""
-    own = np.all(np.asarray(labels) < 0)  # own images (train --images): no digits to colour
     title = title or f"VAE latent plane (z_mean of {len(z):,} test {_noun(labels)})"
     fig, ax = plt.subplots(figsize=(6, 5))
-    if own:
+    if _unlabelled(labels):
         ax.scatter(z[:, 0], z[:, 1], s=4)
         title += " (unlabelled)"
-    else:  # one color per digit 0-9, also where the labels shown lack some digits
-        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+    else:
+        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, **_BY_DIGIT)
         fig.colorbar(sc, ax=ax, label="digit")
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
@@ -181,13 +189,13 @@ def code_values(
     labels = np.asarray(labels)
     title = title or f"The 1-D codes of {len(values):,} test {_noun(labels)}"
     fig, ax = plt.subplots(figsize=(6, 5))
-    if np.all(labels < 0):
+    if _unlabelled(labels):
         ax.hist(values, bins=min(50, max(1, len(values) // 4)))
         ax.set_ylabel("images")
         title += " (unlabelled)"
     else:
         spread = np.random.default_rng(0).uniform(-0.3, 0.3, len(values))
-        ax.scatter(values, labels + spread, c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+        ax.scatter(values, labels + spread, c=labels, **_BY_DIGIT)
         rows = np.unique(labels)
         if len(rows) <= 20:  # (a tick per digit; MaxNLocator named every other one)
             ax.set_yticks(rows)
