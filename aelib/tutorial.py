@@ -8,7 +8,13 @@ from typing import Any
 # losses it reports (binary cross-entropy), for the benchmark's comparison.
 TUTORIAL = {
     "dense": {"epochs": 50, "batch_size": 256, "reported_test_loss": 0.09},
-    "sparse": {"epochs": 100, "batch_size": 256, "reported_code_mean": 3.33},
+    # (sparse: "a train loss of 0.11 and test loss of 0.10")
+    "sparse": {
+        "epochs": 100,
+        "batch_size": 256,
+        "reported_test_loss": 0.10,
+        "reported_code_mean": 3.33,
+    },
     "deep": {"epochs": 100, "batch_size": 256, "reported_test_loss": 0.08},
     "conv": {"epochs": 50, "batch_size": 128, "reported_test_loss": 0.094},
     "denoise": {"epochs": 100, "batch_size": 128},

@@ -169,8 +169,8 @@ def command_for(args: argparse.Namespace, row: str, epochs: int | None = None) -
         cmd += ["--data", args.data]
     if args.quick:
         cmd += ["--quick"]
-    if epochs is not None and args.epochs is not None and not args.quick:
-        cmd += ["--epochs", str(epochs)]
+    if epochs is not None and not args.quick and epochs != tutorial_epochs(row):
+        cmd += ["--epochs", str(epochs)]  # (the default is the tutorial's, which may change)
     for flag, value, default in (
         ("--limit", args.limit, None),
         ("--test-limit", args.test_limit, None),
@@ -206,9 +206,9 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     import aelib
     from aelib import metrics as metrics_lib
     from aelib.train import make_splits
-    from aelib.tutorial import REPORTED_DENSE_CODE_MEAN, TUTORIAL, tutorial_settings
+    from aelib.tutorial import tutorial_settings
 
-    model = "denoise" if is_plus(row) else row
+    model = model_of(row)
     settings = tutorial_settings(model)
     overrides = parse_options(args.denoise_config) if is_plus(row) else {}
     train_keys = ("learning_rate", "batch_size", "lr_schedule")
@@ -241,9 +241,6 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     m = dict(result.metrics)
     epochs_run = m.get("epochs_run", 0)
     m["seconds_per_epoch"] = m["train_seconds"] / epochs_run if epochs_run else None
-    tutorial = dict(TUTORIAL.get(model, {}))
-    if model == "dense":
-        tutorial["reported_code_mean"] = REPORTED_DENSE_CODE_MEAN
     record = {
         "kind": "learned",
         "model": model,
@@ -263,7 +260,7 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
         "learning_rate": config.learning_rate,
         "train_images": len(arrays[0][0][: args.limit] if args.limit else arrays[0][0]),
         "metrics": m,
-        "tutorial": tutorial,
+        "tutorial": tutorial_reference(model),
         "history": result.history,
         "figures": {k: v for k, v in result.paths.items() if k.startswith("figure_")},
     }
@@ -285,10 +282,50 @@ def run_variant(args, row: str, arrays, runs_dir: Path) -> dict[str, Any]:
     return record
 
 
+def tutorial_epochs(row: str) -> int | None:
+    """The epochs aelib.tutorial gives a learned row now (None for 'classical')."""
+    from aelib.tutorial import tutorial_settings
+
+    return None if row == "classical" else tutorial_settings(model_of(row))["epochs"]
+
+
+def tutorial_reference(model: str) -> dict[str, Any]:
+    """The tutorial's settings and reported figures for `model`, as aelib.tutorial has them.
+
+    results.json keeps a copy made when each row ran; the report uses these, so a
+    figure added to aelib.tutorial later shows without retraining."""
+    from aelib.tutorial import REPORTED_DENSE_CODE_MEAN, TUTORIAL
+
+    reference = dict(TUTORIAL.get(model, {}))
+    if model == "dense":
+        reference["reported_code_mean"] = REPORTED_DENSE_CODE_MEAN
+    return reference
+
+
+def row_command(name: str, r: dict[str, Any]) -> str:
+    """The command that reproduces row `name`: the one saved with it, plus `--epochs` where
+    it ran other epochs than the tutorial's now are (the default it relied on moved)."""
+    command = r["command"]
+    epochs = r.get("epochs")
+    if name == "classical" or epochs is None or "--epochs" in command or "--quick" in command:
+        return command
+    if epochs == tutorial_epochs(name):
+        return command
+    words = shlex.split(command)
+    at = words.index("--models") + 2 if "--models" in words else len(words)
+    return shlex.join([*words[:at], "--epochs", str(epochs), *words[at:]])
+
+
+def model_of(row: str) -> str:
+    return "denoise" if is_plus(row) else row
+
+
 def settings_key(args, row: str) -> dict[str, Any]:
     """What decides a row's numbers: a rerun with the same key is skipped."""
     key = {
-        "epochs": args.epochs,
+        # The epochs a learned row trains, resolved: "the tutorial's" is no setting, as
+        # what aelib.tutorial says may change (denoise: 30, then 100).
+        "epochs": args.epochs if args.epochs is not None else tutorial_epochs(row),
         "limit": args.limit,
         "test_limit": args.test_limit,
         "seed": args.seed,
@@ -306,6 +343,8 @@ def same_settings(old: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     if old is None:
         return False
     settings = {k: v for k, v in old.get("settings", {}).items() if k != "denoisers"}
+    if "epochs" in settings and settings["epochs"] is None:
+        settings["epochs"] = old.get("epochs")  # (rows saved before epochs were resolved)
     return settings == key
 
 
@@ -503,7 +542,7 @@ def markdown(results: dict[str, Any]) -> str:
         r = rows.get(name)
         if not r:
             continue
-        m, t = r["metrics"], r["tutorial"]
+        m, t = r["metrics"], tutorial_reference(r["model"])
         code = "-"
         if "code_mean" in m:
             code = f"{m['code_mean']:.2f}"
@@ -513,11 +552,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"{name} ({r.get('denoise_config') or r['model_options']})" if is_plus(name) else name
         )
         lines.append(
-            f"| {label} | {r['epochs_run']} ({r['tutorial_epochs']}) | {r['batch_size']} | "
+            f"| {label} | {r['epochs_run']} ({tutorial_epochs(name)}) | {r['batch_size']} | "
             f"{r['train_images']} | {_fmt(m.get('test_loss'))} | {_fmt(m.get('test_bce'))} | "
             f"{_fmt(t.get('reported_test_loss'), 3)} | {code} | {_fmt(m.get('test_psnr'), 2)} | "
             f"{_fmt(m.get('test_ssim'), 3)} | {_fmt(m.get('seconds_per_epoch'), 1)} | "
-            f"`{r['command']}` |"
+            f"`{row_command(name, r)}` |"
         )
     if "classical" in rows:
         lines += denoise_table(results)
@@ -531,7 +570,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"epoch{'s' * (r['epochs_run'] != 1)}: "
             f"{r['metrics']['test_loss']:.4f} (pure BCE {r['metrics']['test_bce']:.4f}). "
             "Figures: `vae_latent_plane.png`, `vae_manifold.png`.",
-            f"Command: `{r['command']}`",
+            f"Command: `{row_command('vae', r)}`",
         ]
     return "\n".join(lines) + "\n"
 
@@ -589,7 +628,7 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | - | {_fmt(m['test_psnr'], 2)} | {_fmt(m['test_ssim'], 3)} | "
             f"{_fmt(sub.get('psnr'), 2)} | {_fmt(sub.get('ssim'), 3)} | "
-            f"{_fmt(r.get('images_per_second'), 1)} | `{r['command']}` |"
+            f"{_fmt(r.get('images_per_second'), 1)} | `{row_command(name, r)}` |"
         )
     return lines
 
@@ -612,7 +651,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         x = np.arange(len(recon))
         ours = [rows[n]["metrics"]["test_loss"] for n in recon]
-        theirs = [rows[n]["tutorial"].get("reported_test_loss", np.nan) for n in recon]
+        theirs = [tutorial_reference(n).get("reported_test_loss", np.nan) for n in recon]
         ax.bar(x - 0.2, ours, 0.4, label="aelib (this run)")
         ax.bar(x + 0.2, theirs, 0.4, label="tutorial's reported")
         ax.set_xticks(x, [f"{n}\n{rows[n]['epochs_run']} ep" for n in recon])

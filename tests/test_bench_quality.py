@@ -87,3 +87,35 @@ def test_parse_options():
     assert bench.parse_options("") == {}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         bench.parse_options("filters")
+
+
+def test_rows_saved_under_an_older_tutorial_default_are_reported_and_resumed_right(
+    tmp_path, capsys
+):
+    """The committed results ran denoise at 30 epochs, then aelib's tutorial default
+    became 100: the report says "30 (100)" and gives a command with `--epochs 30`, that
+    command skips the row, and the plain one (100 epochs now) does not. The tutorial's
+    figures come from aelib.tutorial, so the sparse loss added later shows."""
+    bench = _bench()
+    (tmp_path / "results.json").write_text((ROOT / "jobs/results/results.json").read_text())
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert saved["denoise"]["settings"]["epochs"] is None and saved["denoise"]["epochs"] == 30
+    assert "--epochs" not in saved["denoise"]["command"]
+
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    denoise = next(line for line in md.splitlines() if line.startswith("| denoise | "))
+    assert denoise.startswith("| denoise | 30 (100) |")
+    assert "--models denoise --epochs 30 " in denoise
+    sparse = next(line for line in md.splitlines() if line.startswith("| sparse | "))
+    assert "| 0.100 | 4.06 (3.33) |" in sparse and "--epochs" not in sparse
+    assert "| dense | 50 (50) |" in md
+
+    capsys.readouterr()
+    argv = ["--models", "denoise", "--data", MNIST, "--out", str(tmp_path)]
+    assert bench.main([*argv[:2], "--epochs", "30", *argv[2:]]) == 0
+    assert "[denoise] already in" in capsys.readouterr().out
+    plain = bench.build_parser().parse_args(argv)
+    assert bench.settings_key(plain, "denoise")["epochs"] == 100
+    assert not bench.same_settings(saved["denoise"], bench.settings_key(plain, "denoise"))
+    assert bench.same_settings(saved["dense"], bench.settings_key(plain, "dense"))
