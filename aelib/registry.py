@@ -137,12 +137,18 @@ def options_text(overrides: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "its defaults"
 
 
-def _kind(value: Any) -> str | None:
+def _is_size(key: str) -> bool:
+    """Keras's sizes (`kernel_size`, `pool_size`) take an int or one per dimension; an
+    int option of any other name (`filters`, `depth`) takes one int."""
+    return key.endswith("_size")
+
+
+def _kind(value: Any, key: str = "") -> str | None:
     """What an option's default says its values must be: None where it says nothing."""
     if isinstance(value, bool):
         return "a bool (True or False)"
     if isinstance(value, numbers.Integral):
-        return "an int (or a tuple of ints)"
+        return "an int (or a tuple of ints)" if _is_size(key) else "an int"
     if isinstance(value, numbers.Real):
         return "a number"
     if isinstance(value, str):
@@ -150,11 +156,11 @@ def _kind(value: Any) -> str | None:
     return None
 
 
-def _fits(value: Any, default: Any) -> bool:
+def _fits(value: Any, default: Any, size: bool = False) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
-    if isinstance(default, numbers.Integral):  # or one per dimension, as Keras's sizes
-        if isinstance(value, (tuple, list)):
+    if isinstance(default, numbers.Integral):  # a size: or one per dimension, as Keras's
+        if size and isinstance(value, (tuple, list)):
             return bool(value) and all(_fits(v, default) for v in value)
         return is_int(value)
     if isinstance(default, numbers.Real):
@@ -171,12 +177,12 @@ def _fits(value: Any, default: Any) -> bool:
 def _check_option(model: str, key: str, value: Any, default: Any) -> None:
     """An override of the default's kind: `filters=5` where the default is a tuple of
     three ints fails here, naming the option, rather than deep in the builder."""
-    if _fits(value, default):
+    if _fits(value, default, _is_size(key)):
         return
     if isinstance(default, (tuple, list)):
         expected = f"a tuple like {tuple(default)!r}"
     else:
-        expected = _kind(default)
+        expected = _kind(default, key)
     raise ValueError(
         f"Option {key} of model {model!r} must be {expected}. Received: {key}={value!r}"
     )

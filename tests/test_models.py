@@ -90,6 +90,9 @@ def test_overrides_change_the_model():
         ("denoise", {"skips": "yes"}, "Option skips of model 'denoise' must be a bool"),
         ("dense", {"encoding_dim": 2.5}, "Option encoding_dim of model 'dense' must be an int"),
         ("conv", {"filters": (16, 8)}, "Model 'conv' cannot be built with filters=(16, 8): not"),
+        # A tuple of ints is one size per dimension only for Keras's sizes (kernel_size).
+        ("denoise", {"filters": (32,)}, "Option filters of model 'denoise' must be an int. "),
+        ("denoise", {"kernel_size": (3, "x")}, "must be an int (or a tuple of ints)"),
     ],
 )
 def test_options_of_another_type_or_that_cannot_build_are_named(name, options, message):
