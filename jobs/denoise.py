@@ -3821,8 +3821,8 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
         pipeline = _run_pipeline(
             args, spec, model_bytes, inputs, todo, units, parquet, manifest.start
         )
-        for table in pipeline:
-            if timings["first_result_s"] is None:
+        for table, from_actor in pipeline:
+            if from_actor and timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
     except ray.exceptions.ActorDiedError as e:
@@ -3844,7 +3844,8 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
 
 
 def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_start=None):
-    """The Ray Data pipeline; yields one table of manifest rows per block. Calls
+    """The Ray Data pipeline; yields (table of manifest rows, True) per block an actor
+    returned, then (rows, False) for the inputs of blocks given up, if any. Calls
     `on_start` once the checks are passed, before the actors are asked for."""
     import ray
 
@@ -3921,10 +3922,10 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     returned = np.zeros(len(items), dtype=bool)
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         returned[table.column(ITEM).to_numpy()] = True
-        yield table.drop_columns([ITEM])
+        yield table.drop_columns([ITEM]), True
     lost = [items[i] for i in np.flatnonzero(~returned)]
     if lost:  # (Ray Data logged the error of each block it gave up, above)
-        yield pa.Table.from_pylist(_lost_rows(lost), schema=_ROW_SCHEMA)
+        yield pa.Table.from_pylist(_lost_rows(lost), schema=_ROW_SCHEMA), False
 
 
 def _map_batches(ds, settings: JobSettings, batch_size: int, workers: int, cpus, gpus):
