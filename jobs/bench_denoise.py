@@ -650,9 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: peak PSS grows {growth:+.1%} from {low} to {high} images", flush=True)
     for leftover in out_root.glob("out_*"):  # deleted last: deleting is what slows the disk
         shutil.rmtree(leftover, ignore_errors=True)
-    (work / "results.json").write_text(
+    # A partial run (--only) keeps its own file: an A/B of one method in the same WORK
+    # overwrote the full run's results.json before.
+    name = f"results_only_{'_'.join(names)}.json" if args.only else "results.json"
+    (work / name).write_text(
         json.dumps({"speed": results, "memory": memory}, indent=2, default=float)
     )
+    print(f"bench: results in {work / name}", flush=True)
     return 0
 
 
