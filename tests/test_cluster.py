@@ -116,6 +116,49 @@ def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path
     assert not any("tensorflow" in c and " -c " not in c for c in config["worker_setup_commands"])
 
 
+_FIND_AELIB = "import importlib.util; s = importlib.util.find_spec('aelib'); print(s and s.origin)"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
+def test_the_synced_project_does_not_shadow_the_installed_aelib(path, monkeypatch, tmp_path):
+    """`ray submit` copies a job to ~/<script> and runs `python ~/<script>` there, so ~ is
+    the script's folder, first on sys.path (and Ray adds it to its workers' sys.path). A
+    project copy at ~/aelib (a folder without __init__.py) is then found as a namespace
+    package `aelib` before the editable install's finder (pip install -e puts it after
+    Python's own), and the jobs fail (`aelib/process.py` not found). Rebuilt here: a home
+    with the project folder where the config mounts it, and the job script beside it."""
+    config = _prepared(path, monkeypatch)
+    (remote,) = [r for r, local_path in config["file_mounts"].items() if local_path == "."]
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+
+    def find_aelib(home: Path) -> str:
+        (home / "job.py").write_text(_FIND_AELIB + "\n")
+        proc = subprocess.run(
+            [sys.executable, str(home / "job.py")],
+            cwd=home,
+            env={**env, "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    (tmp_path / "bare").mkdir()
+    if find_aelib(tmp_path / "bare") == "None":
+        pytest.skip("aelib is not installed in this Python (only on PYTHONPATH)")
+    home = tmp_path / "home"
+    assert remote.startswith("~/"), remote
+    (home / remote[2:] / "aelib").mkdir(parents=True)  # the repository: aelib/ inside it
+    (home / remote[2:] / "pyproject.toml").write_text("")
+    origin = find_aelib(home)
+    assert origin.endswith("__init__.py"), (
+        f"{path.name}: `import aelib` in a job under ~ finds the project copy {remote} "
+        f"(origin {origin}), not the installed package: mount it under another name"
+    )
+
+
 @pytest.mark.cluster
 def test_the_cluster_constraints_are_versions_pyproject_allows():
     import tomllib
