@@ -114,6 +114,9 @@ def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path
         for command in (c for c in config[key] if "pip install" in c and "aelib" in c):
             assert f"-c {remote[0]}/cluster/constraints.txt" in command, (key, command)
     assert not any("tensorflow" in c and " -c " not in c for c in config["worker_setup_commands"])
+    # The sweep's driver runs on the head: --search optuna needs the extra there.
+    installs = [c for c in config["head_setup_commands"] if "pip install" in c and remote[0] in c]
+    assert any(f'-e {remote[0]}"[optuna]"' in c for c in installs), installs
 
 
 _FIND_AELIB = "import importlib.util; s = importlib.util.find_spec('aelib'); print(s and s.origin)"
@@ -172,7 +175,7 @@ def test_the_cluster_constraints_are_versions_pyproject_allows():
             pins[name.lower().replace("_", "-")] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     required = {}
-    for text in project["dependencies"]:
+    for text in [*project["dependencies"], *project["optional-dependencies"]["optuna"]]:
         req = Requirement(text)
         required[req.name.lower().replace("_", "-")] = req.specifier
     assert "ray" not in pins, "the image's Ray stays as it is"
