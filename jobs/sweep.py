@@ -401,6 +401,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{json.dumps(value)}): give it once"
             )
         seen[variant, key] = value
+    experiment = experiment_path(args)
+    if restorable(experiment) and (trainable := foreign_trainable(experiment)):
+        parser.error(  # (before the lock, whose file it would leave there)
+            f"--name {args.name}: {experiment} holds a Tune experiment of another program "
+            f"(its trials run {trainable!r}; a sweep's run {train_trial.__name__!r}), which "
+            "this job cannot resume: choose another --name (or --storage-path)"
+        )
     if args.resume:
         _keep_first_settings(args, given, parser)
     if args.scheduler == "asha" and args.grace_period > args.epochs:
@@ -438,6 +445,32 @@ def restorable(experiment: str) -> bool:
         info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
         for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
     )
+
+
+def foreign_trainable(experiment: str) -> str | None:
+    """The trainable a restorable experiment's trials run where it is not this sweep's
+    (another program's Tune experiment at --name), as Tune's newest experiment state
+    names it; None for a sweep's, or where the state names none. Such a folder was
+    "already holds an experiment. Pass --resume", and --resume (as "a sweep of an older
+    version") ended in Tune's traceback once Ray had started."""
+    import pyarrow.fs
+
+    if "://" in experiment:
+        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+    else:
+        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
+    states = sorted(  # (Tune restores from the newest: the greatest name)
+        info.path
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
+        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
+    )
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            trial = json.loads(json.loads(f.read())["trial_data"][0][0])
+        name = trial["trainable_name"]
+    except (IndexError, KeyError, TypeError, ValueError, OSError):
+        return None  # (not readable here: Tune's restore says why, as before)
+    return None if name == train_trial.__name__ else str(name)
 
 
 @contextlib.contextmanager

@@ -1051,6 +1051,44 @@ def test_resume_without_an_experiment_fails_clearly(tmp_path):
     assert sweep.restorable(str(stopped))
 
 
+def test_another_programs_tune_experiment_at_the_name_is_refused(tmp_path, ray_tmp):
+    """--name a folder where another program ran Tune: the plain run said "Pass --resume
+    to continue it", and --resume, taking it for a sweep of an older version, ended in
+    Tune's traceback (another trainable) once Ray had started. Both are refused at once,
+    saying why, and leave it as it was."""
+    program = (
+        "import ray\nfrom ray import tune\n"
+        "def f(config):\n    tune.report({'score': config['x']})\n"
+        "ray.init(num_cpus=1, include_dashboard=False)\n"
+        "tune.Tuner(f, param_space={'x': tune.grid_search([1, 2])}, run_config="
+        f"tune.RunConfig(name='theirs', storage_path={str(tmp_path)!r})).fit()\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program], env=_env(ray_tmp), capture_output=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    theirs = tmp_path / "theirs"
+    before = sorted(p.name for p in theirs.iterdir())
+    sweep_ray = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # (stays empty: no Ray)
+    try:
+        cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense"]
+        cmd += ["--storage-path", str(tmp_path), "--name", "theirs"]
+        for resume in ([], ["--resume"]):
+            proc = subprocess.run(
+                [*cmd, *resume], env=_env(sweep_ray), capture_output=True, text=True, timeout=120
+            )
+            assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+            assert (
+                f"--name theirs: {theirs} holds a Tune experiment of another program (its "
+                "trials run 'f'; a sweep's run 'train_trial')" in proc.stderr
+            )
+            assert "Pass --resume" not in proc.stderr and "older version" not in proc.stderr
+            assert "Traceback" not in proc.stderr and list(sweep_ray.iterdir()) == []
+    finally:
+        kill_ray(sweep_ray)
+    assert sorted(p.name for p in theirs.iterdir()) == before
+
+
 def test_a_second_sweep_on_a_running_experiment_is_refused(tmp_path):
     """Two sweeps of one --name at once both ran into its folder (two experiment states,
     the results of whichever ended last): the second is refused, naming the first."""
