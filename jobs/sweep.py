@@ -692,7 +692,8 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
                     "pin a number in (0, 1], or leave it to noise_factor's"
                 )
             default = train_defaults.get(key) if key in TRAIN_FIELDS else options[key]
-            expected = _unlike(value, default)
+            size = key.endswith("_size") and key not in TRAIN_FIELDS  # (not batch_size)
+            expected = _unlike(value, default, size)
             if expected:
                 raise SystemExit(
                     f"sweep.py: error: --set {model}.{key}={value!r}: expected {expected} "
@@ -700,16 +701,20 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
                 )
 
 
-def _unlike(value: Any, default: Any) -> str | None:
+def _unlike(value: Any, default: Any, size: bool = False) -> str | None:
     """What a value must be to stand in for `default` (None: it may), by the default's
-    type: ints also stand for floats, tuples and lists for each other; any value for None."""
+    type: ints also stand for floats, tuples and lists for each other; any value for None.
+    A `size` (Keras's kernel_size, as aelib's registry takes it) also takes one int per
+    dimension: `--set conv.kernel_size=(3,5)` was refused as "expected an int"."""
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "True or False"
     if isinstance(default, int | float):
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if isinstance(default, float):
             return None if number else "a number"
-        return None if number and isinstance(value, int) else "an int"
+        if size and isinstance(value, tuple | list) and value:
+            return None if not any(_unlike(v, default) for v in value) else "an int or ints"
+        return None if number and isinstance(value, int) else "an int" + " or ints" * size
     if isinstance(default, str):
         return None if isinstance(value, str) else "a string"
     if isinstance(default, tuple | list) and default:

@@ -797,6 +797,8 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         "conv.filters=(32,16,16)",
         "conv.filters=[32, 16, 8]",
         "deep.hidden_units=(256,128,64)",
+        "conv.kernel_size=(3,5)",  # (Keras's sizes: one int per dimension, as aelib takes)
+        "denoise.kernel_size=[5, 3]",
         "denoise.upsample=transpose",
         "denoise.upsample='nearest'",
         "denoise.skips=True",
@@ -817,6 +819,9 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         "conv.filters=16": "expected a tuple or list of ints (default (16, 8, 8))",
         "conv.filters=(16,8,'x')": "expected a tuple or list of ints (default (16, 8, 8))",
         "dense.batch_size=1e2": "expected an int (default 256)",
+        "dense.batch_size=(64,64)": "expected an int (default 256)",  # (not a Keras size)
+        "conv.kernel_size=(3,'x')": "expected an int or ints (default 3)",
+        "denoise.kernel_size=()": "expected an int or ints (default 3)",
         # (read by no trial, and reported as pinned)
         "dense.noise_factor=0.3": "noise_factor is denoise's only",
         "vae.eval_noise_factor=0.3": "eval_noise_factor is denoise's only",
