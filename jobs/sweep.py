@@ -376,12 +376,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.storage_path = os.path.abspath(os.path.expanduser(args.storage_path))
         if os.path.exists(args.storage_path) and not os.path.isdir(args.storage_path):
             parser.error(f"--storage-path: {args.storage_path} is a file, not a folder")
+        if problem := _broken_link(args.storage_path):  # (makedirs said "File exists")
+            parser.error(f"--storage-path: {problem}")
         # (here, not as a pyarrow traceback once Ray has started)
         if problem := _cannot_write(args.storage_path, make=True):
             parser.error(f"--storage-path: cannot write to {args.storage_path}: {problem}")
         experiment = os.path.join(args.storage_path, args.name)
         if os.path.exists(experiment) and not os.path.isdir(experiment):
             parser.error(f"--name {args.name}: {experiment} is a file, not an experiment folder")
+        if problem := _broken_link(experiment):  # (a traceback: FileExistsError, at the lock)
+            parser.error(f"--name {args.name}: {problem}")
         # (an existing one may not be: another user's, say)
         if os.path.isdir(experiment) and (problem := _cannot_write(experiment)):
             parser.error(f"--name {args.name}: cannot write to {experiment}: {problem}")
@@ -619,6 +623,14 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
             )
         value = first[key]
         setattr(args, key, [tuple(pin) for pin in value] if key == "pins" else value)
+
+
+def _broken_link(path: str) -> str | None:
+    """Which link on a local `path` points nowhere (to a disk not mounted, say), or None."""
+    for part in [*reversed(Path(path).parents), Path(path)]:
+        if part.is_symlink() and not part.exists():
+            return f"{part} is a link to {os.readlink(part)}, which does not exist"
+    return None
 
 
 def _cannot_write(folder: str, make: bool = False) -> str | None:

@@ -758,6 +758,29 @@ def test_an_experiment_folder_that_cannot_be_written_fails_before_ray(tmp_path, 
     assert "Traceback" not in proc.stderr and list(ray_tmp.iterdir()) == []
 
 
+def test_a_link_to_nowhere_at_the_name_or_storage_path_fails_before_ray(tmp_path, ray_tmp, capsys):
+    """An experiment folder (or storage path) that is a link to a folder not there now (a
+    disk not mounted, say): --name's ended in a FileExistsError traceback at the lock,
+    --storage-path's in "cannot write to ...: File exists". Both name the link."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "gone").symlink_to(tmp_path / "unmounted" / "gone")
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--storage-path", str(store), "--name", "gone"]
+    proc = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    said = f"is a link to {tmp_path / 'unmounted' / 'gone'}, which does not exist"
+    assert f"--name gone: {store / 'gone'} {said}" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(ray_tmp.iterdir()) == []
+    assert (store / "gone").is_symlink() and not (tmp_path / "unmounted").exists()
+    sweep = _load_sweep_module()
+    for storage in (store / "gone", store / "gone" / "sweeps"):
+        with pytest.raises(SystemExit, match="^2$"):
+            sweep.parse_args(["--storage-path", str(storage)])
+        assert f"--storage-path: {store / 'gone'} {said}" in capsys.readouterr().err
+        assert not (tmp_path / "unmounted").exists()
+
+
 def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys, monkeypatch):
     """Refused at once, not after the training: a --name with # or ? under a URI (its
     end: the results went to another folder and the sweep could not be resumed) or too
