@@ -1726,6 +1726,11 @@ def _sweep_locked(args: argparse.Namespace) -> int:
         arrays = load_arrays(args)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"sweep.py: error: {e}") from e
+    if len(arrays[0][0]) < 2:  # (as --limit 1 is refused: every trial failed, after Ray)
+        raise SystemExit(
+            f"sweep.py: error: {data_label(args)} holds 1 training image: a trial needs 2 or "
+            "more (the last tenth, at least 1, is held out for validation)"
+        )
     args.data_sha256 = data_digest(arrays)
     check_same_data(args)
     if not pins_are_defaults(args.pins):

@@ -743,6 +743,21 @@ def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_t
     assert seconds < 30
 
 
+def test_a_file_of_one_training_image_fails_before_ray(tmp_path, ray_tmp):
+    """--limit 1 is refused before Ray; a file holding one training image passed, and
+    every trial failed after Ray's start-up ("no training images left"), with retries."""
+    with np.load(MNIST) as d:
+        one = {k: d[k][:1] if k.endswith("train") else d[k][:100] for k in d.files}
+    data = tmp_path / "one.npz"
+    np.savez(data, **one)
+    cmd = [sys.executable, str(SWEEP), "--data", str(data), "--models", "dense", "--epochs", "1"]
+    cmd += ["--no-figures", "--storage-path", str(tmp_path / "store"), "--name", "one"]
+    proc = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"sweep.py: error: {data} holds 1 training image: a trial needs 2 or more" in proc.stderr
+    assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "store" / "one").exists()
+
+
 def test_an_experiment_folder_that_cannot_be_written_fails_before_ray(tmp_path, ray_tmp):
     """--storage-path can be written, its --name folder not (another user's, say; here a
     link to /proc, which not even root can write): refused before Ray, not as a
