@@ -300,8 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key in ("limit", "test_limit", "epochs", "num_samples"):
             if f"--{key.replace('_', '-')}" not in given:
                 setattr(args, key, SMOKE[key])
-    # `--models conv denoise` or `--models conv,denoise`, as the benchmarks take them
-    args.models = [m for text in args.models for m in text.split(",") if m]
+    # `--models conv denoise`, `--models conv,denoise` or "conv, denoise", as the
+    # benchmarks take them
+    args.models = [m.strip() for text in args.models for m in text.split(",") if m.strip()]
     if not args.models:
         parser.error("--models: no variant given")
     unknown = [m for m in args.models if m not in SEARCH_SPACE]

@@ -655,6 +655,8 @@ def test_models_may_be_spaced_or_comma_separated():
     sweep = _load_sweep_module()
     args = sweep.parse_args(["--models", "conv,denoise", "vae", "conv,"])
     assert args.models == ["conv", "denoise", "vae"]
+    # (quoted with a space after the comma: it was "unknown variant(s) ' vae'")
+    assert sweep.parse_args(["--models", "conv, vae ,dense"]).models == ["conv", "vae", "dense"]
 
 
 def test_storage_path_defaults_to_the_clusters_shared_storage(tmp_path, monkeypatch, capsys):
