@@ -1385,8 +1385,10 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         ]
     (report / "compare.png").unlink(missing_ok=True)  # (an earlier report's: drawn again)
     if best:
-        _compare_chart(best, report / "compare.png")
-        lines += ["## Variants compared", "", "![compare](compare.png)", ""]
+        lines += ["## Variants compared", ""]
+        if not args.no_figures:  # (the table below says the same)
+            _compare_chart(best, report / "compare.png")
+            lines += ["![compare](compare.png)", ""]
         lines += ["| variant | val_loss | test_bce | test_psnr | test_ssim | trial |"]
         lines += ["|---|---|---|---|---|---|"]
         for model, rec in best.items():

@@ -1177,6 +1177,24 @@ def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     assert "No best model" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_no_figures_draws_no_comparison_chart_either(tmp_path):
+    """--no-figures ("skip the report's figures") still drew report/compare.png; the
+    report keeps the comparison's table."""
+    sweep = _load_sweep_module()
+    best = {"val_loss": 0.1, "test_bce": 0.1, "test_psnr": 18.0, "test_ssim": 0.8}
+    best = {"dense": {**best, "trial_id": "dense_1", "hparams": {"encoding_dim": 32}}}
+    digits = np.zeros((4, 28, 28), np.uint8)
+    arrays = ((digits, np.zeros(4)), (digits, np.zeros(4)))
+    for flags, drawn in (["--no-figures"], False), ([], True):
+        args = sweep.parse_args(["--data", str(MNIST), "--models", "dense", *flags])
+        args.models = []  # (the per-variant figures need a trained model: not here)
+        sweep.write_report(best, [], args, arrays, tmp_path)
+        report = (tmp_path / "report" / "report.md").read_text()
+        assert "| dense | 0.1000 | 0.1000 | 18.00 | 0.800 | dense_1 |" in report
+        assert (tmp_path / "report" / "compare.png").is_file() is drawn, flags
+        assert ("![compare](compare.png)" in report) is drawn
+
+
 def test_trials_per_node_counts_each_node_once_with_the_devices_said():
     sweep = _load_sweep_module()
     here = {"hostname": "a", "node_ip": "10.0.0.1"}
