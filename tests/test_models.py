@@ -75,7 +75,13 @@ def test_overrides_change_the_model():
     assert aelib.build_model("vae", latent_dim=3).encoder.output_shape == (None, 3)
     sparse = aelib.build_model("sparse", l1=1e-3)
     assert sparse.encoder.get_layer("code_l1").l1 == 1e-3
-    assert aelib.build_model("deep", hidden_units=(256,)).autoencoder.count_params() > 0
+    deep = aelib.build_model("deep", hidden_units=(256,))
+    widths = [
+        layer.units
+        for layer in deep.encoder.layers + deep.decoder.layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
+    assert widths == [256, 32, 256, 784]  # one hidden layer each side, mirrored
     # Keras's sizes take an int or one per dimension
     conv = aelib.build_model("conv", kernel_size=(3, 5))
     assert conv.encoder.get_layer("enc_conv_0").kernel_size == (3, 5)
