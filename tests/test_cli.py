@@ -592,15 +592,31 @@ def test_make_noisy_without_mnist_offline_is_one_line(tmp_path):
     assert not (tmp_path / "noisy").exists()
 
 
-def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch):
+def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO / "jobs"))
     import make_noisy
+    from PIL import Image
 
     seeds = {
         make_noisy.chunk_seed(seed, chunk) for seed in range(0, 30001, 10000) for chunk in range(4)
     }
     assert len(seeds) == 16  # (seed + 10000 * chunk had 7)
-    assert make_noisy.chunk_seed(5, 1) == make_noisy.chunk_seed(5, 1)
+    # ... and the files written carry them: each chunk's digits have its own seed's noise
+    # (chunks of 3 digits here, not 10,000).
+    monkeypatch.setattr(make_noisy, "_CHUNK", 3)
+    make_noisy.make_noisy(str(MNIST), 6, tmp_path / "noisy", seed=5)
+    _, (x_test, y_test) = data_lib.load_mnist(MNIST)
+    for chunk in (0, 1):
+        index = range(3 * chunk, 3 * chunk + 3)
+        noisy = data_lib.add_noise(
+            data_lib.scale(x_test[index.start : index.stop]),
+            0.5,
+            seed=make_noisy.chunk_seed(5, chunk),
+        )
+        for i, expected in zip(index, np.round(noisy * 255.0).astype(np.uint8), strict=True):
+            rel = make_noisy.relative_path(i, int(y_test[i]))
+            with Image.open(tmp_path / "noisy" / rel) as image:
+                assert np.array_equal(np.asarray(image), expected), (chunk, rel)
 
 
 def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
