@@ -877,7 +877,7 @@ def test_pinned_values_are_checked_against_the_option_defaults():
         assert expected in str(exit_info.value.code)
 
 
-def test_pins_of_aelibs_defaults_spare_the_drivers_keras_import():
+def test_pins_of_aelibs_defaults_spare_the_drivers_keras_import(tmp_path, monkeypatch):
     """The driver builds pinned variants (importing Keras, ~3 s) unless every pin is
     aelib's own default, as bench_sweep.py pins every searched key: those build."""
     sweep = _load_sweep_module()
@@ -893,6 +893,23 @@ def test_pins_of_aelibs_defaults_spare_the_drivers_keras_import():
         assert not sweep.pins_are_defaults([parsed]), pin
     (tuple_as_list,) = sweep.parse_args(["--set", "conv.filters=[16, 8, 8]"]).pins
     assert sweep.pins_are_defaults([tuple_as_list])
+    # ... and the driver (stopped where Ray would start) skips check_pins for them only.
+    checked = []
+
+    class BeforeRay(Exception):
+        pass
+
+    def before_ray():
+        raise BeforeRay
+
+    monkeypatch.setattr(sweep, "check_pins", lambda args, arrays: checked.append(args.pins))
+    monkeypatch.setattr(sweep, "_sigterm_in_ray_init", before_ray)
+    base = ["--data", str(MNIST), "--limit", "100", "--test-limit", "50", "--no-figures"]
+    base += ["--storage-path", str(tmp_path)]
+    for name, pins in (("defaults", flags), ("other", ["--set", "dense.batch_size=64"])):
+        with pytest.raises(BeforeRay):
+            sweep.main([*base, "--name", name, *pins])
+    assert checked == [[("dense", "batch_size", 64)]]
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
