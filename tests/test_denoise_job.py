@@ -1661,6 +1661,23 @@ def test_actors_import_aelib_only_for_a_model_with_its_layers(model_path, custom
     assert job.inspect_model(model_path.read_bytes(), "m").uses_aelib is False
     spec = job.inspect_model(custom_model.read_bytes(), "custom")
     assert spec.uses_aelib is True and spec.multiple == 2
+    # ... and an actor (the job's own Denoiser, in a fresh process) imports it for the
+    # second only.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import denoise\n"
+        "for model in sys.argv[2:]:\n"
+        "    denoise.Denoiser(denoise.JobSettings.in_process(model, None, 'unused'))\n"
+        "    print('aelib' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "jobs"), str(model_path), str(custom_model)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]
 
 
 def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
