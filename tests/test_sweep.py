@@ -225,6 +225,9 @@ def test_smoke_sweep_trial_table(smoke):
     with open(exp / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["model"] for r in rows) == sorted(VARIANTS)  # one trial each
+    # created heaviest first (trial ids count up in the grid's order), as the driver asks
+    created = [r["model"] for r in sorted(rows, key=lambda r: r["trial_id"])]
+    assert created == _load_sweep_module().heaviest_first(VARIANTS) != VARIANTS, created
     for row in rows:
         assert row["status"] == "finished", row
         assert float(row["val_loss"]) > 0 and float(row["test_psnr"]) > 0
