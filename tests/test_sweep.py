@@ -143,7 +143,7 @@ def test_smoke_sweep_leaves_no_checkpoint_staging_behind(smoke):
     assert sorted(p.name for p in smoke["tmp"].glob("aelib-*")) == []
 
 
-def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """trials.csv, best/ and the report were written in place: a driver stopped while it
     wrote them left half a file (a best model the denoise job could not read)."""
     sweep = _load_sweep_module()
@@ -162,6 +162,24 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
     with sweep._replaced(target) as tmp:
         tmp.write_text("the next run's table")
     assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+    # The report is written that way: stopped while it writes, the last one stays whole.
+    args = sweep.parse_args(["--data", str(MNIST), "--models", "dense", "--no-figures"])
+    digits = np.zeros((4, 28, 28), np.uint8)
+    arrays = ((digits, np.zeros(4)), (digits, np.zeros(4)))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("the last run's report")
+    write_text = Path.write_text
+
+    def stopped_halfway(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.write_report({}, [], args, arrays, tmp_path)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["report.md"]
+    assert (tmp_path / "report" / "report.md").read_text() == "the last run's report"
 
 
 def test_checkpoint_staging_of_ended_processes_is_removed(tmp_path, monkeypatch):
