@@ -198,20 +198,32 @@ def signal_when(cmd, env, log: Path, ready, sig, group=False, interval=0.1, time
     return seen, status, log.read_text()
 
 
-def wait_no_ray(ray_tmp: Path, timeout: float = 20.0) -> list[int]:
-    """Waits until no process of the Ray under `ray_tmp` runs; returns the PIDs still
-    running after `timeout` seconds."""
+def wait_no_ray(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) -> list[int]:
+    """Waits until no process of the Ray under `ray_tmp` runs (but those whose command
+    line holds `but`); returns the PIDs still running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while (left := ray_pids(ray_tmp)) and time.monotonic() < deadline:
+    while (left := _ray_pids_but(ray_tmp, but)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
 
-def ray_left(ray_tmp: Path, timeout: float = 20.0) -> list[str]:
+def _ray_pids_but(ray_tmp: Path, but: str | None) -> list[int]:
+    pids = []
+    for pid in ray_pids(ray_tmp):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue  # (ended since)
+        if but is None or but not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def ray_left(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) -> list[str]:
     """wait_no_ray's PIDs as "PID (state) command line": which process outlived its
     run, in the failure's text."""
     described = []
-    for pid in wait_no_ray(ray_tmp, timeout):
+    for pid in wait_no_ray(ray_tmp, timeout, but):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
