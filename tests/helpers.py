@@ -122,10 +122,11 @@ class GcsServer:
         self.proc.wait(timeout=30)
 
 
-def ray_pids(ray_tmp: Path) -> list[int]:
+def ray_pids(ray_tmp: Path, but: str | None = None) -> list[int]:
     """Processes of the Ray that a job started with RAY_TMPDIR=ray_tmp: its daemons name
     the folder on their command line; its workers, which retitle themselves ("ray::IDLE")
-    and sit in process groups of their own, inherited the variable."""
+    and sit in process groups of their own, inherited the variable. Those whose command
+    line holds `but` are left out."""
     marker = f"RAY_TMPDIR={ray_tmp}\0".encode()
     pids = []
     for proc in Path("/proc").iterdir():
@@ -136,7 +137,7 @@ def ray_pids(ray_tmp: Path) -> list[int]:
             environ = (proc / "environ").read_bytes() + b"\0"
         except OSError:
             continue
-        if str(ray_tmp) in cmdline or marker in environ:
+        if (str(ray_tmp) in cmdline or marker in environ) and not (but and but in cmdline):
             pids.append(int(proc.name))
     return pids
 
@@ -202,21 +203,9 @@ def wait_no_ray(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) ->
     """Waits until no process of the Ray under `ray_tmp` runs (but those whose command
     line holds `but`); returns the PIDs still running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while (left := _ray_pids_but(ray_tmp, but)) and time.monotonic() < deadline:
+    while (left := ray_pids(ray_tmp, but)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
-
-
-def _ray_pids_but(ray_tmp: Path, but: str | None) -> list[int]:
-    pids = []
-    for pid in ray_pids(ray_tmp):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue  # (ended since)
-        if but is None or but not in cmdline:
-            pids.append(pid)
-    return pids
 
 
 def ray_left(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) -> list[str]:
