@@ -31,6 +31,7 @@ What it does (see cluster/local-fake-gpu.yaml):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -53,10 +54,17 @@ STATE_FILE = "state.json"
 TOKEN_FILE = "auth_token"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def _free_ports(names: list[str]) -> dict[str, int]:
+    """A free port for each name, all different: every socket stays bound until the last
+    port is chosen, since a port closed at once can be handed out again by the next bind
+    (two components on one port make `ray start` fail)."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in names
+        ]
+        for s in socks:
+            s.bind((HOST, 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, socks, strict=True)}
 
 
 def _ray_bin() -> str:
@@ -115,12 +123,7 @@ def start(
     token_path = _ensure_token(state_dir)
     temp_dir = state_dir / "ray"  # short: Ray's unix sockets live below it (107-byte limit)
 
-    ports = {
-        "gcs": _free_port(),
-        "dashboard": _free_port(),
-        "client_server": _free_port(),
-        "dashboard_agent": _free_port(),
-    }
+    ports = _free_ports(["gcs", "dashboard", "client_server", "dashboard_agent"])
     address = f"{HOST}:{ports['gcs']}"
     env = dict(os.environ)
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
