@@ -45,12 +45,14 @@ import ast
 import atexit
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -1709,8 +1711,45 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    with one_sweep_at_a_time(experiment_path(args)):
-        return _sweep_locked(args)
+    experiment = experiment_path(args)
+    with one_sweep_at_a_time(experiment):
+        try:
+            return _sweep_locked(args)
+        except (OSError, _TrialErrorUnreadable) as e:
+            if isinstance(e, OSError) and not _out_of_space(e):
+                raise
+            raise SystemExit(_out_of_space_message(experiment, e)) from e
+
+
+class _TrialErrorUnreadable(Exception):
+    """Tune's fit could not read back a failed trial's pickled error: a full disk left
+    the file empty (EOFError) or cut short (UnpicklingError)."""
+
+
+def _out_of_space(error: OSError) -> bool:
+    """A full disk or quota; pyarrow's file systems raise a plain OSError that says
+    '[errno 28]' in its text, not in its errno."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return error.errno in codes or any(f"[errno {code}]" in str(error) for code in codes)
+
+
+def _out_of_space_message(experiment: str, error: Exception) -> str:
+    if isinstance(error, _TrialErrorUnreadable):
+        what = (
+            f"Tune could not read back what a failed trial wrote in {experiment} "
+            f"({error.__cause__!r}: a file of it is cut short), as when that disk is full"
+        )
+    else:
+        what = f"no space left to write ({error})"
+    free = ""
+    if "://" not in experiment and os.path.isdir(experiment):
+        free = f" ({shutil.disk_usage(experiment).free / 2**20:,.1f} MiB free there now)"
+    again = "with --resume " if restorable(experiment) else ""
+    return (
+        f"sweep.py: out of disk space: {what}{free}. What was written is kept: free some "
+        f"space, then rerun the same command {again}to finish the sweep and its report "
+        "(failed trials go on from their last checkpoints)."
+    )
 
 
 def _sweep_locked(args: argparse.Namespace) -> int:
@@ -1764,7 +1803,10 @@ def _sweep_locked(args: argparse.Namespace) -> int:
             write_settings(args)
         tuner = build_tuner(args, arrays, experiment)
         handler = signal.getsignal(signal.SIGINT)
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except (EOFError, pickle.UnpicklingError) as e:  # (a trial's error file, cut short)
+            raise _TrialErrorUnreadable() from e
         interrupted = _interrupted(handler)
         unfinished = _unfinished_trials(experiment) if interrupted else {}
         local = "://" not in experiment

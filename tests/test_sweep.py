@@ -14,6 +14,7 @@ tests' shared head (`shared_ray` in conftest.py), as `ray submit` runs a sweep.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import math
@@ -428,6 +429,39 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
     assert row["status"] == "finished" and int(row["epoch"]) == epochs
     assert int(row["pid"]) != killed
     assert (exp / "best" / "conv.keras").is_file()
+
+
+def test_a_full_disk_ends_the_sweep_with_a_message_and_resume_finishes_it(tmp_path, shared_ray):
+    """A sweep whose storage fills up (a 2 MiB tmpfs: root only, skipped elsewhere) ended
+    in Tune's EOFError or an OSError traceback. Now its last line says the disk is full
+    and how to go on; after space is freed, --resume finishes every trial's epochs."""
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--epochs", "2", "--limit", "1000", "--test-limit", "100", "--num-samples", "1"]
+    cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
+    cmd += ["--storage-path", str(full), "--name", "s"]
+    run = functools.partial(
+        subprocess.run, env=_env(None, shared_ray), capture_output=True, text=True, timeout=300
+    )
+    try:
+        proc = run(cmd)
+        last = proc.stderr.strip().splitlines()[-1:]
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert last and last[0].startswith("sweep.py: out of disk space: "), proc.stderr[-3000:]
+        assert "rerun the same command with --resume" in last[0], last
+        subprocess.run(["mount", "-o", "remount,size=40M", str(full)], check=True)
+        proc = run(cmd + ["--resume"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(full / "s" / "trials.csv") as f:
+            (row,) = csv.DictReader(f)
+        assert row["status"] == "finished" and int(row["epoch"]) == 2, row
+        assert _optimizer_steps(full / "s" / "best" / "dense.keras", 1000, 2)
+    finally:
+        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
 
 
 def _optimizer_steps(path: Path, images: int, epochs: int) -> bool:
