@@ -33,6 +33,38 @@ def _positive(text: str) -> int:
 _positive.__name__ = "positive integer"  # argparse's "invalid positive integer value: 'x'"
 
 
+def _count(text: str) -> int:
+    """--epochs and --batch-size: beyond int64, a typo failed inside fit with
+    TensorFlow's OverflowError (or, with --lr-schedule cosine, TypeError) traceback."""
+    value = _positive(text)
+    if value > 2**31 - 1:  # (train.MAX_COUNT; aelib.train is imported later)
+        raise argparse.ArgumentTypeError(f"must be at most 2**31 - 1. Received: {text}")
+    return value
+
+
+_count.__name__ = "positive integer"
+
+
+def _float_in(low: float, high: float, low_open: bool, high_open: bool, name: str):
+    """An argparse type of a float in an interval, whose error names the flag (the
+    config's check named the field, learning_rate, after Keras was imported)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):  # (NaN fails too)
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            if high == float("inf"):
+                bounds = f"> {low:g} and finite" if low_open else f">= {low:g} and finite"
+                raise argparse.ArgumentTypeError(f"must be {bounds}. Received: {text}")
+            raise argparse.ArgumentTypeError(f"must be in {bounds}. Received: {text}")
+        return value
+
+    parse.__name__ = name  # (argparse's "invalid number value: 'x'")
+    return parse
+
+
 def _limit(text: str) -> int:
     value = int(text)
     if value < 2:  # (TrainConfig's own message says "or None", the Python API's word)
@@ -134,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, choices=list_models())
     t.add_argument(
         "--epochs",
-        type=_positive,
+        type=_count,
         default=None,
         help="default: the tutorial's (50; 100 for sparse, deep and denoise)",
     )
@@ -142,16 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--test-limit", type=_positive, default=None, help="evaluate on the first N test images"
     )
-    t.add_argument("--batch-size", type=_positive, default=None)
-    t.add_argument("--learning-rate", type=float, default=None)
+    t.add_argument("--batch-size", type=_count, default=None)
+    t.add_argument(
+        "--learning-rate", type=_float_in(0, float("inf"), True, True, "number"), default=None
+    )
     t.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
         default=None,
         help="constant (the tutorial's) or a cosine decay to 0 over the epochs",
     )
-    t.add_argument("--noise-factor", type=float, default=None)
-    t.add_argument("--val-split", type=float, default=None)
+    t.add_argument(  # (denoise only: at 0 there is no noise to remove)
+        "--noise-factor", type=_float_in(0, 1, True, False, "number"), default=None
+    )
+    t.add_argument("--val-split", type=_float_in(0, 1, False, True, "number"), default=None)
     t.add_argument("--seed", type=_seed, default=0)
     source = t.add_mutually_exclusive_group()  # (--data beside --images went unread)
     source.add_argument(
@@ -228,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8s} {model_defaults(name)}")
         return 0
 
-    from aelib.train import TrainConfig
+    from aelib.train import TrainConfig, check_out_dir
     from aelib.tutorial import tutorial_settings
 
     values = {
@@ -253,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with process.sigterm_as_ctrl_c():  # (SIGTERM: as Ctrl-C, not a silent end)
             config = TrainConfig(model=args.model, **values)
+            check_out_dir(args.out, args.images, ("--out", "--images"))
             out = Path(args.out).expanduser()
             _writable_folder(args.out, "--out", made)
             if not args.no_figures and (out / "figures").exists():  # (found after training)

@@ -172,8 +172,19 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
             model = keras.models.load_model(path, compile=compile)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # (a damaged member)
         raise ValueError(f"{path} is not a readable .keras file: {plain_message(e)}") from e
+    except Exception as e:  # (Keras's, JSON's and h5py's words named no file: a damaged
+        # config.json or weights member, one missing, weights of another model)
+        raise ValueError(
+            f"{path} is not a readable .keras file: {type(e).__name__}: {plain_message(e)}"
+        ) from e
     options = info.get("model_config") or {}
-    return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)
+    try:
+        return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)
+    except ValueError as e:  # (Keras's "No such layer: encoder")
+        raise ValueError(
+            f"{path} is not a model aelib.save wrote: {plain_message(e)} (an aelib model's "
+            "autoencoder holds an encoder and a decoder)"
+        ) from e
 
 
 def _compile_config(path: str | os.PathLike) -> dict | None:

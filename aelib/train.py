@@ -34,6 +34,7 @@ from aelib.registry import (
 from aelib.saving import remove_stale_temp_files, save
 
 MnistArrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+MAX_COUNT = 2**31 - 1  # the most epochs, and the largest batch size, a run takes
 
 
 @dataclasses.dataclass
@@ -106,6 +107,12 @@ class TrainConfig:
             _check(is_number(value), f"{name} must be a number. Received: {name}={value!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1. Received: {self.batch_size}")
+        for name in ("epochs", "batch_size"):  # (beyond int64: TensorFlow's OverflowError or
+            value = getattr(self, name)  # TypeError traceback, in fit, after the data load)
+            _check(
+                value <= MAX_COUNT,
+                f"{name} must be at most 2**31 - 1. Received: {name}={value}",
+            )
         _check(
             self.metrics_limit >= 1,
             f"metrics_limit must be >= 1. Received: metrics_limit={self.metrics_limit}",
@@ -207,6 +214,22 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
     n_test = max(1, len(x) // 10)
     labels = np.full(len(x), -1, np.int16)
     return (x[:-n_test], labels[:-n_test]), (x[-n_test:], labels[-n_test:])
+
+
+def check_out_dir(out_dir: str | os.PathLike, images: str | os.PathLike | None, names=None):
+    """Refuses an output folder in the image folder a run trains on: the figures it
+    writes there (PNGs) were read as training (and test) images by the next run on that
+    folder, without a word. `names`: what to call the two in the message (the CLI's
+    flags)."""
+    if images is None:
+        return
+    out_name, images_name = names or ("out_dir", "images")
+    out, root = (Path(p).expanduser().resolve() for p in (out_dir, images))
+    if out == root or root in out.parents:
+        raise ValueError(
+            f"{out_name} {out_dir} is inside {images_name} {images}: its figures would be read "
+            f"as images by the next run on {images}. Choose an {out_name} outside it."
+        )
 
 
 def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Splits:
@@ -590,6 +613,8 @@ def train(
             f"Received: initial_epoch={initial_epoch!r}"
         )
     if out_dir is not None:  # (found after the training and evaluation before)
+        if data is None:  # (the images are read from config.images, if it names them)
+            check_out_dir(out_dir, config.images)
         folder = Path(out_dir).expanduser()
         blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
         if blocker is not None:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import aelib
 from aelib import data as data_lib
 from aelib.__main__ import main
 from helpers import MNIST, REPO, subprocess_env
@@ -139,8 +140,9 @@ BAD_INPUT = [
         ["--model", "dense", "--data", "/nonexistent/mnist.npz"],
         "MNIST file not found: /nonexistent/mnist.npz",
     ),
-    (["--model", "denoise", "--noise-factor", "2"], "noise_factor must be in [0, 1]"),
-    (["--model", "denoise", "--noise-factor", "0"], "noise_factor must be > 0 for denoise"),
+    (["--model", "denoise", "--noise-factor", "2"], "--noise-factor: must be in (0, 1]. Rec"),
+    (["--model", "denoise", "--noise-factor", "0"], "--noise-factor: must be in (0, 1]. Rec"),
+    (["--model", "dense", "--val-split", "1"], "--val-split: must be in [0, 1). Received: 1"),
     (["--model", "dense", "--set", "filters=3"], "Unknown option(s) ['filters'] for model"),
     (["--model", "dense", "--set", "nonsense"], "--set expects KEY=VALUE"),
     (
@@ -160,7 +162,20 @@ BAD_INPUT = [
     ),
     (["--model", "dense", "--seed", "-1"], "--seed: must be in [0, 2**32 - 1]"),
     (["--model", "dense", "--epochs", "abc"], "--epochs: invalid positive integer value: 'abc'"),
-    (["--model", "dense", "--learning-rate", "inf"], "learning_rate must be > 0 and finite"),
+    (["--model", "dense", "--learning-rate", "inf"], "--learning-rate: must be > 0 and finite"),
+    (["--model", "dense", "--learning-rate", "nan"], "--learning-rate: must be > 0 and finite"),
+    (  # (beyond int64: TensorFlow's OverflowError traceback in fit, after the data load)
+        ["--model", "dense", "--batch-size", "99999999999999999999"],
+        "--batch-size: must be at most 2**31 - 1. Received: 99999999999999999999",
+    ),
+    (  # (TensorFlow's TypeError traceback, from the cosine schedule's decay steps)
+        ["--model", "dense", "--epochs", "99999999999999999999", "--lr-schedule", "cosine"],
+        "--epochs: must be at most 2**31 - 1. Received: 99999999999999999999",
+    ),
+    (  # (JAX's OverflowError traceback; PyTorch's words naming no option; TF took it)
+        ["--model", "vae", "--set", "seed=-1", "--epochs", "1"],
+        "seed must be None or an int in [0, 2**31 - 1]. Received: seed=-1",
+    ),
     (["--model", "dense", "--data", "/proc/cpuinfo"], "is not an .npz (zip) archive"),
     (  # --data beside --images went unread, a missing file too
         ["--model", "dense", "--images", "/tmp", "--data", "/nonexistent/mnist.npz"],
@@ -204,6 +219,28 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     assert message in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
+    """--out inside (or equal to) --images: the run's figures were read as training and
+    test images by the next run on that folder (43 images where there were 40)."""
+    from PIL import Image
+
+    images = tmp_path / "scans"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 60 * i, np.uint8)).save(images / f"{i}.png")
+    for out in (images, images / "run"):
+        args = ["train", "--model", "dense", "--epochs", "1", "--images", str(images)]
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is inside --images {images}: its figures would be read" in err, err
+        assert "Traceback" not in err and "Epoch" not in err
+        assert sorted(p.name for p in images.iterdir()) == [f"{i}.png" for i in range(4)]
+    config = aelib.TrainConfig(model="dense", epochs=1, images=str(images))
+    with pytest.raises(ValueError, match="out_dir .* is inside images"):
+        aelib.train(config, out_dir=images / "run", verbose=0)
+    assert not (images / "run").exists()
 
 
 def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):

@@ -567,6 +567,54 @@ def test_load_names_the_file_and_what_is_damaged(tmp_path):
             aelib.load(variant(name, **{"aelib.json": record}))
 
 
+def test_load_names_the_file_keras_cannot_read(tmp_path):
+    """A damaged or missing config.json or weights member, and the config of another
+    model, failed with Keras's, JSON's or h5py's error (JSONDecodeError, KeyError,
+    OSError), naming no file."""
+    import zipfile
+
+    good = aelib.save(aelib.build_model("dense"), tmp_path / "good.keras")
+    conv = aelib.save(aelib.build_model("conv"), tmp_path / "conv.keras")
+    with zipfile.ZipFile(good) as zin:
+        members = {i.filename: zin.read(i) for i in zin.infolist()}
+    with zipfile.ZipFile(conv) as zin:
+        conv_config = zin.read("config.json")
+    for name, changed, said in (
+        ("json.keras", {"config.json": b"{bad"}, "JSONDecodeError"),
+        ("noconfig.keras", {"config.json": None}, "KeyError"),
+        ("noweights.keras", {"model.weights.h5": None}, "ValueError"),
+        ("garbage.keras", {"model.weights.h5": b"garbage" * 10}, "OSError"),
+        ("other.keras", {"config.json": conv_config}, "ValueError"),
+    ):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zout:
+            for member, data in {**members, **changed}.items():
+                if data is not None:
+                    zout.writestr(member, data)
+        with pytest.raises(ValueError, match=f"{name} is not a readable .keras file: {said}"):
+            aelib.load(path)
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain.save(tmp_path / "plain.keras")  # (an aelib record, but no encoder in it)
+    with zipfile.ZipFile(tmp_path / "plain.keras", "a") as zout:
+        zout.writestr("aelib.json", members["aelib.json"])
+    with pytest.raises(ValueError, match="plain.keras is not a model aelib.save wrote"):
+        aelib.load(tmp_path / "plain.keras")
+
+
+def test_counts_and_seeds_beyond_what_every_backend_takes_are_refused():
+    """Epochs or a batch size beyond int64 failed inside fit (TensorFlow's OverflowError
+    or TypeError traceback); a VAE seed out of int32 under JAX (OverflowError) or PyTorch,
+    and a negative one under JAX, while TensorFlow took them (and saved files that the
+    other backends could not load)."""
+    for field in ("epochs", "batch_size"):
+        with pytest.raises(ValueError, match=re.escape(f"{field} must be at most 2**31 - 1")):
+            TrainConfig(**{field: 2**63})
+    for seed in (-1, 2**31, True, 1.0):
+        with pytest.raises(ValueError, match=re.escape("seed must be None or an int in [0, 2")):
+            aelib.build_model("vae", seed=seed)
+    assert aelib.build_model("vae", seed=2**31 - 1).config["seed"] == 2**31 - 1
+
+
 def test_save_wants_keras_suffix(tmp_path):
     with pytest.raises(ValueError, match="must end in .keras"):
         aelib.save(aelib.build_model("dense"), tmp_path / "model.h5")
