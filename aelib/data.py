@@ -58,6 +58,14 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
             f"MNIST file not found: {given}. Pass --data PATH or set ${MNIST_ENV} to "
             "Keras's mnist.npz (keys x_train, y_train, x_test, y_test)."
         )
+    try:  # (is_zipfile takes any OSError for "not a zip": an unreadable file was "cut short")
+        with open(resolved, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{given} cannot be read ({e.strerror or e}); expected Keras's mnist.npz (keys "
+            "x_train, y_train, x_test, y_test)."
+        ) from e
     if not zipfile.is_zipfile(resolved):  # (np.load would read a .npy, or try a pickle)
         raise ValueError(
             f"{given} is not an .npz (zip) archive (or it is cut short); expected "

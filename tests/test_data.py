@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,28 @@ def test_files_that_are_not_mnist_npz_say_what_they_are(tmp_path):
     )
     with pytest.raises(ValueError, match=r"x_train must hold 28x28 images.*\(5, 14, 14\)"):
         data_lib.load_mnist(tmp_path / "small.npz")
+
+
+def _unreadable(path: Path) -> bool:
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        return True
+    return False
+
+
+def test_an_npz_that_cannot_be_read_says_so(tmp_path):
+    """A file the user may not read was "not an .npz (zip) archive (or it is cut short)":
+    zipfile.is_zipfile takes its PermissionError for "not a zip"."""
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x=np.zeros(3))
+    path.chmod(0)
+    if not _unreadable(path):  # (root reads it anyway: a file that even root may not read)
+        path = Path("/proc/sys/vm/compact_memory")
+        if not (path.is_file() and _unreadable(path)):
+            pytest.skip("no file here that this user may not read")
+    with pytest.raises(ValueError, match=rf"{path} cannot be read \(Permission denied\)"):
+        data_lib.load_mnist(path)
 
 
 def test_image_folders_keep_16_bit_and_float_gray_levels_and_skip_hidden_files(tmp_path):
