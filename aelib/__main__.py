@@ -104,6 +104,11 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {path} is a file; expected a folder.")
+    if folder.is_symlink() and not folder.exists():  # (mkdir's "File exists" said nothing)
+        raise ValueError(
+            f"{flag} {path} is a link to {os.readlink(folder)}, which does not exist (or is a "
+            "loop of links); expected a folder."
+        )
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)

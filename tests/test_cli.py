@@ -243,6 +243,20 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
     assert not (images / "run").exists()
 
 
+def test_an_out_that_is_a_broken_link_says_so(tmp_path, capsys):
+    """An --out (or --tensorboard) that is a link to nothing was "cannot write there
+    (File exists)"."""
+    broken = tmp_path / "runs"
+    broken.symlink_to(tmp_path / "gone" / "runs")
+    for flag in ("--out", "--tensorboard"):
+        args = ["train", "--model", "dense", "--limit", "50", "--out", str(tmp_path / "o")]
+        assert main([*args, flag, str(broken)]) == 2
+        err = capsys.readouterr().err
+        said = f"{flag} {broken} is a link to {tmp_path / 'gone' / 'runs'}, which does not exist"
+        assert said in err and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
     """A second run into the same --out (a smoke test after a long run, a NaN run) replaced
     the first one's model without a word; now it stops before training unless told to.
