@@ -101,6 +101,17 @@ def test_arrays_of_two_image_shapes_are_refused():
             data_lib.check_arrays(((x, None), (test, None)))
 
 
+def test_colour_arrays_are_refused_naming_their_channels():
+    """RGB arrays passed to aelib.train: dense said their 28x28 images were not square,
+    seq2seq failed in NumPy's reshape naming no input, conv and denoise suggested other
+    sizes. (N, H, W, 1) is gray, and taken."""
+    gray = np.zeros((4, 28, 28, 1), np.uint8)
+    data_lib.check_arrays(((gray, None), (gray, None)))
+    rgb = np.zeros((4, 28, 28, 3), np.uint8)
+    with pytest.raises(ValueError, match="data's training images are 28x28x3: 3 channels"):
+        data_lib.check_arrays(((rgb, None), (rgb, None)))
+
+
 def test_labels_that_are_no_integers_are_refused(tmp_path):
     """Labels of str (an npz saved with y.astype(str)) or one-hot passed every check and
     broke the figures after the whole training: a UFuncTypeError traceback, and
