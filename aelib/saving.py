@@ -43,6 +43,12 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     Returns:
         The path written.
     """
+    if not isinstance(model, Autoencoder):  # (its Keras model: "'Functional' object has no
+        raise TypeError(  # attribute 'input_kind'")
+            "save() takes an aelib model, as aelib.build_model or aelib.load returns it (its "
+            "Keras model is its .autoencoder; a plain Keras model saves with its own .save). "
+            f"Received: {type(model).__name__}"
+        )
     path = Path(path).expanduser()
     if path.suffix != ".keras":
         raise ValueError(f"Model path must end in .keras. Received: {path}")

@@ -620,6 +620,16 @@ def test_save_wants_keras_suffix(tmp_path):
         aelib.save(aelib.build_model("dense"), tmp_path / "model.h5")
 
 
+def test_save_of_a_keras_model_says_what_it_takes(tmp_path):
+    """aelib.save(model.autoencoder, ...) failed with "'Functional' object has no
+    attribute 'input_kind'"."""
+    model = aelib.build_model("dense")
+    for wrong, name in ((model.autoencoder, "Functional"), ("dense", "str")):
+        with pytest.raises(TypeError, match=f"save\\(\\) takes an aelib model.*Received: {name}"):
+            aelib.save(wrong, tmp_path / "m.keras")
+    assert not (tmp_path / "m.keras").exists()
+
+
 def test_sparse_penalty_makes_codes_sparser_than_dense():
     from aelib.train import TrainConfig, train
 
