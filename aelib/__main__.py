@@ -365,7 +365,14 @@ def _how_to_go_on(args: argparse.Namespace, settings: dict) -> str:
 def _train_locked(args: argparse.Namespace, config, out: Path, made: list, settings: dict):
     """Trains into `out`; `settings` gets the run's resume_settings once its data is
     read (for main() to say, if the run is stopped, what its rerun does)."""
-    from aelib.train import config_source, load_arrays, resume_settings, stopped_run, train
+    from aelib.train import (
+        checkpoint_path,
+        config_source,
+        load_arrays,
+        resume_settings,
+        stopped_run,
+        train,
+    )
 
     model_file = f"{args.model}.keras"
     if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
@@ -375,6 +382,14 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
             "run: pass --overwrite to replace them, or choose another --out."
         )
     model_there = (out / model_file).exists()
+    if model_there and not args.overwrite and not checkpoint_path(out, args.model).exists():
+        # (a run of aelib train stopped before its metrics.json leaves its checkpoint
+        # beside its model: without either, the model is a user's own, aelib.save's)
+        raise ValueError(
+            f"--out {args.out} already holds a {model_file} that is no stopped run's (no "
+            f"metrics.json, no {checkpoint_path(out, args.model).name}): pass --overwrite to "
+            "replace it, or choose another --out."
+        )
     if args.tensorboard is not None:
         _writable_folder(args.tensorboard, "--tensorboard", made)
     # Keras's progress (and its MNIST download's) goes to stderr, so that stdout is the

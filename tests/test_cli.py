@@ -243,6 +243,24 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
     assert not (images / "run").exists()
 
 
+def test_a_model_of_ones_own_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
+    """A model in --out without metrics.json was taken for a stopped run's and replaced,
+    with a note, also where it was a user's own (aelib.save's): a stopped run leaves its
+    checkpoint beside its model, a user's model has none."""
+    out = tmp_path / "o"
+    mine = aelib.save(aelib.build_model("dense", encoding_dim=8), out / "dense.keras")
+    kept = mine.read_bytes()
+    args = ["train", "--model", "dense", "--epochs", "1", "--limit", "64", "--test-limit"]
+    args += ["32", "--data", str(MNIST), "--out", str(out), "--no-figures"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    said = f"--out {out} already holds a dense.keras that is no stopped run's (no metrics.json"
+    assert said in err and "Epoch" not in err, err[-2000:]
+    assert mine.read_bytes() == kept
+    assert main([*args, "--overwrite"]) == 0
+    assert mine.read_bytes() != kept and (out / "metrics.json").is_file()
+
+
 def test_an_out_that_is_a_broken_link_says_so(tmp_path, capsys):
     """An --out (or --tensorboard) that is a link to nothing was "cannot write there
     (File exists)"."""
