@@ -625,14 +625,18 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
 
     monkeypatch.setattr(job, "JOURNAL_SECONDS", 1.0)
     first = job.ManifestWriter(output, {"run": "1"})
+    # (Reentrant, so that the test can hold it: its timer ticks every second from its
+    # start, and one between the two blocks below put them in two parts.)
+    first.lock = threading.RLock()
     try:
         first.add_rows([dict(path="old.png", status="skipped")])  # settled again by a rerun
         time.sleep(1.5)
         assert parts() == []  # nothing new: no part
         first.add(block("a.png", "b.png", psnr=20.0))  # the first block's rows: PUT at once
         assert len(parts()) == 1
-        first.add(block("c.png", psnr=21.0))  # the next blocks' wait for the timer,
-        first.add(block("d.png", psnr=22.0))
+        with first.lock:  # (the timer waits for both)
+            first.add(block("c.png", psnr=21.0))  # the next blocks' wait for the timer,
+            first.add(block("d.png", psnr=22.0))
         deadline = time.monotonic() + 30  # which PUTs them though no block comes after
         while len(parts()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
