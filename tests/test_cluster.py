@@ -477,7 +477,14 @@ def test_stop_selects_only_this_clusters_processes(tmp_path):
         subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ours / 'ray2'}"]),
     ]
     try:
-        time.sleep(1.0)  # let each start its child
+        # Until each has started its child: a fixed second was a guess that four Pythons
+        # get there in time on a loaded machine.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ppids = {ppid for ppid, _ in local._proc_table().values()}
+            if all(proc.pid in ppids for proc in procs):
+                break
+            time.sleep(0.05)
         selected = set(local._cluster_pids(ours))
         assert {procs[0].pid, procs[1].pid} <= selected
         assert not {procs[2].pid, procs[3].pid} & selected
