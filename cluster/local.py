@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -54,17 +55,48 @@ STATE_FILE = "state.json"
 TOKEN_FILE = "auth_token"
 
 
+# Ports drawn for a head come from above Ray's worker ports (10002-19999 by default) and
+# below the kernel's ephemeral range, where nothing else draws: see _free_ports.
+_PORTS_FROM = 20000
+
+
+def _ephemeral_ports_from() -> int:
+    """The first port of the range the kernel hands out for a bind to port 0 (Linux)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # (Linux's default)
+
+
 def _free_ports(names: list[str]) -> dict[str, int]:
     """A free port for each name, all different: every socket stays bound until the last
     port is chosen, since a port closed at once can be handed out again by the next bind
-    (two components on one port make `ray start` fail)."""
+    (two components on one port make `ray start` fail).
+
+    They are closed when `ray start` runs, and its components bind them one after another
+    while Ray's other components bind port 0 (a raylet's, an agent's): a kernel-drawn
+    (ephemeral) port could be handed out to one of those first. So they are drawn at
+    random below the ephemeral range, which no bind to port 0 (nor Ray's own draws, which
+    start from one) reaches; where that range leaves too few ports, from the kernel."""
+    low, high = _PORTS_FROM, _ephemeral_ports_from()
+    draw = random.SystemRandom()  # (not `random`'s own state, which a test may have seeded)
     with contextlib.ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in names
-        ]
-        for s in socks:
-            s.bind((HOST, 0))
-        return {name: s.getsockname()[1] for name, s in zip(names, socks, strict=True)}
+        ports: dict[str, int] = {}
+        for name in names:
+            for _ in range(1000 if high - low >= 1000 else 0):
+                port = draw.randrange(low, high)
+                s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                try:
+                    s.bind((HOST, port))  # (also refuses one already drawn: still bound)
+                except OSError:
+                    continue
+                break
+            else:  # (an odd ephemeral range, or that range full)
+                s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                s.bind((HOST, 0))
+            ports[name] = s.getsockname()[1]
+        return ports
 
 
 def _ray_bin() -> str:

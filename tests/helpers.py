@@ -75,9 +75,9 @@ class GcsServer:
 
         import pyarrow.fs as pafs
 
-        with socket.socket() as sock:  # a free port for the emulator, which takes one
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        # A free port for the emulator, which takes one: drawn as a Ray head's are, where
+        # no other process's bind to port 0 gets it before the emulator binds it.
+        port = local._free_ports(["gcs"])["gcs"]
         self.log, self.seen = log, 0
         cmd = [sys.executable, "-c", _GCS_EMULATOR, str(port), bucket, str(log)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
