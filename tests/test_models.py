@@ -567,6 +567,7 @@ def test_load_names_the_file_and_what_is_damaged(tmp_path):
             aelib.load(variant(name, **{"aelib.json": record}))
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")  # (other.keras)
 def test_load_names_the_file_keras_cannot_read(tmp_path):
     """A damaged or missing config.json or weights member, and the config of another
     model, failed with Keras's, JSON's or h5py's error (JSONDecodeError, KeyError,
