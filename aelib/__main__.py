@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -312,7 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             go_on = _how_to_go_on(args, settings)
             print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
             return process.exit_code(e)
-        print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full:  # (Keras's and h5py's writes name no file: say where, and what to do)
+            print(
+                f"aelib: error: out of disk space writing into --out {args.out} "
+                f"({plain_message(e)}): free some space, then run the same command again",
+                file=sys.stderr,
+            )
+        else:
+            print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
         from aelib.train import CheckpointUnusable  # (its rerun would fail the same way)
 
         if (
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             and "checkpoint after" in (go_on := _how_to_go_on(args, settings))
         ):
             print(f"aelib: note: the run did not finish; {go_on}", file=sys.stderr)
-        return 2
+        return 1 if full else 2  # (2: what was asked for cannot be done as asked)
     from aelib.train import finite
 
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))

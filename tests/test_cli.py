@@ -418,6 +418,34 @@ def test_a_signal_whose_exception_was_lost_is_raised_again(capfd):
                 time.sleep(1)  # (the handler raises here)
 
 
+def test_a_full_disk_ends_training_with_a_line_and_its_rerun_goes_on(tmp_path):
+    """A disk that filled up (a tmpfs with room for one checkpoint: root only, skipped
+    elsewhere) ended the run with "aelib: error: [Errno 28] No space left on device",
+    naming no folder, and exit 2 as for a bad flag. Now the line names --out and what
+    to do, the run exits 1, and once there is room the same command goes on."""
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(full)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    out = full / "o"
+    args = ["train", "--model", "dense", "--epochs", "2", "--limit", "1000"]
+    args += ["--test-limit", "100", "--no-figures", "--data", str(MNIST), "--out", str(out)]
+    try:
+        proc = run_cli(*args)
+        said = [line for line in proc.stderr.splitlines() if line.startswith("aelib: ")]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert said[0].startswith(f"aelib: error: out of disk space writing into --out {out} ")
+        assert said[0].endswith("free some space, then run the same command again"), said
+        assert "the same command goes on from epoch 2" in said[1], said
+        subprocess.run(["mount", "-o", "remount,size=40M", str(full)], check=True)
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout)["resumed_after_epoch"] == 1, proc.stdout
+    finally:
+        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
+
+
 def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tmp_path):
     """Ctrl-C printed TensorFlow's KeyboardInterrupt traceback; SIGTERM ended the run
     without a word and left the --out folder it had made. And a stopped run trained again
