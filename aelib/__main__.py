@@ -315,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             return process.exit_code(e)
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
         if full:  # (Keras's and h5py's writes name no file: say where, and what to do)
+            into = f"--out {args.out}"
+            if e.filename and Path(args.out).expanduser().absolute() not in (
+                Path(str(e.filename)).absolute().parents
+            ):  # (elsewhere: Keras's MNIST download, a temporary file)
+                into = str(e.filename)
             print(
-                f"aelib: error: out of disk space writing into --out {args.out} "
+                f"aelib: error: out of disk space writing into {into} "
                 f"({plain_message(e)}): free some space, then run the same command again",
                 file=sys.stderr,
             )

@@ -14,6 +14,7 @@ Keras's public optimizer and lets each backend choose its own jit.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -178,8 +179,12 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
             model = keras.models.load_model(path, compile=compile)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # (a damaged member)
         raise ValueError(f"{path} is not a readable .keras file: {plain_message(e)}") from e
+    except (MemoryError, ImportError):  # (not the file's fault: as they are)
+        raise
     except Exception as e:  # (Keras's, JSON's and h5py's words named no file: a damaged
         # config.json or weights member, one missing, weights of another model)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            raise  # (a full /tmp while copying it: not the file's fault)
         raise ValueError(
             f"{path} is not a readable .keras file: {type(e).__name__}: {plain_message(e)}"
         ) from e

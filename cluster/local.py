@@ -86,11 +86,13 @@ def _free_ports(names: list[str]) -> dict[str, int]:
         for name in names:
             for _ in range(1000 if high - low >= 1000 else 0):
                 port = draw.randrange(low, high)
-                s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 try:
                     s.bind((HOST, port))  # (also refuses one already drawn: still bound)
                 except OSError:
+                    s.close()
                     continue
+                stack.enter_context(s)
                 break
             else:  # (an odd ephemeral range, or that range full)
                 s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))

@@ -1734,20 +1734,30 @@ def _out_of_space(error: OSError) -> bool:
 
 
 def _out_of_space_message(experiment: str, error: Exception) -> str:
+    """The line for a full disk (an OSError of ENOSPC), or for a file of a trial's that
+    Tune could not read back (cut short: by a full disk, or by a write a kill stopped)."""
+    filename = getattr(error, "filename", None)
+    where = os.path.dirname(str(filename)) if filename else experiment
+    free_mib = None
+    if "://" not in where and os.path.isdir(where):
+        free_mib = shutil.disk_usage(where).free / 2**20
+    free = f" ({free_mib:,.1f} MiB free there now)" if free_mib is not None else ""
     if isinstance(error, _TrialErrorUnreadable):
         what = (
             f"Tune could not read back what a failed trial wrote in {experiment} "
-            f"({error.__cause__!r}: a file of it is cut short), as when that disk is full"
+            f"({error.__cause__!r}: a file of it is cut short{free}), as a full disk or a "
+            "write stopped by a kill leaves it"
         )
+        head = "out of disk space" if free_mib is not None and free_mib < 64 else "stopped"
     else:
-        what = f"no space left to write ({error})"
-    free = ""
-    if "://" not in experiment and os.path.isdir(experiment):
-        free = f" ({shutil.disk_usage(experiment).free / 2**20:,.1f} MiB free there now)"
-    again = "with --resume " if restorable(experiment) else ""
+        what, head = f"no space left to write ({error}){free}", "out of disk space"
+    try:
+        again = "with --resume " if restorable(experiment) else ""
+    except Exception:  # (an object store out of reach: the hint is then the general one)
+        again = "(with --resume if its folder holds an experiment) "
     return (
-        f"sweep.py: out of disk space: {what}{free}. What was written is kept: free some "
-        f"space, then rerun the same command {again}to finish the sweep and its report "
+        f"sweep.py: {head}: {what}. What was written is kept: free some space if it is "
+        f"full, then rerun the same command {again}to finish the sweep and its report "
         "(failed trials go on from their last checkpoints)."
     )
 

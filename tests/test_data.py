@@ -110,6 +110,9 @@ def test_colour_arrays_are_refused_naming_their_channels():
     rgb = np.zeros((4, 28, 28, 3), np.uint8)
     with pytest.raises(ValueError, match="data's training images are 28x28x3: 3 channels"):
         data_lib.check_arrays(((rgb, None), (rgb, None)))
+    first = np.zeros((4, 1, 28, 28), np.uint8)  # (gray, channels first: not "28 channels")
+    with pytest.raises(ValueError, match="images are 1x28x28: channels first. .* move the"):
+        data_lib.check_arrays(((first, None), (first, None)))
 
 
 def test_labels_that_are_no_integers_are_refused(tmp_path):
