@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import errno
 import json
 import os
 import sys
 from pathlib import Path
 
 from aelib.registry import list_models, plain_message
+from aelib.train import MAX_COUNT  # (loaded already: aelib/__init__ imports it)
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -38,7 +38,7 @@ def _count(text: str) -> int:
     """--epochs and --batch-size: beyond int64, a typo failed inside fit with
     TensorFlow's OverflowError (or, with --lr-schedule cosine, TypeError) traceback."""
     value = _positive(text)
-    if value > 2**31 - 1:  # (train.MAX_COUNT; aelib.train is imported later)
+    if value > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be at most 2**31 - 1. Received: {text}")
     return value
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             go_on = _how_to_go_on(args, settings)
             print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
             return process.exit_code(e)
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = process.out_of_space(e)
         if full:  # (Keras's and h5py's writes name no file: say where, and what to do)
             into = f"--out {args.out}"
             if e.filename and Path(args.out).expanduser().absolute() not in (
@@ -396,13 +396,14 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
             "run: pass --overwrite to replace them, or choose another --out."
         )
     model_there = (out / model_file).exists()
-    if model_there and not args.overwrite and not checkpoint_path(out, args.model).exists():
+    checkpoint = checkpoint_path(out, args.model)
+    if model_there and not args.overwrite and not checkpoint.exists():
         # (a run of aelib train stopped before its metrics.json leaves its checkpoint
         # beside its model: without either, the model is a user's own, aelib.save's)
         raise ValueError(
             f"--out {args.out} already holds a {model_file} that is no stopped run's (no "
-            f"metrics.json, no {checkpoint_path(out, args.model).name}): pass --overwrite to "
-            "replace it, or choose another --out."
+            f"metrics.json, no {checkpoint.name}): pass --overwrite to replace it, or "
+            "choose another --out."
         )
     if args.tensorboard is not None:
         _writable_folder(args.tensorboard, "--tensorboard", made)

@@ -162,17 +162,17 @@ def check_arrays(arrays, name: str = "data") -> tuple[Split, Split]:
     checked = []
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
         x = np.asarray(x)
-        if x.ndim == 4 and x.shape[-1] != 1 and x.shape[1] == 1:  # (channels first)
-            raise ValueError(
-                f"{name}'s {part} images are {_shape(x.shape[1:])}: channels first. "
-                "aelib.train reads (N, H, W) or (N, H, W, 1): move the channel axis last "
-                "(np.moveaxis(x, 1, -1)) or drop it."
-            )
         if x.ndim == 4 and x.shape[-1] != 1:  # (dense said "28x28 images are not square";
-            raise ValueError(  # seq2seq failed in NumPy's reshape, naming no input)
-                f"{name}'s {part} images are {_shape(x.shape[1:])}: {x.shape[-1]} channels. "
-                "aelib.train reads grayscale images, (N, H, W) or (N, H, W, 1): convert them "
-                "to gray first."
+            shape = _shape(x.shape[1:])  # seq2seq failed in NumPy's reshape, naming no input)
+            if x.shape[1] == 1:
+                raise ValueError(
+                    f"{name}'s {part} images are {shape}: channels first. aelib.train reads "
+                    "(N, H, W) or (N, H, W, 1): move the channel axis last "
+                    "(np.moveaxis(x, 1, -1)) or drop it."
+                )
+            raise ValueError(
+                f"{name}'s {part} images are {shape}: {x.shape[-1]} channels. aelib.train "
+                "reads grayscale images, (N, H, W) or (N, H, W, 1): convert them to gray first."
             )
         if x.dtype != bool:  # (bool images scale to 0 and 1)
             _check_pixels(x, f"{name}'s {part} images")

@@ -5,6 +5,7 @@
 - `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
   a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence;
   `raise_if_stopped` raises either again at a safe point of a long loop.
+- `out_of_space`: whether an error is a full disk (or quota).
 - `alive`: whether a process of that ID runs (the owner of a temp file, say);
   `remove_dead_temp_files`: removes the temp files of runs that no longer run.
 - `replaced`: a temp file beside a path, renamed onto it once written: a reader, a
@@ -17,6 +18,7 @@ importing the aelib package (whose __init__ imports Keras).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -106,6 +108,15 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         _STOPPED.clear()
         _DEFERRED.clear()
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` is a full disk or quota (ENOSPC, EDQUOT). pyarrow's file systems
+    raise a plain OSError that says '[errno 28]' in its text, not in its errno."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, OSError) and (
+        error.errno in codes or any(f"[errno {code}]" in str(error) for code in codes)
+    )
 
 
 def alive(pid: int) -> bool:

@@ -183,7 +183,7 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
         raise
     except Exception as e:  # (Keras's, JSON's and h5py's words named no file: a damaged
         # config.json or weights member, one missing, weights of another model)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+        if process.out_of_space(e) or getattr(e, "errno", None) == errno.ENOMEM:
             raise  # (a full /tmp while copying it: not the file's fault)
         raise ValueError(
             f"{path} is not a readable .keras file: {type(e).__name__}: {plain_message(e)}"

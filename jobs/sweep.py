@@ -45,7 +45,6 @@ import ast
 import atexit
 import contextlib
 import copy
-import errno
 import functools
 import hashlib
 import importlib.util
@@ -1716,7 +1715,7 @@ def _sweep(argv: list[str] | None) -> int:
         try:
             return _sweep_locked(args)
         except (OSError, _TrialErrorUnreadable) as e:
-            if isinstance(e, OSError) and not _out_of_space(e):
+            if isinstance(e, OSError) and not _aelib_module("process").out_of_space(e):
                 raise
             raise SystemExit(_out_of_space_message(experiment, e)) from e
 
@@ -1724,13 +1723,6 @@ def _sweep(argv: list[str] | None) -> int:
 class _TrialErrorUnreadable(Exception):
     """Tune's fit could not read back a failed trial's pickled error: a full disk left
     the file empty (EOFError) or cut short (UnpicklingError)."""
-
-
-def _out_of_space(error: OSError) -> bool:
-    """A full disk or quota; pyarrow's file systems raise a plain OSError that says
-    '[errno 28]' in its text, not in its errno."""
-    codes = (errno.ENOSPC, errno.EDQUOT)
-    return error.errno in codes or any(f"[errno {code}]" in str(error) for code in codes)
 
 
 def _out_of_space_message(experiment: str, error: Exception) -> str:
