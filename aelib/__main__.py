@@ -105,10 +105,12 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {path} is a file; expected a folder.")
-    if folder.is_symlink() and not folder.exists():  # (mkdir's "File exists" said nothing)
+    # A broken link as the folder or above it: mkdir's "File exists" said nothing.
+    for link in [p for p in [folder, *folder.parents] if p.is_symlink() and not p.exists()]:
+        where = f"{flag} {path}" if link == folder else f"{flag} {path}: its folder {link}"
         raise ValueError(
-            f"{flag} {path} is a link to {os.readlink(folder)}, which does not exist (or is a "
-            "loop of links); expected a folder."
+            f"{where} is a link to {os.readlink(link)}, which does not exist (or is a loop of "
+            "links); expected a folder."
         )
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:

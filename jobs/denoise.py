@@ -2497,9 +2497,14 @@ def one_run_at_a_time(output: Storage, flag: str):
             stopped_before = STARTED_MARK in f.read(512)
     except OSError:
         stopped_before = False
-    if os.path.islink(output.root) and not os.path.exists(output.root):
-        target = os.readlink(output.root)
-        raise ValueError(f"--output {flag}: a link to {target}, which does not exist")
+    # A broken link as --output or above it (makedirs said "File exists" or "No such file").
+    link = output.root
+    while not os.path.exists(link) and link != os.path.dirname(link):
+        if os.path.islink(link):
+            where = "" if link == output.root else f"its folder {link} is "
+            target = os.readlink(link)
+            raise ValueError(f"--output {flag}: {where}a link to {target}, which does not exist")
+        link = os.path.dirname(link)
     fd = None
     made = _missing_folders(output.root)  # (removed again if this run leaves them empty)
     try:

@@ -272,6 +272,11 @@ def test_an_out_that_is_a_broken_link_says_so(tmp_path, capsys):
         err = capsys.readouterr().err
         said = f"{flag} {broken} is a link to {tmp_path / 'gone' / 'runs'}, which does not exist"
         assert said in err and "Traceback" not in err, err[-2000:]
+    # ... and so was an --out under such a link.
+    assert main(["train", "--model", "dense", "--limit", "50", "--out", str(broken / "a")]) == 2
+    err = capsys.readouterr().err
+    said = f"--out {broken / 'a'}: its folder {broken} is a link to {tmp_path / 'gone' / 'runs'}"
+    assert said in err and "Traceback" not in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 

@@ -1092,6 +1092,11 @@ def test_the_output_lock_where_it_cannot_be_had(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=f"--output {dangling}: a link to .*gone, which does not"):
         with job.one_run_at_a_time(job.Storage(str(dangling)), str(dangling)):
             pass
+    under = dangling / "a" / "b"  # (was "cannot write there ([Errno 2] No such file ...)")
+    said = f"--output {under}: its folder {dangling} is a link to .*gone, which does not"
+    with pytest.raises(ValueError, match=said):
+        with job.one_run_at_a_time(job.Storage(str(under)), str(under)):
+            pass
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
