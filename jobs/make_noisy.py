@@ -69,9 +69,13 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def _write(path: Path, payload: bytes) -> None:
     """Writes `payload` to `path` atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with process.replaced(path, clean=False) as tmp:  # (cleaned once, below)
-        tmp.write_bytes(payload)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with process.replaced(path, clean=False) as tmp:  # (cleaned once, below)
+            tmp.write_bytes(payload)
+    except OSError as e:  # (a full disk's error names no file: main() names this one)
+        e.filename = e.filename or str(path)
+        raise
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -263,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_noisy: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk: the files written so far are kept, a rerun adds
-        print(f"make_noisy: error: {e} (a rerun keeps the files written)", file=sys.stderr)
+        if process.out_of_space(e):
+            why = f"out of disk space writing {e.filename or args.out} ({e.strerror or e})"
+            how = "free some space, then run the same command again"
+        else:
+            why, how = str(e), "a rerun"
+        print(f"make_noisy: error: {why}: {how}: it keeps the files written", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Pillow's traceback, or no word
         how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"

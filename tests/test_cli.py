@@ -722,6 +722,35 @@ def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch, tmp_pa
                 assert np.array_equal(np.asarray(image), expected), (chunk, rel)
 
 
+def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
+    monkeypatch, tmp_path, capsys
+):
+    """A disk that fills up (a 300 KiB tmpfs: root only, skipped elsewhere) said "[Errno
+    28] No space left on device" without a file or folder; the rerun, once there is
+    room, adds the rest."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import make_noisy
+
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        args = ["--data", str(MNIST), "--count", "1500", "--out", str(full / "noisy")]
+        args += ["--clean-out", str(full / "clean")]
+        assert make_noisy.main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        said = rf"make_noisy: error: out of disk space writing {full}/(noisy|clean)/\d/\d+\.png"
+        assert len(err) == 1 and re.match(said, err[0]), err
+        assert "run the same command again: it keeps the files written" in err[0]
+        subprocess.run(["mount", "-o", "remount,size=40M", str(full)], check=True)
+        assert make_noisy.main(args) == 0
+        assert len(list((full / "noisy").rglob("*.png"))) == 1500
+    finally:
+        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
+
+
 def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     """Each exits 2 with one line naming the flag, and leaves nothing: --out and
     --clean-out the same or nested (the clean files were skipped, the noisy ones being
