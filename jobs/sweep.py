@@ -414,6 +414,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"(its trials run {trainable!r}; a sweep's run {train_trial.__name__!r}), which "
             "this job cannot resume: choose another --name (or --storage-path)"
         )
+    if args.resume and restorable(experiment) and (problem := damaged_state(experiment)):
+        parser.error(
+            f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}; "
+            "a full disk, or a kill while Tune wrote it, cuts it short. Choose another --name "
+            f"(or remove {experiment}) to run the sweep again."
+        )
     if args.resume:
         _keep_first_settings(args, given, parser)
     if args.scheduler == "asha" and args.grace_period > args.epochs:
@@ -453,30 +459,50 @@ def restorable(experiment: str) -> bool:
     )
 
 
-def foreign_trainable(experiment: str) -> str | None:
-    """The trainable a restorable experiment's trials run where it is not this sweep's
-    (another program's Tune experiment at --name), as Tune's newest experiment state
-    names it; None for a sweep's, or where the state names none. Such a folder was
-    "already holds an experiment. Pass --resume", and --resume (as "a sweep of an older
-    version") ended in Tune's traceback once Ray had started."""
+def newest_state(experiment: str) -> tuple[str | None, Any, str | None]:
+    """The experiment state Tune restores from (the newest: the greatest name), its JSON
+    and, where it does not parse, why (else None). (None, None, None) without one."""
     import pyarrow.fs
 
     if "://" in experiment:
         fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
     else:
         fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
-    states = sorted(  # (Tune restores from the newest: the greatest name)
+    states = sorted(
         info.path
         for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
         if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
     )
+    if not states:
+        return None, None, None
     try:
         with fs.open_input_stream(states[-1]) as f:
-            trial = json.loads(json.loads(f.read())["trial_data"][0][0])
+            return states[-1], json.loads(f.read()), None
+    except (OSError, ValueError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
+        return states[-1], None, f"{type(e).__name__}: {e}"
+
+
+def foreign_trainable(experiment: str) -> str | None:
+    """The trainable a restorable experiment's trials run where it is not this sweep's
+    (another program's Tune experiment at --name), as Tune's newest experiment state
+    names it; None for a sweep's, or where the state names none. Such a folder was
+    "already holds an experiment. Pass --resume", and --resume (as "a sweep of an older
+    version") ended in Tune's traceback once Ray had started."""
+    try:
+        trial = json.loads(newest_state(experiment)[1]["trial_data"][0][0])
         name = trial["trainable_name"]
     except (IndexError, KeyError, TypeError, ValueError, OSError):
-        return None  # (not readable here: Tune's restore says why, as before)
+        return None  # (not readable here: see damaged_state)
     return None if name == train_trial.__name__ else str(name)
+
+
+def damaged_state(experiment: str) -> str | None:
+    """Why the experiment state Tune would restore from does not parse (a full disk or
+    a kill cut it short while Tune wrote it), or None. Tune's restore logged "Failed to
+    restore the run state" and started the experiment again without its settings:
+    every trial failed (KeyError: 'model'), and so did every later --resume."""
+    path, _, why = newest_state(experiment)
+    return f"{path} does not parse ({why})" if why else None
 
 
 @contextlib.contextmanager
@@ -1745,8 +1771,15 @@ def _out_of_space_message(experiment: str, error: Exception) -> str:
         what, head = f"no space left to write ({error}){free}", "out of disk space"
     try:
         again = "with --resume " if restorable(experiment) else ""
+        damage = again and damaged_state(experiment)
     except Exception:  # (an object store out of reach: the hint is then the general one)
-        again = "(with --resume if its folder holds an experiment) "
+        again, damage = "(with --resume if its folder holds an experiment) ", None
+    if damage:  # (--resume refuses it: Tune's restore started over without the settings)
+        return (
+            f"sweep.py: {head}: {what}. It also cut short Tune's experiment state, so the "
+            f"sweep cannot be resumed ({damage}): free some space, then run the sweep again "
+            f"under another --name (or remove {experiment})."
+        )
     return (
         f"sweep.py: {head}: {what}. What was written is kept: free some space if it is "
         f"full, then rerun the same command {again}to finish the sweep and its report "

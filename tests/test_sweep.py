@@ -1163,6 +1163,30 @@ def test_resume_without_an_experiment_fails_clearly(tmp_path):
     assert sweep.restorable(str(stopped))
 
 
+def test_a_resume_from_a_cut_short_experiment_state_is_refused(smoke, tmp_path, capsys):
+    """A full disk (or a kill) that cut Tune's experiment state short: --resume had Tune
+    log "Failed to restore the run state", start the experiment again without its
+    settings and fail every trial (KeyError: 'model'), and so every later --resume. Now
+    --resume is refused at once, saying why, and the full disk's line says so too."""
+    sweep = _load_sweep_module()
+    exp = tmp_path / "smoke"
+    shutil.copytree(smoke["exp"], exp)
+    assert sweep.restorable(str(exp)) and sweep.damaged_state(str(exp)) is None
+    state = max(exp.glob("experiment_state-*.json"))  # (the one Tune restores from)
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
+    args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "smoke"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "--smoke-test", "--resume"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err[-2000:]
+    said = f"--name smoke: the sweep's saved state cannot be resumed: Tune's {state} does not parse"
+    assert said in err and f"Choose another --name (or remove {exp})" in err, err[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
+    line = sweep._out_of_space_message(str(exp), OSError(28, "No space left on device"))
+    assert "so the sweep cannot be resumed" in line and "--resume" not in line, line
+
+
 def test_another_programs_tune_experiment_at_the_name_is_refused(tmp_path, ray_tmp):
     """--name a folder where another program ran Tune: the plain run said "Pass --resume
     to continue it", and --resume, taking it for a sweep of an older version, ended in
