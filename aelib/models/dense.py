@@ -55,7 +55,7 @@ def sparse(
     # semantics, see ActivityL1). With that, the tutorial's 1e-4 makes codes far
     # sparser than it reports (mean 1.27 against dense's 8.73 after 100 epochs);
     # 1e-5 reproduces its effect, codes about half as dense as dense's
-    # (jobs/results: 0.47x here, the tutorial's 3.33 / 7.30 = 0.46x).
+    # (jobs/results: 0.46x here, the tutorial's 3.33 / 7.30 = 0.46x).
     l1: float = 1e-5,
 ):
     """`dense` with an L1 activity penalty on the 32-float code."""
