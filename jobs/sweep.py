@@ -45,6 +45,7 @@ import ast
 import atexit
 import contextlib
 import copy
+import fnmatch
 import functools
 import hashlib
 import importlib.util
@@ -416,8 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.resume and restorable(experiment) and (problem := damaged_state(experiment)):
         parser.error(
-            f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}; "
-            "a full disk, or a kill while Tune wrote it, cuts it short. Choose another --name "
+            f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}, "
+            "as a full disk, or a kill while Tune wrote it, leaves it. Choose another --name "
             f"(or remove {experiment}) to run the sweep again."
         )
     if args.resume:
@@ -440,6 +441,36 @@ def experiment_path(args: argparse.Namespace) -> str:
     return f"{args.storage_path.rstrip('/')}/{args.name}"
 
 
+def _files(experiment: str) -> tuple[Any, dict[str, str]]:
+    """The file system of an experiment's folder, and its files' names and paths."""
+    import pyarrow.fs
+
+    if "://" in experiment:
+        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+    else:
+        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return fs, {info.base_name: info.path for info in infos}
+
+
+# What Tune's restore reads, the newest of each (the greatest name): its experiment
+# state (JSON), the search algorithm's and the callbacks' states (pickles).
+EXPERIMENT_STATE = "experiment_state-*.json"
+TUNE_STATES = (
+    EXPERIMENT_STATE,
+    "tuner.pkl",
+    "basic-variant-state-*.json",
+    "searcher-state-*.pkl",
+    "search_gen_state-*.json",
+    "callback-states-*.pkl",
+)
+
+
+def _newest(names: dict[str, str], pattern: str) -> str | None:
+    matching = sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+    return names[matching[-1]] if matching else None
+
+
 def restorable(experiment: str) -> bool:
     """Whether the experiment has a sweep to resume. Tune writes its tuner.pkl (which
     Tuner.can_restore looks for) before its experiment state: a sweep stopped between
@@ -447,39 +478,7 @@ def restorable(experiment: str) -> bool:
     anew without its settings (every trial failed, and so did every --resume)."""
     if not tune.Tuner.can_restore(experiment):
         return False
-    import pyarrow.fs
-
-    if "://" in experiment:
-        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
-    else:
-        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
-    return any(
-        info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
-    )
-
-
-def newest_state(experiment: str) -> tuple[str | None, Any, str | None]:
-    """The experiment state Tune restores from (the newest: the greatest name), its JSON
-    and, where it does not parse, why (else None). (None, None, None) without one."""
-    import pyarrow.fs
-
-    if "://" in experiment:
-        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
-    else:
-        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(experiment)
-    states = sorted(
-        info.path
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
-        if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json")
-    )
-    if not states:
-        return None, None, None
-    try:
-        with fs.open_input_stream(states[-1]) as f:
-            return states[-1], json.loads(f.read()), None
-    except (OSError, ValueError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
-        return states[-1], None, f"{type(e).__name__}: {e}"
+    return _newest(_files(experiment)[1], EXPERIMENT_STATE) is not None
 
 
 def foreign_trainable(experiment: str) -> str | None:
@@ -488,8 +487,10 @@ def foreign_trainable(experiment: str) -> str | None:
     names it; None for a sweep's, or where the state names none. Such a folder was
     "already holds an experiment. Pass --resume", and --resume (as "a sweep of an older
     version") ended in Tune's traceback once Ray had started."""
+    fs, names = _files(experiment)
     try:
-        trial = json.loads(newest_state(experiment)[1]["trial_data"][0][0])
+        with fs.open_input_stream(_newest(names, EXPERIMENT_STATE)) as f:
+            trial = json.loads(json.loads(f.read())["trial_data"][0][0])
         name = trial["trainable_name"]
     except (IndexError, KeyError, TypeError, ValueError, OSError):
         return None  # (not readable here: see damaged_state)
@@ -497,12 +498,28 @@ def foreign_trainable(experiment: str) -> str | None:
 
 
 def damaged_state(experiment: str) -> str | None:
-    """Why the experiment state Tune would restore from does not parse (a full disk or
-    a kill cut it short while Tune wrote it), or None. Tune's restore logged "Failed to
-    restore the run state" and started the experiment again without its settings:
-    every trial failed (KeyError: 'model'), and so did every later --resume."""
-    path, _, why = newest_state(experiment)
-    return f"{path} does not parse ({why})" if why else None
+    """Which file of Tune's state a restore reads is cut short (a full disk or a kill
+    while Tune wrote it), and why, or None. Tune's restore logged "Failed to restore
+    the run state" and started the experiment again without its settings: every trial
+    failed (KeyError: 'model'), and so did every later --resume. The pickles are only
+    walked (pickletools), not loaded: nothing of theirs is imported or run here."""
+    import pickletools
+
+    fs, names = _files(experiment)
+    for pattern in TUNE_STATES:
+        if (path := _newest(names, pattern)) is None:
+            continue
+        try:
+            with fs.open_input_stream(path) as f:
+                payload = f.read()
+            if pattern == EXPERIMENT_STATE:
+                json.loads(payload)
+            else:
+                for _ in pickletools.genops(payload):  # (ValueError where it ends early)
+                    pass
+        except (OSError, ValueError) as e:  # (JSONDecodeError, UnicodeDecodeError too)
+            return f"{path} is cut short ({type(e).__name__}: {e})"
+    return None
 
 
 @contextlib.contextmanager

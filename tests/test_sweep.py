@@ -433,9 +433,9 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_last_checkpoint(tmp_path,
 def test_a_full_disk_ends_the_sweep_with_a_message(tmp_path, shared_ray):
     """A sweep whose storage fills up (a 2 MiB tmpfs: root only, skipped elsewhere) ended
     in Tune's EOFError or an OSError traceback. Now its last line says the disk is full
-    and how to go on. (The --resume after a remount is not asserted: it finished the
-    trial in 4 of 5 runs, and in the fifth Tune restored the trial without its config,
-    KeyError 'model', where the full disk had cut Tune's own state short.)"""
+    and how to go on. (The --resume after a remount is not asserted: which file the
+    full disk cuts short varies. Where it is Tune's own state, --resume is refused:
+    test_a_resume_from_a_cut_short_tune_state_is_refused.)"""
     full = tmp_path / "full"
     full.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)]
@@ -1163,24 +1163,26 @@ def test_resume_without_an_experiment_fails_clearly(tmp_path):
     assert sweep.restorable(str(stopped))
 
 
-def test_a_resume_from_a_cut_short_experiment_state_is_refused(smoke, tmp_path, capsys):
-    """A full disk (or a kill) that cut Tune's experiment state short: --resume had Tune
-    log "Failed to restore the run state", start the experiment again without its
-    settings and fail every trial (KeyError: 'model'), and so every later --resume. Now
-    --resume is refused at once, saying why, and the full disk's line says so too."""
+@pytest.mark.parametrize("state", ["experiment_state-*.json", "basic-variant-state-*.json"])
+def test_a_resume_from_a_cut_short_tune_state_is_refused(state, smoke, tmp_path, capsys):
+    """A full disk (or a kill) that cut short Tune's experiment state, or its search
+    algorithm's (a pickle): --resume had Tune log "Failed to restore the run state",
+    start the experiment again without its settings and fail every trial (KeyError:
+    'model'), and so every later --resume. Now --resume is refused at once, naming the
+    file, and the full disk's line says so too."""
     sweep = _load_sweep_module()
     exp = tmp_path / "smoke"
     shutil.copytree(smoke["exp"], exp)
     assert sweep.restorable(str(exp)) and sweep.damaged_state(str(exp)) is None
-    state = max(exp.glob("experiment_state-*.json"))  # (the one Tune restores from)
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    cut = max(exp.glob(state))  # (the one Tune restores from)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
     args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "smoke"]
     with pytest.raises(SystemExit) as stop:
         sweep.main([*args, "--smoke-test", "--resume"])
     err = capsys.readouterr().err
     assert stop.value.code == 2, err[-2000:]
-    said = f"--name smoke: the sweep's saved state cannot be resumed: Tune's {state} does not parse"
+    said = f"--name smoke: the sweep's saved state cannot be resumed: Tune's {cut} is cut short"
     assert said in err and f"Choose another --name (or remove {exp})" in err, err[-2000:]
     assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
     line = sweep._out_of_space_message(str(exp), OSError(28, "No space left on device"))
