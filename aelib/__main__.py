@@ -391,6 +391,12 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
     )
 
     model_file = f"{args.model}.keras"
+    for name in (model_file, "metrics.json", checkpoint_path(out, args.model).name):
+        if (out / name).is_dir():  # (found only once trained, when the file was written)
+            raise ValueError(
+                f"--out {args.out} holds a folder {name}, where this run writes that file: "
+                "move it, or choose another --out."
+            )
     if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
         earlier = [n for n in (model_file, "metrics.json") if (out / n).exists()]  # a long one)
         raise ValueError(

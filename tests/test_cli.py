@@ -243,6 +243,20 @@ def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
     assert not (images / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["dense.keras", "metrics.json", "dense.checkpoint.keras"])
+def test_a_folder_where_a_file_goes_is_refused_before_training(name, tmp_path, capsys):
+    """A folder in --out at the model's, the record's or the checkpoint's name failed
+    only once trained ("Cannot save ...: it is a folder", "[Errno 21] Is a directory"),
+    with --overwrite too."""
+    (tmp_path / "o" / name).mkdir(parents=True)
+    args = ["train", "--model", "dense", "--limit", "50", "--out", str(tmp_path / "o")]
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    said = f"--out {tmp_path / 'o'} holds a folder {name}, where this run writes that file"
+    assert said in err and "Epoch" not in err, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".aelib-train.lock", name]
+
+
 def test_a_model_of_ones_own_in_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     """A model in --out without metrics.json was taken for a stopped run's and replaced,
     with a note, also where it was a user's own (aelib.save's): a stopped run leaves its
