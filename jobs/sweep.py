@@ -536,8 +536,12 @@ def one_sweep_at_a_time(experiment: str):
     folder = Path(experiment)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    held = False  # (a sweep refused here removes nothing: two sweeps that found no
+    # folder at the same instant both "made" it, and the refused one removed the other's
+    # lock file and folder, which let a third one in)
     try:
         with process.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
+            held = True
             yield
     except process.Busy as e:
         raise SystemExit(
@@ -545,7 +549,7 @@ def one_sweep_at_a_time(experiment: str):
             "to end, or choose another --name."
         ) from None
     finally:
-        if made and sorted(os.listdir(folder)) == [LOCK]:
+        if made and held and sorted(os.listdir(folder)) == [LOCK]:
             with contextlib.suppress(OSError):
                 os.unlink(folder / LOCK)
                 folder.rmdir()

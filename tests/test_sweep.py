@@ -1239,6 +1239,27 @@ def test_a_second_sweep_on_a_running_experiment_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []  # (the folder it made, with nothing else in it)
 
 
+def test_a_sweep_refused_at_the_lock_leaves_the_running_ones_folder(tmp_path, monkeypatch):
+    """Two sweeps that found no folder at the same instant both took it for their own:
+    the one refused at the lock removed the other's lock file and folder, and a third
+    sweep then ran beside the first. (The instant is simulated: the refused one is made
+    to find no folder, as it had just before the first made it.)"""
+    sweep = _load_sweep_module()
+    exp = tmp_path / "new"
+    with sweep.one_sweep_at_a_time(str(exp)):  # the first: it made the folder, holds the lock
+        with monkeypatch.context() as m:
+            real = Path.exists
+            m.setattr(Path, "exists", lambda p: False if p == exp else real(p))
+            with pytest.raises(SystemExit, match="in use by another sweep"):
+                with sweep.one_sweep_at_a_time(str(exp)):
+                    pass
+        assert sorted(os.listdir(exp)) == [sweep.LOCK]
+        with pytest.raises(SystemExit, match="in use by another sweep"):  # and a third
+            with sweep.one_sweep_at_a_time(str(exp)):
+                pass
+    assert not exp.exists()  # (the first's own, with nothing else in it: removed)
+
+
 def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, ray_tmp):
     """On its own Ray: the driver exits after ray.init, and its Ray must go with it."""
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
