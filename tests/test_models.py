@@ -771,6 +771,43 @@ def test_metrics_match_scikit_image_and_refuse_integer_images():
                 metric(wrong, wrong)
 
 
+def test_test_psnr_and_ssim_cover_every_test_image_as_the_loss_does():
+    """The test PSNR/SSIM are means over every test image, as test_loss, test_bce and
+    test_images are: they were of the first 10,000 only, so a test split of more (own
+    images or arrays, 100,000 and up: their last tenth) reported the loss of all and the
+    PSNR of part, under the same `test_images`."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from aelib.registry import Autoencoder
+    from aelib.train import evaluate
+
+    inputs = keras.Input((8, 8, 1))
+    encoder = keras.Model(inputs, keras.layers.Identity()(inputs), name="encoder")
+    code = keras.Input((8, 8, 1))
+    decoder = keras.Model(code, keras.layers.Identity()(code), name="decoder")
+    model = Autoencoder.from_autoencoder(
+        keras.Model(inputs, decoder(encoder(inputs))), "conv", "image", {}
+    )
+    compile_model(model, 1e-3)
+    rng = np.random.default_rng(0)
+    n = 10_001
+    clean = rng.uniform(0.2, 0.8, (n, 8, 8, 1)).astype("float32")
+    shown = np.clip(clean + rng.normal(0, 0.01, clean.shape), 0, 1).astype("float32")
+    shown[-1] = 1.0 - clean[-1]  # the image past the 10,000th: far from its target
+    splits = Splits(shown, clean, shown, clean, shown, clean, np.full(n, -1))
+    got = evaluate(model, splits, batch_size=4096)
+    pairs = list(
+        zip(clean[..., 0].astype(np.float64), shown[..., 0].astype(np.float64), strict=True)
+    )
+    assert got["test_images"] == n
+    assert got["test_psnr"] == pytest.approx(
+        np.mean([peak_signal_noise_ratio(c, s, data_range=1.0) for c, s in pairs]), rel=1e-9
+    )
+    assert got["test_ssim"] == pytest.approx(
+        np.mean([structural_similarity(c, s, data_range=1.0) for c, s in pairs]), rel=1e-9
+    )
+
+
 def test_options_and_records_a_library_user_can_trip_on(tmp_path, monkeypatch):
     """NumPy numbers as options (a TypeError of json), conv's unpadded layer at another
     kernel_size (a 24x24 output), a record whose `info` overrode aelib's own fields
