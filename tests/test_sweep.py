@@ -1189,6 +1189,24 @@ def test_a_resume_from_a_cut_short_tune_state_is_refused(state, smoke, tmp_path,
     assert "so the sweep cannot be resumed" in line and "--resume" not in line, line
 
 
+def test_a_resume_beside_a_running_sweep_says_it_is_in_use(smoke, tmp_path, capsys):
+    """A running sweep's Tune copies its state into the folder in place, so a --resume
+    beside it could read a file half written: it said the state was cut short and to
+    remove the folder (of the running sweep), where the lock says it is in use. (The
+    half-written file is simulated, as is the running sweep: its lock held here.)"""
+    sweep = _load_sweep_module()
+    exp = tmp_path / "smoke"
+    shutil.copytree(smoke["exp"], exp)
+    cut = max(exp.glob("experiment_state-*.json"))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    args = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "smoke"]
+    with sweep.one_sweep_at_a_time(str(exp)):
+        with pytest.raises(SystemExit) as stop:
+            sweep.main([*args, "--smoke-test", "--resume"])
+    assert "is in use by another sweep" in str(stop.value.code), stop.value.code
+    assert "cut short" not in capsys.readouterr().err
+
+
 def test_another_programs_tune_experiment_at_the_name_is_refused(tmp_path, ray_tmp):
     """--name a folder where another program ran Tune: the plain run said "Pass --resume
     to continue it", and --resume, taking it for a sweep of an older version, ended in
