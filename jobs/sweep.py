@@ -565,23 +565,25 @@ def one_sweep_at_a_time(experiment: str):
     folder = Path(experiment)
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    held = False  # (a sweep refused here removes nothing: two sweeps that found no
-    # folder at the same instant both "made" it, and the refused one removed the other's
-    # lock file and folder, which let a third one in)
     try:
         with process.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
-            held = True
-            yield
+            try:
+                yield
+            finally:  # (a sweep refused at the lock removes nothing: two that found no
+                # folder at the same instant both "made" it, and the refused one removed
+                # the other's lock file and folder, which let a third one in. And this
+                # is done while the lock is held: once released, a second sweep could
+                # take it, then lose its lock file and folder here, and a third run
+                # beside it.)
+                if made and sorted(os.listdir(folder)) == [LOCK]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(folder / LOCK)
+                        folder.rmdir()
     except process.Busy as e:
         raise SystemExit(
             f"sweep.py: error: {experiment} is in use by another sweep ({e}): wait for it "
             "to end, or choose another --name."
         ) from None
-    finally:
-        if made and held and sorted(os.listdir(folder)) == [LOCK]:
-            with contextlib.suppress(OSError):
-                os.unlink(folder / LOCK)
-                folder.rmdir()
 
 
 def _settings_file(args: argparse.Namespace):

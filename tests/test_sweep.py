@@ -1278,6 +1278,32 @@ def test_a_sweep_refused_at_the_lock_leaves_the_running_ones_folder(tmp_path, mo
     assert not exp.exists()  # (the first's own, with nothing else in it: removed)
 
 
+def test_a_sweep_removes_the_folder_it_made_while_it_still_holds_the_lock(tmp_path, monkeypatch):
+    """A sweep that made the folder and ended before writing anything there removes it,
+    and its lock file. It did so once it had let go of the lock: a second sweep that
+    took the lock in between lost its lock file and folder, and a third then ran beside
+    it. (The instant is simulated: the second sweep tries the lock as the file goes.)"""
+    sweep = _load_sweep_module()
+    process = sweep._aelib_module("process")
+    exp = tmp_path / "new"
+    tries = []
+    real = os.unlink
+
+    def unlink(path, *a, **kw):
+        if Path(path) == exp / sweep.LOCK:
+            try:
+                with process.held(path, "a second sweep"):
+                    tries.append("took the lock")
+            except process.Busy:
+                tries.append("refused")
+        return real(path, *a, **kw)
+
+    with sweep.one_sweep_at_a_time(str(exp)):
+        monkeypatch.setattr(os, "unlink", unlink)
+    assert tries == ["refused"]
+    assert not exp.exists()
+
+
 def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, ray_tmp):
     """On its own Ray: the driver exits after ray.init, and its Ray must go with it."""
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
