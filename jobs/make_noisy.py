@@ -268,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a full disk: the files written so far are kept, a rerun adds
         if process.out_of_space(e):
-            why = f"out of disk space writing {e.filename or args.out} ({e.strerror or e})"
-            how = "free some space, then run the same command again"
-        else:
-            why, how = str(e), "a rerun"
-        print(f"make_noisy: error: {why}: {how}: it keeps the files written", file=sys.stderr)
+            line = (
+                f"out of disk space writing {e.filename or args.out} ({e.strerror or e}): "
+                "free some space, then run the same command again: it keeps the files written"
+            )
+        else:  # (as before, now with the file: "...: a rerun: it keeps ..." read badly)
+            line = f"{e} (a rerun keeps the files written)"
+        print(f"make_noisy: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Pillow's traceback, or no word
         how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"

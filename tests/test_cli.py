@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -763,6 +765,24 @@ def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
         assert len(list((full / "noisy").rglob("*.png"))) == 1500
     finally:
         subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
+
+
+def test_make_noisy_on_another_write_error_names_the_file(monkeypatch, tmp_path, capsys):
+    """An OSError other than a full disk (an I/O error here) names the file it could not
+    write, in the line it had before the full disk's got its own ("...: a rerun: it keeps
+    the files written" read badly), and exits 1."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import make_noisy
+
+    def broken(self, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_bytes", broken)
+    args = ["--data", str(MNIST), "--count", "20", "--out", str(tmp_path / "noisy")]
+    assert make_noisy.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    said = rf"make_noisy: error: \[Errno 5\] Input/output error: '{tmp_path}/noisy/\S+' "
+    assert len(err) == 1 and re.match(said + r"\(a rerun keeps the files written\)$", err[0]), err
 
 
 def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
