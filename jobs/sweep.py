@@ -423,9 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         and (problem := damaged_state(experiment))
     ):
         parser.error(
-            f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}, "
-            "as a full disk, or a kill while Tune wrote it, leaves it. Choose another --name "
-            f"(or remove {experiment}) to run the sweep again."
+            f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}. "
+            f"Choose another --name (or remove {experiment}) to run the sweep again."
         )
     if args.resume:
         _keep_first_settings(args, given, parser)
@@ -505,10 +504,11 @@ def foreign_trainable(experiment: str) -> str | None:
 
 def damaged_state(experiment: str) -> str | None:
     """Which file of Tune's state a restore reads is cut short (a full disk or a kill
-    while Tune wrote it), and why, or None. Tune's restore logged "Failed to restore
-    the run state" and started the experiment again without its settings: every trial
-    failed (KeyError: 'model'), and so did every later --resume. The pickles are only
-    walked (pickletools), not loaded: nothing of theirs is imported or run here."""
+    while Tune wrote it) or cannot be read, and why, or None. Tune's restore logged
+    "Failed to restore the run state" and started the experiment again without its
+    settings: every trial failed (KeyError: 'model'), and so did every later --resume.
+    The pickles are only walked (pickletools), not loaded: nothing of theirs is
+    imported or run here."""
     import pickletools
 
     fs, names = _files(experiment)
@@ -518,13 +518,19 @@ def damaged_state(experiment: str) -> str | None:
         try:
             with fs.open_input_stream(path) as f:
                 payload = f.read()
+        except OSError as e:  # (not readable here: nor by Tune's restore)
+            return f"{path} cannot be read ({e})"
+        try:
             if pattern == EXPERIMENT_STATE:
                 json.loads(payload)
             else:
                 for _ in pickletools.genops(payload):  # (ValueError where it ends early)
                     pass
-        except (OSError, ValueError) as e:  # (JSONDecodeError, UnicodeDecodeError too)
-            return f"{path} is cut short ({type(e).__name__}: {e})"
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError too)
+            return (
+                f"{path} is cut short ({type(e).__name__}: {e}), as a full disk, or a kill "
+                "while Tune wrote it, leaves it"
+            )
     return None
 
 
@@ -1828,7 +1834,7 @@ def _out_of_space_message(experiment: str, error: Exception) -> str:
         again, damage = "(with --resume if its folder holds an experiment) ", None
     if damage:  # (--resume refuses it: Tune's restore started over without the settings)
         return (
-            f"sweep.py: {head}: {what}. It also cut short Tune's experiment state, so the "
+            f"sweep.py: {head}: {what}. Tune's experiment state is damaged too, so the "
             f"sweep cannot be resumed ({damage}): free some space, then run the sweep again "
             f"under another --name (or remove {experiment})."
         )
