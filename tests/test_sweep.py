@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -589,7 +590,7 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     first += ["--models", "dense", "vae", "--epochs", "3", "--set", "dense.batch_size=64"]
     sweep.write_settings(sweep.parse_args(first))
     # What a sweep that ran leaves (Tune's tuner.pkl and experiment state)
-    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")
+    (tmp_path / "s" / "tuner.pkl").write_bytes(pickle.dumps({}))  # (whole: b"" is cut short)
     (tmp_path / "s" / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
     base = ["--data", str(MNIST), "--storage-path", str(tmp_path), "--name", "s", "--resume"]
     args = sweep.parse_args(base)
@@ -648,7 +649,7 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
     first = sweep.parse_args(["--data", str(MNIST), *flags])
     first.data_sha256 = sweep.data_digest(sweep.load_arrays(first))
     sweep.write_settings(first)
-    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")  # (what a sweep that ran leaves)
+    (tmp_path / "s" / "tuner.pkl").write_bytes(pickle.dumps({}))  # (what a sweep that ran leaves)
     (tmp_path / "s" / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
     with np.load(MNIST) as d:
         arrays = {k: d[k] for k in d.files}
