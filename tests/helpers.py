@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -27,6 +28,26 @@ def _load_cluster_local():
 
 
 local = _load_cluster_local()
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """A disk of `size` (a tmpfs) at the new folder `folder` for the block, to fill up:
+    root only, the test is skipped elsewhere. Unmounted after (lazily: a process of
+    the test's may still hold a file there). `room(folder, size)` grows it."""
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+
+
+def room(folder: Path, size: str) -> None:
+    """Grows the small_disk at `folder` to `size` (space freed, for the rerun)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import pytest
 import aelib
 from aelib import data as data_lib
 from aelib.__main__ import main
-from helpers import MNIST, REPO, subprocess_env
+from helpers import MNIST, REPO, room, small_disk, subprocess_env
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -444,27 +444,20 @@ def test_a_full_disk_ends_training_with_a_line_and_its_rerun_goes_on(tmp_path):
     elsewhere) ended the run with "aelib: error: [Errno 28] No space left on device",
     naming no folder, and exit 2 as for a bad flag. Now the line names --out and what
     to do, the run exits 1, and once there is room the same command goes on."""
-    full = tmp_path / "full"
-    full.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(full)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    out = full / "o"
-    args = ["train", "--model", "dense", "--epochs", "2", "--limit", "1000"]
-    args += ["--test-limit", "100", "--no-figures", "--data", str(MNIST), "--out", str(out)]
-    try:
+    with small_disk(tmp_path / "full", "1500k") as full:
+        out = full / "o"
+        args = ["train", "--model", "dense", "--epochs", "2", "--limit", "1000"]
+        args += ["--test-limit", "100", "--no-figures", "--data", str(MNIST), "--out", str(out)]
         proc = run_cli(*args)
         said = [line for line in proc.stderr.splitlines() if line.startswith("aelib: ")]
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert said[0].startswith(f"aelib: error: out of disk space writing into --out {out} ")
         assert said[0].endswith("free some space, then run the same command again"), said
         assert "the same command goes on from epoch 2" in said[1], said
-        subprocess.run(["mount", "-o", "remount,size=40M", str(full)], check=True)
+        room(full, "40M")
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout)["resumed_after_epoch"] == 1, proc.stdout
-    finally:
-        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
 
 
 def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tmp_path):
@@ -747,12 +740,7 @@ def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
     monkeypatch.syspath_prepend(str(REPO / "jobs"))
     import make_noisy
 
-    full = tmp_path / "full"
-    full.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with small_disk(tmp_path / "full", "300k") as full:
         args = ["--data", str(MNIST), "--count", "1500", "--out", str(full / "noisy")]
         args += ["--clean-out", str(full / "clean")]
         assert make_noisy.main(args) == 1
@@ -760,11 +748,9 @@ def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
         said = rf"make_noisy: error: out of disk space writing {full}/(noisy|clean)/\d/\d+\.png"
         assert len(err) == 1 and re.match(said, err[0]), err
         assert "run the same command again: it keeps the files written" in err[0]
-        subprocess.run(["mount", "-o", "remount,size=40M", str(full)], check=True)
+        room(full, "40M")
         assert make_noisy.main(args) == 0
         assert len(list((full / "noisy").rglob("*.png"))) == 1500
-    finally:
-        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)
 
 
 def test_make_noisy_on_another_write_error_names_the_file(monkeypatch, tmp_path, capsys):

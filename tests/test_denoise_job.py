@@ -40,7 +40,9 @@ from helpers import (
     GcsServer,
     ray_left,
     ray_pids,
+    room,
     signal_when,
+    small_disk,
     start_logged,
     wait_for,
     wait_no_ray,
@@ -740,12 +742,7 @@ def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path,
         (src / str(i % 3) / f"{i}.png").write_bytes(
             png((rng.random((28, 28)) * 255).astype(np.uint8))
         )
-    full = tmp_path / "full"
-    full.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(full)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with small_disk(tmp_path / "full", "200k") as full:
         args = ("--model", model_path, "--input", src, "--output", full / "o")
         result = run_job(*args)
         assert result.returncode == 1, result.stderr[-3000:]
@@ -756,14 +753,12 @@ def test_a_full_disk_keeps_the_record_that_its_outputs_are_this_jobs(model_path,
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         written = list((full / "o").rglob("*.png"))
         assert 0 < len(written) < 120
-        subprocess.run(["mount", "-o", "remount,size=20M", str(full)], check=True)
+        room(full, "20M")
         result = run_job(*args)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"note: {len(written)} output(s) in DST have no row" in result.stderr
         rows = manifest(full / "o")
         assert len(rows) == 120 and {r["status"] for r in rows.values()} == {"ok"}
-    finally:
-        subprocess.run(["umount", "--lazy", str(full)], capture_output=True)  # (busy: later)
 
 
 def _actor_memory(ray_tmp: Path) -> dict[int, int]:
