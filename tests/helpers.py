@@ -143,11 +143,11 @@ class GcsServer:
         self.proc.wait(timeout=30)
 
 
-def ray_pids(ray_tmp: Path, but: str | None = None) -> list[int]:
+def ray_pids(ray_tmp: Path, but: tuple[str, ...] = ()) -> list[int]:
     """Processes of the Ray that a job started with RAY_TMPDIR=ray_tmp: its daemons name
     the folder on their command line; its workers, which retitle themselves ("ray::IDLE")
     and sit in process groups of their own, inherited the variable. Those whose command
-    line holds `but` are left out."""
+    line holds one of `but` are left out."""
     marker = f"RAY_TMPDIR={ray_tmp}\0".encode()
     pids = []
     for proc in Path("/proc").iterdir():
@@ -158,7 +158,7 @@ def ray_pids(ray_tmp: Path, but: str | None = None) -> list[int]:
             environ = (proc / "environ").read_bytes() + b"\0"
         except OSError:
             continue
-        if (str(ray_tmp) in cmdline or marker in environ) and not (but and but in cmdline):
+        if (str(ray_tmp) in cmdline or marker in environ) and not any(b in cmdline for b in but):
             pids.append(int(proc.name))
     return pids
 
@@ -220,16 +220,16 @@ def signal_when(cmd, env, log: Path, ready, sig, group=False, interval=0.1, time
     return seen, status, log.read_text()
 
 
-def wait_no_ray(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) -> list[int]:
+def wait_no_ray(ray_tmp: Path, timeout: float = 20.0, but: tuple[str, ...] = ()) -> list[int]:
     """Waits until no process of the Ray under `ray_tmp` runs (but those whose command
-    line holds `but`); returns the PIDs still running after `timeout` seconds."""
+    line holds one of `but`); returns the PIDs still running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while (left := ray_pids(ray_tmp, but)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
 
-def ray_left(ray_tmp: Path, timeout: float = 20.0, but: str | None = None) -> list[str]:
+def ray_left(ray_tmp: Path, timeout: float = 20.0, but: tuple[str, ...] = ()) -> list[str]:
     """wait_no_ray's PIDs as "PID (state) command line": which process outlived its
     run, in the failure's text."""
     described = []

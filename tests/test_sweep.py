@@ -541,12 +541,13 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
             assert [r["status"] for r in csv.DictReader(f)] == ["interrupted"]
         return
     assert "sweep.py: terminated (SIGTERM)" in text, text[-3000:]
-    # Every process of that Ray is gone but its runtime-env agent, which the group's
-    # SIGTERM reaches too and which ends on its own: it usually does within 5 s, but it is
-    # an aiohttp app, whose graceful shutdown waits up to 60 s for open connections (seen
-    # still asleep 30 s later on a loaded machine; waiting for it took up to 72 s of CI).
-    # The ray_tmp fixture kills it after the test.
-    assert _ray_left(ray_tmp, timeout=30, but="RuntimeEnvAgent") == []
+    # Every process of that Ray is gone but its two agents (runtime env, dashboard), which
+    # the group's SIGTERM reaches too and which end on their own: they usually do within
+    # 5 s, but each is an aiohttp app, whose graceful shutdown waits up to 60 s for open
+    # connections (each seen still asleep 30 s later on a loaded machine, the dashboard's
+    # in a CI run of 967 s; waiting for them took up to 72 s of CI). The ray_tmp fixture
+    # kills them after the test.
+    assert _ray_left(ray_tmp, timeout=30, but=("RuntimeEnvAgent", "DashboardAgent")) == []
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
