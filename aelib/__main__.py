@@ -102,11 +102,12 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
     import tempfile
     from pathlib import Path
 
+    from aelib.process import broken_link
+
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {path} is a file; expected a folder.")
-    # A broken link as the folder or above it: mkdir's "File exists" said nothing.
-    for link in [p for p in [folder, *folder.parents] if p.is_symlink() and not p.exists()]:
+    if (link := broken_link(folder)) is not None:
         where = f"{flag} {path}" if link == folder else f"{flag} {path}: its folder {link}"
         raise ValueError(
             f"{where} is a link to {os.readlink(link)}, which does not exist (or is a loop of "
@@ -391,7 +392,8 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
     )
 
     model_file = f"{args.model}.keras"
-    for name in (model_file, "metrics.json", checkpoint_path(out, args.model).name):
+    checkpoint = checkpoint_path(out, args.model)
+    for name in (model_file, "metrics.json", checkpoint.name):
         if (out / name).is_dir():  # (found only once trained, when the file was written)
             raise ValueError(
                 f"--out {args.out} holds a folder {name}, where this run writes that file: "
@@ -404,7 +406,6 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
             "run: pass --overwrite to replace them, or choose another --out."
         )
     model_there = (out / model_file).exists()
-    checkpoint = checkpoint_path(out, args.model)
     if model_there and not args.overwrite and not checkpoint.exists():
         # (a run of aelib train stopped before its metrics.json leaves its checkpoint
         # beside its model: without either, the model is a user's own, aelib.save's)

@@ -5,7 +5,9 @@
 - `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
   a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence;
   `raise_if_stopped` raises either again at a safe point of a long loop.
+- `in_use`: whether another process holds such a lock (without taking it).
 - `out_of_space`: whether an error is a full disk (or quota).
+- `broken_link`: which link on a path points nowhere.
 - `alive`: whether a process of that ID runs (the owner of a temp file, say);
   `remove_dead_temp_files`: removes the temp files of runs that no longer run.
 - `replaced`: a temp file beside a path, renamed onto it once written: a reader, a
@@ -48,6 +50,24 @@ def held(lock: str | os.PathLike, holder: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def in_use(lock: str | os.PathLike) -> bool:
+    """Whether another process holds file `lock` (as `held` does), without taking it or
+    making the file: False where there is none, or where it cannot be locked."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (released by the close)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 class Terminated(KeyboardInterrupt):
@@ -117,6 +137,13 @@ def out_of_space(error: BaseException) -> bool:
     return isinstance(error, OSError) and (
         error.errno in codes or any(f"[errno {code}]" in str(error) for code in codes)
     )
+
+
+def broken_link(path: str | os.PathLike) -> Path | None:
+    """The link on `path` (it, or a folder above it) that points nowhere (to a disk not
+    mounted, say, or a loop of links), or None. (mkdir and makedirs said "File exists".)"""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
 
 
 def alive(pid: int) -> bool:

@@ -45,7 +45,6 @@ import ast
 import atexit
 import contextlib
 import copy
-import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -410,7 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
         seen[variant, key] = value
     experiment = experiment_path(args)
-    if restorable(experiment) and (trainable := foreign_trainable(experiment)):
+    resumable = restorable(experiment)  # (each call lists the folder: on S3, a request)
+    if resumable and (trainable := foreign_trainable(experiment)):
         parser.error(  # (before the lock, whose file it would leave there)
             f"--name {args.name}: {experiment} holds a Tune experiment of another program "
             f"(its trials run {trainable!r}; a sweep's run {train_trial.__name__!r}), which "
@@ -418,8 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if (
         args.resume
+        and resumable
         and not _in_use(experiment)  # (its Tune writes its state: the lock refuses it)
-        and restorable(experiment)
         and (problem := damaged_state(experiment))
     ):
         parser.error(
@@ -542,19 +542,7 @@ def _in_use(experiment: str) -> bool:
     where the lock would have said it was in use."""
     if "://" in experiment:
         return False  # (an object store has no locks)
-    try:
-        fd = os.open(os.path.join(experiment, LOCK), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (released by the close)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
+    return _aelib_module("process").in_use(os.path.join(experiment, LOCK))
 
 
 @contextlib.contextmanager
@@ -713,10 +701,8 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
 
 def _broken_link(path: str) -> str | None:
     """Which link on a local `path` points nowhere (to a disk not mounted, say), or None."""
-    for part in [*reversed(Path(path).parents), Path(path)]:
-        if part.is_symlink() and not part.exists():
-            return f"{part} is a link to {os.readlink(part)}, which does not exist"
-    return None
+    link = _aelib_module("process").broken_link(path)
+    return f"{link} is a link to {os.readlink(link)}, which does not exist" if link else None
 
 
 def _cannot_write(folder: str, make: bool = False) -> str | None:
