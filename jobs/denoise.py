@@ -851,7 +851,8 @@ def decode(
     `info` holds the file's EXIF (its orientation tag says how to show the pixels,
     which keep their stored layout), ICC profile (kept only while the image keeps its
     color space) and DPI, and a `note` when Pillow read it with less depth than the
-    file has (16-bit RGB PNGs come as 8 bits).
+    file has (16-bit RGB PNGs and TIFFs come as 8 bits). A transparent colour (a PNG's
+    tRNS chunk on gray or RGB pixels) becomes the alpha channel, as a palette's does.
 
     Raises:
         ValueError: not a readable image (UnsupportedImage: one of pixels the job
@@ -875,6 +876,10 @@ def decode(
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
             mode = img.mode
             alpha = None
+            # A TIFF's bits per sample: Pillow reads 16-bit RGB(A) ones as 8 bits too.
+            bits = img.tag_v2.get(258) if img.format == "TIFF" else None
+            deep = bool(bits) and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+            key = img.info.get("transparency")  # a transparent colour (PNG's tRNS)
             if mode == "F":  # converting would round [0, 1] floats to black: refuse instead
                 raise UnsupportedImage(
                     "32-bit float pixels (mode F) are not supported: convert the image to "
@@ -892,11 +897,18 @@ def decode(
                         f"32-bit integer pixels from {low} to {high} are not supported (only "
                         "0 to 65535): convert the image to 8 or 16 bits"
                     )
-                return array.astype(np.uint16)[..., None], 65535, info, None
-            if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in img.info):
-                img = img.convert("LA" if mode == "LA" or gray_alpha else "RGBA")
+                if isinstance(key, int) and (array == key).any():  # 16-bit gray's tRNS
+                    alpha = np.where(array == key, 0, 65535).astype(np.uint16)
+                return array.astype(np.uint16)[..., None], 65535, info, alpha
+            # Transparent palette entries, or a transparent colour of gray or RGB pixels
+            # (tRNS; the latter was dropped without a word): the alpha channel.
+            keyed = mode in ("1", "L", "RGB", "P") and "transparency" in img.info
+            if mode in ("LA", "RGBA", "PA") or keyed:
+                img = img.convert("LA" if mode in ("LA", "L", "1") or gray_alpha else "RGBA")
                 alpha = np.asarray(img.getchannel("A"))
                 img = img.convert("RGB" if img.mode == "RGBA" else "L")
+                if mode != "P" and keyed and alpha.min() == 255:  # (no pixel has it)
+                    alpha = None
             if img.mode == "P" and _gray_palette(img):  # a GIF or PNG of gray levels
                 img = img.convert("L")
             if img.mode not in ("L", "RGB"):
@@ -909,8 +921,11 @@ def decode(
             space = "L" if gray_alpha else COLOR_SPACE.get(mode)  # 16-bit LA read as RGBA
             if img.mode != space:  # converted: the profile no longer fits
                 info.pop("icc_profile", None)
-            if wide:
-                kind = "gray + alpha" if gray_alpha else "RGB"
+            if wide or deep:
+                if wide:
+                    kind = "gray + alpha" if gray_alpha else "RGB"
+                else:
+                    kind = {"LA": "gray + alpha", "RGBA": "RGB", "RGBX": "RGB"}.get(mode, mode)
                 note = f"16-bit {kind} read as 8 bits (Pillow), written as 8 bits"
                 info["note"] = "; ".join(filter(None, [info.get("note"), note]))
             array = np.asarray(img)
@@ -991,6 +1006,9 @@ def encode(
     if array.dtype == np.uint16 and fmt not in HOLDS_16_BITS:  # WEBP would clip it to white
         array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         notes.append("16-bit values scaled to 8 bits")
+    if array.dtype == np.uint16 and array.shape[2] == 2:  # Pillow writes no 16-bit LA
+        array = array[..., :1]
+        notes.append("alpha dropped")
     if fmt == "BMP" and array.shape[2] == 4:  # written as 32 bits that readers take for RGB
         array = array[..., :3]
         notes.append("alpha dropped")

@@ -2715,6 +2715,60 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     assert Image.MAX_IMAGE_PIXELS is None
 
 
+def _tiff16(width: int, height: int, channels: int, rng) -> bytes:
+    """An uncompressed 16-bit RGB (3) or RGBA (4) TIFF, made by hand (Pillow writes none)."""
+    data = rng.integers(0, 65536, (height, width * channels)).astype("<u2").tobytes()
+    bits_at = 8 + len(data)  # BitsPerSample's values, then the IFD
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, channels, bits_at)]
+    tags += [(259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, channels)]
+    tags += [(278, 4, 1, height), (279, 4, 1, len(data))]
+    tags += [(338, 3, 1, 2)] if channels == 4 else []  # ExtraSamples: unassociated alpha
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+    header = b"II*\x00" + struct.pack("<I", bits_at + 2 * channels)
+    return header + data + struct.pack(f"<{channels}H", *[16] * channels) + ifd + b"\0" * 4
+
+
+def test_a_transparent_colour_is_kept_as_alpha_and_16_bit_tiffs_say_they_lost_bits():
+    """A PNG's tRNS colour on gray or RGB pixels was dropped without a word (a palette's
+    became alpha), and a 16-bit RGB TIFF came out as 8 bits with no note (a PNG's had one)."""
+    rng = np.random.default_rng(6)
+    gray = rng.integers(0, 256, (6, 7)).astype(np.uint8)
+    key = int(gray[2, 3])
+    clear = gray == key
+    rgb = np.dstack([gray, gray // 2, 255 - gray])
+    for image, transparency in (
+        (Image.fromarray(gray), key),
+        (Image.fromarray(clear), 1),  # 1 bit a pixel (read as 0 and 255)
+        (Image.fromarray(rgb), tuple(int(v) for v in rgb[2, 3])),
+        (Image.fromarray(gray.astype(np.uint16) * 257), key * 257),  # I;16
+    ):
+        buf = io.BytesIO()
+        image.save(buf, "PNG", transparency=transparency)
+        array, maxval, _, alpha = job.decode(buf.getvalue(), "per-channel")
+        pixels = np.asarray(image.convert("L") if image.mode == "1" else image)
+        assert np.array_equal(array, pixels if pixels.ndim == 3 else pixels[..., None])
+        assert alpha is not None and np.array_equal(alpha == 0, clear), image.mode
+        assert alpha.max() == maxval and alpha.dtype == array.dtype, image.mode
+        written, note = job.encode(np.dstack([array, alpha]), "PNG")
+        with Image.open(io.BytesIO(written)) as back:  # (16-bit LA: Pillow reads RGBA)
+            assert back.mode in ("LA", "RGBA") and np.array_equal(
+                np.asarray(back.getchannel("A")) == 0, clear
+            ), image.mode
+    # A 16-bit gray + alpha in TIFF: Pillow writes none, so the alpha goes, with a note.
+    _, note = job.encode(np.dstack([array, alpha]), "TIFF")
+    assert note == "alpha dropped: TIFF cannot store it"
+    buf = io.BytesIO()  # a colour no pixel has: nothing is clear, no alpha
+    Image.fromarray(np.full((4, 4), 9, np.uint8)).save(buf, "PNG", transparency=200)
+    assert job.decode(buf.getvalue(), "per-channel")[3] is None
+    for channels, alpha_kept in ((3, False), (4, True)):
+        array, maxval, info, alpha = job.decode(_tiff16(5, 4, channels, rng), "per-channel")
+        assert array.shape == (4, 5, 3) and maxval == 255 and (alpha is not None) == alpha_kept
+        assert info["note"] == "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
+    buf = io.BytesIO()  # an 8-bit RGB TIFF: nothing to say
+    Image.fromarray(rgb).save(buf, "TIFF")
+    assert "note" not in job.decode(buf.getvalue(), "per-channel")[2]
+
+
 def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale():
     rng = np.random.default_rng(4)
     clean = rng.integers(0, 256, (20, 20, 1)).astype(np.uint8)
