@@ -997,8 +997,9 @@ def encode(
     """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
     `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
     the format holds them; returns the bytes and a note when the format cannot hold
-    the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits), so the
-    alpha channel was dropped or the values scaled to 8 bits."""
+    the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits; BMP: no
+    EXIF or ICC profile), so the alpha channel, EXIF or profile was dropped or the
+    values scaled to 8 bits."""
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
@@ -1012,6 +1013,11 @@ def encode(
     if fmt == "BMP" and array.shape[2] == 4:  # written as 32 bits that readers take for RGB
         array = array[..., :3]
         notes.append("alpha dropped")
+    if fmt == "BMP":  # Pillow's BMP writer drops both (an EXIF orientation went unsaid)
+        names = (("exif", "EXIF"), ("icc_profile", "ICC profile"))
+        dropped = [name for key, name in names if info.get(key)]
+        if dropped:
+            notes.append(f"{' and '.join(dropped)} dropped")
     try:
         payload = _pillow_encode(array, fmt, quality, info)
     except (OSError, ValueError, KeyError) as e:

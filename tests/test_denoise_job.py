@@ -1870,6 +1870,31 @@ def test_every_format_keeps_the_alpha_or_says_it_dropped_it():
         assert kept == {"PNG", "WEBP", "TIFF"}, (channels, kept)
 
 
+def test_a_bmp_output_says_it_dropped_the_exif_and_icc_profile():
+    """Pillow's BMP writer keeps neither: a photo's EXIF orientation went without a note,
+    so the output showed turned against its input. The formats that keep them: no note."""
+    from PIL import ImageCms
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    for info, expected in (
+        ({"exif": exif.tobytes(), "icc_profile": icc}, "EXIF and ICC profile dropped"),
+        ({"exif": exif.tobytes()}, "EXIF dropped"),
+        ({"dpi": (300, 300)}, None),
+    ):
+        for fmt in ("PNG", "JPEG", "TIFF", "WEBP", "BMP"):
+            payload, note = job.encode(image, fmt, 95, info)
+            with Image.open(io.BytesIO(payload)) as written:
+                kept = written.getexif().get(0x0112) == 6 or "exif" not in info
+            if fmt == "BMP":
+                assert note == (expected and f"{expected}: BMP cannot store it"), info
+                assert not kept or expected is None
+            else:
+                assert note is None and kept, (fmt, info)
+
+
 def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
     for bad in ("../x.png", "/etc/passwd", "a/../../x", "", ".", "C:/x.png", "..\\x.png"):
