@@ -207,6 +207,7 @@ GPU_CALL_PIXELS = 1 << 24
 # Data's default retries such a block for ever, so an image that kills its actor every
 # time stalled the whole job (measured: 8 restarts in a minute, no progress).
 BLOCK_TRIES = 4
+KEPT_CUT = "not overwritten: its output"  # (a file cut short that is not this job's: _keeps)
 LOST = "not denoised: its block"  # (then how; not BAD_INPUT: a rerun does it again)
 ITEM = "item"  # the column, in an actor's rows, of each row's place in the job's items
 # A block is decoded, run and written in groups of at most about this many pixels
@@ -1505,6 +1506,10 @@ class Denoiser:
                     f"its output {out_rel} is also the output of another row of the Parquet "
                     "input: each would overwrite the others"
                 )
+            extra = self.s.extra
+            cut, kept_for = extra.get("cut", set()), extra.get("kept_for", set())
+            if _keeps(rel, out_rel, cut, extra.get("unrecorded", True), kept_for):
+                raise ValueError(_kept_cut_reason(out_rel))
             if self.src is not None:
                 payload = self.src.read(rel)
             else:
@@ -2189,8 +2194,9 @@ class SourceFolder:
 
 def existing_outputs(
     output: Storage, written: dict[str, int], within: SourceFolder | None = None
-) -> set[str]:
-    """Completed outputs under DST; stale temp files of a crashed run are removed.
+) -> tuple[set[str], set[str]]:
+    """Completed outputs under DST, and the files there that are cut short (or not
+    images); stale temp files of a crashed run are removed.
 
     The job renames each output into place whole, but DST may have been copied or
     damaged since: an output whose size is not the one an earlier run's row says it
@@ -2198,9 +2204,11 @@ def existing_outputs(
     without such a row (a manifest of an older version of the job, or none) is checked
     by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
     size its header declares). The files of the input folder (`within`: in DST, or
-    reached from it through a link) are inputs, not outputs."""
+    reached from it through a link) are inputs, not outputs. Where DST holds no record
+    of this job, a file cut short is not one of its outputs (it writes each whole, then
+    renames it): it may be another dataset's, and is not overwritten (see _keeps)."""
     if not output.is_dir():
-        return set()
+        return set(), set()
     done, cut = set(), []
     for rel, size in output.walk():
         if within is not None and within.holds(rel):
@@ -2215,13 +2223,40 @@ def existing_outputs(
                 cut.append(rel)
             else:
                 done.add(rel)
-    if cut:
+    return done, set(cut)
+
+
+def _keeps(rel: str, out_rel: str, cut: set[str], unrecorded: bool, kept_for: set[str]) -> bool:
+    """Whether the file cut short at `rel`'s output path is not this job's to overwrite:
+    DST holds no record of this job, or an earlier run kept it so (`kept_for`: the inputs
+    whose last row says KEPT_CUT)."""
+    return out_rel in cut and (unrecorded or rel in kept_for)
+
+
+def _kept_cut_reason(out_rel: str) -> str:
+    return (
+        f"{KEPT_CUT} {out_rel} was already in --output, cut short or not an image, with no "
+        "record that this job wrote it (remove it to denoise this input)"
+    )
+
+
+def _note_cut(location: str, redone: list[str], kept: list[str]) -> None:
+    """The notes of the files cut short at output paths: done again, or kept (_keeps)."""
+    where = redacted(location)
+    if redone:
         print(
-            f"denoise: note: {len(cut)} output(s) in {redacted(output.location)} are cut "
-            f"short (e.g. {cut[0]}): they are done again",
+            f"denoise: note: {len(redone)} output(s) in {where} are cut short (e.g. "
+            f"{redone[0]}): they are done again",
             file=sys.stderr,
         )
-    return done
+    if kept:
+        print(
+            f"denoise: warning: {len(kept)} file(s) in {where} at output paths are cut short "
+            f"or not images (e.g. {kept[0]}), with no record that this job wrote them: they "
+            "may be another dataset's, so they are not overwritten and their inputs fail "
+            "(remove them to have them done)",
+            file=sys.stderr,
+        )
 
 
 def previous_writers(output: Storage, before: dict[str, dict[str, Any]]) -> dict[str, tuple]:
@@ -2316,12 +2351,10 @@ def previous_rows(
     measured against other references than this run's `clean` (its --clean; None for
     none: then the last run's) are dropped: they are not this run's to carry."""
     sources: list[tuple[int, int, Callable[[], pa.Table | None]]] = []
-    try:
-        data = output.read(MANIFEST)
-        run = _run_number(pq.read_schema(io.BytesIO(data)))
-        sources.append((run, 0, lambda: pq.read_table(io.BytesIO(data))))
-    except Exception:  # no manifest yet, or an unreadable one: resume from the outputs alone
-        pass
+    manifest = _read_manifest(output)
+    if manifest is not None:
+        schema, data = manifest
+        sources.append((_run_number(schema), 0, lambda: pq.read_table(io.BytesIO(data))))
     journals = _journals(output)
     if output.local:
         for name in journals:
@@ -2372,6 +2405,33 @@ def previous_rows(
                 row["error"] = _without_metric_note(row["error"])
         del row["_clean"]
     return rows, metas, journals
+
+
+def _read_manifest(output: Storage) -> tuple[pa.Schema, bytes] | None:
+    """DST's manifest: its schema and bytes; None if there is none yet. A file there that is
+    not one of this job's manifests (another tool's table, a folder, bytes that are not
+    Parquet) is refused: the job would write its manifest over it, at the end."""
+    try:
+        data = output.read(MANIFEST)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # (ValueError: not a regular file, say a folder)
+        why = str(e).removesuffix(": not an image")
+    else:
+        try:
+            schema = pq.read_schema(io.BytesIO(data))
+        except Exception as e:
+            why = f"not a Parquet file: {e}"
+        else:
+            if {"path", "status"} <= set(schema.names):
+                return schema, data
+            why = "a table without the path and status columns of this job's manifests"
+    raise ValueError(
+        f"--output {redacted(output.location)} holds a {MANIFEST} that is not this job's "
+        f"manifest ({why}); the job would write its own over it: move it away, or give "
+        "another --output (if it is this job's, damaged, remove it: a rerun then resumes "
+        "from the outputs)"
+    )
 
 
 def _without_metric_note(note: str) -> str | None:
@@ -3315,7 +3375,13 @@ def _run_locked(
     # Sizes for the skips here, and in the actors for Parquet.
     written = {out: size for out, (_, size, *_) in writers.items() if size}
     within = SourceFolder.of(inputs, output)
-    done = existing_outputs(output, written, within)
+    done, cut = existing_outputs(output, written, within)
+    kept_for = {  # inputs an earlier run failed, as their output path held a file not its own
+        rel
+        for rel, last in before.items()
+        if last.get("status") == "failed"
+        and (last.get("error") or "").removeprefix(EARLIER).startswith(KEPT_CUT)
+    }
     metadata = {
         "job": "jobs/denoise.py",
         "model": redacted(args.model),
@@ -3373,7 +3439,9 @@ def _run_locked(
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
-        early, todo = _plan(inputs, args, done, before, retry, kept, unrecorded, within)
+        early, todo = _plan(
+            inputs, args, done, before, retry, kept, unrecorded, within, cut, kept_for
+        )
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
         # Where this job has no record yet, the outputs skipped now may be another
@@ -3406,6 +3474,9 @@ def _run_locked(
             )
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
+            parquet["cut"], parquet["kept_for"] = cut, kept_for  # (see _keeps)
+            redone, kept_cut = ([], sorted(cut)) if unrecorded else (sorted(cut), [])
+            _note_cut(args.output, redone, kept_cut)  # (of all rows: decided in the actors)
             parquet["within"] = within
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
@@ -3499,6 +3570,8 @@ def _plan(
     writers: dict[str, tuple] | None = None,
     unrecorded: bool = True,
     within: SourceFolder | None = None,
+    cut: set[str] = frozenset(),
+    kept_for: set[str] = frozenset(),
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -3511,8 +3584,11 @@ def _plan(
     changed in place can keep its size; 10,000 noisy test digits as PNGs have 108 sizes
     among them). The times are compared with the input's own earlier listing, not
     with the output's: a clock elsewhere, or one an unzip set ahead, does not count.
-    `within`: the input folder, for outputs to stay out of (see output_for)."""
+    `within`: the input folder, for outputs to stay out of (see output_for). `cut`: the
+    files at output paths that are cut short (done again, or failed if _keeps them; see
+    `kept_for` there)."""
     early: list[dict[str, Any]] = []
+    redone, kept_cut = [], []  # (the files in `cut` of this run's inputs)
     todo: list[tuple[str, int]] = []
     orphans = 0  # outputs without a row, of a run that stopped
     touched = 0  # inputs of the size recorded, with another modification time
@@ -3577,6 +3653,13 @@ def _plan(
             reason = f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
+        if _keeps(rel, out_rel, cut, unrecorded, kept_for):
+            kept_cut.append(out_rel)
+            reason = _kept_cut_reason(out_rel)
+            early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
+            continue
+        if out_rel in cut:
+            redone.append(out_rel)
         last = before.get(rel, {})
         record = (writers or {}).get(out_rel, ())
         # The record's size where the last row is not this output's (none, or of
@@ -3630,6 +3713,8 @@ def _plan(
             "modification time (changed in place, or touched): they are done again",
             file=sys.stderr,
         )
+    if redone or kept_cut:
+        _note_cut(args.output, redone, kept_cut)
     return early, todo
 
 

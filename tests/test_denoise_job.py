@@ -281,10 +281,13 @@ def test_the_exit_status_says_when_every_input_failed(capsys):
     assert job._failures_status({"inputs": 2, "ok": 0, "skipped": 2, "failed": 0}, 0) == 0
 
 
-def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, dataset, tmp_path):
+def test_reruns_that_cannot_trust_what_is_in_dst_say_so(
+    first_run, model_path, dataset, tmp_path, shared_ray
+):
     """A rerun against other --clean references does not carry the PSNR/SSIM measured
     against the first ones, and says so; a DST that already holds the inputs' outputs
-    with no record of this job (here a copy of the input) gets a warning."""
+    with no record of this job (here a copy of the input) gets a warning, and a file cut
+    short in it is not overwritten."""
     dst, _ = first_run
     copy, refs = tmp_path / "copy", tmp_path / "refs"
     shutil.copytree(dst, copy)
@@ -312,13 +315,30 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(first_run, model_path, d
 
     foreign = tmp_path / "foreign"
     shutil.copytree(dataset["src"], foreign)
-    result = run_job("--model", model_path, "--input", dataset["src"], "--output", foreign)
+    # A file cut short at an output path is not one of this job's (it renames each output
+    # into place whole): not overwritten either, its input fails, also on reruns.
+    theirs = "1/000002.png"
+    (foreign / theirs).write_bytes(b"\x89PNG\r\n\x1a\n their half-copied file")
+    refs = ["--model", model_path, "--input", dataset["src"], "--output", foreign]
+    result = run_job(*refs)
     assert result.returncode == 0, result.stderr[-3000:]
-    skipped = sum(r["status"] == "skipped" for r in manifest(foreign).values())
+    rows = manifest(foreign)
+    skipped = sum(r["status"] == "skipped" for r in rows.values())
     assert skipped > N_DIGITS
     assert f"warning: {skipped} inputs are skipped because their outputs are already in " in (
         result.stderr
     )
+    kept = f"not overwritten: its output {theirs} was already in --output, cut short"
+    assert rows[theirs]["status"] == "failed" and rows[theirs]["error"].startswith(kept)
+    assert f"cut short or not images (e.g. {theirs})" in result.stderr  # (and the broken inputs)
+    rerun = run_job(*refs)  # DST has a record now: still not the job's file
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert manifest(foreign)[theirs]["error"].startswith(kept)
+    assert (foreign / theirs).read_bytes() == b"\x89PNG\r\n\x1a\n their half-copied file"
+    (foreign / theirs).unlink()  # removed: done
+    rerun = run_job(*refs, ray=shared_ray)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert manifest(foreign)[theirs]["status"] == "ok"
     assert "warning" not in run_job(*args).stderr  # DST has this job's record
 
 
@@ -663,7 +683,7 @@ def test_a_run_in_a_bucket_keeps_its_rows_in_journal_parts_until_its_manifest(s3
     assert job.read_journal(output, journals[0]).schema.metadata[b"run"] == b"2"
     expected = {"a.png": 30.0, "b.png": 20.0, "c.png": 21.0, "d.png": 22.0, "e.png": 31.0}
     assert psnrs(rows) == expected  # yet its rows win
-    assert job.existing_outputs(output, {}) == set()  # parts are not outputs
+    assert job.existing_outputs(output, {}) == (set(), set())  # parts are not outputs
 
     with s3.fs.open_output_stream(f"{BUCKET}/journaled/{job.JOURNAL_PARTS}/notes.txt") as f:
         f.write(b"not a part")
@@ -1292,7 +1312,7 @@ def test_outputs_stay_out_of_the_input_folder_however_dst_reaches_it(layout, tmp
     output = job.Storage(str(data))
     inputs = job.find_inputs(str(data / "noisy"), "auto", str(data))
     within = job.SourceFolder.of(inputs, output)
-    assert job.existing_outputs(output, {}, within) == set()
+    assert job.existing_outputs(output, {}, within) == (set(), set())
     assert (real / f".c.png.1{job.TMP_MARK}").exists()
     args = SimpleNamespace(format="same")
     early, todo = job._plan(inputs, args, set(), {}, False, within=within)
@@ -3014,7 +3034,7 @@ def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
         "d.png": ("d.png", 3, 1, None),
     }
     (tmp_path / "out" / "a.png").write_bytes(job.encode_png(np.zeros((2, 2, 1), np.uint8)))
-    assert job.existing_outputs(dst, {}) == {"a.png"}  # the record is not an output
+    assert job.existing_outputs(dst, {}) == ({"a.png"}, set())  # the record is not an output
 
     src = job.Storage(str(tmp_path / "src"))
     png = SimpleNamespace(format="png")
@@ -3093,10 +3113,13 @@ def test_an_output_is_complete_if_it_has_the_size_written_or_else_its_format_s_e
         (out / f"whole{suffix}").write_bytes(buf.getvalue())
         (out / f"cut{suffix}").write_bytes(buf.getvalue()[:-2])
     written = {name: len(whole) for name in ("same.png", "cut.png")}  # as rows recorded
-    done = job.existing_outputs(job.Storage(str(out)), written)
+    done, cut = job.existing_outputs(job.Storage(str(out)), written)
     assert sorted(done) == [
         "notes.txt", "same.png", "unrecorded.png",
         "whole.bmp", "whole.jpeg", "whole.jpg", "whole.webp",
+    ]  # fmt: skip
+    assert sorted(cut) == [
+        "cut.bmp", "cut.jpeg", "cut.jpg", "cut.png", "cut.webp", "unrecorded_cut.png",
     ]  # fmt: skip
 
 
@@ -3165,11 +3188,19 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     assert denoiser._read(("same.tif", b"abc", 3), 8)[0]["status"] == "skipped"
     # An output without a record: the row's own where this job never wrote (the outputs
     # decide), else a stopped run's whose row was lost (done again, for its row).
+    # A file cut short there is another dataset's where this job never wrote (its row
+    # fails, the file stays), or where an earlier run said so of it (kept_for).
     for unrecorded in (True, False):
-        extra = {"written": written, "writers": {}, "unrecorded": unrecorded}
+        extra = {"written": written, "writers": {}, "unrecorded": unrecorded, "cut": {"cut.tif"}}
         settings = job.JobSettings.in_process(str(model_path), None, str(out), extra=extra)
         row = job.Denoiser(settings)._read(("unrecorded.tif", b"a", 1))[0]
         assert (row["status"] == "skipped") is unrecorded
+        for kept_for in (set(), {"cut.tif"}):
+            settings.extra["kept_for"] = kept_for
+            row = job.Denoiser(settings)._read(("cut.tif", b"a", 1))[0]
+            kept = row["error"] is not None and row["error"].startswith(job.KEPT_CUT)
+            assert kept is (unrecorded or bool(kept_for)), (unrecorded, kept_for, row)
+    assert (out / "cut.tif").read_bytes() == b"x" * 9
 
 
 def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
@@ -3298,3 +3329,33 @@ print("seen " + json.dumps({"outside": outside, "driver": driver, **runs}))
         "sweep given the GPU": ["0", None],
         "sweep given none": ["", "cpu"],
     }
+
+
+def test_a_file_at_the_manifests_name_that_is_not_its_manifest_is_refused(
+    model_path, dataset, tmp_path
+):
+    """The job writes DST/manifest.parquet at its end: another tool's table there, bytes
+    that are not Parquet, or a folder of that name are refused before any work (the
+    first two were replaced without a word; the folder failed the run at its end, and
+    every rerun's)."""
+    cases = {
+        "table": lambda p: pq.write_table(pa.table({"file": ["a.png"], "label": [3]}), p),
+        "bytes": lambda p: p.write_bytes(b"not Parquet"),
+        "folder": lambda p: p.mkdir(),
+    }
+    whys = {
+        "table": "a table without the path and status columns",
+        "bytes": "not a Parquet file",
+        "folder": "not a regular file but a folder",
+    }
+    for name, make in cases.items():
+        dst = tmp_path / name
+        dst.mkdir()
+        make(dst / "manifest.parquet")
+        before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
+        result = run_job("--model", model_path, "--input", dataset["src"], "--output", dst)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        said = f"--output {dst} holds a manifest.parquet that is not this job's manifest ("
+        assert said + whys[name] in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before, name
