@@ -936,22 +936,34 @@ def effective_hparams(model: str, sampled: dict[str, Any], pins: dict[str, dict]
     return {**sampled, **pins.get(model, {})}
 
 
+def variant_space(model: str, pins: dict[str, dict]) -> dict[str, Any]:
+    """`model`'s search space with its pinned keys as the constants they are: sampled
+    there, a pinned key went into the trial's config (Tune's progress table, the trial's
+    params.json and result.json, TensorBoard's hyperparameters) with a value the trial
+    did not train with (`--set denoise.batch_size=32` showed 64 and 128)."""
+    return {**SEARCH_SPACE[model], **pins.get(model, {})}
+
+
 class OptunaSpace:
     """A define-by-run space: each variant's keys are namespaced, so Optuna's model of
     one variant's hyperparameters learns only from that variant's trials. (A class,
     not a closure: Tune pickles the searcher into its experiment state.)"""
 
-    def __init__(self, models: list[str]):
+    def __init__(self, models: list[str], pins: dict[str, dict] | None = None):
         self.models = list(models)
+        self.pins = pins or {}  # (not searched: their values, as variant_space has them)
 
     def __call__(self, trial) -> dict[str, Any]:
-        from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+        from ray.tune.search.sample import Categorical, Domain, Float, Integer, LogUniform
 
         model = trial.suggest_categorical("model", self.models)
         hparams = {}
-        for key, domain in SEARCH_SPACE[model].items():
+        # (getattr: a searcher pickled by an experiment started before pins were kept here)
+        for key, domain in variant_space(model, getattr(self, "pins", {})).items():
             name = f"{model}.{key}"
-            if isinstance(domain, Categorical):
+            if not isinstance(domain, Domain):  # pinned
+                hparams[key] = domain
+            elif isinstance(domain, Categorical):
                 labels = [json.dumps(c) for c in domain.categories]
                 hparams[key] = json.loads(trial.suggest_categorical(name, labels))
             elif isinstance(domain, Integer):
@@ -1629,7 +1641,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         points = [{"model": m} for m in order for _ in range(args.num_samples)]
         # A define-by-run space ignores TuneConfig's metric/mode: hand them over here too.
         search_alg = OptunaSearch(
-            space=OptunaSpace(args.models),
+            space=OptunaSpace(args.models, settings["pins"]),
             metric=METRIC,
             mode=MODE,
             points_to_evaluate=points,
@@ -1651,7 +1663,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
         # which would give a resumed trial other hyperparameters than its checkpoint.)
         param_space = {
             "model": tune.grid_search(heaviest_first(args.models)),
-            "hparams": {model: SEARCH_SPACE[model] for model in args.models},
+            "hparams": {model: variant_space(model, settings["pins"]) for model in args.models},
         }
         num_samples = args.num_samples  # the grid repeats: num_samples trials per variant
     if args.resume:

@@ -876,6 +876,48 @@ def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys
     assert args.storage_path == str(tmp_path / "env" / "sweeps")
 
 
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_pinned_values_are_what_the_trials_configs_say(search, tmp_path, monkeypatch):
+    """A pinned key was still sampled into every trial's config, which Tune shows and
+    keeps: its progress table, each trial's params.json and result.json and TensorBoard's
+    hyperparameters said the trials of `--set denoise.batch_size=32` trained at 64 and
+    128 (trials.csv, best/ and the report, which apply the pins, said 32); and Optuna
+    searched the pinned key."""
+    sweep = _load_sweep_module()
+    args = sweep.parse_args(
+        ["--models", "denoise", "dense", "--num-samples", "4", "--search", search]
+        + ["--set", "denoise.batch_size=32", "--set", "denoise.eval_noise_factor=0.2"]
+        + ["--storage-path", str(tmp_path)]
+    )
+    made: dict = {}
+    monkeypatch.setattr(sweep.tune, "with_parameters", lambda trainable, **kw: trainable)
+    monkeypatch.setattr(sweep.tune, "with_resources", lambda trainable, resources: trainable)
+    monkeypatch.setattr(sweep.tune, "Tuner", lambda trainable, **kw: made.update(kw))
+    if search == "optuna":
+        optuna = pytest.importorskip("optuna")
+        import ray.tune.search.optuna
+
+        monkeypatch.setattr(ray.tune.search.optuna, "OptunaSearch", lambda **kw: made.update(kw))
+    sweep.build_tuner(args, None, str(tmp_path / "x"))
+    configs, searched = [], set()
+    if search == "random":
+        from ray.tune.search.variant_generator import generate_variants
+
+        for _ in range(args.num_samples):
+            configs += [config for _, config in generate_variants(made["param_space"])]
+    else:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(8):
+            trial = study.ask()
+            configs.append(made["space"](trial))
+            searched |= set(trial.params)
+    denoise = [c["hparams"]["denoise"] for c in configs if "denoise" in c["hparams"]]
+    assert denoise and all(h["batch_size"] == 32 for h in denoise), denoise
+    assert all(h["eval_noise_factor"] == 0.2 for h in denoise), denoise
+    assert len({h["learning_rate"] for h in denoise}) > 1  # (the others are searched)
+    assert not searched & {"denoise.batch_size", "denoise.eval_noise_factor"}, searched
+
+
 def test_pinned_values_are_checked_against_the_option_defaults():
     """--set values of the wrong type fail before Ray starts; what the README shows, ints
     for floats, tuples or lists for tuples, and anything for a None default pass."""
