@@ -725,8 +725,11 @@ def run_record(
 
 
 def config_source(config: TrainConfig) -> str:
-    """Where `config` reads its data: its image folder, MNIST file or Keras's download."""
-    return config.images or str(data_lib.resolve_mnist_path(config.data) or "keras.datasets.mnist")
+    """Where `config` reads its data: its image folder or MNIST file, as an absolute path
+    (a relative `--data mnist.npz` was recorded as it was given, which names no file once
+    read from another folder), or Keras's download."""
+    path = config.images or data_lib.resolve_mnist_path(config.data)
+    return "keras.datasets.mnist" if path is None else os.path.abspath(Path(path).expanduser())
 
 
 # The files plots.tutorial_figures writes, as NAME_<one of these>.png: an earlier run's

@@ -571,6 +571,22 @@ def test_the_record_says_how_the_images_were_scaled(tmp_path, capsys):
     assert data_lib.describe_scaling(np.uint8) == "uint8 / 255 -> [0, 1]"  # (MNIST's, as before)
 
 
+def test_the_record_names_a_relative_data_file_by_its_absolute_path(tmp_path, monkeypatch, capsys):
+    """A --data file (or --images folder) given relative to the working folder was
+    recorded as given in metrics.json's data_settings.source (and the model's record),
+    which names no file once read from another folder."""
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(MNIST)
+    data = tmp_path / "d" / "small.npz"
+    data.parent.mkdir()
+    np.savez(data, x_train=x_train[:64], y_train=y_train[:64], x_test=x_test[:8], y_test=y_test[:8])
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", "dense", "--epochs", "1", "--no-figures", "--data"]
+    assert main([*args, "d/small.npz", "--out", "o"]) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert record["data_settings"]["source"] == str(data)
+    assert aelib.read_info(tmp_path / "o" / "dense.keras")["data_settings"]["source"] == str(data)
+
+
 def test_stdout_is_the_json_alone_also_when_keras_downloads_mnist(tmp_path, monkeypatch, capsys):
     """Without --data or $AELIB_MNIST, Keras's download prints to stdout ("Downloading
     data from ..."), which went before the JSON and broke `| jq`. (This machine is
