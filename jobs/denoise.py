@@ -2886,6 +2886,7 @@ class ManifestWriter:
         self.in_means = {"psnr": 0, "ssim": 0}
         self.measured_elsewhere = 0  # of them, outputs another model wrote (kept, skipped)
         self.unmeasured = 0  # outputs (ok or skipped) without PSNR/SSIM
+        self.unmeasured_skipped = 0  # of them, skipped: an earlier run's, not measured then
         self.unmeasured_example: str | None = None  # the first one's error, if any
         self.new_rows = 0  # rows from this run's actors (not carried or settled up front)
         # Set (start) once actors may write outputs, or from the start where a run killed
@@ -2968,6 +2969,7 @@ class ManifestWriter:
         done = np.array([s != "failed" for s in status], dtype=bool)
         none = done & np.isnan(psnr)
         self.unmeasured += int(none.sum())
+        self.unmeasured_skipped += sum(s == "skipped" for s in np.asarray(status)[none])
         if self.unmeasured_example is None and none.any():  # (why, not the note before it)
             errors = table.column("error").to_pylist()
             self.unmeasured_example = next(
@@ -3495,6 +3497,12 @@ def _run_locked(
     if args.clean and manifest.unmeasured:
         example = manifest.unmeasured_example
         why = f" (e.g. {example}; the manifest's error column has each reason)" if example else ""
+        if not example and manifest.unmeasured_skipped:  # (a rerun that adds --clean)
+            why = (
+                f" ({manifest.unmeasured_skipped} of them skipped: an earlier run wrote them "
+                "and measured none against these references; give an empty --output to "
+                "denoise and measure every input)"
+            )
         print(
             f"denoise: note: {manifest.unmeasured} of the {counts['ok'] + counts['skipped']} "
             f"outputs have no PSNR/SSIM against --clean{why}",

@@ -311,6 +311,7 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(
     assert all(r["psnr"] is None and r["psnr_noisy"] is None for r in rows.values())
     done = sum(r["status"] != "failed" for r in rows.values())
     assert f"{done} of the {done} outputs have no PSNR/SSIM against --clean" in result.stderr
+    assert f"({done} of them skipped: an earlier run wrote them and measured none" in result.stderr
     assert "mean PSNR" not in result.stdout
 
     foreign = tmp_path / "foreign"
