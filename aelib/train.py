@@ -43,8 +43,11 @@ class TrainConfig:
 
     model: str = "dense"  # a name from aelib.list_models()
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # build_model overrides
-    epochs: int = 50  # the tutorial's 50 (100 for sparse, deep and denoise)
-    batch_size: int = 256  # the tutorial's 256 (128 for denoise)
+    # The same for every variant here; the command line applies the tutorial's own per
+    # variant (aelib.tutorial: 100 epochs for sparse, deep and denoise; batch 128 for conv
+    # and denoise, 100 for vae).
+    epochs: int = 50
+    batch_size: int = 256
     learning_rate: float = 1e-3  # Adam
     lr_schedule: str = "constant"  # or "cosine": decays to 0 over the run's epochs
     noise_factor: float = 0.5  # std of the Gaussian noise the denoiser is trained to remove
