@@ -4167,7 +4167,11 @@ def _own_ray_processes(kind: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a trained .keras model (aelib's denoise)")
-    p.add_argument("--input", required=True, help="folder, glob, Parquet file(s), or a URI")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder tree, glob, one image, or Parquet file(s); a local path or a URI",
+    )
     p.add_argument("--output", required=True, help="output folder (not SRC nor inside it)")
     p.add_argument("--clean", default=None, help="clean references, same relative paths")
     p.add_argument(
