@@ -53,6 +53,11 @@ def load_mnist(path: str | os.PathLike | None = None) -> tuple[Split, Split]:
             f"{given} is a folder; expected Keras's mnist.npz file (keys x_train, "
             "y_train, x_test, y_test)."
         )
+    if resolved.exists() and not resolved.is_file():  # (/dev/null: "not found" misled)
+        raise ValueError(
+            f"{given} is not a regular file; expected Keras's mnist.npz (keys x_train, "
+            "y_train, x_test, y_test)."
+        )
     if not resolved.is_file():
         raise FileNotFoundError(
             f"MNIST file not found: {given}. Pass --data PATH or set ${MNIST_ENV} to "

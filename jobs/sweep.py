@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         nargs="+",
-        default=list(VARIANTS),
+        action="extend",  # (given twice: both, not the last alone without a word)
+        default=None,
         metavar="VARIANT",
         help=f"variants to search, spaced or comma-separated (default: all of "
         f"{', '.join(VARIANTS)})",
@@ -304,7 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, SMOKE[key])
     # `--models conv denoise`, `--models conv,denoise` or "conv, denoise", as the
     # benchmarks take them
-    args.models = [m.strip() for text in args.models for m in text.split(",") if m.strip()]
+    texts = list(VARIANTS) if args.models is None else args.models
+    args.models = [m.strip() for text in texts for m in text.split(",") if m.strip()]
     if not args.models:
         parser.error("--models: no variant given")
     unknown = [m for m in args.models if m not in SEARCH_SPACE]
@@ -398,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data = os.path.abspath(os.path.expanduser(args.data))
         if os.path.isdir(args.data):
             parser.error(f"--data: {args.data} is a folder; expected the mnist.npz file")
+        if os.path.exists(args.data) and not os.path.isfile(args.data):  # (/dev/null)
+            parser.error(f"--data: {args.data} is not a regular file; expected the mnist.npz file")
         if not os.path.isfile(args.data):
             parser.error(f"--data: MNIST file not found: {args.data}")
     seen: dict[tuple[str, str], Any] = {}

@@ -218,6 +218,8 @@ def test_files_that_are_not_mnist_npz_say_what_they_are(tmp_path):
     for name in ("arr.npy", "text.npz"):
         with pytest.raises(ValueError, match=rf"{name} is not an \.npz \(zip\) archive"):
             data_lib.load_mnist(tmp_path / name)
+    with pytest.raises(ValueError, match="/dev/null is not a regular file; expected Keras's"):
+        data_lib.load_mnist("/dev/null")  # (it exists: "not found" misled)
     with pytest.raises(ValueError, match="is a folder; expected Keras's mnist.npz"):
         data_lib.load_mnist(tmp_path)
     small = np.zeros((5, 14, 14), np.uint8)

@@ -678,6 +678,7 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
         (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
         (["--data", "/nonexistent/mnist.npz"], "MNIST file not found"),
         (["--data", "/tmp"], "--data: /tmp is a folder; expected the mnist.npz file"),
+        (["--data", "/dev/null"], "--data: /dev/null is not a regular file; expected the"),
         (
             ["--set", "dense.batch_size=64", "--set", "dense.batch_size=32"],
             "--set dense.batch_size is given twice (64 and 32): give it once",
@@ -705,6 +706,9 @@ def test_models_may_be_spaced_or_comma_separated():
     assert args.models == ["conv", "denoise", "vae"]
     # (quoted with a space after the comma: it was "unknown variant(s) ' vae'")
     assert sweep.parse_args(["--models", "conv, vae ,dense"]).models == ["conv", "vae", "dense"]
+    # given twice: both (the last alone was kept, without a word)
+    assert sweep.parse_args(["--models", "vae", "--models", "conv"]).models == ["vae", "conv"]
+    assert sweep.parse_args([]).models == list(sweep.VARIANTS)
 
 
 def test_storage_path_defaults_to_the_clusters_shared_storage(tmp_path, monkeypatch, capsys):
