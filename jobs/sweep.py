@@ -1370,7 +1370,7 @@ def _why_no_best(rows: list[dict], model: str) -> str:
     """Why a variant has no best model: what became of its trials."""
     said = {
         "error": "errored",
-        "diverged": "went NaN",
+        "diverged": "diverged (NaN or infinite loss)",
         "interrupted": "interrupted",
         "stopped_early": "stopped early",
         "finished": "finished without a finite loss",
