@@ -1510,6 +1510,8 @@ class Denoiser:
             cut, kept_for = extra.get("cut", set()), extra.get("kept_for", set())
             if _keeps(rel, out_rel, cut, extra.get("unrecorded", True), kept_for):
                 raise ValueError(_kept_cut_reason(out_rel))
+            if rel in kept_for and self._exists(out_rel):  # (whole since: still not ours)
+                raise ValueError(_kept_cut_reason(out_rel, whole=True))
             if self.src is not None:
                 payload = self.src.read(rel)
             else:
@@ -2233,11 +2235,35 @@ def _keeps(rel: str, out_rel: str, cut: set[str], unrecorded: bool, kept_for: se
     return out_rel in cut and (unrecorded or rel in kept_for)
 
 
-def _kept_cut_reason(out_rel: str) -> str:
+def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
+    """Why an input fails for the file at its output path (_keeps). `whole`: the file is
+    complete now (a copy that was under way, say), yet still not this job's output: an
+    earlier run kept it, cut short, for another dataset's."""
+    if whole:
+        return (
+            f"{KEPT_CUT} {out_rel} was already in --output with no record that this job "
+            "wrote it (an earlier run found it cut short or not an image; remove it to "
+            "denoise this input)"
+        )
     return (
         f"{KEPT_CUT} {out_rel} was already in --output, cut short or not an image, with no "
         "record that this job wrote it (remove it to denoise this input)"
     )
+
+
+def _parquet_cut(
+    cut: set[str], unrecorded: bool, kept_for: set[str], fmt: str, within: SourceFolder | None
+) -> tuple[list[str], list[str]]:
+    """The files cut short in DST for a Parquet input, whose rows the actors settle: those
+    done again, and those kept (_keeps: all where DST has no record of this job, else the
+    outputs of the rows an earlier run failed for them, `kept_for`)."""
+    kept = set(cut) if unrecorded else set()
+    for rel in () if unrecorded else kept_for:
+        try:
+            kept.add(output_for(rel, fmt, True, within))
+        except ValueError:
+            pass
+    return sorted(cut - kept), sorted(cut & kept)
 
 
 def _note_cut(location: str, redone: list[str], kept: list[str]) -> None:
@@ -3477,8 +3503,8 @@ def _run_locked(
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
             parquet["cut"], parquet["kept_for"] = cut, kept_for  # (see _keeps)
-            redone, kept_cut = ([], sorted(cut)) if unrecorded else (sorted(cut), [])
-            _note_cut(args.output, redone, kept_cut)  # (of all rows: decided in the actors)
+            # (of all rows: decided in the actors)
+            _note_cut(args.output, *_parquet_cut(cut, unrecorded, kept_for, args.format, within))
             parquet["within"] = within
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
@@ -3664,6 +3690,10 @@ def _plan(
         if _keeps(rel, out_rel, cut, unrecorded, kept_for):
             kept_cut.append(out_rel)
             reason = _kept_cut_reason(out_rel)
+            early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
+            continue
+        if rel in kept_for and out_rel in done:  # whole since (a copy that was under way):
+            reason = _kept_cut_reason(out_rel, whole=True)  # still not this job's to write
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         if out_rel in cut:

@@ -3204,6 +3204,47 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     assert (out / "cut.tif").read_bytes() == b"x" * 9
 
 
+def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, tmp_path):
+    """A file cut short at an output path that an earlier run kept (another dataset's: a
+    copy under way, say) is not overwritten once the copy is done either: its input still
+    fails, file or Parquet row, until the file is removed (it was denoised over it)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    image = job.encode_png(np.zeros((4, 4, 1), np.uint8))
+    (src / "a.png").write_bytes(image)
+    theirs = job.encode_png(np.full((3, 3, 1), 7, np.uint8))
+    (dst / "a.png").write_bytes(theirs)  # whole now
+    kept = {"path": "a.png", "status": "failed", "error": job._kept_cut_reason("a.png")}
+    before = {"a.png": {**kept, "input_bytes": len(image)}}
+    output = job.Storage(str(dst))
+    inputs = job.find_inputs(str(src), "auto", str(dst))
+    args = SimpleNamespace(format="same", output=str(dst))
+    extra = {"written": {}, "writers": {}, "unrecorded": False, "kept_for": {"a.png"}}
+    settings = job.JobSettings.in_process(str(model_path), None, str(dst), extra=extra)
+    for there in (True, False):
+        done, cut = job.existing_outputs(output, {})
+        assert done == ({"a.png"} if there else set()) and not cut
+        early, todo = job._plan(inputs, args, done, before, True, {}, False, None, cut, {"a.png"})
+        row = job.Denoiser(settings)._read(("a.png", image, len(image)))[0]
+        if there:
+            assert not todo and early[0]["status"] == "failed", (early, todo)
+            assert early[0]["error"].startswith(f"{job.KEPT_CUT} a.png was already in --output")
+            assert row["error"] == early[0]["error"]
+            assert (dst / "a.png").read_bytes() == theirs
+            (dst / "a.png").unlink()
+        else:  # removed: done
+            assert not early and todo == [("a.png", len(image))]
+            assert row["error"] is None
+    # A Parquet input's note, before the actors settle its rows: those kept are not said
+    # to be done again (as the note said of all, in a DST with a record).
+    cut = {"1/a.png", "b.png"}
+    kept_for = {"1/a.png", "c.png"}
+    assert job._parquet_cut(cut, False, kept_for, "same", None) == (["b.png"], ["1/a.png"])
+    assert job._parquet_cut(cut, True, set(), "same", None) == ([], ["1/a.png", "b.png"])
+    assert job._parquet_cut(cut, False, {"1/a.jpg"}, "png", None) == (["b.png"], ["1/a.png"])
+
+
 def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
     """A rerun's skipped row says what the run that wrote its output said of it, marked
     as the earlier run's, but not why it had no metrics once those are dropped
