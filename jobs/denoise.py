@@ -2436,13 +2436,20 @@ def previous_rows(
 def _read_manifest(output: Storage) -> tuple[pa.Schema, bytes] | None:
     """DST's manifest: its schema and bytes; None if there is none yet. A file there that is
     not one of this job's manifests (another tool's table, a folder, bytes that are not
-    Parquet) is refused: the job would write its manifest over it, at the end."""
+    Parquet) is refused: the job would write its manifest over it, at the end. One that
+    cannot be read (no permission, a network error) is refused as such: it may be this
+    job's, and resuming without it would write a manifest of this run alone over it."""
     try:
         data = output.read(MANIFEST)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:  # (ValueError: not a regular file, say a folder)
+    except ValueError as e:  # not a regular file, say a folder
         why = str(e).removesuffix(": not an image")
+    except OSError as e:  # it may well be this job's: say so, not to move or remove it
+        raise ValueError(
+            f"--output {redacted(output.location)}: cannot read its {MANIFEST} ({e}); "
+            "nothing was done: run again once it can be read"
+        ) from e
     else:
         try:
             schema = pq.read_schema(io.BytesIO(data))

@@ -3401,3 +3401,27 @@ def test_a_file_at_the_manifests_name_that_is_not_its_manifest_is_refused(
         assert said + whys[name] in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before, name
+
+
+def test_a_manifest_that_cannot_be_read_is_not_called_another_tools(tmp_path, monkeypatch):
+    """A manifest.parquet that cannot be read (no permission; in a bucket, a network
+    error) may well be this job's: refused as unreadable, not as not this job's with
+    advice to move or remove it (the run's history). None there: nothing to resume."""
+    output = job.Storage(str(tmp_path))
+    assert job._read_manifest(output) is None
+    pq.write_table(pa.table({"path": ["a.png"], "status": ["ok"]}), tmp_path / job.MANIFEST)
+    assert job._read_manifest(output)[0].names == ["path", "status"]
+    read = job.Storage.read
+
+    def denied(self, rel):
+        if rel == job.MANIFEST:
+            raise PermissionError(13, "Permission denied", self.full(rel))
+        return read(self, rel)
+
+    monkeypatch.setattr(job.Storage, "read", denied)
+    with pytest.raises(ValueError) as caught:
+        job.previous_rows(output)
+    said = str(caught.value)
+    assert said.startswith(f"--output {tmp_path}: cannot read its manifest.parquet (")
+    assert "Permission denied" in said and "not this job's" not in said, said
+    assert "remove" not in said and "move it away" not in said, said
