@@ -901,6 +901,15 @@ def decode(
                 if isinstance(key, int) and (array == key).any():  # 16-bit gray's tRNS
                     alpha = np.where(array == key, 0, 65535).astype(np.uint16)
                 return array.astype(np.uint16)[..., None], 65535, info, alpha
+            # A PNG's tRNS colour is on the file's scale, which Pillow keeps as it scales
+            # the pixels (16-bit RGB to its high bytes, 2- and 4-bit gray to 0-255): the
+            # colour on the pixels' scale, else others than it became transparent.
+            if formats and mode in ("L", "RGB") and key is not None:
+                depth = payload[24]
+                if mode == "RGB" and depth == 16 and isinstance(key, tuple):
+                    img.info["transparency"] = tuple(v >> 8 for v in key)
+                elif mode == "L" and depth in (2, 4) and isinstance(key, int):
+                    img.info["transparency"] = key * (255 // ((1 << depth) - 1))
             # Transparent palette entries, or a transparent colour of gray or RGB pixels
             # (tRNS; the latter was dropped without a word): the alpha channel.
             keyed = mode in ("1", "L", "RGB", "P") and "transparency" in img.info

@@ -2815,6 +2815,36 @@ def test_a_transparent_colour_is_kept_as_alpha_and_16_bit_tiffs_say_they_lost_bi
     assert "note" not in job.decode(buf.getvalue(), "per-channel")[2]
 
 
+def test_a_transparent_colour_is_taken_on_the_scale_pillow_reads_the_pixels_on():
+    """A PNG's tRNS colour is on the file's scale: Pillow keeps it so, while it reads a
+    16-bit RGB PNG as its high bytes and 2- or 4-bit gray as 0-255. The key's own
+    pixels are the transparent ones (not those whose 8 bits equal the key's 16, nor
+    none at all)."""
+
+    def png(depth: int, colour_type: int, rows: list[bytes], trns: bytes) -> bytes:
+        header = struct.pack(">IIBBBBB", 3, len(rows), depth, colour_type, 0, 0, 0)
+        raw = b"".join(b"\x00" + row for row in rows)
+        chunks = ((b"IHDR", header), (b"tRNS", trns), (b"IDAT", zlib.compress(raw)))
+        return b"\x89PNG\r\n\x1a\n" + b"".join(
+            job._png_chunk(kind, data) for kind, data in (*chunks, (b"IEND", b""))
+        )
+
+    # 16-bit RGB: the key (100, 0, 0) is nearly black; (25605, 10, 10) reads as (100, 0, 0).
+    pixels = np.array([[25605, 10, 10], [100, 0, 0], [65535, 65535, 65535]], ">u2")
+    for key, clear in (((100, 0, 0), [1]), ((65535, 65535, 65535), [2])):
+        payload = png(16, 2, [pixels.tobytes()], struct.pack(">3H", *key))
+        array, maxval, _, alpha = job.decode(payload, "per-channel")
+        assert array[0].tolist() == [[100, 0, 0], [0, 0, 0], [255, 255, 255]]
+        assert alpha is not None and np.flatnonzero(alpha[0] == 0).tolist() == clear, key
+    # 2- and 4-bit gray: levels 0..3 (0..15), read as 0, 85, 170, 255 (0, 17, ...).
+    for depth, row in ((2, bytes([0b00011011])), (4, bytes([0x01, 0x2F]))):
+        payload = png(depth, 0, [row], struct.pack(">H", 1))
+        array, maxval, _, alpha = job.decode(payload, "per-channel")
+        step = 255 // ((1 << depth) - 1)
+        assert array[0, 1, 0] == step and maxval == 255
+        assert alpha is not None and (alpha[0] == 0).tolist()[:3] == [False, True, False]
+
+
 def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale():
     rng = np.random.default_rng(4)
     clean = rng.integers(0, 256, (20, 20, 1)).astype(np.uint8)
