@@ -1007,9 +1007,9 @@ def encode(
     """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
     `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
     the format holds them; returns the bytes and a note when the format cannot hold
-    the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits; BMP: no
-    EXIF or ICC profile), so the alpha channel, EXIF or profile was dropped or the
-    values scaled to 8 bits."""
+    the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits; TIFF as
+    Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile), so the alpha
+    channel, EXIF or profile was dropped or the values scaled to 8 bits."""
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
