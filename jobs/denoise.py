@@ -1517,7 +1517,8 @@ class Denoiser:
                 )
             extra = self.s.extra
             cut, kept_for = extra.get("cut", set()), extra.get("kept_for", set())
-            if _keeps(rel, out_rel, cut, extra.get("unrecorded", True), kept_for):
+            unowned = extra.get("unowned", set())
+            if _keeps(rel, out_rel, cut, extra.get("unrecorded", True), kept_for, unowned):
                 raise ValueError(_kept_cut_reason(out_rel))
             if rel in kept_for and self._exists(out_rel):  # (whole since: still not ours)
                 raise ValueError(_kept_cut_reason(out_rel, whole=True))
@@ -2216,8 +2217,9 @@ def existing_outputs(
     by its contents instead, if it is a local PNG, JPEG, BMP or WEBP (its end, or the
     size its header declares). The files of the input folder (`within`: in DST, or
     reached from it through a link) are inputs, not outputs. Where DST holds no record
-    of this job, a file cut short is not one of its outputs (it writes each whole, then
-    renames it): it may be another dataset's, and is not overwritten (see _keeps)."""
+    that this job wrote it, a file cut short is not one of its outputs (it writes each
+    whole, then renames it): it may be another dataset's, and is not overwritten (see
+    _keeps)."""
     if not output.is_dir():
         return set(), set()
     done, cut = set(), []
@@ -2237,11 +2239,20 @@ def existing_outputs(
     return done, set(cut)
 
 
-def _keeps(rel: str, out_rel: str, cut: set[str], unrecorded: bool, kept_for: set[str]) -> bool:
+def _keeps(
+    rel: str,
+    out_rel: str,
+    cut: set[str],
+    unrecorded: bool,
+    kept_for: set[str],
+    unowned: set[str] = frozenset(),
+) -> bool:
     """Whether the file cut short at `rel`'s output path is not this job's to overwrite:
-    DST holds no record of this job, or an earlier run kept it so (`kept_for`: the inputs
-    whose last row says KEPT_CUT)."""
-    return out_rel in cut and (unrecorded or rel in kept_for)
+    DST holds no record of this job, or none that it wrote that file (`unowned`: no row
+    or record names it as an output; so a run killed before the rows that kept such files
+    were written, of a Parquet input, leaves them kept), or an earlier run kept it so
+    (`kept_for`: the inputs whose last row says KEPT_CUT)."""
+    return out_rel in cut and (unrecorded or rel in kept_for or out_rel in unowned)
 
 
 def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
@@ -2261,12 +2272,18 @@ def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
 
 
 def _parquet_cut(
-    cut: set[str], unrecorded: bool, kept_for: set[str], fmt: str, within: SourceFolder | None
+    cut: set[str],
+    unrecorded: bool,
+    kept_for: set[str],
+    fmt: str,
+    within: SourceFolder | None,
+    unowned: set[str] = frozenset(),
 ) -> tuple[list[str], list[str]]:
     """The files cut short in DST for a Parquet input, whose rows the actors settle: those
-    done again, and those kept (_keeps: all where DST has no record of this job, else the
-    outputs of the rows an earlier run failed for them, `kept_for`)."""
-    kept = set(cut) if unrecorded else set()
+    done again, and those kept (_keeps: all where DST has no record of this job, else
+    those it has no record of writing, `unowned`, and the outputs of the rows an earlier
+    run failed for them, `kept_for`)."""
+    kept = set(cut) if unrecorded else set(cut) & set(unowned)
     for rel in () if unrecorded else kept_for:
         try:
             kept.add(output_for(rel, fmt, True, within))
@@ -3420,6 +3437,9 @@ def _run_locked(
     written = {out: size for out, (_, size, *_) in writers.items() if size}
     within = SourceFolder.of(inputs, output)
     done, cut = existing_outputs(output, written, within)
+    # Files cut short that no row or record says this job wrote: not its own either (it
+    # renames each output into place whole), though DST holds its record of other files.
+    unowned = cut - set(writers) - {last.get("output") for last in before.values()}
     kept_for = {  # inputs an earlier run failed, as their output path held a file not its own
         rel
         for rel, last in before.items()
@@ -3484,7 +3504,7 @@ def _run_locked(
     try:
         retry = args.retry_failed or bool(changed)
         early, todo = _plan(
-            inputs, args, done, before, retry, kept, unrecorded, within, cut, kept_for
+            inputs, args, done, before, retry, kept, unrecorded, within, cut, kept_for, unowned
         )
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
@@ -3519,8 +3539,10 @@ def _run_locked(
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
             parquet["cut"], parquet["kept_for"] = cut, kept_for  # (see _keeps)
+            parquet["unowned"] = unowned
             # (of all rows: decided in the actors)
-            _note_cut(args.output, *_parquet_cut(cut, unrecorded, kept_for, args.format, within))
+            noted = _parquet_cut(cut, unrecorded, kept_for, args.format, within, unowned)
+            _note_cut(args.output, *noted)
             parquet["within"] = within
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
@@ -3622,6 +3644,7 @@ def _plan(
     within: SourceFolder | None = None,
     cut: set[str] = frozenset(),
     kept_for: set[str] = frozenset(),
+    unowned: set[str] = frozenset(),
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -3636,7 +3659,7 @@ def _plan(
     with the output's: a clock elsewhere, or one an unzip set ahead, does not count.
     `within`: the input folder, for outputs to stay out of (see output_for). `cut`: the
     files at output paths that are cut short (done again, or failed if _keeps them; see
-    `kept_for` there)."""
+    `kept_for` and `unowned` there)."""
     early: list[dict[str, Any]] = []
     redone, kept_cut = [], []  # (the files in `cut` of this run's inputs)
     todo: list[tuple[str, int]] = []
@@ -3703,7 +3726,7 @@ def _plan(
             reason = f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
-        if _keeps(rel, out_rel, cut, unrecorded, kept_for):
+        if _keeps(rel, out_rel, cut, unrecorded, kept_for, unowned):
             kept_cut.append(out_rel)
             reason = _kept_cut_reason(out_rel)
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})

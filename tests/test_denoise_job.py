@@ -3275,6 +3275,53 @@ def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, t
     assert job._parquet_cut(cut, False, {"1/a.jpg"}, "png", None) == (["b.png"], ["1/a.png"])
 
 
+def test_a_file_cut_short_that_dst_has_no_record_of_is_kept_though_dst_has_one(
+    model_path, tmp_path, shared_ray
+):
+    """A DST with this job's record (here a run on some rows; as well a run killed before
+    it kept the row that failed for such a file, which a Parquet input's actors settle)
+    holds a file cut short at the output path of a row that no row or record names as an
+    output: not this job's either (it renames each output into place whole), so it is not
+    overwritten; an output the record names, cut short since, is done again."""
+    rng = np.random.default_rng(8)
+    images = {f"{k}.png": png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for k in "abc"}
+    table = pa.table({"path": list(images), "image": list(images.values())})
+    dst = tmp_path / "dst"
+    pq.write_table(table.slice(0, 1), tmp_path / "some.parquet")  # a.png only
+    pq.write_table(table, tmp_path / "all.parquet")
+    args = ["--model", model_path, "--output", dst]
+    first = run_job(*args, "--input", tmp_path / "some.parquet", ray=shared_ray)
+    assert first.returncode == 0, first.stderr[-3000:]
+    theirs = b"\x89PNG\r\n\x1a\n half of another dataset's b.png"
+    (dst / "b.png").write_bytes(theirs)
+    whole = (dst / "a.png").read_bytes()
+    (dst / "a.png").write_bytes(whole[: len(whole) // 2])  # this job's, damaged since
+    result = run_job(*args, "--input", tmp_path / "all.parquet", ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(dst)
+    assert rows["b.png"]["status"] == "failed", rows["b.png"]
+    assert rows["b.png"]["error"].startswith(f"{job.KEPT_CUT} b.png was already in --output")
+    assert (dst / "b.png").read_bytes() == theirs
+    assert rows["a.png"]["status"] == "ok" and (dst / "a.png").stat().st_size > len(whole) // 2
+    assert rows["c.png"]["status"] == "ok"
+    assert "1 output(s) in" in result.stderr and "cut short (e.g. a.png)" in result.stderr
+    assert "cut short or not images (e.g. b.png)" in result.stderr
+    # The same for files.
+    src = tmp_path / "src"
+    src.mkdir()
+    for rel, data in images.items():
+        (src / rel).write_bytes(data)
+    (dst / "c.png").write_bytes(theirs)  # c.png's row names it: done again
+    (dst / "d.png").write_bytes(theirs)
+    (src / "d.png").write_bytes(images["a.png"])
+    again = run_job(*args, "--input", src, ray=shared_ray)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = manifest(dst)
+    assert rows["d.png"]["error"].startswith(f"{job.KEPT_CUT} d.png was already in --output")
+    assert (dst / "d.png").read_bytes() == theirs and rows["c.png"]["status"] == "ok"
+    assert rows["b.png"]["status"] == "failed" and (dst / "b.png").read_bytes() == theirs
+
+
 def test_skipped_rows_keep_the_notes_of_their_outputs(tmp_path):
     """A rerun's skipped row says what the run that wrote its output said of it, marked
     as the earlier run's, but not why it had no metrics once those are dropped
