@@ -207,7 +207,7 @@ GPU_CALL_PIXELS = 1 << 24
 # Data's default retries such a block for ever, so an image that kills its actor every
 # time stalled the whole job (measured: 8 restarts in a minute, no progress).
 BLOCK_TRIES = 4
-KEPT_CUT = "not overwritten: its output"  # (a file cut short that is not this job's: _keeps)
+KEPT_CUT = "not overwritten: its output"  # (a file cut short, not this job's: see _run_locked)
 LOST = "not denoised: its block"  # (then how; not BAD_INPUT: a rerun does it again)
 ITEM = "item"  # the column, in an actor's rows, of each row's place in the job's items
 # A block is decoded, run and written in groups of at most about this many pixels
@@ -1515,13 +1515,10 @@ class Denoiser:
                     f"its output {out_rel} is also the output of another row of the Parquet "
                     "input: each would overwrite the others"
                 )
-            extra = self.s.extra
-            cut, kept_for = extra.get("cut", set()), extra.get("kept_for", set())
-            unowned = extra.get("unowned", set())
-            if _keeps(rel, out_rel, cut, extra.get("unrecorded", True), kept_for, unowned):
+            if out_rel in self.s.extra.get("unowned", ()):  # (see _run_locked)
                 raise ValueError(_kept_cut_reason(out_rel))
-            if rel in kept_for and self._exists(out_rel):  # (whole since: still not ours)
-                raise ValueError(_kept_cut_reason(out_rel, whole=True))
+            if rel in self.s.extra.get("kept_for", ()) and self._exists(out_rel):
+                raise ValueError(_kept_cut_reason(out_rel, whole=True))  # (still not ours)
             if self.src is not None:
                 payload = self.src.read(rel)
             else:
@@ -2219,7 +2216,7 @@ def existing_outputs(
     reached from it through a link) are inputs, not outputs. Where DST holds no record
     that this job wrote it, a file cut short is not one of its outputs (it writes each
     whole, then renames it): it may be another dataset's, and is not overwritten (see
-    _keeps)."""
+    `unowned` in _run_locked)."""
     if not output.is_dir():
         return set(), set()
     done, cut = set(), []
@@ -2239,24 +2236,9 @@ def existing_outputs(
     return done, set(cut)
 
 
-def _keeps(
-    rel: str,
-    out_rel: str,
-    cut: set[str],
-    unrecorded: bool,
-    kept_for: set[str],
-    unowned: set[str] = frozenset(),
-) -> bool:
-    """Whether the file cut short at `rel`'s output path is not this job's to overwrite:
-    DST holds no record of this job, or none that it wrote that file (`unowned`: no row
-    or record names it as an output; so a run killed before the rows that kept such files
-    were written, of a Parquet input, leaves them kept), or an earlier run kept it so
-    (`kept_for`: the inputs whose last row says KEPT_CUT)."""
-    return out_rel in cut and (unrecorded or rel in kept_for or out_rel in unowned)
-
-
 def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
-    """Why an input fails for the file at its output path (_keeps). `whole`: the file is
+    """Why an input fails for the file at its output path (see `unowned` in _run_locked).
+    `whole`: the file is
     complete now (a copy that was under way, say), yet still not this job's output: an
     earlier run kept it, cut short, for another dataset's."""
     if whole:
@@ -2271,29 +2253,9 @@ def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
     )
 
 
-def _parquet_cut(
-    cut: set[str],
-    unrecorded: bool,
-    kept_for: set[str],
-    fmt: str,
-    within: SourceFolder | None,
-    unowned: set[str] = frozenset(),
-) -> tuple[list[str], list[str]]:
-    """The files cut short in DST for a Parquet input, whose rows the actors settle: those
-    done again, and those kept (_keeps: all where DST has no record of this job, else
-    those it has no record of writing, `unowned`, and the outputs of the rows an earlier
-    run failed for them, `kept_for`)."""
-    kept = set(cut) if unrecorded else set(cut) & set(unowned)
-    for rel in () if unrecorded else kept_for:
-        try:
-            kept.add(output_for(rel, fmt, True, within))
-        except ValueError:
-            pass
-    return sorted(cut - kept), sorted(cut & kept)
-
-
 def _note_cut(location: str, redone: list[str], kept: list[str]) -> None:
-    """The notes of the files cut short at output paths: done again, or kept (_keeps)."""
+    """The notes of the files cut short at output paths: done again, or kept (not this
+    job's: see `unowned` in _run_locked)."""
     where = redacted(location)
     if redone:
         print(
@@ -3437,8 +3399,11 @@ def _run_locked(
     written = {out: size for out, (_, size, *_) in writers.items() if size}
     within = SourceFolder.of(inputs, output)
     done, cut = existing_outputs(output, written, within)
-    # Files cut short that no row or record says this job wrote: not its own either (it
-    # renames each output into place whole), though DST holds its record of other files.
+    # Files cut short (or not images) that no row or record says this job wrote: not its
+    # outputs (it renames each into place whole), so another dataset's, say, in a DST with
+    # no record of this job or one with it (a Parquet run killed before its actors kept
+    # the rows that failed for them): not overwritten, their inputs fail. An output the
+    # record names that was cut short since (a copy) is done again.
     unowned = cut - set(writers) - {last.get("output") for last in before.values()}
     kept_for = {  # inputs an earlier run failed, as their output path held a file not its own
         rel
@@ -3504,7 +3469,7 @@ def _run_locked(
     try:
         retry = args.retry_failed or bool(changed)
         early, todo = _plan(
-            inputs, args, done, before, retry, kept, unrecorded, within, cut, kept_for, unowned
+            inputs, args, done, before, retry, kept, unrecorded, within, cut, unowned, kept_for
         )
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
@@ -3538,11 +3503,8 @@ def _run_locked(
             )
             parquet = {"clashes": clashes, "written": written, "writers": writers_in}
             parquet["unrecorded"] = unrecorded  # (then an output without a record is done)
-            parquet["cut"], parquet["kept_for"] = cut, kept_for  # (see _keeps)
-            parquet["unowned"] = unowned
-            # (of all rows: decided in the actors)
-            noted = _parquet_cut(cut, unrecorded, kept_for, args.format, within, unowned)
-            _note_cut(args.output, *noted)
+            parquet["unowned"], parquet["kept_for"] = unowned, kept_for
+            _note_cut(args.output, sorted(cut - unowned), sorted(unowned))  # (of all rows)
             parquet["within"] = within
             manifest.add_rows(unusable)
         timings: dict[str, float] = {}
@@ -3643,8 +3605,8 @@ def _plan(
     unrecorded: bool = True,
     within: SourceFolder | None = None,
     cut: set[str] = frozenset(),
-    kept_for: set[str] = frozenset(),
     unowned: set[str] = frozenset(),
+    kept_for: set[str] = frozenset(),
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -3658,8 +3620,9 @@ def _plan(
     among them). The times are compared with the input's own earlier listing, not
     with the output's: a clock elsewhere, or one an unzip set ahead, does not count.
     `within`: the input folder, for outputs to stay out of (see output_for). `cut`: the
-    files at output paths that are cut short (done again, or failed if _keeps them; see
-    `kept_for` and `unowned` there)."""
+    files at output paths that are cut short: done again, but those of them that are not
+    this job's (`unowned`, see _run_locked) fail, as do the inputs whose last row failed
+    so (`kept_for`) while a file is there."""
     early: list[dict[str, Any]] = []
     redone, kept_cut = [], []  # (the files in `cut` of this run's inputs)
     todo: list[tuple[str, int]] = []
@@ -3726,7 +3689,7 @@ def _plan(
             reason = f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
-        if _keeps(rel, out_rel, cut, unrecorded, kept_for, unowned):
+        if out_rel in unowned:
             kept_cut.append(out_rel)
             reason = _kept_cut_reason(out_rel)
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})

@@ -3219,18 +3219,18 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     assert denoiser._read(("same.tif", b"abc", 3), 8)[0]["status"] == "skipped"
     # An output without a record: the row's own where this job never wrote (the outputs
     # decide), else a stopped run's whose row was lost (done again, for its row).
-    # A file cut short there is another dataset's where this job never wrote (its row
-    # fails, the file stays), or where an earlier run said so of it (kept_for).
+    # A file cut short there that no row or record names as an output (`unowned`, see
+    # _run_locked) is another dataset's: its row fails, the file stays.
     for unrecorded in (True, False):
-        extra = {"written": written, "writers": {}, "unrecorded": unrecorded, "cut": {"cut.tif"}}
+        extra = {"written": written, "writers": {}, "unrecorded": unrecorded}
         settings = job.JobSettings.in_process(str(model_path), None, str(out), extra=extra)
         row = job.Denoiser(settings)._read(("unrecorded.tif", b"a", 1))[0]
         assert (row["status"] == "skipped") is unrecorded
-        for kept_for in (set(), {"cut.tif"}):
-            settings.extra["kept_for"] = kept_for
-            row = job.Denoiser(settings)._read(("cut.tif", b"a", 1))[0]
-            kept = row["error"] is not None and row["error"].startswith(job.KEPT_CUT)
-            assert kept is (unrecorded or bool(kept_for)), (unrecorded, kept_for, row)
+    for unowned in (set(), {"cut.tif"}):
+        settings.extra["unowned"] = unowned
+        row = job.Denoiser(settings)._read(("cut.tif", b"a", 1))[0]
+        kept = row["error"] is not None and row["error"].startswith(job.KEPT_CUT)
+        assert kept is bool(unowned), (unowned, row)
     assert (out / "cut.tif").read_bytes() == b"x" * 9
 
 
@@ -3255,7 +3255,9 @@ def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, t
     for there in (True, False):
         done, cut = job.existing_outputs(output, {})
         assert done == ({"a.png"} if there else set()) and not cut
-        early, todo = job._plan(inputs, args, done, before, True, {}, False, None, cut, {"a.png"})
+        early, todo = job._plan(
+            inputs, args, done, before, True, {}, False, None, cut, set(), {"a.png"}
+        )
         row = job.Denoiser(settings)._read(("a.png", image, len(image)))[0]
         if there:
             assert not todo and early[0]["status"] == "failed", (early, todo)
@@ -3266,13 +3268,6 @@ def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, t
         else:  # removed: done
             assert not early and todo == [("a.png", len(image))]
             assert row["error"] is None
-    # A Parquet input's note, before the actors settle its rows: those kept are not said
-    # to be done again (as the note said of all, in a DST with a record).
-    cut = {"1/a.png", "b.png"}
-    kept_for = {"1/a.png", "c.png"}
-    assert job._parquet_cut(cut, False, kept_for, "same", None) == (["b.png"], ["1/a.png"])
-    assert job._parquet_cut(cut, True, set(), "same", None) == ([], ["1/a.png", "b.png"])
-    assert job._parquet_cut(cut, False, {"1/a.jpg"}, "png", None) == (["b.png"], ["1/a.png"])
 
 
 def test_a_file_cut_short_that_dst_has_no_record_of_is_kept_though_dst_has_one(
