@@ -2238,9 +2238,8 @@ def existing_outputs(
 
 def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
     """Why an input fails for the file at its output path (see `unowned` in _run_locked).
-    `whole`: the file is
-    complete now (a copy that was under way, say), yet still not this job's output: an
-    earlier run kept it, cut short, for another dataset's."""
+    `whole`: the file is complete now (a copy that was under way, say), yet still not
+    this job's output: an earlier run kept it, cut short, for another dataset's."""
     if whole:
         return (
             f"{KEPT_CUT} {out_rel} was already in --output with no record that this job "
