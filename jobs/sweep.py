@@ -430,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--name {args.name}: the sweep's saved state cannot be resumed: Tune's {problem}. "
             f"Choose another --name (or remove {experiment}) to run the sweep again."
         )
-    if args.resume:
+    if args.resume and resumable:  # (nothing to resume: main() says so)
         _keep_first_settings(args, given, parser)
     if args.scheduler == "asha" and args.grace_period > args.epochs:
         parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
@@ -659,12 +659,11 @@ def _same(key: str, a: Any, b: Any) -> bool:
 
 
 def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> None:
-    """A resumed sweep takes the settings it started with: Tune restores its trials,
-    search and scheduler, while --epochs, --limit, ... went to each trial from this
-    run's flags (a sweep started with 4 epochs and resumed with 2 had trials of both,
-    and a report of neither). A flag given with another value is refused."""
-    if not restorable(experiment_path(args)):
-        return  # nothing to resume: main() says so
+    """A resumed sweep (of a restorable experiment) takes the settings it started with:
+    Tune restores its trials, search and scheduler, while --epochs, --limit, ... went to
+    each trial from this run's flags (a sweep started with 4 epochs and resumed with 2
+    had trials of both, and a report of neither). A flag given with another value is
+    refused."""
     fs, path = _settings_file(args)
     try:
         with fs.open_input_stream(path) as f:
