@@ -1645,14 +1645,17 @@ class Denoiser:
         row.update(status="ok", output=item["out_rel"], error=note, output_bytes=len(payload))
         if self.clean is not None:
             try:
+                # At the input's relative path as its output's is made of it: a Parquet
+                # row's normalised ("sub\\a.png", "sub//a.png": sub/a.png, as written).
+                ref = safe_relative(item["rel"], foreign=self.src is None)
                 try:  # (which file: the reason named no reference, as if the input were bad)
-                    reference = self.clean.read(item["rel"])
+                    reference = self.clean.read(ref)
                 except FileNotFoundError:
-                    raise ValueError(f"no clean reference {item['rel']} in --clean") from None
+                    raise ValueError(f"no clean reference {ref} in --clean") from None
                 try:
                     clean, clean_max, _, _ = decode(reference, self.s.rgb, self.s.max_pixels)
                 except Exception as e:
-                    raise ValueError(f"clean reference {item['rel']}: {_reason(e)}") from e
+                    raise ValueError(f"clean reference {ref}: {_reason(e)}") from e
                 if clean.shape != item["array"].shape:
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {item['array'].shape}"

@@ -3234,6 +3234,29 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
     assert (out / "cut.tif").read_bytes() == b"x" * 9
 
 
+def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, tmp_path):
+    """A Parquet path written on Windows (sub\\a.png) or with a doubled slash is written at
+    sub/a.png, and its --clean reference is read there too (it was looked up at the
+    raw path: no metrics, "no clean reference sub\\a.png")."""
+    digits = (np.random.default_rng(9).random((2, 28, 28)) * 255).astype(np.uint8)
+    source, clean, out = tmp_path / "in.parquet", tmp_path / "clean", tmp_path / "out"
+    (clean / "sub").mkdir(parents=True)
+    for name, digit in zip("ab", digits, strict=True):
+        (clean / "sub" / f"{name}.png").write_bytes(png(digit))
+    paths = ["sub\\a.png", "sub//b.png"]
+    table = pa.table({"path": paths, "image": pa.array([png(d) for d in digits], pa.binary())})
+    pq.write_table(table, source)
+    extra = {"path_column": "path", "image_column": "image"}
+    settings = job.JobSettings.in_process(
+        str(model_path), None, str(out), clean=str(clean), extra=extra
+    )
+    batch = {"path": np.array([str(source)]), "row_group": np.array([0])}
+    rows = {r["path"]: r for r in job.Denoiser(settings)(batch).to_pylist()}
+    for path, output in zip(paths, ["sub/a.png", "sub/b.png"], strict=True):
+        assert rows[path]["status"] == "ok" and rows[path]["output"] == output, rows[path]
+        assert rows[path]["error"] is None and rows[path]["psnr_noisy"] == np.inf, rows[path]
+
+
 def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, tmp_path):
     """A file cut short at an output path that an earlier run kept (another dataset's: a
     copy under way, say) is not overwritten once the copy is done either: its input still
