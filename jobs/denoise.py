@@ -3957,7 +3957,10 @@ def _sizes_match(parquet: pq.ParquetFile, group: int, image_column: str, rows: l
     try:
         top = _top_column(parquet.schema_arrow, image_column)
         table = parquet.read_row_group(group, columns=[top])
-        sizes = pc.binary_length(_parquet_column(table, image_column)).to_pylist()
+        column = _parquet_column(table, image_column)
+        if pa.types.is_dictionary(column.type) or pa.types.is_binary_view(column.type):
+            column = column.cast(pa.large_binary())  # (binary_length has no kernel for them)
+        sizes = pc.binary_length(column).to_pylist()
     except Exception:  # (the actors say what is wrong with it)
         return False
     return sizes == [row[-1] for row in rows]

@@ -2895,6 +2895,13 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     ):
         schema = pa.schema([("path", paths), ("image", images)])
         assert job._column_problem(schema, "S", "path", "image") is None, schema
+        # The driver reads such a file's image sizes too (a finished job's rerun then
+        # starts no Ray); binary_length has no kernel for dictionaries and views.
+        values = pa.array([b"abc", b"de"])
+        values = values.dictionary_encode() if pa.types.is_dictionary(images) else values
+        one = tmp_path / f"types_{len(list(tmp_path.iterdir()))}.parquet"
+        pq.write_table(pa.table({"path": ["a", "b"], "image": values.cast(images)}), one)
+        assert job._sizes_match(pq.ParquetFile(one), 0, "image", [(3,), (2,)]), images
     assert job._column_problem(raw_paths.schema, "S", "path", "image") is None
 
     folder = tmp_path / "pq"
