@@ -1423,7 +1423,11 @@ class Denoiser:
                 rel = rel.decode("utf-8", "backslashreplace")
             if rel is None:  # named by its place, so the manifest still accounts for it
                 where = redacted(f"{source}#row_group={group}#row={i}")
-                rows.append({"path": where, "status": "failed", "error": "its path is null"})
+                error = (  # (Hugging Face's image.path is null for images made in memory)
+                    f"its path (--path-column {path_column}) is null: each row needs a "
+                    "relative output path (text, or a row number)"
+                )
+                rows.append({"path": where, "status": "failed", "error": error})
             else:
                 pairs.append((rel, payload, len(payload) if payload is not None else None))
         step = self.s.max_batch

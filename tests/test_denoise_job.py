@@ -3244,14 +3244,16 @@ def test_parquet_rows_are_skipped_only_for_outputs_of_the_size_written(model_pat
 def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, tmp_path):
     """A Parquet path written on Windows (sub\\a.png) or with a doubled slash is written at
     sub/a.png, and its --clean reference is read there too (it was looked up at the
-    raw path: no metrics, "no clean reference sub\\a.png")."""
+    raw path: no metrics, "no clean reference sub\\a.png"). And a null path's reason
+    names the flag (Hugging Face's image.path is null for images made in memory)."""
     digits = (np.random.default_rng(9).random((2, 28, 28)) * 255).astype(np.uint8)
     source, clean, out = tmp_path / "in.parquet", tmp_path / "clean", tmp_path / "out"
     (clean / "sub").mkdir(parents=True)
     for name, digit in zip("ab", digits, strict=True):
         (clean / "sub" / f"{name}.png").write_bytes(png(digit))
     paths = ["sub\\a.png", "sub//b.png"]
-    table = pa.table({"path": paths, "image": pa.array([png(d) for d in digits], pa.binary())})
+    images = [png(d) for d in digits]
+    table = pa.table({"path": [*paths, None], "image": pa.array([*images, images[0]])})
     pq.write_table(table, source)
     extra = {"path_column": "path", "image_column": "image"}
     settings = job.JobSettings.in_process(
@@ -3262,6 +3264,11 @@ def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, t
     for path, output in zip(paths, ["sub/a.png", "sub/b.png"], strict=True):
         assert rows[path]["status"] == "ok" and rows[path]["output"] == output, rows[path]
         assert rows[path]["error"] is None and rows[path]["psnr_noisy"] == np.inf, rows[path]
+    # A null path fails, its row named by its place, its reason naming the flag.
+    null = rows[f"{source}#row_group=0#row=2"]
+    assert null["status"] == "failed" and null["error"].startswith(
+        "its path (--path-column path) is null: each row needs a relative output path"
+    )
 
 
 def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, tmp_path):
