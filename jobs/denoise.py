@@ -1514,11 +1514,9 @@ class Denoiser:
         try:
             foreign = self.src is None
             out_rel = output_for(rel, self.s.fmt, foreign, self.s.extra.get("within"))
-            if out_rel in self.s.extra.get("clashes", ()):
-                raise ValueError(
-                    f"its output {out_rel} is also the output of another row of the Parquet "
-                    "input: each would overwrite the others"
-                )
+            clash = self.s.extra.get("clashes", {}).get(out_rel)
+            if clash:  # (two rows' output, or the folder of other rows' outputs)
+                raise ValueError(clash)
             if out_rel in self.s.extra.get("unowned", ()):  # (see _run_locked)
                 raise ValueError(_kept_cut_reason(out_rel))
             if rel in self.s.extra.get("kept_for", ()) and self._exists(out_rel):
@@ -3882,10 +3880,11 @@ def _parquet_units(
     args: argparse.Namespace,
     within: SourceFolder | None = None,
     settled: Callable[[str, str, int | None], int | None] | None = None,
-) -> tuple[list[tuple[str, int]], set[str], list[dict[str, Any]], list[tuple]]:
-    """(file, row group) work units, the outputs that more than one row would write
-    (those rows fail), a failed row for each file that cannot be read or lacks the
-    columns (the other files still run; if no file can, that is the error, raised),
+) -> tuple[list[tuple[str, int]], dict[str, str], list[dict[str, Any]], list[tuple]]:
+    """(file, row group) work units, the outputs that more than one row would write or
+    that are the folders of other rows' outputs, each with why its rows fail, a failed
+    row for each file that cannot be read or lacks the columns (the other files still
+    run; if no file can, that is the error, raised),
     and the rows of the row groups settled here, as (path, output, time): groups each
     of whose rows has the size of image bytes `settled(path, output, the file's
     modification time)` says its output was made from (the actors' check, see
@@ -3893,7 +3892,7 @@ def _parquet_units(
     its images' sizes but starts no Ray."""
     units = []
     seen: set[str] = set()
-    clashes: set[str] = set()
+    twice: set[str] = set()
     bad: list[tuple[str, str]] = []
     done: list[tuple[tuple[str, int], list[tuple]]] = []  # each group settled here: its rows
     for source in inputs.parquet:
@@ -3928,7 +3927,7 @@ def _parquet_units(
                 except ValueError:  # an unsafe path fails on its own
                     rows = None
                     continue
-                (clashes if out_rel in seen else seen).add(out_rel)
+                (twice if out_rel in seen else seen).add(out_rel)
                 size = settled(rel, out_rel, mtime) if rows is not None else None
                 if size is None:
                     rows = None
@@ -3944,6 +3943,20 @@ def _parquet_units(
     if bad and len(bad) == len(inputs.parquet):
         raise ValueError(bad[0][1])
     failed = [{"path": redacted(src), "status": "failed", "error": redacted(e)} for src, e in bad]
+    # As in _plan: a.png beside a.png/b.png could not be written (or b.png, after it).
+    folders = {parent for out_rel in seen for parent in _parents(out_rel)}
+    clashes = {
+        out_rel: f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
+        for out_rel in seen & folders
+    }
+    clashes.update(
+        (
+            out_rel,
+            f"its output {out_rel} is also the output of another row of the Parquet input: "
+            "each would overwrite the others",
+        )
+        for out_rel in twice
+    )
     skipped = []
     for unit, rows in done:  # a row whose output a later row writes too fails (its actor)
         if any(out_rel in clashes for _, out_rel, _ in rows):

@@ -2914,6 +2914,19 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     assert units == [(str(folder / "good.parquet"), 0)] and not clashes and not skipped
     assert [row["path"] for row in failed] == [str(folder / "broken.parquet")]
     assert "not a readable Parquet file" in failed[0]["error"]
+    # Rows whose output is another row's, or the folder of others' (n.png beside
+    # n.png/b.png: whichever came second failed to be written, with an OSError), fail
+    # with the reason, as file inputs do.
+    nested = ["n.png", "n.png/b.png", "c/d.png", "c//d.png"]
+    nest = pa.table({"path": nested, "image": pa.array([b"x"] * 4)})
+    pq.write_table(nest, folder / "nest.parquet")
+    clashes = job._parquet_units(job.find_inputs(str(folder), "auto"), args)[1]
+    assert clashes == {
+        "n.png": "its output n.png is also the folder of other outputs (n.png/...)",
+        "c/d.png": "its output c/d.png is also the output of another row of the Parquet "
+        "input: each would overwrite the others",
+    }
+    (folder / "nest.parquet").unlink()
     (folder / "good.parquet").unlink()  # every file unusable: the job's error, up front
     with pytest.raises(ValueError, match="not a readable Parquet file"):
         job._parquet_units(job.find_inputs(str(folder), "auto"), args)
