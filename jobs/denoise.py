@@ -1420,7 +1420,13 @@ class Denoiser:
         rows, pairs = [], []
         for i, (rel, payload) in enumerate(zip(paths, images, strict=True)):
             if isinstance(rel, bytes):  # a string column written without its UTF-8 tag
-                rel = rel.decode("utf-8", "backslashreplace")
+                try:
+                    rel = rel.decode("utf-8")
+                except UnicodeDecodeError:  # (taken as text, "caf\\xe9.png" was caf/xe9.png)
+                    shown = rel.decode("utf-8", "backslashreplace")
+                    error = f"its path (--path-column {path_column}) is not valid UTF-8"
+                    rows.append({"path": shown, "status": "failed", "error": error})
+                    continue
             if rel is None:  # named by its place, so the manifest still accounts for it
                 where = redacted(f"{source}#row_group={group}#row={i}")
                 error = (  # (Hugging Face's image.path is null for images made in memory)
@@ -3918,13 +3924,10 @@ def _parquet_units(
                 if rel is None:  # a null path fails on its own (in its actor)
                     rows = None
                     continue
-                # (as the actors name it: bytes as UTF-8, a row id as its digits)
-                rel = (
-                    rel.decode("utf-8", "backslashreplace") if isinstance(rel, bytes) else str(rel)
-                )
-                try:
+                try:  # (as the actors name it: bytes as UTF-8, a row id as its digits)
+                    rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel)
                     out_rel = output_for(rel, args.format, foreign=True, within=within)
-                except ValueError:  # an unsafe path fails on its own
+                except ValueError:  # a path not UTF-8, or unsafe, fails on its own
                     rows = None
                     continue
                 (twice if out_rel in seen else seen).add(out_rel)

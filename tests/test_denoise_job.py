@@ -3258,7 +3258,8 @@ def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, t
     """A Parquet path written on Windows (sub\\a.png) or with a doubled slash is written at
     sub/a.png, and its --clean reference is read there too (it was looked up at the
     raw path: no metrics, "no clean reference sub\\a.png"). And a null path's reason
-    names the flag (Hugging Face's image.path is null for images made in memory)."""
+    names the flag (Hugging Face's image.path is null for images made in memory), and a
+    path that is not UTF-8 fails."""
     digits = (np.random.default_rng(9).random((2, 28, 28)) * 255).astype(np.uint8)
     source, clean, out = tmp_path / "in.parquet", tmp_path / "clean", tmp_path / "out"
     (clean / "sub").mkdir(parents=True)
@@ -3266,7 +3267,9 @@ def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, t
         (clean / "sub" / f"{name}.png").write_bytes(png(digit))
     paths = ["sub\\a.png", "sub//b.png"]
     images = [png(d) for d in digits]
-    table = pa.table({"path": [*paths, None], "image": pa.array([*images, images[0]])})
+    # (bytes, as a string column written without its UTF-8 tag; the last one Latin-1)
+    raw = [p.encode() for p in paths] + [None, b"caf\xe9.png"]
+    table = pa.table({"path": pa.array(raw), "image": pa.array([*images, *images])})
     pq.write_table(table, source)
     extra = {"path_column": "path", "image_column": "image"}
     settings = job.JobSettings.in_process(
@@ -3282,6 +3285,16 @@ def test_a_parquet_row_s_clean_reference_is_at_its_normalised_path(model_path, t
     assert null["status"] == "failed" and null["error"].startswith(
         "its path (--path-column path) is null: each row needs a relative output path"
     )
+    # A path that is not UTF-8 fails too (read with its bytes escaped, caf\xe9.png, it
+    # was written at caf/xe9.png).
+    latin = rows["caf\\xe9.png"]
+    assert latin["status"] == "failed" and latin["error"] == (
+        "its path (--path-column path) is not valid UTF-8"
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "sub/a.png",
+        "sub/b.png",
+    ]
 
 
 def test_a_file_kept_cut_short_is_not_overwritten_once_it_is_whole(model_path, tmp_path):
