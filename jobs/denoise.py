@@ -2038,6 +2038,13 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                     file=sys.stderr,
                 )
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
+        if tables:  # (a dataset repository with a sample image for its card, say)
+            print(
+                f"denoise: note: --input {redacted(location)} holds image files, so its "
+                f"{len(tables)} Parquet file(s) (e.g. {tables[0]}) are taken as images, and "
+                "fail (--input-format parquet reads their rows instead)",
+                file=sys.stderr,
+            )
     return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
 
 

@@ -2939,7 +2939,7 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
 
 
 def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
-    custom_model, tmp_path, shared_ray
+    custom_model, tmp_path, shared_ray, capsys
 ):
     """Also: the actors load a model with a layer of aelib's (they import aelib for it)."""
     digits = (np.random.default_rng(5).random((3, 28, 28)) * 255).astype(np.uint8)
@@ -2967,10 +2967,15 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
     assert rows[str(src / "b.parquet")]["status"] == "failed"
     assert all(rows[f"d{i}.png"]["status"] == "ok" for i in range(3))  # aelib's layer loaded
     assert sorted(p.name for p in dst.glob("*.png")) == ["d0.png", "d1.png", "d2.png"]
-    # An image file beside them: a folder of images (the Parquet file fails as one).
+    # An image file beside them: a folder of images (the Parquet files fail as ones),
+    # with a note that says so and how to read their rows.
     (src / "x.png").write_bytes(png(digits[0]))
+    capsys.readouterr()
     found = job.find_inputs(str(src), "auto")
     assert found.kind == "files" and len(found.files) == 4
+    assert "its 2 Parquet file(s) (e.g. a.parquet) are taken as images, and fail " in (
+        capsys.readouterr().err
+    )
 
 
 def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
