@@ -1924,6 +1924,17 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def _table(rel: str) -> bool:
+    """A Parquet file of a dataset folder, as pyarrow and Spark list one: not hidden, and
+    nothing under a name starting with "_" (Spark's _temporary/ of a write in progress or
+    cut short, whose rows repeat the committed files' rows; _metadata)."""
+    return (
+        rel.lower().endswith(PARQUET_SUFFIXES)
+        and not _hidden(rel)
+        and not any(part.startswith("_") for part in rel.split("/"))
+    )
+
+
 def _matching(files: list[tuple[str, int]], pattern: str) -> list[tuple[str, int]]:
     """A remote listing's files that `pattern` matches as a local glob (recursive=True)
     would: "*", "?" and "[...]" within one folder's name ("*/x" matches no "a/b/x"), a
@@ -1976,11 +1987,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 storage = Storage(location)
                 if not storage.is_dir():
                     return Inputs("parquet", None, [], [location])
-                found = [
-                    (rel, n)
-                    for rel, n in storage.walk()
-                    if rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
-                ]
+                found = [(rel, n) for rel, n in storage.walk() if _table(rel)]
             if not found:
                 raise ValueError(f"--input {location}: no Parquet files found.")
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
@@ -1990,7 +1997,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             found = [
                 listed.full(rel)
                 for rel, _ in _listed(listed, pattern, prune)
-                if has_glob or rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
+                if has_glob or _table(rel)
             ]
         else:
             listed, found = None, [location] if os.path.isfile(location) else []
@@ -2026,7 +2033,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     if input_format == "auto":
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
         # data/*.parquet): the Parquet files' rows are the inputs.
-        tables = [rel for rel, _ in shown if rel.lower().endswith(PARQUET_SUFFIXES)]
+        tables = [rel for rel, _ in shown if _table(rel)]
         others = [rel for rel, _ in shown if not rel.lower().endswith(PARQUET_SUFFIXES)]
         if tables and not any(_image_name(rel) for rel in others):
             if others:

@@ -537,7 +537,7 @@ def test_cloud_parquet_folders_globs_and_uri_queries(s3, monkeypatch):
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     table = pa.table({"path": ["a.png", "b.png"], "image": [png(np.zeros((4, 4), np.uint8))] * 2})
-    for rel in ("pq/train-0.parquet", "pq/sub/train-1.parquet"):
+    for rel in ("pq/train-0.parquet", "pq/sub/train-1.parquet", "pq/_temporary/0/part-0.parquet"):
         with s3.fs.open_output_stream(f"{BUCKET}/{rel}") as f:
             pq.write_table(table, f)
     with s3.fs.open_output_stream(f"{BUCKET}/pq/README.md") as f:
@@ -2908,6 +2908,21 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     folder.mkdir()
     pq.write_table(good, folder / "good.parquet")
     (folder / "broken.parquet").write_bytes(b"PAR1 not really")
+    # Spark's files of a write in progress or cut short (their rows repeat the committed
+    # files'; every row failed as another row's output) and _metadata are not inputs, as
+    # pyarrow's and Spark's readers leave them out; a glob that names them takes them.
+    (folder / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(good, folder / "_temporary" / "0" / "part-0.parquet")
+    pq.write_table(good, folder / "_metadata.parquet")
+    for fmt in ("auto", "parquet"):
+        assert sorted(job.find_inputs(str(folder), fmt).parquet) == [
+            str(folder / "broken.parquet"),
+            str(folder / "good.parquet"),
+        ], fmt
+    named = job.find_inputs(f"{folder}/_temporary/*/*.parquet", "auto").parquet
+    assert named == [str(folder / "_temporary" / "0" / "part-0.parquet")]
+    shutil.rmtree(folder / "_temporary")
+    (folder / "_metadata.parquet").unlink()
     inputs = job.find_inputs(str(folder), "auto")
     args = SimpleNamespace(path_column="path", image_column="image", format="same")
     units, clashes, failed, skipped = job._parquet_units(inputs, args)
