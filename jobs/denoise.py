@@ -924,7 +924,8 @@ def decode(
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB" if mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")
                 if mode in ("CMYK", "YCbCr", "HSV", "LAB"):  # the output is RGB: say so
-                    note = f"{mode} pixels converted to RGB (Pillow)"
+                    to = "gray" if rgb == "luminance" else "RGB"  # (then its luminance)
+                    note = f"{mode} pixels converted to {to} (Pillow)"
                     info["note"] = "; ".join(filter(None, [info.get("note"), note]))
             if img.mode == "RGB" and rgb == "luminance":
                 img = img.convert("L")

@@ -2715,6 +2715,15 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     array, maxval, info, alpha = job.decode(_png16(5, 4, 4, 2, rng), "per-channel")
     assert array.shape == (4, 5, 1) and maxval == 255 and alpha.shape == (4, 5)
     assert info["note"] == "16-bit gray + alpha read as 8 bits (Pillow), written as 8 bits"
+    # CMYK is converted to RGB, and under --rgb luminance on to gray: the note says which.
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (6, 7, 4), np.uint8), mode="CMYK").save(buf, "JPEG")
+    for rgb, to, channels in (("per-channel", "RGB", 3), ("luminance", "gray", 1)):
+        array, _, info, _ = job.decode(buf.getvalue(), rgb)
+        assert (
+            array.shape == (6, 7, channels)
+            and info["note"] == f"CMYK pixels converted to {to} (Pillow)"
+        )
     # 32-bit integers beyond 16 bits would be clipped: refused, as a bad input.
     for values, ok in (([0, 65535], True), ([0, 255000], False), ([-5, 10], False)):
         buf = io.BytesIO()
