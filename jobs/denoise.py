@@ -914,7 +914,8 @@ def decode(
             # (tRNS; the latter was dropped without a word): the alpha channel.
             keyed = mode in ("1", "L", "RGB", "P") and "transparency" in img.info
             if mode in ("LA", "RGBA", "PA") or keyed:
-                img = img.convert("LA" if mode in ("LA", "L", "1") or gray_alpha else "RGBA")
+                gray = mode in ("LA", "L", "1") or gray_alpha or mode == "P" and _gray_palette(img)
+                img = img.convert("LA" if gray else "RGBA")  # (a gray GIF's: not 3 equal planes)
                 alpha = np.asarray(img.getchannel("A"))
                 img = img.convert("RGB" if img.mode == "RGBA" else "L")
                 if mode != "P" and keyed and alpha.min() == 255:  # (no pixel has it)

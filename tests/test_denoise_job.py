@@ -2809,6 +2809,16 @@ def test_a_transparent_colour_is_kept_as_alpha_and_16_bit_tiffs_say_they_lost_bi
             assert back.mode in ("LA", "RGBA") and np.array_equal(
                 np.asarray(back.getchannel("A")) == 0, clear
             ), image.mode
+    # A GIF of gray levels with a transparent one: gray + alpha, as without it (it was
+    # RGB + alpha of three equal planes: three times the model's work, an RGB output).
+    for save in ({"format": "GIF", "transparency": key}, {"format": "PNG", "transparency": key}):
+        buf = io.BytesIO()
+        Image.fromarray(gray).convert("P").save(buf, **save)
+        with Image.open(io.BytesIO(buf.getvalue())) as opened:
+            assert opened.mode == "P", save
+        levels, _, _, opacity = job.decode(buf.getvalue(), "per-channel")
+        assert levels.shape == (6, 7, 1) and np.array_equal(levels[..., 0], gray), save
+        assert np.array_equal(opacity == 0, clear), save
     # A 16-bit gray + alpha in TIFF: Pillow writes none, so the alpha goes, with a note.
     _, note = job.encode(np.dstack([array, alpha]), "TIFF")
     assert note == "alpha dropped: TIFF cannot store it"
