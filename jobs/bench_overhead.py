@@ -204,11 +204,25 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
+    take the median of: a StatisticsError traceback after the work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1. Received: {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default=",".join(ALL))
     p.add_argument("--epochs", type=int, default=3, help="per run (>= 2: the 1st is apart)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
+    p.add_argument("--repeats", type=_at_least_one, default=2, help="alternating runs per side")
     p.add_argument("--limit", type=int, default=12000, help="training digits (0: all 60,000)")
     p.add_argument("--test-limit", type=int, default=1000)
     p.add_argument(

@@ -146,6 +146,20 @@ def breakdown(experiment: Path, wall_start: float, wall: float) -> str:
     )
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
+    take the median of: a StatisticsError traceback after the work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1. Received: {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
@@ -158,7 +172,7 @@ def main() -> int:
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
     parser.add_argument("--skip-plain", action="store_true", help="skip (d)")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds, in rotated order")
+    parser.add_argument("--repeats", type=_at_least_one, default=1, help="rounds, in rotated order")
     parser.add_argument("--other-sweep", type=Path, help="(e): (b) with this sweep.py instead")
     args = parser.parse_args()
 

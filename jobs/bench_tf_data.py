@@ -69,6 +69,20 @@ def side_by_side(args: argparse.Namespace, autotune: bool) -> dict[str, dict]:
     return results
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
+    take the median of: a StatisticsError traceback after the work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1. Received: {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
@@ -76,7 +90,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--limit", type=int, default=60000)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of both settings")
+    parser.add_argument("--repeats", type=_at_least_one, default=2, help="rounds of both settings")
     args = parser.parse_args()
     print(
         f"{len(args.models)} trainings side by side ({', '.join(args.models)}), {args.epochs} "

@@ -1,0 +1,46 @@
+"""The benchmark scripts' flags: a bad value is argparse's usage error naming the flag
+(exit 2, no traceback), given before any work (no data loaded, no model trained)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import MNIST, REPO
+
+# Each script with the flags it requires, so that the flag under test is the one refused.
+REQUIRED = {
+    "bench_denoise": ["--work", "{tmp}/work"],
+    "bench_gpu": ["--work", "{tmp}/work", "--out", "{tmp}/out", "--data", str(MNIST)],
+    "bench_overhead": ["--out", "{tmp}/out"],
+    "bench_s3": ["--model", "{tmp}/m.keras", "--images", "{tmp}", "--variant", "a="],
+    "bench_sweep": ["--data", str(MNIST)],
+    "bench_tf_data": ["--data", str(MNIST)],
+}
+
+
+def _run(script: str, flags: list[str], tmp_path) -> subprocess.CompletedProcess:
+    args = [a.format(tmp=tmp_path) for a in REQUIRED.get(script, [])] + flags
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for word in words:
+        assert word in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", sorted(REQUIRED))
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_repeats_below_one_is_a_usage_error(script, value, tmp_path):
+    proc = _run(script, ["--repeats", value], tmp_path)
+    _assert_usage_error(proc, "argument --repeats", ">= 1", value)
