@@ -242,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in ALL]
+    if unknown or not models:
+        p.error(f"--models {args.models}: expected a comma list of {', '.join(ALL)}")
+    try:
+        metrics_limits = [int(x) for x in (args.metrics_limits or "").split(",") if x.strip()]
+    except ValueError:
+        metrics_limits = [-1]
+    if any(n < 1 for n in metrics_limits):
+        p.error(f"--metrics-limits {args.metrics_limits}: expected a comma list of numbers >= 1")
     args.limit = args.limit or None
 
     import aelib  # noqa: F401
@@ -252,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     arrays = data_lib.load_mnist(args.data)
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in models:
         limits = [None]
-        if name == "denoise" and args.metrics_limits:
-            limits = [int(x) for x in args.metrics_limits.split(",")]
+        if name == "denoise" and metrics_limits:
+            limits = metrics_limits
         for ml in limits:
             row = measure(args, name, ml, arrays)
             rows.append(row)

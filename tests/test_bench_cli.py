@@ -44,3 +44,19 @@ def _assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
 def test_repeats_below_one_is_a_usage_error(script, value, tmp_path):
     proc = _run(script, ["--repeats", value], tmp_path)
     _assert_usage_error(proc, "argument --repeats", ">= 1", value)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--models", "bogus"], ["--models bogus", "expected a comma list of", "denoise"]),
+        (["--models", "dense,bogus"], ["--models dense,bogus", "expected a comma list of"]),
+        (["--models", ","], ["--models ,", "expected a comma list of"]),
+        (["--metrics-limits", "100,abc"], ["--metrics-limits 100,abc", "numbers >= 1"]),
+        (["--metrics-limits", "0"], ["--metrics-limits 0", "numbers >= 1"]),
+    ],
+)
+def test_bench_overhead_refuses_unknown_models_and_bad_metrics_limits(flags, words, tmp_path):
+    # (before: a KeyError traceback from tutorial_settings, or int()'s ValueError, after
+    # MNIST was loaded and, for a later bad name, after the earlier models had trained)
+    _assert_usage_error(_run("bench_overhead", flags, tmp_path), *words)
