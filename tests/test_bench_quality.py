@@ -119,3 +119,29 @@ def test_rows_saved_under_an_older_tutorial_default_are_reported_and_resumed_rig
     assert bench.settings_key(plain, "denoise")["epochs"] == 100
     assert not bench.same_settings(saved["denoise"], bench.settings_key(plain, "denoise"))
     assert bench.same_settings(saved["dense"], bench.settings_key(plain, "dense"))
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--denoisers", "bogus"], ["--denoisers bogus", "expected a comma list of", "nl_means"]),
+        (["--denoisers", "gaussian,median"], ["--denoisers gaussian,median", "median_3x3"]),
+        (["--denoise-config", "filters"], ["--denoise-config filters", "KEY=VALUE"]),
+    ],
+)
+def test_bad_denoisers_or_denoise_config_is_a_usage_error(flags, words, tmp_path, capsys):
+    # (before: an unknown denoiser was left out without a word, the row written without
+    # it; a config without '=' was a ValueError traceback after the training data loaded)
+    argv = ["--quick", "--models", "classical,denoise_plus", "--out", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        _bench().main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_denoisers_flag_knows_every_classical_method():
+    bench = _bench()
+    assert set(bench.classical_methods()) - {"bm3d"} == set(bench.CLASSICAL) - {"bm3d"}
