@@ -525,12 +525,17 @@ def main(argv: list[str] | None = None) -> int:
             f"--stages {args.stages}: needs more than 1024 images (the first block of 1,024 "
             "warms the actor up and is not counted)"
         )
+    try:
+        memory_counts = [int(c) for c in args.memory_counts.split(",") if c.strip()]
+    except ValueError:
+        memory_counts = [0]
+    if any(c < 1 for c in memory_counts):
+        p.error(f"--memory-counts {args.memory_counts}: expected a comma list of image counts >= 1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out_root = Path(args.out_dir) if args.out_dir else work
     out_root.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args, work)
-    memory_counts = [int(c) for c in args.memory_counts.split(",") if c]
     largest = max([args.count, *memory_counts])
 
     def images_for(count: int) -> Path:

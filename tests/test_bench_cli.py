@@ -60,3 +60,20 @@ def test_bench_overhead_refuses_unknown_models_and_bad_metrics_limits(flags, wor
     # (before: a KeyError traceback from tutorial_settings, or int()'s ValueError, after
     # MNIST was loaded and, for a later bad name, after the earlier models had trained)
     _assert_usage_error(_run("bench_overhead", flags, tmp_path), *words)
+
+
+@pytest.mark.parametrize("value", ["10,abc", "0", "100,-5"])
+def test_bench_denoise_refuses_bad_memory_counts_before_training_a_model(value, tmp_path):
+    # (before: int()'s ValueError traceback, after the benchmark had trained its model)
+    proc = _run("bench_denoise", ["--memory-counts", value], tmp_path)
+    _assert_usage_error(proc, f"--memory-counts {value}", "image counts >= 1")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("value", ["env,trian", "sweep,bogus", ","])
+def test_bench_gpu_refuses_an_unknown_step_before_running_any(value, tmp_path):
+    # (before: the steps ran in order and an unknown one was refused when reached, after
+    # the GPU training and the denoise runs before it)
+    proc = _run("bench_gpu", ["--steps", value], tmp_path)
+    _assert_usage_error(proc, f"--steps {value}", "env,train,denoise,cpu_actors,sweep")
+    assert not (tmp_path / "out" / "gpu_check.json").exists()
