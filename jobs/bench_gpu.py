@@ -476,11 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data or not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file (mnist.npz)")
+    steps = [s for s in args.steps.split(",") if s]
+    known = ("env", "train", "denoise", "cpu_actors", "sweep")
+    if not steps or set(steps) - set(known):
+        p.error(f"--steps {args.steps}: expected a comma list of {','.join(known)}")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget)
-    steps = [s for s in args.steps.split(",") if s]
     model = args.model
     for step in steps:
         if step == "env":
