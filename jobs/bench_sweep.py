@@ -146,6 +146,10 @@ def breakdown(experiment: Path, wall_start: float, wall: float) -> str:
     )
 
 
+# aelib's variants (aelib.registry; not imported here, which would load Keras)
+VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+
+
 def _at_least_one(text: str) -> int:
     """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
     take the median of: a StatisticsError traceback after the work)."""
@@ -164,7 +168,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
     parser.add_argument(
-        "--models", nargs="+", default=["dense", "sparse", "deep", "conv", "seq2seq", "vae"]
+        "--models",
+        nargs="+",
+        choices=VARIANTS,
+        default=["dense", "sparse", "deep", "conv", "seq2seq", "vae"],
     )
     parser.add_argument("--num-samples", type=int, default=1, help="trials per variant")
     parser.add_argument("--epochs", type=int, default=3)

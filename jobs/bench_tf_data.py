@@ -69,6 +69,10 @@ def side_by_side(args: argparse.Namespace, autotune: bool) -> dict[str, dict]:
     return results
 
 
+# aelib's variants (aelib.registry; not imported here, which would load Keras)
+VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+
+
 def _at_least_one(text: str) -> int:
     """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
     take the median of: a StatisticsError traceback after the work)."""
@@ -86,7 +90,7 @@ def _at_least_one(text: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
-    parser.add_argument("--models", nargs="+", default=["conv", "seq2seq"])
+    parser.add_argument("--models", nargs="+", choices=VARIANTS, default=["conv", "seq2seq"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--limit", type=int, default=60000)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")

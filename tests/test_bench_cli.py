@@ -77,3 +77,23 @@ def test_bench_gpu_refuses_an_unknown_step_before_running_any(value, tmp_path):
     proc = _run("bench_gpu", ["--steps", value], tmp_path)
     _assert_usage_error(proc, f"--steps {value}", "env,train,denoise,cpu_actors,sweep")
     assert not (tmp_path / "out" / "gpu_check.json").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_sweep", "bench_tf_data"])
+def test_an_unknown_model_is_a_usage_error(script, tmp_path):
+    # (before: aelib's "Unknown model" ValueError as a traceback: bench_sweep's own,
+    # bench_tf_data's from the training subprocesses, after their start)
+    proc = _run(script, ["--models", "conv", "bogus"], tmp_path)
+    _assert_usage_error(proc, "argument --models", "'bogus'", "seq2seq")
+
+
+def test_the_benchmarks_know_every_variant():
+    import importlib.util
+
+    import aelib
+
+    for script in ("bench_sweep", "bench_tf_data"):
+        spec = importlib.util.spec_from_file_location(script, REPO / "jobs" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert list(module.VARIANTS) == list(aelib.list_models()), script
