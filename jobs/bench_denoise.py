@@ -509,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         photo = (int(match[1]), int(match[2]))
         if args.stages:
             p.error("--stages times digits; it does not combine with --photos")
+    for flag in ("count", "startup_count", "stages"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            p.error(f"--{flag.replace('_', '-')} {value}: expected a number of images >= 0")
     if args.count is None:
         args.count = 12 if photo else 50_000
     if args.startup_count is None:

@@ -97,3 +97,12 @@ def test_the_benchmarks_know_every_variant():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert list(module.VARIANTS) == list(aelib.list_models()), script
+
+
+@pytest.mark.parametrize("flag", ["--count", "--startup-count", "--stages"])
+def test_bench_denoise_refuses_a_negative_image_count_before_any_work(flag, tmp_path):
+    # (before: --count -5 was make_noisy's ValueError as a traceback, after the model
+    # was trained)
+    proc = _run("bench_denoise", [flag, "-5"], tmp_path)
+    _assert_usage_error(proc, f"{flag} -5", "images >= 0")
+    assert not (tmp_path / "work").exists()
