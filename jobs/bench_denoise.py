@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         photo = (int(match[1]), int(match[2]))
         if args.stages:
             p.error("--stages times digits; it does not combine with --photos")
+    if args.model and not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file (a trained denoise .keras)")
     for flag in ("count", "startup_count", "stages"):
         value = getattr(args, flag)
         if value is not None and value < 0:

@@ -476,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data or not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file (mnist.npz)")
+    if args.model and not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file (a trained denoise .keras)")
     steps = [s for s in args.steps.split(",") if s]
     known = ("env", "train", "denoise", "cpu_actors", "sweep")
     if not steps or set(steps) - set(known):

@@ -106,3 +106,12 @@ def test_bench_denoise_refuses_a_negative_image_count_before_any_work(flag, tmp_
     proc = _run("bench_denoise", [flag, "-5"], tmp_path)
     _assert_usage_error(proc, f"{flag} -5", "images >= 0")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_denoise", "bench_gpu"])
+def test_a_missing_model_is_a_usage_error_before_any_work(script, tmp_path):
+    # (before: bench_denoise wrote its images, then the plain loop's subprocess failed
+    # and main ended in a RuntimeError traceback; bench_gpu ran its steps up to denoise)
+    proc = _run(script, ["--model", str(tmp_path / "none.keras")], tmp_path)
+    _assert_usage_error(proc, f"--model {tmp_path / 'none.keras'}", "no such file")
+    assert not (tmp_path / "work").exists()
