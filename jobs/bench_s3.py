@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a run to compare, e.g. 'threads2=--io-threads 2' or 'default='",
     )
     args = p.parse_args(argv)
+    if not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file (a trained denoise .keras)")
+    if not Path(args.images).is_dir():
+        p.error(f"--images {args.images}: no such folder")
     server = S3Server(args.delay_ms / 1000, buckets=(BUCKET,))
     try:
         count = server.upload(Path(args.images), f"{BUCKET}/in")

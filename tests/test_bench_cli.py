@@ -15,7 +15,7 @@ REQUIRED = {
     "bench_denoise": ["--work", "{tmp}/work"],
     "bench_gpu": ["--work", "{tmp}/work", "--out", "{tmp}/out", "--data", str(MNIST)],
     "bench_overhead": ["--out", "{tmp}/out"],
-    "bench_s3": ["--model", "{tmp}/m.keras", "--images", "{tmp}", "--variant", "a="],
+    "bench_s3": ["--model", __file__, "--images", "{tmp}", "--variant", "a="],
     "bench_sweep": ["--data", str(MNIST)],
     "bench_tf_data": ["--data", str(MNIST)],
 }
@@ -115,3 +115,24 @@ def test_a_missing_model_is_a_usage_error_before_any_work(script, tmp_path):
     proc = _run(script, ["--model", str(tmp_path / "none.keras")], tmp_path)
     _assert_usage_error(proc, f"--model {tmp_path / 'none.keras'}", "no such file")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--model", "{tmp}/none.keras", "--images", "{tmp}"], ["--model", "no such file"]),
+        (["--model", __file__, "--images", "{tmp}/none"], ["--images", "no such folder"]),
+    ],
+)
+def test_bench_s3_refuses_a_missing_model_or_image_folder(flags, words, tmp_path):
+    # (before: a missing folder uploaded nothing and the job ran on an empty bucket; a
+    # missing model failed in the job's subprocess, after the upload)
+    flags = [f.format(tmp=tmp_path) for f in flags] + ["--variant", "a="]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "bench_s3.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    _assert_usage_error(proc, *words)
