@@ -151,8 +151,8 @@ VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
 
 
 def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
+    """argparse type of a count (rounds, trials, epochs): a whole number >= 1 (0 rounds
+    left nothing to take the median of: a StatisticsError traceback after the work)."""
     try:
         value = int(text)
     except ValueError:
@@ -173,8 +173,8 @@ def main() -> int:
         choices=VARIANTS,
         default=["dense", "sparse", "deep", "conv", "seq2seq", "vae"],
     )
-    parser.add_argument("--num-samples", type=int, default=1, help="trials per variant")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num-samples", type=_at_least_one, default=1, help="trials per variant")
+    parser.add_argument("--epochs", type=_at_least_one, default=3)
     parser.add_argument("--limit", type=int, default=20000)
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")

@@ -74,8 +74,8 @@ VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
 
 
 def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
+    """argparse type of a count (rounds, trials, epochs): a whole number >= 1 (0 rounds
+    left nothing to take the median of: a StatisticsError traceback after the work)."""
     try:
         value = int(text)
     except ValueError:
@@ -91,7 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
     parser.add_argument("--models", nargs="+", choices=VARIANTS, default=["conv", "seq2seq"])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=_at_least_one, default=4)
     parser.add_argument("--limit", type=int, default=60000)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")
     parser.add_argument("--repeats", type=_at_least_one, default=2, help="rounds of both settings")

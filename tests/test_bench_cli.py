@@ -136,3 +136,13 @@ def test_bench_s3_refuses_a_missing_model_or_image_folder(flags, words, tmp_path
         cwd=tmp_path,
     )
     _assert_usage_error(proc, *words)
+
+
+@pytest.mark.parametrize(
+    "script, flag",
+    [("bench_sweep", "--num-samples"), ("bench_sweep", "--epochs"), ("bench_tf_data", "--epochs")],
+)
+def test_zero_trials_or_epochs_is_a_usage_error(script, flag, tmp_path):
+    # (before: bench_tf_data's training subprocesses ended in aelib's ValueError
+    # traceback; bench_sweep ran its sequential arm, then sweep.py refused the value)
+    _assert_usage_error(_run(script, [flag, "0"], tmp_path), f"argument {flag}", ">= 1")
