@@ -1,10 +1,12 @@
 """cluster.yaml and cluster/: Ray's schema checks, and real runs on a local multi-node cluster.
 
-Select with `-m cluster` (all of it) or `-m "cluster and not slow"` (the configs only, ~1 s).
+Select with `-m cluster` (all of it) or `-m "cluster and not slow"` (the configs only, ~10 s).
 
 * Configs: every YAML (cluster.yaml, cluster/*.yaml) passes Ray's own
   `prepare_config` + `validate_config`, has an autoscaling GPU worker type, and the cloud
-  ones install the project on every node and open nothing but SSH.
+  ones install the project on every node and open nothing but SSH; cluster.yaml also
+  goes through Ray's own AWS bootstrap (what `ray up` does first) and a worker launch,
+  against moto's AWS on this machine.
 * Fake multi-node cluster (cluster/local.py + cluster/local-fake-gpu.yaml): a CPU head with
   no CPUs/GPUs for work plus autoscaled workers declaring `GPU: 1`. `jobs/sweep.py` with
   `--gpus-per-trial 1` and `jobs/denoise.py` with GPU actors must finish there, and the
@@ -202,6 +204,60 @@ def test_the_aws_head_may_launch_workers_with_their_instance_profile():
     for doc in (REPO / "README.md", REPO / "cluster" / "README.md", REPO / "cluster.yaml"):
         assert f"--role-name {profile['Name']}" in doc.read_text(), doc
         assert command in doc.read_text(), doc
+
+
+@pytest.mark.cluster
+def test_ray_bootstraps_the_aws_config_and_launches_a_worker_on_a_local_aws(monkeypatch, tmp_path):
+    """What `ray up` does to cluster.yaml before any node exists (Ray's own bootstrap_aws:
+    IAM role and profile, key pair, subnets, the security group), then a worker launched
+    as the autoscaler launches one, against moto's AWS on this machine (no cloud access
+    here). The security group must hold SSH and intra-cluster traffic only, the workers
+    must get the instance profile the policy step names, and that policy must be a
+    document IAM takes."""
+    moto = pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    import types
+
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # (the key pair's .pem goes to ~/.ssh)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")  # (AmazonEC2FullAccess, ...)
+    # (bootstrap waits 15 s twice for IAM to propagate, which moto does not need)
+    monkeypatch.setattr(aws_config, "time", types.SimpleNamespace(sleep=lambda s: None))
+    config = _prepared(REPO / "cluster.yaml", monkeypatch)
+    region = config["provider"]["region"]
+    with moto.mock_aws():
+        boot = aws_config.bootstrap_aws(config)
+        ec2 = boto3.client("ec2", region_name=region)
+        iam = boto3.client("iam", region_name=region)
+        name = config["provider"]["security_group"]["GroupName"]
+        (group,) = ec2.describe_security_groups(GroupNames=[name])["SecurityGroups"]
+        rules = group["IpPermissions"]
+        public = [r for r in rules if r["IpRanges"] or r["Ipv6Ranges"]]
+        assert [(r["IpProtocol"], r.get("FromPort"), r.get("ToPort")) for r in public] == [
+            ("tcp", 22, 22)
+        ], rules
+        inside = [r for r in rules if r["UserIdGroupPairs"]]
+        assert [p["GroupId"] for r in inside for p in r["UserIdGroupPairs"]] == [group["GroupId"]]
+        worker = boot["available_node_types"]["gpu_worker"]["node_config"]
+        role = worker["IamInstanceProfile"]["Name"]
+        assert boot["head_node"]["IamInstanceProfile"]["Arn"].endswith(f"/{role}")
+        assert worker["SecurityGroupIds"] == [group["GroupId"]]
+        iam.put_role_policy(
+            RoleName=role,
+            PolicyName="aelib-workers",
+            PolicyDocument=(REPO / "cluster" / "aws-head-policy.json").read_text(),
+        )
+        provider = AWSNodeProvider(boot["provider"], boot["cluster_name"])
+        provider.create_node(worker, {"ray-node-type": "worker"}, 1)
+        (node,) = provider.non_terminated_nodes({})
+        instance = ec2.describe_instances(InstanceIds=[node])["Reservations"][0]["Instances"][0]
+        assert instance["InstanceType"] == "g5.xlarge"
+        assert instance["IamInstanceProfile"]["Arn"].endswith(f"/{role}")
 
 
 @pytest.mark.cluster
