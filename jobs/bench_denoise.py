@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         "/dev/shm/bench takes the disk's file-creation cost out of the comparison",
     )
     args = p.parse_args(argv)
+    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
+        p.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
     photo = None
     if args.photos:
         match = re.fullmatch(r"(\d+)x(\d+)", args.photos)

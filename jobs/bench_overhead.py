@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="jobs/results")
     p.add_argument("--name", default=None, help="file stem under --out (default: overhead)")
     args = p.parse_args(argv)
+    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
+        p.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
     models = [m.strip() for m in args.models.split(",") if m.strip()]

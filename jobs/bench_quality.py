@@ -807,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
+        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
     if args.denoisers is not None:
         named = [n.strip() for n in args.denoisers.split(",") if n.strip()]
         if not named or set(named) - set(CLASSICAL):

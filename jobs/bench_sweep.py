@@ -182,6 +182,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=_at_least_one, default=1, help="rounds, in rotated order")
     parser.add_argument("--other-sweep", type=Path, help="(e): (b) with this sweep.py instead")
     args = parser.parse_args()
+    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
+        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.setdefault("RAY_ADDRESS", "local")  # a fresh local Ray, not a cluster found on the host

@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")
     parser.add_argument("--repeats", type=_at_least_one, default=2, help="rounds of both settings")
     args = parser.parse_args()
+    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
+        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
     print(
         f"{len(args.models)} trainings side by side ({', '.join(args.models)}), {args.epochs} "
         f"epochs on {args.limit} images, {args.threads} TensorFlow thread(s) each, "

@@ -146,3 +146,21 @@ def test_zero_trials_or_epochs_is_a_usage_error(script, flag, tmp_path):
     # (before: bench_tf_data's training subprocesses ended in aelib's ValueError
     # traceback; bench_sweep ran its sequential arm, then sweep.py refused the value)
     _assert_usage_error(_run(script, [flag, "0"], tmp_path), f"argument {flag}", ">= 1")
+
+
+@pytest.mark.parametrize(
+    "script", ["bench_denoise", "bench_overhead", "bench_quality", "bench_sweep", "bench_tf_data"]
+)
+def test_a_missing_data_file_is_a_usage_error(script, tmp_path):
+    # (before: aelib's FileNotFoundError as a traceback, for bench_denoise after its model
+    # was trained, for bench_tf_data from its training subprocesses)
+    missing = str(tmp_path / "none.npz")
+    flags = [*(a.format(tmp=tmp_path) for a in REQUIRED.get(script, [])), "--data", missing]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{script}.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    _assert_usage_error(proc, f"--data {missing}", "no such file")
