@@ -819,6 +819,13 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
         ) from None
     first = np.asarray(arrays[0][0][:1])
     image = data_lib.prepare(first, model.input_kind)
+    test = data_lib.prepare(np.asarray(arrays[1][0][:1]), model.input_kind)
+    if test.shape[1:] != image.shape[1:]:  # (flat test images of conv or seq2seq: Keras's
+        raise ValueError(  # shape error traceback in the evaluation, after the training)
+            f"Model {model.name!r} reads the data's training images as {image.shape[1:]} "
+            f"and its test images as {test.shape[1:]}: a model is trained and tested on "
+            "images of one shape. Give the test images the training images' shape."
+        )
     values = image.shape[-1]
     if model.input_kind == "flat" and (
         first.ndim >= 3 and first.shape[1] != first.shape[2] or math.isqrt(values) ** 2 != values

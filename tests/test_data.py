@@ -96,6 +96,9 @@ def test_arrays_of_two_image_shapes_are_refused():
     for test, said in (
         (x[:, :20, :20], "28x28 and its test images 20x20"),
         (x[:, 0], "28x28 and its test images 28-value vectors"),
+        # (one size, not one shape: a dense model scored them as 28x28, SSIM and all)
+        (x.reshape(4, 14, 56), "28x28 and its test images 14x56"),
+        (x.reshape(4, 14, 56, 1), "28x28 and its test images 14x56x1"),
     ):
         with pytest.raises(ValueError, match=f"training images are {said}"):
             data_lib.check_arrays(((x, None), (test, None)))

@@ -879,6 +879,12 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     for data, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             aelib.train(config, data=data, figures=False, verbose=0)
+    # Flat test images (one size with 28x28, as dense reads both) of a model of images or
+    # sequences: Keras's shape error traceback in the evaluation, after the training.
+    flat = ((x_train, None), (x_test.reshape(len(x_test), 784), None))
+    for name in ("conv", "denoise", "seq2seq"):
+        with pytest.raises(ValueError, match=f"Model '{name}' reads the data's training images"):
+            aelib.train(TrainConfig(model=name, epochs=1), data=flat, figures=False, verbose=0)
     # Images under SSIM's 7x7 window: dense failed in the test metrics after training,
     # denoise in its val_ssim at the end of epoch 1.
     for name, options, shape in (("dense", {"input_dim": 36}, (6, 6)), ("denoise", {}, (4, 4))):
