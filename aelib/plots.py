@@ -136,6 +136,7 @@ def _fit(title: str, width: int = 50) -> str:
 
 # Points coloured by digit: one colour per digit 0-9, also where the labels shown lack some.
 _BY_DIGIT = dict(cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+_NO_LABEL = "silver"  # (points of images without a label, -1, where others have one)
 
 
 def _unlabelled(labels: np.ndarray) -> bool:
@@ -164,7 +165,12 @@ def latent_plane(
         ax.scatter(z[:, 0], z[:, 1], s=4)
         title += " (unlabelled)"
     else:
-        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, **_BY_DIGIT)
+        labels = np.asarray(labels)
+        none = labels < 0  # (-1: an image without a label; tab10 drew it as a 0)
+        if none.any():
+            ax.scatter(z[none, 0], z[none, 1], s=4, c=_NO_LABEL, label="no label")
+            ax.legend(loc="best", markerscale=3)
+        sc = ax.scatter(z[~none, 0], z[~none, 1], c=labels[~none], **_BY_DIGIT)
         fig.colorbar(sc, ax=ax, label="digit")
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
@@ -195,10 +201,12 @@ def code_values(
         title += " (unlabelled)"
     else:
         spread = np.random.default_rng(0).uniform(-0.3, 0.3, len(values))
-        ax.scatter(values, labels + spread, c=labels, **_BY_DIGIT)
-        rows = np.unique(labels)
+        none = labels < 0  # (-1: no label, drawn gray in a row of its own, not as a 0)
+        ax.scatter(values[none], -1 + spread[none], s=4, c=_NO_LABEL)
+        ax.scatter(values[~none], labels[~none] + spread[~none], c=labels[~none], **_BY_DIGIT)
+        rows = np.unique(np.where(none, -1, labels))
         if len(rows) <= 20:  # (a tick per digit; MaxNLocator named every other one)
-            ax.set_yticks(rows)
+            ax.set_yticks(rows, ["no label" if r < 0 else str(r) for r in rows])
         else:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("digit")

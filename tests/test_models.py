@@ -425,6 +425,30 @@ def test_maps_of_own_images_colour_no_digits(tmp_path, monkeypatch):
     assert set(arrays[1][1]) == {-1}
 
 
+def test_maps_of_partly_labelled_images_draw_the_unlabelled_apart(tmp_path, monkeypatch):
+    """Labels of -1 among digits (aelib.train's arrays may have -1 where an image has no
+    label): the latent plane and t-SNE maps drew those points in digit 0's colour, and
+    the 1-D codes in a row -1, in digit 0's colour too."""
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((np.asarray(x), kwargs.get("c"), kwargs.get("cmap")))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    labels = np.array([3, -1] * 10)
+    z = np.random.default_rng(0).random((20, 2))
+    assert plots.latent_plane(z, labels, tmp_path / "plane.png").is_file()
+    assert plots.code_values(z[:, :1], labels, tmp_path / "codes.png").is_file()
+    by_digit = [c for _, c, cmap in drawn if cmap == "tab10"]
+    assert len(by_digit) == 2 and all(np.all(np.asarray(c) == 3) for c in by_digit)
+    apart = [x for x, c, cmap in drawn if cmap is None]
+    assert [len(x) for x in apart] == [10, 10]
+
+
 def own_images(folder):
     """Ten small PNGs of noise, as a user's folder of images."""
     from PIL import Image
