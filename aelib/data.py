@@ -208,8 +208,15 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def scale(x: np.ndarray) -> np.ndarray:
-    """uint8 0..255 -> float32 0..1 (float input is checked, not rescaled)."""
+    """uint8 0..255 -> float32 0..1 (float input is checked, not rescaled; so are
+    integers of wider types, which must hold 8-bit values)."""
     if np.issubdtype(x.dtype, np.integer):
+        # (16-bit values came back up to 257, negative ones below 0, without a word)
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                f"Integer images must hold 8-bit values, 0 to 255. Received {x.dtype} values "
+                f"from {x.min()} to {x.max()}: scale them to [0, 1] floats first."
+            )
         return x.astype("float32") / 255.0
     x = x.astype("float32", copy=False)
     if x.size and (x.min() < 0.0 or x.max() > 1.0):

@@ -150,6 +150,10 @@ def test_scale_and_shapes():
     assert data_lib.prepare(x, "sequence").shape == (1, 2, 2)
     with pytest.raises(ValueError, match=r"must already lie in \[0, 1\]"):
         data_lib.scale(np.full((1, 2), 3.0))
+    assert data_lib.scale(np.array([[0, 255]], np.int64)).max() == 1.0  # (8-bit values)
+    for wide in (np.array([[0, 65535]], np.uint16), np.array([[-1, 255]], np.int16)):
+        with pytest.raises(ValueError, match=r"must hold 8-bit values, 0 to 255. Received"):
+            data_lib.scale(wide)  # (came back up to 257, or below 0)
     with pytest.raises(ValueError, match="input_kind"):
         data_lib.prepare(x, "video")
 
