@@ -139,6 +139,17 @@ _BY_DIGIT = dict(cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
 _NO_LABEL = "silver"  # (points of images without a label, -1, where others have one)
 
 
+def _by_label(labels: np.ndarray) -> tuple[dict, str]:
+    """How to colour points by their labels, and what to call them: by digit (one colour
+    per digit 0-9), or where labels pass 9 (aelib.train takes any integer labels: EMNIST's
+    letters 1-26, say), a colour per label over their range, which tab10 drew as a 9."""
+    labels = np.asarray(labels)
+    if not labels.size or labels.max() <= 9:
+        return _BY_DIGIT, "digit"
+    low, high = int(labels.min()), int(labels.max())
+    return dict(cmap="turbo", vmin=low - 0.5, vmax=high + 0.5, s=4), "label"
+
+
 def _unlabelled(labels: np.ndarray) -> bool:
     """Own images (train --images, labels -1): no digits to colour."""
     return bool(np.all(np.asarray(labels) < 0))
@@ -170,8 +181,9 @@ def latent_plane(
         if none.any():
             ax.scatter(z[none, 0], z[none, 1], s=4, c=_NO_LABEL, label="no label")
             ax.legend(loc="best", markerscale=3)
-        sc = ax.scatter(z[~none, 0], z[~none, 1], c=labels[~none], **_BY_DIGIT)
-        fig.colorbar(sc, ax=ax, label="digit")
+        colours, noun = _by_label(labels[~none])
+        sc = ax.scatter(z[~none, 0], z[~none, 1], c=labels[~none], **colours)
+        fig.colorbar(sc, ax=ax, label=noun)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(_fit(title))
@@ -203,13 +215,14 @@ def code_values(
         spread = np.random.default_rng(0).uniform(-0.3, 0.3, len(values))
         none = labels < 0  # (-1: no label, drawn gray in a row of its own, not as a 0)
         ax.scatter(values[none], -1 + spread[none], s=4, c=_NO_LABEL)
-        ax.scatter(values[~none], labels[~none] + spread[~none], c=labels[~none], **_BY_DIGIT)
+        colours, noun = _by_label(labels[~none])
+        ax.scatter(values[~none], labels[~none] + spread[~none], c=labels[~none], **colours)
         rows = np.unique(np.where(none, -1, labels))
         if len(rows) <= 20:  # (a tick per digit; MaxNLocator named every other one)
             ax.set_yticks(rows, ["no label" if r < 0 else str(r) for r in rows])
         else:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("digit")
+        ax.set_ylabel(noun)
     ax.set_xlabel(value_label)
     ax.set_title(_fit(title))
     fig.tight_layout()

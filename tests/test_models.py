@@ -449,6 +449,37 @@ def test_maps_of_partly_labelled_images_draw_the_unlabelled_apart(tmp_path, monk
     assert [len(x) for x in apart] == [10, 10]
 
 
+def test_maps_of_labels_past_9_give_each_label_its_colour(tmp_path, monkeypatch):
+    """aelib.train takes any integer labels (EMNIST's letters, 1-26): tab10's 0-9 range
+    drew every label from 9 up in one colour, 9's, under a colour bar of digits."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    drawn, bars = [], []
+    real_scatter, real_bar = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.colorbar
+
+    def scatter(self, x, y, *args, **kwargs):
+        drawn.append(kwargs)
+        return real_scatter(self, x, y, *args, **kwargs)
+
+    def colorbar(self, *args, **kwargs):
+        bars.append(kwargs.get("label"))
+        return real_bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", colorbar)
+    labels = np.arange(52) % 26 + 1
+    z = np.random.default_rng(0).random((52, 2))
+    assert plots.latent_plane(z, labels, tmp_path / "plane.png").is_file()
+    assert plots.code_values(z[:, :1], labels, tmp_path / "codes.png").is_file()
+    by_label = [kw for kw in drawn if kw.get("cmap")]
+    assert len(by_label) == 2 and bars == ["label"]
+    for kw in by_label:  # (every label inside the colour range: none clipped to its end)
+        assert kw["vmin"] < 1 and kw["vmax"] > 26
+    plots.latent_plane(z, labels % 10, tmp_path / "digits.png")  # (digits: as before)
+    assert drawn[-1]["cmap"] == "tab10" and bars[-1] == "digit"
+
+
 def own_images(folder):
     """Ten small PNGs of noise, as a user's folder of images."""
     from PIL import Image
