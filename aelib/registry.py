@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import numbers
 import os
 import re
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 
 _REGISTRY: dict[str, Callable[..., Autoencoder]] = {}
 
@@ -120,6 +122,20 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has no NaN (Python writes
+    a bare `NaN` token, which jq and JavaScript refuse)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, np.ndarray):  # (json_default's lists: of NaN too)
+        return finite(value.tolist())
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def is_int(value: Any) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import keras
 
 from aelib import process
-from aelib.registry import Autoencoder, json_default, plain_message
+from aelib.registry import Autoencoder, finite, json_default, plain_message
 
 INFO_MEMBER = "aelib.json"
 CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
@@ -81,7 +81,9 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
     try:
         with process.replaced(path, clean=False) as tmp:
             model.autoencoder.save(keras_tmp)
-            _copy_portable(keras_tmp, tmp, json.dumps(record, indent=2, default=json_default))
+            _copy_portable(
+                keras_tmp, tmp, json.dumps(finite(record), indent=2, default=json_default)
+            )
     finally:
         keras_tmp.unlink(missing_ok=True)
     return path

@@ -23,6 +23,7 @@ from aelib import process
 from aelib.registry import (
     Autoencoder,
     build_model,
+    finite,
     is_int,
     is_number,
     json_default,
@@ -868,18 +869,6 @@ def _check_shapes(model: Autoencoder, shape: tuple[int, ...], overrides: dict[st
             f"{got[1:]}: its output must have the input's shape (for denoise, sides that are "
             "multiples of 2**depth)"
         )
-
-
-def finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float as None: JSON has no NaN (Python writes
-    a bare `NaN` token, which jq and JavaScript refuse)."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _check(ok: bool, message: str) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +536,10 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert record["metrics"] == {k: v for k, v in printed.items() if k != "model"}
     assert None in record["history"]["loss"]
     assert (out / "dense.keras").exists() and not (out / "figures").exists()
+    # ... and so is the record saved in the model's file (aelib.load's .info)
+    with zipfile.ZipFile(out / "dense.keras") as z:
+        saved = json.loads(z.read("aelib.json"), parse_constant=pytest.fail)
+    assert saved["metrics"]["nan"] is True and saved["metrics"]["train_loss"] is None
 
 
 def test_a_code_of_one_value_gets_its_figure(tmp_path, capsys):
