@@ -322,7 +322,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
-    """Reads one image file as a uint8 (H, W) grayscale array: 16-bit and 32-bit
+    """Reads one image file as a uint8 (H, W) grayscale array, turned as its EXIF
+    orientation says (as viewers show it): 16-bit and 32-bit
     integer images scaled from 0..65535 (kept as they are where no value passes 255:
     8-bit values saved in a wider file), float images from [0, 1] (Pillow's own
     conversion would clip them to a few gray levels).
@@ -331,11 +332,14 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
         ValueError: the file is missing, corrupt, truncated, not an image, too big for
             Pillow, or of float pixels outside [0, 1].
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as opened:
+            opened.load()
+            # Upright, as image viewers show it: a phone's photo is stored sideways with
+            # an EXIF orientation tag (its patches and figures came out turned).
+            img = ImageOps.exif_transpose(opened)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 wide = np.asarray(img, dtype=np.int64)
                 low, high = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)

@@ -284,6 +284,14 @@ def test_image_folders_keep_16_bit_and_float_gray_levels_and_skip_hidden_files(t
         data_lib.read_gray(tmp_path / "hdr.tif")
     with pytest.raises(ValueError, match="is a file; expected a folder of images"):
         data_lib.list_images(tmp_path / "d8.png")
+    # A photo stored sideways with an EXIF orientation tag (6: turn 90 degrees clockwise to
+    # show it) is read upright, as viewers show it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(digit[:, :20]).save(tmp_path / "side.jpg", exif=exif, quality=100)
+    upright = data_lib.read_gray(tmp_path / "side.jpg")
+    assert upright.shape == (20, 28)
+    assert np.abs(upright.astype(int) - np.rot90(digit[:, :20], -1)).mean() < 3
 
 
 def test_an_image_too_big_for_pillow_is_named(tmp_path, monkeypatch):
