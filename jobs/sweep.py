@@ -1440,12 +1440,20 @@ def write_results(
 def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> None:
     report = out_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
+    missing = _not_started(rows, args)
+    trials = f"{len(rows)} of {len(rows) + missing}" if missing else f"{len(rows)}"
     lines = [
         f"# aelib sweep `{args.name}`",
         "",
-        f"{len(rows)} trials over {', '.join(args.models)}; up to {args.epochs} epochs, "
+        f"{trials} trials over {', '.join(args.models)}; up to {args.epochs} epochs, "
         f"scheduler {args.scheduler}, search {args.search}. "
-        f"Statuses: {_counts(r['status'] for r in rows)}. Table: `trials.csv`, `trials.parquet`.",
+        f"Statuses: {_counts(r['status'] for r in rows)}"
+        + (
+            f"; {missing} not started (stopped before Tune made them: `--resume` runs them)"
+            if missing
+            else ""
+        )
+        + ". Table: `trials.csv`, `trials.parquet`.",
         "",
         f"Data: {data_label(args)}; the first {len(arrays[0][0]):,} training "
         f"images (the last tenth of them held out for validation) and the first "
@@ -1547,6 +1555,27 @@ def _compare_chart(best: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _not_started(rows: list[dict], args: argparse.Namespace) -> int:
+    """Trials the sweep asks for (--num-samples per variant) that have no row: a sweep
+    stopped before Tune made them (it makes trials as --max-concurrent and its limit on
+    pending trials allow), which --resume runs. Neither a status nor a row said so: a
+    stopped sweep of 4 trials with 2 made said "0 of 2 trials did not finish"."""
+    return max(0, args.num_samples * len(args.models) - len(rows))
+
+
+def _interrupted_line(rows: list[dict], args: argparse.Namespace) -> str:
+    """What a stopped sweep says: how many of its trials did not finish, those Tune had
+    not made yet included."""
+    unmade = _not_started(rows, args)
+    left = sum(r["status"] == "interrupted" for r in rows) + unmade
+    return (
+        f"sweep.py: interrupted: {left} of {len(rows) + unmade} trials did not finish ("
+        + (f"{unmade} not started; " if unmade else "")
+        + "the report is of the trials so far); rerun the same command with --resume to "
+        "finish them"
+    )
 
 
 def _counts(values) -> str:
@@ -1933,12 +1962,7 @@ def _sweep_locked(args: argparse.Namespace) -> int:
     print(f"  trials per node: {_per_node(rows) or 'none reported'}")
     missing = [m for m in args.models if m not in best]
     if interrupted:
-        left = sum(r["status"] == "interrupted" for r in rows)
-        print(
-            f"sweep.py: interrupted: {left} of {len(rows)} trials did not finish (the report "
-            "is of the trials so far); rerun the same command with --resume to finish them",
-            file=sys.stderr,
-        )
+        print(_interrupted_line(rows, args), file=sys.stderr)
         return _interrupted_status()
     return 1 if missing else 0
 

@@ -1512,3 +1512,31 @@ def test_a_trial_error_is_one_plain_line():
     assert sweep._error_text(SimpleNamespace(cause=error)) == said  # as a RayTaskError holds it
     traceback = "Traceback (most recent call last):\n  File x\n" + said.replace("'r", "\x1b[1m'r")
     assert sweep._error_text(traceback) == said
+
+
+def test_a_stopped_sweep_counts_the_trials_tune_had_not_made_yet(tmp_path):
+    """Tune makes trials as --max-concurrent and its limit on pending trials allow: a
+    sweep of 2 variants x 2 samples stopped (Ctrl-C) after its first trials, run one at
+    a time, had 2 trials, both finished, and said "interrupted: 0 of 2 trials did not
+    finish" and "2 trials over dense, vae" in its report, as if nothing were left."""
+    sweep = _load_sweep_module()
+    args = sweep.parse_args(
+        ["--data", str(MNIST), "--models", "dense", "vae", "--num-samples", "2", "--no-figures"]
+    )
+    rows = [
+        {"model": "dense", "status": "finished", "trial_id": "a_00001"},
+        {"model": "vae", "status": "interrupted", "trial_id": "a_00000"},
+    ]
+    line = sweep._interrupted_line(rows, args)
+    assert "interrupted: 3 of 4 trials did not finish (2 not started;" in line, line
+    digits = np.zeros((4, 28, 28), np.uint8)
+    arrays = ((digits, np.zeros(4)), (digits, np.zeros(4)))
+    sweep.write_report({}, rows, args, arrays, tmp_path)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "2 of 4 trials over dense, vae" in report, report
+    assert "finished 1, interrupted 1; 2 not started" in report, report
+    rows.append({"model": "dense", "status": "interrupted", "trial_id": "a_00002"})
+    rows.append({"model": "vae", "status": "interrupted", "trial_id": "a_00003"})
+    assert "interrupted: 3 of 4 trials did not finish (the report" in sweep._interrupted_line(
+        rows, args
+    )
