@@ -1501,6 +1501,10 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             continue
         rec = best[model]
         lines += [f"Best config: `{json.dumps(rec['hparams'])}`", ""]
+        fates = [r["status"] for r in rows if r["model"] == model]
+        if set(fates) != {"finished"}:  # (its best is of fewer trials than it ran)
+            errors = " (see the error column of trials.csv)" if "error" in fates else ""
+            lines += [f"Its {len(fates)} trials: {_counts(fates)}{errors}.", ""]
         shown = ("noisy_psnr", "noisy_ssim", "psnr_gain", "code_mean", "code_active_fraction")
         metrics = {k: rec[k] for k in rec if k.startswith("test_") or k in shown}
         lines += ["| metric | value |", "|---|---|"]

@@ -1535,6 +1535,15 @@ def test_a_stopped_sweep_counts_the_trials_tune_had_not_made_yet(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "2 of 4 trials over dense, vae" in report, report
     assert "finished 1, interrupted 1; 2 not started" in report, report
+    # A variant whose best is of fewer trials than it ran says what became of the others.
+    rec = {"val_loss": 0.1, "test_bce": 0.1, "test_psnr": 20.0, "test_ssim": 0.5}
+    best = {"dense": {**rec, "trial_id": "a_00001", "hparams": {"learning_rate": 0.001}}}
+    rows.append({"model": "dense", "status": "error", "trial_id": "a_00004"})
+    sweep.write_report(best, rows, args, arrays, tmp_path)
+    report = (tmp_path / "report" / "report.md").read_text()
+    said = "Its 2 trials: error 1, finished 1 (see the error column of trials.csv)."
+    assert said in report.split("## dense")[1].split("## vae")[0], report
+    rows.pop()
     rows.append({"model": "dense", "status": "interrupted", "trial_id": "a_00002"})
     rows.append({"model": "vae", "status": "interrupted", "trial_id": "a_00003"})
     assert "interrupted: 3 of 4 trials did not finish (the report" in sweep._interrupted_line(
