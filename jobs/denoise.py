@@ -2035,7 +2035,12 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     if input_format == "auto":
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
         # data/*.parquet): the Parquet files' rows are the inputs.
-        tables = [rel for rel, _ in shown if _table(rel)]
+        # (a glob takes what it names, as in --input-format parquet: _temporary/ too)
+        tables = [
+            rel
+            for rel, _ in shown
+            if rel.lower().endswith(PARQUET_SUFFIXES) and (has_glob or _table(rel))
+        ]
         others = [rel for rel, _ in shown if not rel.lower().endswith(PARQUET_SUFFIXES)]
         if tables and not any(_image_name(rel) for rel in others):
             if others:

@@ -2940,6 +2940,12 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
         ], fmt
     named = job.find_inputs(f"{folder}/_temporary/*/*.parquet", "auto").parquet
     assert named == [str(folder / "_temporary" / "0" / "part-0.parquet")]
+    # ... in either format, also where a glob's * names them (it read them as images)
+    for fmt in ("auto", "parquet"):
+        named = job.find_inputs(f"{folder}/*/*/*", fmt)
+        assert named.kind == "parquet" and named.parquet == [
+            str(folder / "_temporary" / "0" / "part-0.parquet")
+        ], fmt
     shutil.rmtree(folder / "_temporary")
     (folder / "_metadata.parquet").unlink()
     inputs = job.find_inputs(str(folder), "auto")
