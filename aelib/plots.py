@@ -156,8 +156,10 @@ def _unlabelled(labels: np.ndarray) -> bool:
 
 
 def _noun(labels: np.ndarray) -> str:
-    """What the test split holds: MNIST's labelled digits, or own images (-1)."""
-    return "images" if _unlabelled(labels) else "digits"
+    """What the test split holds: MNIST's labelled digits, or images: own ones (-1), or
+    of labels past 9 (EMNIST's letters: coloured by 'label', see _by_label)."""
+    labels = np.asarray(labels)
+    return "images" if _unlabelled(labels) or labels.max() > 9 else "digits"
 
 
 @_closes_its_figure

@@ -455,8 +455,9 @@ def test_maps_of_labels_past_9_give_each_label_its_colour(tmp_path, monkeypatch)
     import matplotlib.axes
     import matplotlib.figure
 
-    drawn, bars = [], []
+    drawn, bars, titles = [], [], []
     real_scatter, real_bar = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.colorbar
+    real_title = matplotlib.axes.Axes.set_title
 
     def scatter(self, x, y, *args, **kwargs):
         drawn.append(kwargs)
@@ -467,7 +468,13 @@ def test_maps_of_labels_past_9_give_each_label_its_colour(tmp_path, monkeypatch)
         return real_bar(self, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+
+    def set_title(self, text, *args, **kwargs):
+        titles.append(text.replace("\n", " "))
+        return real_title(self, text, *args, **kwargs)
+
     monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", colorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", set_title)
     labels = np.arange(52) % 26 + 1
     z = np.random.default_rng(0).random((52, 2))
     assert plots.latent_plane(z, labels, tmp_path / "plane.png").is_file()
@@ -476,8 +483,13 @@ def test_maps_of_labels_past_9_give_each_label_its_colour(tmp_path, monkeypatch)
     assert len(by_label) == 2 and bars == ["label"]
     for kw in by_label:  # (every label inside the colour range: none clipped to its end)
         assert kw["vmin"] < 1 and kw["vmax"] > 26
+    # ... and the titles call them images, not digits (as the colour bar says 'label')
+    assert titles == [
+        "VAE latent plane (z_mean of 52 test images)",
+        "The 1-D codes of 52 test images",
+    ]
     plots.latent_plane(z, labels % 10, tmp_path / "digits.png")  # (digits: as before)
-    assert drawn[-1]["cmap"] == "tab10" and bars[-1] == "digit"
+    assert drawn[-1]["cmap"] == "tab10" and bars[-1] == "digit" and "digits" in titles[-1]
 
 
 def own_images(folder):
