@@ -420,20 +420,6 @@ def step_sweep(run: Run, args: argparse.Namespace, work: Path) -> None:
         run.note(f"sweep:   {json.dumps(row)}")
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_env":
@@ -467,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=FLAGS",
         help="job configurations timed beside the default one",
     )
-    p.add_argument("--repeats", type=_at_least_one, default=1, help="rounds of the denoise runs")
+    p.add_argument(
+        "--repeats", type=bench_denoise._at_least_one, default=1, help="rounds of the denoise runs"
+    )
     p.add_argument("--sweep-epochs", type=int, default=3)
     p.add_argument("--sweep-limit", type=int, default=60000)
     p.add_argument("--gpus-per-trial", type=float, default=0.125)
