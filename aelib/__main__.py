@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(f"aelib: note: the run did not finish; {go_on}", file=sys.stderr)
         return 1 if full else 2  # (2: what was asked for cannot be done as asked)
-    from aelib.train import finite
+    from aelib.registry import finite
 
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():
