@@ -4256,7 +4256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive,
         default=1024,
-        help="images per block (one actor call) and per model call on a GPU; on a CPU the "
+        help="image files per block (one actor call; a Parquet input's block is a row "
+        "group) and images per model call on a GPU; on a CPU the "
         "model takes slices of a block (32k or 1M pixels each; where they differ, "
         "whichever an actor times faster on its first blocks)",
     )
