@@ -157,19 +157,6 @@ def check_arrays(arrays, name: str = "data") -> tuple[Split, Split]:
             f"{name} must be ((x_train, y_train), (x_test, y_test)), as aelib.data.load_mnist "
             "returns it (labels may be None, or -1 where there are none)"
         ) from None
-    train_shape, test_shape = np.shape(x_train)[1:], np.shape(x_test)[1:]
-    # (found by the test split, after all the training; 784 values and 28x28 are one size,
-    # for the flat variants: build_checked refuses it for the others. Two image shapes of
-    # one size are not one shape: 14x56 test images of a dense model trained on 28x28
-    # were scored as 28x28 ones, their SSIM of scrambled pixels.)
-    plain_train, plain_test = _gray_shape(train_shape), _gray_shape(test_shape)
-    if math.prod(train_shape) != math.prod(test_shape) or (
-        len(plain_train) > 1 and len(plain_test) > 1 and plain_train != plain_test
-    ):
-        raise ValueError(
-            f"{name}'s training images are {_shape(train_shape)} and its test images "
-            f"{_shape(test_shape)}: a model is trained and tested on images of one shape."
-        )
     checked = []
     for x, y, part in ((x_train, y_train, "training"), (x_test, y_test, "test")):
         x = np.asarray(x)
@@ -193,6 +180,20 @@ def check_arrays(arrays, name: str = "data") -> tuple[Split, Split]:
                 raise ValueError(f"{name} has {len(y)} {part} labels for {len(x)} {part} images.")
             _check_labels(y, f"{name}'s {part} labels")
         checked.append((x, y))
+    train_shape, test_shape = checked[0][0].shape[1:], checked[1][0].shape[1:]
+    # After each split's own checks, whose hints (channels first, colour) say more.
+    # (found by the test split, after all the training; 784 values and 28x28 are one size,
+    # for the flat variants: build_checked refuses it for the others. Two image shapes of
+    # one size are not one shape: 14x56 test images of a dense model trained on 28x28
+    # were scored as 28x28 ones, their SSIM of scrambled pixels.)
+    plain_train, plain_test = _gray_shape(train_shape), _gray_shape(test_shape)
+    if math.prod(train_shape) != math.prod(test_shape) or (
+        len(plain_train) > 1 and len(plain_test) > 1 and plain_train != plain_test
+    ):
+        raise ValueError(
+            f"{name}'s training images are {_shape(train_shape)} and its test images "
+            f"{_shape(test_shape)}: a model is trained and tested on images of one shape."
+        )
     return checked[0], checked[1]
 
 

@@ -116,6 +116,9 @@ def test_colour_arrays_are_refused_naming_their_channels():
     first = np.zeros((4, 1, 28, 28), np.uint8)  # (gray, channels first: not "28 channels")
     with pytest.raises(ValueError, match="images are 1x28x28: channels first. .* move the"):
         data_lib.check_arrays(((first, None), (first, None)))
+    # ... also where only the test images are (they were "of another shape", no hint)
+    with pytest.raises(ValueError, match="test images are 1x28x28: channels first. .* move the"):
+        data_lib.check_arrays(((gray, None), (first, None)))
 
 
 def test_labels_that_are_no_integers_are_refused(tmp_path):
