@@ -1937,6 +1937,21 @@ def _table(rel: str) -> bool:
     )
 
 
+def _no_tables(location: str, listed: list[tuple[str, int]]) -> ValueError:
+    """The error of a folder without Parquet files to read, naming those that _table
+    leaves out for a name starting with "_" (all of a Spark write cut short)."""
+    apart = [
+        rel for rel, _ in listed if rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
+    ]
+    why = (
+        f" ({len(apart)} under names starting with '_', e.g. {apart[0]}, left out as pyarrow "
+        "and Spark leave them out; a glob that names them takes them)"
+        if apart
+        else ""
+    )
+    return ValueError(f"--input {location}: no Parquet files found{why}.")
+
+
 def _matching(files: list[tuple[str, int]], pattern: str) -> list[tuple[str, int]]:
     """A remote listing's files that `pattern` matches as a local glob (recursive=True)
     would: "*", "?" and "[...]" within one folder's name ("*/x" matches no "a/b/x"), a
@@ -1984,27 +1999,26 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             if has_glob:
                 root, pattern = _glob_root(location)
                 storage = Storage(root)
-                found = _matching(storage.walk(), pattern)
+                entries = found = _matching(storage.walk(), pattern)
             else:
                 storage = Storage(location)
                 if not storage.is_dir():
                     return Inputs("parquet", None, [], [location])
-                found = [(rel, n) for rel, n in storage.walk() if _table(rel)]
+                entries = storage.walk()
+                found = [(rel, n) for rel, n in entries if _table(rel)]
             if not found:
-                raise ValueError(f"--input {location}: no Parquet files found.")
+                raise _no_tables(location, entries)
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
         if has_glob or os.path.isdir(location):
             root, pattern = _glob_root(location) if has_glob else (location, None)
             listed = Storage(root)
-            found = [
-                listed.full(rel)
-                for rel, _ in _listed(listed, pattern, prune)
-                if has_glob or _table(rel)
-            ]
+            entries = _listed(listed, pattern, prune)
+            found = [listed.full(rel) for rel, _ in entries if has_glob or _table(rel)]
         else:
-            listed, found = None, [location] if os.path.isfile(location) else []
+            listed, entries = None, []
+            found = [location] if os.path.isfile(location) else []
         if not found:
-            raise ValueError(f"--input {location}: no Parquet files found.")
+            raise _no_tables(location, entries)
         return Inputs("parquet", listed, [], found)
     if has_glob:
         root, pattern = _glob_root(location)
