@@ -2056,7 +2056,10 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             if rel.lower().endswith(PARQUET_SUFFIXES) and (has_glob or _table(rel))
         ]
         others = [rel for rel, _ in shown if not rel.lower().endswith(PARQUET_SUFFIXES)]
-        if tables and not any(_image_name(rel) for rel in others):
+        images = any(_image_name(rel) for rel in others)
+        if not tables and not images and len(others) < len(shown):  # (all under "_")
+            raise _no_tables(location, shown)
+        if tables and not images:
             if others:
                 print(
                     f"denoise: note: --input {redacted(location)} is read as Parquet "

@@ -2949,8 +2949,9 @@ def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     # A folder of such files only (a Spark write cut short): the error says where they are.
     (tmp_path / "only" / "_temporary").mkdir(parents=True)
     pq.write_table(good, tmp_path / "only" / "_temporary" / "part-0.parquet")
-    with pytest.raises(ValueError, match=r"found \(1 under names starting with '_', e\.g\. _tem"):
-        job.find_inputs(str(tmp_path / "only"), "parquet")
+    for fmt in ("auto", "parquet"):  # (auto read them as images, each failing)
+        with pytest.raises(ValueError, match=r"found \(1 under names starting with '_', e\.g\. _"):
+            job.find_inputs(str(tmp_path / "only"), fmt)
     shutil.rmtree(folder / "_temporary")
     (folder / "_metadata.parquet").unlink()
     inputs = job.find_inputs(str(folder), "auto")
