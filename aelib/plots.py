@@ -216,7 +216,7 @@ def code_values(
     else:
         spread = np.random.default_rng(0).uniform(-0.3, 0.3, len(values))
         none = labels < 0  # (-1: no label, drawn gray in a row of its own, not as a 0)
-        ax.scatter(values[none], -1 + spread[none], s=4, c=_NO_LABEL)
+        ax.scatter(values[none], -1 + spread[none], s=4, c=_NO_LABEL, label="no label")
         colours, noun = _by_label(labels[~none])
         ax.scatter(values[~none], labels[~none] + spread[~none], c=labels[~none], **colours)
         rows = np.unique(np.where(none, -1, labels))
@@ -224,6 +224,8 @@ def code_values(
             ax.set_yticks(rows, ["no label" if r < 0 else str(r) for r in rows])
         else:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            if none.any():  # (no tick names their row here: a legend does)
+                ax.legend(loc="best", markerscale=3)
         ax.set_ylabel(noun)
     ax.set_xlabel(value_label)
     ax.set_title(_fit(title))

@@ -490,6 +490,13 @@ def test_maps_of_labels_past_9_give_each_label_its_colour(tmp_path, monkeypatch)
     ]
     plots.latent_plane(z, labels % 10, tmp_path / "digits.png")  # (digits: as before)
     assert drawn[-1]["cmap"] == "tab10" and bars[-1] == "digit" and "digits" in titles[-1]
+    # Unlabelled ones among 26 labels: too many rows for a tick each, so no tick says
+    # "no label" of their gray row: a legend does.
+    legends = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(1))
+    labels[::4] = -1
+    assert plots.code_values(z[:, :1], labels, tmp_path / "some.png").is_file()
+    assert legends and drawn[-2]["label"] == "no label"
 
 
 def own_images(folder):
