@@ -48,6 +48,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
+
+from bench_common import at_least_one  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -424,20 +427,6 @@ def _load() -> str:
         return "?"
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     baselines = {"_plain": plain_loop, "_docs": docs_pipeline, "_plain_photos": plain_photos}
@@ -484,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "in this process on this many images, and print microseconds per image",
     )
     p.add_argument(
-        "--repeats", type=_at_least_one, default=3, help="rounds of every method (median reported)"
+        "--repeats", type=at_least_one, default=3, help="rounds of every method (median reported)"
     )
     p.add_argument(
         "--startup-count",

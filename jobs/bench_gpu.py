@@ -48,6 +48,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import bench_denoise  # noqa: E402  (the plain loop, the timer, the digits as PNGs)
+from bench_common import at_least_one  # noqa: E402
 
 # The job configurations timed against the default one: name=extra flags.
 JOB_CONFIGS = (
@@ -453,9 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=FLAGS",
         help="job configurations timed beside the default one",
     )
-    p.add_argument(
-        "--repeats", type=bench_denoise._at_least_one, default=1, help="rounds of the denoise runs"
-    )
+    p.add_argument("--repeats", type=at_least_one, default=1, help="rounds of the denoise runs")
     p.add_argument("--sweep-epochs", type=int, default=3)
     p.add_argument("--sweep-limit", type=int, default=60000)
     p.add_argument("--gpus-per-trial", type=float, default=0.125)

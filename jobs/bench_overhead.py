@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ALL = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
+
+from bench_common import VARIANTS, at_least_one  # noqa: E402
 
 
 def _timer_class():
@@ -204,25 +206,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", default=",".join(ALL))
+    p.add_argument("--models", default=",".join(VARIANTS))
     p.add_argument("--epochs", type=int, default=3, help="per run (>= 2: the 1st is apart)")
-    p.add_argument("--repeats", type=_at_least_one, default=2, help="alternating runs per side")
+    p.add_argument("--repeats", type=at_least_one, default=2, help="alternating runs per side")
     p.add_argument("--limit", type=int, default=12000, help="training digits (0: all 60,000)")
     p.add_argument("--test-limit", type=int, default=1000)
     p.add_argument(
@@ -245,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in ALL]
+    unknown = [m for m in models if m not in VARIANTS]
     if unknown or not models:
-        p.error(f"--models {args.models}: expected a comma list of {', '.join(ALL)}")
+        p.error(f"--models {args.models}: expected a comma list of {', '.join(VARIANTS)}")
     try:
         metrics_limits = [int(x) for x in (args.metrics_limits or "").split(",") if x.strip()]
     except ValueError:

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
 # Priority order of a full run: the denoising comparison first.
 # The classical denoisers (--denoisers), as classical_methods() names them (bm3d only
 # where its package installs: it is skipped with a note there).

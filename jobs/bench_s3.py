@@ -34,6 +34,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
+
+from bench_common import at_least_one  # noqa: E402
+
 BUCKET = "bench"
 
 
@@ -124,26 +128,12 @@ def run(server: S3Server, model: str, flags: list[str], out: str) -> dict:
     return {**summary, "requests": dict(sorted(kinds.items()))}
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type of a count of rounds: a whole number >= 1 (0 rounds left nothing to
-    take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a trained .keras denoiser")
     p.add_argument("--images", required=True, help="a local folder of images to upload")
     p.add_argument("--delay-ms", type=float, default=20.0, help="added to every request")
-    p.add_argument("--repeats", type=_at_least_one, default=2, help="rounds of all variants")
+    p.add_argument("--repeats", type=at_least_one, default=2, help="rounds of all variants")
     p.add_argument(
         "--variant",
         type=_variant,

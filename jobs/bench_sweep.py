@@ -43,6 +43,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
+
+from bench_common import VARIANTS, at_least_one  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SEQUENTIAL = r"""
 import json, multiprocessing, sys, time
@@ -146,24 +150,6 @@ def breakdown(experiment: Path, wall_start: float, wall: float) -> str:
     )
 
 
-# aelib's variants (aelib.registry; not imported here, which would load Keras)
-VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type of a count (rounds, trials, epochs): a whole number >= 1 (0 rounds
-    left nothing to take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
@@ -173,13 +159,13 @@ def main() -> int:
         choices=VARIANTS,
         default=["dense", "sparse", "deep", "conv", "seq2seq", "vae"],
     )
-    parser.add_argument("--num-samples", type=_at_least_one, default=1, help="trials per variant")
-    parser.add_argument("--epochs", type=_at_least_one, default=3)
+    parser.add_argument("--num-samples", type=at_least_one, default=1, help="trials per variant")
+    parser.add_argument("--epochs", type=at_least_one, default=3)
     parser.add_argument("--limit", type=int, default=20000)
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--skip-scaling", action="store_true", help="skip (c)")
     parser.add_argument("--skip-plain", action="store_true", help="skip (d)")
-    parser.add_argument("--repeats", type=_at_least_one, default=1, help="rounds, in rotated order")
+    parser.add_argument("--repeats", type=at_least_one, default=1, help="rounds, in rotated order")
     parser.add_argument("--other-sweep", type=Path, help="(e): (b) with this sweep.py instead")
     args = parser.parse_args()
     if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)

@@ -23,6 +23,10 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (also when loaded by its path)
+
+from bench_common import VARIANTS, at_least_one  # noqa: E402
+
 CHILD = r"""
 import json, sys, time
 spec = json.loads(sys.argv[1])
@@ -70,31 +74,16 @@ def side_by_side(args: argparse.Namespace, autotune: bool) -> dict[str, dict]:
 
 
 # aelib's variants (aelib.registry; not imported here, which would load Keras)
-VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type of a count (rounds, trials, epochs): a whole number >= 1 (0 rounds
-    left nothing to take the median of: a StatisticsError traceback after the work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1. Received: {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
-    return value
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
     parser.add_argument("--models", nargs="+", choices=VARIANTS, default=["conv", "seq2seq"])
-    parser.add_argument("--epochs", type=_at_least_one, default=4)
+    parser.add_argument("--epochs", type=at_least_one, default=4)
     parser.add_argument("--limit", type=int, default=60000)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")
-    parser.add_argument("--repeats", type=_at_least_one, default=2, help="rounds of both settings")
+    parser.add_argument("--repeats", type=at_least_one, default=2, help="rounds of both settings")
     args = parser.parse_args()
     if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
         parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")

@@ -92,7 +92,7 @@ def test_the_benchmarks_know_every_variant():
 
     import aelib
 
-    for script in ("bench_sweep", "bench_tf_data"):
+    for script in ("bench_common", "bench_sweep", "bench_tf_data", "bench_overhead"):
         spec = importlib.util.spec_from_file_location(script, REPO / "jobs" / f"{script}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

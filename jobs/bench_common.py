@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: the variants' names and the argparse check of a
+count. Standard library only: a script's --help and its flag errors come before any
+import of Keras or Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+# aelib.list_models(), without importing Keras (tests/test_bench_cli.py checks they agree).
+VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
+
+
+def at_least_one(text: str) -> int:
+    """argparse type of a count (rounds, trials, epochs): a whole number >= 1 (0 rounds
+    left nothing to take the median of: a StatisticsError traceback after the work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1. Received: {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
+    return value
