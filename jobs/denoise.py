@@ -2285,6 +2285,12 @@ def existing_outputs(
     return done, set(cut)
 
 
+def _folder_clash_reason(out_rel: str) -> str:
+    """Why an input fails whose output is the folder of other inputs' outputs (a.png
+    beside a.png/b.png: one of them could not be written)."""
+    return f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
+
+
 def _kept_cut_reason(out_rel: str, whole: bool = False) -> str:
     """Why an input fails for the file at its output path (see `unowned` in _run_locked).
     `whole`: the file is complete now (a copy that was under way, say), yet still not
@@ -3734,7 +3740,7 @@ def _plan(
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         if out_rel in folders:
-            reason = f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
+            reason = _folder_clash_reason(out_rel)
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         if out_rel in unowned:
@@ -3986,10 +3992,7 @@ def _parquet_units(
     failed = [{"path": redacted(src), "status": "failed", "error": redacted(e)} for src, e in bad]
     # As in _plan: a.png beside a.png/b.png could not be written (or b.png, after it).
     folders = {parent for out_rel in seen for parent in _parents(out_rel)}
-    clashes = {
-        out_rel: f"its output {out_rel} is also the folder of other outputs ({out_rel}/...)"
-        for out_rel in seen & folders
-    }
+    clashes = {out_rel: _folder_clash_reason(out_rel) for out_rel in seen & folders}
     clashes.update(
         (
             out_rel,
