@@ -110,7 +110,9 @@ def make_noisy(
     """Writes `count` noisy digits (and clean references) plus `corrupt` broken files.
 
     Returns:
-        Counts: `written` (new noisy files), `kept` (already there), `corrupt`.
+        Counts: `written` (new noisy files), `kept` (already there), with a `--clean-out`
+        `clean_written` (new clean references: a rerun that adds a `--clean-out` writes them
+        all while its noisy files are kept, and said "written: 0"), and `corrupt`.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0. Received: count={count}")
@@ -134,7 +136,7 @@ def make_noisy(
     unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     for folder, _, made_with in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
-    written = kept = 0
+    written = kept = clean_written = 0
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
         clean = x_test[index % MNIST_TEST_SIZE]
@@ -152,6 +154,7 @@ def make_noisy(
                 written += 1
             if clean_root is not None and not (clean_root / rel).is_file():
                 _write(clean_root / rel, png_bytes(ref))
+                clean_written += 1
     good = png_bytes(np.zeros((28, 28), np.uint8))
     rng = np.random.default_rng(seed)
     for k in range(corrupt):  # (kept too: written again, the denoise job retried them)
@@ -164,7 +167,10 @@ def make_noisy(
         )[kind]
         if not (out / "broken" / name).is_file():
             _write(out / "broken" / name, payload)
-    return {"written": written, "kept": kept, "corrupt": corrupt}
+    counts = {"written": written, "kept": kept}
+    if clean_root is not None:
+        counts["clean_written"] = clean_written
+    return {**counts, "corrupt": corrupt}
 
 
 def _check_folders(out: Path, clean_root: Path | None) -> None:

@@ -752,6 +752,21 @@ def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch, tmp_pa
                 assert np.array_equal(np.asarray(image), expected), (chunk, rel)
 
 
+def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path):
+    """A rerun that adds a --clean-out to a folder of noisy digits wrote every reference
+    and said {'written': 0, 'kept': N}, as if it had made nothing."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import make_noisy
+
+    noisy = tmp_path / "noisy"
+    assert make_noisy.make_noisy(str(MNIST), 4, noisy) == {"written": 4, "kept": 0, "corrupt": 0}
+    counts = make_noisy.make_noisy(str(MNIST), 4, noisy, tmp_path / "clean")
+    assert counts == {"written": 0, "kept": 4, "clean_written": 4, "corrupt": 0}
+    assert len(list((tmp_path / "clean").rglob("*.png"))) == 4
+    counts = make_noisy.make_noisy(str(MNIST), 6, noisy, tmp_path / "clean", corrupt=1)
+    assert counts == {"written": 2, "kept": 4, "clean_written": 2, "corrupt": 1}
+
+
 def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
     monkeypatch, tmp_path, capsys
 ):
