@@ -133,6 +133,7 @@ VARIANTS = tuple(SEARCH_SPACE)
 EPOCH_COST = {"denoise": 10, "conv": 6, "seq2seq": 5, "vae": 2, "deep": 1.5}
 # (the rest: model options)
 TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "eval_noise_factor", "lr_schedule")
+NOISE_FIELDS = ("noise_factor", "eval_noise_factor")  # denoise's only
 METRIC, MODE = "val_loss", "min"
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
@@ -760,13 +761,16 @@ def check_search_space(models: list[str], pins: list[tuple[str, str, Any]]) -> N
         options = known[model]
         keys = set(SEARCH_SPACE[model]) | {k for v, k, _ in pins if v == model}
         bad = sorted(k for k in keys if k not in options and k not in TRAIN_FIELDS)
-        if bad:
+        if bad:  # (named the variant only, not the --set, and offered the noise fields,
+            # denoise's only, to every variant)
+            pinned = sorted({f"--set {model}.{k}" for v, k, _ in pins if v == model and k in bad})
+            fields = [f for f in TRAIN_FIELDS if model == "denoise" or f not in NOISE_FIELDS]
             raise SystemExit(
-                f"sweep.py: error: {model}: {bad} are neither model options {sorted(options)} "
-                f"nor training fields {list(TRAIN_FIELDS)}"
+                f"sweep.py: error: {', '.join(pinned) or model}: {bad} are neither model "
+                f"options of {model} {sorted(options)} nor training fields {fields}"
             )
         for key, value in _pins_by_model(pins).get(model, {}).items():
-            if key in ("noise_factor", "eval_noise_factor") and model != "denoise":
+            if key in NOISE_FIELDS and model != "denoise":
                 raise SystemExit(  # (pinned, reported, and read by no trial)
                     f"sweep.py: error: --set {model}.{key}={value!r}: {key} is denoise's only (the "
                     "other variants train and are scored on clean digits)"
