@@ -3394,6 +3394,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_bytes = model_store.read(os.path.basename(model))
     except OSError as e:
         raise ValueError(f"--model {redacted(args.model)}: cannot read it ({e}).") from e
+    except ValueError as e:  # not a regular file: a sweep's best/ or a trial's checkpoint
+        # folder said "not a regular file but a folder: not an image", naming no flag
+        kind = _file_kind(os.stat(model_store.full(os.path.basename(model))).st_mode)
+        raise ValueError(
+            f"--model {redacted(args.model)} is {kind}; expected a trained .keras file, "
+            "such as a sweep's best/denoise.keras."
+        ) from e
     spec = inspect_model(model_bytes, args.model)
     if spec.note:
         print(f"denoise: note: {spec.note}", file=sys.stderr)

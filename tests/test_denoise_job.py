@@ -1730,6 +1730,17 @@ def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     assert f"--model {junk}: not a .keras file (not a zip archive" in result.stderr
 
 
+def test_a_model_that_is_a_folder_is_named_as_the_model(tmp_path):
+    """--model runs/sweep/best (the folder, not its denoise.keras) said "not a regular file
+    but a folder: not an image", naming neither the flag nor what it wants."""
+    (tmp_path / "best").mkdir()
+    result = run_job("--model", tmp_path / "best", "--input", tmp_path, "--output", tmp_path / "o")
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = f"denoise: error: --model {tmp_path / 'best'} is a folder; expected a trained .keras"
+    assert said in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
 def test_earlier_rows_are_read_in_run_order_and_carried_only_to_their_own_output(tmp_path):
     """A manifest (run 1), then the journals of two killed runs (2: --format webp,
     3: a retry that worked) whose file times a copy reversed: rows are taken in run
