@@ -262,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.noise_factor is not None and args.model != "denoise":
         # (recorded in metrics.json as if it had acted: the others train on clean digits)
         parser.error(f"--noise-factor applies to --model denoise only, not {args.model}")
+    if args.command == "train":  # (aelib.data's errors named the path, not the flag)
+        for flag, path, isnt, want in (
+            ("--data", args.data, os.path.isdir, "a folder; expected Keras's mnist.npz file"),
+            ("--images", args.images, os.path.isfile, "a file; expected a folder of images"),
+        ):
+            if path and isnt(os.path.expanduser(path)):
+                parser.error(f"{flag} {path} is {want}")
     keys = [key for key, _ in getattr(args, "options", [])]
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # (the last one silently won)

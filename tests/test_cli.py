@@ -752,6 +752,21 @@ def test_make_noisy_gives_every_seed_and_chunk_its_own_noise(monkeypatch, tmp_pa
                 assert np.array_equal(np.asarray(image), expected), (chunk, rel)
 
 
+def test_a_data_folder_or_an_images_file_names_its_flag(tmp_path, capsys):
+    """Bad flags exit 2 naming the flag: --data of a folder and --images of a file said
+    only the path ("../data is a folder; expected Keras's mnist.npz file")."""
+    a_file = tmp_path / "a.png"
+    a_file.write_bytes(b"x")
+    for flags, said in (
+        (["--data", str(tmp_path)], f"--data {tmp_path} is a folder; expected Keras's mnist"),
+        (["--images", str(a_file)], f"--images {a_file} is a file; expected a folder of"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--model", "dense", "--out", str(tmp_path / "out"), *flags])
+        assert e.value.code == 2 and said in capsys.readouterr().err, flags
+    assert not (tmp_path / "out").exists()
+
+
 def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path):
     """A rerun that adds a --clean-out to a folder of noisy digits wrote every reference
     and said {'written': 0, 'kept': N}, as if it had made nothing."""
