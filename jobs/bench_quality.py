@@ -412,7 +412,11 @@ def classical_methods() -> dict[str, dict[str, Any]]:
             "slow": True,
         }
     except ImportError:
-        print("bm3d is not installed (pip install bm3d): skipping BM3D", flush=True)
+        print(
+            "bm3d is not installed (pip install bm3d==4.0.3, the README's row's version): "
+            "skipping BM3D",
+            flush=True,
+        )
     return methods
 
 
