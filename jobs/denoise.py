@@ -277,6 +277,16 @@ OBJECT_STORES = ("s3", "gcs")  # pyarrow filesystems' type_name
 GCS_RETRY_SECONDS = 30
 
 
+class NotAFile(ValueError):
+    """Storage.read of a path that is not a regular file (a folder, a FIFO, a device): its
+    message is an input image's failure reason; `kind` says what the path is, for the
+    callers that read other files (the model, the manifest) to name it in their own."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"not a regular file but {kind}: not an image")
+        self.kind = kind
+
+
 class Storage:
     """A root folder, local or remote, addressed by POSIX relative paths."""
 
@@ -320,8 +330,7 @@ class Storage:
             try:  # (O_NONBLOCK: a FIFO's open would wait for a writer)
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):  # /dev/zero filled the memory
-                    kind = _file_kind(info.st_mode)
-                    raise ValueError(f"not a regular file but {kind}: not an image")
+                    raise NotAFile(_file_kind(info.st_mode))
                 parts = [os.read(fd, info.st_size + 1)]  # the whole file, as a rule
                 if len(parts[0]) != info.st_size:  # (it grew, or a short read): to its end
                     while parts[-1]:
@@ -2485,8 +2494,8 @@ def _read_manifest(output: Storage) -> tuple[pa.Schema, bytes] | None:
         data = output.read(MANIFEST)
     except FileNotFoundError:
         return None
-    except ValueError as e:  # not a regular file, say a folder
-        why = str(e).removesuffix(": not an image")
+    except NotAFile as e:  # say a folder
+        why = f"not a regular file but {e.kind}"
     except OSError as e:  # it may well be this job's: say so, not to move or remove it
         raise ValueError(
             f"--output {redacted(output.location)}: cannot read its {MANIFEST} ({e}); "
@@ -3394,11 +3403,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_bytes = model_store.read(os.path.basename(model))
     except OSError as e:
         raise ValueError(f"--model {redacted(args.model)}: cannot read it ({e}).") from e
-    except ValueError as e:  # not a regular file: a sweep's best/ or a trial's checkpoint
-        # folder said "not a regular file but a folder: not an image", naming no flag
-        kind = _file_kind(os.stat(model_store.full(os.path.basename(model))).st_mode)
+    except NotAFile as e:  # a sweep's best/ or a trial's checkpoint folder said "not a
+        # regular file but a folder: not an image", naming no flag
         raise ValueError(
-            f"--model {redacted(args.model)} is {kind}; expected a trained .keras file, "
+            f"--model {redacted(args.model)} is {e.kind}; expected a trained .keras file, "
             "such as a sweep's best/denoise.keras."
         ) from e
     spec = inspect_model(model_bytes, args.model)
