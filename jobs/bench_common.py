@@ -5,6 +5,7 @@ import of Keras or Ray."""
 from __future__ import annotations
 
 import argparse
+import os
 
 # aelib.list_models(), without importing Keras (tests/test_bench_cli.py checks they agree).
 VARIANTS = ("dense", "sparse", "deep", "conv", "denoise", "seq2seq", "vae")
@@ -22,3 +23,10 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1. Received: {text}")
     return value
+
+
+def given_file(parser: argparse.ArgumentParser, flag: str, path: str | None, what: str) -> None:
+    """A usage error, before any work, where `flag` names no file: aelib's or Keras's
+    traceback came after the work (the model trained, the images written) before."""
+    if path and not os.path.isfile(path):
+        parser.error(f"{flag} {path}: no such file ({what})")

@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
 
-from bench_common import at_least_one  # noqa: E402
+from bench_common import at_least_one, given_file  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -490,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "/dev/shm/bench takes the disk's file-creation cost out of the comparison",
     )
     args = p.parse_args(argv)
-    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
-        p.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
+    given_file(p, "--data", args.data, "Keras's mnist.npz")
     photo = None
     if args.photos:
         match = re.fullmatch(r"(\d+)x(\d+)", args.photos)
@@ -500,8 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         photo = (int(match[1]), int(match[2]))
         if args.stages:
             p.error("--stages times digits; it does not combine with --photos")
-    if args.model and not Path(args.model).is_file():
-        p.error(f"--model {args.model}: no such file (a trained denoise .keras)")
+    given_file(p, "--model", args.model, "a trained denoise .keras")
     for flag in ("count", "startup_count", "stages"):
         value = getattr(args, flag)
         if value is not None and value < 0:

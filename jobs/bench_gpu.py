@@ -48,7 +48,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import bench_denoise  # noqa: E402  (the plain loop, the timer, the digits as PNGs)
-from bench_common import at_least_one  # noqa: E402
+from bench_common import at_least_one, given_file  # noqa: E402
 
 # The job configurations timed against the default one: name=extra flags.
 JOB_CONFIGS = (
@@ -463,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data or not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file (mnist.npz)")
-    if args.model and not Path(args.model).is_file():
-        p.error(f"--model {args.model}: no such file (a trained denoise .keras)")
+    given_file(p, "--model", args.model, "a trained denoise .keras")
     steps = [s for s in args.steps.split(",") if s]
     known = ("env", "train", "denoise", "cpu_actors", "sweep")
     if not steps or set(steps) - set(known):

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
 
-from bench_common import VARIANTS, at_least_one  # noqa: E402
+from bench_common import VARIANTS, at_least_one, given_file  # noqa: E402
 
 
 def _timer_class():
@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="jobs/results")
     p.add_argument("--name", default=None, help="file stem under --out (default: overhead)")
     args = p.parse_args(argv)
-    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
-        p.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
+    given_file(p, "--data", args.data, "Keras's mnist.npz")
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
     models = [m.strip() for m in args.models.split(",") if m.strip()]

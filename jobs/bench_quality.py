@@ -38,6 +38,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
+
+from bench_common import given_file  # noqa: E402
+
 # Priority order of a full run: the denoising comparison first.
 # The classical denoisers (--denoisers), as classical_methods() names them (bm3d only
 # where its package installs: it is skipped with a note there).
@@ -810,8 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
-        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
+    given_file(parser, "--data", args.data, "Keras's mnist.npz")
     if args.denoisers is not None:
         named = [n.strip() for n in args.denoisers.split(",") if n.strip()]
         if not named or set(named) - set(CLASSICAL):

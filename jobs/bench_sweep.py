@@ -45,7 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
 
-from bench_common import VARIANTS, at_least_one  # noqa: E402
+from bench_common import VARIANTS, at_least_one, given_file  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SEQUENTIAL = r"""
@@ -168,8 +168,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=at_least_one, default=1, help="rounds, in rotated order")
     parser.add_argument("--other-sweep", type=Path, help="(e): (b) with this sweep.py instead")
     args = parser.parse_args()
-    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
-        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
+    given_file(parser, "--data", args.data, "Keras's mnist.npz")
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.setdefault("RAY_ADDRESS", "local")  # a fresh local Ray, not a cluster found on the host

@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (also when loaded by its path)
 
-from bench_common import VARIANTS, at_least_one  # noqa: E402
+from bench_common import VARIANTS, at_least_one, given_file  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -73,9 +73,6 @@ def side_by_side(args: argparse.Namespace, autotune: bool) -> dict[str, dict]:
     return results
 
 
-# aelib's variants (aelib.registry; not imported here, which would load Keras)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="path to mnist.npz")
@@ -85,8 +82,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process")
     parser.add_argument("--repeats", type=at_least_one, default=2, help="rounds of both settings")
     args = parser.parse_args()
-    if args.data and not os.path.isfile(args.data):  # (before: a traceback, after work)
-        parser.error(f"--data {args.data}: no such file (Keras's mnist.npz)")
+    given_file(parser, "--data", args.data, "Keras's mnist.npz")
     print(
         f"{len(args.models)} trainings side by side ({', '.join(args.models)}), {args.epochs} "
         f"epochs on {args.limit} images, {args.threads} TensorFlow thread(s) each, "
