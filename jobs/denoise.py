@@ -736,9 +736,24 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
                 )
             config = json.loads(zf.read("config.json"))
             info = json.loads(zf.read("aelib.json")) if "aelib.json" in names else {}
+            unusable = _nonfinite_weights(zf)
     except zipfile.BadZipFile as e:
         raise ValueError(f"--model {label}: not a .keras file (not a zip archive: {e})") from e
     name = info.get("name") or config.get("config", {}).get("name", "?")
+    if unusable:
+        metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
+        epoch = metrics.get("epochs_run")
+        when = f" in epoch {epoch}" if isinstance(epoch, int) else ""
+        why = (
+            f"its training diverged (the loss became NaN{when})"
+            if metrics.get("nan") is True
+            else "a diverged training run saves such weights"
+        )
+        raise ValueError(
+            f"--model {label} ({name}): {len(unusable)} of its weight arrays hold NaN or "
+            f"infinite values ({unusable[0]} first), so every output would be NaN: {why}. "
+            "Train it again, e.g. with a smaller learning rate."
+        )
     sources = config.get("config", {}).get("input_layers") or []
     single = isinstance(sources, list) and sources and isinstance(sources[0], str)
     count = 1 if single else len(sources)
@@ -771,6 +786,29 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
     return ModelSpec(
         str(name), int(channels), int(multiple), fixed, _uses_aelib(config), halo, note
     )
+
+
+def _nonfinite_weights(zf: zipfile.ZipFile) -> list[str]:
+    """The names of the weight arrays in a .keras zip that hold NaN or infinite values
+    (read with h5py, which Keras installs; no backend needed). [] where the file keeps
+    its weights otherwise or h5py cannot read them: the actors load the model then."""
+    if "model.weights.h5" not in zf.namelist():
+        return []
+    try:
+        import h5py
+
+        bad: list[str] = []
+        with h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r") as weights:
+
+            def visit(name: str, item: Any) -> None:
+                if isinstance(item, h5py.Dataset) and item.dtype.kind in "fc":
+                    if not np.isfinite(item[()]).all():
+                        bad.append(name)
+
+            weights.visititems(visit)
+        return bad
+    except Exception:  # (not this check's to report)
+        return []
 
 
 def _uses_aelib(config: Any) -> bool:

@@ -1648,6 +1648,54 @@ def test_a_dense_model_is_refused_up_front(dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def _with_weights(source: Path, target: Path, change, record: dict | None = None) -> Path:
+    """A copy of the .keras file `source` whose first weight array `change` rewrites
+    (and whose aelib.json record gets `record`'s metrics, if given)."""
+    import h5py
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "model.weights.h5":
+                buffer = io.BytesIO(data)
+                with h5py.File(buffer, "r+") as weights:
+                    first = weights.visititems(
+                        lambda n, o: n if isinstance(o, h5py.Dataset) else None
+                    )
+                    weights[first][...] = change(weights[first][()])
+                data = buffer.getvalue()
+            elif item.filename == "aelib.json" and record is not None:
+                info = json.loads(data)
+                data = json.dumps({**info, "metrics": {**info["metrics"], **record}}).encode()
+            zout.writestr(item, data)
+    return target
+
+
+def test_a_model_whose_weights_are_nan_is_refused_up_front(model_path, dataset, tmp_path):
+    """A diverged run's model (aelib train saves it, exit 1) made every output NaN: each
+    image was written black and counted ok. Refused before Ray, naming --model, what is
+    wrong and, from aelib's record, the epoch the loss became NaN in."""
+    src = dataset["src"] / "sizes"
+    nan = _with_weights(
+        model_path, tmp_path / "nan.keras", lambda w: w * np.nan, {"nan": True, "epochs_run": 3}
+    )
+    result = run_job("--model", nan, "--input", src, "--output", tmp_path / "o")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"denoise: error: --model {nan} (denoise): 1 of its weight arrays"), line
+    assert "NaN or infinite" in line and "loss became NaN in epoch 3" in line, line
+    assert "Started a local Ray" not in result.stderr
+    assert not (tmp_path / "o").exists()
+    # Any model's: one infinite value, no aelib record of a run.
+    inf = _with_weights(
+        model_path, tmp_path / "inf.keras", lambda w: np.where(w == w.flat[0], np.inf, w)
+    )
+    with pytest.raises(ValueError, match="a diverged training run saves such weights"):
+        job.inspect_model(inf.read_bytes(), "inf.keras")
+    same = _with_weights(model_path, tmp_path / "same.keras", lambda w: w)
+    assert job.inspect_model(same.read_bytes(), "same.keras").name == "denoise"
+
+
 def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path, shared_ray):
     """Its config looks like an image model; only running it shows that it maps one
     channel to two. After Ray's log of the actor's error, the job ends with one line
