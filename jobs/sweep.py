@@ -1495,6 +1495,12 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
                 f"{rec['test_psnr']:.2f} | {rec['test_ssim']:.3f} | {rec['trial_id']} |"
             )
         lines.append("")
+        lines += [
+            "val_loss is each variant's own training loss (sparse's adds its L1 penalty, "
+            "vae's its KL term, denoise's scores noisy inputs): it ranks a variant's trials, "
+            "not the variants. Compare them on the test columns.",
+            "",
+        ]
     for model in args.models:
         lines += [f"## {model}", ""]
         # (an earlier report's figures of the variant, which a resume may have replaced,

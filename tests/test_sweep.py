@@ -1395,6 +1395,7 @@ def test_no_figures_draws_no_comparison_chart_either(tmp_path):
         sweep.write_report(best, [], args, arrays, tmp_path)
         report = (tmp_path / "report" / "report.md").read_text()
         assert "| dense | 0.1000 | 0.1000 | 18.00 | 0.800 | dense_1 |" in report
+        assert "it ranks a variant's trials, not the variants" in report
         assert (tmp_path / "report" / "compare.png").is_file() is drawn, flags
         assert ("![compare](compare.png)" in report) is drawn
 
