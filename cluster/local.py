@@ -55,8 +55,9 @@ STATE_FILE = "state.json"
 TOKEN_FILE = "auth_token"
 
 
-# Ports drawn for a head come from above Ray's worker ports (10002-19999 by default) and
-# below the kernel's ephemeral range, where nothing else draws: see _free_ports.
+# Ports drawn for a head come from above Ray's worker ports (10002-19999 by default; a
+# head started here has its workers bind kernel-drawn ports) and below the kernel's
+# ephemeral range, where nothing else draws: see _free_ports.
 _PORTS_FROM = 20000
 
 
@@ -182,6 +183,12 @@ def start(
         f"--dashboard-port={ports['dashboard']}",
         f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
         f"--ray-client-server-port={ports['client_server']}",
+        # Workers bind ports the kernel draws: two heads on one machine (two test
+        # processes) gave them out of one range, 10002-19999, each checking a port is
+        # free before its worker binds it, so both could hand out the same one (as Ray's
+        # own fake multi-node provider does for its nodes).
+        "--min-worker-port=0",
+        "--max-worker-port=0",
         "--disable-usage-stats",
     ]
     rendered = None

@@ -220,16 +220,18 @@ def signal_when(cmd, env, log: Path, ready, sig, group=False, interval=0.1, time
     return seen, status, log.read_text()
 
 
-def wait_no_ray(ray_tmp: Path, timeout: float = 20.0, but: tuple[str, ...] = ()) -> list[int]:
+def wait_no_ray(ray_tmp: Path, timeout: float = 90.0, but: tuple[str, ...] = ()) -> list[int]:
     """Waits until no process of the Ray under `ray_tmp` runs (but those whose command
-    line holds one of `but`); returns the PIDs still running after `timeout` seconds."""
+    line holds one of `but`); returns the PIDs still running after `timeout` seconds.
+    (90 s: CI runs two test files at once, and the tests there took up to twice as long
+    as alone; the wait ends as soon as they are gone.)"""
     deadline = time.monotonic() + timeout
     while (left := ray_pids(ray_tmp, but)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
 
-def ray_left(ray_tmp: Path, timeout: float = 20.0, but: tuple[str, ...] = ()) -> list[str]:
+def ray_left(ray_tmp: Path, timeout: float = 90.0, but: tuple[str, ...] = ()) -> list[str]:
     """wait_no_ray's PIDs as "PID (state) command line": which process outlived its
     run, in the failure's text."""
     described = []

@@ -941,7 +941,7 @@ def test_sigterm_ends_the_job_as_ctrl_c_does(model_path, tmp_path, ray_tmp):
     kept = _journal_rows(dst)
     assert len(kept) >= len(first) and len(kept) < 4000
     assert not (dst / job.LOCK).exists() and not (dst / "manifest.parquet").exists()
-    assert ray_left(ray_tmp, timeout=30) == []
+    assert ray_left(ray_tmp) == []
 
 
 def test_stopped_while_listing_it_says_nothing_was_written(
@@ -1064,7 +1064,9 @@ def test_a_second_run_on_the_same_bucket_output_stops_at_once(
         assert held()["started"] is True
         first = held()
         assert first["pid"] == os.getpid() and first["token"] != mine["token"]
-        time.sleep(1.2)
+        deadline = time.monotonic() + 10  # (renewed every 0.5 s; later on a loaded machine)
+        while held()["beat"] <= first["beat"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert held()["beat"] > first["beat"]  # renewed while it runs
         with pytest.raises(ValueError, match=f"another run of this job .*pid {os.getpid()} on "):
             with job.one_run_at_a_time(output, dst):  # (fresh: renewed < 1 s ago)

@@ -494,7 +494,7 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     with open(exp / "trials.csv") as f:  # the one still pending too names its variant
         rows = list(csv.DictReader(f))
     assert [(r["status"], r["model"]) for r in rows] == [("interrupted", "conv")] * 2
-    assert _ray_left(ray_tmp, timeout=30) == []
+    assert _ray_left(ray_tmp) == []
     # The resume takes the first run's settings: --epochs 2 would mix two experiments.
     other = [a if a != str(epochs) else "2" for a in cmd]
     refused = subprocess.run(
@@ -547,7 +547,7 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     # connections (each seen still asleep 30 s later on a loaded machine, the dashboard's
     # in a CI run of 967 s; waiting for them took up to 72 s of CI). The ray_tmp fixture
     # kills them after the test.
-    assert _ray_left(ray_tmp, timeout=30, but=("RuntimeEnvAgent", "DashboardAgent")) == []
+    assert _ray_left(ray_tmp, but=("RuntimeEnvAgent", "DashboardAgent")) == []
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
