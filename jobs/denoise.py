@@ -1973,12 +1973,17 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def _parquet_name(path: str) -> bool:
+    """Whether a path's name is a Parquet file's (.parquet, .pq, in any case)."""
+    return path.lower().endswith(PARQUET_SUFFIXES)
+
+
 def _table(rel: str) -> bool:
     """A Parquet file of a dataset folder, as pyarrow and Spark list one: not hidden, and
     nothing under a name starting with "_" (Spark's _temporary/ of a write in progress or
     cut short, whose rows repeat the committed files' rows; _metadata)."""
     return (
-        rel.lower().endswith(PARQUET_SUFFIXES)
+        _parquet_name(rel)
         and not _hidden(rel)
         and not any(part.startswith("_") for part in rel.split("/"))
     )
@@ -1987,9 +1992,7 @@ def _table(rel: str) -> bool:
 def _no_tables(location: str, listed: list[tuple[str, int]]) -> ValueError:
     """The error of a folder without Parquet files to read, naming those that _table
     leaves out for a name starting with "_" (all of a Spark write cut short)."""
-    apart = [
-        rel for rel, _ in listed if rel.lower().endswith(PARQUET_SUFFIXES) and not _hidden(rel)
-    ]
+    apart = [rel for rel, _ in listed if _parquet_name(rel) and not _hidden(rel)]
     why = (
         f" ({len(apart)} under names starting with '_', e.g. {apart[0]}, left out as pyarrow "
         "and Spark leave them out; a glob that names them takes them)"
@@ -2037,7 +2040,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
     location = location.removeprefix("file://")  # a local path, for glob and os.path
     has_glob = _is_glob(location)
     is_parquet = input_format == "parquet" or (
-        input_format == "auto" and split_query(location)[0].lower().endswith(PARQUET_SUFFIXES)
+        input_format == "auto" and _parquet_name(split_query(location)[0])
     )
     local = output and _is_local(output)
     prune = os.path.realpath(output.removeprefix("file://")) if local else None
@@ -2097,12 +2100,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
         # data/*.parquet): the Parquet files' rows are the inputs.
         # (a glob takes what it names, as in --input-format parquet: _temporary/ too)
-        tables = [
-            rel
-            for rel, _ in shown
-            if rel.lower().endswith(PARQUET_SUFFIXES) and (has_glob or _table(rel))
-        ]
-        others = [rel for rel, _ in shown if not rel.lower().endswith(PARQUET_SUFFIXES)]
+        tables = [rel for rel, _ in shown if _parquet_name(rel) and (has_glob or _table(rel))]
+        others = [rel for rel, _ in shown if not _parquet_name(rel)]
         images = any(_image_name(rel) for rel in others)
         if not tables and not images and len(others) < len(shown):  # (all under "_")
             raise _no_tables(location, shown)
