@@ -364,6 +364,12 @@ def checkpoint_path(out_dir: str | os.PathLike, model: str) -> Path:
     return Path(out_dir).expanduser() / f"{model}.checkpoint.keras"
 
 
+def last_finite_path(out_dir: str | os.PathLike, model: str) -> Path:
+    """Where a run whose loss turned NaN keeps its checkpoint of the last epoch whose loss
+    was finite (the model it saves is of the NaN epoch, with NaN weights)."""
+    return Path(out_dir).expanduser() / f"{model}.last_finite.keras"
+
+
 CHECKPOINT = "checkpoint"  # (the key of a checkpoint's state in its aelib record)
 
 
@@ -372,7 +378,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
     history so far to `path` (atomically: a run stopped while it saves keeps the epoch
     before), for `train(resume=True)` to go on from: the last epoch's too, so that a run
     stopped in its evaluation, figures or writing goes on without training again. An
-    epoch whose loss is NaN is not saved: its weights are NaN too."""
+    epoch whose loss or validation loss is NaN is not saved: its weights are NaN too (a
+    last batch's step can make them NaN after the batches' mean loss was finite), and the
+    checkpoint of the epoch before is what a diverged run keeps (see `last_finite_path`)."""
 
     def __init__(
         self, path: Path, model: Autoencoder, config: TrainConfig, past: dict, settings: dict
@@ -388,7 +396,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for k, v in logs.items():
             self.history.setdefault(k, []).append(v)
         done = epoch + 1  # (fit counts on from the checkpoint's epochs)
-        if not math.isfinite(logs.get("loss", math.nan)):
+        if not all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss")):
             return
         state = {
             "epochs_done": done,
@@ -696,7 +704,16 @@ def train(
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()
         paths = write_outputs(model, config, metrics, hist, splits, out_dir, figures, data_source)
-        checkpoint.unlink(missing_ok=True)  # (the run has ended: metrics.json says so)
+        # The run has ended (metrics.json says so): its checkpoint goes, unless the loss
+        # turned NaN after a finite epoch, whose weights it holds; an earlier run's such
+        # file goes too (it is of another run than the model beside it).
+        last_finite = last_finite_path(out_dir, config.model)
+        if metrics["nan"] and checkpoint.exists():
+            os.replace(checkpoint, last_finite)
+            paths["last_finite_model"] = str(last_finite)
+        else:
+            checkpoint.unlink(missing_ok=True)
+            last_finite.unlink(missing_ok=True)
         remove_stale_temp_files(checkpoint)
     return TrainResult(model, metrics, hist, config, paths, splits)
 

@@ -532,6 +532,8 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert printed["epochs_run"] < 5  # stopped, not run to the end
     said = f"the loss became NaN in epoch {printed['epochs_run']}, so training stopped"
     assert said in captured.err and "try a smaller --learning-rate" in captured.err
+    assert "weights are in" not in captured.err  # (epoch 1: no finite epoch to keep)
+    assert sorted(p.name for p in out.iterdir()) == ["dense.keras", "metrics.json"]
     record = json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)
     assert record["metrics"] == {k: v for k, v in printed.items() if k != "model"}
     assert None in record["history"]["loss"]

@@ -1081,3 +1081,49 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     with pytest.warns(UserWarning, match="other settings: other training images; training"):
         result = aelib.train(config, flipped, out, figures=False, verbose=0, resume=True)
     assert "resumed_after_epoch" not in result.metrics
+
+
+@pytest.mark.parametrize("when", ["epoch_begin", "last_batch"])
+def test_a_run_that_diverges_keeps_its_last_finite_epoch(tmp_path, when):
+    """A run whose loss turns NaN saves the NaN model as it was, and keeps the checkpoint
+    of its last epoch with finite weights as NAME.last_finite.keras (it removed it, and
+    with it every epoch trained before). A last batch's step that makes the weights NaN
+    leaves that epoch's loss finite but not its validation loss: it is not kept."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (100, 28, 28)).astype(np.uint8)
+    data = ((x, np.arange(100) % 10), (x[:20], np.arange(20) % 10))
+    config = TrainConfig(model="dense", epochs=5, batch_size=32)
+    steps = 3  # (90 training images after val_split 0.1, in batches of 32)
+
+    class Diverge(keras.callbacks.Callback):  # (what a too-large step does to weights)
+        def poison(self):
+            for weight in self.model.trainable_weights:
+                weight.assign(np.full(weight.shape, np.nan, "float32"))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if when == "epoch_begin" and epoch == 2:
+                self.poison()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if when == "last_batch" and batch == steps - 1 and self.model.optimizer.iterations == 6:
+                self.poison()
+
+    out = tmp_path / "run"
+    result = aelib.train(config, data, out, callbacks=[Diverge()], figures=False, verbose=0)
+    assert result.metrics["nan"] and result.metrics["epochs_run"] == 3
+    last = out / "dense.last_finite.keras"
+    assert result.paths["last_finite_model"] == str(last)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dense.keras",
+        "dense.last_finite.keras",
+        "metrics.json",
+    ]
+    assert not np.isfinite(aelib.load(out / "dense.keras").autoencoder.get_weights()[0]).all()
+    kept = aelib.load(last)
+    assert all(np.isfinite(w).all() for w in kept.autoencoder.get_weights())
+    epochs = 2 if when == "epoch_begin" else 1  # (epoch 2's weights were NaN at its end)
+    assert int(kept.autoencoder.optimizer.iterations) == epochs * steps
+    assert kept.info["checkpoint"]["epochs_done"] == epochs
+    # A later run into the folder removes it: it is of another run than the model beside it.
+    aelib.train(TrainConfig(model="dense", epochs=1, batch_size=32), data, out, verbose=0)
+    assert not last.exists() and not checkpoint_path(out, "dense").exists()
