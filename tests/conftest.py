@@ -12,6 +12,23 @@ from helpers import MNIST, assert_head_up, kill_ray, local
 
 os.environ.setdefault("AELIB_MNIST", str(MNIST))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The Rays that tests start (a job's own ray.init, in this process or a subprocess) have
+# their workers bind ports the kernel draws, as cluster/local.py's heads do: by default
+# each gives out ports of one range (10002-19999), checking a port free before its worker
+# binds it, so two test processes' Rays could hand out the same one (Ray's own knob for
+# its tests; it changes nothing else).
+os.environ.setdefault("RAY_USE_RANDOM_PORTS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_storage_in_tmp(tmp_path_factory):
+    """The sweep's default --storage-path ($AELIB_STORAGE_PATH/sweeps, else ~/ray_results)
+    in a folder of the tests': a test that parses the sweep's flags without one probes
+    that folder for writing, and made ~/ray_results (tests that read the variable set
+    their own)."""
+    if "AELIB_STORAGE_PATH" not in os.environ:
+        os.environ["AELIB_STORAGE_PATH"] = str(tmp_path_factory.mktemp("storage"))
+    yield
 
 
 @pytest.fixture()

@@ -38,6 +38,7 @@ from PIL import Image
 
 from helpers import (
     GcsServer,
+    kill_ray,
     ray_left,
     ray_pids,
     room,
@@ -85,10 +86,19 @@ def _pillow_guard_restored(monkeypatch):
 
 def run_job(*args: str, timeout: int = 900, ray: dict | None = None) -> subprocess.CompletedProcess:
     """The job's command line, on a Ray of its own (RAY_ADDRESS=local, as the README
-    runs it) or, given `ray=shared_ray`, on that head."""
+    runs it) or, given `ray=shared_ray`, on that head. A Ray of its own keeps its
+    session under a RAY_TMPDIR of the run's, removed after it (in Ray's /tmp/ray, the
+    suite left ~50 sessions of logs a run, and two test files at once shared it)."""
     cmd = [sys.executable, str(JOB), *map(str, args)]
-    env = {**_env(), **(ray or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if ray is not None:
+        env = {**_env(), **ray}
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: unix socket paths
+    env = {**_env(), "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    finally:
+        kill_ray(ray_tmp)
 
 
 def manifest(dst: Path) -> dict[str, dict]:
