@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # (its errors show its usage, as argparse's own do)
+        parser = next(
+            a.choices["train"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        )
     if args.command == "train" and not args.images:
         given = [f for f, v in (("--image-mode", args.image_mode), ("--invert", args.invert)) if v]
         if given:  # (recorded in metrics.json as if they had acted on MNIST)
@@ -365,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _recorded_variant(path: Path) -> str | None:
+    """The variant whose run wrote the metrics.json at `path`; None if unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("model") if isinstance(record, dict) else None
+
+
 def _how_to_go_on(args: argparse.Namespace, settings: dict) -> str:
     """What a stopped run left in --out, and what its rerun does with it: goes on from
     the checkpoint only where it is of this run's `settings` (resume_settings; {} if
@@ -412,6 +425,14 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
             )
     if (out / "metrics.json").exists() and not args.overwrite:  # (a smoke run replaced
         earlier = [n for n in (model_file, "metrics.json") if (out / n).exists()]  # a long one)
+        whose = _recorded_variant(out / "metrics.json")
+        if whose and whose != args.model:  # (--overwrite replaced it without a word)
+            raise ValueError(
+                f"--out {args.out} already holds metrics.json from an earlier run of {whose} "
+                f"(one per --out): choose another --out for {args.model}, or pass "
+                f"--overwrite to replace that metrics.json ({whose}.keras, if there, keeps "
+                "its own copy of the record)."
+            )
         raise ValueError(
             f"--out {args.out} already holds {' and '.join(earlier)} from an earlier "
             "run: pass --overwrite to replace them, or choose another --out."

@@ -214,11 +214,12 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     args, message = BAD_INPUT[case]
     out = tmp_path / "o"
     try:
-        code = main(["train", "--out", str(out), "--limit", "50", *args])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
+        code, usage = main(["train", "--out", str(out), "--limit", "50", *args]), False
+    except SystemExit as e:  # argparse's errors, and the checks main() makes of them
+        code, usage = e.code, True
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
+    assert not usage or err.startswith("usage: aelib train "), err  # (train's, not aelib's)
     assert message in err
     assert "Traceback" not in err
     assert not out.exists()
@@ -326,7 +327,10 @@ def test_a_trained_model_in_out_is_replaced_only_with_overwrite(tmp_path, capsys
     assert "note: --test-limit 20000 is more than the 10000 test images; using all 10000" in err
     capsys.readouterr()  # another variant would replace the first one's metrics.json
     assert main([*args, "--model", "deep"]) == 2
-    assert "already holds metrics.json from an earlier run" in capsys.readouterr().err
+    assert (
+        f"--out {out} already holds metrics.json from an earlier run of dense (one per --out): "
+        "choose another --out for deep, or pass --overwrite" in capsys.readouterr().err
+    )
     # A model without metrics.json (written last) is a stopped run's: replaced, said so.
     # (An --overwrite run removes the old one first: stopped, it left its new model
     # beside the old run's record, and the next run was refused as finished.)
