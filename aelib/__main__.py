@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--restart",
         action="store_true",
-        help="train from epoch 1 even where a stopped run of the same settings left its "
-        "checkpoint in --out (by default, the run goes on from that run's last epoch)",
+        help="train from epoch 1 where a stopped run left its checkpoint in --out, and "
+        "replace it (by default, a run of the same settings goes on from that run's last "
+        "epoch, and one of other settings is refused)",
     )
     t.add_argument(
         "--tensorboard", type=_path, default=None, metavar="DIR", help="write TensorBoard logs"
@@ -369,6 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _epochs_done(checkpoint: Path) -> int:
+    """How many epochs the stopped run whose checkpoint this is trained; 0 where the
+    file cannot be read or is not such a checkpoint (nothing to lose in replacing it)."""
+    from aelib.saving import read_info
+    from aelib.train import CHECKPOINT
+
+    try:
+        state = read_info(checkpoint).get(CHECKPOINT)
+    except (OSError, ValueError):
+        return 0
+    done = state.get("epochs_done") if isinstance(state, dict) else None
+    return done if isinstance(done, int) and done > 0 else 0
+
+
 def _recorded_variant(path: Path) -> str | None:
     """The variant whose run wrote the metrics.json at `path`; None if unreadable."""
     try:
@@ -487,6 +502,14 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
                 f"a run of the same settings stopped after epoch {state['epochs_done']} and left "
                 "its checkpoint in --out (--restart trains from epoch 1)",
                 file=sys.stderr,
+            )
+        elif why_not and not args.restart and (done := _epochs_done(checkpoint)):
+            # (a changed flag replaced the epochs a stopped run had trained, with a note)
+            raise ValueError(
+                f"--out {args.out} holds the checkpoint of a run that stopped after epoch "
+                f"{done}, and this run does not go on from it: {why_not}. Give the settings "
+                "it had to go on from it, or pass --restart to train from epoch 1 and "
+                "replace it (or choose another --out)."
             )
         elif why_not:
             print(

@@ -359,7 +359,9 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
     tmp_path, capsys, monkeypatch
 ):
     """A stopped run's checkpoint is gone on from only by a run of the same settings, and
-    not with --restart; either way the run says what it does with it."""
+    not with --restart; either way the run says what it does with it. A run of other
+    settings is refused unless given --restart: a changed flag replaced the epochs the
+    stopped run had trained, with a note."""
     from aelib import plots
 
     out = tmp_path / "o"
@@ -377,15 +379,15 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
     said = f"{out} holds no metrics.json of it, and the same command trains it again"
     assert said in capsys.readouterr().err and not out.exists()
 
-    for then, said in (
+    for restart, then, said in (
         (
-            ["--epochs", "3"],
+            [],
+            ["--epochs", "3", "--restart"],
             "is of a run with other settings: epochs=2 (now 3); this run "
             "trains from epoch 1 and replaces it",
         ),
-        (["--overwrite", "--restart"], None),
+        (["--restart"], ["--overwrite", "--restart"], None),
     ):
-        restart = [flag for flag in then if flag == "--restart"]
         monkeypatch.setattr(plots, "tutorial_figures", stopped)
         assert main([*args, "--overwrite", *restart]) == 130
         monkeypatch.undo()
@@ -398,7 +400,16 @@ def test_a_checkpoint_of_other_settings_or_with_restart_trains_from_epoch_1(
             go_on = "the same command trains from epoch 1 again, and without --restart it "
             go_on += "evaluates it and writes the outputs, without training again"
         assert f"{where}: {go_on}" in err, err[-2000:]
-        assert (out / "dense.checkpoint.keras").exists()
+        kept = (out / "dense.checkpoint.keras").read_bytes()
+        if "--epochs" in then:
+            assert main([*args, "--no-figures", "--epochs", "3"]) == 2
+            assert (
+                f"aelib: error: --out {out} holds the checkpoint of a run that stopped after "
+                "epoch 2, and this run does not go on from it: dense.checkpoint.keras is of a "
+                "run with other settings: epochs=2 (now 3). Give the settings it had to go on "
+                "from it, or pass --restart" in capsys.readouterr().err
+            )
+            assert (out / "dense.checkpoint.keras").read_bytes() == kept
         assert main([*args, "--no-figures", *then]) == 0
         err = capsys.readouterr().err
         assert "Epoch 1/" in err and "going on from" not in err
