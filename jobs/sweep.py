@@ -1940,6 +1940,7 @@ def _sweep_locked(args: argparse.Namespace) -> int:
             write_settings(args)
         tuner = build_tuner(args, arrays, experiment)
         handler = signal.getsignal(signal.SIGINT)
+        _no_tune_restore_hint()
         try:
             results = tuner.fit()
         except (EOFError, pickle.UnpicklingError) as e:  # (a trial's error file, cut short)
@@ -1982,6 +1983,22 @@ def _sweep_locked(args: argparse.Namespace) -> int:
 
 
 _TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
+
+
+def _no_tune_restore_hint() -> None:
+    """Drops Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after
+    a Ctrl-C or SIGTERM: it came just before the sweep's own hint (the same command with
+    --resume, see _interrupted_line), and pointed to an API call that is not how a sweep
+    goes on (its settings, checks and trial table are the job's)."""
+    import logging
+
+    class Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tuner.restore(" not in record.getMessage()
+
+    tune_logger = logging.getLogger("ray.tune.tune")  # (ray/tune/tune.py's own logger)
+    if not any(type(f).__name__ == "Filter" for f in tune_logger.filters):
+        tune_logger.addFilter(Filter())
 
 
 def _sigterm_as_ctrl_c() -> None:

@@ -491,6 +491,7 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     assert status == 130, text[-5000:]
     assert "sweep.py: interrupted: 2 of 2 trials did not finish" in text
     assert "rerun the same command with --resume" in text
+    assert "Tuner.restore(" not in text  # (Tune's own hint, just before it: not how)
     with open(exp / "trials.csv") as f:  # the one still pending too names its variant
         rows = list(csv.DictReader(f))
     assert [(r["status"], r["model"]) for r in rows] == [("interrupted", "conv")] * 2
