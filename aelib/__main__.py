@@ -357,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in result.paths.items():
         print(f"aelib: wrote {kind}: {path}", file=sys.stderr)
     if result.metrics["nan"]:
-        epoch = result.metrics["epochs_run"]
-        kept = ""
-        if "last_finite_model" in result.paths:  # (training stops in the first NaN epoch)
-            kept = f"; epoch {epoch - 1}'s weights are in {result.paths['last_finite_model']}"
+        kept = result.paths.get("last_finite_model")
+        if kept:  # (not always the epoch before: one whose validation loss was NaN is not)
+            kept = f"; epoch {_epochs_done(Path(kept))}'s weights are in {kept}"
         print(
-            f"aelib: error: the loss became NaN in epoch {epoch}, so training stopped (the "
-            f"model was saved as it was{kept}); try a smaller --learning-rate",
+            f"aelib: error: the loss became NaN in epoch {result.metrics['epochs_run']}, so "
+            f"training stopped (the model was saved as it was{kept or ''}); try a smaller "
+            "--learning-rate",
             file=sys.stderr,
         )
         return 1

@@ -366,7 +366,8 @@ def checkpoint_path(out_dir: str | os.PathLike, model: str) -> Path:
 
 def last_finite_path(out_dir: str | os.PathLike, model: str) -> Path:
     """Where a run whose loss turned NaN keeps its checkpoint of the last epoch whose loss
-    was finite (the model it saves is of the NaN epoch, with NaN weights)."""
+    and validation loss were finite (the model it saves is of the NaN epoch, with NaN
+    weights)."""
     return Path(out_dir).expanduser() / f"{model}.last_finite.keras"
 
 

@@ -559,6 +559,35 @@ def test_a_run_whose_loss_turns_nan_exits_1_and_writes_nulls(tmp_path, capsys):
     assert saved["metrics"]["nan"] is True and saved["metrics"]["train_loss"] is None
 
 
+def test_a_run_that_diverges_after_a_finite_epoch_names_the_weights_it_kept(
+    tmp_path, capsys, monkeypatch
+):
+    """A run whose weights turn NaN in the last step of epoch 2 (its loss finite, its
+    validation loss not) and whose loss is NaN in epoch 3 keeps epoch 1's checkpoint as
+    dense.last_finite.keras, and the message names that file and epoch."""
+    import keras
+
+    train_module = sys.modules["aelib.train"]
+
+    class DivergeInEpoch2(train_module.StopOnNaN):  # (what a too-large step does)
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 2 * steps:
+                for weight in self.model.trainable_weights:
+                    weight.assign(keras.ops.full(weight.shape, float("nan")))
+
+    steps = 2  # (230 training images after val_split 0.1, in batches of 128)
+    monkeypatch.setattr(train_module, "StopOnNaN", DivergeInEpoch2)
+    out = tmp_path / "o"
+    args = ["train", "--model", "dense", "--epochs", "5", "--limit", "256", "--test-limit"]
+    args += ["32", "--batch-size", "128", "--data", str(MNIST), "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    kept = out / "dense.last_finite.keras"
+    said = "the loss became NaN in epoch 3, so training stopped (the model was saved as it "
+    assert f"{said}was; epoch 1's weights are in {kept}); try a smaller" in err, err[-2000:]
+    assert aelib.load(kept).info["checkpoint"]["epochs_done"] == 1
+
+
 def test_a_code_of_one_value_gets_its_figure(tmp_path, capsys):
     """--set encoding_dim=1 trained, then failed in its t-SNE figure (scikit-learn's PCA
     start of one feature), and so did every rerun: its codes are drawn as they are."""
