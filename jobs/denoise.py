@@ -1458,6 +1458,7 @@ class Denoiser:
             located = _located(source)  # (one client: S3's may ask for the bucket's region)
             mtime = _mtime_ns(*located)
             parquet = _parquet_file(source, located)
+            path_column = _path_column(parquet.schema_arrow, path_column, image_column)
             columns = {_top_column(parquet.schema_arrow, c) for c in (path_column, image_column)}
             table = parquet.read_row_group(group, columns=sorted(columns))
             paths = _parquet_values(table, path_column)
@@ -3475,7 +3476,6 @@ def _run_locked(
     output: Storage,
     hold: Hold,
 ) -> dict:
-    _default_path_column(args, inputs)
     if inputs.hidden:
         n, where = inputs.hidden, redacted(args.input)
         why = "(a name or folder starting with '.')"
@@ -3926,28 +3926,17 @@ def _parquet_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
     return column
 
 
-def _default_path_column(args: argparse.Namespace, inputs: Inputs) -> None:
-    """Sets --path-column where it was not given: "path", or where the first readable
-    Parquet file has no such column and its image column is a struct with a "path"
-    field (as Hugging Face datasets store images), that field, with a note: such files
-    were refused, their users told to give --path-column IMAGE.path."""
-    if args.path_column is not None:
-        return
-    args.path_column = "path"
-    for source in inputs.parquet if inputs.kind == "parquet" else []:
-        try:
-            schema = _parquet_file(source).schema_arrow
-        except Exception:  # (_parquet_units says what is wrong with it)
-            continue
-        field = f"{args.image_column}.path"
-        if "path" not in schema.names and _parquet_field(schema, field) is not None:
-            args.path_column = field
-            print(
-                f"denoise: note: the Parquet files have no 'path' column: their images' own "
-                f"file names ({field}) are the outputs' paths (--path-column names another)",
-                file=sys.stderr,
-            )
-        return
+def _path_column(schema: pa.Schema, path_column: str | None, image_column: str) -> str:
+    """A Parquet file's column of output paths: --path-column where given, else "path",
+    or in a file without such a column whose image column is a struct with a "path"
+    field (as Hugging Face datasets store images), that field. Decided file by file: a
+    Hugging Face file beside files with a "path" column failed as having none."""
+    if path_column is not None:
+        return path_column
+    field = f"{image_column}.path"
+    if "path" not in schema.names and _parquet_field(schema, field) is not None:
+        return field
+    return "path"
 
 
 def _column_problem(schema: pa.Schema, source: str, path_column: str, image_column: str):
@@ -3997,16 +3986,19 @@ def _parquet_units(
     twice: set[str] = set()
     bad: list[tuple[str, str]] = []
     done: list[tuple[tuple[str, int], list[tuple]]] = []  # each group settled here: its rows
+    own_names = 0  # files whose images' own file names are their outputs' paths
     for source in inputs.parquet:
         try:
             located = _located(source)
             mtime = _mtime_ns(*located) if settled else None
             parquet = _parquet_file(source, located)
             schema = parquet.schema_arrow
-            problem = _column_problem(schema, source, args.path_column, args.image_column)
+            column = _path_column(schema, args.path_column, args.image_column)
+            problem = _column_problem(schema, source, column, args.image_column)
             if problem is None:  # only the paths ("image.path": not the image bytes)
-                table = parquet.read(columns=[args.path_column])
-                paths = _parquet_values(table, args.path_column)
+                table = parquet.read(columns=[column])
+                paths = _parquet_values(table, column)
+                own_names += column != (args.path_column or "path")
         except Exception as e:
             problem = f"--input {source} is not a readable Parquet file: {e}"
         if problem:
@@ -4041,6 +4033,16 @@ def _parquet_units(
                 units.append((source, group))
     if bad and len(bad) == len(inputs.parquet):
         raise ValueError(bad[0][1])
+    if own_names:  # (such files were refused, their users told to give that --path-column)
+        readable = len(inputs.parquet) - len(bad)
+        which = "the Parquet files have"
+        if own_names < readable:
+            which = f"{own_names} of the {readable} readable Parquet files have"
+        print(
+            f"denoise: note: {which} no 'path' column: their images' own file names "
+            f"({args.image_column}.path) are the outputs' paths (--path-column names another)",
+            file=sys.stderr,
+        )
     failed = [{"path": redacted(src), "status": "failed", "error": redacted(e)} for src, e in bad]
     # As in _plan: a.png beside a.png/b.png could not be written (or b.png, after it).
     folders = {parent for out_rel in seen for parent in _parents(out_rel)}

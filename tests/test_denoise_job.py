@@ -3084,6 +3084,16 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
     assert rows[str(src / "b.parquet")]["status"] == "failed"
     assert all(rows[f"d{i}.png"]["status"] == "ok" for i in range(3))  # aelib's layer loaded
     assert sorted(p.name for p in dst.glob("*.png")) == ["d0.png", "d1.png", "d2.png"]
+    # Beside a file with a 'path' column: each file's own (the first file's decided for
+    # all, and the other failed as having no such column).
+    pq.write_table(pa.table({"path": ["e.png"], "image": [png(digits[1])]}), src / "c.parquet")
+    result = run_job("--model", custom_model, "--input", src, "--output", dst / "2", ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: 1 of the 2 readable Parquet files have no 'path' column" in result.stderr
+    rows = manifest(dst / "2")
+    assert sorted(rows) == [str(src / "b.parquet"), "d0.png", "d1.png", "d2.png", "e.png"]
+    assert all(rows[name]["status"] == "ok" for name in ("d0.png", "d1.png", "d2.png", "e.png"))
+    (src / "c.parquet").unlink()
     # An image file beside them: a folder of images (the Parquet files fail as ones),
     # with a note that says so and how to read their rows.
     (src / "x.png").write_bytes(png(digits[0]))
