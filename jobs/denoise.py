@@ -3463,8 +3463,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not clean_found:
         raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
     check_locations(inputs, args.input, output, clean)
+    if clean is not None and clean.local and inputs.kind == "files":
+        _check_references(inputs, clean, args.clean)
     with one_run_at_a_time(output, args.output) as hold:
         return _run_locked(args, start, spec, model_bytes, inputs, output, hold)
+
+
+def _check_references(inputs: Inputs, clean: Storage, flag: str) -> None:
+    """Refuses a local --clean that holds no input's reference, before Ray: the run went
+    to its end to say that none of its outputs could be measured (a folder of other
+    names, or of another extension). One that holds some is measured where it can be."""
+    if not inputs.files or any(os.path.isfile(clean.full(rel)) for rel, _ in inputs.files):
+        return
+    rel = inputs.files[0][0]
+    raise ValueError(
+        f"--clean {flag} holds the reference of none of the {len(inputs.files)} inputs (for "
+        f"{rel}, no {clean.full(rel)}): a reference is the clean image at its input's "
+        "relative path and name, extension included."
+    )
 
 
 def _run_locked(

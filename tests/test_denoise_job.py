@@ -1348,7 +1348,16 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     no_images = tmp_path / "no-images.parquet"  # refused once --output is locked
     pq.write_table(pa.table({"path": ["a.png"], "pixels": [b"x"]}), no_images)
     src = ["--model", model_path, "--input", dataset["src"]]
+    renamed = tmp_path / "renamed"  # references of other names: none measured, at the end
+    renamed.mkdir()
+    for path in sorted(dataset["clean"].rglob("*.png"))[:3]:
+        shutil.copy(path, renamed / f"ref-{path.name}")
+    first = sorted(rel for rel, _ in job.find_inputs(str(dataset["src"]), "auto").files)[0]
     cases = [
+        (
+            [*src, "--output", tmp_path / "o8", "--clean", renamed],
+            f"--clean {renamed} holds the reference of none of the ",
+        ),
         (
             ["--model", model_path, "--input", no_images, "--output", tmp_path / "o6" / "o"],
             f"--input {no_images} has no column(s) ['image']; found ['path', 'pixels']",
@@ -1395,7 +1404,11 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     assert not (dataset["clean"] / "o").exists() and not (folder / "out").exists()
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
+    assert not any(
+        (tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8")
+    )
+    said = f"(for {first}, no {renamed / first}): a reference is the clean image at its input's"
+    assert said in run_job(*src, "--output", tmp_path / "o8", "--clean", renamed).stderr
 
 
 def test_uris_an_object_store_would_read_otherwise_are_refused():
