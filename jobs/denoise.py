@@ -4485,7 +4485,17 @@ def _non_negative_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        said = " ".join(extra[:3]) + (f" ... ({len(extra)} in all)" if len(extra) > 3 else "")
+        hint = ""
+        if args.input and not any(a.startswith("-") for a in extra):  # (what the shell
+            hint = (  # makes of --input dir/*.png: a path each; argparse named only them)
+                f" (--input takes one path, got {args.input} and these: the shell expands "
+                "a glob left unquoted into its files; quote it, e.g. --input 'dir/*.png')"
+            )
+        parser.error(f"unrecognized arguments: {said}{hint}")
     _TERMINATED.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None

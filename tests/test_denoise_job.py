@@ -1337,6 +1337,26 @@ def test_outputs_stay_out_of_the_input_folder_however_dst_reaches_it(layout, tmp
     )
 
 
+def test_a_glob_the_shell_expanded_is_said_to_be_one(tmp_path, capsys):
+    """--input dir/*.png left unquoted reaches the job as one path per file: argparse
+    named the rest as unrecognized arguments, and not why."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png(np.zeros((4, 4), np.uint8)))
+    expanded = [str(p) for p in sorted(tmp_path.glob("*.png"))]  # (what the shell passes)
+    out = str(tmp_path / "o")
+    for extra, said in (
+        (expanded[1:], f"got {expanded[0]} and these: the shell expands a glob left unquoted"),
+        (["--bogus"], None),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            job.main(["--model", "m.keras", "--input", expanded[0], *extra, "--output", out])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unrecognized arguments: {' '.join(extra)}" in err
+        assert said in err if said else "quote it" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, dataset, tmp_path):
     """Each exits 2 with a message naming the flag, before any image is touched."""
     folder = tmp_path / "pq"  # a folder of Parquet files: the manifest would be listed
