@@ -326,7 +326,15 @@ class Storage:
 
     def read(self, rel: str) -> bytes:
         if self.local:  # (os calls: 2.8 us a small file here, against open()'s 4.6)
-            fd = os.open(self.full(rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            path = self.full(rel)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError as e:  # (a listed name: a link whose target is gone)
+                if not os.path.islink(path):
+                    raise
+                raise FileNotFoundError(
+                    f"{path} is a link to {os.readlink(path)}, which does not exist"
+                ) from e
             try:  # (O_NONBLOCK: a FIFO's open would wait for a writer)
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):  # /dev/zero filled the memory

@@ -3223,6 +3223,11 @@ def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
     (src / "gone.png").symlink_to(tmp_path / "missing.png")
     for location in (f"{src}/*.png", f"file://{src}/*.png"):
         assert job.find_inputs(location, "auto").files == [("gone.png", 0), ("mine.png", 1)]
+    # ... whose row says it is a link to nowhere (it said only "No such file", of a file
+    # that `ls` shows).
+    said = f"{src / 'gone.png'} is a link to {tmp_path / 'missing.png'}, which does not exist"
+    with pytest.raises(FileNotFoundError, match=re.escape(said)):
+        job.Storage(str(src)).read("gone.png")
 
 
 def test_which_input_wrote_each_output_outlives_its_row(tmp_path):
