@@ -1065,8 +1065,9 @@ def encode(
     `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
     the format holds them; returns the bytes and a note when the format cannot hold
     the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits; TIFF as
-    Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile), so the alpha
-    channel, EXIF or profile was dropped or the values scaled to 8 bits."""
+    Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile; WEBP: no
+    gray), so the alpha channel, EXIF or profile was dropped, the values scaled to 8
+    bits or gray stored as RGB."""
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
@@ -1080,6 +1081,8 @@ def encode(
     if fmt == "BMP" and array.shape[2] == 4:  # written as 32 bits that readers take for RGB
         array = array[..., :3]
         notes.append("alpha dropped")
+    if fmt == "WEBP" and array.shape[2] in (1, 2):  # (libwebp stores colour only)
+        notes.append("gray stored as RGB of three equal channels")
     if fmt == "BMP":  # Pillow's BMP writer drops both (an EXIF orientation went unsaid)
         names = (("exif", "EXIF"), ("icc_profile", "ICC profile"))
         dropped = [name for key, name in names if info.get(key)]

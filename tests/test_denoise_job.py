@@ -1987,12 +1987,21 @@ def test_every_format_keeps_the_alpha_or_says_it_dropped_it():
             payload, note = job.encode(image, fmt, quality=100)
             _, _, _, alpha = job.decode(payload, "per-channel")
             if alpha is not None:
-                assert note is None and np.array_equal(alpha, image[..., -1]), (fmt, channels)
+                gray_webp = fmt == "WEBP" and channels == 2  # (no gray WEBP: said below)
+                assert note == (GRAY_WEBP if gray_webp else None), (fmt, channels)
+                assert np.array_equal(alpha, image[..., -1]), (fmt, channels)
                 kept.add(fmt)
             else:
                 assert note == f"alpha dropped: {fmt} cannot store it", (fmt, channels, note)
         # (only JPEG and BMP cannot store it: dropping it everywhere, with the note, passed)
         assert kept == {"PNG", "WEBP", "TIFF"}, (channels, kept)
+    # WEBP holds no gray: libwebp stores a gray image as RGB, and it is read back so
+    # (--rgb luminance wrote .webp outputs of 3 channels, the manifest saying 1).
+    payload, note = job.encode(image[..., :1], "WEBP", quality=100)
+    assert note == GRAY_WEBP and job.decode(payload, "per-channel")[0].shape[2] == 3
+
+
+GRAY_WEBP = "gray stored as RGB of three equal channels: WEBP cannot store it"
 
 
 def test_a_bmp_output_says_it_dropped_the_exif_and_icc_profile():
