@@ -372,7 +372,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-cpus", type=int, default=None, help="start: CPUs of the head")
     parser.add_argument("--remove", action="store_true", help="stop: also delete the state dir")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except RuntimeError as e:  # (a traceback ended in the one line that said it)
+        print(f"local.py: error: {e}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace) -> int:
+    if args.action in ("status", "env", "nodes"):  # (of a cluster that runs: env exported
+        state_dir = args.dir.resolve()  # a stopped one's address, where a job then hung)
+        if _read_state(state_dir) is None:
+            raise RuntimeError(f"no fake cluster state in {args.dir}: start one first")
+        if not _cluster_pids(state_dir):
+            raise RuntimeError(
+                f"the cluster in {args.dir} is not running (its state is there, none of its "
+                "processes): start it again"
+            )
     if args.action == "start":
         config = None if args.single_node else args.config
         state = start(config, args.dir, head_cpus=args.head_cpus)
@@ -386,9 +402,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(nodes(args.dir), indent=2))
     else:  # env: shell exports for clients (drivers, `ray job submit`, `ray status`)
         state = _read_state(args.dir.resolve())
-        if state is None:
-            print(f"no fake cluster state in {args.dir}", file=sys.stderr)
-            return 1
         print(f"export RAY_ADDRESS={state['address']}")
         print("export RAY_AUTH_MODE=token")
         print(f"export RAY_AUTH_TOKEN_PATH={state['token_path']}")

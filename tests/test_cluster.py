@@ -577,3 +577,41 @@ def test_the_ports_chosen_for_a_head_are_all_different():
     low, high = local._PORTS_FROM, local._ephemeral_ports_from()
     if high - low >= 1000:  # (else they are the kernel's: see _free_ports)
         assert all(low <= port < high for port in ports.values())
+
+
+def test_local_py_says_in_one_line_when_there_is_no_cluster_to_use(tmp_path, capsys):
+    """`env` exported a stopped cluster's address (a job sent there then retried for
+    minutes), `status` timed out into a traceback with exit 0, `nodes` and a second
+    `start` ended in tracebacks: each now says it in one line, exit 1."""
+    state = {"address": "127.0.0.1:1", "token_path": "t", "dashboard_url": "http://x"}
+    (tmp_path / local.STATE_FILE).write_text(json.dumps(state))  # (its processes gone)
+    empty = tmp_path / "empty"
+    for action, where, said in (
+        ("env", tmp_path, "is not running (its state is there, none of its processes)"),
+        ("status", tmp_path, "is not running"),
+        ("nodes", tmp_path, "is not running"),
+        ("env", empty, f"no fake cluster state in {empty}: start one first"),
+        ("status", empty, "no fake cluster state"),
+        ("nodes", empty, "no fake cluster state"),
+    ):
+        assert local.main([action, "--dir", str(where)]) == 1, action
+        captured = capsys.readouterr()
+        assert captured.err.startswith("local.py: error: ") and said in captured.err, action
+        assert "Traceback" not in captured.err and "export" not in captured.out
+    # With a process of it running (as its daemons name its Ray folder): exported, and a
+    # second start refused.
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={tmp_path / 'ray'}"]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not local._cluster_pids(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert local.main(["env", "--dir", str(tmp_path)]) == 0
+        assert "export RAY_ADDRESS=127.0.0.1:1" in capsys.readouterr().out
+        assert local.main(["start", "--dir", str(tmp_path)]) == 1
+        said = f"local.py: error: a cluster is already running in {tmp_path}; stop it first"
+        assert capsys.readouterr().err == said + "\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
