@@ -73,6 +73,7 @@ import os
 import posixpath
 import re
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -3439,6 +3440,33 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
     )
 
 
+def _ray_address_unreachable() -> str | None:
+    """Why RAY_ADDRESS, where it names a host:port, is no cluster to connect to: nothing
+    answers there (a stopped cluster's address left exported: ray.init retried it for
+    minutes, logging "Failed to connect to GCS"). None where something answers or where
+    it names none ("auto", "local", ray://...)."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    hosts = [host.strip("[]")]
+    if hosts[0] in ("localhost", "127.0.0.1", "::1"):  # (Ray goes to the node's address)
+        from ray._private.services import resolve_ip_for_localhost
+
+        hosts.append(resolve_ip_for_localhost(hosts[0]))
+    for name in hosts:
+        try:
+            socket.create_connection((name, int(port)), timeout=10).close()
+            return None
+        except OSError as e:
+            error = e
+    return (
+        f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}). "
+        "Start that cluster (a stopped one's exports stay in the shell), or unset "
+        "RAY_ADDRESS to run on a local Ray."
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the job; returns the summary (also printed)."""
     start = time.perf_counter()
@@ -3446,6 +3474,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         location = getattr(args, flag[2:])
         if location:
             check_uri(location, flag)
+    unreachable = _ray_address_unreachable()
+    if unreachable:
+        raise ValueError(unreachable)
     model, query = split_query(args.model)
     model_store = Storage((os.path.dirname(model) or ".") + query)
     try:

@@ -1836,8 +1836,39 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _ray_address_unreachable() -> str | None:
+    """Why RAY_ADDRESS, where it names a host:port, is no cluster to connect to: nothing
+    answers there (a stopped cluster's address left exported: ray.init retried it for
+    minutes, logging "Failed to connect to GCS"). None where something answers or where
+    it names none ("auto", "local", ray://...)."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    hosts = [host.strip("[]")]
+    if hosts[0] in ("localhost", "127.0.0.1", "::1"):  # (Ray goes to the node's address)
+        from ray._private.services import resolve_ip_for_localhost
+
+        hosts.append(resolve_ip_for_localhost(hosts[0]))
+    for name in hosts:
+        try:
+            socket.create_connection((name, int(port)), timeout=10).close()
+            return None
+        except OSError as e:
+            error = e
+    return (
+        f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}). "
+        "Start that cluster (a stopped one's exports stay in the shell), or unset "
+        "RAY_ADDRESS to run on a local Ray."
+    )
+
+
 def _sweep(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    unreachable = _ray_address_unreachable()
+    if unreachable:
+        print(f"sweep.py: error: {unreachable}", file=sys.stderr)
+        return 2
     experiment = experiment_path(args)
     with one_sweep_at_a_time(experiment):
         try:

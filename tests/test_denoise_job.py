@@ -1429,6 +1429,12 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     )
     said = f"(for {first}, no {renamed / first}): a reference is the clean image at its input's"
     assert said in run_job(*src, "--output", tmp_path / "o8", "--clean", renamed).stderr
+    # A stopped cluster's address left exported: ray.init retried it for minutes.
+    gone = {"RAY_ADDRESS": "127.0.0.1:1"}  # (nothing listens on port 1)
+    result = run_job(*src, "--output", tmp_path / "o9", ray=gone, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = "denoise: error: RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there ("
+    assert said in result.stderr and not (tmp_path / "o9").exists()
 
 
 def test_uris_an_object_store_would_read_otherwise_are_refused():
