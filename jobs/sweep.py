@@ -2023,13 +2023,13 @@ def _no_tune_restore_hint() -> None:
     goes on (its settings, checks and trial table are the job's)."""
     import logging
 
-    class Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Tuner.restore(" not in record.getMessage()
+    # (ray/tune/tune.py's own logger; adding the same filter again adds nothing)
+    logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
 
-    tune_logger = logging.getLogger("ray.tune.tune")  # (ray/tune/tune.py's own logger)
-    if not any(type(f).__name__ == "Filter" for f in tune_logger.filters):
-        tune_logger.addFilter(Filter())
+
+def _no_restore_hint(record) -> bool:
+    """A logging filter (a callable taking the record): False for Tune's restore hint."""
+    return "Tuner.restore(" not in record.getMessage()
 
 
 def _sigterm_as_ctrl_c() -> None:
