@@ -23,6 +23,22 @@ if TYPE_CHECKING:
     from aelib.train import Splits
 
 
+def _predict(model, x: np.ndarray, batch_size: int = 1024):
+    """`model(x)` as NumPy, a batch at a time: the figures' few thousand digits at most.
+    `Model.predict` traced a new function for each model and input size, and after a
+    sweep's first few figures TensorFlow warned of "excessive" `tf.function` retracing.
+    A model of several outputs (denoise's encoder with skips) gives a list."""
+    import keras
+
+    outs = [model(x[i : i + batch_size], training=False) for i in range(0, len(x), batch_size)]
+    if isinstance(outs[0], list | tuple):
+        return [
+            np.concatenate([keras.ops.convert_to_numpy(o[k]) for o in outs])
+            for k in range(len(outs[0]))
+        ]
+    return np.concatenate([keras.ops.convert_to_numpy(o) for o in outs])
+
+
 def _closes_its_figure(draw):
     """A drawing that fails (bad arrays, a full disk) closes the figure it opened:
     pyplot keeps every open figure, and a long process (a sweep's driver, a notebook)
@@ -244,7 +260,7 @@ def digit_manifold(
 
     grid = norm.ppf(np.linspace(0.05, 0.95, n))
     z = np.array([[xi, yi] for yi in grid[::-1] for xi in grid], dtype="float32")
-    decoded = _as_hw(decoder.predict(z, verbose=0))
+    decoded = _as_hw(_predict(decoder, z))
     height, width = decoded.shape[1:3]
     if digit_size is not None and digit_size != height:
         raise ValueError(f"digit_size={digit_size}, but the decoder gives {height}x{width} images")
@@ -303,7 +319,7 @@ def tutorial_figures(
     name = model.name
     n = 10
     x, y = splits.x_test[:n], splits.y_test[:n]
-    out = model.autoencoder.predict(x, verbose=0)
+    out = _predict(model.autoencoder, x)
     epochs = len(history.get("loss", []))
     figures = {
         "learning_curves": learning_curves(
@@ -323,13 +339,13 @@ def tutorial_figures(
     limit = min(len(splits.x_test), 2000)
     process.raise_if_stopped()  # (between figures: a stop process.defer_stops held)
     if name in ("conv", "denoise"):
-        codes = model.encoder.predict(x, verbose=0)
+        codes = _predict(model.encoder, x)
         if isinstance(codes, list | tuple):  # denoise(skips=True): the code comes first
             codes = codes[0]
         if codes.ndim == 4:
             figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
     if name in ("dense", "sparse", "deep"):
-        codes = model.encoder.predict(splits.x_test[:limit], verbose=0)
+        codes = _predict(model.encoder, splits.x_test[:limit])
         process.raise_if_stopped()  # (before t-SNE: seconds)
         if codes.shape[1] == 1:  # (encoding_dim=1: no t-SNE map, its values as they are)
             figures["codes_1d"] = code_values(
@@ -342,8 +358,8 @@ def tutorial_figures(
     if name == "vae":
         import keras
 
-        z_mean = keras.Model(model.encoder.inputs, model.encoder.get_layer("z_mean").output)
-        z = z_mean.predict(splits.x_test[:limit], verbose=0)
+        z_mean = keras.Model(model.encoder.input, model.encoder.get_layer("z_mean").output)
+        z = _predict(z_mean, splits.x_test[:limit])
         process.raise_if_stopped()
         if z.shape[1] == 2:
             figures["latent_plane"] = latent_plane(

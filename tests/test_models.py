@@ -152,6 +152,26 @@ def test_denoise_skips_pass_encoder_features_to_the_decoder(digits, tmp_path):
     assert {p.stem.removeprefix("denoise_") for p in figures.values()} <= set(FIGURE_FILES)
 
 
+def test_figures_of_many_models_in_one_process_trace_nothing(digits, tmp_path):
+    """A sweep's driver draws every variant's figures in one process: through
+    Model.predict, TensorFlow warned of "excessive" tf.function retracing after the
+    second variant. The figures call the models as they are."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        for name in ("dense", "sparse", "deep", "vae"):
+            x = data_lib.prepare(digits[:40], "flat")
+            splits = Splits(x, x, x, x, x, x, labels_test=np.arange(40) % 10)
+            plots.tutorial_figures(aelib.build_model(name), splits, {"loss": [1.0]}, tmp_path)
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
+
+
 def test_a_vae_of_more_than_two_latent_dimensions_gets_a_latent_figure(digits, tmp_path):
     """The tutorial's latent plane and manifold are of a 2-D latent space; a VAE of more
     (the sweep searches latent_dim 4 and 8) gets a t-SNE map of its z_mean instead of
@@ -210,7 +230,7 @@ def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
     from PIL import Image
 
     class Faint:
-        def predict(self, z, verbose=0):
+        def __call__(self, z, training=False):
             ramp = np.linspace(0.4, 0.6, 28 * 28, dtype="float32").reshape(28, 28)
             return np.broadcast_to(ramp, (len(z), 28, 28)).copy()
 
@@ -291,7 +311,7 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
 
     # The VAE's figures say where in z they are (the manifold had no axes at all).
     class Decoder:
-        def predict(self, z, verbose=0):
+        def __call__(self, z, training=False):
             return np.zeros((len(z), 28, 28), "float32")
 
     plots.digit_manifold(Decoder(), tmp_path / "manifold.png")
