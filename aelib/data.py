@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import zipfile
 import zlib
@@ -240,8 +241,19 @@ def flatten(x: np.ndarray) -> np.ndarray:
     return x.reshape((len(x), -1))
 
 
+def _check_gray(x: np.ndarray, name: str) -> None:
+    """(N, H, W) or (N, H, W, 1): flat images passed through as_images unchanged, and
+    failed later in the model, naming no input."""
+    if x.ndim not in (3, 4) or x.ndim == 4 and x.shape[-1] != 1:
+        raise ValueError(
+            f"{name} expects (N, H, W) or (N, H, W, 1) images. Received shape {x.shape}"
+            + (": flat images? Reshape them, e.g. x.reshape(-1, 28, 28)" if x.ndim == 2 else "")
+        )
+
+
 def as_images(x: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N, H, W, 1), channels-last."""
+    _check_gray(x, "as_images")
     return x.reshape((*x.shape[:3], 1)) if x.ndim == 3 else x
 
 
@@ -256,11 +268,16 @@ def unflatten(x: np.ndarray) -> np.ndarray:
 
 def as_sequences(x: np.ndarray) -> np.ndarray:
     """(N, H, W[, 1]) -> (N, H, W): each image as H time steps of W features."""
+    _check_gray(x, "as_sequences")
     return x.reshape(x.shape[:3])
 
 
 def check_noise_factor(noise_factor: float) -> None:
     """Raises ValueError unless `noise_factor` is in [0, 1] (NaN is not)."""
+    if not isinstance(noise_factor, numbers.Real) or isinstance(noise_factor, bool):
+        raise ValueError(  # (a string: TypeError "'<=' not supported", naming nothing)
+            f"noise_factor must be a number in [0, 1]. Received: noise_factor={noise_factor!r}"
+        )
     if not 0.0 <= noise_factor <= 1.0:
         raise ValueError(f"noise_factor must be in [0, 1]. Received: noise_factor={noise_factor}")
 
@@ -274,6 +291,10 @@ def add_noise(x: np.ndarray, noise_factor: float = 0.5, seed: int | None = 0) ->
         seed: seed of the noise, so noisy sets are reproducible.
     """
     check_noise_factor(noise_factor)
+    if seed is not None and (
+        not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0
+    ):  # (NumPy's "expected non-negative integer" named no argument)
+        raise ValueError(f"seed must be None or an integer >= 0. Received: seed={seed!r}")
     x = np.asarray(x)
     # Raw uint8 digits were taken as they are: the clip to [0, 1] then left a fifth of
     # the pixels white and the rest noise, without a word.

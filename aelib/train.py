@@ -836,6 +836,15 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
             f"memory: its weights could not be allocated ({type(e).__name__}). Use smaller "
             "options."
         ) from None
+    for part, x in (("training", arrays[0][0]), ("test", arrays[1][0])):
+        shape = np.shape(x)
+        if model.input_kind != "flat" and len(shape) < 3:  # (NumPy's unpacking error)
+            reads = "H time steps of W values" if model.input_kind == "sequence" else "HxW images"
+            raise ValueError(
+                f"Model {model.name!r} reads {reads}, and the data's {part} images are not "
+                f"(N, H, W) arrays: shape {shape}. Give them their height and width (flat "
+                "MNIST: x.reshape(-1, 28, 28)), or use a flat variant (dense, sparse, deep)."
+            )
     first = np.asarray(arrays[0][0][:1])
     image = data_lib.prepare(first, model.input_kind)
     test = data_lib.prepare(np.asarray(arrays[1][0][:1]), model.input_kind)

@@ -179,6 +179,32 @@ def test_add_noise_is_seeded_clipped_and_checked():
     with pytest.raises(ValueError, match="float64 values from nan to nan"):
         data_lib.add_noise(np.full((1, 2, 2), np.nan))
     assert data_lib.add_noise(data_lib.scale(raw)).shape == raw.shape
+    # a noise factor or seed of the wrong kind: TypeError or NumPy's words, naming neither
+    with pytest.raises(
+        ValueError, match=r"noise_factor must be a number in \[0, 1\]. Received: noise_factor='0.5'"
+    ):
+        data_lib.add_noise(x, "0.5")
+    with pytest.raises(
+        ValueError, match=r"seed must be None or an integer >= 0. Received: seed=-1"
+    ):
+        data_lib.add_noise(x, 0.5, seed=-1)
+    assert data_lib.add_noise(x, np.float32(0.5), seed=np.int64(3)).shape == x.shape
+
+
+def test_images_and_sequences_take_gray_images_only():
+    """Flat images went through as_images and as_sequences unchanged, and failed later
+    in a model, naming no input."""
+    x = np.zeros((2, 28, 28), np.float32)
+    assert data_lib.as_images(x).shape == data_lib.as_images(x[..., None]).shape == (2, 28, 28, 1)
+    assert data_lib.as_sequences(x[..., None]).shape == (2, 28, 28)
+    for convert in (data_lib.as_images, data_lib.as_sequences):
+        with pytest.raises(
+            ValueError,
+            match=r"\(N, H, W\) or \(N, H, W, 1\) images. Received shape \(2, 784\): flat",
+        ):
+            convert(x.reshape(2, 784))
+        with pytest.raises(ValueError, match=r"Received shape \(2, 28, 28, 3\)$"):
+            convert(np.zeros((2, 28, 28, 3), np.float32))
 
 
 def _write(path, array):

@@ -977,7 +977,14 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     # sequences: Keras's shape error traceback in the evaluation, after the training.
     flat = ((x_train, None), (x_test.reshape(len(x_test), 784), None))
     for name in ("conv", "denoise", "seq2seq"):
-        with pytest.raises(ValueError, match=f"Model '{name}' reads the data's training images"):
+        with pytest.raises(ValueError, match=f"Model '{name}' reads .*data's test images are not"):
+            aelib.train(TrainConfig(model=name, epochs=1), data=flat, figures=False, verbose=0)
+    # Flat training images too (MNIST as other loaders give it): NumPy's "not enough
+    # values to unpack", naming no input.
+    flat = ((x_train.reshape(len(x_train), 784), None), (x_test.reshape(len(x_test), 784), None))
+    for name, reads in (("conv", "HxW images"), ("seq2seq", "H time steps of W values")):
+        said = f"Model '{name}' reads {reads}, and the data's training images are not (N, H, W)"
+        with pytest.raises(ValueError, match=re.escape(said) + r".*shape \(60, 784\).*reshape"):
             aelib.train(TrainConfig(model=name, epochs=1), data=flat, figures=False, verbose=0)
     # Images under SSIM's 7x7 window: dense failed in the test metrics after training,
     # denoise in its val_ssim at the end of epoch 1.
