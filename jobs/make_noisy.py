@@ -8,12 +8,14 @@ Image `i` is test digit `i % 10000` with the tutorial's Gaussian noise
 Files go to `OUT/<label>/<i:06d>.png` (ten nested folders) and the clean digit
 to the same relative path under `--clean-out`, which is what `jobs/denoise.py
 --clean` expects. `--corrupt K` adds K broken files under `OUT/broken/`: a
-truncated PNG, random bytes named `.png`, and a text file, in turn. Files
+digit's PNG cut off inside its pixel data (it opens, then fails to load), random bytes
+named `.png`, and a text file, in turn. Files
 already there are kept (a noisy file if it is not empty, a clean one as it is),
 so a rerun (or a larger `--count`) only writes what is missing. Each folder
 records what its digits were made with (`.make_noisy.json`: the noise factor, seed
 and data; a hidden file, which image jobs leave out), and a rerun with other
-settings is refused instead of keeping digits that are not what it asked for.
+settings is refused instead of keeping digits that are not what it asked for (as is a
+noisy folder given as `--clean-out`, or a clean one as `--out`).
 
 This script needs neither Ray nor TensorFlow: NumPy and Pillow only, and Keras
 only to download MNIST when neither --data nor $AELIB_MNIST names a file.
@@ -122,18 +124,25 @@ def make_noisy(
     if seed < 0:
         raise ValueError(f"seed must be >= 0. Received: seed={seed}")
     (_, _), (x_test, y_test) = data_lib.load_mnist(data)
-    out = Path(out)
-    clean_root = Path(clean_out) if clean_out else None
+    for flag, folder in (("--out", out), ("--clean-out", clean_out)):
+        if folder is not None and not str(folder).strip():  # ("" wrote into the current
+            raise ValueError(f"{flag} is empty: expected a folder.")  # folder, or none)
+    out = Path(out).expanduser()  # (--out=~/x: the shell leaves that ~ to the program)
+    clean_root = Path(clean_out).expanduser() if clean_out is not None else None
     digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
     made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
     made_with["noise_seeds"] = "SeedSequence([seed, chunk])"  # (before: seed + 10000 * chunk)
     claims = [(out, "--out", made_with)]
     if clean_root is not None:
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
-    _check_folders(out, clean_root)
+    made = _check_folders(out, clean_root)
+    try:
+        unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
+    except ValueError:
+        _remove_folders(made)
+        raise
     for folder, _, _ in claims:
         _remove_stale_temp_files(folder)
-    unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     for folder, _, made_with in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = clean_written = 0
@@ -155,13 +164,13 @@ def make_noisy(
             if clean_root is not None and not (clean_root / rel).is_file():
                 _write(clean_root / rel, png_bytes(ref))
                 clean_written += 1
-    good = png_bytes(np.zeros((28, 28), np.uint8))
+    digit = png_bytes(x_test[0])  # (cut in its IDAT: Pillow opens it, then fails to load it)
     rng = np.random.default_rng(seed)
     for k in range(corrupt):  # (kept too: written again, the denoise job retried them)
         kind = k % 3
         garbage = rng.bytes(200)  # (drawn for each k, so the files are the same either way)
         name, payload = (
-            (f"truncated_{k}.png", good[: len(good) // 2]),
+            (f"truncated_{k}.png", digit[: len(digit) // 2]),
             (f"garbage_{k}.png", garbage),
             (f"notes_{k}.txt", b"not an image\n"),
         )[kind]
@@ -173,8 +182,16 @@ def make_noisy(
     return {**counts, "corrupt": corrupt}
 
 
-def _check_folders(out: Path, clean_root: Path | None) -> None:
-    """Each a folder (or one to create) that this process can make, and apart."""
+def _remove_folders(made: list[Path]) -> None:
+    """Removes the folders a refused run made (empty, deepest first): it leaves nothing."""
+    for path in made:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:
+    """Each a folder (or one to create) that this process can make, and apart. Returns
+    the folders it made, deepest first."""
     if clean_root is not None:
         a, b = out.resolve(), clean_root.resolve()
         if a == b or a in b.parents or b in a.parents:
@@ -202,17 +219,18 @@ def _check_folders(out: Path, clean_root: Path | None) -> None:
             except OSError as e:
                 raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e}).") from e
     except ValueError:
-        for path in made:
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        _remove_folders(made)
         raise
+    return made
 
 
 def _claim(folder: Path, flag: str, made_with: dict) -> bool:
     """Whether `folder` needs its record of what its digits are made with written.
-    Refuses a folder made with other settings (a rerun keeps the files there). A
-    folder of digits from before the record is taken as it is, with a note."""
+    Refuses a folder made with other settings (a rerun keeps the files there), or
+    holding the other kind of digits (noisy ones as the clean references). A folder of
+    digits from before the record is taken as it is, with a note, and recorded."""
     record = folder / SETTINGS
+    role = "noisy digits" if "noise_factor" in made_with else "clean references"
     if record.is_file():
         try:
             before = json.loads(record.read_text())
@@ -222,6 +240,13 @@ def _claim(folder: Path, flag: str, made_with: dict) -> bool:
             raise ValueError(
                 f"{record} is not a make_noisy record ({e}): remove it, or the folder"
             ) from e
+        held = "noisy digits" if "noise_factor" in before else "clean references"
+        if held != role:  # (noisy digits taken as the clean references: denoise scored
+            other = "--out" if flag == "--clean-out" else "--clean-out"  # against them)
+            raise ValueError(
+                f"{flag} {folder} holds {held} (an earlier run's {other}), not {role}: use "
+                "another folder."
+            )
         changed = [k for k in made_with if before.get(k) != made_with[k]]
         if changed:
             said = ", ".join(f"{k} {before.get(k)} (now {made_with[k]})" for k in changed)
@@ -230,13 +255,12 @@ def _claim(folder: Path, flag: str, made_with: dict) -> bool:
                 "keeps the files there: use another folder, or remove this one first."
             )
         return False
-    if next(folder.rglob("*.png"), None) is not None:
-        print(
+    if next(folder.rglob("*.png"), None) is not None:  # (recorded now: a rerun with
+        print(  # other settings is refused, as in a folder this script made)
             f"make_noisy: note: {flag} {folder} holds PNGs with no record of what made "
-            "them; they are kept as they are",
+            "them; they are kept as they are, and taken as made with these settings",
             file=sys.stderr,
         )
-        return False
     return True
 
 
@@ -288,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             f"make_noisy: {how}: a rerun keeps the files written and adds the rest", file=sys.stderr
         )
         return process.exit_code(e)
-    print(f"make_noisy: {counts} in {args.out}")
+    print(f"make_noisy: {counts} in {Path(args.out).expanduser()}")
     return 0
 
 

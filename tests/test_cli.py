@@ -875,11 +875,11 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     under a file (a traceback, a file left behind). A rerun with other settings is
     refused (it kept the old digits and said `written: 0`); the same settings resume."""
 
-    def make(*flags):
+    def make(*flags, env=None):
         cmd = [sys.executable, str(REPO / "jobs" / "make_noisy.py"), "--data", str(MNIST)]
         return subprocess.run(
             [*cmd, "--count", "6", *map(str, flags)],
-            env=subprocess_env(),
+            env=env or subprocess_env(),
             capture_output=True,
             text=True,
             timeout=120,
@@ -892,6 +892,9 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         (["--out", tmp_path / "c" / "n", "--clean-out", tmp_path / "c"], "overlap"),
         (["--out", a_file / "n"], f"--out {a_file / 'n'}: {a_file} is a file"),
         (["--out", tmp_path / "n2", "--clean-out", a_file], "--clean-out"),
+        # (an empty one wrote into the current folder, or was taken as not given)
+        (["--out", ""], "--out is empty: expected a folder."),
+        (["--out", tmp_path / "n5", "--clean-out", ""], "--clean-out is empty"),
         # a folder even root cannot write to (a traceback, after --out recorded its settings)
         (
             ["--out", tmp_path / "n4" / "n", "--clean-out", "/proc/self"],
@@ -916,6 +919,38 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     said = f"--out {noisy} holds digits made with other settings: noise_factor 0.5 (now 0.1)"
     assert said in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in noisy.rglob("*.png")} == first
+    # Each folder's kind of digits: noisy ones taken as the clean references were kept,
+    # and denoise scored its outputs against the noisy inputs. Refused, leaving nothing.
+    for flags, said in (
+        (
+            ["--out", tmp_path / "n6" / "n", "--clean-out", noisy],
+            f"--clean-out {noisy} holds noisy",
+        ),
+        (["--out", clean], f"--out {clean} holds clean references (an earlier run's --clean-out)"),
+    ):
+        proc = make(*flags)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "n6").exists()
+    # A folder of PNGs from elsewhere is taken with a note, and recorded: a rerun with
+    # other settings is refused there too (it kept the first run's digits, with a note).
+    (tmp_path / "lg" / "5").mkdir(parents=True)
+    (tmp_path / "lg" / "5" / "x.png").write_bytes(next(iter(first.values())))
+    proc = make("--out", tmp_path / "lg", "--seed", "5")
+    assert proc.returncode == 0 and "holds PNGs with no record" in proc.stderr, proc.stderr
+    proc = make("--out", tmp_path / "lg", "--seed", "7")
+    assert proc.returncode == 2 and "seed 5 (now 7)" in proc.stderr, proc.stderr[-2000:]
+    # --out=~/x: the shell leaves that ~ to the program (a folder named "~" was made)
+    home = tmp_path / "home"
+    proc = make("--out=~/t", env={**subprocess_env(), "HOME": str(home)})
+    assert proc.returncode == 0 and f"in {home / 't'}" in proc.stdout, proc.stderr[-2000:]
+    assert len(list((home / "t").rglob("*.png"))) == 6 and not (Path.cwd() / "~").exists()
+    # The truncated file is a digit's PNG cut in its pixels: it opens, then fails to load.
+    from PIL import Image
+
+    with Image.open(noisy / "broken" / "truncated_0.png") as cut:
+        assert cut.size == (28, 28)
+        with pytest.raises(OSError, match="truncated"):
+            cut.load()
     # A kill -9 leaves its temp file (.STEM.PID.tmp.png): a rerun removes those of runs gone.
     stale, live = noisy / "7" / ".000000.4194304.tmp.png", clean / f".x.{os.getpid()}.tmp.png"
     stale.write_bytes(b"")
