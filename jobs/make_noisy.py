@@ -136,13 +136,13 @@ def make_noisy(
     if clean_root is not None:
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
     made = _check_folders(out, clean_root)
+    for folder, _, _ in claims:  # (before the claims: a temp file is no PNG of the folder's)
+        _remove_stale_temp_files(folder)
     try:
         unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     except ValueError:
         _remove_folders(made)
         raise
-    for folder, _, _ in claims:
-        _remove_stale_temp_files(folder)
     for folder, _, made_with in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = clean_written = 0
