@@ -87,12 +87,14 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
 
 
 @_closes_its_figure
-def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
+def conv_codes(
+    codes: np.ndarray, path: str | os.PathLike, n: int = 10, note: str | None = None
+) -> Path:
     """Draws (N, h, w, c) conv codes: for each of the first `n` digits, its c channel
     maps of h x w on a grid, all on one gray scale (up to the largest value), so each
     code value is a block of pixels and digits compare. (The tutorial draws its
     (4, 4, 8) codes as 4x32 strips; a denoiser's (7, 7, 32) code drawn that way is a
-    7x224 strip that a figure can only resample.)"""
+    7x224 strip that a figure can only resample.) `note` is a second line of the title."""
     codes = np.asarray(codes, dtype=np.float32)[:n]
     h, w, c = codes.shape[1:]
     cols = next(k for k in range(int(np.ceil(np.sqrt(c))), c + 1) if c % k == 0)  # 8 -> 4x2
@@ -109,26 +111,36 @@ def conv_codes(codes: np.ndarray, path: str | os.PathLike, n: int = 10) -> Path:
     for ax, grid in zip(axes[0], grids, strict=False):
         ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
         ax.axis("off")
-    fig.suptitle(f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}")
+    title = f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}"
+    fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)
 
 
 @_closes_its_figure
 def learning_curves(
-    history: dict[str, list[float]], path: str | os.PathLike, title: str | None = None
+    history: dict[str, list[float]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    loss_label: str = "loss",
+    legend: dict[str, str] | None = None,
 ) -> Path:
+    """Each epoch's losses (and denoise's val_psnr, in dB, beside them). `loss_label`
+    names the loss (its y axis); `legend` gives a curve's own label, by history key."""
+    legend = legend or {}
     keys = [k for k in ("loss", "val_loss") if k in history]
     extra = [k for k in ("val_psnr",) if k in history]
     fig, axes = plt.subplots(
         1, 1 + bool(extra), figsize=(5 * (1 + bool(extra)), 3.5), squeeze=False
     )
     for k in keys:
-        axes[0][0].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
-    axes[0][0].set_ylabel("loss")
+        label = legend.get(k, k)
+        axes[0][0].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=label)
+    axes[0][0].set_ylabel(loss_label)
     axes[0][0].legend()
     for k in extra:
-        axes[0][1].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=k)
+        label = legend.get(k, k)
+        axes[0][1].plot(range(1, len(history[k]) + 1), history[k], marker="o", label=label)
         axes[0][1].set_ylabel("dB")
         axes[0][1].legend()
     epochs = max(len(history[k]) for k in keys + extra) if keys + extra else 0
@@ -201,7 +213,8 @@ def latent_plane(
             ax.legend(loc="best", markerscale=3)
         colours, noun = _by_label(labels[~none])
         sc = ax.scatter(z[~none, 0], z[~none, 1], c=labels[~none], **colours)
-        fig.colorbar(sc, ax=ax, label=noun)
+        ticks = range(10) if noun == "digit" else None  # (Matplotlib's: 0, 2, 4, 6, 8)
+        fig.colorbar(sc, ax=ax, label=noun, ticks=ticks)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(_fit(title))
@@ -311,6 +324,15 @@ def tsne_codes(
     return latent_plane(mapped, labels, path, title=title, axis_labels=("t-SNE 1", "t-SNE 2"))
 
 
+def _loss_name(model: Autoencoder) -> str:
+    """What a variant's training loss is, as its learning curves' y axis says."""
+    if model.name == "sparse":
+        return "loss (BCE + L1 penalty)"
+    if model.name == "vae":  # (aelib.models.vae: the KL term weighted 1 / input_dim)
+        return f"loss (BCE + KL / {model.config.get('input_dim', 784)})"
+    return "loss (BCE)"
+
+
 def tutorial_figures(
     model: Autoencoder, splits: Splits, history: dict[str, list[float]], out_dir: str | os.PathLike
 ) -> dict[str, Path]:
@@ -321,16 +343,24 @@ def tutorial_figures(
     x, y = splits.x_test[:n], splits.y_test[:n]
     out = _predict(model.autoencoder, x)
     epochs = len(history.get("loss", []))
+    legend, noisy = {}, "noisy"
+    if splits.noise is not None:  # denoise: the noise of each curve, and of the inputs shown
+        trained, scored = (f"{v:.3g}" for v in splits.noise)
+        legend = {"loss": f"loss (noise {trained})", "val_loss": f"val_loss (noise {scored})"}
+        legend["val_psnr"] = f"val_psnr (noise {scored})"
+        noisy = f"noisy ({scored})"
     figures = {
         "learning_curves": learning_curves(
             history,
             out_dir / f"{name}_learning_curves.png",
             title=f"{name}: {epochs} epoch{'s' if epochs != 1 else ''}",
+            loss_label=_loss_name(model),
+            legend=legend,
         )
     }
     if name == "denoise":
         figures["denoised"] = image_rows(
-            {"noisy": x, "denoised": out, "clean": y}, out_dir / f"{name}_noisy_vs_denoised.png"
+            {noisy: x, "denoised": out, "clean": y}, out_dir / f"{name}_noisy_vs_denoised.png"
         )
     else:
         figures["reconstructions"] = image_rows(
@@ -339,11 +369,11 @@ def tutorial_figures(
     limit = min(len(splits.x_test), 2000)
     process.raise_if_stopped()  # (between figures: a stop process.defer_stops held)
     if name in ("conv", "denoise"):
-        codes = _predict(model.encoder, x)
+        codes, note = _predict(model.encoder, x), None
         if isinstance(codes, list | tuple):  # denoise(skips=True): the code comes first
-            codes = codes[0]
+            codes, note = codes[0], "the deepest features: skip connections pass others on"
         if codes.ndim == 4:
-            figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png")
+            figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png", note=note)
     if name in ("dense", "sparse", "deep"):
         codes = _predict(model.encoder, splits.x_test[:limit])
         process.raise_if_stopped()  # (before t-SNE: seconds)

@@ -202,6 +202,9 @@ class Splits:
     labels_test: np.ndarray
     # What scaling the images to [0, 1] did (data.describe_scaling; None: not said)
     scaling: str | None = None
+    # denoise: the noise factor of its training inputs and of its validation and test
+    # inputs (the figures say which is which: a sweep trains at one and scores at another)
+    noise: tuple[float, float] | None = None
 
 
 def load_arrays(config: TrainConfig) -> MnistArrays:
@@ -275,7 +278,9 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
             )
         ]
         return Splits(
-            noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test, scaling
+            *(noisy[0], clean_train, noisy[1], clean_val, noisy[2], clean_test, labels_test),
+            scaling,
+            noise=(config.noise_factor, scored),
         )
     return Splits(
         clean_train, clean_train, clean_val, clean_val, clean_test, clean_test, labels_test, scaling

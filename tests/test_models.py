@@ -321,6 +321,26 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
     plots.latent_plane(np.zeros((3, 2)), np.arange(3), tmp_path / "plane.png")
     assert (drawn[4].axes[0].get_xlabel(), drawn[4].axes[0].get_ylabel()) == ("z[0]", "z[1]")
+    # Its colour bar names every digit (Matplotlib's own ticks were 0, 2, 4, 6, 8).
+    assert list(drawn[4].axes[1].get_yticks()) == list(range(10))
+    # A denoiser's curves say the noise of each (a sweep trains at one and scores at 0.5,
+    # and its val_loss above its loss read as overfitting); the axis names the loss.
+    model = aelib.build_model("denoise", depth=1)
+    splits = Splits(x, x, x, x, x, x, labels_test=np.arange(4), noise=(0.3, 0.5))
+    history = {"loss": [1.0], "val_loss": [1.1], "val_psnr": [12.0]}
+    plots.tutorial_figures(model, splits, history, tmp_path / "denoise")
+    curves = drawn[5].axes
+    assert [t.get_text() for t in curves[0].get_legend().get_texts()] == [
+        "loss (noise 0.3)",
+        "val_loss (noise 0.5)",
+    ]
+    assert curves[0].get_ylabel() == "loss (BCE)"
+    assert curves[1].get_legend().get_texts()[0].get_text() == "val_psnr (noise 0.5)"
+    assert drawn[6].axes[0].get_ylabel() == "noisy (0.5)"  # (the row of inputs shown)
+    vae = aelib.build_model("vae")
+    flat = data_lib.prepare(digits[:4], "flat")
+    plots.tutorial_figures(vae, Splits(*[flat] * 6, labels_test=np.arange(4)), history, tmp_path)
+    assert drawn[8].axes[0].get_ylabel() == "loss (BCE + KL / 784)"
     for fig in drawn:
         plt.close(fig)
 
