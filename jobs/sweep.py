@@ -1369,6 +1369,23 @@ def _error_text(error: BaseException | str) -> str:
     return " ".join(text.split())[:500]
 
 
+def _noise_text(rec: dict) -> str:
+    """The noise factor a denoise trial was validated and tested at."""
+    noise = rec.get("eval_noise_factor")
+    return "unknown" if noise is None else f"{noise:.3g}"
+
+
+def _metric_text(key: str, value: float) -> str:
+    """A metric as the report's tables write it: dB to 2 places (psnr_gain then is the
+    difference of the two shown), SSIM and fractions to 3, losses to 4 (`.4g` wrote 14.7
+    and 0.22 beside the comparison table's 14.70 and 0.2200)."""
+    if "psnr" in key:
+        return f"{value:.2f}"
+    if "ssim" in key or "fraction" in key or key == "code_mean":
+        return f"{value:.3f}"
+    return f"{value:.4f}"
+
+
 def _why_no_best(rows: list[dict], model: str) -> str:
     """Why a variant has no best model: what became of its trials."""
     said = {
@@ -1376,7 +1393,7 @@ def _why_no_best(rows: list[dict], model: str) -> str:
         "diverged": "diverged (NaN or infinite loss)",
         "interrupted": "interrupted",
         "stopped_early": "stopped early",
-        "finished": "finished without a finite loss",
+        "finished": "finished without a finite val_loss and a checkpoint",
     }
     counts: dict[str, int] = {}
     for row in rows:
@@ -1401,6 +1418,10 @@ def write_results(
     rows = [_flatten_row(r, args.epochs, pins, unfinished) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
+    # Each variant's hyperparameters after trial_id and model, together: in the order
+    # they first came, the later variants' came after the path column.
+    hp = [c for c in table.columns if c.startswith("hp_")]
+    table = table[[*table.columns[:2], *hp, *(c for c in table.columns[2:] if c not in hp)]]
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each file is written beside its place, then renamed: a driver stopped while it
     # writes leaves the last run's file whole (for --resume to write again), never half.
@@ -1490,8 +1511,9 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         lines += ["| variant | val_loss | test_bce | test_psnr | test_ssim | trial |"]
         lines += ["|---|---|---|---|---|---|"]
         for model, rec in best.items():
+            name = f"{model} (noisy inputs)" if model == "denoise" else model
             lines.append(
-                f"| {model} | {rec['val_loss']:.4f} | {rec['test_bce']:.4f} | "
+                f"| {name} | {rec['val_loss']:.4f} | {rec['test_bce']:.4f} | "
                 f"{rec['test_psnr']:.2f} | {rec['test_ssim']:.3f} | {rec['trial_id']} |"
             )
         lines.append("")
@@ -1501,6 +1523,19 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             "not the variants. Compare them on the test columns.",
             "",
         ]
+        if "denoise" in best:  # (its row had no mark but compare.png's colour)
+            rec = best["denoise"]
+            text = (
+                "denoise's test columns score another task: its outputs from noisy inputs "
+                f"(noise factor {_noise_text(rec)}) against the clean digits, where the "
+                "others reconstruct clean inputs."
+            )
+            if rec.get("noisy_psnr") is not None and rec.get("noisy_ssim") is not None:
+                text += (
+                    f" The noisy inputs themselves score test_psnr {rec['noisy_psnr']:.2f} "
+                    f"dB, test_ssim {rec['noisy_ssim']:.3f}."
+                )
+            lines += [text, ""]
     for model in args.models:
         lines += [f"## {model}", ""]
         # (an earlier report's figures of the variant, which a resume may have replaced,
@@ -1518,7 +1553,9 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         shown = ("noisy_psnr", "noisy_ssim", "psnr_gain", "code_mean", "code_active_fraction")
         metrics = {k: rec[k] for k in rec if k.startswith("test_") or k in shown}
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float)]
+        lines += [
+            f"| {k} | {_metric_text(k, v)} |" for k, v in metrics.items() if isinstance(v, float)
+        ]
         lines += ["", f"Model: `best/{model}.keras`", ""]
         if args.no_figures:
             continue
@@ -1555,16 +1592,24 @@ def _compare_chart(best: dict[str, dict], path: Path) -> None:
     # apart, with its noisy inputs' own score beside them for scale
     colors = ["tab:orange" if n == "denoise" else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, ("test_bce", "test_psnr", "test_ssim"), strict=True):
+    titles = {
+        "test_bce": "test_bce (lower is better)",
+        "test_psnr": "test_psnr, dB (higher is better)",
+        "test_ssim": "test_ssim (higher is better)",
+    }
+    for ax, key in zip(axes, titles, strict=True):
         ax.bar(names, [best[n][key] for n in names], color=colors)
         noisy = best.get("denoise", {}).get(key.replace("test_", "noisy_"))
         if noisy is not None and key != "test_bce":
             ax.scatter(["denoise"], [noisy], color="black", marker="_", s=400, zorder=3)
-        ax.set_title(key)
+        ax.set_title(titles[key])
         ax.tick_params(axis="x", rotation=45)
     title = "best trial per variant (test split)"
     if "denoise" in best:
-        title += ": orange, denoise (noisy input -> clean; black bar: the noisy input's own)"
+        title += (
+            f": orange, denoise (noisy input at noise {_noise_text(best['denoise'])} -> clean; "
+            "black bar: the noisy input's own)"
+        )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -1997,10 +2042,12 @@ def _sweep_locked(args: argparse.Namespace) -> int:
     for model in args.models:
         if model in best:
             rec = best[model]
+            # (denoise's scores are at the scoring noise, not the noise_factor it trained at)
+            at = f" (noisy inputs at {_noise_text(rec)})" if model == "denoise" else ""
             print(
                 f"  best {model:8s} {experiment}/best/{model}.keras  val_loss "
                 f"{rec['val_loss']:.4f}  test_bce {rec['test_bce']:.4f}  test_psnr "
-                f"{rec['test_psnr']:.2f}  on {rec['hostname']} ({rec['node_ip']})  "
+                f"{rec['test_psnr']:.2f}{at}  on {rec['hostname']} ({rec['node_ip']})  "
                 f"{json.dumps(rec['hparams'])}"
             )
         else:

@@ -274,8 +274,21 @@ def test_smoke_sweep_trial_table(smoke):
     assert "validated and tested at noise factor 0.5, whatever noise it trained at" in report
     assert float(denoise["eval_noise_factor"]) == 0.5
     assert "| noisy_ssim |" in report and "| code_active_fraction |" in report
+    # denoise's scores are marked as of noisy inputs, at the noise they were scored at (its
+    # row sat unmarked among the reconstructions, and the printed line gave only the
+    # noise_factor it trained at); the variants' tables give dB to 2 places, as that one
+    assert f"| denoise (noisy inputs) | {float(denoise['val_loss']):.4f} |" in report
+    assert "denoise's test columns score another task" in report
+    assert f"noisy inputs themselves score test_psnr {float(denoise['noisy_psnr']):.2f}" in report
+    assert f"| test_psnr | {float(denoise['test_psnr']):.2f} |" in report
+    assert (
+        f"test_psnr {float(denoise['test_psnr']):.2f} (noisy inputs at 0.5)" in smoke["proc"].stdout
+    )
     table = pd.read_parquet(exp / "trials.parquet")
     assert len(table) == len(rows) and set(table["model"]) == set(VARIANTS)
+    # every variant's hyperparameters together after trial_id and model
+    hp = [c for c in table.columns if c.startswith("hp_")]
+    assert list(table.columns[: 2 + len(hp)]) == ["trial_id", "model", *hp], list(table.columns)
 
 
 def test_trial_actors_get_no_runtime_env_that_keeps_them_off_prestarted_workers(monkeypatch):
