@@ -664,6 +664,9 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         theirs = [tutorial_reference(n).get("reported_test_loss", np.nan) for n in recon]
         ax.bar(x - 0.2, ours, 0.4, label="aelib (this run)")
         ax.bar(x + 0.2, theirs, 0.4, label="tutorial's reported")
+        for i in np.flatnonzero(np.isnan(theirs)):  # (its bar was just missing)
+            ax.text(x[i] + 0.2, 0, "not\nreported", ha="center", va="bottom", fontsize=7)
+        ax.set_xlim(-0.7, len(recon) - 0.3)  # (room for the last one's note)
         ax.set_xticks(x, [f"{n}\n{rows[n]['epochs_run']} ep" for n in recon])
         ax.set_ylabel("test loss (BCE; sparse: + L1, vae: + KL/784)")
         ax.legend()
@@ -679,27 +682,34 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
             n_imgs.append(e["test_images"])
         for name in ("denoise", *plus_rows(rows)):
             if name in rows:
-                names.append(f"{name}\n({rows[name]['epochs_run']} ep)")
+                names.append(f"{name} ({rows[name]['epochs_run']} ep)")
                 psnrs.append(rows[name]["metrics"]["test_psnr"])
                 ssims.append(rows[name]["metrics"]["test_ssim"])
                 n_imgs.append(rows[name]["metrics"]["test_images"])
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        # (a row scored on fewer images says so under its name: beside its value, the
+        # two-line label ran into its neighbour's)
+        names = [
+            n if k == max(n_imgs) else f"{n} ({k} img)" for n, k in zip(names, n_imgs, strict=True)
+        ]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, vals, label in ((axes[0], psnrs, "PSNR (dB)"), (axes[1], ssims, "SSIM")):
             bars = ax.bar(
                 range(len(names)), vals, color=["C1" if "denoise" in n else "C0" for n in names]
             )
-            for b, v, k in zip(bars, vals, n_imgs, strict=True):
+            for b, v in zip(bars, vals, strict=True):
                 ax.text(
                     b.get_x() + b.get_width() / 2,
                     v,
-                    f"{v:.2f}" + ("" if k == n_imgs[0] else f"\n({k} img)"),
+                    f"{v:.2f}",
                     ha="center",
                     va="bottom",
                     fontsize=7,
                 )
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
             ax.set_ylabel(label)
-        fig.suptitle("Denoising MNIST test digits (noise factor 0.5, clipped)")
+            ax.margins(y=0.1)  # (the top values were struck through by the frame)
+        noise = rows["classical"].get("noise", {}).get("factor", 0.5)
+        fig.suptitle(f"Denoising MNIST test digits (noise factor {noise:g}, clipped)")
         fig.tight_layout()
         written.append(_savefig(fig, out / "denoise_psnr_ssim.png"))
         sample_dir = runs_dir / "samples"
