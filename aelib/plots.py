@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import textwrap
@@ -30,7 +31,13 @@ def _predict(model, x: np.ndarray, batch_size: int = 1024):
     A model of several outputs (denoise's encoder with skips) gives a list."""
     import keras
 
-    outs = [model(x[i : i + batch_size], training=False) for i in range(0, len(x), batch_size)]
+    no_grad = contextlib.nullcontext()
+    if keras.backend.backend() == "torch":  # (each batch's autograd graph kept otherwise)
+        import torch
+
+        no_grad = torch.no_grad()
+    with no_grad:
+        outs = [model(x[i : i + batch_size], training=False) for i in range(0, len(x), batch_size)]
     if isinstance(outs[0], list | tuple):
         return [
             np.concatenate([keras.ops.convert_to_numpy(o[k]) for o in outs])

@@ -843,12 +843,18 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
         ) from None
     for part, x in (("training", arrays[0][0]), ("test", arrays[1][0])):
         shape = np.shape(x)
-        if model.input_kind != "flat" and len(shape) < 3:  # (NumPy's unpacking error)
+        gray = len(shape) == 3 or len(shape) == 4 and shape[-1] == 1
+        if model.input_kind != "flat" and not gray:  # (NumPy's unpacking error, flat ones)
             reads = "H time steps of W values" if model.input_kind == "sequence" else "HxW images"
+            fix = (
+                "Give them their height and width (flat MNIST: x.reshape(-1, 28, 28)), or use "
+                "a flat variant (dense, sparse, deep)."
+                if len(shape) < 3
+                else "Give them as gray images, one channel, last."
+            )
             raise ValueError(
                 f"Model {model.name!r} reads {reads}, and the data's {part} images are not "
-                f"(N, H, W) arrays: shape {shape}. Give them their height and width (flat "
-                "MNIST: x.reshape(-1, 28, 28)), or use a flat variant (dense, sparse, deep)."
+                f"(N, H, W) or (N, H, W, 1) arrays: shape {shape}. {fix}"
             )
     first = np.asarray(arrays[0][0][:1])
     image = data_lib.prepare(first, model.input_kind)

@@ -30,6 +30,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,7 @@ process = _load_aelib("process")
 MNIST_TEST_SIZE = 10_000
 _CHUNK = 10_000
 SETTINGS = ".make_noisy.json"  # in each folder: what its digits were made with
+_LAYOUT = re.compile(r"(\d)/(\d{6})\.png")  # relative_path's: LABEL/INDEX.png
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -123,27 +125,36 @@ def make_noisy(
     data_lib.check_noise_factor(noise_factor)  # (before a folder records it: NaN too)
     if seed < 0:
         raise ValueError(f"seed must be >= 0. Received: seed={seed}")
-    (_, _), (x_test, y_test) = data_lib.load_mnist(data)
     for flag, folder in (("--out", out), ("--clean-out", clean_out)):
         if folder is not None and not str(folder).strip():  # ("" wrote into the current
             raise ValueError(f"{flag} is empty: expected a folder.")  # folder, or none)
+    (_, _), (x_test, y_test) = data_lib.load_mnist(data)
     out = Path(out).expanduser()  # (--out=~/x: the shell leaves that ~ to the program)
     clean_root = Path(clean_out).expanduser() if clean_out is not None else None
     digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
     made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
     made_with["noise_seeds"] = "SeedSequence([seed, chunk])"  # (before: seed + 10000 * chunk)
-    claims = [(out, "--out", made_with)]
+
+    def noisy_digit(i: int) -> np.ndarray:  # what this run writes as digit i
+        start = i - i % _CHUNK  # (its chunk's noise up to i: NumPy draws it in order)
+        clean = data_lib.scale(x_test[np.arange(start, i + 1) % MNIST_TEST_SIZE])
+        noisy = data_lib.add_noise(clean, noise_factor, seed=chunk_seed(seed, i // _CHUNK))
+        return np.round(noisy[-1] * 255.0).astype(np.uint8)
+
+    labels = y_test  # (the label folder of digit i)
+    claims = [(out, "--out", made_with, noisy_digit, labels)]
     if clean_root is not None:
-        claims.append((clean_root, "--clean-out", {"data_sha256": digest}))
+        clean_digit = lambda i: x_test[i % MNIST_TEST_SIZE]  # noqa: E731
+        claims.append((clean_root, "--clean-out", {"data_sha256": digest}, clean_digit, labels))
     made = _check_folders(out, clean_root)
-    for folder, _, _ in claims:  # (before the claims: a temp file is no PNG of the folder's)
+    for folder, *_ in claims:  # (before the claims: a temp file is no PNG of the folder's)
         _remove_stale_temp_files(folder)
     try:
         unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     except ValueError:
         _remove_folders(made)
         raise
-    for folder, _, made_with in unrecorded:
+    for folder, _, made_with, *_ in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = clean_written = 0
     for start in range(0, count, _CHUNK):
@@ -224,11 +235,12 @@ def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:
     return made
 
 
-def _claim(folder: Path, flag: str, made_with: dict) -> bool:
+def _claim(folder: Path, flag: str, made_with: dict, digit, labels: np.ndarray) -> bool:
     """Whether `folder` needs its record of what its digits are made with written.
     Refuses a folder made with other settings (a rerun keeps the files there), or
     holding the other kind of digits (noisy ones as the clean references). A folder of
-    digits from before the record is taken as it is, with a note, and recorded."""
+    digits with no record (made before the record) is taken, with a note, and recorded
+    if its first digit is what this run would write there (`digit(i)`), else refused."""
     record = folder / SETTINGS
     role = "noisy digits" if "noise_factor" in made_with else "clean references"
     if record.is_file():
@@ -255,10 +267,26 @@ def _claim(folder: Path, flag: str, made_with: dict) -> bool:
                 "keeps the files there: use another folder, or remove this one first."
             )
         return False
-    if next(folder.rglob("*.png"), None) is not None:  # (recorded now: a rerun with
-        print(  # other settings is refused, as in a folder this script made)
-            f"make_noisy: note: {flag} {folder} holds PNGs with no record of what made "
-            "them; they are kept as they are, and taken as made with these settings",
+    pngs = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    ours = [rel for rel in pngs if _LAYOUT.fullmatch(rel)]
+    if ours:  # (taken as they were, a rerun with other settings kept them without a word)
+        rel = ours[0]
+        i = int(_LAYOUT.fullmatch(rel)[2])
+        with Image.open(folder / rel) as img:
+            have = np.asarray(img.convert("L"))
+        label = int(labels[i % MNIST_TEST_SIZE])
+        if rel != relative_path(i, label) or not np.array_equal(have, digit(i)):
+            raise ValueError(
+                f"{flag} {folder} holds digits with no record of what made them, and its "
+                f"{rel} is not what these settings write there. A rerun keeps the files "
+                "there: use another folder, or remove this one first."
+            )
+    if pngs:  # (recorded now: a rerun with other settings is refused)
+        found = "its first digit is what these settings make" if ours else "none named as ours"
+        print(
+            f"make_noisy: note: {flag} {folder} holds PNGs with no record of what made them "
+            f"({found}); they are kept as they are, and the folder is recorded as made with "
+            "these settings",
             file=sys.stderr,
         )
     return True

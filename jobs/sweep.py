@@ -1370,8 +1370,12 @@ def _error_text(error: BaseException | str) -> str:
 
 
 def _noise_text(rec: dict) -> str:
-    """The noise factor a denoise trial was validated and tested at."""
+    """The noise factor a denoise trial was validated and tested at: a trial of a sweep
+    started before they were all scored at one noise has none recorded, and was scored
+    at the noise it trained at."""
     noise = rec.get("eval_noise_factor")
+    if noise is None:
+        noise = (rec.get("hparams") or {}).get("noise_factor")
     return "unknown" if noise is None else f"{noise:.3g}"
 
 

@@ -939,6 +939,27 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     assert proc.returncode == 0 and "holds PNGs with no record" in proc.stderr, proc.stderr
     proc = make("--out", tmp_path / "lg", "--seed", "7")
     assert proc.returncode == 2 and "seed 5 (now 7)" in proc.stderr, proc.stderr[-2000:]
+    # A folder of its digits with no record (made before the record): taken, and recorded,
+    # where its first digit is what these settings write there; refused where it is not
+    # (other settings, or noisy digits given as the clean ones).
+    import shutil
+
+    for name in ("old", "older"):
+        shutil.copytree(noisy, tmp_path / name)
+        (tmp_path / name / ".make_noisy.json").unlink()
+    proc = make("--out", tmp_path / "old")
+    assert proc.returncode == 0 and "its first digit is what these settings make" in proc.stderr
+    assert (tmp_path / "old" / ".make_noisy.json").read_text() == (
+        noisy / ".make_noisy.json"
+    ).read_text()
+    for flags in (
+        ["--out", tmp_path / "older", "--seed", "3"],
+        ["--out", tmp_path / "n7", "--clean-out", tmp_path / "older"],
+    ):
+        proc = make(*flags)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "is not what these settings write there" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "older" / ".make_noisy.json").exists() and not (tmp_path / "n7").exists()
     # --out=~/x: the shell leaves that ~ to the program (a folder named "~" was made)
     home = tmp_path / "home"
     proc = make("--out=~/t", env={**subprocess_env(), "HOME": str(home)})

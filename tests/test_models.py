@@ -1006,6 +1006,15 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
         said = f"Model '{name}' reads {reads}, and the data's training images are not (N, H, W)"
         with pytest.raises(ValueError, match=re.escape(said) + r".*shape \(60, 784\).*reshape"):
             aelib.train(TrainConfig(model=name, epochs=1), data=flat, figures=False, verbose=0)
+    # (and colour ones, where the sweep's driver checks its trials' settings: as_images's
+    # words, naming neither split nor the data's shape)
+    from aelib.train import build_checked
+
+    rgb = np.zeros((4, 28, 28, 3), np.uint8)
+    with pytest.raises(
+        ValueError, match=r"training images are not .*shape \(4, 28, 28, 3\)\. .*gray"
+    ):
+        build_checked(TrainConfig(model="conv"), ((rgb, None), (rgb, None)))
     # Images under SSIM's 7x7 window: dense failed in the test metrics after training,
     # denoise in its val_ssim at the end of epoch 1.
     for name, options, shape in (("dense", {"input_dim": 36}, (6, 6)), ("denoise", {}, (4, 4))):

@@ -1560,6 +1560,11 @@ def test_a_stopped_sweep_counts_the_trials_tune_had_not_made_yet(tmp_path):
         {"model": "dense", "status": "finished", "trial_id": "a_00001"},
         {"model": "vae", "status": "interrupted", "trial_id": "a_00000"},
     ]
+    # denoise's scoring noise: recorded, or for a trial of an older sweep (scored at the
+    # noise it trained at, none recorded) its own noise_factor, not "unknown"
+    assert sweep._noise_text({"eval_noise_factor": 0.5, "hparams": {"noise_factor": 0.3}}) == "0.5"
+    assert sweep._noise_text({"hparams": {"noise_factor": 0.30082}}) == "0.301"
+    assert sweep._noise_text({}) == "unknown"
     line = sweep._interrupted_line(rows, args)
     assert "interrupted: 3 of 4 trials did not finish (2 not started;" in line, line
     digits = np.zeros((4, 28, 28), np.uint8)
