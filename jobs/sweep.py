@@ -1071,8 +1071,11 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         import keras
 
         import aelib
+    import logging
+
     from aelib.train import compute_device, merge_history, write_outputs
 
+    logging.getLogger("tensorflow").addFilter(_no_retracing_warning)  # (added once)
     model = config["model"]
     total = trial_config(model, config["hparams"][model], settings)
     where = {  # in every report, so a trial ASHA stops early has them too
@@ -2076,6 +2079,15 @@ def _no_tune_restore_hint() -> None:
 
     # (ray/tune/tune.py's own logger; adding the same filter again adds nothing)
     logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
+
+
+def _no_retracing_warning(record) -> bool:
+    """A logging filter: False for TensorFlow's "... triggered tf.function retracing"
+    warning. A trial worker trains one model after another, and TensorFlow counts the
+    traces of every model's predict function as one function's (their code is one):
+    each new model's first calls traced, as they must, and the trials logged the warning
+    (twice in README step 1's sweep)."""
+    return "triggered tf.function retracing" not in record.getMessage()
 
 
 def _no_restore_hint(record) -> bool:

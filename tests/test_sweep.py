@@ -126,6 +126,8 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     for variant in VARIANTS:  # the job prints where the best of each variant went
         assert f"best {variant}" in proc.stdout
     assert str(smoke["exp"] / "trials.csv") in proc.stdout
+    # A trial worker trains one model after another: TensorFlow warned of retracing.
+    assert "triggered tf.function retracing" not in proc.stdout + proc.stderr
     # where trials ran, and on what (no GPU here: a GPU machine says "on GPU (<name>)")
     assert f"trials per node: {socket.gethostname()} (" in proc.stdout
     with open(smoke["exp"] / "trials.csv", newline="") as f:
