@@ -1977,7 +1977,9 @@ class Inputs:
     storage: Storage | None
     files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
-    hidden: int = 0  # files left out of a folder listing for a name starting with "."
+    # images (by suffix: macOS's ._x.png) left out of a folder listing for a name starting
+    # with "."; other hidden files (.DS_Store, make_noisy's record, .git/) go unsaid
+    hidden: int = 0
     single: bool = False  # one file, named: `storage` is its folder, which is not listed
 
 
@@ -2135,7 +2137,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 "fail (--input-format parquet reads their rows instead)",
                 file=sys.stderr,
             )
-    return Inputs("files", storage, shown, [], hidden=len(files) - len(shown))
+    hidden = sum(1 for rel, _ in files if _hidden(rel) and _image_name(rel)) if not has_glob else 0
+    return Inputs("files", storage, shown, [], hidden=hidden)
 
 
 def _one_file(storage: Storage, size: int) -> Inputs:
@@ -3538,11 +3541,11 @@ def _run_locked(
         n, where = inputs.hidden, redacted(args.input)
         why = "(a name or folder starting with '.')"
         print(
-            f"denoise: note: {n} hidden files under {where} {why} are not inputs; a glob "
-            "naming them includes them"
+            f"denoise: note: {n} hidden image files under {where} {why} are not inputs; a "
+            "glob naming them includes them"
             if n > 1
-            else f"denoise: note: 1 hidden file under {where} {why} is not an input; a glob "
-            "naming it includes it",
+            else f"denoise: note: 1 hidden image file under {where} {why} is not an input; a "
+            "glob naming it includes it",
             file=sys.stderr,
         )
 
