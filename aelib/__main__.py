@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():
         print(f"aelib: wrote {kind}: {path}", file=sys.stderr)
+    note = _no_gain_note(result.metrics)
+    if note:
+        print(f"aelib: note: {note}", file=sys.stderr)
     if result.metrics["nan"]:
         kept = result.paths.get("last_finite_model")
         if kept:  # (not always the epoch before: one whose validation loss was NaN is not)
@@ -368,6 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _no_gain_note(metrics: dict) -> str | None:
+    """What to say of a denoiser whose outputs score no better than its noisy inputs
+    (a run of one epoch on a few thousand digits, the README's quick try: it exited 0
+    with a negative psnr_gain in its JSON and grey squares in its figure, no word)."""
+    gain, noisy = metrics.get("psnr_gain"), metrics.get("noisy_psnr")
+    if gain is None or noisy is None or not gain <= 0:  # (NaN: the NaN error says it)
+        return None
+    return (
+        f"the denoiser's outputs score no better than its noisy inputs (test PSNR "
+        f"{noisy + gain:.2f} against {noisy:.2f} dB): it has not learned to denoise yet. Train "
+        "on more digits or for more epochs (30 epochs of all 60,000 digits reach about 20 dB)."
+    )
 
 
 def _epochs_done(checkpoint: Path) -> int:

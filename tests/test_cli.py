@@ -733,7 +733,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(
     assert list((out / "figures").iterdir()) == []
 
 
-def test_train_on_own_image_folder(tmp_path):
+def test_train_on_own_image_folder(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
@@ -746,9 +746,22 @@ def test_train_on_own_image_folder(tmp_path):
     args += ["--image-mode", "patch", "--out", str(tmp_path / "o"), "--no-figures"]
     assert main(args) == 0  # in this process (`trained` runs `python -m aelib` itself)
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    # a denoiser that does not denoise yet says so (it ended in silence, exit 0)
+    said = "has not learned to denoise yet" in capsys.readouterr().err
+    assert said == (record["metrics"]["psnr_gain"] <= 0), record["metrics"]
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
     assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
+
+
+def test_a_denoiser_that_does_not_denoise_yet_is_told_so():
+    from aelib.__main__ import _no_gain_note
+
+    note = _no_gain_note({"psnr_gain": -0.22, "noisy_psnr": 9.38})
+    assert "(test PSNR 9.16 against 9.38 dB): it has not learned to denoise yet" in note
+    assert _no_gain_note({"psnr_gain": 0.0, "noisy_psnr": 9.38}) is not None
+    for metrics in ({"psnr_gain": 8.5, "noisy_psnr": 9.38}, {"psnr_gain": float("nan")}, {}):
+        assert _no_gain_note(metrics) is None, metrics
 
 
 def test_make_noisy_without_mnist_offline_is_one_line(tmp_path):
