@@ -3849,7 +3849,10 @@ def _plan(
             continue
         owner = claimed.setdefault(out_rel, rel)
         if owner != rel:  # x.png and x.jpg with --format jpeg: both would be x.jpg
-            reason = f"its output {out_rel} is also the output of {owner}"
+            reason = (
+                f"its output {out_rel} is also the output of {owner}; rename one of them to "
+                "denoise both"
+            )
             early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": size})
             continue
         if out_rel in folders:

@@ -1635,7 +1635,7 @@ def test_names_outputs_and_formats_a_user_can_trip_on(model_path, tmp_path, shar
     assert rows["bad\\xffname.png"]["status"] == "failed"
     assert "not valid UTF-8" in rows["bad\\xffname.png"]["error"]
     assert rows["x.jpg"]["status"] == "ok" and rows["x.png"]["status"] == "failed"
-    assert "also the output of x.jpg" in rows["x.png"]["error"]
+    assert "also the output of x.jpg; rename one of them" in rows["x.png"]["error"]
     assert Image.open(dst / "x.jpg").size == (12, 12)  # x.jpg's own result, not x.png's
     assert rows["rgba.png"]["status"] == "ok" and "alpha dropped" in rows["rgba.png"]["error"]
     assert rows["rgba.png"]["channels"] == 4 and rows["g16.png"]["channels"] == 1
