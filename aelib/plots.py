@@ -112,12 +112,20 @@ def conv_codes(
     for k in range(c):
         r, q = divmod(k, cols)
         grids[:, r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = codes[..., k]
-    size = 1.6 * max(1.0, rows * h / 16)
-    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * size, size), squeeze=False)
+    # Five digits a row: ten of a denoiser's 7x7x32 codes in one were a 2240x224 strip.
+    across = min(5, len(grids))
+    down = -(-len(grids) // across)
+    width = min(3.2, 1.6 * max(1.0, cols * w / 16))  # (inches a digit; its grid's height)
+    height = width * grids.shape[1] / grids.shape[2]
+    title_room = 0.7 if note else 0.45
+    fig, axes = plt.subplots(
+        down, across, figsize=(across * width, down * height * 1.3 + title_room), squeeze=False
+    )
     cmap = plt.get_cmap("gray").with_extremes(bad="white")  # (the gaps between channels)
-    for ax, grid in zip(axes[0], grids, strict=False):
-        ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, grid in zip(axes.flat, grids, strict=False):
+        ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
     title = f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}"
     fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
