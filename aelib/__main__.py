@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from aelib.registry import list_models, plain_message
@@ -221,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bring own images to 28x28 by resizing (the default) or by cutting patches",
     )
     t.add_argument("--invert", action="store_true", help="own images are dark on light")
+    t.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave own images that cannot be read out, naming them in a warning (default: "
+        "stop before training, naming them)",
+    )
     t.add_argument("--out", type=_path, required=True, help="output folder")
     t.add_argument(
         "--overwrite",
@@ -260,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             a.choices["train"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
         )
     if args.command == "train" and not args.images:
-        given = [f for f, v in (("--image-mode", args.image_mode), ("--invert", args.invert)) if v]
+        own = (
+            ("--image-mode", args.image_mode),
+            ("--invert", args.invert),
+            ("--skip-unreadable", args.skip_unreadable),
+        )
+        given = [f for f, v in own if v]
         if given:  # (recorded in metrics.json as if they had acted on MNIST)
             verb = "apply" if len(given) > 1 else "applies"
             parser.error(f"{' and '.join(given)} {verb} to --images only")
@@ -298,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "image_mode": args.image_mode or "resize",
         "invert": args.invert,
+        "skip_unreadable": args.skip_unreadable,
     }
     fields = ("epochs", "batch_size", "learning_rate", "lr_schedule", "noise_factor", "val_split")
     for field in fields:
@@ -315,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             _writable_folder(args.out, "--out", made)
             if not args.no_figures and (out / "figures").exists():  # (found after training)
                 _writable_folder(str(out / "figures"), "--out's figures folder", made)
-            with _one_run_at_a_time(out, made):
+            with _one_run_at_a_time(out, made), warnings.catch_warnings():
+                warnings.showwarning = _show_warning
                 result = _train_locked(args, config, out, made, settings)
     except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
         # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
@@ -342,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(f"aelib: error: {plain_message(e)}", file=sys.stderr)
+        from aelib.data import UnreadableImages
+
+        if isinstance(e, UnreadableImages):
+            print("aelib: --skip-unreadable leaves them out", file=sys.stderr)
         from aelib.train import CheckpointUnusable  # (its rerun would fail the same way)
 
         if (
@@ -371,6 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """aelib's own warnings (the unreadable images left out) as one "aelib: warning:" line
+    each; any other library's as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"aelib: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _no_gain_note(metrics: dict) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -384,6 +385,11 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"Cannot read image {path}: {e}") from e
 
 
+class UnreadableImages(ValueError):
+    """An image folder holds files that cannot be read as images (load_image_folder's
+    on_error="raise"): the message names them."""
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     size: tuple[int, int] = (28, 28),
@@ -404,10 +410,11 @@ def load_image_folder(
         mode: "resize" or "patch".
         invert: turn dark-on-light images into MNIST's light-on-dark.
         on_error: "raise" if any file is unreadable (naming up to 100 of them, so
-            that one run finds the broken files), or "skip" them.
+            that one run finds the broken files), or "skip" them with a warning naming them.
 
     Raises:
-        ValueError: a bad argument, no usable image, or (on_error="raise") an unreadable file.
+        UnreadableImages: (on_error="raise") an unreadable file.
+        ValueError: a bad argument, or no usable image.
     """
     from PIL import Image
 
@@ -437,12 +444,19 @@ def load_image_folder(
             if rows and cols:
                 tiles = img[: rows * height, : cols * width].reshape(rows, height, cols, width)
                 out.append(tiles.transpose(0, 2, 1, 3).reshape(-1, height, width))
-    if unreadable and on_error == "raise":
-        if len(unreadable) == 1:
-            raise ValueError(unreadable[0])
+    if unreadable:
         shown = "\n  ".join(unreadable[:100])
         more = f"\n  ... and {len(unreadable) - 100} more" if len(unreadable) > 100 else ""
-        raise ValueError(f"{len(unreadable)} unreadable images in {folder}:\n  {shown}{more}")
+        if on_error == "skip":  # (left out without a word before)
+            n = len(unreadable)
+            what = "1 unreadable image" if n == 1 else f"{n} unreadable images"
+            warnings.warn(f"{what} in {folder} left out:\n  {shown}{more}", stacklevel=2)
+        elif len(unreadable) == 1:
+            raise UnreadableImages(unreadable[0])
+        else:
+            raise UnreadableImages(
+                f"{len(unreadable)} unreadable images in {folder}:\n  {shown}{more}"
+            )
     if not out:
         what = "readable images" if mode == "resize" else f"images of at least {height}x{width}"
         raise ValueError(

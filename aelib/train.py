@@ -65,6 +65,9 @@ class TrainConfig:
     images: str | None = None  # train on a folder of your own images instead of MNIST
     image_mode: str = "resize"  # how own images become 28x28: "resize" or "patch"
     invert: bool = False  # own images dark-on-light: invert to MNIST's light-on-dark
+    # own images: leave the unreadable ones out, with a warning naming them (default: fail,
+    # naming them, before any training)
+    skip_unreadable: bool = False
 
     def __post_init__(self):
         _check(  # (None failed with "'NoneType' object is not iterable")
@@ -78,10 +81,11 @@ class TrainConfig:
                 value is None or isinstance(value, (str, os.PathLike)),
                 f"{name} must be a path or None. Received: {name}={value!r}",
             )
-        _check(
-            isinstance(self.invert, bool),
-            f"invert must be True or False. Received: invert={self.invert!r}",
-        )
+        for name in ("invert", "skip_unreadable"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, bool), f"{name} must be True or False. Received: {name}={value!r}"
+            )
         _check(  # ("" read the working folder's images, and was recorded as MNIST)
             self.images is None or str(self.images).strip() != "",
             f"images must be a folder's path, or None for MNIST. Received: images={self.images!r}",
@@ -214,7 +218,11 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
     if config.images is None:
         return data_lib.load_mnist(config.data)
     x = data_lib.load_image_folder(
-        config.images, size=(28, 28), mode=config.image_mode, invert=config.invert
+        config.images,
+        size=(28, 28),
+        mode=config.image_mode,
+        invert=config.invert,
+        on_error="skip" if config.skip_unreadable else "raise",
     )
     if len(x) < 3:
         raise ValueError(f"{config.images} gives {len(x)} images; training needs at least 3.")
@@ -421,7 +429,9 @@ def resume_settings(config: TrainConfig, arrays: MnistArrays) -> dict[str, Any]:
     file given another way was another run), and not what only the final evaluation
     reads (test_limit)."""
     values = config.to_dict()
-    for name in ("data", "images", "test_limit"):
+    # (skip_unreadable: which images it read is in their hash; a run stopped before the
+    # field was recorded goes on)
+    for name in ("data", "images", "test_limit", "skip_unreadable"):
         values.pop(name)
     values["model_options"] = {**model_defaults(config.model), **config.model_options}
     x_train = np.ascontiguousarray(arrays[0][0][: config.limit])

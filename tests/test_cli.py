@@ -200,6 +200,7 @@ BAD_INPUT = [
     (["--model", "dense", "--noise-factor", "0.3"], "--noise-factor applies to --model denoise"),
     (["--model", "dense", "--invert"], "--invert applies to --images only"),
     (["--model", "dense", "--image-mode", "patch"], "--image-mode applies to --images only"),
+    (["--model", "dense", "--skip-unreadable"], "--skip-unreadable applies to --images only"),
     (  # 2 images, round(1.8) = 2 of them held out: nothing left to train on
         ["--model", "dense", "--limit", "2", "--val-split", "0.9", "--no-figures"],
         "no training images left: limit=2 with val_split=0.9 leaves 0 of the 2 images",
@@ -752,6 +753,41 @@ def test_train_on_own_image_folder(tmp_path, capsys):
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
     assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
+
+
+def test_own_images_that_cannot_be_read_stop_the_run_or_are_left_out(tmp_path, capsys):
+    """A corrupt file among own images stops the run before training, naming it, and
+    says how to go on without it; --skip-unreadable trains on the rest and names it in a
+    warning (there was no such flag: the file had to be moved)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png"
+        )
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    args = ["train", "--model", "dense", "--epochs", "1", "--images", str(tmp_path / "imgs")]
+    args += ["--out", str(tmp_path / "o"), "--no-figures"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"aelib: error: Cannot read image {tmp_path / 'imgs' / 'bad.png'}" in err, err
+    assert "aelib: --skip-unreadable leaves them out" in err
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--skip-unreadable"]) == 0
+    err = capsys.readouterr().err
+    said = f"aelib: warning: 1 unreadable image in {tmp_path / 'imgs'} left out:\n  Cannot read"
+    assert said in err, err
+    record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert record["train_config"]["skip_unreadable"] is True
+    assert (
+        record["data_settings"]["train_images"]
+        + record["metrics"]["test_images"]
+        + (record["data_settings"]["val_images"])
+        == 4
+    )
 
 
 def test_a_denoiser_that_does_not_denoise_yet_is_told_so():

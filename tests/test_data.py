@@ -230,13 +230,16 @@ def test_image_folder_resize_patch_invert_and_errors(tmp_path):
     assert np.array_equal(inverted, 255 - resized)
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png"):
+    with pytest.raises(data_lib.UnreadableImages, match=r"Cannot read image .*broken\.png"):
         data_lib.load_image_folder(tmp_path)
-    assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
+    # skipped, and named in a warning (they were left out without a word)
+    with pytest.warns(UserWarning, match=r"1 unreadable image in .* left out:\n  Cannot read"):
+        assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
     (tmp_path / "sub" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(ValueError, match=r"2 unreadable images in .*\n  Cannot read image .*"):
         data_lib.load_image_folder(tmp_path)  # every one named, not the first alone
-    assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
+    with pytest.warns(UserWarning, match=r"2 unreadable images in .* left out:\n  Cannot read"):
+        assert len(data_lib.load_image_folder(tmp_path, on_error="skip")) == 3
     (tmp_path / "sub" / "cut.png").unlink()
     with pytest.raises(FileNotFoundError, match="Image folder not found"):
         data_lib.load_image_folder(tmp_path / "missing")
