@@ -359,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         from aelib.data import UnreadableImages
 
         if isinstance(e, UnreadableImages):
-            print("aelib: --skip-unreadable leaves them out", file=sys.stderr)
+            print(
+                "aelib: note: --skip-unreadable leaves such files out and trains on the rest",
+                file=sys.stderr,
+            )
         from aelib.train import CheckpointUnusable  # (its rerun would fail the same way)
 
         if (
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"model": args.model, **finite(result.metrics)}, indent=2, default=float))
     for kind, path in result.paths.items():
         print(f"aelib: wrote {kind}: {path}", file=sys.stderr)
-    note = _no_gain_note(result.metrics)
+    note = _no_gain_note(result.metrics, own_images=bool(args.images))
     if note:
         print(f"aelib: note: {note}", file=sys.stderr)
     if result.metrics["nan"]:
@@ -392,25 +395,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """aelib's own warnings (the unreadable images left out) as one "aelib: warning:" line
-    each; any other library's as Python shows them."""
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+    """aelib's own warnings (AelibWarning: the unreadable images left out) as one
+    "aelib: warning:" line each; any other as Python shows it."""
+    from aelib.data import AelibWarning
+
+    if issubclass(category, AelibWarning):
         print(f"aelib: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def _no_gain_note(metrics: dict) -> str | None:
+def _no_gain_note(metrics: dict, own_images: bool = False) -> str | None:
     """What to say of a denoiser whose outputs score no better than its noisy inputs
     (a run of one epoch on a few thousand digits, the README's quick try: it exited 0
     with a negative psnr_gain in its JSON and grey squares in its figure, no word)."""
     gain, noisy = metrics.get("psnr_gain"), metrics.get("noisy_psnr")
     if gain is None or noisy is None or not gain <= 0:  # (NaN: the NaN error says it)
         return None
+    more = (
+        "Train on more images or for more epochs."
+        if own_images
+        else "Train on more digits or for more epochs (30 epochs of all 60,000 digits reach "
+        "about 20 dB)."
+    )
     return (
         f"the denoiser's outputs score no better than its noisy inputs (test PSNR "
-        f"{noisy + gain:.2f} against {noisy:.2f} dB): it has not learned to denoise yet. Train "
-        "on more digits or for more epochs (30 epochs of all 60,000 digits reach about 20 dB)."
+        f"{noisy + gain:.2f} against {noisy:.2f} dB): it has not learned to denoise yet. {more}"
     )
 
 

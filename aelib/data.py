@@ -385,6 +385,11 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"Cannot read image {path}: {e}") from e
 
 
+class AelibWarning(UserWarning):
+    """aelib's own warnings (the unreadable images load_image_folder left out): the
+    command line shows them as "aelib: warning:" lines."""
+
+
 class UnreadableImages(ValueError):
     """An image folder holds files that cannot be read as images (load_image_folder's
     on_error="raise"): the message names them."""
@@ -450,7 +455,7 @@ def load_image_folder(
         if on_error == "skip":  # (left out without a word before)
             n = len(unreadable)
             what = "1 unreadable image" if n == 1 else f"{n} unreadable images"
-            warnings.warn(f"{what} in {folder} left out:\n  {shown}{more}", stacklevel=2)
+            warnings.warn(f"{what} in {folder} left out:\n  {shown}{more}", AelibWarning, 2)
         elif len(unreadable) == 1:
             raise UnreadableImages(unreadable[0])
         else:

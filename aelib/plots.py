@@ -117,16 +117,17 @@ def conv_codes(
     down = -(-len(grids) // across)
     width = min(3.2, 1.6 * max(1.0, cols * w / 16))  # (inches a digit; its grid's height)
     height = width * grids.shape[1] / grids.shape[2]
+    title = f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}"
     title_room = 0.7 if note else 0.45
+    wide = max(across * width, 0.09 * max(len(title), len(note or "")))  # (a title in full)
     fig, axes = plt.subplots(
-        down, across, figsize=(across * width, down * height * 1.3 + title_room), squeeze=False
+        down, across, figsize=(wide, down * height * 1.3 + title_room), squeeze=False
     )
     cmap = plt.get_cmap("gray").with_extremes(bad="white")  # (the gaps between channels)
     for ax in axes.flat:
         ax.axis("off")
     for ax, grid in zip(axes.flat, grids, strict=False):
         ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
-    title = f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}"
     fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)

@@ -1977,8 +1977,8 @@ class Inputs:
     storage: Storage | None
     files: list[tuple[str, int]]  # (relative path, size in bytes) of file inputs
     parquet: list[str]  # Parquet file paths or URIs
-    # images (by suffix: macOS's ._x.png) left out of a folder listing for a name starting
-    # with "."; other hidden files (.DS_Store, make_noisy's record, .git/) go unsaid
+    # images (by suffix) left out of a folder listing for a name starting with "."; other
+    # hidden files (.DS_Store, macOS's ._x.png, make_noisy's record, .git/) go unsaid
     hidden: int = 0
     single: bool = False  # one file, named: `storage` is its folder, which is not listed
 
@@ -2137,7 +2137,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 "fail (--input-format parquet reads their rows instead)",
                 file=sys.stderr,
             )
-    hidden = sum(1 for rel, _ in files if _hidden(rel) and _image_name(rel)) if not has_glob else 0
+    hidden = 0 if has_glob else sum(1 for rel, _ in files if _hidden_image(rel))
     return Inputs("files", storage, shown, [], hidden=hidden)
 
 
@@ -2154,6 +2154,12 @@ def _one_file(storage: Storage, size: int) -> Inputs:
     if storage.mtime_ns:
         listed.mtimes[name] = storage.mtime_ns
     return Inputs("files", listed, [(name, size)], [], single=True)
+
+
+def _hidden_image(rel: str) -> bool:
+    """A hidden file named as an image, which a user may have meant as an input: not
+    macOS's AppleDouble `._x.png` beside each copied file (metadata, no image)."""
+    return _hidden(rel) and _image_name(rel) and not posixpath.basename(rel).startswith("._")
 
 
 def _image_name(rel: str) -> bool:
@@ -3706,7 +3712,7 @@ def _run_locked(
         **counts,
         "seconds": round(seconds, 2),
         "images_per_s": round(counts["ok"] / seconds, 1) if seconds else 0.0,
-        "hidden_not_inputs": inputs.hidden,
+        "hidden_images_not_inputs": inputs.hidden,
         **timings,
         "manifest": output.full(MANIFEST) if output.local else redacted(output.uri(MANIFEST)),
     }

@@ -774,7 +774,7 @@ def test_own_images_that_cannot_be_read_stop_the_run_or_are_left_out(tmp_path, c
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"aelib: error: Cannot read image {tmp_path / 'imgs' / 'bad.png'}" in err, err
-    assert "aelib: --skip-unreadable leaves them out" in err
+    assert "aelib: note: --skip-unreadable leaves such files out and trains on the rest" in err
     assert not (tmp_path / "o").exists()
     assert main([*args, "--skip-unreadable"]) == 0
     err = capsys.readouterr().err
@@ -796,6 +796,9 @@ def test_a_denoiser_that_does_not_denoise_yet_is_told_so():
     note = _no_gain_note({"psnr_gain": -0.22, "noisy_psnr": 9.38})
     assert "(test PSNR 9.16 against 9.38 dB): it has not learned to denoise yet" in note
     assert _no_gain_note({"psnr_gain": 0.0, "noisy_psnr": 9.38}) is not None
+    assert "(30 epochs of all 60,000 digits" in note  # (MNIST's figure, not for own images)
+    own = _no_gain_note({"psnr_gain": -1.0, "noisy_psnr": 9.0}, own_images=True)
+    assert own.endswith("Train on more images or for more epochs.") and "60,000" not in own
     for metrics in ({"psnr_gain": 8.5, "noisy_psnr": 9.38}, {"psnr_gain": float("nan")}, {}):
         assert _no_gain_note(metrics) is None, metrics
 

@@ -148,6 +148,7 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
     (src / ".DS_Store").write_bytes(b"Bud1")  # hidden: not inputs, not failures
     (src / "sizes" / ".odd.png.swp").write_bytes(b"swap")
     (src / "sizes" / "._odd.png").write_bytes(b"\x00\x05\x16\x07")  # (macOS's AppleDouble)
+    (src / "sizes" / ".odd-backup.png").write_bytes(png(odd))  # a hidden image
     return {"src": src, "clean": clean, "root": root}
 
 
@@ -178,8 +179,8 @@ def test_every_valid_image_is_denoised_at_its_relative_path(first_run, dataset):
         with Image.open(dst / rel) as out, Image.open(dataset["src"] / rel) as inp:
             assert out.size == inp.size and out.mode == inp.mode  # same size, 8-bit kept
     assert "0 skipped" in result.stdout and f"{N_DIGITS + 3} ok, 3 failed" in result.stdout
-    # of the hidden files, the note counts the image one (.DS_Store, a swap file and
-    # make_noisy's record went into it on every run over make_noisy's folder)
+    # of the hidden files, the note counts the image (.DS_Store, a swap file, an AppleDouble
+    # ._x.png and make_noisy's record went into it on every run over make_noisy's folder)
     assert "note: 1 hidden image file under" in result.stderr, result.stderr[-3000:]
     assert not list(dst.rglob("*.denoise-tmp"))  # no temp file left behind
 
@@ -1507,7 +1508,8 @@ def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path
 
 
 def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypatch):
-    for rel in ("a.png", ".DS_Store", ".git/objects/ab", "sub/b.png", "sub/.b.png.swp", "._a.png"):
+    hidden = (".DS_Store", ".git/objects/ab", "sub/.b.png.swp", "._a.png", ".c.png")
+    for rel in ("a.png", "sub/b.png", *hidden):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     found = job.find_inputs(str(tmp_path), "auto")
@@ -1526,7 +1528,7 @@ def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypa
         assert [rel for rel, _ in job._matching(listing, pattern)] == local, pattern
     (tmp_path / "a.png").unlink()
     (tmp_path / "sub" / "b.png").unlink()
-    with pytest.raises(ValueError, match=r"no files found \(only 4 hidden ones\)"):
+    with pytest.raises(ValueError, match=r"no files found \(only 5 hidden ones\)"):
         job.find_inputs(str(tmp_path), "auto")
     # A glob naming only folders: say that it takes no file inside them.
     with pytest.raises(ValueError, match=r"no files found; a glob takes the files it names, not"):

@@ -341,6 +341,14 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
     flat = data_lib.prepare(digits[:4], "flat")
     plots.tutorial_figures(vae, Splits(*[flat] * 6, labels_test=np.arange(4)), history, tmp_path)
     assert drawn[8].axes[0].get_ylabel() == "loss (BCE + KL / 784)"
+    # Conv codes five digits a row (ten 7x7x32 codes of a denoiser were a 2240x224 strip),
+    # and one digit's figure wide enough for its title.
+    plots.conv_codes(np.random.default_rng(0).random((10, 7, 7, 32)), tmp_path / "codes.png")
+    rows = {round(ax.get_position().y0, 3) for ax in drawn[-1].axes if ax.images}
+    assert len([ax for ax in drawn[-1].axes if ax.images]) == 10 and len(rows) == 2
+    assert drawn[-1].get_size_inches()[0] < 20
+    plots.conv_codes(np.random.default_rng(0).random((1, 4, 4, 8)), tmp_path / "one.png")
+    assert drawn[-1].get_size_inches()[0] >= 0.09 * len(drawn[-1]._suptitle.get_text())
     for fig in drawn:
         plt.close(fig)
 
