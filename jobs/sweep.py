@@ -50,6 +50,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -1071,8 +1072,6 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
         import keras
 
         import aelib
-    import logging
-
     from aelib.train import compute_device, merge_history, write_outputs
 
     logging.getLogger("tensorflow").addFilter(_no_retracing_warning)  # (added once)
@@ -2075,8 +2074,6 @@ def _no_tune_restore_hint() -> None:
     a Ctrl-C or SIGTERM: it came just before the sweep's own hint (the same command with
     --resume, see _interrupted_line), and pointed to an API call that is not how a sweep
     goes on (its settings, checks and trial table are the job's)."""
-    import logging
-
     # (ray/tune/tune.py's own logger; adding the same filter again adds nothing)
     logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
 
@@ -2215,8 +2212,6 @@ def _unfinished_trials(experiment_path: str) -> dict[str, dict]:
     experiment's state file has neither terminated nor errored. (The results `fit`
     returns after a Ctrl-C call every trial TERMINATED, those still running or pending
     included.)"""
-    import logging
-
     tune_logger = logging.getLogger("ray.tune")
     level = tune_logger.level
     tune_logger.setLevel(logging.ERROR)  # (a pending trial has no results: a warning each)
