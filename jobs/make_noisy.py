@@ -135,17 +135,24 @@ def make_noisy(
     made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
     made_with["noise_seeds"] = "SeedSequence([seed, chunk])"  # (before: seed + 10000 * chunk)
 
-    def noisy_digit(i: int) -> np.ndarray:  # what this run writes as digit i
-        start = i - i % _CHUNK  # (its chunk's noise up to i: NumPy draws it in order)
-        clean = data_lib.scale(x_test[np.arange(start, i + 1) % MNIST_TEST_SIZE])
-        noisy = data_lib.add_noise(clean, noise_factor, seed=chunk_seed(seed, i // _CHUNK))
-        return np.round(noisy[-1] * 255.0).astype(np.uint8)
+    def noisy(index: np.ndarray) -> np.ndarray:
+        """The noisy digits `index` (from the start of a chunk of _CHUNK, in order)."""
+        clean = data_lib.scale(x_test[index % MNIST_TEST_SIZE])
+        seeded = chunk_seed(seed, int(index[0]) // _CHUNK)
+        return np.round(data_lib.add_noise(clean, noise_factor, seed=seeded) * 255.0).astype(
+            np.uint8
+        )
 
-    labels = y_test  # (the label folder of digit i)
-    claims = [(out, "--out", made_with, noisy_digit, labels)]
+    def path(i: int) -> str:
+        return relative_path(i, int(y_test[i % MNIST_TEST_SIZE]))
+
+    def noisy_digit(i: int) -> tuple[str, np.ndarray]:  # what this run writes as digit i
+        return path(i), noisy(np.arange(i - i % _CHUNK, i + 1))[-1]  # (NumPy draws in order)
+
+    claims = [(out, "--out", made_with, noisy_digit)]
     if clean_root is not None:
-        clean_digit = lambda i: x_test[i % MNIST_TEST_SIZE]  # noqa: E731
-        claims.append((clean_root, "--clean-out", {"data_sha256": digest}, clean_digit, labels))
+        clean_digit = lambda i: (path(i), x_test[i % MNIST_TEST_SIZE])  # noqa: E731
+        claims.append((clean_root, "--clean-out", {"data_sha256": digest}, clean_digit))
     made = _check_folders(out, clean_root)
     for folder, *_ in claims:  # (before the claims: a temp file is no PNG of the folder's)
         _remove_stale_temp_files(folder)
@@ -160,12 +167,8 @@ def make_noisy(
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
         clean = x_test[index % MNIST_TEST_SIZE]
-        noisy = data_lib.add_noise(
-            data_lib.scale(clean), noise_factor, seed=chunk_seed(seed, start // _CHUNK)
-        )
-        noisy = np.round(noisy * 255.0).astype(np.uint8)
-        for i, image, ref in zip(index, noisy, clean, strict=True):
-            rel = relative_path(int(i), int(y_test[i % MNIST_TEST_SIZE]))
+        for i, image, ref in zip(index, noisy(index), clean, strict=True):
+            rel = path(int(i))
             target = out / rel
             if target.is_file() and target.stat().st_size > 0:
                 kept += 1
@@ -235,12 +238,13 @@ def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:
     return made
 
 
-def _claim(folder: Path, flag: str, made_with: dict, digit, labels: np.ndarray) -> bool:
+def _claim(folder: Path, flag: str, made_with: dict, digit) -> bool:
     """Whether `folder` needs its record of what its digits are made with written.
     Refuses a folder made with other settings (a rerun keeps the files there), or
     holding the other kind of digits (noisy ones as the clean references). A folder of
     digits with no record (made before the record) is taken, with a note, and recorded
-    if its first digit is what this run would write there (`digit(i)`), else refused."""
+    if its first digit is what this run would write there (`digit(i)`: its relative path
+    and pixels), else refused."""
     record = folder / SETTINGS
     role = "noisy digits" if "noise_factor" in made_with else "clean references"
     if record.is_file():
@@ -274,8 +278,8 @@ def _claim(folder: Path, flag: str, made_with: dict, digit, labels: np.ndarray) 
         i = int(_LAYOUT.fullmatch(rel)[2])
         with Image.open(folder / rel) as img:
             have = np.asarray(img.convert("L"))
-        label = int(labels[i % MNIST_TEST_SIZE])
-        if rel != relative_path(i, label) or not np.array_equal(have, digit(i)):
+        want_rel, want = digit(i)
+        if rel != want_rel or not np.array_equal(have, want):
             raise ValueError(
                 f"{flag} {folder} holds digits with no record of what made them, and its "
                 f"{rel} is not what these settings write there. A rerun keeps the files "
