@@ -95,13 +95,18 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
 
 @_closes_its_figure
 def conv_codes(
-    codes: np.ndarray, path: str | os.PathLike, n: int = 10, note: str | None = None
+    codes: np.ndarray,
+    path: str | os.PathLike,
+    n: int = 10,
+    note: str | None = None,
+    labels: np.ndarray | None = None,
 ) -> Path:
     """Draws (N, h, w, c) conv codes: for each of the first `n` digits, its c channel
     maps of h x w on a grid, all on one gray scale (up to the largest value), so each
     code value is a block of pixels and digits compare. (The tutorial draws its
     (4, 4, 8) codes as 4x32 strips; a denoiser's (7, 7, 32) code drawn that way is a
-    7x224 strip that a figure can only resample.) `note` is a second line of the title."""
+    7x224 strip that a figure can only resample.) `note` is a second line of the title;
+    `labels` name each code's digit above it (own images, labelled -1: none)."""
     codes = np.asarray(codes, dtype=np.float32)[:n]
     h, w, c = codes.shape[1:]
     cols = next(k for k in range(int(np.ceil(np.sqrt(c))), c + 1) if c % k == 0)  # 8 -> 4x2
@@ -121,13 +126,21 @@ def conv_codes(
     title_room = 0.7 if note else 0.45
     wide = max(across * width, 0.09 * max(len(title), len(note or "")))  # (a title in full)
     fig, axes = plt.subplots(
-        down, across, figsize=(wide, down * height * 1.3 + title_room), squeeze=False
+        down,
+        across,
+        figsize=(wide, down * (height * 1.3 + 0.2) + title_room),  # (+ its label)
+        squeeze=False,
     )
     cmap = plt.get_cmap("gray").with_extremes(bad="white")  # (the gaps between channels)
     for ax in axes.flat:
         ax.axis("off")
     for ax, grid in zip(axes.flat, grids, strict=False):
         ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
+    labels = np.asarray([] if labels is None else labels)[: len(grids)]
+    noun = _by_label(labels)[1]  # (digit, or label where labels pass 9)
+    for ax, label in zip(axes.flat, labels, strict=False):
+        if label >= 0:  # (own images: -1, no label)
+            ax.set_title(f"{noun} {int(label)}", fontsize=9)
     fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)
@@ -389,7 +402,9 @@ def tutorial_figures(
         if isinstance(codes, list | tuple):  # denoise(skips=True): the code comes first
             codes, note = codes[0], "the deepest features: skip connections pass others on"
         if codes.ndim == 4:
-            figures["codes"] = conv_codes(codes, out_dir / f"{name}_codes.png", note=note)
+            figures["codes"] = conv_codes(
+                codes, out_dir / f"{name}_codes.png", note=note, labels=splits.labels_test[:n]
+            )
     if name in ("dense", "sparse", "deep"):
         codes = _predict(model.encoder, splits.x_test[:limit])
         process.raise_if_stopped()  # (before t-SNE: seconds)

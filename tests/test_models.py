@@ -337,15 +337,20 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
     assert curves[0].get_ylabel() == "loss (BCE)"
     assert curves[1].get_legend().get_texts()[0].get_text() == "val_psnr (noise 0.5)"
     assert drawn[6].axes[0].get_ylabel() == "noisy (0.5)"  # (the row of inputs shown)
+    assert [ax.get_title() for ax in drawn[7].axes if ax.images] == [f"digit {d}" for d in range(4)]
     vae = aelib.build_model("vae")
     flat = data_lib.prepare(digits[:4], "flat")
     plots.tutorial_figures(vae, Splits(*[flat] * 6, labels_test=np.arange(4)), history, tmp_path)
     assert drawn[8].axes[0].get_ylabel() == "loss (BCE + KL / 784)"
     # Conv codes five digits a row (ten 7x7x32 codes of a denoiser were a 2240x224 strip),
     # and one digit's figure wide enough for its title.
-    plots.conv_codes(np.random.default_rng(0).random((10, 7, 7, 32)), tmp_path / "codes.png")
+    codes = np.random.default_rng(0).random((10, 7, 7, 32))
+    plots.conv_codes(codes, tmp_path / "codes.png", labels=np.array([7, 2, 1, 0, 4, 1] + [-1] * 4))
     rows = {round(ax.get_position().y0, 3) for ax in drawn[-1].axes if ax.images}
     assert len([ax for ax in drawn[-1].axes if ax.images]) == 10 and len(rows) == 2
+    # Each code says its digit (one without a label, -1, says nothing).
+    titles = [ax.get_title() for ax in drawn[-1].axes if ax.images]
+    assert titles == ["digit 7", "digit 2", "digit 1", "digit 0", "digit 4", "digit 1"] + [""] * 4
     assert drawn[-1].get_size_inches()[0] < 20
     plots.conv_codes(np.random.default_rng(0).random((1, 4, 4, 8)), tmp_path / "one.png")
     assert drawn[-1].get_size_inches()[0] >= 0.09 * len(drawn[-1]._suptitle.get_text())
