@@ -5,6 +5,7 @@
 - `sigterm_as_ctrl_c`: SIGTERM (`kill`, a scheduler stopping the run) raises `Terminated`,
   a KeyboardInterrupt, so the run ends as on Ctrl-C: with its message, not in silence;
   `raise_if_stopped` raises either again at a safe point of a long loop.
+  `record_stops_early` keeps a stop that comes before it (during imports) for it to raise.
 - `in_use`: whether another process holds such a lock (without taking it).
 - `out_of_space`: whether an error is a full disk (or quota).
 - `broken_link`: which link on a path points nowhere.
@@ -81,6 +82,29 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 _STOPPED: list[type[KeyboardInterrupt]] = []  # what the handlers below raised
 _DEFERRED: list[str] = []  # [notice] while stops wait for raise_if_stopped (defer_stops)
+_EARLY: dict = {}  # the handlers record_stops_early replaced, until sigterm_as_ctrl_c
+
+
+def record_stops_early() -> None:
+    """Until sigterm_as_ctrl_c's block, Ctrl-C and SIGTERM only record the stop, which
+    that block then raises as it starts (a second one is raised at once). For a command
+    whose imports take seconds (`aelib train`: TensorFlow's): a Ctrl-C raised inside
+    them was lost (in a garbage-collector callback, say) and the run trained to its end;
+    SIGTERM ended it without a word. Only in the main thread, over Python's own handlers."""
+    if threading.current_thread() is not threading.main_thread() or _EARLY:
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    _STOPPED.clear()
+    for sig, handler in defaults.items():
+        if signal.getsignal(sig) is handler:  # (not one ignored, or someone else's)
+            _EARLY[sig] = handler
+            signal.signal(sig, _record)
+
+
+def _record(signum, frame) -> None:
+    _STOPPED.append(Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+    if len(_STOPPED) > 1:  # (a second stop: at once, as asked)
+        raise _STOPPED[-1]()
 
 
 def _stop(signum, frame) -> None:
@@ -119,9 +143,13 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _STOPPED.clear()
+    if not _EARLY:
+        _STOPPED.clear()
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous.update(_EARLY)  # (not record_stops_early's: Python's own again after)
+    _EARLY.clear()
     try:
+        raise_if_stopped()  # (a stop record_stops_early kept)
         yield
     finally:
         for sig, handler in previous.items():

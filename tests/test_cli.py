@@ -456,6 +456,41 @@ def test_a_signal_whose_exception_was_lost_is_raised_again(capfd):
                 time.sleep(1)  # (the handler raises here)
 
 
+def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
+    """A Ctrl-C in the seconds of TensorFlow's import was lost (raised in a garbage-collector
+    callback, say) and the run trained to its end, exit 0; SIGTERM ended it without a word.
+    The command line keeps such a stop for the run to stop on as it starts."""
+
+    def caught(pid: int, signum: int) -> bool:  # (Linux: the signals a process handles)
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(re.search(r"SigCgt:\s*([0-9a-f]+)", status)[1], 16) >> (signum - 1) & 1)
+
+    for signum, code, how in (
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    ):
+        out = tmp_path / f"o{signum}"
+        cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "1"]
+        cmd += ["--limit", "1000", "--no-figures", "--data", str(MNIST), "--out", str(out)]
+        proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not caught(proc.pid, signal.SIGTERM):  # (its handler is set: Keras comes next)
+            assert time.monotonic() < deadline and proc.poll() is None, "SIGTERM not handled"
+            time.sleep(0.005)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signum)
+        # (the stop lands in the imports: no backend's library was loaded yet)
+        assert not re.search("tensorflow|jaxlib|torch", maps), "handled after the imports"
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == code and "Traceback" not in err, err[-3000:]
+        assert f"aelib: {how}: the run did not finish" in err and "Epoch 1/" not in err, err
+        assert not out.exists()
+    # A program importing aelib keeps Python's own handlers.
+    check = "import signal, aelib; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+    run = subprocess.run([sys.executable, "-c", check], env=subprocess_env(), capture_output=True)
+    assert run.stdout.strip() == b"True", run.stderr[-2000:]
+
+
 def test_a_full_disk_ends_training_with_a_line_and_its_rerun_goes_on(tmp_path):
     """A disk that filled up (a tmpfs with room for one checkpoint: root only, skipped
     elsewhere) ended the run with "aelib: error: [Errno 28] No space left on device",
