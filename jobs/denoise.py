@@ -743,11 +743,36 @@ def inspect_model(payload: bytes, label: str) -> ModelSpec:
                 raise ValueError(
                     f"--model {label}: not a Keras 3 .keras file (no config.json inside)."
                 )
-            config = json.loads(zf.read("config.json"))
-            info = json.loads(zf.read("aelib.json")) if "aelib.json" in names else {}
+            config = _json_object(zf, "config.json", label)
+            info = _json_object(zf, "aelib.json", label) if "aelib.json" in names else {}
             unusable = _nonfinite_weights(zf)
     except zipfile.BadZipFile as e:
         raise ValueError(f"--model {label}: not a .keras file (not a zip archive: {e})") from e
+    try:
+        return _spec(config, info, unusable, label)
+    except (AttributeError, TypeError, KeyError, IndexError) as e:  # (a traceback)
+        raise ValueError(
+            f"--model {label}: not a usable .keras file (its config.json is not in Keras's "
+            f"layout: {type(e).__name__}: {e})"
+        ) from e
+
+
+def _json_object(zf: zipfile.ZipFile, member: str, label: str) -> dict:
+    """A .keras file's JSON member, which must be an object."""
+    try:
+        value = json.loads(zf.read(member))
+    except ValueError as e:  # (not JSON, or not UTF-8: json's message named no file)
+        raise ValueError(f"--model {label}: not a usable .keras file ({member}: {e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--model {label}: not a usable .keras file ({member} holds "
+            f"{json.dumps(value)[:40]}, not a JSON object)"
+        )
+    return value
+
+
+def _spec(config: dict, info: dict, unusable: list[str], label: str) -> ModelSpec:
+    """inspect_model's checks of a model's config.json and aelib.json."""
     name = info.get("name") or config.get("config", {}).get("name", "?")
     if unusable:
         metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
@@ -4388,14 +4413,21 @@ def _own_ray_processes(kind: str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a trained .keras model (aelib's denoise)")
+    p.add_argument(
+        "--model", required=True, type=_path, help="a trained .keras model (aelib's denoise)"
+    )
     p.add_argument(
         "--input",
         required=True,
+        type=_path,
         help="folder tree, glob, one image, or Parquet file(s); a local path or a URI",
     )
-    p.add_argument("--output", required=True, help="output folder (not SRC nor inside it)")
-    p.add_argument("--clean", default=None, help="clean references, same relative paths")
+    p.add_argument(
+        "--output", required=True, type=_path, help="output folder (not SRC nor inside it)"
+    )
+    p.add_argument(
+        "--clean", default=None, type=_path, help="clean references, same relative paths"
+    )
     p.add_argument(
         "--batch-size",
         type=_positive,
@@ -4407,7 +4439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpus-per-worker",
-        type=_non_negative,
+        type=_share,
         default=None,
         help="GPUs per actor, fractions allowed (default where the cluster has GPUs: 1/4 on "
         "nodes of 16 CPUs or more per GPU, 1/2 from 8, else 1; 0 without GPUs). An actor "
@@ -4415,9 +4447,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cpus-per-worker",
-        type=_positive_float,
+        type=_cpu_share,
         default=1.0,
-        help="CPUs per actor (> 0)",
+        help="CPUs per actor (at least 0.0001, the smallest share Ray counts)",
     )
     p.add_argument(
         "--allow-autoscale",
@@ -4509,8 +4541,26 @@ def _non_negative(text: str, strict: bool = False) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    return _non_negative(text, strict=True)
+def _path(text: str) -> str:
+    if not text.strip():  # ("$OUT" with OUT unset: the output went into the current folder)
+        raise argparse.ArgumentTypeError("expected a path or URI, not an empty string")
+    return text
+
+
+def _share(text: str, strict: bool = False) -> float:
+    """A resource share: Ray counts them in steps of 0.0001 (a smaller one failed in Ray,
+    after it had started, in a traceback naming no flag)."""
+    value = _non_negative(text, strict)
+    if (value or strict) and value < 1e-4:
+        zero = "" if strict else "0 or "
+        raise argparse.ArgumentTypeError(
+            f"must be {zero}at least 0.0001, the smallest share Ray counts. Received: {text}"
+        )
+    return value
+
+
+def _cpu_share(text: str) -> float:
+    return _share(text, strict=True)
 
 
 def _quality(text: str) -> int:

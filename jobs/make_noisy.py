@@ -125,6 +125,8 @@ def make_noisy(
     data_lib.check_noise_factor(noise_factor)  # (before a folder records it: NaN too)
     if seed < 0:
         raise ValueError(f"seed must be >= 0. Received: seed={seed}")
+    if data is not None and not str(data).strip():  # ("" fell back to $AELIB_MNIST)
+        raise ValueError("--data is empty: expected the path of mnist.npz")
     for flag, folder in (("--out", out), ("--clean-out", clean_out)):
         if folder is not None and not str(folder).strip():  # ("" wrote into the current
             raise ValueError(f"{flag} is empty: expected a folder.")  # folder, or none)
@@ -247,6 +249,8 @@ def _claim(folder: Path, flag: str, made_with: dict, digit) -> bool:
     and pixels), else refused."""
     record = folder / SETTINGS
     role = "noisy digits" if "noise_factor" in made_with else "clean references"
+    if record.exists() and not record.is_file():  # (its write failed, naming a temp file)
+        raise ValueError(f"{record} is not a make_noisy record (not a file): remove it")
     if record.is_file():
         try:
             before = json.loads(record.read_text())
@@ -276,9 +280,18 @@ def _claim(folder: Path, flag: str, made_with: dict, digit) -> bool:
     if ours:  # (taken as they were, a rerun with other settings kept them without a word)
         rel = ours[0]
         i = int(_LAYOUT.fullmatch(rel)[2])
-        with Image.open(folder / rel) as img:
-            have = np.asarray(img.convert("L"))
+        try:
+            with Image.open(folder / rel) as img:
+                have = np.asarray(img.convert("L"))
+        except (OSError, ValueError) as e:  # (exit 1 with Pillow's words, naming no flag)
+            have = e
         want_rel, want = digit(i)
+        if isinstance(have, Exception):
+            raise ValueError(
+                f"{flag} {folder} holds digits with no record of what made them, and its "
+                f"{rel} cannot be read ({have}). A rerun keeps the files there: use another "
+                "folder, or remove this one first."
+            )
         if rel != want_rel or not np.array_equal(have, want):
             raise ValueError(
                 f"{flag} {folder} holds digits with no record of what made them, and its "

@@ -323,8 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--cpus-per-trial must be > 0. Received: {args.cpus_per_trial}")
     for flag, share in (("cpus", args.cpus_per_trial), ("gpus", args.gpus_per_trial)):
         if share and share < 1e-4:  # (Ray's traceback, after it had started)
+            zero = "0 or " if flag == "gpus" else ""  # (a trial needs some CPU)
             parser.error(
-                f"--{flag}-per-trial must be 0 or at least 0.0001, the smallest share Ray "
+                f"--{flag}-per-trial must be {zero}at least 0.0001, the smallest share Ray "
                 f"counts. Received: {share}"
             )
     gpus = args.gpus_per_trial
@@ -399,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif problem := _unreachable(args.storage_path):
         parser.error(f"--storage-path: cannot reach {args.storage_path}: {problem}")
     if args.data is not None:
+        if not args.data.strip():  # ("$DATA" unset: the current folder, "is a folder")
+            parser.error("--data is empty: expected the path of mnist.npz")
         args.data = os.path.abspath(os.path.expanduser(args.data))
         if os.path.isdir(args.data):
             parser.error(f"--data: {args.data} is a folder; expected the mnist.npz file")

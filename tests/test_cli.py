@@ -982,6 +982,7 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         # (an empty one wrote into the current folder, or was taken as not given)
         (["--out", ""], "--out is empty: expected a folder."),
         (["--out", tmp_path / "n5", "--clean-out", ""], "--clean-out is empty"),
+        (["--out", tmp_path / "n6", "--data", ""], "--data is empty: expected the path of"),
         # a folder even root cannot write to (a traceback, after --out recorded its settings)
         (
             ["--out", tmp_path / "n4" / "n", "--clean-out", "/proc/self"],
@@ -1087,3 +1088,16 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     proc = make("--out", noisy, "--clean-out", clean)
     assert proc.returncode == 2, proc.stderr
     assert f"{clean / '.make_noisy.json'} is not a make_noisy record" in proc.stderr
+    # A record that is a folder (its write failed naming a temp file, exit 1), and a
+    # folder with no record whose first digit cannot be read (Pillow's words, exit 1).
+    (clean / ".make_noisy.json").unlink()
+    (clean / ".make_noisy.json").mkdir()
+    proc = make("--out", noisy, "--clean-out", clean)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{clean / '.make_noisy.json'} is not a make_noisy record (not a file)" in proc.stderr
+    (tmp_path / "junk" / "7").mkdir(parents=True)
+    (tmp_path / "junk" / "7" / "000000.png").write_text("junk")
+    proc = make("--out", tmp_path / "junk")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    said = f"--out {tmp_path / 'junk'} holds digits with no record of what made them, and its "
+    assert said + "7/000000.png cannot be read (cannot identify image file" in proc.stderr

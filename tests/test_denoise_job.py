@@ -1401,6 +1401,17 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
             [*src, "--output", tmp_path / "o2", "--gpus-per-worker", "-1"],
             "argument --gpus-per-worker: must be a number >= 0. Received: -1",
         ),
+        (  # (Ray's traceback, after it had started and the output folder was made)
+            [*src, "--output", tmp_path / "o2", "--cpus-per-worker", "0.00001"],
+            "argument --cpus-per-worker: must be at least 0.0001, the smallest share Ray counts",
+        ),
+        (
+            [*src, "--output", tmp_path / "o2", "--gpus-per-worker", "1e-5"],
+            "argument --gpus-per-worker: must be 0 or at least 0.0001, the smallest share Ray",
+        ),
+        # ("$OUT" with OUT unset: the job wrote into the current folder, and exited 0)
+        ([*src, "--output", ""], "argument --output: expected a path or URI, not an empty"),
+        ([*src, "--output", tmp_path / "o2", "--clean", " "], "argument --clean: expected a"),
         (
             [*src, "--output", tmp_path / "o3", "--quality", "101"],
             "argument --quality: must be between 1 and 100. Received: 101",
@@ -1832,6 +1843,26 @@ def test_missing_input_and_bad_model_file_are_clear(model_path, tmp_path):
     result = run_job("--model", junk, "--input", tmp_path, "--output", tmp_path / "o")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--model {junk}: not a .keras file (not a zip archive" in result.stderr
+    # A .keras file whose JSON is damaged: a traceback, or json's message naming no file.
+    with zipfile.ZipFile(model_path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+
+    def damaged(member: str, text: str) -> bytes:
+        payload = io.BytesIO()
+        with zipfile.ZipFile(payload, "w") as zf:
+            for name, data in {**members, member: text.encode()}.items():
+                zf.writestr(name, data)
+        return payload.getvalue()
+
+    for member, text, said in (
+        ("config.json", "[]", "config.json holds [], not a JSON object"),
+        ("config.json", "{oops", "config.json: Expecting property name"),
+        ("aelib.json", "null", "aelib.json holds null, not a JSON object"),
+        ("config.json", '{"config": []}', "its config.json is not in Keras's layout"),
+    ):
+        with pytest.raises(ValueError) as e:
+            job.inspect_model(damaged(member, text), "m.keras")
+        assert str(e.value).startswith(f"--model m.keras: not a usable .keras file ({said}")
 
 
 def test_a_model_that_is_a_folder_is_named_as_the_model(tmp_path):
