@@ -663,6 +663,30 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
+def _check_settings(first: Any, now: dict[str, Any]) -> None:
+    """Raises ValueError where a SETTINGS file's content is not what write_settings
+    writes: `now` is this run's settings, of the kinds it holds."""
+    if not isinstance(first, dict):
+        raise ValueError(f"{json.dumps(first)[:40]}, not a JSON object")
+
+    def kind(value: Any) -> str:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return "number" if number else type(value).__name__
+
+    for key in RESUMED:
+        value = first.get(key)
+        bad = value is not None and now[key] is not None and kind(value) != kind(now[key])
+        if key == "models":
+            bad = bad or not all(isinstance(m, str) for m in value or [])
+        if key == "pins":  # ([["dense", "batch_size", 64], ...])
+            bad = bad or not all(
+                isinstance(pin, list) and len(pin) == 3 and all(isinstance(k, str) for k in pin[:2])
+                for pin in value or []
+            )
+        if bad:
+            raise ValueError(f"its {key} is {json.dumps(value)[:40]}")
+
+
 def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> None:
     """A resumed sweep (of a restorable experiment) takes the settings it started with:
     Tune restores its trials, search and scheduler, while --epochs, --limit, ... went to
@@ -673,6 +697,13 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     try:
         with fs.open_input_stream(path) as f:
             first = json.loads(f.read())
+        _check_settings(first, _settings(args))
+    except ValueError as e:  # (a damaged or hand-edited file: a traceback)
+        parser.error(
+            f"--resume: {experiment_path(args)}/{SETTINGS} is not a sweep's settings ({e}): "
+            f"it records how {args.name} started, which a resumed sweep keeps; put it back "
+            "as it was, or give a new --name"
+        )
     except FileNotFoundError:
         print(
             f"sweep.py: note: {args.name} has no {SETTINGS} (a sweep of an older version): "
@@ -1511,7 +1542,8 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             "only where that noise is the same.",
             "",
         ]
-    (report / "compare.png").unlink(missing_ok=True)  # (an earlier report's: drawn again)
+    if not best or args.no_figures:  # (an earlier report's; else replaced when drawn)
+        (report / "compare.png").unlink(missing_ok=True)
     if best:
         lines += ["## Variants compared", ""]
         if not args.no_figures:  # (the table below says the same)
@@ -1547,9 +1579,8 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
             lines += [text, ""]
     for model in args.models:
         lines += [f"## {model}", ""]
-        # (an earlier report's figures of the variant, which a resume may have replaced,
-        # left without a best model or drawn with --no-figures now, go first)
-        shutil.rmtree(report / model, ignore_errors=True)
+        if model not in best or args.no_figures:  # (an earlier report's figures go)
+            shutil.rmtree(report / model, ignore_errors=True)
         if model not in best:
             lines += [f"No best model: {_why_no_best(rows, model)}.", ""]
             continue
@@ -1577,6 +1608,12 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         config = TrainConfig.from_dict(info["train_config"])
         splits = make_splits(config, arrays, bundle.input_kind)
         figures = plots.tutorial_figures(bundle, splits, info["history"], report / model)
+        # An earlier report's figures are replaced one by one as they are drawn (a stop
+        # in between leaves each whole), and those not drawn again go after.
+        drawn = {Path(path).name for path in figures.values()}
+        for old in (report / model).glob("*.png"):
+            if old.name not in drawn:
+                old.unlink(missing_ok=True)
         for name, path in figures.items():
             lines += [f"![{model} {name}]({Path(path).relative_to(report).as_posix()})", ""]
     with _replaced(report / "report.md") as tmp:
@@ -1621,7 +1658,8 @@ def _compare_chart(best: dict[str, dict], path: Path) -> None:
         )
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with _replaced(path) as tmp:  # (a driver killed in savefig left a 0-byte chart)
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 

@@ -650,6 +650,20 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     recorded["pins"] = [["dense", "batch_size", 64]] * 2
     settings.write_text(json.dumps(recorded))
     assert sweep.parse_args(base).pins == [("dense", "batch_size", 64)] * 2
+    # A damaged or hand-edited file is refused, naming it (a traceback).
+    for text, said in (
+        ("[", "Expecting value"),
+        ("[]", "[], not a JSON object"),
+        (json.dumps({**recorded, "models": 5}), "its models is 5"),
+        (json.dumps({**recorded, "epochs": "3"}), 'its epochs is "3"'),
+        (json.dumps({**recorded, "pins": [["dense"]]}), 'its pins is [["dense"]]'),
+    ):
+        settings.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            sweep.parse_args(base)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--resume: {settings} is not a sweep's settings (" in err
+        assert said in err, (text, err)
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path):
@@ -1410,6 +1424,35 @@ def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     sweep.write_report({}, [], args, arrays, tmp_path)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.md"]
     assert "No best model" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path):
+    """Drawing a report again deleted the earlier one's figures first, and drew its
+    compare.png straight onto the file: a driver stopped or killed in between left
+    report.md pointing at deleted figures, or a 0-byte chart. Now each figure is
+    replaced whole as it is drawn, and only those not drawn again go after."""
+    import aelib
+    from aelib import data as data_lib
+
+    sweep = _load_sweep_module()
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(MNIST)
+    arrays = ((x_train[:300], y_train[:300]), (x_test[:60], y_test[:60]))
+    config = aelib.TrainConfig(model="dense", epochs=1, batch_size=64)
+    result = aelib.train(config, data=arrays, out_dir=tmp_path / "best", figures=False)
+    rec = {**result.metrics, "trial_id": "dense_1", "hparams": {"encoding_dim": 32}}
+    figures = tmp_path / "report" / "dense"
+    figures.mkdir(parents=True)
+    (figures / "dense_reconstructions.png").write_bytes(b"an earlier best's figure")
+    (figures / "dense_old_name.png").write_bytes(b"a figure this report does not draw")
+    (tmp_path / "report" / "compare.png").write_bytes(b"an earlier report's chart")
+    args = sweep.parse_args(["--data", str(MNIST), "--models", "dense"])
+    sweep.write_report({"dense": rec}, [], args, arrays, tmp_path)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "![dense reconstructions](dense/dense_reconstructions.png)" in report
+    for png in (figures / "dense_reconstructions.png", tmp_path / "report" / "compare.png"):
+        assert png.read_bytes().startswith(b"\x89PNG"), png
+    assert not (figures / "dense_old_name.png").exists()
+    assert not [p.name for p in (tmp_path / "report").rglob(".*")]  # (no temp file left)
 
 
 def test_no_figures_draws_no_comparison_chart_either(tmp_path):
