@@ -1929,14 +1929,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ray_address_unreachable() -> str | None:
-    """Why RAY_ADDRESS, where it names a host:port, is no cluster to connect to: nothing
-    answers there (a stopped cluster's address left exported: ray.init retried it for
-    minutes, logging "Failed to connect to GCS"). None where something answers or where
-    it names none ("auto", "local", ray://...)."""
+    """Why RAY_ADDRESS is no cluster to connect to, said before anything starts: nothing
+    answers at its host:port or ray://host:port (a stopped cluster's address left
+    exported: ray.init retried it for minutes, logging "Failed to connect to GCS"),
+    "auto" finds no Ray running on this machine, or it is no address (both tracebacks).
+    None where something answers, or where it asks for a local Ray (unset, "local")."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
+    local = "unset RAY_ADDRESS to run on a local Ray"
+    if address in ("", "local"):
         return None
+    if address == "auto":  # (what ray.init does with it: Ray's own function)
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            canonicalize_bootstrap_address_or_die(address)
+        except ConnectionError as e:
+            if str(e).startswith("Could not find"):
+                return (
+                    "RAY_ADDRESS=auto: no Ray runs on this machine to connect to. Start "
+                    f"one (`ray start --head`), or {local}."
+                )
+            many = str(e).split(". Please")[0]  # ("Found multiple active Ray instances: ...")
+            return f"RAY_ADDRESS=auto: {many}. Set RAY_ADDRESS to one of them, or {local}."
+        except Exception:  # (a Ray of another layout: ray.init says)
+            return None
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if "://" in host or not host or not port.isdigit():
+        return (
+            f"RAY_ADDRESS={address}: not the address of a Ray cluster (expected host:port, "
+            f"ray://host:port, auto or local). Give one, or {local}."
+        )
     hosts = [host.strip("[]")]
     if hosts[0] in ("localhost", "127.0.0.1", "::1"):  # (Ray goes to the node's address)
         from ray._private.services import resolve_ip_for_localhost
@@ -1950,8 +1973,7 @@ def _ray_address_unreachable() -> str | None:
             error = e
     return (
         f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}). "
-        "Start that cluster (a stopped one's exports stay in the shell), or unset "
-        "RAY_ADDRESS to run on a local Ray."
+        f"Start that cluster (a stopped one's exports stay in the shell), or {local}."
     )
 
 

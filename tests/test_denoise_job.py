@@ -1450,6 +1450,11 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     assert result.returncode == 2, result.stderr[-2000:]
     said = "denoise: error: RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there ("
     assert said in result.stderr and not (tmp_path / "o9").exists()
+    # No address at all: ray.init's ValueError, as a failure of the run "kept to resume".
+    result = run_job(*src, "--output", tmp_path / "o9", ray={"RAY_ADDRESS": "x"}, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = "denoise: error: RAY_ADDRESS=x: not the address of a Ray cluster (expected host:port"
+    assert said in result.stderr and not (tmp_path / "o9").exists()
 
 
 def test_uris_an_object_store_would_read_otherwise_are_refused():

@@ -833,13 +833,19 @@ def test_a_stopped_clusters_address_fails_before_anything(tmp_path, ray_tmp):
     minutes ("Failed to connect to GCS"); the sweep says so and exits 2 at once."""
     cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
     cmd += ["--storage-path", str(tmp_path / "store"), "--name", "gone"]
-    env = {**_env(ray_tmp), "RAY_ADDRESS": "127.0.0.1:1"}  # (nothing listens on port 1)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    said = "sweep.py: error: RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there ("
-    assert said in proc.stderr and "unset RAY_ADDRESS to run on a local Ray" in proc.stderr
-    assert "Connecting to existing Ray cluster" not in proc.stderr
-    assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "store" / "gone").exists()
+    for address, said in (
+        ("127.0.0.1:1", "RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers there ("),  # (port 1)
+        ("ray://127.0.0.1:1", "RAY_ADDRESS=ray://127.0.0.1:1: no Ray cluster answers there ("),
+        # (no address at all: a traceback, ValueError)
+        ("notanaddress", "RAY_ADDRESS=notanaddress: not the address of a Ray cluster ("),
+    ):
+        env = {**_env(ray_tmp), "RAY_ADDRESS": address}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert f"sweep.py: error: {said}" in proc.stderr, proc.stderr[-3000:]
+        assert "unset RAY_ADDRESS to run on a local Ray" in proc.stderr
+        assert "Connecting to existing Ray cluster" not in proc.stderr
+        assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "store" / "gone").exists()
 
 
 def test_a_file_of_one_training_image_fails_before_ray(tmp_path, ray_tmp):
