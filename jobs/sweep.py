@@ -1979,6 +1979,7 @@ def _ray_address_unreachable() -> str | None:
 
 def _sweep(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    _EXPERIMENT[:] = [experiment_path(args)]
     unreachable = _ray_address_unreachable()
     if unreachable:
         print(f"sweep.py: error: {unreachable}", file=sys.stderr)
@@ -2252,17 +2253,35 @@ def _exit_with_own_ray() -> NoReturn:
     if not _EXITING.acquire(blocking=False):
         while True:
             time.sleep(1)
-    print(
-        "sweep.py: terminated (SIGTERM). What was written is kept: rerun the same command "
-        "with --resume to finish the sweep and its report.",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"sweep.py: terminated (SIGTERM). {_how_to_go_on()}", file=sys.stderr, flush=True)
     for process in _own_ray_processes():
         if process.poll() is None:
             process.kill()
     sys.stdout.flush()
     os._exit(128 + signal.SIGTERM)
+
+
+_EXPERIMENT: list[str] = []  # [the experiment's folder or URI], once the flags are read
+
+
+def _how_to_go_on() -> str:
+    """What a sweep stopped outside Tune's run says to do: rerun with --resume where its
+    experiment folder holds an experiment Tune can go on from, else the same command
+    (stopped in its start-up, a --resume was refused: "no experiment to resume")."""
+    experiment = _EXPERIMENT[0] if _EXPERIMENT else None
+    again = "rerun the same command with --resume to finish the sweep and its report"
+    try:  # (a local folder only: an object store may be out of reach, or slow)
+        if experiment is None or "://" not in experiment and not restorable(experiment):
+            return (
+                "It stopped before its experiment had a trial, so there is nothing to "
+                "resume: rerun the same command to start it."
+            )
+    except Exception:
+        return (
+            f"What was written is kept: {again} (without --resume if it stopped before "
+            "its experiment folder had a trial)."
+        )
+    return f"What was written is kept: {again}."
 
 
 def _interrupted_status() -> int:
@@ -2315,12 +2334,7 @@ def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
     except SystemExit as e:  # argparse's errors, sys.exit("message")
         code = e.code
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's run (the report)
-        print(
-            "sweep.py: interrupted. What was written is kept: rerun the same command with "
-            "--resume to finish the sweep and its report (without --resume if it stopped "
-            "before its experiment folder had a trial).",
-            file=sys.stderr,
-        )
+        print(f"sweep.py: interrupted. {_how_to_go_on()}", file=sys.stderr)
         code = _interrupted_status()
     if isinstance(code, str):  # what sys.exit(message) prints and returns
         print(code, file=sys.stderr)

@@ -595,6 +595,24 @@ print("the main thread went on", flush=True)
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
 
 
+def test_a_stop_outside_tunes_run_says_the_rerun_that_works(tmp_path):
+    """Stopped in its start-up, a sweep said to rerun with --resume "(without --resume if
+    it stopped before its experiment folder had a trial)", and the --resume was refused:
+    "no experiment to resume". It now says the one command that works."""
+    sweep = _load_sweep_module()
+    sweep._EXPERIMENT[:] = [str(tmp_path / "s")]
+    said = "nothing to resume: rerun the same command to start it"
+    assert said in sweep._how_to_go_on()
+    (tmp_path / "s").mkdir()  # (what a sweep that ran leaves: tuner.pkl, experiment state)
+    (tmp_path / "s" / "tuner.pkl").write_bytes(pickle.dumps({}))
+    assert said in sweep._how_to_go_on()  # (stopped between the two: refused by --resume)
+    (tmp_path / "s" / "experiment_state-2026-12-05_03-40-00.json").write_text("{}")
+    assert sweep._how_to_go_on() == (
+        "What was written is kept: rerun the same command with --resume to finish the "
+        "sweep and its report."
+    )
+
+
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
     """Flags left out of a --resume come from the experiment's sweep_settings.json; one
     given with another value is refused before Ray starts (no Ray here: parse_args)."""
