@@ -2406,8 +2406,8 @@ def _note_cut(location: str, redone: list[str], kept: list[str]) -> None:
     where = redacted(location)
     if redone:
         print(
-            f"denoise: note: {len(redone)} output(s) in {where} are cut short (e.g. "
-            f"{redone[0]}): they are done again",
+            f"denoise: note: {len(redone)} output(s) in {where} are not as this job wrote "
+            f"them, cut short or changed since (e.g. {redone[0]}): they are done again",
             file=sys.stderr,
         )
     if kept:
