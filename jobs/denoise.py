@@ -143,6 +143,7 @@ SUFFIXES = {  # Pillow format -> suffixes that already say it
 }
 SUFFIX_FORMAT = {suffix: fmt for fmt, suffixes in SUFFIXES.items() for suffix in suffixes}
 LOSSY = ("JPEG", "WEBP")  # formats written at --quality; metrics then read the file back
+DEFAULT_QUALITY = 95  # (Pillow's own, 75, adds visible compression noise: see --quality)
 # Failures that the input's bytes decide (a rerun keeps them unless its settings
 # changed); others (a write, a read, the model) may have had a passing cause: retried.
 BAD_INPUT = ("not a readable image", "32-bit float pixels", "32-bit integer pixels", "image is ")
@@ -3552,6 +3553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs = find_inputs(args.input, args.input_format, args.output)
     except OSError as e:  # (an object store out of reach: nothing was written)
         raise ValueError(f"--input {redacted(args.input)}: cannot list it ({e}).") from e
+    _note_unused_flags(args, inputs)
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
     try:
@@ -3559,12 +3561,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except OSError as e:
         raise ValueError(f"--clean {redacted(args.clean)}: cannot list it ({e}).") from e
     if not clean_found:
-        raise ValueError(f"--clean {args.clean} is not a folder of reference images.")
+        local = _is_local(args.clean)
+        path = os.path.expanduser(args.clean.removeprefix("file://")) if local else ""
+        what = "is not a folder" if not local or os.path.lexists(path) else "does not exist"
+        what = what if local else "does not exist or is not a folder"
+        raise ValueError(
+            f"--clean {redacted(args.clean)} {what}; expected a folder of the "
+            "clean reference images, at the inputs' relative paths."
+        )
     check_locations(inputs, args.input, output, clean)
     if clean is not None and clean.local and inputs.kind == "files":
         _check_references(inputs, clean, args.clean)
     with one_run_at_a_time(output, args.output) as hold:
         return _run_locked(args, start, spec, model_bytes, inputs, output, hold)
+
+
+def _note_unused_flags(args, inputs: Inputs) -> None:
+    """Notes the flags that this run's inputs give nothing to act on (they were ignored
+    without a word): the Parquet columns for image files, --quality where no output is
+    a JPEG or WEBP."""
+    if inputs.kind != "files":
+        return
+    columns = (
+        ("--image-column", args.image_column != "image"),
+        ("--path-column", args.path_column),
+    )
+    unused = [flag for flag, given in columns if given]
+    if unused:
+        what = "name Parquet columns" if len(unused) > 1 else "names a Parquet column"
+        they = "they are" if len(unused) > 1 else "it is"
+        print(
+            f"denoise: note: {' and '.join(unused)} {what}; --input {redacted(args.input)} "
+            f"is image files, so {they} not used",
+            file=sys.stderr,
+        )
+    if args.quality == DEFAULT_QUALITY or not inputs.files:
+        return
+    suffixes = {posixpath.splitext(output_path(rel, args.format))[1] for rel, _ in inputs.files}
+    formats = {SUFFIX_FORMAT[suffix.lower()] for suffix in suffixes}
+    if not formats & set(LOSSY):
+        print(
+            "denoise: note: --quality is that of JPEG and WEBP outputs; this run writes "
+            f"{', '.join(sorted(formats))} only, so it is not used",
+            file=sys.stderr,
+        )
 
 
 def _check_references(inputs: Inputs, clean: Storage, flag: str) -> None:
@@ -4501,7 +4541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quality",
         type=_quality,
-        default=95,
+        default=DEFAULT_QUALITY,
         help="JPEG and WEBP quality, 1-100 (default 95; Pillow's own default, 75, adds "
         "visible compression noise to a denoised image). With --clean, the metrics of "
         "a JPEG/WEBP output are those of the file as written",

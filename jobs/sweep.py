@@ -439,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _keep_first_settings(args, given, parser)
     if args.scheduler == "asha" and args.grace_period > args.epochs:
         parser.error(f"--grace-period ({args.grace_period}) must be <= --epochs ({args.epochs})")
+    if args.scheduler == "fifo" and "--grace-period" in given:  # (recorded, never used)
+        parser.error("--grace-period applies to --scheduler asha only: fifo stops no trial early")
     for variant, key, _ in args.pins:
         if variant not in args.models:
             parser.error(f"--set {variant}.{key}: {variant!r} is not among --models")

@@ -1416,6 +1416,11 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         ([*src, "--output", ""], "argument --output: expected a path or URI, not an empty"),
         ([*src, "--output", tmp_path / "o2", "--clean", " "], "argument --clean: expected a"),
         (
+            [*src, "--output", tmp_path / "o2", "--clean", tmp_path / "nope"],
+            f"--clean {tmp_path / 'nope'} does not exist; expected a folder of the clean",
+        ),
+        ([*src, "--output", tmp_path / "o2", "--clean", a_file], "a-file is not a folder; exp"),
+        (
             [*src, "--output", tmp_path / "o3", "--quality", "101"],
             "argument --quality: must be between 1 and 100. Received: 101",
         ),
@@ -1458,6 +1463,29 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     assert result.returncode == 2, result.stderr[-2000:]
     said = "denoise: error: RAY_ADDRESS=x: not the address of a Ray cluster (expected host:port"
     assert said in result.stderr and not (tmp_path / "o9").exists()
+
+
+def test_flags_the_inputs_give_nothing_to_act_on_are_noted(tmp_path, capsys):
+    """--image-column/--path-column with image files, and --quality where no output is a
+    JPEG or WEBP, were ignored without a word."""
+    (tmp_path / "a.png").write_bytes(png(np.zeros((8, 8), np.uint8)))
+    inputs = job.find_inputs(str(tmp_path), "auto")
+    parser = job.build_parser()
+    base = ["--model", "m.keras", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    for flags, said in (
+        (["--image-column", "pixels"], "--image-column names a Parquet column; --input "),
+        (
+            ["--image-column", "pixels", "--path-column", "name"],
+            "--image-column and --path-column name Parquet columns; --input ",
+        ),
+        (["--quality", "60"], "--quality is that of JPEG and WEBP outputs; this run writes PNG"),
+        (["--quality", "60", "--format", "webp"], None),
+        (["--quality", "95"], None),
+        ([], None),
+    ):
+        job._note_unused_flags(parser.parse_args([*base, *flags]), inputs)
+        err = capsys.readouterr().err
+        assert (said in err) if said else err == "", (flags, err)
 
 
 def test_uris_an_object_store_would_read_otherwise_are_refused():

@@ -729,6 +729,10 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
         (["--data", "/dev/null"], "--data: /dev/null is not a regular file; expected the"),
         (["--data", ""], "--data is empty: expected the path of mnist.npz"),  # (a folder)
         (
+            ["--scheduler", "fifo", "--grace-period", "2"],
+            "--grace-period applies to --scheduler asha only",
+        ),
+        (
             ["--set", "dense.batch_size=64", "--set", "dense.batch_size=32"],
             "--set dense.batch_size is given twice (64 and 32): give it once",
         ),
