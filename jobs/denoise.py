@@ -4144,6 +4144,7 @@ def _parquet_units(
     bad: list[tuple[str, str]] = []
     done: list[tuple[tuple[str, int], list[tuple]]] = []  # each group settled here: its rows
     own_names = 0  # files whose images' own file names are their outputs' paths
+    rows_found = 0
     for source in inputs.parquet:
         try:
             located = _located(source)
@@ -4161,6 +4162,7 @@ def _parquet_units(
         if problem:
             bad.append((source, problem))
             continue
+        rows_found += parquet.metadata.num_rows
         first = 0
         for group in range(parquet.num_row_groups):
             rows: list[tuple] | None = [] if settled and mtime is not None else None
@@ -4190,6 +4192,10 @@ def _parquet_units(
                 units.append((source, group))
     if bad and len(bad) == len(inputs.parquet):
         raise ValueError(bad[0][1])
+    if not rows_found and not bad:  # (as a folder of no files: it said "0 inputs", exit 0)
+        n = len(inputs.parquet)
+        what = f"its {n} Parquet files hold no rows" if n > 1 else "its Parquet file holds no rows"
+        raise ValueError(f"--input {redacted(args.input)}: {what}: nothing to denoise.")
     if own_names:  # (such files were refused, their users told to give that --path-column)
         readable = len(inputs.parquet) - len(bad)
         which = "the Parquet files have"

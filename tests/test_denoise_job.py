@@ -1374,6 +1374,8 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     a_file.write_text("x")
     no_images = tmp_path / "no-images.parquet"  # refused once --output is locked
     pq.write_table(pa.table({"path": ["a.png"], "pixels": [b"x"]}), no_images)
+    empty = tmp_path / "empty.parquet"  # (as a folder of no files: it said "0 inputs", exit 0)
+    pq.write_table(table.slice(0, 0), empty)
     src = ["--model", model_path, "--input", dataset["src"]]
     renamed = tmp_path / "renamed"  # references of other names: none measured, at the end
     renamed.mkdir()
@@ -1388,6 +1390,10 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
         (
             ["--model", model_path, "--input", no_images, "--output", tmp_path / "o6" / "o"],
             f"--input {no_images} has no column(s) ['image']; found ['path', 'pixels']",
+        ),
+        (
+            ["--model", model_path, "--input", empty, "--output", tmp_path / "o6" / "o"],
+            f"--input {empty}: its Parquet file holds no rows: nothing to denoise.",
         ),
         ([*src, "--output", a_file], "is a file"),
         ([*src, "--output", dataset["clean"], "--clean", dataset["clean"]], "overlap"),
