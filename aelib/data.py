@@ -329,7 +329,10 @@ def prepare(x: np.ndarray, input_kind: str) -> np.ndarray:
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under `folder`, recursively, sorted; not hidden ones (a name or a
-    folder starting with ".": macOS's `._x.png` side files, `.git/`), as a shell's `*`."""
+    folder starting with ".": macOS's `._x.png` side files, `.git/`), as a shell's `*`.
+    Entries of an image's name that are no regular file (a broken link, a pipe, a link
+    to a device) are listed too: read_gray refuses them, naming them (they were left
+    out without a word)."""
     root = Path(folder).expanduser()
     if root.is_file():
         raise ValueError(f"{root} is a file; expected a folder of images.")
@@ -338,7 +341,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(
         p
         for p in root.rglob("*")
-        if p.is_file()
+        if not p.is_dir()
         and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
@@ -357,6 +360,10 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not os.path.isfile(path):  # (a pipe: Pillow's open waited for a writer forever)
+        what = "a broken link" if os.path.islink(path) and not os.path.exists(path) else None
+        what = what or ("not a file" if not os.path.exists(path) else "not a regular file")
+        raise ValueError(f"Cannot read image {path}: {what}")
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -434,7 +441,7 @@ def load_image_folder(
     ):
         raise ValueError(f"size must be (height, width), each >= 1. Received: size={size!r}")
     height, width = size
-    out, unreadable = [], []
+    out, unreadable, small = [], [], []
     for path in list_images(folder):
         try:
             img = read_gray(path)
@@ -449,6 +456,8 @@ def load_image_folder(
             if rows and cols:
                 tiles = img[: rows * height, : cols * width].reshape(rows, height, cols, width)
                 out.append(tiles.transpose(0, 2, 1, 3).reshape(-1, height, width))
+            else:
+                small.append(f"{path} ({img.shape[1]}x{img.shape[0]})")
     if unreadable:
         shown = "\n  ".join(unreadable[:100])
         more = f"\n  ... and {len(unreadable) - 100} more" if len(unreadable) > 100 else ""
@@ -462,6 +471,16 @@ def load_image_folder(
             raise UnreadableImages(
                 f"{len(unreadable)} unreadable images in {folder}:\n  {shown}{more}"
             )
+    if small and out:  # (left out without a word before)
+        n = len(small)
+        what = "1 image" if n == 1 else f"{n} images"
+        give = "gives" if n == 1 else "give"
+        warnings.warn(
+            f"{what} in {folder} smaller than a {width}x{height} patch {give} no patch: left "
+            f"out (e.g. {small[0]}; resizing, --image-mode resize, takes each whole)",
+            AelibWarning,
+            2,
+        )
     if not out:
         what = "readable images" if mode == "resize" else f"images of at least {height}x{width}"
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -324,6 +325,33 @@ def test_image_folders_keep_16_bit_and_float_gray_levels_and_skip_hidden_files(t
     upright = data_lib.read_gray(tmp_path / "side.jpg")
     assert upright.shape == (20, 28)
     assert np.abs(upright.astype(int) - np.rot90(digit[:, :20], -1)).mean() < 3
+
+
+def test_entries_no_image_can_be_read_from_are_said_not_left_out(tmp_path):
+    """A broken link, a pipe or a link to a device of an image's name was left out of an
+    image folder without a word (a pipe, opened, waited forever); so were the images too
+    small to give a patch. Now they are unreadable images, and the small ones a warning."""
+    digit = np.load(MNIST)["x_test"][0]
+    Image.fromarray(digit).save(tmp_path / "d8.png")
+    Image.fromarray(digit[:10, :12]).save(tmp_path / "small.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    names = ["d8.png", "gone.png", "pipe.png", "small.png", "zero.png"]
+    assert [p.name for p in data_lib.list_images(tmp_path)] == names
+    with pytest.raises(data_lib.UnreadableImages) as e:
+        data_lib.load_image_folder(tmp_path)
+    assert f"{tmp_path / 'gone.png'}: a broken link" in str(e.value)
+    assert f"{tmp_path / 'pipe.png'}: not a regular file" in str(e.value)
+    assert f"{tmp_path / 'zero.png'}: not a regular file" in str(e.value)
+    with pytest.warns(data_lib.AelibWarning) as said:
+        images = data_lib.load_image_folder(tmp_path, mode="patch", on_error="skip")
+    assert len(images) == 1  # (d8.png's one patch)
+    assert "3 unreadable images" in str(said[0].message)
+    assert f"1 image in {tmp_path} smaller than a 28x28 patch gives no patch" in str(
+        said[1].message
+    )
+    assert f"(e.g. {tmp_path / 'small.png'} (12x10);" in str(said[1].message)
 
 
 def test_an_image_too_big_for_pillow_is_named(tmp_path, monkeypatch):
