@@ -95,7 +95,7 @@ def test_overrides_change_the_model():
         ("sparse", {"l1": "abc"}, "Option l1 of model 'sparse' must be a number"),
         ("denoise", {"skips": "yes"}, "Option skips of model 'denoise' must be a bool"),
         ("dense", {"encoding_dim": 2.5}, "Option encoding_dim of model 'dense' must be an int"),
-        ("conv", {"filters": (16, 8)}, "Model 'conv' cannot be built with filters=(16, 8): not"),
+        ("conv", {"filters": (16, 8)}, "with filters=(16, 8): filters must be 3 numbers, one per"),
         # A tuple of ints is one size per dimension only for Keras's sizes (kernel_size).
         ("denoise", {"filters": (32,)}, "Option filters of model 'denoise' must be an int. "),
         ("denoise", {"kernel_size": (3, "x")}, "must be an int (or a tuple of ints)"),

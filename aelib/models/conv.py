@@ -20,6 +20,11 @@ def conv(
     decoder mirrors it, and its one unpadded conv turns 16x16 into 14x14 so the
     output is 28x28 again.
     """
+    if not (isinstance(filters, list | tuple) and len(filters) == 3):  # (Python's "not
+        raise ValueError(  # enough values to unpack (expected 3, got 2)")
+            "filters must be 3 numbers, one per encoder conv (the tutorial's: (16, 8, 8)). "
+            f"Received: filters={filters!r}"
+        )
     f1, f2, f3 = filters
     conv_kw = dict(kernel_size=kernel_size, activation=activation, padding="same")
     inputs = keras.Input(shape=(28, 28, 1), name="image")
