@@ -1167,6 +1167,8 @@ def safe_relative(rel: str, foreign: bool = False) -> str:
     path (from a Parquet column: perhaps written on Windows) has its backslashes taken
     as separators, and a drive letter ("C:") is refused; a file's name here keeps both."""
     text = str(rel).replace("\\", "/") if foreign else str(rel)
+    if not text or posixpath.normpath(text) == ".":  # ("" or "./": no file's name)
+        raise ValueError(f"empty path {rel!r}: it names no output file")
     norm = posixpath.normpath(text)
     if (
         not text

@@ -2115,9 +2115,12 @@ def test_a_bmp_output_says_it_dropped_the_exif_and_icc_profile():
 
 def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
-    for bad in ("../x.png", "/etc/passwd", "a/../../x", "", ".", "C:/x.png", "..\\x.png"):
+    for bad in ("../x.png", "/etc/passwd", "a/../../x", "C:/x.png", "..\\x.png"):
         with pytest.raises(ValueError, match="leave the output folder"):
             job.safe_relative(bad, foreign=True)  # a Parquet row's path, maybe from Windows
+    for empty in ("", ".", "./"):  # (not "unsafe": no name at all)
+        with pytest.raises(ValueError, match="empty path .*: it names no output file"):
+            job.safe_relative(empty, foreign=True)
     assert job.safe_relative("a\\b.png", foreign=True) == "a/b.png"
     # A file's own name here is POSIX: a backslash or a colon is part of it.
     for name in ("back\\slash.png", "9:30.png", "C:x.png", "..\\x.png"):
