@@ -209,6 +209,9 @@ GPU_CALL_PIXELS = 1 << 24
 # Data's default retries such a block for ever, so an image that kills its actor every
 # time stalled the whole job (measured: 8 restarts in a minute, no progress).
 BLOCK_TRIES = 4
+UNRECORDED_NOTE = (  # (a skipped row's: see _warn_unrecorded)
+    "not written by this job: its output was in --output before, with no record of this job"
+)
 KEPT_CUT = "not overwritten: its output"  # (a file cut short, not this job's: see _run_locked)
 LOST = "not denoised: its block"  # (then how; not BAD_INPUT: a rerun does it again)
 ITEM = "item"  # the column, in an actor's rows, of each row's place in the job's items
@@ -3998,7 +4001,10 @@ def _plan(
             orphans += 1
             todo.append((rel, size))
         elif done_here and same_time:
-            early.append(_skipped_row(rel, out_rel, size, last))
+            row = _skipped_row(rel, out_rel, size, last)
+            if unrecorded and not last and not record:  # (said once, then lost: the row
+                row["error"] = UNRECORDED_NOTE  # keeps it, carried by later runs)
+            early.append(row)
         elif fails_again and same_as_last:
             carried = {k: last.get(k) for k in _COLUMNS}
             carried["error"] = _earlier(last["error"])

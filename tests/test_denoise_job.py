@@ -346,9 +346,15 @@ def test_reruns_that_cannot_trust_what_is_in_dst_say_so(
     kept = f"not overwritten: its output {theirs} was already in --output, cut short"
     assert rows[theirs]["status"] == "failed" and rows[theirs]["error"].startswith(kept)
     assert f"cut short or not images (e.g. {theirs})" in result.stderr  # (and the broken inputs)
+    # The rows of those outputs say they are not this job's (said once, then lost), and
+    # keep saying so on reruns.
+    unrecorded = [r for r in rows.values() if r["status"] == "skipped"]
+    assert all(r["error"] == job.UNRECORDED_NOTE for r in unrecorded), unrecorded[:2]
     rerun = run_job(*refs)  # DST has a record now: still not the job's file
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert manifest(foreign)[theirs]["error"].startswith(kept)
+    again = [r for r in manifest(foreign).values() if r["status"] == "skipped"]
+    assert len(again) == skipped and all(job.UNRECORDED_NOTE in r["error"] for r in again)
     assert (foreign / theirs).read_bytes() == b"\x89PNG\r\n\x1a\n their half-copied file"
     (foreign / theirs).unlink()  # removed: done
     rerun = run_job(*refs, ray=shared_ray)
