@@ -10,14 +10,13 @@
 aelib never imports Ray: Ray jobs live in the project's `jobs/` folder.
 """
 
-import os as _os
 import sys as _sys
 
 from aelib import process as _process
 
 # The command line (`python -m aelib`, the `aelib` script): a Ctrl-C or SIGTERM during
 # the imports below (seconds: TensorFlow's) is kept for the run to stop on as it starts.
-if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "aelib":
+if _process.command_line(_sys.argv[0] if _sys.argv else "", getattr(_sys, "orig_argv", [])):
     _process.record_stops_early()
 
 from aelib import layers  # noqa: E402, F401  (registers the custom layers for load_model)

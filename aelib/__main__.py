@@ -291,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     if twice:  # (the last one silently won)
         parser.error(f"--set {', '.join(twice)} given more than once; give each option once")
     if args.command == "models":
+        from aelib import process
         from aelib.registry import model_defaults
+
+        try:  # (a stop during the imports: only train's run stops on it)
+            process.end_early_recording()
+        except KeyboardInterrupt as e:
+            how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
+            print(f"aelib: {how}", file=sys.stderr)
+            return process.exit_code(e)
 
         for name in list_models():
             print(f"{name:8s} {model_defaults(name)}")

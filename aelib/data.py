@@ -476,8 +476,8 @@ def load_image_folder(
         what = "1 image" if n == 1 else f"{n} images"
         give = "gives" if n == 1 else "give"
         warnings.warn(
-            f"{what} in {folder} smaller than a {width}x{height} patch {give} no patch: left "
-            f"out (e.g. {small[0]}; resizing, --image-mode resize, takes each whole)",
+            f"{what} in {folder} smaller than a {height}x{width} patch {give} no patch: left "
+            f"out (e.g. {small[0]}, width x height; image mode 'resize' takes each whole)",
             AelibWarning,
             2,
         )

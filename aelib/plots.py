@@ -106,7 +106,8 @@ def conv_codes(
     code value is a block of pixels and digits compare. (The tutorial draws its
     (4, 4, 8) codes as 4x32 strips; a denoiser's (7, 7, 32) code drawn that way is a
     7x224 strip that a figure can only resample.) `note` is a second line of the title;
-    `labels` name each code's digit above it (own images, labelled -1: none)."""
+    `labels`, of these digits first (the test split's), name each code's digit above it
+    (own images, labelled -1: none)."""
     codes = np.asarray(codes, dtype=np.float32)[:n]
     h, w, c = codes.shape[1:]
     cols = next(k for k in range(int(np.ceil(np.sqrt(c))), c + 1) if c % k == 0)  # 8 -> 4x2
@@ -136,9 +137,10 @@ def conv_codes(
         ax.axis("off")
     for ax, grid in zip(axes.flat, grids, strict=False):
         ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
-    labels = np.asarray([] if labels is None else labels)[: len(grids)]
-    noun = _by_label(labels)[1]  # (digit, or label where labels pass 9)
-    for ax, label in zip(axes.flat, labels, strict=False):
+    labels = np.asarray([] if labels is None else labels)
+    # "digit", or "label" where any label passes 9 (all of them: as the t-SNE map says)
+    noun = _by_label(labels[labels >= 0])[1]
+    for ax, label in zip(axes.flat, labels[: len(grids)], strict=False):
         if label >= 0:  # (own images: -1, no label)
             ax.set_title(f"{noun} {int(label)}", fontsize=9)
     fig.suptitle(title + (f"\n{note}" if note else ""))
@@ -403,7 +405,7 @@ def tutorial_figures(
             codes, note = codes[0], "the deepest features: skip connections pass others on"
         if codes.ndim == 4:
             figures["codes"] = conv_codes(
-                codes, out_dir / f"{name}_codes.png", note=note, labels=splits.labels_test[:n]
+                codes, out_dir / f"{name}_codes.png", note=note, labels=splits.labels_test
             )
     if name in ("dense", "sparse", "deep"):
         codes = _predict(model.encoder, splits.x_test[:limit])

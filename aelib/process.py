@@ -103,8 +103,39 @@ def record_stops_early() -> None:
 
 def _record(signum, frame) -> None:
     _STOPPED.append(Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
-    if len(_STOPPED) > 1:  # (a second stop: at once, as asked)
-        raise _STOPPED[-1]()
+    if len(_STOPPED) > 1:  # (a second stop: at once, as asked, as Python's own handler
+        signal.signal(signum, _EARLY.get(signum, signal.SIG_DFL))  # does it: SIGTERM's
+        os.kill(os.getpid(), signum)  # exit 143, Ctrl-C's KeyboardInterrupt)
+
+
+def end_early_recording() -> None:
+    """Sets Python's own handlers back where record_stops_early replaced them, for a
+    command that will not reach sigterm_as_ctrl_c (`aelib models`), and raises the stop
+    recorded meanwhile, if any."""
+    for sig, handler in _EARLY.items():
+        signal.signal(sig, handler)
+    _EARLY.clear()
+    stopped, _STOPPED[:] = list(_STOPPED), []
+    if stopped:
+        raise stopped[-1]()
+
+
+def command_line(argv0: str, orig_argv: list[str]) -> bool:
+    """Whether this process runs aelib's command line (`python -m aelib`, or the `aelib`
+    script), from its sys.argv[0] and sys.orig_argv: not a program importing aelib
+    (`python -m myproj.train` too: its sys.argv[0] is also "-m" during its imports)."""
+    if os.path.basename(argv0) == "aelib":
+        return True
+    args = iter(orig_argv[1:])
+    for arg in args:  # (Python's own options, up to -m MODULE)
+        if arg == "-m" or (arg.startswith("-m") and not arg.startswith("--")):
+            module = arg[2:] or next(args, "")
+            return module in ("aelib", "aelib.__main__")
+        if arg in ("-X", "-W"):  # (options with a value of their own)
+            next(args, None)
+        elif not arg.startswith("-") or arg in ("-c", "-"):  # (a script, code, stdin)
+            return False
+    return False
 
 
 def _stop(signum, frame) -> None:

@@ -2411,9 +2411,15 @@ def _note_cut(location: str, redone: list[str], kept: list[str]) -> None:
     job's: see `unowned` in _run_locked)."""
     where = redacted(location)
     if redone:
+        n = len(redone)
+        what, wrote, done = (
+            ("1 output", "is not as this job wrote it", "it is")
+            if n == 1
+            else (f"{n} outputs", "are not as this job wrote them", "they are")
+        )
         print(
-            f"denoise: note: {len(redone)} output(s) in {where} are not as this job wrote "
-            f"them, cut short or changed since (e.g. {redone[0]}): they are done again",
+            f"denoise: note: {what} in {where} {wrote}, cut short or changed since (e.g. "
+            f"{redone[0]}): {done} done again",
             file=sys.stderr,
         )
     if kept:
@@ -3490,11 +3496,12 @@ def _ray_address_unreachable() -> str | None:
     local = "unset RAY_ADDRESS to run on a local Ray"
     if address in ("", "local"):
         return None
+    shown = address
     if address == "auto":  # (what ray.init does with it: Ray's own function)
         from ray._private.services import canonicalize_bootstrap_address_or_die
 
-        try:
-            canonicalize_bootstrap_address_or_die(address)
+        try:  # (then the address found is checked: a crashed Ray's is left recorded)
+            address = canonicalize_bootstrap_address_or_die(address)
         except ConnectionError as e:
             if str(e).startswith("Could not find"):
                 return (
@@ -3505,9 +3512,15 @@ def _ray_address_unreachable() -> str | None:
             return f"RAY_ADDRESS=auto: {many}. Set RAY_ADDRESS to one of them, or {local}."
         except Exception:  # (a Ray of another layout: ray.init says)
             return None
+    if re.match(r"https?://", address):  # (the dashboard's, for `ray job submit`)
+        return (
+            f"RAY_ADDRESS={address}: a dashboard's address, not a Ray cluster's (expected "
+            f"host:port, ray://host:port, auto or local). Give one, or {local}."
+        )
+    if "://" in address.removeprefix("ray://"):  # (Ray's client modules: Ray says)
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if "://" in host or not host or not port.isdigit():
+    if not host or not port.isdigit():
         return (
             f"RAY_ADDRESS={address}: not the address of a Ray cluster (expected host:port, "
             f"ray://host:port, auto or local). Give one, or {local}."
@@ -3523,8 +3536,9 @@ def _ray_address_unreachable() -> str | None:
             return None
         except OSError as e:
             error = e
+    found = f" (auto: {address})" if shown != address else ""
     return (
-        f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}). "
+        f"RAY_ADDRESS={shown}{found}: no Ray cluster answers there ({error.strerror or error}). "
         f"Start that cluster (a stopped one's exports stay in the shell), or {local}."
     )
 

@@ -665,27 +665,45 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def _check_settings(first: Any, now: dict[str, Any]) -> None:
+# What each setting of a SETTINGS file may hold (write_settings; None: not given).
+SETTING_KINDS: dict[str, tuple] = {
+    **dict.fromkeys(("num_samples", "epochs", "seed", "grace_period", "max_failures"), (int,)),
+    **dict.fromkeys(("limit", "test_limit", "max_concurrent"), (int, type(None))),
+    "models": (list,),
+    "pins": (list,),
+    "smoke_test": (bool,),
+    "scheduler": ("asha", "fifo"),
+    "search": ("random", "optuna"),
+    "scoring": (SCORING, "as-trained"),
+    "data": (str,),
+    "data_sha256": (str, type(None)),
+}
+
+
+def _check_settings(first: Any) -> None:
     """Raises ValueError where a SETTINGS file's content is not what write_settings
-    writes: `now` is this run's settings, of the kinds it holds."""
+    writes (a damaged or hand-edited file: a TypeError's traceback, later)."""
     if not isinstance(first, dict):
         raise ValueError(f"{json.dumps(first)[:40]}, not a JSON object")
-
-    def kind(value: Any) -> str:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        return "number" if number else type(value).__name__
-
-    for key in RESUMED:
-        value = first.get(key)
-        bad = value is not None and now[key] is not None and kind(value) != kind(now[key])
-        if key == "models":
-            bad = bad or not all(isinstance(m, str) for m in value or [])
-        if key == "pins":  # ([["dense", "batch_size", 64], ...])
-            bad = bad or not all(
-                isinstance(pin, list) and len(pin) == 3 and all(isinstance(k, str) for k in pin[:2])
-                for pin in value or []
+    for key, kinds in SETTING_KINDS.items():
+        if key not in first:  # (an older version's file: the flags say)
+            continue
+        value = first[key]
+        types = [k for k in kinds if isinstance(k, type)]
+        if types:
+            ok = isinstance(value, tuple(types)) and not (
+                isinstance(value, bool) and bool not in types
             )
-        if bad:
+        else:
+            ok = value in kinds
+        if key == "models" and ok:
+            ok = all(isinstance(m, str) for m in value)
+        if key == "pins" and ok:  # ([["dense", "batch_size", 64], ...])
+            ok = all(
+                isinstance(pin, list) and len(pin) == 3 and all(isinstance(k, str) for k in pin[:2])
+                for pin in value
+            )
+        if not ok:
             raise ValueError(f"its {key} is {json.dumps(value)[:40]}")
 
 
@@ -699,7 +717,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     try:
         with fs.open_input_stream(path) as f:
             first = json.loads(f.read())
-        _check_settings(first, _settings(args))
+        _check_settings(first)
     except ValueError as e:  # (a damaged or hand-edited file: a traceback)
         parser.error(
             f"--resume: {experiment_path(args)}/{SETTINGS} is not a sweep's settings ({e}): "
@@ -1940,11 +1958,12 @@ def _ray_address_unreachable() -> str | None:
     local = "unset RAY_ADDRESS to run on a local Ray"
     if address in ("", "local"):
         return None
+    shown = address
     if address == "auto":  # (what ray.init does with it: Ray's own function)
         from ray._private.services import canonicalize_bootstrap_address_or_die
 
-        try:
-            canonicalize_bootstrap_address_or_die(address)
+        try:  # (then the address found is checked: a crashed Ray's is left recorded)
+            address = canonicalize_bootstrap_address_or_die(address)
         except ConnectionError as e:
             if str(e).startswith("Could not find"):
                 return (
@@ -1955,9 +1974,15 @@ def _ray_address_unreachable() -> str | None:
             return f"RAY_ADDRESS=auto: {many}. Set RAY_ADDRESS to one of them, or {local}."
         except Exception:  # (a Ray of another layout: ray.init says)
             return None
+    if re.match(r"https?://", address):  # (the dashboard's, for `ray job submit`)
+        return (
+            f"RAY_ADDRESS={address}: a dashboard's address, not a Ray cluster's (expected "
+            f"host:port, ray://host:port, auto or local). Give one, or {local}."
+        )
+    if "://" in address.removeprefix("ray://"):  # (Ray's client modules: Ray says)
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if "://" in host or not host or not port.isdigit():
+    if not host or not port.isdigit():
         return (
             f"RAY_ADDRESS={address}: not the address of a Ray cluster (expected host:port, "
             f"ray://host:port, auto or local). Give one, or {local}."
@@ -1973,8 +1998,9 @@ def _ray_address_unreachable() -> str | None:
             return None
         except OSError as e:
             error = e
+    found = f" (auto: {address})" if shown != address else ""
     return (
-        f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}). "
+        f"RAY_ADDRESS={shown}{found}: no Ray cluster answers there ({error.strerror or error}). "
         f"Start that cluster (a stopped one's exports stay in the shell), or {local}."
     )
 
@@ -2272,17 +2298,20 @@ def _how_to_go_on() -> str:
     (stopped in its start-up, a --resume was refused: "no experiment to resume")."""
     experiment = _EXPERIMENT[0] if _EXPERIMENT else None
     again = "rerun the same command with --resume to finish the sweep and its report"
-    try:  # (a local folder only: an object store may be out of reach, or slow)
-        if experiment is None or "://" not in experiment and not restorable(experiment):
+    hedged = (
+        f"What was written is kept: {again} (without --resume if it stopped before its "
+        "experiment folder had a trial)."
+    )
+    if experiment is not None and "://" in experiment:  # (an object store may be out of
+        return hedged  # reach, or slow)
+    try:
+        if experiment is None or not restorable(experiment):
             return (
                 "It stopped before its experiment had a trial, so there is nothing to "
                 "resume: rerun the same command to start it."
             )
     except Exception:
-        return (
-            f"What was written is kept: {again} (without --resume if it stopped before "
-            "its experiment folder had a trial)."
-        )
+        return hedged
     return f"What was written is kept: {again}."
 
 

@@ -465,14 +465,18 @@ def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
         status = Path(f"/proc/{pid}/status").read_text()
         return bool(int(re.search(r"SigCgt:\s*([0-9a-f]+)", status)[1], 16) >> (signum - 1) & 1)
 
-    for signum, code, how in (
-        (signal.SIGINT, 130, "interrupted"),
-        (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    train = ["train", "--model", "dense", "--epochs", "1", "--limit", "1000", "--no-figures"]
+    for signum, code, said, command in (
+        (signal.SIGINT, 130, "aelib: interrupted: the run did not finish", train),
+        (signal.SIGTERM, 143, "aelib: terminated (SIGTERM): the run did not finish", train),
+        (signal.SIGINT, 130, "aelib: interrupted", ["models"]),  # (no run: it listed them)
     ):
         out = tmp_path / f"o{signum}"
-        cmd = [sys.executable, "-m", "aelib", "train", "--model", "dense", "--epochs", "1"]
-        cmd += ["--limit", "1000", "--no-figures", "--data", str(MNIST), "--out", str(out)]
-        proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        cmd = [sys.executable, "-m", "aelib", *command]
+        cmd += ["--data", str(MNIST), "--out", str(out)] if command == train else []
+        proc = subprocess.Popen(
+            cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 30
         while not caught(proc.pid, signal.SIGTERM):  # (its handler is set: Keras comes next)
             assert time.monotonic() < deadline and proc.poll() is None, "SIGTERM not handled"
@@ -481,14 +485,34 @@ def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
         proc.send_signal(signum)
         # (the stop lands in the imports: no backend's library was loaded yet)
         assert not re.search("tensorflow|jaxlib|torch", maps), "handled after the imports"
-        err = proc.stderr.read()
-        assert proc.wait(timeout=60) == code and "Traceback" not in err, err[-3000:]
-        assert f"aelib: {how}: the run did not finish" in err and "Epoch 1/" not in err, err
+        stdout, err = proc.communicate(timeout=60)
+        assert proc.returncode == code and "Traceback" not in err, err[-3000:]
+        assert said in err and "Epoch 1/" not in err and "dense" not in stdout, err
         assert not out.exists()
-    # A program importing aelib keeps Python's own handlers.
-    check = "import signal, aelib; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
-    run = subprocess.run([sys.executable, "-c", check], env=subprocess_env(), capture_output=True)
+    # A program importing aelib keeps Python's own handlers, run as `python -m` too (its
+    # sys.argv[0] is "-m" while its package imports aelib).
+    (tmp_path / "myproj").mkdir()
+    (tmp_path / "myproj" / "__init__.py").write_text("import aelib\n")
+    check = "import signal; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+    (tmp_path / "myproj" / "run.py").write_text(check + "\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "myproj.run"],
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+    )
     assert run.stdout.strip() == b"True", run.stderr[-2000:]
+    from aelib import process
+
+    for argv0, orig, ours in (
+        ("-m", ["python", "-m", "aelib", "train"], True),
+        ("-m", ["python", "-X", "dev", "-maelib.__main__"], True),
+        ("/venv/bin/aelib", ["python", "/venv/bin/aelib", "train"], True),
+        ("-m", ["python", "-m", "myproj.train"], False),
+        ("-c", ["python", "-c", "import aelib"], False),
+        ("x.py", ["python", "-u", "x.py", "-m", "aelib"], False),
+    ):
+        assert process.command_line(argv0, orig) is ours, orig
 
 
 def test_a_full_disk_ends_training_with_a_line_and_its_rerun_goes_on(tmp_path):

@@ -351,7 +351,7 @@ def test_entries_no_image_can_be_read_from_are_said_not_left_out(tmp_path):
     assert f"1 image in {tmp_path} smaller than a 28x28 patch gives no patch" in str(
         said[1].message
     )
-    assert f"(e.g. {tmp_path / 'small.png'} (12x10);" in str(said[1].message)
+    assert f"(e.g. {tmp_path / 'small.png'} (12x10), width x height;" in str(said[1].message)
 
 
 def test_an_image_too_big_for_pillow_is_named(tmp_path, monkeypatch):

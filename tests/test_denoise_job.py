@@ -740,7 +740,7 @@ def test_resume_redoes_only_missing_outputs(first_run, model_path, dataset, tmp_
     result = run_job("--model", model_path, "--input", pattern, "--output", dst, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
-        "1 output(s)" in result.stderr
+        "note: 1 output in" in result.stderr
         and f"cut short or changed since (e.g. {cut})" in result.stderr
     )
     assert "1 input(s) have the size recorded but another modification time" in result.stderr
@@ -3635,7 +3635,7 @@ def test_a_file_cut_short_that_dst_has_no_record_of_is_kept_though_dst_has_one(
     assert rows["a.png"]["status"] == "ok" and (dst / "a.png").stat().st_size > len(whole) // 2
     assert rows["c.png"]["status"] == "ok"
     assert (
-        "1 output(s) in" in result.stderr
+        "note: 1 output in" in result.stderr
         and "cut short or changed since (e.g. a.png)" in result.stderr
     )
     assert "cut short or not images (e.g. b.png)" in result.stderr

@@ -351,6 +351,9 @@ def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, 
     # Each code says its digit (one without a label, -1, says nothing).
     titles = [ax.get_title() for ax in drawn[-1].axes if ax.images]
     assert titles == ["digit 7", "digit 2", "digit 1", "digit 0", "digit 4", "digit 1"] + [""] * 4
+    # Labels past 9 (EMNIST's letters) further on: "label", as the t-SNE map says.
+    plots.conv_codes(codes[:2], tmp_path / "codes.png", labels=np.array([3, 1] + [26] * 50))
+    assert [ax.get_title() for ax in drawn[-1].axes if ax.images] == ["label 3", "label 1"]
     assert drawn[-1].get_size_inches()[0] < 20
     plots.conv_codes(np.random.default_rng(0).random((1, 4, 4, 8)), tmp_path / "one.png")
     assert drawn[-1].get_size_inches()[0] >= 0.09 * len(drawn[-1]._suptitle.get_text())

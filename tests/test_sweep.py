@@ -611,6 +611,8 @@ def test_a_stop_outside_tunes_run_says_the_rerun_that_works(tmp_path):
         "What was written is kept: rerun the same command with --resume to finish the "
         "sweep and its report."
     )
+    sweep._EXPERIMENT[:] = ["s3://bucket/sweeps/s"]  # (not looked at: may be out of reach)
+    assert "(without --resume if it stopped before its experiment" in sweep._how_to_go_on()
 
 
 def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
@@ -675,6 +677,9 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
         (json.dumps({**recorded, "models": 5}), "its models is 5"),
         (json.dumps({**recorded, "epochs": "3"}), 'its epochs is "3"'),
         (json.dumps({**recorded, "pins": [["dense"]]}), 'its pins is [["dense"]]'),
+        (json.dumps({**recorded, "limit": "600"}), 'its limit is "600"'),  # (no --limit now)
+        (json.dumps({**recorded, "data_sha256": 5}), "its data_sha256 is 5"),
+        (json.dumps({**recorded, "scheduler": "hyperband"}), 'its scheduler is "hyperband"'),
     ):
         settings.write_text(text)
         with pytest.raises(SystemExit) as e:
@@ -860,6 +865,8 @@ def test_a_stopped_clusters_address_fails_before_anything(tmp_path, ray_tmp):
         ("ray://127.0.0.1:1", "RAY_ADDRESS=ray://127.0.0.1:1: no Ray cluster answers there ("),
         # (no address at all: a traceback, ValueError)
         ("notanaddress", "RAY_ADDRESS=notanaddress: not the address of a Ray cluster ("),
+        # (exported for `ray job submit`: the dashboard's)
+        ("http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265: a dashboard's address"),
     ):
         env = {**_env(ray_tmp), "RAY_ADDRESS": address}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -938,7 +945,7 @@ def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys
         (["--storage-path", "file://"], "--storage-path file://: no folder in it"),
         (["--storage-path", "s3:/bucket"], "--storage-path s3:/bucket: a URI's scheme is"),
         (["--storage-path", "file://host/x"], "not a folder of this machine"),
-        (["--cpus-per-trial", "0.00001"], "--cpus-per-trial must be 0 or at least 0.0001"),
+        (["--cpus-per-trial", "0.00001"], "--cpus-per-trial must be at least 0.0001, the smallest"),
         (["--gpus-per-trial", "0.00005"], "--gpus-per-trial must be 0 or at least 0.0001"),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -1454,7 +1461,7 @@ def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     assert "No best model" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path):
+def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path, monkeypatch):
     """Drawing a report again deleted the earlier one's figures first, and drew its
     compare.png straight onto the file: a driver stopped or killed in between left
     report.md pointing at deleted figures, or a 0-byte chart. Now each figure is
@@ -1473,7 +1480,23 @@ def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path):
     (figures / "dense_reconstructions.png").write_bytes(b"an earlier best's figure")
     (figures / "dense_old_name.png").write_bytes(b"a figure this report does not draw")
     (tmp_path / "report" / "compare.png").write_bytes(b"an earlier report's chart")
+    (tmp_path / "report" / "report.md").write_text("an earlier report")
     args = sweep.parse_args(["--data", str(MNIST), "--models", "dense"])
+    # Stopped while it writes its first figure (a Ctrl-C, or a kill: half a file).
+    import matplotlib.figure
+
+    def stopped(fig, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a PNG")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            sweep.write_report({"dense": rec}, [], args, arrays, tmp_path)
+    assert (tmp_path / "report" / "compare.png").read_bytes() == b"an earlier report's chart"
+    assert (figures / "dense_reconstructions.png").read_bytes() == b"an earlier best's figure"
+    assert (tmp_path / "report" / "report.md").read_text() == "an earlier report"
+    assert not [p.name for p in (tmp_path / "report").rglob(".*")]  # (no temp file left)
     sweep.write_report({"dense": rec}, [], args, arrays, tmp_path)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "![dense reconstructions](dense/dense_reconstructions.png)" in report
