@@ -297,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # (a stop during the imports: only train's run stops on it)
             process.end_early_recording()
         except KeyboardInterrupt as e:
-            how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
-            print(f"aelib: {how}", file=sys.stderr)
+            print(f"aelib: {process.how_stopped(e)}", file=sys.stderr)
             return process.exit_code(e)
 
         for name in list_models():
@@ -346,9 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
-            how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
             go_on = _how_to_go_on(args, settings)
-            print(f"aelib: {how}: the run did not finish; {go_on}", file=sys.stderr)
+            print(
+                f"aelib: {process.how_stopped(e)}: the run did not finish; {go_on}",
+                file=sys.stderr,
+            )
             return process.exit_code(e)
         full = process.out_of_space(e)
         if full:  # (Keras's and h5py's writes name no file: say where, and what to do)

@@ -361,8 +361,10 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):  # (a pipe: Pillow's open waited for a writer forever)
-        what = "a broken link" if os.path.islink(path) and not os.path.exists(path) else None
-        what = what or ("not a file" if not os.path.exists(path) else "not a regular file")
+        if os.path.exists(path):
+            what = "not a regular file"
+        else:
+            what = "a broken link" if os.path.islink(path) else "not a file"
         raise ValueError(f"Cannot read image {path}: {what}")
     try:
         with Image.open(path) as opened:

@@ -80,6 +80,16 @@ def exit_code(stop: KeyboardInterrupt) -> int:
     return 143 if isinstance(stop, Terminated) else 130
 
 
+def how_stopped(stop: KeyboardInterrupt) -> str:
+    """What a command's line says of a run stopped by Ctrl-C or SIGTERM."""
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+
+
+def _stop_of(signum: int) -> type[KeyboardInterrupt]:
+    """What the handlers below raise for a signal: Terminated for SIGTERM."""
+    return Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
 _STOPPED: list[type[KeyboardInterrupt]] = []  # what the handlers below raised
 _DEFERRED: list[str] = []  # [notice] while stops wait for raise_if_stopped (defer_stops)
 _EARLY: dict = {}  # the handlers record_stops_early replaced, until sigterm_as_ctrl_c
@@ -102,7 +112,7 @@ def record_stops_early() -> None:
 
 
 def _record(signum, frame) -> None:
-    _STOPPED.append(Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+    _STOPPED.append(_stop_of(signum))
     if len(_STOPPED) > 1:  # (a second stop: at once, as asked, as Python's own handler
         signal.signal(signum, _EARLY.get(signum, signal.SIG_DFL))  # does it: SIGTERM's
         os.kill(os.getpid(), signum)  # exit 143, Ctrl-C's KeyboardInterrupt)
@@ -139,7 +149,7 @@ def command_line(argv0: str, orig_argv: list[str]) -> bool:
 
 
 def _stop(signum, frame) -> None:
-    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    stop = _stop_of(signum)
     _STOPPED.append(stop)
     if not _DEFERRED or len(_STOPPED) > 1:  # (a second stop: at once, as asked)
         raise stop()

@@ -3576,14 +3576,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
     try:
-        clean_found = clean is None or clean.is_dir()
+        clean_kind = clean.entry()[0] if clean is not None else "dir"
     except OSError as e:
         raise ValueError(f"--clean {redacted(args.clean)}: cannot list it ({e}).") from e
-    if not clean_found:
-        local = _is_local(args.clean)
-        path = os.path.expanduser(args.clean.removeprefix("file://")) if local else ""
-        what = "is not a folder" if not local or os.path.lexists(path) else "does not exist"
-        what = what if local else "does not exist or is not a folder"
+    if clean_kind != "dir":
+        what = "does not exist" if clean_kind == "missing" else "is not a folder"
         raise ValueError(
             f"--clean {redacted(args.clean)} {what}; expected a folder of the "
             "clean reference images, at the inputs' relative paths."

@@ -284,14 +284,12 @@ def _claim(folder: Path, flag: str, made_with: dict, digit) -> bool:
             with Image.open(folder / rel) as img:
                 have = np.asarray(img.convert("L"))
         except (OSError, ValueError) as e:  # (exit 1 with Pillow's words, naming no flag)
-            have = e
-        want_rel, want = digit(i)
-        if isinstance(have, Exception):
             raise ValueError(
                 f"{flag} {folder} holds digits with no record of what made them, and its "
-                f"{rel} cannot be read ({have}). A rerun keeps the files there: use another "
+                f"{rel} cannot be read ({e}). A rerun keeps the files there: use another "
                 "folder, or remove this one first."
-            )
+            ) from e
+        want_rel, want = digit(i)
         if rel != want_rel or not np.array_equal(have, want):
             raise ValueError(
                 f"{flag} {folder} holds digits with no record of what made them, and its "
@@ -352,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_noisy: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Pillow's traceback, or no word
-        how = "terminated (SIGTERM)" if isinstance(e, process.Terminated) else "interrupted"
         print(
-            f"make_noisy: {how}: a rerun keeps the files written and adds the rest", file=sys.stderr
+            f"make_noisy: {process.how_stopped(e)}: a rerun keeps the files written and adds "
+            "the rest",
+            file=sys.stderr,
         )
         return process.exit_code(e)
     print(f"make_noisy: {counts} in {Path(args.out).expanduser()}")
