@@ -808,7 +808,8 @@ def test_train_on_own_image_folder(tmp_path, capsys):
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
     # a denoiser that does not denoise yet says so (it ended in silence, exit 0)
     said = "has not learned to denoise yet" in capsys.readouterr().err
-    assert said == (record["metrics"]["psnr_gain"] <= 0), record["metrics"]
+    m = record["metrics"]
+    assert said == (m["psnr_gain"] <= 0 or m["test_ssim"] <= m["noisy_ssim"]), m
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
     assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
     assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
@@ -858,7 +859,17 @@ def test_a_denoiser_that_does_not_denoise_yet_is_told_so():
     assert "(30 epochs of all 60,000 digits" in note  # (MNIST's figure, not for own images)
     own = _no_gain_note({"psnr_gain": -1.0, "noisy_psnr": 9.0}, own_images=True)
     assert own.endswith("Train on more images or for more epochs.") and "60,000" not in own
-    for metrics in ({"psnr_gain": 8.5, "noisy_psnr": 9.38}, {"psnr_gain": float("nan")}, {}):
+    # A PSNR a hair above the input's while SSIM collapsed (grey smudges) is no denoiser.
+    smudges = {"psnr_gain": 0.02, "noisy_psnr": 9.38, "test_ssim": -0.007, "noisy_ssim": 0.358}
+    note = _no_gain_note(smudges)
+    assert "(test PSNR 9.40 against 9.38 dB, SSIM -0.007 against 0.358)" in note
+    learned = {"psnr_gain": 8.5, "noisy_psnr": 9.38, "test_ssim": 0.7, "noisy_ssim": 0.358}
+    for metrics in (
+        learned,
+        {"psnr_gain": 8.5, "noisy_psnr": 9.38},
+        {"psnr_gain": float("nan")},
+        {},
+    ):
         assert _no_gain_note(metrics) is None, metrics
 
 
