@@ -494,6 +494,7 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
     """Trains into `out`; `settings` gets the run's resume_settings once its data is
     read (for main() to say, if the run is stopped, what its rerun does)."""
     from aelib.train import (
+        built,
         checkpoint_path,
         config_source,
         load_arrays,
@@ -550,6 +551,9 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
 
         on_test_batch_end = on_epoch_end = on_train_end = on_train_batch_end
 
+    # A --set value the model cannot be built with is named before the data is read (a
+    # missing MNIST hid it behind the download's error). train() builds it again, seeded.
+    built(config)
     # From here on, Ctrl-C and SIGTERM only record the stop, and train() and the callback
     # above raise it where it is safe: raised inside TensorFlow (in fit, and as much in
     # evaluate or predict), the exception was lost, or the process died (SIGSEGV, a

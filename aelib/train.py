@@ -636,6 +636,24 @@ def train(
             f"initial_epoch must be in [0, epochs={config.epochs}): the epochs already done. "
             f"Received: initial_epoch={initial_epoch!r}"
         )
+    # (figures="no" drew figures, callbacks=History() failed after the data load, and
+    # resume=True without out_dir, where no checkpoint can be, was ignored)
+    for name, value in (("figures", figures), ("resume", resume)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+    if callbacks is not None and not (
+        isinstance(callbacks, (list, tuple))
+        and all(isinstance(c, keras.callbacks.Callback) for c in callbacks)
+    ):
+        raise TypeError(
+            "callbacks must be a list of Keras callbacks (keras.callbacks.Callback). "
+            f"Received: callbacks={callbacks!r}"
+        )
+    if resume and out_dir is None:
+        raise ValueError(
+            "resume=True goes on from the checkpoint a stopped run left in out_dir: give "
+            "out_dir, or leave resume False."
+        )
     if out_dir is not None:  # (found after the training and evaluation before)
         if data is None:  # (the images are read from config.images, if it names them)
             check_out_dir(out_dir, config.images)
@@ -650,6 +668,7 @@ def train(
         data_source = data_source or "arrays passed to train()"
     tf_data_autotune_off()
     keras.utils.set_random_seed(config.seed)
+    model = built(config)  # (its options' values checked before the data is read)
     arrays = data if data is not None else load_arrays(config)
     past = {"epochs_done": 0, "history": {}, "train_seconds": 0.0}
     checkpoint = None if out_dir is None else checkpoint_path(out_dir, config.model)
@@ -667,7 +686,7 @@ def train(
         if initial_epoch:
             raise ValueError("initial_epoch and resume=True both say where to start: give one")
         past, initial_epoch = state, state["epochs_done"]
-    model = build_checked(config, arrays)
+    build_checked(config, arrays, model)
     splits = make_splits(config, arrays, model.input_kind)
     decay_steps = None
     if config.lr_schedule == "cosine":
@@ -716,6 +735,10 @@ def train(
         metrics.update(evaluate(model, splits, config.batch_size))
         process.raise_if_stopped()
 
+    # The trained model's record, as aelib.save writes it with it (it was {}: a
+    # save(result.model, path, result.model.info) kept no training config or metrics).
+    n_train, n_val = len(splits.x_train), len(splits.x_val)
+    model.info = run_record(config, metrics, hist, n_train, n_val, data_source, splits.scaling)
     paths: dict[str, str] = {}
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()
@@ -834,13 +857,11 @@ def write_outputs(
     return paths
 
 
-def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
-    """Builds the config's model and checks, without training, that it takes the
-    arrays' images (as its input kind reads them) and gives back their shape: what
-    train() checks first, for callers that want a bad option refused before any
-    work (the sweep's driver, before its trials)."""
+def built(config: TrainConfig) -> Autoencoder:
+    """The config's model, built: a bad option value is refused here, before any data is
+    read (train() builds it first, so that a missing MNIST did not hide it)."""
     try:
-        model = build_model(config.model, **config.model_options)
+        return build_model(config.model, **config.model_options)
     except Exception as e:  # (TensorFlow's ResourceExhaustedError: a traceback before)
         text = f"{type(e).__name__}: {e}"  # (TensorFlow's, JAX's, PyTorch's words)
         marks = ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory")
@@ -851,6 +872,16 @@ def build_checked(config: TrainConfig, arrays: MnistArrays) -> Autoencoder:
             f"memory: its weights could not be allocated ({type(e).__name__}). Use smaller "
             "options."
         ) from None
+
+
+def build_checked(
+    config: TrainConfig, arrays: MnistArrays, model: Autoencoder | None = None
+) -> Autoencoder:
+    """Builds the config's model (or takes `model`, built from it by built()) and checks,
+    without training, that it takes the arrays' images (as its input kind reads them)
+    and gives back their shape: what train() checks first, for callers that want a bad
+    option refused before any work (the sweep's driver, before its trials)."""
+    model = model or built(config)
     for part, x in (("training", arrays[0][0]), ("test", arrays[1][0])):
         shape = np.shape(x)
         gray = len(shape) == 3 or len(shape) == 4 and shape[-1] == 1

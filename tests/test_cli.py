@@ -179,6 +179,10 @@ BAD_INPUT = [
         ["--model", "vae", "--set", "seed=-1", "--epochs", "1"],
         "seed must be None or an int in [0, 2**31 - 1]. Received: seed=-1",
     ),
+    (  # (a missing MNIST, or no network without --data, hid it: found after the data)
+        ["--model", "vae", "--set", "latent_dim='x'", "--data", "/nonexistent/mnist.npz"],
+        "Option latent_dim of model 'vae' must be an int. Received: latent_dim='x'",
+    ),
     (["--model", "dense", "--data", "/proc/cpuinfo"], "is not an .npz (zip) archive"),
     (  # --data beside --images went unread, a missing file too
         ["--model", "dense", "--images", "/tmp", "--data", "/nonexistent/mnist.npz"],

@@ -1054,6 +1054,25 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     )
     assert record["data_settings"]["source"] == "arrays passed to train()"
     TrainConfig.from_dict(record["train_config"])  # (1.0 was refused as an int)
+    # The trained model carries that record ({} before: saving it as the README shows,
+    # save(m, path, {**m.info, ...}), dropped its training config and metrics).
+    info = result.model.info
+    for key in ("train_config", "data_settings", "history"):
+        assert info[key] == record[key], key
+    assert info["metrics"]["test_bce"] == record["metrics"]["test_bce"]
+    again = tmp_path / "again.keras"
+    aelib.save(result.model, again, {**result.model.info, "note": "kept"})
+    assert aelib.read_info(again)["metrics"]["test_bce"] == record["metrics"]["test_bce"]
+
+
+def test_a_bad_option_value_is_refused_before_the_data_is_read(tmp_path):
+    """A model option of the wrong value was found only after the data was loaded: a
+    missing MNIST (no --data, no $AELIB_MNIST, offline) hid it behind the download's
+    error."""
+    missing = tmp_path / "no" / "mnist.npz"
+    config = TrainConfig(model="vae", epochs=1, model_options={"latent_dim": "x"}, data=missing)
+    with pytest.raises(ValueError, match="latent_dim of model 'vae' must be an int"):
+        aelib.train(config, figures=False, verbose=0)
 
 
 def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
@@ -1070,6 +1089,17 @@ def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
             TrainConfig(**{field: value})
     with pytest.raises(TypeError, match=re.escape("train() takes a TrainConfig")):
         aelib.train("dense")
+    # train()'s own arguments (figures="no" drew figures; a lone callback failed in fit)
+    small = TrainConfig(model="dense", epochs=1, data="/nonexistent/mnist.npz")
+    for kwargs, error, message in (
+        ({"figures": "no"}, TypeError, "figures must be True or False. Received: figures='no'"),
+        ({"resume": "yes"}, TypeError, "resume must be True or False. Received: resume='yes'"),
+        ({"callbacks": keras.callbacks.History()}, TypeError, "callbacks must be a list of"),
+        ({"callbacks": [print]}, TypeError, "callbacks must be a list of Keras callbacks"),
+        ({"resume": True}, ValueError, "resume=True goes on from the checkpoint a stopped"),
+    ):
+        with pytest.raises(error, match=re.escape(message)):
+            aelib.train(small, **kwargs)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (40, 28, 28)).astype(np.uint8)
     labels = np.arange(40) % 10
