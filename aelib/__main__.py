@@ -184,9 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--test-limit", type=_positive, default=None, help="evaluate on the first N test images"
     )
-    t.add_argument("--batch-size", type=_count, default=None)
     t.add_argument(
-        "--learning-rate", type=_float_in(0, float("inf"), True, True, "number"), default=None
+        "--batch-size",
+        type=_count,
+        default=None,
+        help="default: the tutorial's (256; 128 for conv and denoise, 100 for vae)",
+    )
+    t.add_argument(
+        "--learning-rate",
+        type=_float_in(0, float("inf"), True, True, "number"),
+        default=None,
+        help="Adam's (default: 1e-3)",
     )
     t.add_argument(
         "--lr-schedule",
@@ -195,10 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="constant (the tutorial's) or a cosine decay to 0 over the epochs",
     )
     t.add_argument(  # (denoise only: at 0 there is no noise to remove)
-        "--noise-factor", type=_float_in(0, 1, True, False, "number"), default=None
+        "--noise-factor",
+        type=_float_in(0, 1, True, False, "number"),
+        default=None,
+        help="denoise only: the noise it is trained to remove (default: 0.5)",
     )
-    t.add_argument("--val-split", type=_float_in(0, 1, False, True, "number"), default=None)
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument(
+        "--val-split",
+        type=_float_in(0, 1, False, True, "number"),
+        default=None,
+        help="last fraction of the training images held out for validation (default: 0.1; "
+        "0: validate on the test split, as the tutorial does)",
+    )
+    t.add_argument("--seed", type=_seed, default=0, help="default: 0")
     source = t.add_mutually_exclusive_group()  # (--data beside --images went unread)
     source.add_argument(
         "--data",
@@ -255,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--tensorboard", type=_path, default=None, metavar="DIR", help="write TensorBoard logs"
     )
-    t.add_argument("--no-figures", action="store_true")
+    t.add_argument("--no-figures", action="store_true", help="draw no figures")
     return parser
 
 

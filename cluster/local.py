@@ -362,8 +362,18 @@ def nodes(state_dir: Path = DEFAULT_DIR) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["start", "stop", "status", "env", "nodes"])
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="state directory (default: $AELIB_FAKE_CLUSTER_DIR, else /tmp/aelib-fakecluster)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="start: the fake_multinode cluster config (default: cluster/local-fake-gpu.yaml)",
+    )
     parser.add_argument(
         "--single-node",
         action="store_true",

@@ -4561,7 +4561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         default="same",
         choices=("same", *FORMATS),
-        help="output format: 'same' as the input (default), or png, jpeg, bmp, tiff, webp",
+        help="output format: 'same' as the input (default), or png, jpeg (or jpg), bmp, tiff, webp",
     )
     p.add_argument(
         "--quality",
