@@ -213,6 +213,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 def scale(x: np.ndarray) -> np.ndarray:
     """uint8 0..255 -> float32 0..1 (float input is checked, not rescaled; so are
     integers of wider types, which must hold 8-bit values)."""
+    x = np.asarray(x)  # (a list: "'list' object has no attribute 'dtype'")
     if np.issubdtype(x.dtype, np.integer):
         # (16-bit values came back up to 257, negative ones below 0, without a word)
         if x.size and (x.min() < 0 or x.max() > 255):
@@ -239,6 +240,7 @@ def describe_scaling(dtype) -> str:
 
 def flatten(x: np.ndarray) -> np.ndarray:
     """(N, H, W[, 1]) -> (N, H * W)."""
+    x = np.asarray(x)
     return x.reshape((len(x), -1))
 
 
@@ -254,6 +256,7 @@ def _check_gray(x: np.ndarray, name: str) -> None:
 
 def as_images(x: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N, H, W, 1), channels-last."""
+    x = np.asarray(x)
     _check_gray(x, "as_images")
     return x.reshape((*x.shape[:3], 1)) if x.ndim == 3 else x
 
@@ -261,6 +264,7 @@ def as_images(x: np.ndarray) -> np.ndarray:
 def unflatten(x: np.ndarray) -> np.ndarray:
     """(N, side * side) -> (N, side, side): flat images back as the square ones they
     were (ValueError if their length is no square)."""
+    x = np.asarray(x)
     side = math.isqrt(x.shape[1])
     if side * side != x.shape[1]:
         raise ValueError(f"Flat images must be square. Received shape {x.shape}")
@@ -269,6 +273,7 @@ def unflatten(x: np.ndarray) -> np.ndarray:
 
 def as_sequences(x: np.ndarray) -> np.ndarray:
     """(N, H, W[, 1]) -> (N, H, W): each image as H time steps of W features."""
+    x = np.asarray(x)
     _check_gray(x, "as_sequences")
     return x.reshape(x.shape[:3])
 

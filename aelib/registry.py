@@ -236,7 +236,7 @@ def build_model(name: str, **overrides: Any) -> Autoencoder:
 
 def _get(name: str) -> Callable[..., Autoencoder]:
     _import_models()
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:  # (a list: "unhashable type")
         raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,13 @@ from aelib.registry import Autoencoder, finite, json_default, plain_message
 
 INFO_MEMBER = "aelib.json"
 CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
+
+
+def _as_path(path: Any, what: str) -> Path:
+    """`path` as a Path; anything else named (load(5) was pathlib's TypeError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}() takes a path to a .keras file. Received: {path!r}")
+    return Path(path).expanduser()
 
 
 def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
@@ -50,7 +58,11 @@ def save(model: Autoencoder, path: str | os.PathLike, info: dict[str, Any] | Non
             "Keras model is its .autoencoder; a plain Keras model saves with its own .save). "
             f"Received: {type(model).__name__}"
         )
-    path = Path(path).expanduser()
+    path = _as_path(path, "save")
+    if info is not None and not isinstance(info, Mapping):  # ("'list' object is not a
+        raise TypeError(  # mapping", naming no argument)
+            f"save() takes info as a dict (the record to store). Received: {info!r}"
+        )
     if path.suffix != ".keras":
         raise ValueError(f"Model path must end in .keras. Received: {path}")
     try:
@@ -133,7 +145,7 @@ def portable(compile_config: dict) -> dict:
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
     """The aelib record stored in a `.keras` file ({} for a plain Keras file)."""
-    path = Path(path).expanduser()
+    path = _as_path(path, "read_info")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected a .keras file.")
     if not path.is_file():
@@ -160,7 +172,7 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
     an earlier aelib wrote has its saving backend's compile config: it is loaded from a
     portable copy, optimizer state included, so that it trains on under any backend.
     """
-    path = Path(path).expanduser()
+    path = _as_path(path, "load")
     info = read_info(path)
     if not info:
         raise ValueError(

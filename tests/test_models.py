@@ -1109,6 +1109,29 @@ def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
     assert np.isfinite(result.metrics["test_loss"])
 
 
+def test_the_library_functions_name_what_they_take(tmp_path):
+    """build_model(["dense"]), load(5) and save(..., info=[...]) failed with Python's
+    words naming no argument ("unhashable type: 'list'", pathlib's TypeError, "'list'
+    object is not a mapping"); scale() and flatten() of a list with an AttributeError."""
+    from aelib import data
+
+    with pytest.raises(ValueError, match=re.escape("Unknown model ['dense']. Valid names")):
+        aelib.build_model(["dense"])
+    for fn, arg in ((aelib.load, 5), (aelib.read_info, None)):
+        with pytest.raises(TypeError, match=r"\(\) takes a path to a \.keras file. Received"):
+            fn(arg)
+    model = aelib.build_model("dense", encoding_dim=2)
+    with pytest.raises(TypeError, match=re.escape("save() takes info as a dict")):
+        aelib.save(model, tmp_path / "m.keras", info=[1, 2])
+    assert not (tmp_path / "m.keras").exists()
+    pixels = [[[0, 255], [255, 0]]]
+    assert data.scale(pixels).tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    assert data.flatten(pixels).shape == (1, 4)
+    assert data.as_images(pixels).shape == (1, 2, 2, 1)
+    assert data.as_sequences(pixels).shape == (1, 2, 2)
+    assert data.unflatten([[0, 1, 2, 3]]).shape == (1, 2, 2)
+
+
 def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     """A run with out_dir saves a checkpoint after every epoch but the last; resume=True
     goes on from it with its weights, its optimizer's state (Adam's step count, which the
