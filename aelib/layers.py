@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from aelib.registry import is_int, is_number
+
 
 @keras.saving.register_keras_serializable(package="aelib")
 class ActivityL1(layers.Layer):
@@ -19,7 +21,7 @@ class ActivityL1(layers.Layer):
 
     def __init__(self, l1: float = 1e-4, **kwargs):
         super().__init__(**kwargs)
-        if not 0 <= l1 < float("inf"):  # (NaN fails too)
+        if not (is_number(l1) and 0 <= l1 < float("inf")):  # (NaN fails too; "x": '<=')
             raise ValueError(f"l1 must be >= 0 and finite. Received: l1={l1}")
         self.l1 = float(l1)
 
@@ -48,6 +50,11 @@ class Sampling(layers.Layer):
 
     def __init__(self, kl_weight: float = 1.0, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        if not (is_number(kl_weight) and 0 <= kl_weight < float("inf")):
+            raise ValueError(f"kl_weight must be >= 0 and finite. Received: {kl_weight=}")
+        # (the backend's seed dtype: PyTorch's int32; see the vae builder)
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**31):
+            raise ValueError(f"seed must be None or an int in [0, 2**31 - 1]. Received: {seed=}")
         self.kl_weight = float(kl_weight)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

@@ -460,6 +460,21 @@ def test_custom_layer_config_round_trips(layer):
     assert {k: getattr(clone, k) for k in settings} == settings
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [  # (a string: "'<=' not supported"; a negative weight and a seed beyond PyTorch's
+        # int32 were taken, the seed failing later in PyTorch's words)
+        (lambda: ActivityL1(l1="x"), "l1 must be >= 0 and finite. Received: l1=x"),
+        (lambda: Sampling(kl_weight=-1.0), "kl_weight must be >= 0 and finite"),
+        (lambda: Sampling(kl_weight="1"), "kl_weight must be >= 0 and finite"),
+        (lambda: Sampling(seed=2**31 + 5), "seed must be None or an int in [0, 2**31 - 1]"),
+    ],
+)
+def test_custom_layers_refuse_bad_settings(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
 def test_maps_of_own_images_colour_no_digits(tmp_path, monkeypatch):
     """train --images has no labels (-1): its t-SNE and latent maps drew every point as
     digit 0 under a 0-9 digit colour bar."""
