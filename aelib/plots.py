@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import textwrap
 from pathlib import Path
@@ -74,10 +75,32 @@ def _as_hw(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _check_count(n, name: str = "n") -> None:
+    """An int >= 1 (n=0 failed in Matplotlib's gridspec, or as an IndexError)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be an int >= 1. Received: {name}={n!r}")
+
+
+def _check_points(points: np.ndarray, labels: np.ndarray, what: str, shape: str) -> None:
+    """`points` of one row per label: an IndexError, or a plot of the first two of 3-D
+    points, before."""
+    if len(points) != len(labels):
+        raise ValueError(
+            f"{what} and labels must be as many: {len(points)} {what}, {len(labels)} labels"
+        )
+    if shape == "(N, 2)" and (points.ndim != 2 or points.shape[1] != 2):
+        raise ValueError(f"{what} must be {shape} points. Received shape {points.shape}")
+    if shape == "(N,)" and points.size != len(points):
+        raise ValueError(f"{what} must be {shape} values, one each. Received shape {points.shape}")
+
+
 @_closes_its_figure
 def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10) -> Path:
     """Draws each array's first `n` images as one labelled row (originals over
     reconstructions, noisy over denoised, ...): floats in [0, 1], or 8-bit 0..255."""
+    _check_count(n)
+    if not rows:
+        raise ValueError("rows must name at least one row of images. Received: {}")
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.2, len(rows) * 1.3), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         images = _as_hw(images)
@@ -108,7 +131,10 @@ def conv_codes(
     7x224 strip that a figure can only resample.) `note` is a second line of the title;
     `labels`, of these digits first (the test split's), name each code's digit above it
     (own images, labelled -1: none)."""
+    _check_count(n)
     codes = np.asarray(codes, dtype=np.float32)[:n]
+    if codes.ndim != 4:  # ("not enough values to unpack")
+        raise ValueError(f"codes must be (N, h, w, c) conv codes. Received shape {codes.shape}")
     h, w, c = codes.shape[1:]
     cols = next(k for k in range(int(np.ceil(np.sqrt(c))), c + 1) if c % k == 0)  # 8 -> 4x2
     rows = c // cols
@@ -231,6 +257,8 @@ def latent_plane(
 ) -> Path:
     """A scatter of 2-D points (a VAE's z_mean, a t-SNE map of codes), coloured by digit;
     `axis_labels` name its x and y."""
+    z, labels = np.asarray(z), np.asarray(labels)
+    _check_points(z, labels, "z", "(N, 2)")
     title = title or f"VAE latent plane (z_mean of {len(z):,} test {_noun(labels)})"
     fig, ax = plt.subplots(figsize=(6, 5))
     if _unlabelled(labels):
@@ -265,8 +293,9 @@ def code_values(
     (its PCA start failed after the whole training): each test digit's code value, in a
     row per digit (spread a little up and down, so that the points are seen); of own
     images (no labels), a histogram of the values."""
-    values = np.asarray(codes, dtype=np.float64).reshape(len(codes))
-    labels = np.asarray(labels)
+    codes, labels = np.asarray(codes, dtype=np.float64), np.asarray(labels)
+    _check_points(codes, labels, "codes", "(N,)")  # (a reshape error before)
+    values = codes.reshape(len(codes))
     title = title or f"The 1-D codes of {len(values):,} test {_noun(labels)}"
     fig, ax = plt.subplots(figsize=(6, 5))
     if _unlabelled(labels):
@@ -302,6 +331,13 @@ def digit_manifold(
     (`digit_size`, if given, must be it)."""
     from scipy.stats import norm
 
+    _check_count(n)
+    latent = tuple(decoder.inputs[0].shape[1:]) if getattr(decoder, "inputs", None) else None
+    if latent is not None and latent != (2,):  # (Keras's input-spec error)
+        raise ValueError(
+            f"digit_manifold draws a 2-D latent plane: the decoder must take 2 values. "
+            f"Received a decoder of inputs {latent}"
+        )
     grid = norm.ppf(np.linspace(0.05, 0.95, n))
     z = np.array([[xi, yi] for yi in grid[::-1] for xi in grid], dtype="float32")
     decoded = _as_hw(_predict(decoder, z))
@@ -336,6 +372,9 @@ def tsne_codes(
     too, from a random start; `code_values` draws those as they are)."""
     from sklearn.manifold import TSNE
 
+    _check_count(limit, "limit")
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    _check_points(codes, labels, "codes", "")
     codes, labels = codes[:limit].reshape(min(len(codes), limit), -1), labels[:limit]
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
@@ -453,6 +492,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if not path.suffix:  # (Matplotlib adds ".png" itself: the path returned must say it)
         path = path.with_suffix(".png")
+    kinds = fig.canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:  # (Matplotlib's words named no path)
+        raise ValueError(
+            f"Cannot draw {path}: Matplotlib writes no {path.suffix!r} files. Use .png (or "
+            f"one of: {', '.join('.' + k for k in sorted(kinds))})."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with process.replaced(path) as tmp:  # (a stop while it saved left half a PNG)
         fig.savefig(tmp, dpi=80, format=path.suffix[1:] or "png")

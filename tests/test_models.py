@@ -276,6 +276,58 @@ def test_code_maps_of_a_few_test_digits(digits, tmp_path):
         assert path.is_file()
 
 
+def test_figure_functions_name_the_input_that_does_not_fit(tmp_path):
+    """Called with arrays of the wrong shape or count, the figure functions failed in
+    Matplotlib, NumPy or Keras, naming no input (n=0: gridspec's words; 3-D points: a
+    plot of their first two values, no error); a suffix Matplotlib cannot write, in its
+    words. No file is left, nor a figure open."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    z, labels = np.zeros((5, 2)), np.arange(5)
+    cases = [
+        (
+            lambda: plots.image_rows({"a": np.zeros((2, 28, 28))}, tmp_path / "r.png", n=0),
+            "n must be an int >= 1. Received: n=0",
+        ),
+        (lambda: plots.image_rows({}, tmp_path / "r.png"), "rows must name at least one row"),
+        (
+            lambda: plots.conv_codes(np.zeros((2, 16)), tmp_path / "c.png"),
+            "codes must be (N, h, w, c) conv codes. Received shape (2, 16)",
+        ),
+        (
+            lambda: plots.latent_plane(np.zeros((5, 3)), labels, tmp_path / "l.png"),
+            "z must be (N, 2) points. Received shape (5, 3)",
+        ),
+        (
+            lambda: plots.latent_plane(z, labels[:4], tmp_path / "l.png"),
+            "z and labels must be as many: 5 z, 4 labels",
+        ),
+        (
+            lambda: plots.code_values(np.zeros((5, 2)), labels, tmp_path / "v.png"),
+            "codes must be (N,) values, one each. Received shape (5, 2)",
+        ),
+        (
+            lambda: plots.digit_manifold(aelib.build_model("vae").decoder, tmp_path / "m.png", n=0),
+            "n must be an int >= 1. Received: n=0",
+        ),
+        (
+            lambda: plots.digit_manifold(aelib.build_model("deep").decoder, tmp_path / "m.png"),
+            "the decoder must take 2 values. Received a decoder of inputs (32,)",
+        ),
+        (
+            lambda: plots.latent_plane(z, labels, tmp_path / "l.v1"),
+            "Matplotlib writes no '.v1' files. Use .png",
+        ),
+    ]
+    for draw, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            draw()
+    assert plt.get_fignums() == before
+    assert list(tmp_path.iterdir()) == []
+    assert plots.latent_plane(z, labels, tmp_path / "l.PNG").is_file()  # (any case)
+
+
 def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, monkeypatch):
     """pyplot keeps every figure open until closed: one whose drawing raised (rows too
     short to be images, a folder where the file goes) stayed open for the process's life."""
