@@ -90,6 +90,11 @@ class TrainConfig:
             self.images is None or str(self.images).strip() != "",
             f"images must be a folder's path, or None for MNIST. Received: images={self.images!r}",
         )
+        _check(  # ("" fell back to $AELIB_MNIST, then Keras's download, without a word)
+            self.data is None or str(self.data).strip() != "",
+            f"data must be the path of an mnist.npz, or None ($AELIB_MNIST, then Keras's "
+            f"download). Received: data={self.data!r}",
+        )
         _check(
             self.image_mode in ("resize", "patch"),
             f"image_mode must be 'resize' or 'patch'. Received: {self.image_mode!r}",

@@ -1150,6 +1150,7 @@ def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
         ("model_options", None, "model_options must be a dict of build_model options"),
         ("data", 123, "data must be a path or None. Received: data=123"),
         ("images", 7, "images must be a path or None. Received: images=7"),
+        ("data", " ", "data must be the path of an mnist.npz, or None ($AELIB_MNIST"),
         ("invert", "yes", "invert must be True or False. Received: invert='yes'"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
