@@ -2035,6 +2035,25 @@ def _table(rel: str) -> bool:
     )
 
 
+def _note_not_tables(location: str, tables: int, listed: list[tuple[str, int]]) -> None:
+    """Says how many files of a folder read as Parquet are not inputs (they were left out
+    without a word; hidden ones and those under "_", as _table leaves out, are not
+    counted)."""
+    others = [
+        rel
+        for rel, _ in listed
+        if not _parquet_name(rel)
+        and not _hidden(rel)
+        and not any(part.startswith("_") for part in rel.split("/"))
+    ]
+    if others:
+        print(
+            f"denoise: note: --input {redacted(location)} is read as Parquet ({tables} "
+            f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not inputs",
+            file=sys.stderr,
+        )
+
+
 def _no_tables(location: str, listed: list[tuple[str, int]]) -> ValueError:
     """The error of a folder without Parquet files to read, naming those that _table
     leaves out for a name starting with "_" (all of a Spark write cut short)."""
@@ -2104,6 +2123,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 found = [(rel, n) for rel, n in entries if _table(rel)]
             if not found:
                 raise _no_tables(location, entries)
+            if not has_glob:
+                _note_not_tables(location, len(found), entries)
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
         if has_glob or os.path.isdir(location):
             root, pattern = _glob_root(location) if has_glob else (location, None)
@@ -2115,6 +2136,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             found = [location] if os.path.isfile(location) else []
         if not found:
             raise _no_tables(location, entries)
+        if not has_glob:
+            _note_not_tables(location, len(found), entries)
         return Inputs("parquet", listed, [], found)
     if has_glob:
         root, pattern = _glob_root(location)

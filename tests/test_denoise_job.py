@@ -3085,6 +3085,23 @@ def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale()
     assert same["psnr"] > same["psnr_noisy"] > 10
 
 
+def test_a_folder_read_as_parquet_says_which_files_are_not_inputs(tmp_path, capsys):
+    """--input-format parquet on a folder left its other files out without a word (auto
+    said so); Spark's _SUCCESS and hidden files are not counted."""
+    table = pa.table({"path": ["a.png"], "image": [png(np.zeros((4, 4), np.uint8))]})
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    for name in ("notes.txt", "_SUCCESS", ".DS_Store"):
+        (tmp_path / name).write_text("x")
+    inputs = job.find_inputs(str(tmp_path), "parquet")
+    assert inputs.parquet == [str(tmp_path / "train-0.parquet")]
+    err = capsys.readouterr().err
+    assert "is read as Parquet (1 file(s)); its 1 other file(s) (e.g. notes.txt) are not" in err
+    (tmp_path / "notes.txt").unlink()
+    job.find_inputs(str(tmp_path), "parquet")
+    job.find_inputs(str(tmp_path / "*.parquet"), "parquet")  # (a glob takes what it names)
+    assert capsys.readouterr().err == ""
+
+
 def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
     good = pa.table({"path": ["a.png"], "image": pa.array([b"x"], pa.binary())})
     hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
