@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import gc
 import json
+import math
 import os
 import sys
 import warnings
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--learning-rate",
         type=_float_in(0, float("inf"), True, True, "number"),
         default=None,
-        help="Adam's (default: 1e-3)",
+        help="Adam's learning rate (default: 1e-3)",
     )
     t.add_argument(
         "--lr-schedule",
@@ -436,13 +438,18 @@ def _no_gain_note(metrics: dict, own_images: bool = False) -> str | None:
     PSNR or on SSIM (a run of one epoch on a few thousand digits, the README's quick try:
     it exited 0 with a negative psnr_gain in its JSON and grey squares in its figure, no
     word; on 500 test digits the same run gained 0.02 dB while its SSIM fell from 0.36 to
-    0.0, and PSNR alone let that pass)."""
+    0.0, and PSNR alone let that pass). Names only the scores that did not improve."""
     gain, noisy = metrics.get("psnr_gain"), metrics.get("noisy_psnr")
     ssim, noisy_ssim = metrics.get("test_ssim"), metrics.get("noisy_ssim")
-    if gain is None or noisy is None:
+    if gain is None or noisy is None or math.isnan(gain):  # (NaN: the NaN error says it)
         return None
-    worse_ssim = ssim is not None and noisy_ssim is not None and ssim <= noisy_ssim
-    if not (gain <= 0 or worse_ssim):  # (NaN: the NaN error says it)
+    has_ssim = ssim is not None and noisy_ssim is not None and not math.isnan(ssim)
+    worse = []
+    if gain <= 0:
+        worse.append(f"PSNR {noisy + gain:.2f} against {noisy:.2f} dB")
+    if has_ssim and ssim <= noisy_ssim:
+        worse.append(f"SSIM {ssim:.3f} against {noisy_ssim:.3f}")
+    if not worse:
         return None
     more = (
         "Train on more images or for more epochs."
@@ -450,12 +457,9 @@ def _no_gain_note(metrics: dict, own_images: bool = False) -> str | None:
         else "Train on more digits or for more epochs (30 epochs of all 60,000 digits reach "
         "about 20 dB)."
     )
-    scores = f"test PSNR {noisy + gain:.2f} against {noisy:.2f} dB"
-    if ssim is not None and noisy_ssim is not None:
-        scores += f", SSIM {ssim:.3f} against {noisy_ssim:.3f}"
     return (
-        f"the denoiser's outputs score no better than its noisy inputs ({scores}): it has "
-        f"not learned to denoise yet. {more}"
+        f"the denoiser's outputs score no better than its noisy inputs (test "
+        f"{', '.join(worse)}): it has not learned to denoise yet. {more}"
     )
 
 
@@ -569,8 +573,10 @@ def _train_locked(args: argparse.Namespace, config, out: Path, made: list, setti
         on_test_batch_end = on_epoch_end = on_train_end = on_train_batch_end
 
     # A --set value the model cannot be built with is named before the data is read (a
-    # missing MNIST hid it behind the download's error). train() builds it again, seeded.
+    # missing MNIST hid it behind the download's error). train() builds it again, seeded;
+    # this one's weights go now (Keras models hold reference cycles: kept till a collection).
     built(config)
+    gc.collect()
     # From here on, Ctrl-C and SIGTERM only record the stop, and train() and the callback
     # above raise it where it is safe: raised inside TensorFlow (in fit, and as much in
     # evaluate or predict), the exception was lost, or the process died (SIGSEGV, a

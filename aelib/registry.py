@@ -34,8 +34,9 @@ class Autoencoder:
     model whose two layers are the nested `encoder` and `decoder` models.
     `config` is the variant's options (`build_model(name, **config)` builds it
     again); `info` is what `aelib.save` stored with a reloaded one (training config,
-    data settings, metrics, history, versions), the same record (less the versions) for
-    one `aelib.train` returns, and empty for one just built.
+    data settings, metrics, history, versions); for one `aelib.train` returns, its run's
+    record (training config, data settings, metrics, history: the fields `aelib.save`
+    adds, variant, options and versions, are not in it), and empty for one just built.
     """
 
     name: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -651,7 +652,7 @@ def train(
         and all(isinstance(c, keras.callbacks.Callback) for c in callbacks)
     ):
         raise TypeError(
-            "callbacks must be a list of Keras callbacks (keras.callbacks.Callback). "
+            "callbacks must be a list (or tuple) of Keras callbacks (keras.callbacks.Callback). "
             f"Received: callbacks={callbacks!r}"
         )
     if resume and out_dir is None:
@@ -743,7 +744,8 @@ def train(
     # The trained model's record, as aelib.save writes it with it (it was {}: a
     # save(result.model, path, result.model.info) kept no training config or metrics).
     n_train, n_val = len(splits.x_train), len(splits.x_val)
-    model.info = run_record(config, metrics, hist, n_train, n_val, data_source, splits.scaling)
+    record = run_record(config, metrics, hist, n_train, n_val, data_source, splits.scaling)
+    model.info = copy.deepcopy(record)  # (not result.metrics itself: one edit changed both)
     paths: dict[str, str] = {}
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()

@@ -863,17 +863,17 @@ def test_a_denoiser_that_does_not_denoise_yet_is_told_so():
     assert "(30 epochs of all 60,000 digits" in note  # (MNIST's figure, not for own images)
     own = _no_gain_note({"psnr_gain": -1.0, "noisy_psnr": 9.0}, own_images=True)
     assert own.endswith("Train on more images or for more epochs.") and "60,000" not in own
-    # A PSNR a hair above the input's while SSIM collapsed (grey smudges) is no denoiser.
+    # A PSNR a hair above the input's while SSIM collapsed (grey smudges) is no denoiser;
+    # the note names the scores that did not improve, only those.
     smudges = {"psnr_gain": 0.02, "noisy_psnr": 9.38, "test_ssim": -0.007, "noisy_ssim": 0.358}
-    note = _no_gain_note(smudges)
-    assert "(test PSNR 9.40 against 9.38 dB, SSIM -0.007 against 0.358)" in note
+    assert "(test SSIM -0.007 against 0.358): it has not" in _no_gain_note(smudges)
+    both = {**smudges, "psnr_gain": -0.1}
+    assert "(test PSNR 9.28 against 9.38 dB, SSIM -0.007 against 0.358)" in _no_gain_note(both)
+    psnr = {**smudges, "psnr_gain": -0.32, "test_ssim": 0.84}
+    assert "(test PSNR 9.06 against 9.38 dB): it has not" in _no_gain_note(psnr)
     learned = {"psnr_gain": 8.5, "noisy_psnr": 9.38, "test_ssim": 0.7, "noisy_ssim": 0.358}
-    for metrics in (
-        learned,
-        {"psnr_gain": 8.5, "noisy_psnr": 9.38},
-        {"psnr_gain": float("nan")},
-        {},
-    ):
+    nan = {**smudges, "psnr_gain": float("nan"), "test_ssim": float("nan")}
+    for metrics in (learned, {"psnr_gain": 8.5, "noisy_psnr": 9.38}, nan, {}):
         assert _no_gain_note(metrics) is None, metrics
 
 

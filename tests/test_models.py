@@ -1127,6 +1127,7 @@ def test_train_refuses_before_training_what_would_fail_after_it(tmp_path, monkey
     for key in ("train_config", "data_settings", "history"):
         assert info[key] == record[key], key
     assert info["metrics"]["test_bce"] == record["metrics"]["test_bce"]
+    assert info["metrics"] is not result.metrics  # (a copy: editing one changed both)
     again = tmp_path / "again.keras"
     aelib.save(result.model, again, {**result.model.info, "note": "kept"})
     assert aelib.read_info(again)["metrics"]["test_bce"] == record["metrics"]["test_bce"]
@@ -1162,8 +1163,8 @@ def test_values_of_the_wrong_type_are_named_and_lists_are_taken_as_arrays():
     for kwargs, error, message in (
         ({"figures": "no"}, TypeError, "figures must be True or False. Received: figures='no'"),
         ({"resume": "yes"}, TypeError, "resume must be True or False. Received: resume='yes'"),
-        ({"callbacks": keras.callbacks.History()}, TypeError, "callbacks must be a list of"),
-        ({"callbacks": [print]}, TypeError, "callbacks must be a list of Keras callbacks"),
+        ({"callbacks": keras.callbacks.History()}, TypeError, "callbacks must be a list (or"),
+        ({"callbacks": [print]}, TypeError, "callbacks must be a list (or tuple) of Keras"),
         ({"resume": True}, ValueError, "resume=True goes on from the checkpoint a stopped"),
     ):
         with pytest.raises(error, match=re.escape(message)):
