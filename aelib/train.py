@@ -872,6 +872,7 @@ def built(config: TrainConfig) -> Autoencoder:
     except Exception as e:  # (TensorFlow's ResourceExhaustedError: a traceback before)
         text = f"{type(e).__name__}: {e}"  # (TensorFlow's, JAX's, PyTorch's words)
         marks = ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory")
+        marks += ("can't allocate memory",)  # (PyTorch's CPU allocator, C++ words and all)
         if not isinstance(e, MemoryError) and not any(m in text for m in marks):
             raise
         raise ValueError(
