@@ -960,6 +960,8 @@ def decode(
                 raise _too_big(img.width * img.height, max_pixels)
             img.load()
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
+            if img.format == "WEBP" and _webp_lossless(payload):  # (written lossy at 95)
+                info["lossless"] = True
             mode = img.mode
             alpha = None
             # A TIFF's bits per sample: Pillow reads 16-bit RGB(A) ones as 8 bits too.
@@ -1041,6 +1043,18 @@ def decode(
     return array, 255, info, alpha
 
 
+def _webp_lossless(payload: bytes) -> bool:
+    """Whether a WEBP file's image is lossless (a VP8L chunk among the RIFF's top-level
+    chunks), for its output to be written lossless too."""
+    at = 12
+    while at + 8 <= len(payload):
+        kind, size = payload[at : at + 4], int.from_bytes(payload[at + 4 : at + 8], "little")
+        if kind in (b"VP8L", b"VP8 "):
+            return kind == b"VP8L"
+        at += 8 + size + (size & 1)
+    return False
+
+
 def _gray_palette(img) -> bool:
     palette = img.getpalette() or []
     return bool(palette) and palette[0::3] == palette[1::3] == palette[2::3]
@@ -1098,7 +1112,8 @@ def encode(
     Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile; WEBP: no
     gray), so the alpha channel, EXIF or profile was dropped, the values scaled to 8
     bits or gray stored as RGB."""
-    info = {k: v for k, v in (info or {}).items() if k != "note"}
+    skip = ("note",) if fmt == "WEBP" else ("note", "lossless")  # (a WEBP's own)
+    info = {k: v for k, v in (info or {}).items() if k not in skip}
     if fmt == "PNG":
         return encode_png(array, info), None
     notes = []
@@ -1143,6 +1158,11 @@ def _pillow_encode(array: np.ndarray, fmt: str, quality: int, info: dict) -> byt
     if "icc_profile" in info and pil.mode not in ("L", "RGB"):  # gray 16 bits: none fits
         info = {k: v for k, v in info.items() if k != "icc_profile"}
     options = {"quality": quality} if fmt in LOSSY else {}
+    if fmt == "JPEG":  # (Pillow's default halves colour's resolution: 4:2:0)
+        options["subsampling"] = 0
+    if info.get("lossless"):  # a lossless WEBP's output (quality: the effort)
+        info = {k: v for k, v in info.items() if k != "lossless"}
+        options["lossless"] = True
     try:
         pil.save(buf, format=fmt, **info, **options)
     except (OSError, ValueError, KeyError, TypeError, struct.error):
@@ -1714,15 +1734,17 @@ class Denoiser:
                 for item, _ in members:
                     item["error"] = f"model failed on a {ph}x{pw} batch: {_reason(e)}"
                 continue
-            out = np.rint(np.clip(out, 0.0, 1.0) * maxval)
+            scaled = np.clip(out, 0.0, 1.0) * maxval
+            out = np.rint(scaled)
             for j, (item, k) in enumerate(members):
                 h, w = item["array"].shape[:2]
                 crop = out[j, :h, :w]
                 dtype = item["array"].dtype
                 if k >= 0:
                     item["result"][..., k] = crop[..., 0].astype(dtype)
-                elif k == -2:
-                    item["result"][..., 0] = np.rint(crop.mean(axis=-1)).astype(dtype)
+                elif k == -2:  # (the mean of the channels' values, rounded once)
+                    mean = scaled[j, :h, :w].mean(axis=-1)
+                    item["result"][..., 0] = np.rint(mean).astype(dtype)
                 else:
                     item["result"][...] = crop.astype(dtype)
 

@@ -2094,6 +2094,51 @@ def test_every_format_keeps_the_alpha_or_says_it_dropped_it():
 GRAY_WEBP = "gray stored as RGB of three equal channels: WEBP cannot store it"
 
 
+def test_lossless_webp_stays_lossless_and_jpeg_keeps_full_colour_resolution():
+    """A lossless WEBP input was written as a lossy one at --quality (off by up to 67);
+    RGB JPEGs were written with colour at half resolution (4:2:0, Pillow's default)."""
+    from PIL import JpegImagePlugin
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for lossless in (True, False):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="WEBP", lossless=lossless, quality=80)
+        array, _, info, _ = job.decode(buf.getvalue(), "per-channel")
+        payload, note = job.encode(array, "WEBP", 95, info)
+        back = job.decode(payload, "per-channel")[0]
+        assert job._webp_lossless(payload) == lossless and note is None
+        assert np.array_equal(back, array) == lossless
+        assert job.encode(array, "PNG", 95, info)[0] == job.encode(array, "PNG", 95)[0]
+    payload, _ = job.encode(image, "JPEG", 95)
+    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(payload))) == 0  # 4:4:4
+
+
+def test_a_gray_image_through_a_colour_model_is_rounded_once(tmp_path):
+    """A gray image goes through a 3-channel model as three equal channels, and its
+    output is their mean: each channel was rounded to 8 bits first, then the mean (off
+    by 1 on about a tenth of the pixels)."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    scale = keras.layers.Conv2D(3, 1, use_bias=False, name="scale")
+    model = keras.Model(inputs, scale(inputs))
+    scale.set_weights([np.diag([0.3, 0.5, 0.71]).reshape(1, 1, 3, 3).astype(np.float32)])
+    model.save(tmp_path / "colour.keras")
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    (src / "g.png").write_bytes(png(gray))
+    denoiser = job.Denoiser(
+        job.JobSettings.in_process(str(tmp_path / "colour.keras"), str(src), str(dst))
+    )
+    assert denoiser({"path": np.array(["g.png"])}).to_pylist()[0]["status"] == "ok"
+    channels = gray[..., None] / 255.0 * np.array([0.3, 0.5, 0.71], np.float32) * 255
+    expected = np.rint(channels.mean(axis=-1))
+    assert np.array_equal(np.asarray(Image.open(dst / "g.png")), expected)
+    assert not np.array_equal(expected, np.rint(np.rint(channels).mean(axis=-1)))  # (differs)
+
+
 def test_a_bmp_output_says_it_dropped_the_exif_and_icc_profile():
     """Pillow's BMP writer keeps neither: a photo's EXIF orientation went without a note,
     so the output showed turned against its input. The formats that keep them: no note."""
