@@ -1043,14 +1043,17 @@ def decode(
     return array, 255, info, alpha
 
 
-def _webp_lossless(payload: bytes) -> bool:
-    """Whether a WEBP file's image is lossless (a VP8L chunk among the RIFF's top-level
-    chunks), for its output to be written lossless too."""
-    at = 12
-    while at + 8 <= len(payload):
+def _webp_lossless(payload: bytes, at: int = 12, end: int | None = None) -> bool:
+    """Whether a WEBP file's image is lossless (its first VP8L or VP8 chunk is VP8L; an
+    animation's, in its first frame, the one denoised), for its output to be written
+    lossless too."""
+    end = len(payload) if end is None else end
+    while at + 8 <= end:
         kind, size = payload[at : at + 4], int.from_bytes(payload[at + 4 : at + 8], "little")
         if kind in (b"VP8L", b"VP8 "):
             return kind == b"VP8L"
+        if kind == b"ANMF":  # (16 bytes of the frame's place and timing, then its chunks)
+            return _webp_lossless(payload, at + 8 + 16, min(end, at + 8 + size))
         at += 8 + size + (size & 1)
     return False
 
@@ -1112,8 +1115,7 @@ def encode(
     Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile; WEBP: no
     gray), so the alpha channel, EXIF or profile was dropped, the values scaled to 8
     bits or gray stored as RGB."""
-    skip = ("note",) if fmt == "WEBP" else ("note", "lossless")  # (a WEBP's own)
-    info = {k: v for k, v in (info or {}).items() if k not in skip}
+    info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
     notes = []
@@ -1160,9 +1162,10 @@ def _pillow_encode(array: np.ndarray, fmt: str, quality: int, info: dict) -> byt
     options = {"quality": quality} if fmt in LOSSY else {}
     if fmt == "JPEG":  # (Pillow's default halves colour's resolution: 4:2:0)
         options["subsampling"] = 0
-    if info.get("lossless"):  # a lossless WEBP's output (quality: the effort)
-        info = {k: v for k, v in info.items() if k != "lossless"}
-        options["lossless"] = True
+    lossless = info.get("lossless")  # (decode's: a lossless WEBP input's)
+    info = {k: v for k, v in info.items() if k != "lossless"}
+    if fmt == "WEBP" and lossless:  # (quality: the effort; exact: the colour under alpha 0)
+        options.update(lossless=True, exact=True)
     try:
         pil.save(buf, format=fmt, **info, **options)
     except (OSError, ValueError, KeyError, TypeError, struct.error):
@@ -4613,8 +4616,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_quality,
         default=DEFAULT_QUALITY,
         help="JPEG and WEBP quality, 1-100 (default 95; Pillow's own default, 75, adds "
-        "visible compression noise to a denoised image). With --clean, the metrics of "
-        "a JPEG/WEBP output are those of the file as written",
+        "visible compression noise to a denoised image; JPEGs keep colour at full "
+        "resolution, 4:4:4). A lossless WEBP input gives a lossless WEBP output, for which "
+        "it is the compression effort. With --clean, the metrics of a JPEG/WEBP output are "
+        "those of the file as written",
     )
     p.add_argument(
         "--rgb",

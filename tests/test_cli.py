@@ -873,7 +873,8 @@ def test_a_denoiser_that_does_not_denoise_yet_is_told_so():
     assert "(test PSNR 9.06 against 9.38 dB): it has not" in _no_gain_note(psnr)
     learned = {"psnr_gain": 8.5, "noisy_psnr": 9.38, "test_ssim": 0.7, "noisy_ssim": 0.358}
     nan = {**smudges, "psnr_gain": float("nan"), "test_ssim": float("nan")}
-    for metrics in (learned, {"psnr_gain": 8.5, "noisy_psnr": 9.38}, nan, {}):
+    nan_gain = {**smudges, "psnr_gain": float("nan")}  # (said "PSNR nan against 9.38 dB")
+    for metrics in (learned, {"psnr_gain": 8.5, "noisy_psnr": 9.38}, nan, nan_gain, {}):
         assert _no_gain_note(metrics) is None, metrics
 
 

@@ -2109,7 +2109,17 @@ def test_lossless_webp_stays_lossless_and_jpeg_keeps_full_colour_resolution():
         back = job.decode(payload, "per-channel")[0]
         assert job._webp_lossless(payload) == lossless and note is None
         assert np.array_equal(back, array) == lossless
-        assert job.encode(array, "PNG", 95, info)[0] == job.encode(array, "PNG", 95)[0]
+    # An animation's first frame (the one denoised) says it; another format ignores it.
+    frames = [Image.fromarray(image), Image.fromarray(255 - image)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert job._webp_lossless(buf.getvalue()) and not job._webp_lossless(buf.getvalue()[:40])
+    jpeg, _ = job.encode(image, "JPEG", 95, {"lossless": True})
+    assert jpeg == job.encode(image, "JPEG", 95)[0]
+    # The colour under transparent pixels is kept too (a lossless encode may change it).
+    rgba = np.concatenate([image, np.zeros((20, 30, 1), np.uint8)], axis=-1)
+    payload, _ = job.encode(rgba, "WEBP", 95, {"lossless": True})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(payload)).convert("RGBA")), rgba)
     payload, _ = job.encode(image, "JPEG", 95)
     assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(payload))) == 0  # 4:4:4
 
