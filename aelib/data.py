@@ -372,7 +372,10 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
             what = "a broken link" if os.path.islink(path) else "not a file"
         raise ValueError(f"Cannot read image {path}: {what}")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened, warnings.catch_warnings():
+            # (Pillow's "Palette images with Transparency expressed in bytes should be
+            # converted to RGBA images", naming no file: the conversion below does it)
+            warnings.filterwarnings("ignore", "Palette images with Transparency")
             opened.load()
             # Upright, as image viewers show it: a phone's photo is stored sideways with
             # an EXIF orientation tag (its patches and figures came out turned).

@@ -101,6 +101,7 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
     _check_count(n)
     if not rows:
         raise ValueError("rows must name at least one row of images. Received: {}")
+    n = min(n, max(len(images) for images in rows.values())) or n  # (no empty boxes)
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.2, len(rows) * 1.3), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         images = _as_hw(images)
@@ -149,7 +150,9 @@ def conv_codes(
     down = -(-len(grids) // across)
     width = min(3.2, 1.6 * max(1.0, cols * w / 16))  # (inches a digit; its grid's height)
     height = width * grids.shape[1] / grids.shape[2]
-    title = f"codes ({h}x{w}x{c}): each digit's {c} channel maps, gray {low:.3g} to {top:.3g}"
+    labels = np.asarray([] if labels is None else labels)
+    each = "image" if labels.size and _unlabelled(labels) else "digit"  # (own images: -1)
+    title = f"codes ({h}x{w}x{c}): each {each}'s {c} channel maps, gray {low:.3g} to {top:.3g}"
     title_room = 0.7 if note else 0.45
     wide = max(across * width, 0.09 * max(len(title), len(note or "")))  # (a title in full)
     fig, axes = plt.subplots(
@@ -163,7 +166,6 @@ def conv_codes(
         ax.axis("off")
     for ax, grid in zip(axes.flat, grids, strict=False):
         ax.imshow(grid, cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
-    labels = np.asarray([] if labels is None else labels)
     # "digit", or "label" where any label passes 9 (all of them: as the t-SNE map says)
     noun = _by_label(labels[labels >= 0])[1]
     for ax, label in zip(axes.flat, labels[: len(grids)], strict=False):

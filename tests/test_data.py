@@ -359,3 +359,18 @@ def test_an_image_too_big_for_pillow_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice that
     with pytest.raises(ValueError, match=r"Cannot read image .*big\.png: Image size"):
         data_lib.read_gray(tmp_path / "big.png")
+
+
+def test_a_palette_image_with_transparency_reads_without_pillow_s_warning(tmp_path):
+    """Pillow warned "Palette images with Transparency expressed in bytes should be
+    converted to RGBA images" on stderr, naming no file, for each such image read."""
+    import warnings
+
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")
+    image.info["transparency"] = bytes([0] * 10 + [255] * 246)
+    image.save(tmp_path / "p.png", transparency=bytes([0] * 10 + [255] * 246))
+    assert Image.open(tmp_path / "p.png").info.get("transparency") is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gray = data_lib.read_gray(tmp_path / "p.png")
+    assert gray.shape == (8, 8)
