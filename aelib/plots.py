@@ -102,7 +102,9 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
     if not rows:
         raise ValueError("rows must name at least one row of images. Received: {}")
     n = min(n, max(len(images) for images in rows.values())) or n  # (no empty boxes)
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.2, len(rows) * 1.3), squeeze=False)
+    # Room for the row labels beside a few columns (one image's figure cut them off)
+    width = max(n * 1.2, 1.2 + 0.1 * max(len(str(label)) for label in rows))
+    fig, axes = plt.subplots(len(rows), n, figsize=(width, len(rows) * 1.3), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         images = _as_hw(images)
         top = 255 if np.issubdtype(images.dtype, np.integer) else 1  # (raw digits: all white)

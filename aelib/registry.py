@@ -36,7 +36,8 @@ class Autoencoder:
     again); `info` is what `aelib.save` stored with a reloaded one (training config,
     data settings, metrics, history, versions); for one `aelib.train` returns, its run's
     record (training config, data settings, metrics, history: the fields `aelib.save`
-    adds, name, input_kind, model_config and versions, are not in it), and empty for one just built.
+    adds, name, input_kind, model_config and versions, are not in it); empty for one just
+    built.
     """
 
     name: str

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -335,10 +336,14 @@ def test_own_images_figures_have_no_empty_boxes_and_name_images(tmp_path, monkey
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
     plots.image_rows({"a": np.zeros((3, 28, 28)), "b": np.zeros((3, 28, 28))}, tmp_path / "r")
     assert len(drawn[0].axes) == 6
+    with warnings.catch_warnings():  # (one image: "Tight layout not applied", labels cut)
+        warnings.simplefilter("error")
+        plots.image_rows({"reconstructed": np.zeros((1, 28, 28))}, tmp_path / "one")
+    drawn.clear()
     codes = np.zeros((3, 4, 4, 8))
     plots.conv_codes(codes, tmp_path / "c", labels=np.full(3, -1))
     plots.conv_codes(codes, tmp_path / "c", labels=np.arange(3))
-    titles = [fig._suptitle.get_text() for fig in drawn[1:]]
+    titles = [fig._suptitle.get_text() for fig in drawn]
     assert "each image's 8 channel maps" in titles[0] and "each digit's" in titles[1]
 
 
