@@ -52,7 +52,10 @@ class Sampling(layers.Layer):
         super().__init__(**kwargs)
         if not (is_number(kl_weight) and 0 <= kl_weight < float("inf")):
             raise ValueError(f"kl_weight must be >= 0 and finite. Received: {kl_weight=}")
-        # (the backend's seed dtype: PyTorch's int32; see the vae builder)
+        # Keras keeps the seed in the backend's seed dtype: PyTorch's int32, JAX's uint32.
+        # A negative or too big one failed with an OverflowError traceback under JAX, or
+        # PyTorch's words naming no option (and a file saved under TensorFlow with a seed
+        # of 2**31 or more would not load under PyTorch).
         if seed is not None and not (is_int(seed) and 0 <= seed < 2**31):
             raise ValueError(f"seed must be None or an int in [0, 2**31 - 1]. Received: {seed=}")
         self.kl_weight = float(kl_weight)

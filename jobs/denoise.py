@@ -2049,34 +2049,35 @@ def _parquet_name(path: str) -> bool:
     return path.lower().endswith(PARQUET_SUFFIXES)
 
 
-def _table(rel: str) -> bool:
-    """A Parquet file of a dataset folder, as pyarrow and Spark list one: not hidden, and
+def _in_dataset(rel: str) -> bool:
+    """A file of a dataset folder, as pyarrow and Spark list one: not hidden, and
     nothing under a name starting with "_" (Spark's _temporary/ of a write in progress or
     cut short, whose rows repeat the committed files' rows; _metadata)."""
-    return (
-        _parquet_name(rel)
-        and not _hidden(rel)
-        and not any(part.startswith("_") for part in rel.split("/"))
-    )
+    return not _hidden(rel) and not any(part.startswith("_") for part in rel.split("/"))
 
 
-def _note_not_tables(location: str, tables: int, listed: list[tuple[str, int]]) -> None:
-    """Says how many files of a folder read as Parquet are not inputs (they were left out
-    without a word; hidden ones and those under "_", as _table leaves out, are not
-    counted)."""
-    others = [
-        rel
-        for rel, _ in listed
-        if not _parquet_name(rel)
-        and not _hidden(rel)
-        and not any(part.startswith("_") for part in rel.split("/"))
-    ]
+def _table(rel: str) -> bool:
+    """A Parquet file of a dataset folder (see _in_dataset)."""
+    return _parquet_name(rel) and _in_dataset(rel)
+
+
+def _note_not_inputs(location: str, tables: int, others: list[str], hint: str = "") -> None:
+    """Says how many files of a folder read as Parquet are not inputs, naming one."""
     if others:
         print(
             f"denoise: note: --input {redacted(location)} is read as Parquet ({tables} "
-            f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not inputs",
+            f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not "
+            f"inputs{hint}",
             file=sys.stderr,
         )
+
+
+def _note_not_tables(location: str, tables: int, listed: list[tuple[str, int]]) -> None:
+    """The note of --input-format parquet on a folder (its other files were left out
+    without a word; hidden ones and those under "_", as _table leaves out, are not
+    counted)."""
+    others = [rel for rel, _ in listed if not _parquet_name(rel) and _in_dataset(rel)]
+    _note_not_inputs(location, tables, others)
 
 
 def _no_tables(location: str, listed: list[tuple[str, int]]) -> ValueError:
@@ -2200,14 +2201,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         if not tables and not images and len(others) < len(shown):  # (all under "_")
             raise _no_tables(location, shown)
         if tables and not images:
-            if others:
-                print(
-                    f"denoise: note: --input {redacted(location)} is read as Parquet "
-                    f"({len(tables)} file(s)); its {len(others)} other file(s) (e.g. "
-                    f"{others[0]}) are not inputs (--input-format files takes every file as "
-                    "an image)",
-                    file=sys.stderr,
-                )
+            hint = " (--input-format files takes every file as an image)"
+            _note_not_inputs(location, len(tables), others, hint)
             return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
         if tables:  # (a dataset repository with a sample image for its card, say)
             print(

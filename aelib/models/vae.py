@@ -6,7 +6,7 @@ import keras
 from keras import layers
 
 from aelib.layers import Sampling
-from aelib.registry import is_int, register_model
+from aelib.registry import register_model
 
 
 @register_model("flat")
@@ -24,12 +24,6 @@ def vae(
     """
     if input_dim < 1:  # (the KL weight is 1 / input_dim)
         raise ValueError(f"input_dim must be >= 1. Received: input_dim={input_dim}")
-    # Keras keeps the seed in the backend's seed dtype: PyTorch's int32, JAX's uint32. A
-    # negative or too big one failed with an OverflowError traceback under JAX, or
-    # PyTorch's words naming no option (and a file saved under TensorFlow with a seed
-    # of 2**31 or more would not load under PyTorch).
-    if seed is not None and not (is_int(seed) and 0 <= seed < 2**31):
-        raise ValueError(f"seed must be None or an int in [0, 2**31 - 1]. Received: seed={seed!r}")
     inputs = keras.Input(shape=(input_dim,), name="image")
     h = layers.Dense(intermediate_dim, activation="relu", name="enc_dense")(inputs)
     z_mean = layers.Dense(latent_dim, name="z_mean")(h)
