@@ -2037,6 +2037,9 @@ class Inputs:
     # hidden files (.DS_Store, macOS's ._x.png, make_noisy's record, .git/) go unsaid
     hidden: int = 0
     single: bool = False  # one file, named: `storage` is its folder, which is not listed
+    # What the listing has to say (files left out, files taken as images), said once the
+    # locations are checked: a refused run said first which files were "not inputs".
+    notes: list[str] = field(default_factory=list)
 
 
 def _hidden(rel: str) -> bool:
@@ -2061,23 +2064,23 @@ def _table(rel: str) -> bool:
     return _parquet_name(rel) and _in_dataset(rel)
 
 
-def _note_not_inputs(location: str, tables: int, others: list[str], hint: str = "") -> None:
-    """Says how many files of a folder read as Parquet are not inputs, naming one."""
-    if others:
-        print(
-            f"denoise: note: --input {redacted(location)} is read as Parquet ({tables} "
-            f"file(s)); its {len(others)} other file(s) (e.g. {others[0]}) are not "
-            f"inputs{hint}",
-            file=sys.stderr,
-        )
+def _not_inputs(location: str, tables: int, others: list[str], hint: str = "") -> list[str]:
+    """The note of how many files of a folder read as Parquet are not inputs, naming one
+    (none if there are none)."""
+    if not others:
+        return []
+    return [
+        f"--input {redacted(location)} is read as Parquet ({tables} file(s)); its "
+        f"{len(others)} other file(s) (e.g. {others[0]}) are not inputs{hint}"
+    ]
 
 
-def _note_not_tables(location: str, tables: int, listed: list[tuple[str, int]]) -> None:
+def _not_tables(location: str, tables: int, listed: list[tuple[str, int]]) -> list[str]:
     """The note of --input-format parquet on a folder (its other files were left out
     without a word; hidden ones and those under "_", as _table leaves out, are not
     counted)."""
     others = [rel for rel, _ in listed if not _parquet_name(rel) and _in_dataset(rel)]
-    _note_not_inputs(location, tables, others)
+    return _not_inputs(location, tables, others)
 
 
 def _no_tables(location: str, listed: list[tuple[str, int]]) -> ValueError:
@@ -2149,9 +2152,9 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 found = [(rel, n) for rel, n in entries if _table(rel)]
             if not found:
                 raise _no_tables(location, entries)
-            if not has_glob:
-                _note_not_tables(location, len(found), entries)
-            return Inputs("parquet", storage, [], [storage.uri(rel) for rel, _ in found])
+            notes = [] if has_glob else _not_tables(location, len(found), entries)
+            uris = [storage.uri(rel) for rel, _ in found]
+            return Inputs("parquet", storage, [], uris, notes=notes)
         if has_glob or os.path.isdir(location):
             root, pattern = _glob_root(location) if has_glob else (location, None)
             listed = Storage(root)
@@ -2162,9 +2165,8 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             found = [location] if os.path.isfile(location) else []
         if not found:
             raise _no_tables(location, entries)
-        if not has_glob:
-            _note_not_tables(location, len(found), entries)
-        return Inputs("parquet", listed, [], found)
+        notes = [] if has_glob else _not_tables(location, len(found), entries)
+        return Inputs("parquet", listed, [], found, notes=notes)
     if has_glob:
         root, pattern = _glob_root(location)
         storage = Storage(root)
@@ -2191,6 +2193,7 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 "('DIR/**/*' takes every file under DIR)"
             )
         raise ValueError(f"--input {location}: no files found{hidden}.")
+    notes = []
     if input_format == "auto":
         # Parquet files and no image files (a Hugging Face dataset's folder: its README,
         # data/*.parquet): the Parquet files' rows are the inputs.
@@ -2202,17 +2205,17 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             raise _no_tables(location, shown)
         if tables and not images:
             hint = " (--input-format files takes every file as an image)"
-            _note_not_inputs(location, len(tables), others, hint)
-            return Inputs("parquet", storage, [], [storage.uri(rel) for rel in tables])
+            notes = _not_inputs(location, len(tables), others, hint)
+            uris = [storage.uri(rel) for rel in tables]
+            return Inputs("parquet", storage, [], uris, notes=notes)
         if tables:  # (a dataset repository with a sample image for its card, say)
-            print(
-                f"denoise: note: --input {redacted(location)} holds image files, so its "
-                f"{len(tables)} Parquet file(s) (e.g. {tables[0]}) are taken as images, and "
-                "fail (--input-format parquet reads their rows instead)",
-                file=sys.stderr,
+            notes.append(
+                f"--input {redacted(location)} holds image files, so its {len(tables)} "
+                f"Parquet file(s) (e.g. {tables[0]}) are taken as images, and fail "
+                "(--input-format parquet reads their rows instead)"
             )
     hidden = 0 if has_glob else sum(1 for rel, _ in files if _hidden_image(rel))
-    return Inputs("files", storage, shown, [], hidden=hidden)
+    return Inputs("files", storage, shown, [], hidden=hidden, notes=notes)
 
 
 def _one_file(storage: Storage, size: int) -> Inputs:
@@ -3615,7 +3618,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs = find_inputs(args.input, args.input_format, args.output)
     except OSError as e:  # (an object store out of reach: nothing was written)
         raise ValueError(f"--input {redacted(args.input)}: cannot list it ({e}).") from e
-    _note_unused_flags(args, inputs)
     output = Storage(args.output)
     clean = Storage(args.clean) if args.clean else None
     try:
@@ -3631,6 +3633,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_locations(inputs, args.input, output, clean)
     if clean is not None and clean.local and inputs.kind == "files":
         _check_references(inputs, clean, args.clean)
+    for note in inputs.notes:
+        print(f"denoise: note: {note}", file=sys.stderr)
+    _note_unused_flags(args, inputs)
     with one_run_at_a_time(output, args.output) as hold:
         return _run_locked(args, start, spec, model_bytes, inputs, output, hold)
 

@@ -3140,21 +3140,28 @@ def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale()
     assert same["psnr"] > same["psnr_noisy"] > 10
 
 
-def test_a_folder_read_as_parquet_says_which_files_are_not_inputs(tmp_path, capsys):
+def test_a_folder_read_as_parquet_says_which_files_are_not_inputs(model_path, tmp_path, capsys):
     """--input-format parquet on a folder left its other files out without a word (auto
-    said so); Spark's _SUCCESS and hidden files are not counted."""
+    said so); Spark's _SUCCESS and hidden files are not counted. The note waits for the
+    locations' check: a refused rerun into the folder said first that its old outputs
+    were "not inputs"."""
     table = pa.table({"path": ["a.png"], "image": [png(np.zeros((4, 4), np.uint8))]})
     pq.write_table(table, tmp_path / "train-0.parquet")
     for name in ("notes.txt", "_SUCCESS", ".DS_Store"):
         (tmp_path / name).write_text("x")
     inputs = job.find_inputs(str(tmp_path), "parquet")
     assert inputs.parquet == [str(tmp_path / "train-0.parquet")]
+    (note,) = inputs.notes
+    assert "is read as Parquet (1 file(s)); its 1 other file(s) (e.g. notes.txt) are not" in note
+    assert capsys.readouterr().err == ""  # (said by run(), after check_locations)
+    args = ["--model", str(model_path), "--input", str(tmp_path), "--input-format", "parquet"]
+    assert job.main([*args, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "is read as Parquet (1 file(s)); its 1 other file(s) (e.g. notes.txt) are not" in err
+    assert "outside the input tree" in err and "not inputs" not in err, err
     (tmp_path / "notes.txt").unlink()
-    job.find_inputs(str(tmp_path), "parquet")
-    job.find_inputs(str(tmp_path / "*.parquet"), "parquet")  # (a glob takes what it names)
-    assert capsys.readouterr().err == ""
+    assert job.find_inputs(str(tmp_path), "parquet").notes == []
+    # (a glob takes what it names)
+    assert job.find_inputs(str(tmp_path / "*.parquet"), "parquet").notes == []
 
 
 def test_parquet_columns_are_checked_by_type_and_bad_files_fail_alone(tmp_path):
@@ -3304,12 +3311,10 @@ def test_hugging_face_parquet_and_raw_path_bytes_through_the_job(
     # An image file beside them: a folder of images (the Parquet files fail as ones),
     # with a note that says so and how to read their rows.
     (src / "x.png").write_bytes(png(digits[0]))
-    capsys.readouterr()
     found = job.find_inputs(str(src), "auto")
     assert found.kind == "files" and len(found.files) == 4
-    assert "its 2 Parquet file(s) (e.g. a.parquet) are taken as images, and fail " in (
-        capsys.readouterr().err
-    )
+    (note,) = found.notes
+    assert "its 2 Parquet file(s) (e.g. a.parquet) are taken as images, and fail " in note
 
 
 def test_names_and_links_a_folder_can_hold(model_path, tmp_path):
