@@ -210,7 +210,7 @@ def start(
     started = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
-        stop(state_dir)
+        stop(state_dir, ports=ports)
         raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     state = {
         "address": address,
@@ -250,22 +250,46 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _cluster_pids(state_dir: Path, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+def _cluster_pids(
+    state_dir: Path,
+    table: dict[int, tuple[int, str]] | None = None,
+    ports: dict[str, int] | None = None,
+) -> list[int]:
     """Ray processes of this cluster, plus all their descendants.
 
     Ray's daemons (GCS, raylets, dashboard, autoscaler, agents) all carry a path inside the
     cluster's Ray temp dir on their command line; workers and job drivers are their children.
+    Ray's client server carries none (`ray start` starts it and exits, leaving it to init):
+    it is known by the head's GCS port and its own, from `ports` (default: the state's).
     This process and its ancestors (e.g. the shell that runs ``local.py stop``) are spared.
     `table` is a _proc_table() the caller already read (default: read it now).
     """
-    temp_dir = re.escape(str(Path(state_dir).resolve() / "ray"))
-    marker = re.compile(temp_dir + r"(/|\s|$)")
+    state_dir = Path(state_dir).resolve()
+    temp_dir = re.escape(str(state_dir / "ray"))
+    markers = [[re.compile(temp_dir + r"(/|\s|$)")]]
+    if ports is None:
+        try:
+            ports = (_read_state(state_dir) or {}).get("ports") or {}
+        except (OSError, ValueError):  # (a state file cut short: the temp dir still tells)
+            ports = {}
+    if "gcs" in ports and "client_server" in ports:
+        markers.append(
+            [
+                re.compile(r" -m ray\.util\.client\.server "),
+                re.compile(rf" --address=\S+:{int(ports['gcs'])}(\s|$)"),
+                re.compile(rf" --port={int(ports['client_server'])}(\s|$)"),
+            ]
+        )
     table = _proc_table() if table is None else table
     spared, pid = set(), os.getpid()
     while pid > 1 and pid not in spared:
         spared.add(pid)
         pid = table.get(pid, (0, ""))[0]
-    roots = {pid for pid, (_, cmd) in table.items() if marker.search(cmd) and pid not in spared}
+    roots = {
+        pid
+        for pid, (_, cmd) in table.items()
+        if any(all(m.search(cmd) for m in marker) for marker in markers) and pid not in spared
+    }
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -279,10 +303,17 @@ def _cluster_pids(state_dir: Path, table: dict[int, tuple[int, str]] | None = No
     return sorted(found)
 
 
-def stop(state_dir: Path = DEFAULT_DIR, grace_s: float = 3.0, remove: bool = False) -> int:
-    """Terminate this cluster's processes (SIGTERM, then SIGKILL); return how many there were."""
+def stop(
+    state_dir: Path = DEFAULT_DIR,
+    grace_s: float = 3.0,
+    remove: bool = False,
+    ports: dict[str, int] | None = None,
+) -> int:
+    """Terminate this cluster's processes (SIGTERM, then SIGKILL); return how many there were.
+    `ports`: the head's (default: the state's; given by a start that failed before it
+    wrote its state)."""
     state_dir = Path(state_dir).resolve()
-    pids = _cluster_pids(state_dir)
+    pids = _cluster_pids(state_dir, ports=ports)
     found = set(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
@@ -293,7 +324,7 @@ def stop(state_dir: Path = DEFAULT_DIR, grace_s: float = 3.0, remove: bool = Fal
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5)
         while time.monotonic() < deadline:
             # new descendants may appear while the old ones die: rescan
-            current = _cluster_pids(state_dir)
+            current = _cluster_pids(state_dir, ports=ports)
             found.update(current)
             alive = [p for p in set(pids) | set(current) if _alive(p)]
             if not alive:

@@ -595,14 +595,31 @@ class TestJobsPath:
 
 @pytest.mark.cluster
 def test_stop_selects_only_this_clusters_processes(tmp_path):
-    """local.py stop kills processes naming <dir>/ray (and their children), nothing else."""
+    """local.py stop kills processes naming <dir>/ray (and their children), and the head's
+    Ray client server, known by its ports (it names no folder: every stop left it
+    running, listening on its port), nothing else."""
     ours, other = tmp_path / "a", tmp_path / "a-other"
+    ours.mkdir()
+    (ours / local.STATE_FILE).write_text(
+        json.dumps({"ports": {"gcs": 41001, "client_server": 41002}})
+    )
     sleeper = "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
+    client = ["-m", "ray.util.client.server", "--host=192.0.2.9", "--mode=proxy"]
     procs = [
         subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ours / 'ray'}"]),
         subprocess.Popen([sys.executable, "-c", sleeper, f"--log_dir={ours / 'ray'}/session_x"]),
+        subprocess.Popen(
+            [sys.executable, "-c", sleeper, *client, "--address=192.0.2.9:41001", "--port=41002"]
+        ),
         subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={other / 'ray'}"]),
         subprocess.Popen([sys.executable, "-c", sleeper, f"--temp-dir={ours / 'ray2'}"]),
+        # other heads' client servers: another GCS port, another client port
+        subprocess.Popen(
+            [sys.executable, "-c", sleeper, *client, "--address=192.0.2.9:41009", "--port=41002"]
+        ),
+        subprocess.Popen(
+            [sys.executable, "-c", sleeper, *client, "--address=192.0.2.9:41001", "--port=410020"]
+        ),
     ]
     try:
         # Until each has started its child: a fixed second was a guess that four Pythons
@@ -614,12 +631,12 @@ def test_stop_selects_only_this_clusters_processes(tmp_path):
                 break
             time.sleep(0.05)
         selected = set(local._cluster_pids(ours))
-        assert {procs[0].pid, procs[1].pid} <= selected
-        assert not {procs[2].pid, procs[3].pid} & selected
-        assert len(selected) == 4, "each selected process brings its `sleep` child"
-        assert local.stop(ours, grace_s=5) == 4
-        assert procs[0].wait(5) is not None and procs[1].wait(5) is not None
-        assert procs[2].poll() is None and procs[3].poll() is None, "another cluster was hit"
+        assert {proc.pid for proc in procs[:3]} <= selected
+        assert not {proc.pid for proc in procs[3:]} & selected
+        assert len(selected) == 6, "each selected process brings its `sleep` child"
+        assert local.stop(ours, grace_s=5) == 6
+        assert all(proc.wait(5) is not None for proc in procs[:3])
+        assert all(proc.poll() is None for proc in procs[3:]), "another cluster was hit"
     finally:
         parents = {proc.pid for proc in procs}
         children = [pid for pid, (ppid, _) in local._proc_table().items() if ppid in parents]
