@@ -3,8 +3,10 @@
     python jobs/make_noisy.py --data /work/shared/data/mnist.npz --count 2000 \
         --out /tmp/digits/noisy --clean-out /tmp/digits/clean --corrupt 3
 
-Image `i` is test digit `i % 10000` with the tutorial's Gaussian noise
-(`aelib.data.add_noise`, seeded, so the same command writes the same files).
+Image `i` is test digit `i % N` (N: the file's test digits, MNIST's 10,000) with the
+tutorial's Gaussian noise (`aelib.data.add_noise`, seeded, so the same command writes
+the same files), written as 8-bit PNGs (a file of float digits in [0, 1], which aelib
+also reads, gives the same PNGs as its 8-bit values would).
 Files go to `OUT/<label>/<i:06d>.png` (ten nested folders) and the clean digit
 to the same relative path under `--clean-out`, which is what `jobs/denoise.py
 --clean` expects. `--corrupt K` adds K broken files under `OUT/broken/`: a
@@ -58,7 +60,6 @@ def _load_aelib(name: str):
 data_lib = _load_aelib("data")
 process = _load_aelib("process")
 
-MNIST_TEST_SIZE = 10_000
 _CHUNK = 10_000
 SETTINGS = ".make_noisy.json"  # in each folder: what its digits were made with
 _LAYOUT = re.compile(r"(\d)/(\d{6})\.png")  # relative_path's: LABEL/INDEX.png
@@ -131,29 +132,34 @@ def make_noisy(
         if folder is not None and not str(folder).strip():  # ("" wrote into the current
             raise ValueError(f"{flag} is empty: expected a folder.")  # folder, or none)
     (_, _), (x_test, y_test) = data_lib.load_mnist(data)
+    n_test = len(x_test)  # (a file of other digits may hold fewer than MNIST's 10,000)
     out = Path(out).expanduser()  # (--out=~/x: the shell leaves that ~ to the program)
     clean_root = Path(clean_out).expanduser() if clean_out is not None else None
     digest = hashlib.sha256(x_test.tobytes() + y_test.tobytes()).hexdigest()[:16]
+    # 8-bit digits for the PNGs: a file of floats in [0, 1] (or of 8-bit values in a wider
+    # type, as load_mnist accepts) failed in Pillow after the record and the first files
+    # were written, and the folder then refused the real data's rerun.
+    x_test = np.round(data_lib.scale(x_test) * 255.0).astype(np.uint8)
     made_with = {"noise_factor": noise_factor, "seed": seed, "data_sha256": digest}
     made_with["noise_seeds"] = "SeedSequence([seed, chunk])"  # (before: seed + 10000 * chunk)
 
     def noisy(index: np.ndarray) -> np.ndarray:
         """The noisy digits `index` (from the start of a chunk of _CHUNK, in order)."""
-        clean = data_lib.scale(x_test[index % MNIST_TEST_SIZE])
+        clean = data_lib.scale(x_test[index % n_test])
         seeded = chunk_seed(seed, int(index[0]) // _CHUNK)
         return np.round(data_lib.add_noise(clean, noise_factor, seed=seeded) * 255.0).astype(
             np.uint8
         )
 
     def path(i: int) -> str:
-        return relative_path(i, int(y_test[i % MNIST_TEST_SIZE]))
+        return relative_path(i, int(y_test[i % n_test]))
 
     def noisy_digit(i: int) -> tuple[str, np.ndarray]:  # what this run writes as digit i
         return path(i), noisy(np.arange(i - i % _CHUNK, i + 1))[-1]  # (NumPy draws in order)
 
     claims = [(out, "--out", made_with, noisy_digit)]
     if clean_root is not None:
-        clean_digit = lambda i: (path(i), x_test[i % MNIST_TEST_SIZE])  # noqa: E731
+        clean_digit = lambda i: (path(i), x_test[i % n_test])  # noqa: E731
         claims.append((clean_root, "--clean-out", {"data_sha256": digest}, clean_digit))
     made = _check_folders(out, clean_root)
     for folder, *_ in claims:  # (before the claims: a temp file is no PNG of the folder's)
@@ -168,7 +174,7 @@ def make_noisy(
     written = kept = clean_written = 0
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
-        clean = x_test[index % MNIST_TEST_SIZE]
+        clean = x_test[index % n_test]
         for i, image, ref in zip(index, noisy(index), clean, strict=True):
             rel = path(int(i))
             target = out / rel
@@ -316,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "--count",
         type=int,
         required=True,
-        help="number of noisy digits; image i is test digit i %% 10000, so past 10,000 the "
-        "same digits come again with other noise",
+        help="number of noisy digits; image i is test digit i %% N (N: the file's test "
+        "digits, MNIST's 10,000), so past N the same digits come again with other noise",
     )
     parser.add_argument("--out", required=True, help="folder for the noisy PNGs")
     parser.add_argument("--clean-out", default=None, help="folder for the clean references")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import aelib
 from aelib import data as data_lib
@@ -953,6 +954,38 @@ def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path)
     assert len(list((tmp_path / "clean").rglob("*.png"))) == 4
     counts = make_noisy.make_noisy(str(MNIST), 6, noisy, tmp_path / "clean", corrupt=1)
     assert counts == {"written": 2, "kept": 4, "clean_written": 2, "corrupt": 1}
+
+
+def test_make_noisy_takes_what_load_mnist_takes(monkeypatch, tmp_path, capsys):
+    """A file of fewer test digits than MNIST's 10,000 (IndexError past its end), of float
+    digits in [0, 1] or of 8-bit values in int64, which load_mnist reads (Pillow failed
+    on them: "Invalid mode for data type", after the record and the first files were
+    written), makes what the same 8-bit digits make."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import make_noisy
+
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(MNIST)
+    made = {}
+    for kind, digits in (
+        ("uint8", x_test[:7]),
+        ("float32", x_test[:7].astype(np.float32) / 255),
+        ("int64", x_test[:7].astype(np.int64)),
+    ):
+        data = tmp_path / f"{kind}.npz"
+        np.savez(data, x_train=x_train[:9], y_train=y_train[:9], x_test=digits, y_test=y_test[:7])
+        out, clean = tmp_path / kind / "noisy", tmp_path / kind / "clean"
+        args = ["--data", str(data), "--count", "16", "--out", str(out), "--clean-out", str(clean)]
+        assert make_noisy.main([*args, "--corrupt", "3"]) == 0, capsys.readouterr().err
+        made[kind] = {
+            p.relative_to(tmp_path / kind).as_posix(): p.read_bytes()
+            for p in (tmp_path / kind).rglob("*")
+            if p.is_file() and p.suffix == ".png" and "broken" not in p.parts
+        }
+        assert len(made[kind]) == 32 and len(list((out / "broken").iterdir())) == 3
+        for i in (3, 10):  # (digit 3 and, past the file's 7, digit 3 again)
+            rel = make_noisy.relative_path(i, int(y_test[3]))
+            assert np.array_equal(np.asarray(Image.open(clean / rel)), x_test[3])
+    assert made["float32"] == made["uint8"] == made["int64"]
 
 
 def test_make_noisy_on_a_full_disk_names_the_file_and_its_rerun_goes_on(
