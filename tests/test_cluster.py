@@ -25,14 +25,12 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -66,14 +64,6 @@ def _prepared(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     return prepared
-
-
-def _project_mounts(config: dict) -> tuple[str, dict[str, str]]:
-    """The remote folder file_mounts copies the project into (where its pyproject.toml
-    goes), and the mounts into it (remote path: local path)."""
-    (pyproject,) = [r for r, local in config["file_mounts"].items() if local == "./pyproject.toml"]
-    remote = pyproject.rsplit("/", 1)[0]
-    return remote, {r: v for r, v in config["file_mounts"].items() if r.startswith(remote + "/")}
 
 
 def _worker_types(config: dict) -> dict[str, dict]:
@@ -112,7 +102,8 @@ def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path
     assert not any("ray-ml" in i for i in images), "the frozen ray-ml images are not wanted"
     assert "gpu" in (docker.get("worker_image") or docker["image"])
     # The project is synced from the repository root to every node ...
-    remote = [_project_mounts(config)[0]]
+    remote = [r for r, local_path in config["file_mounts"].items() if local_path == "."]
+    assert len(remote) == 1, "file_mounts must copy the repository ('.') to the nodes"
     # ... and pip-installed on head and workers (prepare_config merges setup_commands in).
     for key in ("head_setup_commands", "worker_setup_commands"):
         installs = [c for c in config[key] if "pip install" in c and remote[0] in c]
@@ -143,7 +134,7 @@ def test_the_synced_project_does_not_shadow_the_installed_aelib(path, monkeypatc
     Python's own), and the jobs fail (`aelib/process.py` not found). Rebuilt here: a home
     with the project folder where the config mounts it, and the job script beside it."""
     config = _prepared(path, monkeypatch)
-    remote = _project_mounts(config)[0]
+    (remote,) = [r for r, local_path in config["file_mounts"].items() if local_path == "."]
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
 
     def find_aelib(home: Path) -> str:
@@ -171,69 +162,6 @@ def test_the_synced_project_does_not_shadow_the_installed_aelib(path, monkeypatc
         f"{path.name}: `import aelib` in a job under ~ finds the project copy {remote} "
         f"(origin {origin}), not the installed package: mount it under another name"
     )
-
-
-@pytest.mark.cluster
-@pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
-def test_ray_up_copies_a_project_that_builds_and_hashes_no_venv_or_runs(
-    path, monkeypatch, tmp_path
-):
-    """`ray up` reads every file of each mounted folder for its runtime hash (rsync_exclude
-    applies to the copy only): mounting "." had it read all of .venv (4.4 GB, 17 s) and
-    runs/, and set the head up again after any local run. The mounts are the project's
-    parts, and the copy they make builds the package with every module (pip install -e
-    on the nodes; README.md is its readme)."""
-    from ray.autoscaler._private import util
-
-    config = _prepared(path, monkeypatch)
-    remote, mounts = _project_mounts(config)
-    assert {v.split("/")[1] for v in mounts.values()} >= {"aelib", "jobs", "cluster"}
-    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", ".*", "runs", "build")
-    repo = tmp_path / "repo"  # (a copy of the repository, with a .venv and runs/ in it)
-    shutil.copytree(REPO, repo, ignore=skip)
-    for junk in (".venv/lib/x.py", "runs/quickstart/metrics.json"):
-        (repo / junk).parent.mkdir(parents=True)
-        (repo / junk).write_text("1")
-    monkeypatch.chdir(repo)  # (`ray up` runs from the repository root)
-
-    def runtime_hash() -> str:
-        util._hash_cache.clear()  # (Ray hashes once per process and config)
-        return util.hash_runtime_conf(mounts, None, config)[0]
-
-    before = runtime_hash()
-    for junk in (".venv/lib/x.py", "runs/quickstart/metrics.json"):
-        (repo / junk).write_text("2")
-    assert runtime_hash() == before, "a local run or a package install changed the hash"
-    (repo / "aelib" / "__init__.py").write_text("# changed\n", encoding="utf-8")
-    assert runtime_hash() != before, "a code change must change the hash (and be synced)"
-
-    home = tmp_path / "home"  # the node's copy, as the mounts make it
-    for target, source in mounts.items():
-        dest = home / target.removeprefix("~/")
-        if (repo / source).is_dir():
-            shutil.copytree(repo / source, dest, ignore=skip)
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / source, dest)
-    copy_root, wheels = home / remote.removeprefix("~/"), tmp_path / "wheels"
-    build = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
-    proc = subprocess.run(
-        [sys.executable, "-c", build, str(wheels)],
-        cwd=copy_root,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with zipfile.ZipFile(wheels / proc.stdout.split()[-1]) as wheel:
-        packaged = sorted(n for n in wheel.namelist() if n.startswith("aelib/"))
-        (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
-        description = wheel.read(metadata).decode()
-    # (setuptools builds without its readme, with a warning and no description)
-    assert (REPO / "README.md").read_text().splitlines()[0] in description
-    modules = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "aelib").rglob("*.py"))
-    assert packaged == modules
 
 
 @pytest.mark.cluster
