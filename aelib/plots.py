@@ -116,7 +116,20 @@ def image_rows(rows: dict[str, np.ndarray], path: str | os.PathLike, n: int = 10
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")
     fig.tight_layout()
+    # Images keep their aspect and sit centred in their boxes, so a long label beside few
+    # columns still reached past the left edge (one image's "reconstructed" lost its "r",
+    # at the width above too): widen until every label is inside, measured as drawn.
+    for _ in range(3):
+        fig.canvas.draw()
+        left = min(ax.yaxis.label.get_window_extent().x0 for ax in axes[:, 0]) / fig.dpi
+        if left >= _LABEL_MARGIN_IN:
+            break
+        fig.set_figwidth(fig.get_figwidth() + 2 * (_LABEL_MARGIN_IN - left))
+        fig.tight_layout()
     return _save(fig, path)
+
+
+_LABEL_MARGIN_IN = 0.05  # (inches between image_rows' row labels and the figure's edge)
 
 
 @_closes_its_figure
@@ -244,11 +257,13 @@ def _unlabelled(labels: np.ndarray) -> bool:
     return bool(np.all(np.asarray(labels) < 0))
 
 
-def _noun(labels: np.ndarray) -> str:
-    """What the test split holds: MNIST's labelled digits, or images: own ones (-1), or
-    of labels past 9 (EMNIST's letters: coloured by 'label', see _by_label)."""
+def _test_items(n: int, labels: np.ndarray) -> str:
+    """ "2,000 test digits", "1 test digit": what the test split holds, MNIST's labelled
+    digits, or images: own ones (-1), or of labels past 9 (EMNIST's letters: coloured by
+    'label', see _by_label)."""
     labels = np.asarray(labels)
-    return "images" if _unlabelled(labels) or labels.max() > 9 else "digits"
+    noun = "image" if _unlabelled(labels) or labels.max() > 9 else "digit"
+    return f"{n:,} test {noun}{'' if n == 1 else 's'}"
 
 
 @_closes_its_figure
@@ -263,7 +278,7 @@ def latent_plane(
     `axis_labels` name its x and y."""
     z, labels = np.asarray(z), np.asarray(labels)
     _check_points(z, labels, "z", "(N, 2)")
-    title = title or f"VAE latent plane (z_mean of {len(z):,} test {_noun(labels)})"
+    title = title or f"VAE latent plane (z_mean of {_test_items(len(z), labels)})"
     fig, ax = plt.subplots(figsize=(6, 5))
     if _unlabelled(labels):
         ax.scatter(z[:, 0], z[:, 1], s=4)
@@ -300,7 +315,7 @@ def code_values(
     codes, labels = np.asarray(codes, dtype=np.float64), np.asarray(labels)
     _check_points(codes, labels, "codes", "(N,)")  # (a reshape error before)
     values = codes.reshape(len(codes))
-    title = title or f"The 1-D codes of {len(values):,} test {_noun(labels)}"
+    title = title or f"The 1-D codes of {_test_items(len(values), labels)}"
     fig, ax = plt.subplots(figsize=(6, 5))
     if _unlabelled(labels):
         ax.hist(values, bins=min(50, max(1, len(values) // 4)))
@@ -383,7 +398,7 @@ def tsne_codes(
     # (scikit-learn needs perplexity < the number of codes: a --test-limit of 2 too)
     perplexity = float(max(1, min(30, len(codes) // 4, len(codes) - 1)))
     title = title or (
-        f"t-SNE of the {codes.shape[1]}-float codes of {len(codes):,} test {_noun(labels)}"
+        f"t-SNE of the {codes.shape[1]}-float codes of {_test_items(len(codes), labels)}"
     )
     # All codes the same (a dead encoder: a sparse one whose codes are all 0), or nearly
     # (a saturated one): the PCA start divides by their spread, zero in float32, and the
@@ -477,7 +492,7 @@ def tutorial_figures(
                 z,
                 splits.labels_test[:limit],
                 out_dir / f"{name}_latent_1d.png",
-                title=f"The 1-D z_mean of {len(z):,} test {_noun(splits.labels_test[:limit])}\n"
+                title=f"The 1-D z_mean of {_test_items(len(z), splits.labels_test[:limit])}\n"
                 "(latent plane and manifold: latent_dim=2 only)",
                 value_label="z_mean",
             )

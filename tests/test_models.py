@@ -235,8 +235,11 @@ def test_the_manifold_draws_a_decoder_s_pixels_as_they_are(tmp_path):
             ramp = np.linspace(0.4, 0.6, 28 * 28, dtype="float32").reshape(28, 28)
             return np.broadcast_to(ramp, (len(z), 28, 28)).copy()
 
-    # (and the latent plane and t-SNE titles say digits of MNIST, images of one's own)
-    assert (plots._noun(np.arange(3)), plots._noun(np.full(3, -1))) == ("digits", "images")
+    # (and the latent plane and t-SNE titles say digits of MNIST, images of one's own, and
+    # of one, "1 test digit": it said "1 test digits")
+    said = [plots._test_items(n, labels) for n, labels in ((3, np.arange(3)), (1, [7]))]
+    said += [plots._test_items(2000, np.full(2000, -1)), plots._test_items(1, [-1])]
+    assert said == ["3 test digits", "1 test digit", "2,000 test images", "1 test image"]
     path = plots.digit_manifold(Faint(), tmp_path / "manifold.png")
     gray = np.asarray(Image.open(path).convert("L"), float)
     h, w = gray.shape
@@ -336,9 +339,15 @@ def test_own_images_figures_have_no_empty_boxes_and_name_images(tmp_path, monkey
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
     plots.image_rows({"a": np.zeros((3, 28, 28)), "b": np.zeros((3, 28, 28))}, tmp_path / "r")
     assert len(drawn[0].axes) == 6
+    drawn.clear()
     with warnings.catch_warnings():  # (one image: "Tight layout not applied", labels cut)
         warnings.simplefilter("error")
-        plots.image_rows({"reconstructed": np.zeros((1, 28, 28))}, tmp_path / "one")
+        for label in ("reconstructed", "noisy (0.5)", "a much longer row label"):
+            plots.image_rows({label: np.zeros((1, 28, 28)), "x": np.zeros((1, 28, 28))}, tmp_path)
+    for fig in drawn:  # (one image's figure cut "reconstructed" to "econstructed")
+        fig.canvas.draw()
+        lefts = [ax.yaxis.label.get_window_extent().x0 for ax in fig.axes]
+        assert min(lefts) >= 0, (fig.axes[0].get_ylabel(), lefts)
     drawn.clear()
     codes = np.zeros((3, 4, 4, 8))
     plots.conv_codes(codes, tmp_path / "c", labels=np.full(3, -1))
