@@ -2282,11 +2282,29 @@ def _exit_with_own_ray() -> NoReturn:
         while True:
             time.sleep(1)
     print(f"sweep.py: terminated (SIGTERM). {_how_to_go_on()}", file=sys.stderr, flush=True)
+    children = _raylet_children()  # (while the raylet is their parent)
     for process in _own_ray_processes():
         if process.poll() is None:
             process.kill()
+    for child in children:
+        with contextlib.suppress(Exception):  # (gone already; psutil checks it is the same)
+            child.kill()
     sys.stdout.flush()
     os._exit(128 + signal.SIGTERM)
+
+
+def _raylet_children() -> list:
+    """The local raylet's descendants (psutil processes): Ray's runtime-env and dashboard
+    agents, which the raylet's end left running for up to a minute (aiohttp apps that
+    wait for their connections to close), and its workers. Best effort: none if the
+    raylet (or psutil, Ray's own dependency) is gone."""
+    try:
+        import psutil
+
+        raylets = _own_ray_processes("raylet")
+        return [c for r in raylets for c in psutil.Process(r.pid).children(recursive=True)]
+    except Exception:
+        return []
 
 
 _EXPERIMENT: list[str] = []  # [the experiment's folder or URI], once the flags are read

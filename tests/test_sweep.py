@@ -528,8 +528,12 @@ def test_ctrl_c_ends_the_sweep_as_interrupted_and_resume_finishes_it(tmp_path, r
     assert _ray_left(ray_tmp) == []
 
 
-@pytest.mark.parametrize("own_ray", [False, True], ids=["on-a-cluster", "own-ray-group"])
-def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, own_ray):
+@pytest.mark.parametrize(
+    "own_ray, group",
+    [(False, False), (True, True), (True, False)],
+    ids=["on-a-cluster", "own-ray-group", "own-ray-driver"],
+)
+def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, own_ray, group):
     """SIGTERM while a trial trains (Ray's handler printed its stack lines and killed the
     driver before it wrote trials.csv or said to --resume). Connected to a cluster (the
     tests' shared head), as on Ctrl-C: trials.csv with the trial `interrupted`, the hint,
@@ -537,15 +541,25 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     Slurm or systemd send it, which stops that Ray too (Tune then waited a minute for the
     GCS and exited 1 without a word): the hint and exit 143 at once, no Ray left. (What it
     leaves is what a kill -9 of the driver and its Ray leaves, whose --resume
-    test_resume_after_driver_killed_reruns_no_finished_trial runs.)"""
+    test_resume_after_driver_killed_reruns_no_finished_trial runs.) Sent to the driver
+    alone (`kill PID`), the raylet's agents, which it does not reach, went on for up to
+    a minute after the driver (the driver kills the raylet's children now)."""
     cmd = [sys.executable, str(SWEEP), "--data", str(MNIST), "--models", "conv"]
     cmd += ["--epochs", "4", "--limit", "1500", "--test-limit", "100", "--num-samples", "1"]
     cmd += ["--scheduler", "fifo", "--no-figures", "--max-failures", "0"]
     cmd += ["--storage-path", str(tmp_path), "--name", "termed"]
     exp = tmp_path / "termed"
     env = _env(ray_tmp) if own_ray else _env(None, shared_ray)
+    agents: set[int] = set()  # the raylet's, seen while the sweep runs
+
+    def ready():
+        table = local._proc_table()
+        raylets = {p for p, (_, cmd) in table.items() if f"{ray_tmp}/" in cmd and "raylet" in cmd}
+        agents.update(p for p, (ppid, cmd) in table.items() if ppid in raylets and "Agent" in cmd)
+        return _reports(exp)
+
     reported, status, text = signal_when(
-        cmd, env, tmp_path / "sweep.log", lambda: _reports(exp), signal.SIGTERM, own_ray
+        cmd, env, tmp_path / "sweep.log", ready, signal.SIGTERM, group
     )
     assert reported and reported[-1]["epoch"] < 4, "finished before the SIGTERM"
     assert status == 143, text[-5000:]
@@ -564,6 +578,12 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     # in a CI run of 967 s; waiting for them took up to 72 s of CI). The ray_tmp fixture
     # kills them after the test.
     assert _ray_left(ray_tmp, but=("RuntimeEnvAgent", "DashboardAgent")) == []
+    if not group:  # (the group's SIGTERM may end the raylet before the driver finds them)
+        assert len(agents) == 2, "the raylet's agents were not seen"
+        deadline = time.monotonic() + 10
+        while (left := [p for p in agents if local._alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, "the raylet's agents outlived the driver"
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
