@@ -387,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if problem := _broken_link(args.storage_path):  # (makedirs said "File exists")
             parser.error(f"--storage-path: {problem}")
         # (here, not as a pyarrow traceback once Ray has started)
-        if problem := _cannot_write(args.storage_path, make=True):
+        if problem := _cannot_write(args.storage_path):
             parser.error(f"--storage-path: cannot write to {args.storage_path}: {problem}")
         experiment = os.path.join(args.storage_path, args.name)
         if os.path.exists(experiment) and not os.path.isdir(experiment):
@@ -568,7 +568,7 @@ def one_sweep_at_a_time(experiment: str):
         return
     process = _aelib_module("process")
     folder = Path(experiment)
-    made = not folder.exists()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # (the deepest first)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with process.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
@@ -583,7 +583,8 @@ def one_sweep_at_a_time(experiment: str):
                 if made and sorted(os.listdir(folder)) == [LOCK]:
                     with contextlib.suppress(OSError):
                         os.unlink(folder / LOCK)
-                        folder.rmdir()
+                        for path in made:  # (and the --storage-path folders it made)
+                            path.rmdir()
     except process.Busy as e:
         raise SystemExit(
             f"sweep.py: error: {experiment} is in use by another sweep ({e}): wait for it "
@@ -764,13 +765,17 @@ def _broken_link(path: str) -> str | None:
     return f"{link} is a link to {os.readlink(link)}, which does not exist" if link else None
 
 
-def _cannot_write(folder: str, make: bool = False) -> str | None:
-    """Why a local `folder` (made first if `make`) cannot be written, or None: a temp
-    file is made there and removed."""
+def _cannot_write(folder: str) -> str | None:
+    """Why a local `folder` cannot be written (or, where it does not exist yet, made), or
+    None: a temp file is made in it, or in the nearest folder above it that exists, and
+    removed. Nothing else is made (a refused run left its --storage-path's folders)."""
+    existing = folder
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if existing != folder and not os.path.isdir(existing):
+        return f"{existing} is not a folder"
     try:
-        if make:
-            os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         return str(e.strerror or e)

@@ -795,7 +795,7 @@ def test_storage_path_defaults_to_the_clusters_shared_storage(tmp_path, monkeypa
     sweep = _load_sweep_module()
     monkeypatch.setenv("AELIB_STORAGE_PATH", f"{tmp_path}/shared/")
     assert sweep.parse_args([]).storage_path == f"{tmp_path}/shared/sweeps"
-    assert (tmp_path / "shared" / "sweeps").is_dir()
+    assert not (tmp_path / "shared").exists()  # (made by the sweep's run, not its checks)
     explicit = sweep.parse_args(["--storage-path", str(tmp_path / "mine")]).storage_path
     assert explicit == str(tmp_path / "mine")  # the flag wins
     monkeypatch.setenv("AELIB_STORAGE_PATH", "s3://CHANGE-ME-bucket/aelib")
@@ -858,7 +858,8 @@ def test_a_cloud_storage_path_it_cannot_reach_fails_before_ray(tmp_path, monkeyp
 )
 def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_tmp):
     """Values that would make every trial fail (or Tune's sampler, or pyarrow, raise after
-    Ray started) are refused by the driver first, with the flag and what it expects."""
+    Ray started) are refused by the driver first, with the flag and what it expects, and
+    nothing written."""
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     flags = [f.format(file=a_file) for f in flags]
@@ -871,7 +872,7 @@ def test_bad_values_fail_before_ray_starts(flags, code, message, tmp_path, ray_t
     assert message.format(file=a_file) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(ray_tmp.iterdir()) == []  # no Ray was started
-    assert not (tmp_path / "store" / "bad").exists()
+    assert not (tmp_path / "store").exists()  # (nor its --storage-path, which it made)
     assert seconds < 30
 
 
