@@ -67,10 +67,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import ray
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+
+def _stopped_while_importing(signum, frame) -> NoReturn:
+    """Ctrl-C or SIGTERM in the imports below (seconds: Ray, Tune, pandas) ended in an
+    import's KeyboardInterrupt traceback, exit 1 (a SIGTERM: no word)."""
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(
+        f"sweep.py: stopped ({what}) while starting, before it wrote anything: rerun the "
+        "same command to start it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # (over Python's own handlers only: not a signal ignored)
+    _HANDLERS = {
+        s: signal.signal(s, _stopped_while_importing)
+        for s, own in (
+            (signal.SIGINT, signal.default_int_handler),
+            (signal.SIGTERM, signal.SIG_DFL),
+        )
+        if signal.getsignal(s) is own
+    }
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search import BasicVariantGenerator  # noqa: E402
+
+if __name__ == "__main__":
+    for _signum, _handler in _HANDLERS.items():
+        signal.signal(_signum, _handler)
 
 # num_to_keep=1 makes Tune snapshot the experiment state after every checkpoint (so a
 # resume never points at a deleted one). That is cheap here; its warning is noise.

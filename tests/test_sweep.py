@@ -587,6 +587,39 @@ def test_sigterm_ends_the_sweep_with_what_it_has(tmp_path, ray_tmp, shared_ray, 
     assert (exp / "tuner.pkl").is_file()  # the experiment --resume goes on from
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_it_imports_ray_says_so_in_one_line(sig, tmp_path):
+    """Ctrl-C in the first seconds (Ray's, Tune's and pandas' imports) ended in an
+    import's KeyboardInterrupt traceback and exit 1; SIGTERM there, without a word."""
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST)]
+    proc = subprocess.Popen(
+        [*cmd, "--storage-path", str(tmp_path / "store")],
+        env=_env(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # (Ctrl-C's default: a process started with SIGINT ignored keeps it ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # (until its handler is set: SIGTERM caught)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+            if caught >> (signal.SIGTERM - 1) & 1:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    what = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    assert f"sweep.py: stopped ({what}) while starting, before it wrote anything" in err
+    assert "Traceback" not in err and not (tmp_path / "store").exists()
+
+
 def test_a_sigterm_ends_the_driver_while_its_main_thread_is_in_c_code(tmp_path):
     """Python runs a signal handler in the main thread once it runs Python again; a
     SIGTERM sent to the group while the driver waited in Ray's C++ code stopped the local
