@@ -2011,7 +2011,7 @@ def redacted(text: str) -> str:
     -> s3://KEY:***@b/x; a secret with a "/" too, which pyarrow's error messages show
     when it was not percent-encoded): what the manifest records or the job prints, not
     what it opens."""
-    return re.sub(r"(://[^/@:\s]*):[^@\s'\"]*@", r"\1:***@", text)
+    return re.sub(r"(://[^/@:\s]*):[^@\s]*@", r"\1:***@", text)  # (a ' too: S3's allow it)
 
 
 def _reason(e: BaseException) -> str:
@@ -2322,6 +2322,12 @@ def check_locations(
     """
     if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
+    if not output.local:  # (an object: outputs went to keys under it, and no rerun
+        with contextlib.suppress(OSError):  # found them: it is no folder to list)
+            if output.entry()[0] == "file":
+                raise ValueError(
+                    f"--output {output.location} is an object (a file); expected a folder."
+                )
     src = source.storage  # a folder or glob of Parquet files too (DST's manifest with it)
     location = location.removeprefix("file://")
     nesting = _nested(src, output) if src is not None else None
@@ -3495,11 +3501,13 @@ def check_uri(location: str, flag: str) -> None:
     shown = f"{flag} {redacted(location)}"
     if "#" in path:
         raise ValueError(f"{shown}: a '#' ends a URI's path; write it as %23.")
-    segments = path.split("://", 1)[1].split("/")
+    # (pyarrow decodes %2E%2E and %2F before the object store resolves the "..": an
+    # --output s3://b/x/%2E%2E/in wrote over the inputs in s3://b/in, unrefused)
+    segments = urllib.parse.unquote(path.split("://", 1)[1]).split("/")
     if any(part in (".", "..") for part in segments[1:]):
         raise ValueError(
             f"{shown}: '.' and '..' are not folders in an object store (its listing would "
-            "not find what was written there); give the path without them."
+            "not find what was written there); give the path without them, encoded or not."
         )
     if any(ch.isspace() or not ch.isascii() for ch in path):
         raise ValueError(
@@ -3600,7 +3608,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unreachable:
         raise ValueError(unreachable)
     model, query = split_query(args.model)
-    model_store = Storage((os.path.dirname(model) or ".") + query)
+    model_store = _storage("--model", (os.path.dirname(model) or ".") + query, args.model)
     try:
         model_bytes = model_store.read(os.path.basename(model))
     except OSError as e:
@@ -3618,8 +3626,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs = find_inputs(args.input, args.input_format, args.output)
     except OSError as e:  # (an object store out of reach: nothing was written)
         raise ValueError(f"--input {redacted(args.input)}: cannot list it ({e}).") from e
-    output = Storage(args.output)
-    clean = Storage(args.clean) if args.clean else None
+    except pa.ArrowInvalid as e:  # (a URI pyarrow cannot use: its message names no flag)
+        raise _uri_error("--input", args.input, e) from e
+    output = _storage("--output", args.output)
+    clean = _storage("--clean", args.clean) if args.clean else None
     try:
         clean_kind = clean.entry()[0] if clean is not None else "dir"
     except OSError as e:
@@ -3638,6 +3648,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _note_unused_flags(args, inputs)
     with one_run_at_a_time(output, args.output) as hold:
         return _run_locked(args, start, spec, model_bytes, inputs, output, hold)
+
+
+def _storage(flag: str, location: str, given: str | None = None) -> Storage:
+    """Storage(location), whose pyarrow error for a URI it cannot use names the flag and
+    what it was `given` (default: `location`)."""
+    try:
+        return Storage(location)
+    except pa.ArrowInvalid as e:
+        raise _uri_error(flag, given or location, e) from e
+
+
+def _uri_error(flag: str, location: str, error: Exception) -> ValueError:
+    """pyarrow's error of a URI it cannot use ("Unexpected query parameter in S3 URI",
+    "Empty path component"), with the flag, and for a "?" what it is in a URI."""
+    hint = ""
+    if "?" in location and "query parameter" in str(error):
+        hint = (
+            " ('?' starts a URI's query, of pyarrow's options such as ?region=...: in a "
+            "glob, write '[...]' or '*' instead; in a name, %3F)"
+        )
+    return ValueError(f"{flag} {redacted(location)}: {error}{hint}")
 
 
 def _note_unused_flags(args, inputs: Inputs) -> None:

@@ -1508,6 +1508,10 @@ def test_uris_an_object_store_would_read_otherwise_are_refused():
         ("s3://b/res#1/out", "a '#' ends a URI's path; write it as %23."),
         ("s3://b/./noisy/out", "'.' and '..' are not folders in an object store"),
         ("gs://b/x/../noisy", "'.' and '..' are not folders in an object store"),
+        # (pyarrow decodes them: s3://b/x/%2E%2E/in wrote over the inputs in s3://b/in)
+        ("s3://b/x/%2E%2E/in", "'.' and '..' are not folders in an object store"),
+        ("s3://b/x%2F..%2Fin", "'.' and '..' are not folders in an object store"),
+        ("s3://b/%2e/in", "'.' and '..' are not folders in an object store"),
         ("s3://K:S@b/a b?region=x", "percent-encode spaces and non-ASCII letters in a URI"),
         ("s3://b/\u00f6dd", "percent-encode spaces and non-ASCII letters in a URI"),
     ):
@@ -1517,6 +1521,48 @@ def test_uris_an_object_store_would_read_otherwise_are_refused():
         assert "S@" not in str(e.value)
     for fine in ("s3://b/res%231/out", "s3://b/a%20b/*.png?region=x", "./x/../#1 b", "file:///a b"):
         job.check_uri(fine, "--output")
+    job.check_uri("s3://b/a%2Eb/..c/%2E%2Ed", "--output")  # (names with dots in them)
+    # A secret with a quote in it (S3-compatible stores allow one) was shown whole.
+    assert job.redacted("x 's3://K:Sup'er@b/o?e=1' y") == "x 's3://K:***@b/o?e=1' y"
+
+
+def test_an_object_as_output_and_uris_pyarrow_refuses_name_their_flag(
+    model_path, s3, monkeypatch, capsys
+):
+    """An --output that is an object (a file) on S3 was taken: its outputs went to keys
+    below it, and no rerun found them. pyarrow's errors of URIs it cannot use ("Unexpected
+    query parameter", "Empty path component") named no flag, a glob's '?' wildcard no
+    reason."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    with s3.fs.open_output_stream(f"{BUCKET}/objects/one.png") as f:
+        f.write(png(np.zeros((8, 8), np.uint8)))
+    one = f"s3://{BUCKET}/objects/one.png"
+    base = ["--model", str(model_path)]
+    for flags, said in (
+        (["--input", one, "--output", one], f"--output {one} is an object (a file); expected a"),
+        (
+            ["--input", f"s3://{BUCKET}/objects/?.png", "--output", f"s3://{BUCKET}/o"],
+            f"--input s3://{BUCKET}/objects/?.png: Unexpected query parameter",
+        ),
+        (
+            ["--input", one, "--output", f"s3://{BUCKET}/o?bogus=1"],
+            f"--output s3://{BUCKET}/o?bogus=1: Unexpected query parameter in S3 URI: 'bogus'",
+        ),
+        (
+            ["--input", f"s3://{BUCKET}//objects", "--output", f"s3://{BUCKET}/o"],
+            f"--input s3://{BUCKET}//objects: Empty path component",
+        ),
+    ):
+        assert job.main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert said in err, err
+    assert (
+        "'?' starts a URI's query"
+        in job._uri_error(
+            "--input", "s3://b/?.png", ValueError("Unexpected query parameter in S3 URI: '.png'")
+        ).args[0]
+    )
 
 
 def test_an_impossible_actor_request_fails_instead_of_waiting(
