@@ -230,6 +230,14 @@ def scale(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def held_out(n: int, val_split: float) -> int:
+    """How many of `n` training images are held out for validation: the last `val_split`
+    of them, at least one where `val_split` > 0 (a few would round to none, and the test
+    split would then be validated on without a word)."""
+    n_val = int(round(n * val_split))
+    return max(1, n_val) if val_split > 0 else n_val
+
+
 def describe_scaling(dtype) -> str:
     """What `scale` does to images of `dtype`, in the words a run's record keeps."""
     dtype = np.dtype(dtype)

@@ -267,9 +267,7 @@ def make_splits(config: TrainConfig, arrays: MnistArrays, input_kind: str) -> Sp
         scaling += f"; test images: {data_lib.describe_scaling(x_test.dtype)}"
     clean_train = data_lib.prepare(x_train, input_kind)
     clean_test = data_lib.prepare(x_test, input_kind)
-    n_val = int(round(len(clean_train) * config.val_split))
-    if config.val_split > 0:  # at least one image: a few would round to none, and the
-        n_val = max(1, n_val)  # test split would then be validated on without a word
+    n_val = data_lib.held_out(len(clean_train), config.val_split)
     if n_val >= len(clean_train):  # Keras would train on no image and report NaN
         limit = "" if config.limit is None else f"limit={config.limit} with "
         raise ValueError(

@@ -164,6 +164,8 @@ EPOCH_COST = {"denoise": 10, "conv": 6, "seq2seq": 5, "vae": 2, "deep": 1.5}
 TRAIN_FIELDS = ("learning_rate", "batch_size", "noise_factor", "eval_noise_factor", "lr_schedule")
 NOISE_FIELDS = ("noise_factor", "eval_noise_factor")  # denoise's only
 METRIC, MODE = "val_loss", "min"
+# What every trial holds out for validation: aelib.TrainConfig().val_split (the report says it)
+VAL_SPLIT = 0.1
 SMOKE = {"limit": 600, "test_limit": 200, "epochs": 1, "num_samples": 1, "metrics_limit": 200}
 CHECKPOINT_STATE = "state.json"
 # The settings a sweep started with, in its experiment folder: a --resume keeps them.
@@ -633,6 +635,20 @@ def _settings_file(args: argparse.Namespace):
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {key: getattr(args, key) for key in RESUMED}
     return json.loads(json.dumps({**settings, "scoring": args.scoring}))
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{noun}s"
+
+
+def _report_data(args: argparse.Namespace) -> str:
+    """The data file the report names: the one the sweep started with, where a --resume
+    gave the same digits from another path (it named only the new one)."""
+    first = (getattr(args, "first_data", None) or {}).get("data")
+    now = data_label(args)
+    if first and first != now:
+        return f"{first} (resumed with the same digits from {now})"
+    return now
 
 
 def write_settings(args: argparse.Namespace) -> None:
@@ -1560,10 +1576,13 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
     report.mkdir(parents=True, exist_ok=True)
     missing = _not_started(rows, args)
     trials = f"{len(rows)} of {len(rows) + missing}" if missing else f"{len(rows)}"
+    n_train, n_test = len(arrays[0][0]), len(arrays[1][0])
+    n_val = _aelib_module("data").held_out(n_train, VAL_SPLIT)
     lines = [
         f"# aelib sweep `{args.name}`",
         "",
-        f"{trials} trials over {', '.join(args.models)}; up to {args.epochs} epochs, "
+        f"{trials} {_plural(len(rows) + missing, 'trial')} over {', '.join(args.models)}; "
+        f"up to {args.epochs} {_plural(args.epochs, 'epoch')}, "
         f"scheduler {args.scheduler}, search {args.search}. "
         f"Statuses: {_counts(r['status'] for r in rows)}"
         + (
@@ -1573,10 +1592,10 @@ def write_report(best: dict[str, dict], rows, args, arrays, out_dir: Path) -> No
         )
         + ". Table: `trials.csv`, `trials.parquet`.",
         "",
-        f"Data: {data_label(args)}; the first {len(arrays[0][0]):,} training "
-        f"images (the last tenth of them held out for validation) and the first "
-        f"{len(arrays[1][0]):,} test images, on which every test metric below is measured; "
-        f"seed {args.seed}"
+        f"Data: {_report_data(args)}; the first {n_train:,} training "
+        f"{_plural(n_train, 'image')} (the last {n_val:,} of them held out for validation) "
+        f"and the first {n_test:,} test {_plural(n_test, 'image')}, on which every test "
+        f"metric below is measured; seed {args.seed}"
         + (f"; pinned: `{_shown('pins', args.pins)}`" if args.pins else "")
         + ".",
         "",

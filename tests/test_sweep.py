@@ -1515,6 +1515,30 @@ def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     assert "No best model" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_the_reports_counts_and_data_are_what_the_trials_had(tmp_path):
+    """It said "1 trials", "up to 1 epochs", "the first 1 test images", "the last tenth"
+    held out of 2 training images (1 is), and after a --resume given the same digits at
+    another path, named that path alone as the data the trials trained on."""
+    import aelib
+
+    sweep = _load_sweep_module()
+    assert aelib.TrainConfig().val_split == sweep.VAL_SPLIT  # (the trials')
+    flags = ["--data", str(MNIST), "--models", "dense", "--no-figures", "--epochs", "1"]
+    args = sweep.parse_args([*flags, "--num-samples", "1"])
+    args.first_data = {"data": "/elsewhere/mnist.npz", "data_sha256": "x"}
+    digits = np.zeros((3, 28, 28), np.uint8)
+    arrays = ((digits[:2], np.zeros(2)), (digits[:1], np.zeros(1)))
+    rows = [{"status": "finished", "model": "dense"}]
+    sweep.write_report({}, rows, args, arrays, tmp_path)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "1 trial over dense; up to 1 epoch, " in report, report
+    assert (
+        f"Data: /elsewhere/mnist.npz (resumed with the same digits from {MNIST}); the first 2 "
+        "training images (the last 1 of them held out for validation) and the first 1 test "
+        "image, on which" in report
+    ), report
+
+
 def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path, monkeypatch):
     """Drawing a report again deleted the earlier one's figures first, and drew its
     compare.png straight onto the file: a driver stopped or killed in between left
