@@ -24,7 +24,8 @@ What it does (see cluster/local-fake-gpu.yaml):
   0600 in the state directory (``RAY_AUTH_TOKEN_PATH``), not in ``~/.ray/auth_token``. Clients
   need the variables printed by ``env``; requests without the token are refused.
 * ``stop`` kills only the processes of *this* cluster (those whose command line names
-  ``<dir>/ray``, and their descendants), unlike ``ray stop``, which kills every Ray process
+  ``<dir>/ray``, and their descendants, and the head's Ray client server, known by its
+  ports), unlike ``ray stop``, which kills every Ray process
   on the machine.
 """
 

@@ -2323,11 +2323,14 @@ def check_locations(
     if output.local and os.path.exists(output.root) and not os.path.isdir(output.root):
         raise ValueError(f"--output {output.location} is a file; expected a folder.")
     if not output.local:  # (an object: outputs went to keys under it, and no rerun
-        with contextlib.suppress(OSError):  # found them: it is no folder to list)
-            if output.entry()[0] == "file":
-                raise ValueError(
-                    f"--output {output.location} is an object (a file); expected a folder."
-                )
+        try:  # found them: it is no folder to list)
+            kind = output.entry()[0]
+        except OSError as e:  # (said here: the lease's request would wait out its retries again)
+            raise ValueError(f"--output {output.location}: cannot reach it ({e}).") from e
+        if kind == "file":
+            raise ValueError(
+                f"--output {output.location} is an object (a file); expected a folder."
+            )
     src = source.storage  # a folder or glob of Parquet files too (DST's manifest with it)
     location = location.removeprefix("file://")
     nesting = _nested(src, output) if src is not None else None

@@ -644,9 +644,9 @@ def _plural(n: int, noun: str) -> str:
 def _report_data(args: argparse.Namespace) -> str:
     """The data file the report names: the one the sweep started with, where a --resume
     gave the same digits from another path (it named only the new one)."""
-    first = (getattr(args, "first_data", None) or {}).get("data")
-    now = data_label(args)
-    if first and first != now:
+    recorded = getattr(args, "first_data", None) or {}
+    first, now = recorded.get("data"), data_label(args)
+    if first and first != now and recorded.get("data_sha256"):  # (compared: same digest)
         return f"{first} (resumed with the same digits from {now})"
     return now
 

@@ -332,13 +332,14 @@ def test_figure_functions_name_the_input_that_does_not_fit(tmp_path):
     assert plots.latent_plane(z, labels, tmp_path / "l.PNG").is_file()  # (any case)
 
 
-def test_own_images_figures_have_no_empty_boxes_and_name_images(tmp_path, monkeypatch):
+def test_own_images_figures_have_no_empty_boxes_and_name_images(tmp_path, monkeypatch, request):
     """A folder of own images with 3 test images drew 10 columns (7 empty boxes), and
     their conv codes' title said "each digit's" of images without digits."""
     import matplotlib.pyplot as plt
 
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    request.addfinalizer(lambda: plt.close("all"))  # (the stand-in _save leaves them open)
     plots.image_rows({"a": np.zeros((3, 28, 28)), "b": np.zeros((3, 28, 28))}, tmp_path / "r")
     assert len(drawn[0].axes) == 6
     drawn.clear()
@@ -356,7 +357,6 @@ def test_own_images_figures_have_no_empty_boxes_and_name_images(tmp_path, monkey
     plots.conv_codes(codes, tmp_path / "c", labels=np.arange(3))
     titles = [fig._suptitle.get_text() for fig in drawn]
     assert "each image's 8 channel maps" in titles[0] and "each digit's" in titles[1]
-    plt.close("all")  # (the stand-in _save left them open)
 
 
 def test_figures_are_closed_when_drawn_and_when_drawing_fails(digits, tmp_path, monkeypatch):

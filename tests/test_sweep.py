@@ -1537,6 +1537,9 @@ def test_the_reports_counts_and_data_are_what_the_trials_had(tmp_path):
         "training images (the last 1 of them held out for validation) and the first 1 test "
         "image, on which" in report
     ), report
+    del args.first_data["data_sha256"]  # (a sweep of before the digest: not compared)
+    sweep.write_report({}, rows, args, arrays, tmp_path)
+    assert f"Data: {MNIST}; the first 2" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path, monkeypatch):
