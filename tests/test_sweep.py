@@ -1008,7 +1008,7 @@ def test_names_paths_and_shares_that_ray_or_a_uri_would_misread(tmp_path, capsys
         assert said in capsys.readouterr().err
     folder = tmp_path / "my store"
     args = sweep.parse_args(["--storage-path", f"file://{urllib.parse.quote(str(folder))}"])
-    assert args.storage_path == str(folder) and folder.is_dir()
+    assert args.storage_path == str(folder) and not folder.exists()  # (the sweep's run makes it)
     monkeypatch.setenv("AELIB_STORAGE_PATH", f"file:{tmp_path}/env")  # (cluster.yaml's)
     args = sweep.parse_args(["--name", "run#2 (local)"])  # (a local folder takes any name)
     assert args.storage_path == str(tmp_path / "env" / "sweeps")
