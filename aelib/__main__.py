@@ -105,7 +105,7 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
     import tempfile
     from pathlib import Path
 
-    from aelib.process import broken_link
+    from aelib.process import broken_link, make_folder
 
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
@@ -116,10 +116,8 @@ def _writable_folder(path: str, flag: str, made: list) -> None:
             f"{where} is a link to {os.readlink(link)}, which does not exist (or is a loop of "
             "links); expected a folder."
         )
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        made.extend(missing)  # (deepest first)
+        make_folder(folder, made)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
@@ -358,11 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = _show_warning
                 result = _train_locked(args, config, out, made, settings)
     except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as e:
-        # Deepest first (--tensorboard may be inside --out); rmdir leaves any that holds
-        # something: only empty ones go (a bad --set, bad data: nothing was written).
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        # Only empty ones go (a bad --set, bad data: nothing was written).
+        process.remove_made(made)
         if isinstance(e, KeyboardInterrupt):  # (Ctrl-C, or SIGTERM: not a traceback)
             go_on = _how_to_go_on(args, settings)
             print(

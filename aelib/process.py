@@ -8,7 +8,10 @@
   `record_stops_early` keeps a stop that comes before it (during imports) for it to raise.
 - `in_use`: whether another process holds such a lock (without taking it).
 - `out_of_space`: whether an error is a full disk (or quota).
-- `broken_link`: which link on a path points nowhere.
+- `broken_link`: which link on a path points nowhere; `nearest_existing`: a path, or the
+  nearest folder above it that exists.
+- `make_folder`: makes a folder, noting each one it made for `remove_made` to remove
+  again when the run is refused: a refusal leaves nothing behind.
 - `alive`: whether a process of that ID runs (the owner of a temp file, say);
   `remove_dead_temp_files`: removes the temp files of runs that no longer run.
 - `replaced`: a temp file beside a path, renamed onto it once written: a reader, a
@@ -213,6 +216,30 @@ def broken_link(path: str | os.PathLike) -> Path | None:
     mounted, say, or a loop of links), or None. (mkdir and makedirs said "File exists".)"""
     path = Path(path)
     return next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path`, or the nearest folder above it that exists (a link that points nowhere
+    counts: it is there, and no folder)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if os.path.lexists(p)), path.anchor or Path("."))
+
+
+def make_folder(folder: str | os.PathLike, made: list[Path]) -> None:
+    """Makes `folder` and the folders above it that are missing, adding each to `made`
+    (deepest first, even where mkdir fails part way) for `remove_made`."""
+    folder = Path(folder).absolute()  # (one form for all, for remove_made's order)
+    made.extend(p for p in (folder, *folder.parents) if not os.path.lexists(p))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def remove_made(made: list[Path]) -> None:
+    """Removes the folders `make_folder` made, deepest first, where they are empty: a
+    run refused before it wrote anything leaves nothing, and a folder that holds
+    something stays."""
+    for path in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def alive(pid: int) -> bool:

@@ -26,7 +26,6 @@ only to download MNIST when neither --data nor $AELIB_MNIST names a file.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -167,7 +166,7 @@ def make_noisy(
     try:
         unrecorded = [claim for claim in claims if _claim(*claim)]  # all checked, then recorded
     except ValueError:
-        _remove_folders(made)
+        process.remove_made(made)
         raise
     for folder, _, made_with, *_ in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
@@ -204,13 +203,6 @@ def make_noisy(
     return {**counts, "corrupt": corrupt}
 
 
-def _remove_folders(made: list[Path]) -> None:
-    """Removes the folders a refused run made (empty, deepest first): it leaves nothing."""
-    for path in made:
-        with contextlib.suppress(OSError):
-            path.rmdir()
-
-
 def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:
     """Each a folder (or one to create) that this process can make, and apart. Returns
     the folders it made, deepest first."""
@@ -223,27 +215,33 @@ def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:
             )
     folders = [(flag, f) for flag, f in (("--out", out), ("--clean-out", clean_root)) if f]
     for flag, folder in folders:
-        taken = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if taken is not None and not taken.is_dir():
-            raise ValueError(f"{flag} {folder}: {taken} is a file; expected a folder.")
+        taken = process.nearest_existing(folder)
+        if not taken.is_dir():
+            what = _not_folder(taken)
+            raise ValueError(f"{flag} {folder}: {taken} is {what}; expected a folder.")
     made: list[Path] = []  # removed again if a folder is refused: a refusal leaves nothing
     try:
         for flag, folder in folders:
-            missing = [p for p in [folder, *folder.parents] if not p.exists()]
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                process.make_folder(folder, made)
             except OSError as e:
                 raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror or e}).") from e
-            made.extend(missing)  # (deepest first)
             try:  # (before either folder records its settings)
                 with tempfile.TemporaryFile(dir=folder):
                     pass
             except OSError as e:
                 raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e}).") from e
     except ValueError:
-        _remove_folders(made)
+        process.remove_made(made)
         raise
     return made
+
+
+def _not_folder(path: Path) -> str:
+    """What `path`, which is there and no folder, is instead."""
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return "a file"
 
 
 def _claim(folder: Path, flag: str, made_with: dict, digit) -> bool:

@@ -598,8 +598,8 @@ def one_sweep_at_a_time(experiment: str):
         return
     process = _aelib_module("process")
     folder = Path(experiment)
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # (the deepest first)
-    folder.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
+    process.make_folder(folder, made)
     try:
         with process.held(folder / LOCK, f"pid {os.getpid()} on {socket.gethostname()}"):
             try:
@@ -613,8 +613,7 @@ def one_sweep_at_a_time(experiment: str):
                 if made and sorted(os.listdir(folder)) == [LOCK]:
                     with contextlib.suppress(OSError):
                         os.unlink(folder / LOCK)
-                        for path in made:  # (and the --storage-path folders it made)
-                            path.rmdir()
+                        process.remove_made(made)  # (and the --storage-path folders it made)
     except process.Busy as e:
         raise SystemExit(
             f"sweep.py: error: {experiment} is in use by another sweep ({e}): wait for it "
@@ -813,9 +812,7 @@ def _cannot_write(folder: str) -> str | None:
     """Why a local `folder` cannot be written (or, where it does not exist yet, made), or
     None: a temp file is made in it, or in the nearest folder above it that exists, and
     removed. Nothing else is made (a refused run left its --storage-path's folders)."""
-    existing = folder
-    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = str(_aelib_module("process").nearest_existing(folder))
     if existing != folder and not os.path.isdir(existing):
         return f"{existing} is not a folder"
     try:

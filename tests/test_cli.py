@@ -461,6 +461,53 @@ def test_a_signal_whose_exception_was_lost_is_raised_again(capfd):
                 time.sleep(1)  # (the handler raises here)
 
 
+def test_make_folder_notes_what_it_made_and_remove_made_takes_back_only_empty_ones(
+    tmp_path, monkeypatch
+):
+    """The folders a refused run made go again, deepest first, where they are still
+    empty; those it found, or that hold something, stay. A mkdir that fails part way
+    still notes the parents it made (the three commands shared this by copies)."""
+    from aelib import process
+
+    made: list = []
+    process.make_folder(tmp_path / "a" / "b" / "c", made)
+    process.make_folder(tmp_path / "a" / "d", made)  # (a is there now: not noted again)
+    process.make_folder(tmp_path / "a" / "b" / "c" / "e", made)  # (--tensorboard in --out)
+    assert made == [
+        tmp_path / "a" / "b" / "c",
+        tmp_path / "a" / "b",
+        tmp_path / "a",
+        tmp_path / "a" / "d",
+        tmp_path / "a" / "b" / "c" / "e",
+    ]
+    (tmp_path / "a" / "d" / "kept.txt").write_text("x")
+    process.remove_made(made)  # (a holds d, which holds a file: both stay)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "a",
+        "a/d",
+        "a/d/kept.txt",
+    ]
+    assert process.nearest_existing(tmp_path / "a" / "x" / "y") == tmp_path / "a"
+    link = tmp_path / "a" / "link"
+    link.symlink_to(tmp_path / "gone")  # (there, and no folder)
+    assert process.nearest_existing(link / "y") == link
+
+    real = os.mkdir
+
+    def mkdir(path, *args):  # one that fails below the first folder it made
+        if Path(path).name == "e" and Path(path).parent.is_dir():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    made = []
+    with pytest.raises(PermissionError):
+        process.make_folder(tmp_path / "n" / "e", made)
+    assert (tmp_path / "n").is_dir() and tmp_path / "n" in made
+    process.remove_made(made)
+    assert not (tmp_path / "n").exists()
+
+
 def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
     """A Ctrl-C in the seconds of TensorFlow's import was lost (raised in a garbage-collector
     callback, say) and the run trained to its end, exit 0; SIGTERM ended it without a word.
@@ -1047,8 +1094,12 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
+    nowhere = tmp_path / "a-link"
+    nowhere.symlink_to(tmp_path / "gone")
     for flags, said in (
         (["--out", tmp_path / "same", "--clean-out", tmp_path / "same"], "overlap"),
+        # (it said "cannot create it (File exists)")
+        (["--out", nowhere / "n"], f"{nowhere} is a link to {tmp_path / 'gone'}, which does not"),
         (["--out", tmp_path / "c" / "n", "--clean-out", tmp_path / "c"], "overlap"),
         (["--out", a_file / "n"], f"--out {a_file / 'n'}: {a_file} is a file"),
         (["--out", tmp_path / "n2", "--clean-out", a_file], "--clean-out"),
@@ -1065,7 +1116,7 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         proc = make(*flags)
         assert proc.returncode == 2 and said in proc.stderr, (flags, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-link"]
     # a run refused for its settings records nothing that would refuse the right ones
     assert make("--out", tmp_path / "n3", "--noise-factor", "1.5").returncode == 2
     assert make("--out", tmp_path / "n3", "--clean-out", tmp_path / "c3").returncode == 0

@@ -1446,8 +1446,8 @@ def test_a_sweep_refused_at_the_lock_leaves_the_running_ones_folder(tmp_path, mo
     exp = tmp_path / "new"
     with sweep.one_sweep_at_a_time(str(exp)):  # the first: it made the folder, holds the lock
         with monkeypatch.context() as m:
-            real = Path.exists
-            m.setattr(Path, "exists", lambda p: False if p == exp else real(p))
+            real = os.path.lexists
+            m.setattr(os.path, "lexists", lambda p: False if Path(p) == exp else real(p))
             with pytest.raises(SystemExit, match="in use by another sweep"):
                 with sweep.one_sweep_at_a_time(str(exp)):
                     pass
