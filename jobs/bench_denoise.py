@@ -244,9 +244,12 @@ def model_call_sizes(actor, channels: int, sizes=(16, 32, 64, 256, 1024)) -> dic
     return result
 
 
-def _tree_sample(root_pid: int, cpu: dict[int, float], memory: bool) -> tuple[int, int]:
+def _tree_sample(
+    root_pid: int, cpu: dict[int, float], memory: bool, names: dict[int, str] | None = None
+) -> tuple[int, int]:
     """(PSS, RSS) in bytes summed over `root_pid` and its descendants (0, 0 unless
-    `memory`); records each one's CPU seconds (user + system) so far in `cpu`."""
+    `memory`); records each one's CPU seconds (user + system) so far in `cpu`, and its
+    name as it runs now in `names` (a Ray worker renames itself for its actor)."""
     children: dict[int, list[int]] = {}
     times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -265,6 +268,8 @@ def _tree_sample(root_pid: int, cpu: dict[int, float], memory: bool) -> tuple[in
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         cpu[pid] = max(cpu.get(pid, 0.0), times.get(pid, 0.0))
+        if names is not None:
+            names[pid] = _process_name(pid) or names.get(pid, "?")
         if not memory:
             continue
         try:
@@ -282,6 +287,38 @@ def _tree_sample(root_pid: int, cpu: dict[int, float], memory: bool) -> tuple[in
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _process_name(pid: int) -> str | None:
+    """What process `pid` is, from its command line: a Ray worker's title (`ray::Denoiser`,
+    `ray::IDLE`; its method cut off), a Python script's or module's name, else the
+    program's (`raylet`, `gcs_server`); None once it has ended."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not argv or not argv[0]:
+        return None
+    if argv[0].startswith("ray::"):  # (setproctitle: one string, spaces and all)
+        return argv[0].split()[0].split(".")[0]
+    program = os.path.basename(argv[0])
+    if program.startswith("python"):
+        for i, arg in enumerate(argv[1:], 1):
+            if arg == "-m" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.endswith(".py"):
+                return os.path.basename(arg)
+    return program
+
+
+def _cpu_by_process(cpu: dict[int, float], names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds by process name (the processes of one name summed), the most first."""
+    totals: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        name = names.get(pid, "?")
+        totals[name] = totals.get(name, 0.0) + seconds
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def _job_startup(log: Path) -> dict[str, float]:
     """The start-up figures of the job's summary line (`denoise-summary {...}`)."""
     for line in reversed(log.read_text().splitlines()):
@@ -293,8 +330,8 @@ def _job_startup(log: Path) -> dict[str, float]:
 
 
 def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
-    """Runs `cmd`; returns wall seconds, CPU seconds and (with `memory`) peak PSS/RSS of
-    its process tree.
+    """Runs `cmd`; returns wall seconds, CPU seconds (in all, and by process name) and
+    (with `memory`) peak PSS/RSS of its process tree.
 
     The tree is sampled every 0.2 s, so CPU time of processes that live less than
     that is missed; on a loaded machine CPU seconds are a steadier measure than wall.
@@ -305,13 +342,14 @@ def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
     """
     peak = {"pss": 0, "rss": 0}
     cpu: dict[int, float] = {}
+    names: dict[int, str] = {}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
 
         def sample():
             while proc.poll() is None:
-                pss, rss = _tree_sample(proc.pid, cpu, memory)
+                pss, rss = _tree_sample(proc.pid, cpu, memory, names)
                 peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
                 time.sleep(0.2)
 
@@ -325,6 +363,7 @@ def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
     return {
         "seconds": seconds,
         "cpu_seconds": sum(cpu.values()),
+        "cpu_by_process": _cpu_by_process(cpu, names),
         "peak_pss": peak["pss"] if memory else None,
         "peak_rss": peak["rss"] if memory else None,
     }
@@ -629,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu += f", {base} {other['cpu_seconds']:.1f} (job/{base} {ratio:.2f}x)"
         print(speed, flush=True)
         print(cpu, flush=True)
+        by_process = ", ".join(f"{k} {v:.1f}" for k, v in job["cpu_by_process"].items())
+        print(f"bench: the job's CPU seconds by process (its median run): {by_process}")
         if photo:
             pixels = args.count * photo[0] * photo[1] / 1e6
             line = f"bench: megapixels/s: job {pixels / job['seconds']:.2f}"

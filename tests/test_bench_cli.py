@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -88,8 +89,6 @@ def test_an_unknown_model_is_a_usage_error(script, tmp_path):
 
 
 def test_the_benchmarks_know_every_variant():
-    import importlib.util
-
     import aelib
 
     for script in ("bench_common", "bench_sweep", "bench_tf_data", "bench_overhead"):
@@ -164,3 +163,23 @@ def test_a_missing_data_file_is_a_usage_error(script, tmp_path):
         cwd=tmp_path,
     )
     _assert_usage_error(proc, f"--data {missing}", "no such file")
+
+
+def test_bench_denoise_times_a_process_tree_by_process_name(tmp_path):
+    """timed() sums the CPU seconds of the command's whole process tree and gives them by
+    process name (run 17's breakdown of the job's CPU, by actor and Ray process, had no
+    command that gave it again): a parent that waits and a child script that spins."""
+    spec = importlib.util.spec_from_file_location("bench_denoise", REPO / "jobs/bench_denoise.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "spin.py").write_text(
+        "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end:\n    pass\n"
+    )
+    parent = (
+        f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'spin.py')!r}])"
+    )
+    result = bench.timed([sys.executable, "-c", parent], tmp_path / "log.txt")
+    by_process = result["cpu_by_process"]
+    assert 1.0 <= by_process["spin.py"] <= result["cpu_seconds"], by_process
+    assert list(by_process)[0] == "spin.py"  # (the most first)
+    assert sum(by_process.values()) == pytest.approx(result["cpu_seconds"], abs=0.05)
