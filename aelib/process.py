@@ -222,7 +222,7 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     """`path`, or the nearest folder above it that exists (a link that points nowhere
     counts: it is there, and no folder)."""
     path = Path(path)
-    return next((p for p in (path, *path.parents) if os.path.lexists(p)), path.anchor or Path("."))
+    return next((p for p in (path, *path.parents) if os.path.lexists(p)), Path(path.anchor or "."))
 
 
 def make_folder(folder: str | os.PathLike, made: list[Path]) -> None:
