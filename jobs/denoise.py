@@ -1232,7 +1232,8 @@ def _metrics(
 
     ref = clean.astype(np.float64) / clean_max
     # SSIM's 7x7 window, smaller (odd) for an image narrower than that; below 3 pixels
-    # there is no SSIM (NaN: left out of its means), though PSNR is measured.
+    # there is no SSIM (None: a null in the manifest, as a metric not measured, left out
+    # of its means; NaN made a column's mean NaN in pyarrow or SQL), though PSNR is.
     side = min(ref.shape[:2])
     window = min(7, side if side % 2 else side - 1)
     result = {}
@@ -1242,14 +1243,16 @@ def _metrics(
             p = peak_signal_noise_ratio(ref, x, data_range=1.0)
         channel_axis = -1 if ref.shape[-1] > 1 else None
         a, b = (ref, x) if channel_axis is not None else (ref[..., 0], x[..., 0])
-        s = math.nan
+        s = None
         if window >= 3:
-            s = structural_similarity(
-                a, b, win_size=window, data_range=1.0, channel_axis=channel_axis
+            s = float(
+                structural_similarity(
+                    a, b, win_size=window, data_range=1.0, channel_axis=channel_axis
+                )
             )
         suffix = f"_{key}" if key else ""
         result[f"psnr{suffix}"] = float(p)
-        result[f"ssim{suffix}"] = float(s)
+        result[f"ssim{suffix}"] = s
     return result
 
 
@@ -1790,7 +1793,7 @@ class Denoiser:
                 if item["fmt"] in LOSSY or note:  # the metrics of the file as written
                     written = self._read_back(payload, result, item["maxval"])
                 row.update(_metrics(clean, clean_max, item["array"], written, item["maxval"]))
-                if math.isnan(row["ssim"]):
+                if row["ssim"] is None:
                     row["error"] = "; ".join(filter(None, [note, f"no SSIM: {TOO_SMALL}"]))
             except Exception as e:
                 row["error"] = "; ".join(filter(None, [note, f"{NO_METRICS}{_reason(e)}"]))

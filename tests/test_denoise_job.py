@@ -2068,14 +2068,15 @@ def test_means_leave_out_only_the_metric_an_output_lacks_and_say_so(tmp_path):
     assert measured["psnr_noisy"] == np.inf and measured["ssim_noisy"] == 1.0
     assert 0 < measured["ssim"] < 1 and np.isfinite(measured["psnr"])
     thin = job._metrics(tiny[:, :2], 255, tiny[:, :2], tiny[:, :2] // 2, 255)
-    assert np.isnan(thin["ssim"]) and np.isnan(thin["ssim_noisy"]) and thin["psnr_noisy"] == np.inf
+    # (None: a null in the manifest, not NaN, which made the column's mean NaN in pyarrow)
+    assert thin["ssim"] is None and thin["ssim_noisy"] is None and thin["psnr_noisy"] == np.inf
 
     writer = job.ManifestWriter(job.Storage(str(tmp_path)), {"run": "1"})
     rows = [
         dict(psnr_noisy=10.0, psnr=20.0, ssim_noisy=0.2, ssim=0.6),
         dict(psnr_noisy=14.0, psnr=22.0, ssim_noisy=0.4, ssim=0.8),
         dict(psnr_noisy=np.inf, psnr=40.0, ssim_noisy=1.0, ssim=0.9),  # a clean input
-        dict(psnr_noisy=16.0, psnr=18.0, ssim_noisy=np.nan, ssim=np.nan),  # 2 px wide
+        dict(psnr_noisy=16.0, psnr=18.0, ssim_noisy=None, ssim=None),  # 2 px wide
         dict(),  # no reference
     ]
     for i, row in enumerate(rows):
@@ -3169,6 +3170,27 @@ def test_a_transparent_colour_is_taken_on_the_scale_pillow_reads_the_pixels_on()
         step = 255 // ((1 << depth) - 1)
         assert array[0, 1, 0] == step and maxval == 255
         assert alpha is not None and (alpha[0] == 0).tolist()[:3] == [False, True, False]
+
+
+def test_an_image_too_thin_for_ssim_has_null_ssims_in_the_manifest(model_path, tmp_path):
+    """A 2-px-wide image with its clean reference: PSNR measured, no SSIM, said in the
+    error column, and the SSIM columns are null in the manifest, as for an input without
+    a reference (they held NaN, and pyarrow's or an SQL engine's mean of them was NaN)."""
+    src, clean, dst = tmp_path / "src", tmp_path / "clean", tmp_path / "dst"
+    reference = (np.random.default_rng(0).random((40, 2)) * 255).astype(np.uint8)
+    for folder, pixels in ((src, reference // 2), (clean, reference)):
+        folder.mkdir()
+        (folder / "thin.png").write_bytes(png(pixels))
+    settings = job.JobSettings.in_process(str(model_path), str(src), str(dst), clean=str(clean))
+    table = job.Denoiser(settings)({"path": np.array(["thin.png"]), "bytes": np.array([0])})
+    writer = job.ManifestWriter(job.Storage(str(dst)), {"run": "1"})
+    writer.add(table.drop_columns([c for c in table.column_names if c == job.ITEM]))
+    writer.close()
+    [row] = pq.read_table(dst / job.MANIFEST).to_pylist()
+    assert row["status"] == "ok" and row["error"] == "no SSIM: under 3 px on a side", row
+    assert np.isfinite(row["psnr"]) and np.isfinite(row["psnr_noisy"])
+    assert row["ssim"] is None and row["ssim_noisy"] is None
+    assert pa.compute.mean(pq.read_table(dst / job.MANIFEST).column("ssim")).as_py() is None
 
 
 def test_metrics_put_a_reference_and_an_input_of_other_bit_depths_on_one_scale():
