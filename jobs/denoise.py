@@ -4366,6 +4366,7 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
             if from_actor and timings["first_result_s"] is None:
                 timings["first_result_s"] = round(time.perf_counter() - start, 2)
             manifest.add(table)
+            _raise_if_stopped()  # (after its rows are in the journal)
     except ray.exceptions.ActorDiedError as e:
         # An error in Denoiser.__init__ (a model that does not load or maps an image to
         # another shape: what the driver cannot see in the config) is the model's fault.
@@ -4775,8 +4776,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         parser.error(f"unrecognized arguments: {said}{hint}")
     _TERMINATED.clear()
+    _STOPS.clear()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals} if main_thread else {}
     _sigterm_as_ctrl_c()  # from the start: a lease taken while planning is given back too
     try:
         summary = run(args)
@@ -4803,8 +4806,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"denoise: interrupted. {said}", file=sys.stderr)
         return 128 + signal.SIGTERM if _TERMINATED else 130  # as a shell reports them
     finally:
-        if main_thread:  # the caller's handler back (None: set outside Python)
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():  # the caller's handlers back (None: set
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # outside)
     return _failures_status(summary, args.max_failed)
 
 
@@ -4827,6 +4830,7 @@ def _failures_status(summary: dict, max_failed: int | None) -> int:
 
 
 _TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
+_STOPS: list[int] = []  # SIGINT or SIGTERM received (see _raise_if_stopped)
 
 
 def _sigterm_as_ctrl_c() -> None:
@@ -4834,14 +4838,29 @@ def _sigterm_as_ctrl_c() -> None:
     Ctrl-C does: the rows received so far stay in the journal, the run's lock or lease is
     released, the driver says to rerun and exits 143. Before, Ray's handler printed its
     stack lines and killed the driver wherever it was (the rerun still resumed, as after
-    a crash). Set when the job starts, and again after ray.init and ray.shutdown."""
+    a crash). Ctrl-C gets the same handler, which records the stop for _raise_if_stopped,
+    where Python's own handler is in place (a SIGINT the caller ignores stays ignored).
+    Set when the job starts, and again after ray.init and ray.shutdown."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _on_stop)
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_stop):
+            signal.signal(signal.SIGINT, _on_stop)
 
 
-def _on_sigterm(signum, frame) -> None:
-    _TERMINATED.append(signum)
+def _on_stop(signum, frame) -> None:
+    _STOPS.append(signum)
+    if signum == signal.SIGTERM:
+        _TERMINATED.append(signum)
     raise KeyboardInterrupt
+
+
+def _raise_if_stopped() -> None:
+    """Raises the KeyboardInterrupt of a Ctrl-C or SIGTERM again, at a point of the driver's
+    loop: where one lands in code that catches it (a finalizer, a library's cleanup), it
+    was lost, and the job went on to its end and exited 0 (2 of 14 Ctrl-Cs in a helper's
+    runs under load, once inside ray.init)."""
+    if _STOPS:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -4856,6 +4875,7 @@ def _sigterm_in_ray_init():
         _TERMINATED.append(signal.SIGTERM)
         raise KeyboardInterrupt from None
     _sigterm_as_ctrl_c()
+    _raise_if_stopped()
 
 
 def _credentials_hint(text: str) -> str:
