@@ -182,11 +182,27 @@ def assert_head_up(head: dict) -> None:
         )
 
 
+def default_signals() -> None:
+    """preexec_fn of a command a test stops with Ctrl-C: SIGINT as a terminal's shell
+    gives it, handled and not blocked. A child inherits its parent's ignored signals and
+    signal mask, and a pytest worker's are not always the defaults: a `python -m aelib
+    train` started with SIGINT ignored keeps it ignored, as designed, and trained to its
+    end (one CI run in about twenty)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def start_logged(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Starts `cmd` in a session of its own, its stdout and stderr going to `log`."""
+    """Starts `cmd` in a session of its own, its stdout and stderr going to `log`, with
+    the default signals (default_signals)."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_signals,
         )
 
 

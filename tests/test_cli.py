@@ -20,7 +20,7 @@ from PIL import Image
 import aelib
 from aelib import data as data_lib
 from aelib.__main__ import main
-from helpers import MNIST, REPO, room, small_disk, subprocess_env
+from helpers import MNIST, REPO, default_signals, room, small_disk, subprocess_env
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -527,7 +527,12 @@ def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
         cmd = [sys.executable, "-m", "aelib", *command]
         cmd += ["--data", str(MNIST), "--out", str(out)] if command == train else []
         proc = subprocess.Popen(
-            cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_signals,
         )
         deadline = time.monotonic() + 30
         while not caught(proc.pid, signal.SIGTERM):  # (its handler is set: Keras comes next)
@@ -599,7 +604,13 @@ def test_a_stopped_training_says_so_and_its_rerun_goes_on_from_its_last_epoch(tm
 
     def stopped(signum: int, at: str, after: str = "") -> tuple[int, str]:
         """Runs cmd and sends `signum` at its first line with `at` (after one with `after`)."""
-        proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=subprocess_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_signals,
+        )
         lines = []
         for line in proc.stderr:  # (one line per epoch: stderr is no terminal)
             lines.append(line)

@@ -36,6 +36,7 @@ import pytest
 
 from helpers import (
     assert_head_up,
+    default_signals,
     kill_ray,
     local,
     signal_when,
@@ -598,8 +599,7 @@ def test_a_stop_while_it_imports_ray_says_so_in_one_line(sig, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # (Ctrl-C's default: a process started with SIGINT ignored keeps it ignored)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_signals,
     )
     try:
         deadline = time.monotonic() + 60
