@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import atexit
 import contextlib
 import copy
 import fnmatch
@@ -2420,27 +2419,19 @@ def _interrupted(before: Any) -> bool:
 
 
 def exit_without_teardown(main: Callable[[], int | None]) -> NoReturn:
-    """Runs `main` and exits with its status, without tearing down the interpreter.
+    """Runs `main` and exits with its status, without tearing down the interpreter
+    (aelib.process's: with TensorFlow, Ray and pandas loaded, the teardown took 1.3-1.4 s
+    after the last line, 0.07 s this way); a second Ctrl-C, or one outside Tune's run
+    (the report), says how to go on."""
 
-    With TensorFlow, Ray and pandas loaded, the interpreter's teardown took 1.3-1.4 s
-    after the last line (0.07 s this way), time a user waits for nothing: by then the
-    results are written and Ray is shut down. The exit handlers (atexit: Ray's,
-    logging's) still run. Errors other than SystemExit propagate as usual, with their
-    traceback."""
-    try:
-        code = main()
-    except SystemExit as e:  # argparse's errors, sys.exit("message")
-        code = e.code
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's run (the report)
-        print(f"sweep.py: interrupted. {_how_to_go_on()}", file=sys.stderr)
-        code = _interrupted_status()
-    if isinstance(code, str):  # what sys.exit(message) prints and returns
-        print(code, file=sys.stderr)
-        code = 2 if code.startswith("sweep.py: error:") else 1  # a usage error, as argparse
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    def interrupted_as_status() -> int | None:
+        try:
+            return main()
+        except KeyboardInterrupt:
+            print(f"sweep.py: interrupted. {_how_to_go_on()}", file=sys.stderr)
+            return _interrupted_status()
+
+    _aelib_module("process").exit_without_teardown(interrupted_as_status, "sweep.py: error:")
 
 
 if __name__ == "__main__":

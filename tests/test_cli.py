@@ -508,6 +508,32 @@ def test_make_folder_notes_what_it_made_and_remove_made_takes_back_only_empty_on
     assert not (tmp_path / "n").exists()
 
 
+def test_exit_without_teardown_runs_the_exit_handlers_and_keeps_the_status():
+    """The commands' exit (aelib's, the sweep's) skips the interpreter's teardown
+    (TensorFlow's: 1.5-1.7 s after aelib train's last line) but not the exit handlers, the
+    output's flush or the status: a message is printed, 2 for a usage error, else 1."""
+    code = f"""
+import atexit, importlib.util, sys
+spec = importlib.util.spec_from_file_location("p", {str(REPO / "aelib" / "process.py")!r})
+process = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(process)
+atexit.register(lambda: print("exit handler ran"))
+print("unflushed", end="")
+process.exit_without_teardown(lambda: eval(sys.argv[1]), usage="usage:")
+"""
+    for returned, status, err in (
+        ("None", 0, ""),
+        ("3", 3, ""),
+        ("sys.exit('usage: bad flag')", 2, "usage: bad flag"),
+        ("sys.exit('it failed')", 1, "it failed"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-c", code, returned], capture_output=True, text=True, timeout=60
+        )
+        assert (run.returncode, run.stderr.strip()) == (status, err), run.stderr[-2000:]
+        assert run.stdout == "unflushedexit handler ran\n"
+
+
 def test_a_stop_during_the_imports_ends_the_run_as_it_starts(tmp_path):
     """A Ctrl-C in the seconds of TensorFlow's import was lost (raised in a garbage-collector
     callback, say) and the run trained to its end, exit 0; SIGTERM ended it without a word.
