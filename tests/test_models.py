@@ -1370,7 +1370,8 @@ def test_training_sees_its_batches_in_a_new_order_each_epoch():
     tf_data_autotune_off()
     keras.utils.set_random_seed(0)
     x = np.arange(40, dtype="float32").reshape(40, 1)
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Identity()])
+    identity = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False)
+    model = keras.Sequential([keras.Input((1,)), identity])
     model.compile(keras.optimizers.SGD(0.0), "mae")
     orders: list[list[float]] = []
 
