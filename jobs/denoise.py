@@ -315,6 +315,8 @@ class Storage:
         # Files walk listed that are links to files in its `prune` folder (the output
         # folder): relative path -> the real path (see _plan).
         self.linked_out: dict[str, str] = {}
+        # Links walk did not follow: to a folder of their own path (a loop).
+        self.loops: list[str] = []
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
@@ -445,7 +447,9 @@ class Storage:
                     if entry.is_dir():
                         real = os.path.realpath(entry.path)
                         deeper = depth is None or level < depth
-                        if deeper and real not in above and not _linked_into(real, prune, tree):
+                        if real in above:  # (a loop: said in the listing's notes)
+                            self.loops.append(rel)
+                        elif deeper and not _linked_into(real, prune, tree):
                             stack.append((rel, above | {real}, level + 1))
                     elif entry.is_file():
                         info = entry.stat()
@@ -2217,6 +2221,14 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
                 f"Parquet file(s) (e.g. {tables[0]}) are taken as images, and fail "
                 "(--input-format parquet reads their rows instead)"
             )
+    if storage.loops:  # (left out without a word before)
+        loops = sorted(storage.loops)
+        links = f"{len(loops)} links to a folder above them" if len(loops) > 1 else ""
+        links = links or "1 link to a folder above it"
+        notes.append(
+            f"--input {redacted(location)}: {links} not followed, as a loop (e.g. {loops[0]}, to "
+            f"{os.path.realpath(storage.full(loops[0]))})"
+        )
     hidden = 0 if has_glob else sum(1 for rel, _ in files if _hidden_image(rel))
     return Inputs("files", storage, shown, [], hidden=hidden, notes=notes)
 

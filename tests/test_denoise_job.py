@@ -1647,6 +1647,11 @@ def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path
     for pattern in ("**/*.png", "**/x.png", "b/*.png"):
         found = job.find_inputs(f"{root}/{pattern}", "auto").files
         assert len([rel for rel, _ in found if rel.endswith("x.png")]) == 1, pattern
+    # and the listing says so (a loop was left out without a word)
+    assert job.find_inputs(str(root), "auto").notes == [
+        f"--input {root}: 2 links to a folder above them not followed, as a loop (e.g. "
+        f"b/loop, to {root})"
+    ]
     # A FIFO and a link to a device are inputs (with a failed row): reading /dev/zero
     # filled the memory, and a FIFO was left out without a word.
     os.mkfifo(root / "pipe.png")
