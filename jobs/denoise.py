@@ -4368,9 +4368,11 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     with _sigterm_in_ray_init():
         ray.init(include_dashboard=False, log_to_driver=True)
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
-    warn_local_paths(args, {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
     pipeline = None
-    try:
+    try:  # (from here on, however it ends, Ray is shut down below)
+        _raise_if_stopped()  # (a Ctrl-C that ray.init caught)
+        alive = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+        warn_local_paths(args, alive)
         pipeline = _run_pipeline(
             args, spec, model_bytes, inputs, todo, units, parquet, manifest.start
         )
@@ -4887,7 +4889,6 @@ def _sigterm_in_ray_init():
         _TERMINATED.append(signal.SIGTERM)
         raise KeyboardInterrupt from None
     _sigterm_as_ctrl_c()
-    _raise_if_stopped()
 
 
 def _credentials_hint(text: str) -> str:
