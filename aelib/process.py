@@ -232,7 +232,9 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 def make_folder(folder: str | os.PathLike, made: list[Path]) -> None:
     """Makes `folder` and the folders above it that are missing, adding each to `made`
     (deepest first, even where mkdir fails part way) for `remove_made`."""
-    folder = Path(folder).absolute()  # (one form for all, for remove_made's order)
+    # One form for all (remove_made sorts by depth), with ".." resolved: "new/../out"
+    # (new missing, out there) noted /cwd/new/../out as made, and a refusal removed out.
+    folder = Path(os.path.abspath(folder))
     made.extend(p for p in (folder, *folder.parents) if not os.path.lexists(p))
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -492,6 +492,15 @@ def test_make_folder_notes_what_it_made_and_remove_made_takes_back_only_empty_on
     link.symlink_to(tmp_path / "gone")  # (there, and no folder)
     assert process.nearest_existing(link / "y") == link
 
+    # ".." resolved first: an --out of new/../out (new missing) is the existing out, which
+    # a refusal removed (as one it made, empty)
+    (tmp_path / "out").mkdir()
+    made = []
+    process.make_folder(tmp_path / "new" / ".." / "out", made)
+    assert made == []
+    process.remove_made(made)
+    assert (tmp_path / "out").is_dir()
+
     real = os.mkdir
 
     def mkdir(path, *args):  # one that fails below the first folder it made
