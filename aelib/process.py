@@ -232,10 +232,11 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 def make_folder(folder: str | os.PathLike, made: list[Path]) -> None:
     """Makes `folder` and the folders above it that are missing, adding each to `made`
     (deepest first, even where mkdir fails part way) for `remove_made`."""
-    # One form for all (remove_made sorts by depth), with ".." resolved: "new/../out"
-    # (new missing, out there) noted /cwd/new/../out as made, and a refusal removed out.
-    folder = Path(os.path.abspath(folder))
-    made.extend(p for p in (folder, *folder.parents) if not os.path.lexists(p))
+    folder = Path(folder).absolute()  # (one form for all, for remove_made's order)
+    # Not a path whose ".." leads to a folder there: "new/../out" (new missing, out
+    # there) noted /cwd/new/../out as made (mkdir makes new), and a refusal removed out.
+    missing = (p for p in (folder, *folder.parents) if not os.path.lexists(p))
+    made.extend(p for p in missing if not os.path.lexists(os.path.abspath(p)))
     folder.mkdir(parents=True, exist_ok=True)
 
 

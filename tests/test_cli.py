@@ -492,14 +492,14 @@ def test_make_folder_notes_what_it_made_and_remove_made_takes_back_only_empty_on
     link.symlink_to(tmp_path / "gone")  # (there, and no folder)
     assert process.nearest_existing(link / "y") == link
 
-    # ".." resolved first: an --out of new/../out (new missing) is the existing out, which
-    # a refusal removed (as one it made, empty)
+    # An --out of new/../out (new missing) is the existing out, which a refusal removed
+    # (as one it made, empty); new is made, and noted.
     (tmp_path / "out").mkdir()
     made = []
     process.make_folder(tmp_path / "new" / ".." / "out", made)
-    assert made == []
+    assert made == [tmp_path / "new"] and (tmp_path / "new" / ".." / "out").is_dir()
     process.remove_made(made)
-    assert (tmp_path / "out").is_dir()
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "new").exists()
 
     real = os.mkdir
 
