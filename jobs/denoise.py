@@ -2223,8 +2223,10 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             )
     if storage.loops:  # (left out without a word before)
         loops = sorted(storage.loops)
-        links = f"{len(loops)} links to a folder above them" if len(loops) > 1 else ""
-        links = links or "1 link to a folder above it"
+        many = len(loops) > 1
+        links = (
+            f"{len(loops)} links to a folder above them" if many else "1 link to a folder above it"
+        )
         notes.append(
             f"--input {redacted(location)}: {links} not followed, as a loop (e.g. {loops[0]}, to "
             f"{os.path.realpath(storage.full(loops[0]))})"
@@ -4789,7 +4791,6 @@ def main(argv: list[str] | None = None) -> int:
                 "a glob left unquoted into its files; quote it, e.g. --input 'dir/*.png')"
             )
         parser.error(f"unrecognized arguments: {said}{hint}")
-    _TERMINATED.clear()
     _STOPS.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -4818,7 +4819,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the same command again to resume."
             )
         print(f"denoise: interrupted. {said}", file=sys.stderr)
-        return 128 + signal.SIGTERM if _TERMINATED else 130  # as a shell reports them
+        return 128 + signal.SIGTERM if signal.SIGTERM in _STOPS else 130  # as a shell does
     finally:
         for sig, handler in previous.items():  # the caller's handlers back (None: set
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # outside)
@@ -4843,7 +4844,6 @@ def _failures_status(summary: dict, max_failed: int | None) -> int:
     return 3
 
 
-_TERMINATED: list[int] = []  # SIGTERM received (see _sigterm_as_ctrl_c)
 _STOPS: list[int] = []  # SIGINT or SIGTERM received (see _raise_if_stopped)
 
 
@@ -4863,8 +4863,6 @@ def _sigterm_as_ctrl_c() -> None:
 
 def _on_stop(signum, frame) -> None:
     _STOPS.append(signum)
-    if signum == signal.SIGTERM:
-        _TERMINATED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -4886,7 +4884,7 @@ def _sigterm_in_ray_init():
     except SystemExit as e:
         if e.code != signal.SIGTERM:
             raise
-        _TERMINATED.append(signal.SIGTERM)
+        _STOPS.append(signal.SIGTERM)
         raise KeyboardInterrupt from None
     _sigterm_as_ctrl_c()
 
