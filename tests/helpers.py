@@ -187,7 +187,7 @@ def default_signals() -> None:
     gives it, handled and not blocked. A child inherits its parent's ignored signals and
     signal mask, and a pytest worker's are not always the defaults: a `python -m aelib
     train` started with SIGINT ignored keeps it ignored, as designed, and trained to its
-    end (one CI run in about twenty)."""
+    end (a suite run of 2026-12-06, under load)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
