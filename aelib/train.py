@@ -519,6 +519,50 @@ def tf_data_autotune_off() -> bool:
     return True
 
 
+def training_data(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, initial_epoch: int = 0
+) -> dict[str, Any]:
+    """The training set as `fit` is given it (its `x`, `y`, `batch_size`, `shuffle` or
+    `steps_per_epoch`): batches of `batch_size` in a new order each epoch.
+
+    JAX and PyTorch get the arrays with shuffle=True: Keras draws each epoch's order
+    with NumPy's generator, which keras.utils.set_random_seed seeds.
+
+    TensorFlow gets a tf.data pipeline of its own, because there Keras's shuffle=True
+    gives every epoch the same order once set_random_seed has set TensorFlow's global
+    seed: Keras draws its permutation with tf.random.shuffle in a new iterator each
+    epoch, and each new iterator draws the same one (tensorflow/tensorflow#35682).
+    Here epoch `e`'s order is `stateless_shuffle` of 0..n-1 with the seed (seed, e):
+    new each epoch, the same in every run with the seed, and a run resumed at
+    `initial_epoch` sees the orders an unstopped one saw. The pipeline runs on, epoch
+    after epoch, in one iterator (`steps_per_epoch` batches an epoch, none crossing
+    an epoch's end), with tf.data's autotuning off as in tf_data_autotune_off."""
+    if keras.backend.backend() != "tensorflow":
+        return {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
+    import tensorflow as tf
+
+    n, xs, ys = len(x), tf.constant(x), tf.constant(y)
+    seed = tf.constant(seed, tf.int64)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch])
+        )
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    batches = (
+        tf.data.Dataset.counter(start=initial_epoch)
+        .flat_map(epoch_batches)
+        .map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+        .prefetch(2)
+        .with_options(options)
+    )
+    # (shuffle=False: the order is the pipeline's; Keras warns of its default, True)
+    return {"x": batches, "steps_per_epoch": math.ceil(n / batch_size), "shuffle": False}
+
+
 def compile_model(model: Autoencoder, learning_rate: float, decay_steps: int | None = None) -> None:
     """Adam on binary cross-entropy; with `decay_steps`, a cosine decay of the
     learning rate to 0 over that many steps."""
@@ -709,13 +753,14 @@ def train(
     if checkpoint is not None:
         own.append(EpochCheckpoint(checkpoint, model, config, past, settings))
     start = time.perf_counter()
+    batches = training_data(
+        splits.x_train, splits.y_train, config.batch_size, config.seed, initial_epoch
+    )
     history = model.autoencoder.fit(
-        splits.x_train,
-        splits.y_train,
+        **batches,
         epochs=config.epochs,
-        batch_size=config.batch_size,
-        shuffle=True,
         validation_data=(splits.x_val, splits.y_val),
+        validation_batch_size=config.batch_size,  # (not 32, where batches holds no batch_size)
         callbacks=own + list(callbacks or []),
         verbose=verbose,
         initial_epoch=initial_epoch,

@@ -29,7 +29,7 @@ from aelib.train import (
     make_splits,
     resume_settings,
     stopped_run,
-    tf_data_autotune_off,
+    training_data,
 )
 from helpers import subprocess_env
 
@@ -1286,6 +1286,9 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     (out / live).unlink()  # (kept: its process runs)
     assert result.metrics["resumed_after_epoch"] == 2 and result.metrics["epochs_run"] == 3
     assert result.history["loss"][:2] == state["history"]["loss"]
+    if keras.backend.backend() == "tensorflow":  # (see test_a_resumed_run_sees_the_orders_...)
+        unstopped = aelib.train(config, data, figures=False, verbose=0)
+        assert result.history == unstopped.history  # to the bit
     assert len(result.history["val_loss"]) == 3
     assert int(result.model.autoencoder.optimizer.iterations) == 3 * steps
     assert result.metrics["train_seconds"] > state["train_seconds"]
@@ -1355,12 +1358,11 @@ def test_a_run_that_diverges_keeps_its_last_finite_epoch(tmp_path, when):
     assert not last.exists() and not checkpoint_path(out, "dense").exists()
 
 
-def _batch_orders() -> list[list[float]]:
-    """What aelib.train does (its tf.data patch, set_random_seed, then fit with
-    shuffle=True), on 40 numbers: an identity model and a learning rate of 0, so each
-    batch's running mean absolute value shows which numbers the epoch's batches held."""
-    tf_data_autotune_off()
-    keras.utils.set_random_seed(0)
+def _batch_orders(seed=0, epochs=3, initial_epoch=0) -> list[list[float]]:
+    """What aelib.train does (set_random_seed, then fit given training_data's batches),
+    on 40 numbers: an identity model and a learning rate of 0, so each batch's running
+    mean absolute value shows which numbers the epoch's batches held."""
+    keras.utils.set_random_seed(seed)
     x = np.arange(40, dtype="float32").reshape(40, 1)
     identity = keras.layers.Dense(1, kernel_initializer="ones", use_bias=False)
     model = keras.Sequential([keras.Input((1,)), identity])
@@ -1374,27 +1376,35 @@ def _batch_orders() -> list[list[float]]:
         def on_train_batch_end(self, batch, logs=None):
             orders[-1].append(round(float(logs["loss"]), 4))
 
-    model.fit(x, np.zeros_like(x), batch_size=8, epochs=3, shuffle=True, verbose=0,
+    batches = training_data(x, np.zeros_like(x), 8, seed, initial_epoch)
+    model.fit(**batches, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
               callbacks=[Record()])  # fmt: skip
     return orders
 
 
 def test_the_batch_order_probe_sees_every_number_once_an_epoch():
-    """(So that the expected failure below fails for its reason alone.)"""
+    """(So that the order tests below fail for their reason alone.)"""
     orders = _batch_orders()
     assert [len(order) for order in orders] == [5, 5, 5]
     assert [order[-1] for order in orders] == [19.5] * 3  # (the mean of 0..39)
 
 
-@pytest.mark.xfail(
-    keras.backend.backend() == "tensorflow",
-    raises=AssertionError,
-    strict=True,
-    reason="known, not fixed yet: under TensorFlow, Keras's fit draws its permutation with "
-    "tf.random.shuffle inside its tf.data pipeline, and with the global seed that "
-    "keras.utils.set_random_seed sets, each epoch's new iterator draws the same one "
-    "(tensorflow/tensorflow#35682); JAX and PyTorch reshuffle",
-)
 def test_training_sees_its_batches_in_a_new_order_each_epoch():
+    """Under TensorFlow, Keras's own shuffle=True gave every epoch the same order once
+    set_random_seed had run (tensorflow/tensorflow#35682): training_data draws its own.
+    The orders are the seed's: the same in a second run, others with another seed."""
     orders = _batch_orders()
-    assert orders[0] != orders[1] and orders[1] != orders[2], orders
+    assert len({tuple(order) for order in orders}) == 3, orders
+    assert _batch_orders() == orders
+    assert _batch_orders(seed=1) != orders
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="JAX and PyTorch get Keras's shuffle, drawn from NumPy's generator as it stands",
+)
+def test_a_resumed_run_sees_the_orders_an_unstopped_one_saw():
+    """Epoch e's order comes from (seed, e), not from how many epochs ran before it in
+    this process: a run resumed after epoch 2 sees epochs 3 and 4 as a run of 4 did."""
+    unstopped = _batch_orders(epochs=4)
+    assert _batch_orders(epochs=4, initial_epoch=2) == unstopped[2:]
