@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
 
-from bench_common import VARIANTS, at_least_one, given_file  # noqa: E402
+from bench_common import VARIANTS, at_least_one, code_version, given_file  # noqa: E402
 
 
 def _timer_class():
@@ -170,6 +170,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {result['machine_line']}",
         f"Command: `{result['command']}`",
+        f"Finished: {result['finished']}, code {result.get('code') or 'not recorded'}",
         "",
         "| variant | train images | aelib s/epoch (best) | plain s/epoch (best) | "
         "**ratio (best, wall)** | ratio (best, CPU) | ratio (median, wall) | "
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python jobs/bench_overhead.py " + shlex.join(argv or sys.argv[1:]),
         "machine": machine,
         "machine_line": machine_line(machine),
+        "code": code_version(),
         "epochs": args.epochs,
         "repeats": args.repeats,
         "rows": rows,

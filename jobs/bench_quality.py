@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
 
-from bench_common import given_file  # noqa: E402
+from bench_common import code_version, given_file  # noqa: E402
 
 # Priority order of a full run: the denoising comparison first.
 # The classical denoisers (--denoisers), as classical_methods() names them (bm3d only
@@ -530,6 +530,11 @@ def _fmt(x, digits=4):
     return str(x)
 
 
+def made(row: dict[str, Any]) -> str:
+    """When a row finished, and from which code (rows of before 2026-12-06 kept none)."""
+    return f"{row.get('finished', '-')[:10]} ({row.get('code') or 'not recorded'})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     lines = ["# Quality benchmark results", ""]
@@ -545,8 +550,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "| variant | epochs run (tutorial's) | batch | train images | test loss | "
         "test BCE | tutorial's loss | code mean (tutorial's) | PSNR dB | SSIM | s/epoch |"
-        " command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " made (code) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", *plus_rows(rows)):
         r = rows.get(name)
@@ -566,7 +571,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['train_images']} | {_fmt(m.get('test_loss'))} | {_fmt(m.get('test_bce'))} | "
             f"{_fmt(t.get('reported_test_loss'), 3)} | {code} | {_fmt(m.get('test_psnr'), 2)} | "
             f"{_fmt(m.get('test_ssim'), 3)} | {_fmt(m.get('seconds_per_epoch'), 1)} | "
-            f"`{row_command(name, r)}` |"
+            f"{made(r)} | `{row_command(name, r)}` |"
         )
     if "classical" in rows:
         lines += denoise_table(results)
@@ -887,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         record["command"] = command_for(args, row, record.get("epochs"))
         record["machine"] = machine
         record["machine_line"] = machine_line(machine)
+        record["code"] = code_version()
         record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         results = load_results(results_path)  # another process may have added rows
         old = results["rows"].get(row)

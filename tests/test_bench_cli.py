@@ -183,3 +183,32 @@ def test_bench_denoise_times_a_process_tree_by_process_name(tmp_path):
     assert 1.0 <= by_process["spin.py"] <= result["cpu_seconds"], by_process
     assert list(by_process)[0] == "spin.py"  # (the most first)
     assert sum(by_process.values()) == pytest.approx(result["cpu_seconds"], abs=0.05)
+
+
+def test_a_result_names_the_code_that_made_it(tmp_path):
+    """bench_common.code_version: the commit of the checkout the script is in, marked
+    "+changes" where a tracked Python file or pyproject.toml was edited, not where only
+    results or docs were; None outside a git checkout."""
+    jobs = tmp_path / "repo" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "bench_common.py").write_bytes((REPO / "jobs" / "bench_common.py").read_bytes())
+    (jobs / "results.json").write_text("{}\n")
+    code = "import bench_common; print(bench_common.code_version())"
+
+    def version() -> str:
+        out = subprocess.run([sys.executable, "-c", code], cwd=jobs, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert version() == "None"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(jobs.parent)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert version() == head.stdout.strip()
+    (jobs / "results.json").write_text('{"rows": {}}\n')  # a result written: the same code
+    assert version() == head.stdout.strip()
+    with open(jobs / "bench_common.py", "a") as f:  # the code edited
+        f.write("\n# edited\n")
+    assert version() == head.stdout.strip() + "+changes"
