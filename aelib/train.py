@@ -482,7 +482,8 @@ def merge_history(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
 
 def tf_data_autotune_off() -> bool:
     """Under TensorFlow, turns off tf.data autotuning in the pipelines Keras builds
-    from NumPy arrays (fit, validation, evaluate, predict); returns whether it did.
+    from NumPy arrays (fit's validation, evaluate, predict; the training batches come
+    from training_data, whose pipeline has it off too); returns whether it did.
 
     Keras feeds NumPy arrays to TensorFlow through a tf.data pipeline, with a new
     iterator each epoch. With autotuning on, each iterator has a thread that
@@ -492,7 +493,8 @@ def tf_data_autotune_off() -> bool:
     waiting on `Model::OptimizeLoop`). `python jobs/bench_tf_data.py --data
     mnist.npz` measures it: conv and seq2seq side by side, 4 epochs, one thread
     each, were 86-97% busy with autotuning and 98-99% without, and took 32.9 s
-    instead of 37.3 s and 28.9 s instead of 31.9 s, with identical losses. Keras's
+    instead of 37.3 s and 28.9 s instead of 31.9 s, with identical losses (measured
+    while Keras's pipeline still fed the training batches too, up to ffe3f6d). Keras's
     own PyDataset adapter turns autotuning off the same way when it prefetches.
 
     JAX and PyTorch get NumPy batches without tf.data: nothing to do. Keras's
@@ -541,21 +543,35 @@ def training_data(
         return {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
     import tensorflow as tf
 
-    n, xs, ys = len(x), tf.constant(x), tf.constant(y)
+    n = len(x)
+    with tf.device("/cpu:0"):  # (tf.data runs on the host: no copy of the set on a GPU)
+        xs = tf.constant(x)
+        ys = xs if y is x else tf.constant(y)  # (an autoencoder's target is its input)
     seed = tf.constant(seed, tf.int64)
+
+    full = n // batch_size  # (batches of indices sliced from a [full, batch_size] tensor,
+    # as Keras's own pipeline does: .batch() over one index at a time took ~0.5 s an epoch)
 
     def epoch_batches(epoch):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch])
         )
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        whole = tf.reshape(order[: full * batch_size], [full, batch_size])
+        batches = tf.data.Dataset.from_tensor_slices(whole)
+        if n % batch_size:  # (the epoch's last, smaller batch)
+            batches = batches.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
+        return batches
 
+    # Options as Keras's own pipeline has them: its default graph rewrites off (on, they
+    # made the pipeline 2-3x slower on 2 cores: `vae`'s 540 batches took 0.7-1.0 s an
+    # epoch instead of 0.25-0.3 s), and autotuning off as in tf_data_autotune_off.
     options = tf.data.Options()
     options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
     batches = (
         tf.data.Dataset.counter(start=initial_epoch)
         .flat_map(epoch_batches)
-        .map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+        .map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(2)
         .with_options(options)
     )

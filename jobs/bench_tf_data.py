@@ -12,6 +12,11 @@ prints each process's wall time and how much of it was CPU time: an idle process
 shows as a low CPU share. The losses must match: the setting changes the pipeline's
 threading, not its data or order. Nothing is asserted: on a shared machine the
 numbers move.
+
+Since the batch-order fix (2026-12-06, after ffe3f6d), the training batches come from
+aelib's own pipeline (`aelib.train.training_data`: one iterator for the whole run,
+autotuning off either way), so the two settings now differ only in the validation
+pipeline; the figures in tf_data_autotune_off's docstring were measured before it.
 """
 
 from __future__ import annotations
