@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_quality import machine_info, machine_line
 
     arrays = data_lib.load_mnist(args.data)
+    code = code_version()  # (the code that runs: edits while it runs are not its)
     rows = []
     for name in models:
         limits = [None]
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python jobs/bench_overhead.py " + shlex.join(argv or sys.argv[1:]),
         "machine": machine,
         "machine_line": machine_line(machine),
-        "code": code_version(),
+        "code": code,
         "epochs": args.epochs,
         "repeats": args.repeats,
         "rows": rows,

@@ -867,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.json"
     results = load_results(results_path)
     machine = machine_info()
+    code = code_version()  # (the code that runs: edits while it runs are not its)
     for row in selected:
         same = same_settings(results["rows"].get(row), settings_key(args, row))
         if row == "classical" and same and args.denoisers and not args.force:
@@ -892,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         record["command"] = command_for(args, row, record.get("epochs"))
         record["machine"] = machine
         record["machine_line"] = machine_line(machine)
-        record["code"] = code_version()
+        record["code"] = code
         record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         results = load_results(results_path)  # another process may have added rows
         old = results["rows"].get(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def test_quick_mode_writes_results(tmp_path, capsys):
         assert r["command"].startswith("python jobs/bench_quality.py --models " + name)
         assert "--quick" in r["command"]
         assert r["machine"]["backend"] and r["machine_line"]
+        assert re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", r["code"]), r["code"]
     assert rows["dense"]["tutorial"]["reported_test_loss"] == 0.09
     assert "code_mean" in rows["dense"]["metrics"]
     assert {"noisy_psnr", "psnr_gain"} <= set(rows["denoise"]["metrics"])
@@ -67,6 +69,8 @@ def test_quick_mode_writes_results(tmp_path, capsys):
     assert den["median_3x3"]["psnr"] > den["noisy"]["psnr"]
     md = (tmp_path / "results.md").read_text()
     assert "| dense | 1 (50) |" in md and "median_3x3" in md
+    dense = next(line for line in md.splitlines() if line.startswith("| dense | "))
+    assert f"| {rows['dense']['finished'][:10]} ({rows['dense']['code']}) |" in dense
     for png in ("test_loss.png", "denoise_psnr_ssim.png", "denoise_samples.png"):
         assert (tmp_path / png).stat().st_size > 0
 
@@ -108,7 +112,8 @@ def test_rows_saved_under_an_older_tutorial_default_are_reported_and_resumed_rig
     assert denoise.startswith("| denoise | 30 (100) |")
     assert "--models denoise --epochs 30 " in denoise
     sparse = next(line for line in md.splitlines() if line.startswith("| sparse | "))
-    assert "| 0.100 | 4.06 (3.33) |" in sparse and "--epochs" not in sparse
+    code_mean = saved["sparse"]["metrics"]["code_mean"]  # (the row's own, as it was run)
+    assert f"| 0.100 | {code_mean:.2f} (3.33) |" in sparse and "--epochs" not in sparse
     assert "| dense | 50 (50) |" in md
 
     capsys.readouterr()
