@@ -1358,7 +1358,7 @@ def test_a_run_that_diverges_keeps_its_last_finite_epoch(tmp_path, when):
     assert not last.exists() and not checkpoint_path(out, "dense").exists()
 
 
-def _batch_orders(seed=0, epochs=3, initial_epoch=0) -> list[list[float]]:
+def _batch_orders(seed=0, epochs=3, initial_epoch=0, batch_size=8) -> list[list[float]]:
     """What aelib.train does (set_random_seed, then fit given training_data's batches),
     on 40 numbers: an identity model and a learning rate of 0, so each batch's running
     mean absolute value shows which numbers the epoch's batches held."""
@@ -1376,7 +1376,7 @@ def _batch_orders(seed=0, epochs=3, initial_epoch=0) -> list[list[float]]:
         def on_train_batch_end(self, batch, logs=None):
             orders[-1].append(round(float(logs["loss"]), 4))
 
-    batches = training_data(x, np.zeros_like(x), 8, seed, initial_epoch)
+    batches = training_data(x, np.zeros_like(x), batch_size, seed, initial_epoch)
     model.fit(**batches, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
               callbacks=[Record()])  # fmt: skip
     return orders
@@ -1387,6 +1387,10 @@ def test_the_batch_order_probe_sees_every_number_once_an_epoch():
     orders = _batch_orders()
     assert [len(order) for order in orders] == [5, 5, 5]
     assert [order[-1] for order in orders] == [19.5] * 3  # (the mean of 0..39)
+    orders = _batch_orders(batch_size=12)  # (3 batches of 12 and one of 4 an epoch)
+    assert [len(order) for order in orders] == [4, 4, 4]
+    assert [order[-1] for order in orders] == [19.5] * 3
+    assert len({tuple(order) for order in orders}) == 3, orders
 
 
 def test_training_sees_its_batches_in_a_new_order_each_epoch():
