@@ -14,17 +14,28 @@ import sys as _sys
 
 from aelib import process as _process
 
-# The command line (`python -m aelib`, the `aelib` script): a Ctrl-C or SIGTERM during
-# the imports below (seconds: TensorFlow's) is kept for the run to stop on as it starts.
+__version__ = "0.1.0"
+
+
+def _import_api() -> None:
+    """Imports the public names below (Keras's and TensorFlow's imports: seconds), and
+    registers the custom layers for load_model."""
+    global Autoencoder, build_model, list_models, model_defaults, load, read_info, save
+    global TrainConfig, TrainResult, train
+    from aelib import layers  # noqa: F401  (registers the custom layers for load_model)
+    from aelib.registry import Autoencoder, build_model, list_models, model_defaults
+    from aelib.saving import load, read_info, save
+    from aelib.train import TrainConfig, TrainResult, train
+
+
+# The command line (`python -m aelib`, the `aelib` script) imports them once its flags are
+# read (aelib.__main__), so that `aelib --help` and a bad flag answer in a fraction of a
+# second, not after TensorFlow's import; a Ctrl-C or SIGTERM during that import is kept for
+# the run to stop on as it starts.
 if _process.command_line(_sys.argv[0] if _sys.argv else "", getattr(_sys, "orig_argv", [])):
     _process.record_stops_early()
-
-from aelib import layers  # noqa: E402, F401  (registers the custom layers for load_model)
-from aelib.registry import Autoencoder, build_model, list_models, model_defaults
-from aelib.saving import load, read_info, save
-from aelib.train import TrainConfig, TrainResult, train
-
-__version__ = "0.1.0"
+else:
+    _import_api()
 
 __all__ = [
     "Autoencoder",

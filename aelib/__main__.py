@@ -13,8 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from aelib.registry import list_models, plain_message
-from aelib.train import MAX_COUNT  # (loaded already: aelib/__init__ imports it)
+import aelib
+from aelib.tutorial import VARIANTS
+
+# Keras and TensorFlow are imported once the flags are read (aelib._import_api), so that
+# `aelib --help` and a bad flag answer at once: nothing above imports them.
+MAX_COUNT = 2**31 - 1  # aelib.train.MAX_COUNT (a test checks): the most epochs, largest batch
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the variants and their default options")
 
     t = sub.add_parser("train", help="train, evaluate and save one variant (no Ray)")
-    t.add_argument("--model", required=True, choices=list_models())
+    t.add_argument("--model", required=True, choices=VARIANTS)
     t.add_argument(
         "--epochs",
         type=_count,
@@ -307,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # (the last one silently won)
         parser.error(f"--set {', '.join(twice)} given more than once; give each option once")
+    aelib._import_api()  # (seconds: Keras's and TensorFlow's imports)
+    from aelib.registry import list_models, plain_message
+
     if args.command == "models":
         from aelib import process
         from aelib.registry import model_defaults

@@ -22,6 +22,9 @@ TUTORIAL = {
     "vae": {"epochs": 50, "batch_size": 100},
 }
 REPORTED_DENSE_CODE_MEAN = 7.30
+# The seven variants, in the tutorial's order (aelib.list_models(), without importing Keras:
+# the command line's --model choices).
+VARIANTS = tuple(TUTORIAL)
 
 
 def tutorial_settings(name: str) -> dict[str, Any]:

@@ -231,6 +231,43 @@ def test_bad_input_is_a_clear_error(case, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_help_and_bad_flags_answer_before_keras_is_imported(tmp_path):
+    """`aelib --help` and a bad flag took 8.5 s here: the package imported Keras and
+    TensorFlow before argparse read the flags. The command line reads them first now, as
+    `python -m aelib` and as the `aelib` script (which pip puts beside this Python)."""
+    script = Path(sys.executable).parent / "aelib"
+    out = str(tmp_path / "o")
+    for command, code, said in (
+        (["--help"], 0, "usage: aelib [-h] {models,train}"),
+        (["train", "--help"], 0, "--model {dense,sparse,deep,conv,denoise,seq2seq,vae}"),
+        (["train", "--model", "pca", "--out", out], 2, "invalid choice: 'pca'"),
+        (["train", "--model", "dense", "--epochs", "0", "--out", out], 2, "must be >= 1"),
+        (["train", "--model", "dense", "--batch-size", f"{2**31}", "--out", out], 2, "2**31"),
+        (["train", "--model", "conv", "--noise-factor", "0.3", "--out", out], 2, "denoise only"),
+    ):
+        for launch in ([sys.executable, "-m", "aelib"], [str(script)]):
+            run = subprocess.run(
+                launch + command,
+                env={**subprocess_env(), "PYTHONPROFILEIMPORTTIME": "1"},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert run.returncode == code and said in run.stdout + run.stderr, run.stderr[-2000:]
+            imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", run.stderr, re.M)
+            assert "aelib.tutorial" in imported, run.stderr[-2000:]  # (it reports them)
+            heavy = {m for m in imported if m.split(".")[0] in ("keras", "tensorflow", "jax")}
+            assert not heavy, (launch, command, sorted(heavy)[:5])
+            assert not os.path.exists(out)
+    # (the constant the flags are checked against, and their choices, are the library's)
+    from aelib import __main__ as cli
+    from aelib.train import MAX_COUNT
+    from aelib.tutorial import VARIANTS
+
+    assert cli.MAX_COUNT == MAX_COUNT
+    assert list(VARIANTS) == aelib.list_models()
+
+
 def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
     """--out inside (or equal to) --images: the run's figures were read as training and
     test images by the next run on that folder (43 images where there were 40)."""
