@@ -717,17 +717,24 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         fig.suptitle(f"Denoising MNIST test digits (noise factor {noise:g}, clipped)")
         fig.tight_layout()
         written.append(_savefig(fig, out / "denoise_psnr_ssim.png"))
+        # The first 8 test digits through every method: drawn only with every row's
+        # samples at hand (runs_dir keeps them), so that one row trained again elsewhere
+        # does not replace the chart by one of that row alone.
         sample_dir = runs_dir / "samples"
-        order = ["clean", "noisy", *d.keys(), "denoise", *plus_rows(rows)]
-        found = [
-            (n, np.load(sample_dir / f"{n}.npy"))
-            for n in dict.fromkeys(order)
-            if (sample_dir / f"{n}.npy").is_file()
-        ]
-        if len(found) > 2:
+        learned = [n for n in ("denoise", *plus_rows(rows)) if n in rows]
+        order = list(dict.fromkeys(["clean", "noisy", *d.keys(), *learned]))
+        missing = [n for n in order if not (sample_dir / f"{n}.npy").is_file()]
+        if missing:
+            print(
+                f"note: denoise_samples.png not drawn again: no samples of "
+                f"{', '.join(missing)} in {sample_dir} (run those rows there to draw it)",
+                flush=True,
+            )
+        else:
             from aelib import plots
 
-            written.append(plots.image_rows(dict(found), out / "denoise_samples.png", n=8))
+            found = {n: np.load(sample_dir / f"{n}.npy") for n in order}
+            written.append(plots.image_rows(found, out / "denoise_samples.png", n=8))
     for name, fig_names in (
         ("vae", ("vae_latent_plane.png", "vae_manifold.png")),
         ("denoise", ("denoise_learning_curves.png",)),

@@ -80,6 +80,15 @@ def test_quick_mode_writes_results(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 3
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
 
+    # A row's samples missing (that row made on another machine): the samples chart is kept,
+    # not drawn again without it (denoise_plus4 alone, trained again, redrew it with 3 rows).
+    chart = (tmp_path / "denoise_samples.png").read_bytes()
+    (tmp_path / "runs" / "samples" / "median_3x3.npy").unlink()
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "denoise_samples.png not drawn again: no samples of median_3x3 in" in out
+    assert (tmp_path / "denoise_samples.png").read_bytes() == chart
+
 
 def test_parse_options():
     bench = _bench()
