@@ -875,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path)
     machine = machine_info()
     code = code_version()  # (the code that runs: edits while it runs are not its)
+    charted = False
     for row in selected:
         same = same_settings(results["rows"].get(row), settings_key(args, row))
         if row == "classical" and same and args.denoisers and not args.force:
@@ -916,9 +917,11 @@ def main(argv: list[str] | None = None) -> int:
         save_results(results, results_path)
         (out / "results.md").write_text(markdown(results))
         charts(results, out, runs_dir)
+        charted = row == selected[-1]
         print(f"[{row}] done in {record['wall_seconds']:.0f} s -> {results_path}", flush=True)
-    (out / "results.md").write_text(markdown(results))
-    charts(results, out, runs_dir)
+    if not charted:  # (after the last row they were just written and drawn)
+        (out / "results.md").write_text(markdown(results))
+        charts(results, out, runs_dir)
     print((out / "results.md").read_text())
     return 0
 

@@ -84,9 +84,15 @@ def test_quick_mode_writes_results(tmp_path, capsys):
     # not drawn again without it (denoise_plus4 alone, trained again, redrew it with 3 rows).
     chart = (tmp_path / "denoise_samples.png").read_bytes()
     (tmp_path / "runs" / "samples" / "median_3x3.npy").unlink()
+    note = "denoise_samples.png not drawn again: no samples of median_3x3 in"
     assert bench.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "denoise_samples.png not drawn again: no samples of median_3x3 in" in out
+    assert capsys.readouterr().out.count(note) == 1
+    assert (tmp_path / "denoise_samples.png").read_bytes() == chart
+    # ... and so with a row trained again: the charts are drawn once, after it.
+    dense_again = [*argv, "--force"]
+    dense_again[dense_again.index("--models") + 1] = "dense"
+    assert bench.main(dense_again) == 0
+    assert capsys.readouterr().out.count(note) == 1
     assert (tmp_path / "denoise_samples.png").read_bytes() == chart
 
 
