@@ -685,12 +685,12 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
             psnrs.append(e["psnr"])
             ssims.append(e["ssim"])
             n_imgs.append(e["test_images"])
-        for name in ("denoise", *plus_rows(rows)):
-            if name in rows:
-                names.append(f"{name} ({rows[name]['epochs_run']} ep)")
-                psnrs.append(rows[name]["metrics"]["test_psnr"])
-                ssims.append(rows[name]["metrics"]["test_ssim"])
-                n_imgs.append(rows[name]["metrics"]["test_images"])
+        learned_denoisers = [n for n in ("denoise", *plus_rows(rows)) if n in rows]
+        for name in learned_denoisers:
+            names.append(f"{name} ({rows[name]['epochs_run']} ep)")
+            psnrs.append(rows[name]["metrics"]["test_psnr"])
+            ssims.append(rows[name]["metrics"]["test_ssim"])
+            n_imgs.append(rows[name]["metrics"]["test_images"])
         # (a row scored on fewer images says so under its name: beside its value, the
         # two-line label ran into its neighbour's)
         names = [
@@ -721,8 +721,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
         # samples at hand (runs_dir keeps them), so that one row trained again elsewhere
         # does not replace the chart by one of that row alone.
         sample_dir = runs_dir / "samples"
-        learned = [n for n in ("denoise", *plus_rows(rows)) if n in rows]
-        order = list(dict.fromkeys(["clean", "noisy", *d.keys(), *learned]))
+        order = list(dict.fromkeys(["clean", "noisy", *d.keys(), *learned_denoisers]))
         missing = [n for n in order if not (sample_dir / f"{n}.npy").is_file()]
         if missing:
             print(
