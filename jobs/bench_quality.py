@@ -47,6 +47,8 @@ from bench_common import code_version, given_file  # noqa: E402
 # where its package installs: it is skipped with a note there).
 CLASSICAL = ("median_3x3", "gaussian", "total_variation", "wavelet", "nl_means", "bm3d")
 ROWS = ("classical", "denoise", "denoise_plus", "dense", "sparse", "deep", "conv", "vae", "seq2seq")
+# The order of the learned rows in results.md and the charts
+TUTORIAL_ORDER = ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise")
 DEFAULT_DENOISE_PLUS = "depth=1,convs_per_stage=2,batch_size=32"  # the best found, 20.52 dB
 QUICK = {
     "epochs": 1,
@@ -66,6 +68,12 @@ def is_plus(row: str) -> bool:
 
 def plus_rows(rows) -> list[str]:
     return sorted(r for r in rows if is_plus(r))
+
+
+def learned_rows(rows, first: tuple[str, ...] = TUTORIAL_ORDER) -> list[str]:
+    """The learned rows there are, in the tables' and charts' order: `first` (the
+    tutorial's variants), then the beyond-tutorial denoisers."""
+    return [n for n in (*first, *plus_rows(rows)) if rows.get(n)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -553,10 +561,8 @@ def markdown(results: dict[str, Any]) -> str:
         " made (code) | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", *plus_rows(rows)):
-        r = rows.get(name)
-        if not r:
-            continue
+    for name in learned_rows(rows):
+        r = rows[name]
         m, t = r["metrics"], tutorial_reference(r["model"])
         code = "-"
         if "code_mean" in m:
@@ -632,10 +638,8 @@ def denoise_table(results: dict[str, Any]) -> list[str]:
             f"{_fmt(sub['ssim'], 3)} | {_fmt(e.get('images_per_second'), 1)} | "
             f"`{e.get('command', c['command'])}` |"
         )
-    for name in ("denoise", *plus_rows(rows)):
-        r = rows.get(name)
-        if not r:
-            continue
+    for name in learned_rows(rows, ("denoise",)):
+        r = rows[name]
         m = r["metrics"]
         sub = r.get("subset", {})
         label = f"{name} (learned, {r['epochs_run']} epochs"
@@ -656,11 +660,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
 
     rows = results["rows"]
     written = []
-    learned = [
-        n
-        for n in ("dense", "sparse", "deep", "conv", "seq2seq", "vae", "denoise", *plus_rows(rows))
-        if n in rows and "test_bce" in rows[n]["metrics"]
-    ]
+    learned = [n for n in learned_rows(rows) if "test_bce" in rows[n]["metrics"]]
     recon = [n for n in learned if n != "denoise" and not is_plus(n)]
     if recon:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -685,7 +685,7 @@ def charts(results: dict[str, Any], out: Path, runs_dir: Path) -> list[Path]:
             psnrs.append(e["psnr"])
             ssims.append(e["ssim"])
             n_imgs.append(e["test_images"])
-        learned_denoisers = [n for n in ("denoise", *plus_rows(rows)) if n in rows]
+        learned_denoisers = learned_rows(rows, ("denoise",))
         for name in learned_denoisers:
             names.append(f"{name} ({rows[name]['epochs_run']} ep)")
             psnrs.append(rows[name]["metrics"]["test_psnr"])
