@@ -13,6 +13,12 @@ TensorFlow, Ray) is included:
          `map_batches` with an actor class that loads the model once ->
          `write_images`
   job    `python jobs/denoise.py --model M --input IMAGES --output OUT`
+  job_running_ray
+         the same command on a Ray head started before the clock starts
+         (cluster/local.py's plain head: what `ray start --head` gives, dashboard
+         and all), as `ray submit` runs the job on a cluster that is up: Ray's own
+         start is left out, the actors' start is not. The CPU seconds of the head's
+         processes during the run count with the job's.
 
 and prints images/s side by side with the job's ratios to both. With
 --memory-counts it then runs the job on each count and samples the proportional
@@ -35,6 +41,8 @@ takes that out of the comparison. One more run of each method on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -42,6 +50,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -245,11 +254,15 @@ def model_call_sizes(actor, channels: int, sizes=(16, 32, 64, 256, 1024)) -> dic
 
 
 def _tree_sample(
-    root_pid: int, cpu: dict[int, float], memory: bool, names: dict[int, str] | None = None
+    roots: int | list[int],
+    cpu: dict[int, float],
+    memory: bool,
+    names: dict[int, str] | None = None,
 ) -> tuple[int, int]:
-    """(PSS, RSS) in bytes summed over `root_pid` and its descendants (0, 0 unless
-    `memory`); records each one's CPU seconds (user + system) so far in `cpu`, and its
-    name as it runs now in `names` (a Ray worker renames itself for its actor)."""
+    """(PSS, RSS) in bytes summed over the processes `roots` (a pid or a list) and their
+    descendants, each once (0, 0 unless `memory`); records each one's CPU seconds (user +
+    system) so far in `cpu`, and its name as it runs now in `names` (a Ray worker renames
+    itself for its actor)."""
     children: dict[int, list[int]] = {}
     times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -263,9 +276,13 @@ def _tree_sample(
         children.setdefault(int(fields[1]), []).append(int(entry))
         times[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS
     pss = rss = 0
-    stack = [root_pid]
+    stack = [roots] if isinstance(roots, int) else list(roots)
+    seen: set[int] = set()
     while stack:
         pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         stack.extend(children.get(pid, []))
         cpu[pid] = max(cpu.get(pid, 0.0), times.get(pid, 0.0))
         if names is not None:
@@ -289,8 +306,9 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def _process_name(pid: int) -> str | None:
     """What process `pid` is, from its command line: a Ray worker's title (`ray::Denoiser`,
-    `ray::IDLE`; its method cut off), a Python script's or module's name, else the
-    program's (`raylet`, `gcs_server`); None once it has ended."""
+    `ray::IDLE`; its method cut off) or a dashboard module's (`ray-dashboard-JobHead-0`),
+    a Python script's or module's name, else the program's (`raylet`, `gcs_server`); None
+    once it has ended."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().decode(errors="replace").split("\0")
@@ -300,6 +318,8 @@ def _process_name(pid: int) -> str | None:
         return None
     if argv[0].startswith("ray::"):  # (setproctitle: one string, spaces and all)
         return argv[0].split()[0].split(".")[0]
+    if argv[0].startswith("ray-dashboard-"):  # (the same: "ray-dashboard-JobHead-0 (python ...)")
+        return argv[0].split()[0]
     program = os.path.basename(argv[0])
     if program.startswith("python"):
         for i, arg in enumerate(argv[1:], 1):
@@ -329,9 +349,17 @@ def _job_startup(log: Path) -> dict[str, float]:
     return {}
 
 
-def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
-    """Runs `cmd`; returns wall seconds, CPU seconds (in all, and by process name) and
-    (with `memory`) peak PSS/RSS of its process tree.
+def timed(
+    cmd: list[str],
+    log: Path,
+    memory: bool = False,
+    env: dict[str, str] | None = None,
+    also: list[int] = (),
+) -> dict[str, float]:
+    """Runs `cmd` (in `env`, default `_env()`); returns wall seconds, CPU seconds (in all,
+    and by process name) and (with `memory`) peak PSS/RSS of its process tree. `also`:
+    processes already running (a Ray head's) whose trees' CPU seconds during the run count
+    too, their CPU seconds before it taken off (their memory is not counted).
 
     The tree is sampled every 0.2 s, so CPU time of processes that live less than
     that is missed; on a loaded machine CPU seconds are a steadier measure than wall.
@@ -343,14 +371,21 @@ def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
     peak = {"pss": 0, "rss": 0}
     cpu: dict[int, float] = {}
     names: dict[int, str] = {}
+    before: dict[int, float] = {}
+    if also:
+        _tree_sample(list(also), before, False)
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=_env() if env is None else env
+        )
 
         def sample():
             while proc.poll() is None:
                 pss, rss = _tree_sample(proc.pid, cpu, memory, names)
                 peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                if also:
+                    _tree_sample(list(also), cpu, False, names)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -360,6 +395,9 @@ def timed(cmd: list[str], log: Path, memory: bool = False) -> dict[str, float]:
         sampler.join()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
+    if also:  # (the end of the head's processes' run: sampled once more)
+        _tree_sample(list(also), cpu, False, names)
+        cpu = {pid: seconds - before.get(pid, 0.0) for pid, seconds in cpu.items()}
     return {
         "seconds": seconds,
         "cpu_seconds": sum(cpu.values()),
@@ -439,9 +477,38 @@ def ensure_model(args: argparse.Namespace, work: Path) -> str:
     return str(path)
 
 
+# The head of `job_running_ray`: Ray's default object store on this machine would be 30%
+# of its memory; the job's blocks of paths and rows need far less.
+HEAD_OBJECT_STORE_BYTES = 2 * 2**30
+
+
+@contextlib.contextmanager
+def running_ray():
+    """A Ray head on this machine for the length of the block, as `ray start --head`
+    gives one (cluster/local.py's plain head: a dashboard, token auth, free ports, this
+    machine's CPUs); yields the environment a driver reaches it with and the pids of its
+    processes (their trees hold the workers it starts). Stopped, its own processes only,
+    and its folder removed at the end."""
+    spec = importlib.util.spec_from_file_location("aelib_cluster_local", ROOT / "cluster/local.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    state_dir = Path(tempfile.mkdtemp(prefix="aelib-bench-ray", dir="/tmp"))  # (short: sockets)
+    try:
+        state = local.start(
+            None,
+            state_dir,
+            head_cpus=os.cpu_count(),
+            head_object_store_bytes=HEAD_OBJECT_STORE_BYTES,
+        )
+        env = local.client_env(state, _env())
+        yield env, local._cluster_pids(state_dir)
+    finally:
+        local.stop(state_dir, remove=True)
+
+
 def _command(name: str, model: str, images: Path) -> list[str]:
     """The command of one method, without its output folder (the last argument)."""
-    if name == "job":
+    if name in ("job", "job_running_ray"):
         job = [sys.executable, str(HERE / "denoise.py"), "--model", model, "--input", str(images)]
         return [*job, "--output"]
     return [sys.executable, str(HERE / "bench_denoise.py"), f"_{name}", model, str(images)]
@@ -487,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default=None,
-        help="comma list of runs: plain, docs, job (default: all three; plain,job with --photos)",
+        help="comma list of runs: plain, docs, job, job_running_ray (default: all four; "
+        "plain,job with --photos)",
     )
     p.add_argument(
         "--photos",
@@ -547,8 +615,11 @@ def main(argv: list[str] | None = None) -> int:
         args.count = 12 if photo else 50_000
     if args.startup_count is None:
         args.startup_count = 0 if photo else 1000
-    allowed = ["plain", "job"] if photo else ["plain", "docs", "job"]
-    names = [n for n in (args.only or ",".join(allowed)).split(",") if n]
+    allowed = ["plain", "job", "job_running_ray"]
+    if not photo:
+        allowed.insert(1, "docs")
+    default = ["plain", "job"] if photo else allowed
+    names = [n for n in (args.only or ",".join(default)).split(",") if n]
     if not names or set(names) - set(allowed):
         p.error(
             f"--only {args.only}: expected a comma list of {', '.join(allowed)}"
@@ -591,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             images_for(count)
         return 0
     results: dict[str, dict[str, float]] = {}
+    width = max(6, *map(len, names))  # (the tables' first column)
     if args.count:
         runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         small: dict[str, dict[str, float]] = {}
@@ -603,18 +675,22 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 out = out_root / f"out_{name}_{r}"  # fresh: no run pays for deleting another's
                 shutil.rmtree(out, ignore_errors=True)
-                settle(args.settle)
-                print(f"bench: {name} on {count} images (load {_load()}) ...", flush=True)
                 cmd = [
                     *_command(
                         name + ("_photos" if photo and name == "plain" else ""), model, images
                     ),
                     str(out),
                 ]
-                result = timed(cmd, work / f"{name}.log")
+                with contextlib.ExitStack() as stack:
+                    env, also = None, ()
+                    if name == "job_running_ray":  # (started, then settled, before the clock)
+                        env, also = stack.enter_context(running_ray())
+                    settle(args.settle)
+                    print(f"bench: {name} on {count} images (load {_load()}) ...", flush=True)
+                    result = timed(cmd, work / f"{name}.log", env=env, also=also)
                 result["images_per_s"] = count / result["seconds"]
-                if name == "job":  # when Ray was ready and the first results came back
-                    result.update(_job_startup(work / "job.log"))
+                if name.startswith("job"):  # when Ray was ready and the first results came back
+                    result.update(_job_startup(work / f"{name}.log"))
                 if photo and name == "plain":  # its seconds inside model.predict
                     found = re.search(r"model.predict ([\d.]+) s", (work / "plain.log").read_text())
                     result["model_seconds"] = float(found[1]) if found else math.nan
@@ -623,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     small[name] = result
                 print(
-                    f"bench: {name:6s} {result['seconds']:7.1f} s  {_rate(result['images_per_s'])} "
+                    f"bench: {name:{width}s} {result['seconds']:7.1f} s  "
+                    f"{_rate(result['images_per_s'])} "
                     f"images/s  {result['cpu_seconds']:7.1f} CPU-s  (load {_load()})",
                     flush=True,
                 )
@@ -641,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             r = results[name]
             line = (
-                f"bench:   {name:6s} {r['seconds']:7.1f} s  {_rate(r['images_per_s'])} images/s "
+                f"bench:   {name:{width}s} {r['seconds']:7.1f} s  {_rate(r['images_per_s'])} "
+                "images/s "
                 f"(runs: {', '.join(f'{x:.1f}' for x in r['all_seconds'])} s)"
             )
             if r.get("steady_images_per_s"):
@@ -655,21 +733,26 @@ def main(argv: list[str] | None = None) -> int:
                     f"after {r['small_run']['first_result_s']:.1f} s)"
                 )
             print(line, flush=True)
-    if "job" in results:
-        job = results["job"]
-        speed = f"bench: job at {_rate(job['images_per_s']).strip()} images/s"
-        cpu = f"bench: CPU seconds: job {job['cpu_seconds']:.1f}"
+    for which in ("job", "job_running_ray"):  # (the second: Ray started before the clock)
+        if which not in results:
+            continue
+        job = results[which]
+        speed = f"bench: {which} at {_rate(job['images_per_s']).strip()} images/s"
+        cpu = f"bench: CPU seconds: {which} {job['cpu_seconds']:.1f}"
         for base in ("plain", "docs"):
             if base in results:
                 other = results[base]
                 ratio = job["images_per_s"] / other["images_per_s"]
                 speed += f"; {ratio:.2f}x {base} ({_rate(other['images_per_s']).strip()} images/s)"
                 ratio = job["cpu_seconds"] / other["cpu_seconds"]
-                cpu += f", {base} {other['cpu_seconds']:.1f} (job/{base} {ratio:.2f}x)"
+                cpu += f", {base} {other['cpu_seconds']:.1f} ({which}/{base} {ratio:.2f}x)"
         print(speed, flush=True)
         print(cpu, flush=True)
         by_process = ", ".join(f"{k} {v:.1f}" for k, v in job["cpu_by_process"].items())
-        print(f"bench: the job's CPU seconds by process (its median run): {by_process}")
+        whose = "the job's" if which == "job" else f"{which}'s"
+        print(f"bench: {whose} CPU seconds by process (its median run): {by_process}")
+    if "job" in results:
+        job = results["job"]
         if photo:
             pixels = args.count * photo[0] * photo[1] / 1e6
             line = f"bench: megapixels/s: job {pixels / job['seconds']:.2f}"

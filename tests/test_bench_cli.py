@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -165,13 +170,18 @@ def test_a_missing_data_file_is_a_usage_error(script, tmp_path):
     _assert_usage_error(proc, f"--data {missing}", "no such file")
 
 
+def _load_bench_denoise():
+    spec = importlib.util.spec_from_file_location("bench_denoise", REPO / "jobs/bench_denoise.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_bench_denoise_times_a_process_tree_by_process_name(tmp_path):
     """timed() sums the CPU seconds of the command's whole process tree and gives them by
     process name (run 17's breakdown of the job's CPU, by actor and Ray process, had no
     command that gave it again): a parent that waits and a child script that spins."""
-    spec = importlib.util.spec_from_file_location("bench_denoise", REPO / "jobs/bench_denoise.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench_denoise()
     (tmp_path / "spin.py").write_text(
         "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end:\n    pass\n"
     )
@@ -212,3 +222,76 @@ def test_a_result_names_the_code_that_made_it(tmp_path):
     with open(jobs / "bench_common.py", "a") as f:  # the code edited
         f.write("\n# edited\n")
     assert version() == head.stdout.strip() + "+changes"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_timed_counts_a_running_process_only_for_the_length_of_the_run(tmp_path):
+    """timed(also=[pid]): the CPU seconds of a process that runs already (a Ray head's,
+    for the job on a running Ray) count from the start of the run, not from its own."""
+    bench = _load_bench_denoise()
+    (tmp_path / "spin_forever.py").write_text("while True:\n    pass\n")
+    spinner = subprocess.Popen([sys.executable, str(tmp_path / "spin_forever.py")])
+    try:
+        deadline = time.monotonic() + 60
+        while _cpu_seconds(spinner.pid) < 1.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        result = bench.timed(
+            [sys.executable, "-c", "import time; time.sleep(1.5)"],
+            tmp_path / "log.txt",
+            also=[spinner.pid],
+        )
+        total = _cpu_seconds(spinner.pid)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    counted = result["cpu_by_process"]["spin_forever.py"]
+    assert total >= 1.5 + counted - 0.3, (total, counted)  # (its time before the run: not counted)
+    assert 0.2 <= counted <= result["seconds"] + 0.3, (counted, result)
+    assert result["cpu_seconds"] == pytest.approx(sum(result["cpu_by_process"].values()), abs=0.05)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_denoise_times_the_job_on_a_ray_head_it_starts_and_stops(tmp_path):
+    """--only job_running_ray: the job connects to a head started before the clock (the
+    actors' CPU seconds, in the head's process tree, count), and the head is gone after."""
+    import aelib
+
+    model = tmp_path / "denoise.keras"
+    aelib.build_model("denoise").autoencoder.save(model)  # (untrained: speed only)
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "bench_denoise.py"),
+            *("--data", str(MNIST), "--work", str(work), "--model", str(model)),
+            *("--count", "64", "--repeats", "1", "--startup-count", "0"),
+            *("--only", "job_running_ray", "--settle", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bench: job_running_ray at " in proc.stdout, proc.stdout
+    log = (work / "job_running_ray.log").read_text()
+    assert "denoise: 64 inputs: 64 ok, 0 failed" in log, log[-3000:]
+    result = json.loads((work / "results_only_job_running_ray.json").read_text())
+    run = result["speed"]["job_running_ray"]
+    assert run["ray_ready_s"] < run["first_result_s"] < run["seconds"], run
+    by_process = run["cpu_by_process"]
+    actors = [name for name in by_process if name.startswith("ray::MapWorker")]
+    assert actors and "denoise.py" in by_process and "raylet" in by_process, by_process
+    assert sum(by_process[name] for name in actors) > 1.0, by_process  # (TensorFlow's import)
+    left = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if b"aelib-bench-ray" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                left.append(entry)
+    assert not left, f"processes of the benchmark's Ray head left running: {left}"
