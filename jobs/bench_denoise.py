@@ -4,9 +4,9 @@
         --count 50000 --memory-counts 10000,100000
 
 Writes --count noisy MNIST digits as PNGs once (cached under WORK/images_N),
-trains a `denoise` model for one epoch unless --model is given, then times three
+trains a `denoise` model for one epoch unless --model is given, then times four
 ways of denoising every file, each as a fresh process so startup (Python,
-TensorFlow, Ray) is included:
+TensorFlow, Ray; all but Ray's for the fourth) is included:
 
   plain  one process: PIL read, `model.predict` on batches of 1,024, PIL write
   docs   the shape of Ray's batch-inference docs: `ray.data.read_images` ->
@@ -17,10 +17,11 @@ TensorFlow, Ray) is included:
          the same command on a Ray head started before the clock starts
          (cluster/local.py's plain head: what `ray start --head` gives, dashboard
          and all), as `ray submit` runs the job on a cluster that is up: Ray's own
-         start is left out, the actors' start is not. The CPU seconds of the head's
-         processes during the run count with the job's.
+         start (and the idle workers it starts ahead) is left out, the actors'
+         imports and model load are not. The CPU seconds of the head's processes
+         during the run count with the job's.
 
-and prints images/s side by side with the job's ratios to both. With
+and prints images/s side by side with the job's ratios to both (and the fourth's). With
 --memory-counts it then runs the job on each count and samples the proportional
 set size (PSS: shared pages split between the processes that map them, so Ray's
 shared-memory object store is not counted once per worker) of the whole process
@@ -48,6 +49,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -283,8 +285,10 @@ def _tree_sample(
         if pid in seen:
             continue
         seen.add(pid)
+        if pid not in times:  # (a root that has ended: what it took was recorded before)
+            continue
         stack.extend(children.get(pid, []))
-        cpu[pid] = max(cpu.get(pid, 0.0), times.get(pid, 0.0))
+        cpu[pid] = max(cpu.get(pid, 0.0), times[pid])
         if names is not None:
             names[pid] = _process_name(pid) or names.get(pid, "?")
         if not memory:
@@ -358,8 +362,8 @@ def timed(
 ) -> dict[str, float]:
     """Runs `cmd` (in `env`, default `_env()`); returns wall seconds, CPU seconds (in all,
     and by process name) and (with `memory`) peak PSS/RSS of its process tree. `also`:
-    processes already running (a Ray head's) whose trees' CPU seconds during the run count
-    too, their CPU seconds before it taken off (their memory is not counted).
+    processes already running (a Ray head's) whose trees count too, their CPU seconds
+    before the run taken off.
 
     The tree is sampled every 0.2 s, so CPU time of processes that live less than
     that is missed; on a loaded machine CPU seconds are a steadier measure than wall.
@@ -382,10 +386,8 @@ def timed(
 
         def sample():
             while proc.poll() is None:
-                pss, rss = _tree_sample(proc.pid, cpu, memory, names)
+                pss, rss = _tree_sample([proc.pid, *also], cpu, memory, names)
                 peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
-                if also:
-                    _tree_sample(list(also), cpu, False, names)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -397,7 +399,7 @@ def timed(
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
     if also:  # (the end of the head's processes' run: sampled once more)
         _tree_sample(list(also), cpu, False, names)
-        cpu = {pid: seconds - before.get(pid, 0.0) for pid, seconds in cpu.items()}
+        cpu = {pid: total - before.get(pid, 0.0) for pid, total in cpu.items()}
     return {
         "seconds": seconds,
         "cpu_seconds": sum(cpu.values()),
@@ -485,25 +487,36 @@ HEAD_OBJECT_STORE_BYTES = 2 * 2**30
 @contextlib.contextmanager
 def running_ray():
     """A Ray head on this machine for the length of the block, as `ray start --head`
-    gives one (cluster/local.py's plain head: a dashboard, token auth, free ports, this
-    machine's CPUs); yields the environment a driver reaches it with and the pids of its
-    processes (their trees hold the workers it starts). Stopped, its own processes only,
-    and its folder removed at the end."""
+    gives one (cluster/local.py's plain head: a dashboard, token auth, usage stats off,
+    free ports, the CPUs this process may use); yields the environment a driver reaches it
+    with and the pids of its processes (their trees hold the workers it starts). Its files
+    go in a new folder under RAY_TMPDIR (default /tmp), as Ray's own do. Stopped, its own
+    processes only, and that folder removed at the end, also on SIGTERM (not on SIGKILL)."""
     spec = importlib.util.spec_from_file_location("aelib_cluster_local", ROOT / "cluster/local.py")
     local = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(local)
-    state_dir = Path(tempfile.mkdtemp(prefix="aelib-bench-ray", dir="/tmp"))  # (short: sockets)
+    # (A short name: Ray's unix sockets live below it, at most 107 bytes a path.)
+    state_dir = Path(tempfile.mkdtemp(prefix="bray", dir=os.environ.get("RAY_TMPDIR") or "/tmp"))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         state = local.start(
             None,
             state_dir,
-            head_cpus=os.cpu_count(),
+            head_cpus=len(os.sched_getaffinity(0)),
             head_object_store_bytes=HEAD_OBJECT_STORE_BYTES,
         )
-        env = local.client_env(state, _env())
-        yield env, local._cluster_pids(state_dir)
+        pids = local._cluster_pids(state_dir)
+        if not pids:  # (its processes not found: the CPU seconds would be the driver's only)
+            raise RuntimeError(f"no process of the Ray head started in {state_dir} was found")
+        yield local.client_env(state, _env()), pids
     finally:
         local.stop(state_dir, remove=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM as an exit, so that `finally` blocks (the head's stop) run."""
+    raise SystemExit(128 + signum)
 
 
 def _command(name: str, model: str, images: Path) -> list[str]:
