@@ -317,6 +317,12 @@ class Storage:
         self.linked_out: dict[str, str] = {}
         # Links walk did not follow: to a folder of their own path (a loop).
         self.loops: list[str] = []
+        # Folders under the root that walk could not list (no permission to read, say):
+        # relative path -> why. Their files are not listed; the root's error is raised.
+        self.unlisted: dict[str, str] = {}
+        # What walk listed that is not a regular file or a folder (a broken link, a FIFO,
+        # a device, a link to itself): each fails, named by the driver (see _plan).
+        self.others: set[str] = set()
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
@@ -426,8 +432,11 @@ class Storage:
         link loop ends; nor into `prune`, a real path (the job's output folder), or below
         it, unless that is inside the root itself); a link to a file there is listed, and
         put in `linked_out`; a broken link, a FIFO or a device is listed with size 0
-        (reading it fails, so it gets a `failed` row rather than no row). `depth`: the
-        levels of folders below the root to go into (None: all)."""
+        (reading it fails, so it gets a `failed` row rather than no row), as is an entry
+        that cannot be looked at (a link to itself, or into a folder it may not enter);
+        a folder below the root that cannot be listed is put in `unlisted` (the root's
+        error is raised). `depth`: the levels of folders below the root to go into
+        (None: all)."""
         if not self.local:
             import pyarrow.fs as pafs
 
@@ -441,18 +450,30 @@ class Storage:
         stack = [("", frozenset([tree]), 0)]  # a folder, its path's folders, its depth
         while stack:
             rel_dir, above, level = stack.pop()
-            with os.scandir(os.path.join(self.root, rel_dir)) as it:
+            # One folder it may not read (a lost+found in a shared tree) stopped the job.
+            try:
+                listing = os.scandir(os.path.join(self.root, rel_dir))
+            except OSError as e:
+                if not rel_dir:
+                    raise
+                self.unlisted[rel_dir] = _reason(e)
+                continue
+            with listing as it:
                 for entry in it:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                    if entry.is_dir():
+                    try:  # (is_dir and is_file follow links: a link to itself raised)
+                        kind = "dir" if entry.is_dir() else "file" if entry.is_file() else ""
+                        info = entry.stat() if kind == "file" else None
+                    except OSError:
+                        kind = ""  # listed as a broken link is: its read says why
+                    if kind == "dir":
                         real = os.path.realpath(entry.path)
                         deeper = depth is None or level < depth
                         if real in above:  # (a loop: said in the listing's notes)
                             self.loops.append(rel)
                         elif deeper and not _linked_into(real, prune, tree):
                             stack.append((rel, above | {real}, level + 1))
-                    elif entry.is_file():
-                        info = entry.stat()
+                    elif kind == "file":
                         found.append((rel, info.st_size))
                         self.mtimes[rel] = info.st_mtime_ns
                         if prune is not None and entry.is_symlink():
@@ -461,6 +482,7 @@ class Storage:
                                 self.linked_out[rel] = real
                     else:  # a broken link, a FIFO, a device, a socket (or a link to one)
                         found.append((rel, 0))
+                        self.others.add(rel)
         return sorted(found)
 
     def remove(self, rel: str) -> None:
@@ -2047,6 +2069,9 @@ class Inputs:
     # What the listing has to say (files left out, files taken as images), said once the
     # locations are checked: a refused run said first which files were "not inputs".
     notes: list[str] = field(default_factory=list)
+    # Folders under `storage` that could hold inputs but could not be listed -> why:
+    # each gets a failed row (file inputs) or a note (Parquet files).
+    unlisted: dict[str, str] = field(default_factory=dict)
 
 
 def _hidden(rel: str) -> bool:
@@ -2173,7 +2198,10 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
         if not found:
             raise _no_tables(location, entries)
         notes = [] if has_glob else _not_tables(location, len(found), entries)
+        unlisted = _unlisted(listed, pattern) if listed is not None else {}
+        notes += _unlisted_note(location, unlisted)
         return Inputs("parquet", listed, [], found, notes=notes)
+    pattern = None
     if has_glob:
         root, pattern = _glob_root(location)
         storage = Storage(root)
@@ -2231,8 +2259,34 @@ def find_inputs(location: str, input_format: str, output: str | None = None) -> 
             f"--input {redacted(location)}: {links} not followed, as a loop (e.g. {loops[0]}, to "
             f"{os.path.realpath(storage.full(loops[0]))})"
         )
+    unlisted = _unlisted(storage, pattern)  # (each a failed row: no note)
     hidden = 0 if has_glob else sum(1 for rel, _ in files if _hidden_image(rel))
-    return Inputs("files", storage, shown, [], hidden=hidden, notes=notes)
+    return Inputs("files", storage, shown, [], hidden=hidden, notes=notes, unlisted=unlisted)
+
+
+def _unlisted(storage: Storage, pattern: str | None) -> dict[str, str]:
+    """The folders the listing of `storage` could not list that could hold inputs: those
+    the glob `pattern` reaches into (all, for None), hidden ones only where it names them."""
+    parts = (pattern or "**/*").split("/")
+    dotted = pattern is not None and _hidden(pattern)
+    return {
+        rel: why
+        for rel, why in sorted(storage.unlisted.items())
+        if (dotted or not _hidden(rel))
+        and any(_glob_match(rel.split("/"), parts[:k]) for k in range(1, len(parts)))
+    }
+
+
+def _unlisted_note(location: str, unlisted: dict[str, str]) -> list[str]:
+    """The note for Parquet inputs, whose rows are the inputs: a folder gets no row."""
+    if not unlisted:
+        return []
+    first, why = next(iter(unlisted.items()))
+    many, them = (f"{len(unlisted)} folders", "them") if len(unlisted) > 1 else ("1 folder", "it")
+    return [
+        f"--input {redacted(location)}: {many} could not be listed (e.g. {first}: {why}); "
+        f"the Parquet files in {them} are not read in this run"
+    ]
 
 
 def _one_file(storage: Storage, size: int) -> Inputs:
@@ -4005,6 +4059,7 @@ def _plan(
     touched = 0  # inputs of the size recorded, with another modification time
     mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
     linked_out = inputs.storage.linked_out if inputs.storage is not None else {}
+    others = inputs.storage.others if inputs.storage is not None else set()
     claimed: dict[str, str] = {}  # output -> the input writing it
     # An output an earlier run wrote stays its input's, though an input added since
     # comes first in sorted order (x.jpg beside x.png with --format png); and it is
@@ -4044,6 +4099,12 @@ def _plan(
             shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
             reason = "the file name is not valid UTF-8 (rename it to process it)"
             early.append({"path": shown, "status": "failed", "error": reason, "input_bytes": size})
+            continue
+        # Not a regular file: its read fails now as in an actor, and says why (every
+        # rerun, too, without starting Ray for it).
+        why = _unreadable(inputs.storage, rel) if rel in others else None
+        if why:
+            early.append({"path": rel, "status": "failed", "error": why, "input_bytes": None})
             continue
         out_rel = outputs[rel]
         if rel in linked_out:  # (its own output would be written over it: each rerun
@@ -4122,6 +4183,9 @@ def _plan(
         else:
             touched += (done_here and not same_time) or (fails_again and not same_as_last)
             todo.append((rel, size))
+    for rel, why in inputs.unlisted.items():  # (its files, if any, had no row at all)
+        reason = f"a folder that could not be listed ({why}): its files are not inputs of this run"
+        early.append({"path": rel, "status": "failed", "error": reason, "input_bytes": None})
     if orphans:
         print(
             f"denoise: note: {orphans} output(s) in DST have no row (written by a run that "
@@ -4137,6 +4201,16 @@ def _plan(
     if redone or kept_cut:
         _note_cut(args.output, redone, kept_cut)
     return early, todo
+
+
+def _unreadable(storage: Storage, rel: str) -> str | None:
+    """Why reading the input `rel` fails (as an actor's row would say), or None if it
+    reads now (a link whose file has come back since the listing)."""
+    try:
+        storage.read(rel)
+    except Exception as e:
+        return _reason(e)
+    return None
 
 
 def _top_column(schema: pa.Schema, name: str) -> str:

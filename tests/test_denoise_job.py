@@ -1674,9 +1674,81 @@ def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path
     for rel, kind in (("pipe.png", "a FIFO"), ("zero.png", "a character device")):
         with pytest.raises(ValueError, match=f"not a regular file but {kind}"):
             storage.read(rel)
+    # A link to itself is listed too (its is_dir() raised ELOOP: the whole job stopped).
+    (root / "self.png").symlink_to("self.png")
+    inputs = job.find_inputs(str(root), "auto")
+    assert dict(inputs.files)["self.png"] == 0
+    # The driver fails what is not a regular file itself, saying why as an actor's read
+    # would: a rerun retried them on actors every time, starting Ray for nothing.
+    early, todo = job._plan(inputs, SimpleNamespace(format="same"), set(), {}, False)
+    reasons = {row["path"]: row["error"] for row in early if row["status"] == "failed"}
+    assert sorted(reasons) == ["gone.png", "pipe.png", "self.png", "zero.png"], early
+    assert reasons["gone.png"].endswith(
+        "is a link to " + str(tmp_path / "missing.png") + ", which does not exist"
+    )
+    assert "a FIFO" in reasons["pipe.png"] and "a character device" in reasons["zero.png"]
+    assert "Too many levels of symbolic links" in reasons["self.png"]
+    assert todo == [("b/x.png", 2), ("linked/y.png", 3)]
     # A --clean reached through a link is the same --clean (taken for another, it cost
     # the outputs' metrics for good).
     assert job._place(str(root / "linked")) == job._place(str(tmp_path / "elsewhere"))
+
+
+def _without_read_override() -> list[str]:
+    """A command prefix under which this user may not read what its permissions deny:
+    none for a user other than root; for root, setpriv without the capabilities that let
+    it read anything (or the test is skipped)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("root, and no setpriv to give up reading what permissions deny")
+    return ["setpriv", "--inh-caps=-dac_override,-dac_read_search"] + [
+        "--bounding-set=-dac_override,-dac_read_search"
+    ]
+
+
+def test_a_folder_that_cannot_be_listed_fails_alone(model_path, tmp_path):
+    """A folder under --input that may not be listed (a lost+found in a shared tree)
+    stopped the whole job ("cannot list it"): now it gets a failed row naming why, and
+    the rest is done; a glob that does not reach into it does not mention it. Here the
+    rest is a FIFO, which the driver fails itself: no Ray is started (and as every input
+    failed, the job exits 3)."""
+    prefix = _without_read_override()
+    src = tmp_path / "in"
+    (src / "locked").mkdir(parents=True)
+    (src / "locked" / "x.png").write_bytes(png(np.zeros((28, 28), np.uint8)))
+    (src / "open").mkdir()
+    os.mkfifo(src / "open" / "pipe.png")
+    (src / "locked").chmod(0)
+    try:
+        if subprocess.run([*prefix, "ls", src / "locked"], capture_output=True).returncode == 0:
+            pytest.skip("this user lists a folder whose permissions deny it")
+        dst = tmp_path / "out"
+        result = subprocess.run(
+            [*prefix, sys.executable, JOB, "--model", model_path, "--input", src, "--output", dst],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+        assert result.returncode == 3, result.stderr[-3000:]  # (every input failed)
+        rows = manifest(dst)
+        assert sorted(rows) == ["locked", "open/pipe.png"], rows
+        assert rows["locked"]["status"] == "failed"
+        assert rows["locked"]["error"].startswith("a folder that could not be listed (Permission")
+        assert "a FIFO" in rows["open/pipe.png"]["error"] and "ray_ready_s" not in result.stdout
+        summary = json.loads(result.stdout.split("denoise-summary ")[1])
+        assert (summary["ok"], summary["failed"]) == (0, 2)
+        # A glob whose listing meets the folder but cannot match in it: no row for it.
+        dst = tmp_path / "out2"
+        args = ["--model", model_path, "--input", f"{src}/[!l]*/*.png", "--output", dst]
+        result = subprocess.run(
+            [*prefix, sys.executable, JOB, *args], capture_output=True, text=True, env=_env()
+        )
+        assert result.returncode == 3, result.stderr[-3000:]
+        assert sorted(manifest(dst)) == ["open/pipe.png"]
+    finally:
+        (src / "locked").chmod(0o755)
 
 
 def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypatch):
