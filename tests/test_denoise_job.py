@@ -1751,6 +1751,22 @@ def test_a_folder_that_cannot_be_listed_fails_alone(model_path, tmp_path):
         (src / "locked").chmod(0o755)
 
 
+def test_a_run_on_another_input_says_it_drops_the_last_runs_rows(model_path, tmp_path):
+    """The manifest holds one run's inputs: a run on another --input into the same DST
+    replaced it without a word (the other run's rows, metrics and failure reasons gone).
+    (FIFOs for inputs: each fails in the driver, so no run starts Ray.)"""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        os.mkfifo(tmp_path / name / f"{name}.png")
+    dst = tmp_path / "out"
+    for src, note in (("a", False), ("a", False), ("b", True)):
+        result = run_job("--model", model_path, "--input", tmp_path / src, "--output", dst)
+        assert result.returncode == 3, result.stderr[-3000:]  # (every input failed)
+        assert sorted(manifest(dst)) == [f"{src}.png"]
+        said = f"holds the manifest of a run on another --input ({tmp_path / 'a'}): this"
+        assert (said in result.stderr) == note, result.stderr[-3000:]
+
+
 def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypatch):
     hidden = (".DS_Store", ".git/objects/ab", "sub/.b.png.swp", "._a.png", ".c.png")
     for rel in ("a.png", "sub/b.png", *hidden):
