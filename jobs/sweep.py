@@ -1393,6 +1393,46 @@ class VariantASHA(ASHAScheduler):
         brackets = self._variant_brackets.setdefault(variant, copy.deepcopy(self._fresh_brackets))
         self._trial_info[trial.trial_id] = brackets[0]
 
+    def rungs(self) -> dict[str, list[list[tuple[float, dict[str, float]]]]]:
+        """The scores recorded at each rung, per variant and bracket."""
+        return {
+            variant: [
+                [(milestone, dict(scores)) for milestone, scores in b._rungs] for b in brackets
+            ]
+            for variant, brackets in self._variant_brackets.items()
+        }
+
+    def set_rungs(self, rungs: dict[str, list[list[tuple[float, dict[str, float]]]]]) -> None:
+        """Puts back what `rungs` returned, before the trials are added again."""
+        for variant, saved in rungs.items():
+            brackets = self._variant_brackets.setdefault(
+                variant, copy.deepcopy(self._fresh_brackets)
+            )
+            for bracket, bracket_rungs in zip(brackets, saved, strict=True):
+                bracket._rungs = [(milestone, dict(scores)) for milestone, scores in bracket_rungs]
+
+
+class RungsKept(tune.Callback):
+    """Keeps VariantASHA's rung scores with the experiment's state, for --resume.
+
+    Tune (2.60) saves a sweep's search algorithm and callbacks with its state, but not its
+    scheduler: a restore rebuilds the scheduler pickled when the sweep started, with no
+    scores at its rungs (ray-project/ray#30838). A trial that reached a rung after a
+    resume was then compared with none of the trials that passed it before, and went on
+    where the unstopped sweep stopped it (seen: a `dense` trial stopped after epoch 1
+    trained all 4). Tune restores callbacks before it adds the restored trials to the
+    scheduler, and pickles this callback and the scheduler together (tuner.pkl), so the
+    restored callback holds the restored scheduler."""
+
+    def __init__(self, scheduler: VariantASHA):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"rungs": self.scheduler.rungs()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.set_rungs(state["rungs"])
+
 
 # ---------------------------------------------------------------- results
 
@@ -1761,7 +1801,8 @@ def _counts(values) -> str:
 
 def _per_node(rows: list[dict]) -> str:
     """Trials per node, with the devices they trained on where they said: "host (ip) 7
-    (7 on CPU)" (a trial stopped before its first epoch has no device)."""
+    (7 on CPU)"; a trial stopped before its first epoch said none, and is counted as such
+    ("2 (1 on CPU, 1 before a first epoch)": the sum read as if one ran elsewhere)."""
     nodes: dict[str, dict[str, int]] = {}
     for r in rows:
         if r.get("hostname"):
@@ -1771,6 +1812,8 @@ def _per_node(rows: list[dict]) -> str:
     parts = []
     for node, devices in sorted(nodes.items()):
         said = ", ".join(f"{n} on {d}" for d, n in sorted(devices.items()) if d)
+        if devices.get("") and said:  # (none said on the node at all: nothing to add up)
+            said += f", {devices['']} before a first epoch"
         parts.append(f"{node} {sum(devices.values())}" + (f" ({said})" if said else ""))
     return ", ".join(parts)
 
@@ -1838,8 +1881,9 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
     )
     if args.scheduler == "asha":
         scheduler = VariantASHA(max_t=args.epochs, grace_period=args.grace_period)
+        callbacks = [RungsKept(scheduler)]
     else:
-        scheduler = FIFOScheduler()
+        scheduler, callbacks = FIFOScheduler(), []
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -1892,6 +1936,7 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
             storage_path=args.storage_path,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
         ),
     )
 

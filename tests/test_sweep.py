@@ -141,6 +141,22 @@ def test_smoke_sweep_exits_0_from_a_lone_copy(smoke):
     print(f"smoke sweep wall time: {smoke['seconds']:.0f}s")
 
 
+def test_smoke_sweep_keeps_ashas_rung_scores_with_its_state(smoke):
+    """What --resume gives back to ASHA (RungsKept; see the test below): Tune's newest
+    callback state holds each variant's score at the first rung, one trial each here."""
+    import pickle
+
+    assert smoke["proc"].returncode == 0
+    states = sorted(smoke["exp"].glob("callback-states-*.pkl"))
+    assert states, sorted(p.name for p in smoke["exp"].iterdir())
+    with open(states[-1], "rb") as f:
+        kept = [s for s in pickle.load(f).values() if s and "rungs" in s]
+    assert len(kept) == 1 and sorted(kept[0]["rungs"]) == sorted(VARIANTS), kept
+    for variant, brackets in kept[0]["rungs"].items():
+        milestone, scores = brackets[0][-1]  # (rungs are kept last one first)
+        assert milestone == 1 and len(scores) == 1, (variant, brackets)
+
+
 def test_smoke_sweep_leaves_no_checkpoint_staging_behind(smoke):
     # Trials stage each checkpoint in TMPDIR; Tune ends them inside tune.report, so
     # these folders are deleted by later trials and by the driver, not by the trial.
@@ -1618,7 +1634,7 @@ def test_trials_per_node_counts_each_node_once_with_the_devices_said():
         {"status": "interrupted"},  # pending at a Ctrl-C: no node
     ]
     assert sweep._per_node(rows) == (
-        "a (10.0.0.1) 4 (1 on CPU, 2 on GPU (NVIDIA H200)), b (10.0.0.2) 1"
+        "a (10.0.0.1) 4 (1 on CPU, 2 on GPU (NVIDIA H200), 1 before a first epoch), b (10.0.0.2) 1"
     )
 
 
@@ -1765,3 +1781,48 @@ def test_a_stopped_sweep_counts_the_trials_tune_had_not_made_yet(tmp_path):
     assert "interrupted: 3 of 4 trials did not finish (the report" in sweep._interrupted_line(
         rows, args
     )
+
+
+def test_a_resumed_asha_sweep_keeps_the_scores_at_its_rungs(monkeypatch):
+    """Tune restores a sweep's scheduler as it was pickled when the sweep started
+    (tuner.pkl), with no scores at its rungs: a trial reaching a rung after --resume was
+    compared with none of those that passed it before, and trained on where the unstopped
+    sweep stopped it. RungsKept keeps the scores with the experiment's state (Tune's
+    callback state), and the restored callback puts them into the restored scheduler."""
+    import pickle
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    sweep = _load_sweep_module()
+    monkeypatch.setitem(sys.modules, sweep.__name__, sweep)  # (pickled by reference)
+    scheduler = sweep.VariantASHA(max_t=4, grace_period=1)
+    scheduler.set_search_properties(sweep.METRIC, sweep.MODE)
+    at_start = pickle.dumps({"scheduler": scheduler, "callbacks": [sweep.RungsKept(scheduler)]})
+
+    def trial(name, model="dense"):
+        return Trial("train_trial", config={"model": model}, trial_id=name, stub=True)
+
+    def epoch_1(scheduler, trial, loss):
+        return scheduler.on_trial_result(None, trial, {"training_iteration": 1, sweep.METRIC: loss})
+
+    for name, loss in (("a", 0.12), ("b", 0.10)):
+        scheduler.on_trial_add(None, trial(name))
+        assert epoch_1(scheduler, trial(name), loss) == TrialScheduler.CONTINUE
+    saved = pickle.dumps(pickle.loads(at_start)["callbacks"][0].get_state())  # (empty)
+    live = sweep.RungsKept(scheduler).get_state()
+    assert live["rungs"]["dense"][0][-1] == (1, {"a": -0.12, "b": -0.10})  # (ASHA maximizes)
+
+    for state, expected in ((live, TrialScheduler.STOP), (pickle.loads(saved), "CONTINUE")):
+        restored = pickle.loads(at_start)
+        callback, again = restored["callbacks"][0], restored["scheduler"]
+        assert callback.scheduler is again  # (one pickle, as tuner.pkl)
+        callback.set_state(pickle.loads(pickle.dumps(state)))  # (Tune: before the trials)
+        for name in ("a", "b", "c"):
+            again.on_trial_add(None, trial(name))
+        # c, worse than both at epoch 1, is stopped as the unstopped sweep stops it; with
+        # the rungs as Tune restored them (none), it went on.
+        assert epoch_1(again, trial("c"), 0.90) == expected
+        if expected == TrialScheduler.STOP:  # another variant's are compared with its own
+            again.on_trial_add(None, trial("d", "conv"))
+            assert epoch_1(again, trial("d", "conv"), 5.0) == TrialScheduler.CONTINUE
