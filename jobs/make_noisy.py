@@ -116,7 +116,10 @@ def make_noisy(
     Returns:
         Counts: `written` (new noisy files), `kept` (already there), with a `--clean-out`
         `clean_written` (new clean references: a rerun that adds a `--clean-out` writes them
-        all while its noisy files are kept, and said "written: 0"), and `corrupt`.
+        all while its noisy files are kept, and said "written: 0"), `corrupt`, and `others`:
+        the files in `out` this run did not ask for (of an earlier run with a larger
+        `count` or `corrupt`: a rerun never removes any, and "kept: 100" read as if the
+        folder held 100 digits; the denoise job takes them all), with a note naming one.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0. Received: count={count}")
@@ -187,6 +190,7 @@ def make_noisy(
                 clean_written += 1
     digit = png_bytes(x_test[0])  # (cut in its IDAT: Pillow opens it, then fails to load it)
     rng = np.random.default_rng(seed)
+    broken = set()
     for k in range(corrupt):  # (kept too: written again, the denoise job retried them)
         kind = k % 3
         garbage = rng.bytes(200)  # (drawn for each k, so the files are the same either way)
@@ -195,12 +199,34 @@ def make_noisy(
             (f"garbage_{k}.png", garbage),
             (f"notes_{k}.txt", b"not an image\n"),
         )[kind]
+        broken.add(f"broken/{name}")
         if not (out / "broken" / name).is_file():
             _write(out / "broken" / name, payload)
+    asked = {path(i) for i in range(count)} | broken
+    others = sorted(rel for rel in _visible_files(out) if rel not in asked)
+    if others:
+        print(
+            f"make_noisy: note: {out} also holds {len(others)} file(s) this run did not ask "
+            f"for (e.g. {others[0]}: from an earlier run with a larger --count or --corrupt, "
+            "or not this script's), which the denoise job takes as inputs too; remove the "
+            "folder and run again to have only these",
+            file=sys.stderr,
+        )
     counts = {"written": written, "kept": kept}
     if clean_root is not None:
         counts["clean_written"] = clean_written
-    return {**counts, "corrupt": corrupt}
+    return {**counts, "corrupt": corrupt, "others": len(others)}
+
+
+def _visible_files(folder: Path) -> list[str]:
+    """The files under `folder` as POSIX relative paths, without hidden ones (the record,
+    temp files), as the denoise job lists a folder."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(root).relative_to(folder)
+        found += [(rel / f).as_posix() for f in files if not f.startswith(".")]
+    return found
 
 
 def _check_folders(out: Path, clean_root: Path | None) -> list[Path]:

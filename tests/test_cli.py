@@ -1071,19 +1071,28 @@ def test_a_data_folder_or_an_images_file_names_its_flag(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path):
+def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path, capsys):
     """A rerun that adds a --clean-out to a folder of noisy digits wrote every reference
-    and said {'written': 0, 'kept': N}, as if it had made nothing."""
+    and said {'written': 0, 'kept': N}, as if it had made nothing. A rerun with a smaller
+    --count or --corrupt removes nothing and said only "kept: 4": it counts and names the
+    files it did not ask for, which the denoise job takes as inputs."""
     monkeypatch.syspath_prepend(str(REPO / "jobs"))
     import make_noisy
 
     noisy = tmp_path / "noisy"
-    assert make_noisy.make_noisy(str(MNIST), 4, noisy) == {"written": 4, "kept": 0, "corrupt": 0}
+    counts = make_noisy.make_noisy(str(MNIST), 4, noisy)
+    assert counts == {"written": 4, "kept": 0, "corrupt": 0, "others": 0}
     counts = make_noisy.make_noisy(str(MNIST), 4, noisy, tmp_path / "clean")
-    assert counts == {"written": 0, "kept": 4, "clean_written": 4, "corrupt": 0}
+    assert counts == {"written": 0, "kept": 4, "clean_written": 4, "corrupt": 0, "others": 0}
     assert len(list((tmp_path / "clean").rglob("*.png"))) == 4
     counts = make_noisy.make_noisy(str(MNIST), 6, noisy, tmp_path / "clean", corrupt=1)
-    assert counts == {"written": 2, "kept": 4, "clean_written": 2, "corrupt": 1}
+    assert counts == {"written": 2, "kept": 4, "clean_written": 2, "corrupt": 1, "others": 0}
+    assert "also holds" not in capsys.readouterr().err
+    counts = make_noisy.make_noisy(str(MNIST), 4, noisy)  # (the record is hidden: not counted)
+    assert counts == {"written": 0, "kept": 4, "corrupt": 0, "others": 3}
+    said = f"make_noisy: note: {noisy} also holds 3 file(s) this run did not ask for (e.g. "
+    assert said in capsys.readouterr().err
+    assert len([p for p in noisy.rglob("*") if p.is_file() and p.name[0] != "."]) == 7
 
 
 def test_make_noisy_takes_what_load_mnist_takes(monkeypatch, tmp_path, capsys):
