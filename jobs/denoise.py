@@ -3877,15 +3877,14 @@ def _run_locked(
     # The manifest holds one run's inputs: a run on another --input drops the rows of
     # the last one's (its outputs stay), which went without a word.
     last_input = before_metas[-1].get("input", "") if before_metas else ""
-    if before and last_input not in ("", redacted(args.input)):
-        if _place(last_input) != _place(redacted(args.input)):
-            print(
-                f"denoise: note: {redacted(output.location)} holds the manifest of a run on "
-                f"another --input ({last_input}): this run's manifest has rows for this "
-                "run's inputs only, so the rows of that run's other inputs are dropped (their "
-                "outputs stay); give another --output to keep both records",
-                file=sys.stderr,
-            )
+    if before and last_input and _place(last_input) != _place(redacted(args.input)):
+        print(
+            f"denoise: note: {redacted(output.location)} holds the manifest of a run on "
+            f"another --input ({last_input}): this run's manifest has rows for this run's "
+            "inputs only, so the rows of that run's other inputs are dropped (their outputs "
+            "stay); give another --output to keep both records",
+            file=sys.stderr,
+        )
     if args.clean and others:
         print(
             f"denoise: note: {redacted(output.location)} holds a run measured against "

@@ -174,11 +174,13 @@ def make_noisy(
     for folder, _, made_with, *_ in unrecorded:
         _write(folder / SETTINGS, json.dumps(made_with).encode())
     written = kept = clean_written = 0
+    asked: set[str] = set()  # (what this run writes or keeps: the rest of `out` is others)
     for start in range(0, count, _CHUNK):
         index = np.arange(start, min(count, start + _CHUNK))
         clean = x_test[index % n_test]
         for i, image, ref in zip(index, noisy(index), clean, strict=True):
             rel = path(int(i))
+            asked.add(rel)
             target = out / rel
             if target.is_file() and target.stat().st_size > 0:
                 kept += 1
@@ -190,7 +192,6 @@ def make_noisy(
                 clean_written += 1
     digit = png_bytes(x_test[0])  # (cut in its IDAT: Pillow opens it, then fails to load it)
     rng = np.random.default_rng(seed)
-    broken = set()
     for k in range(corrupt):  # (kept too: written again, the denoise job retried them)
         kind = k % 3
         garbage = rng.bytes(200)  # (drawn for each k, so the files are the same either way)
@@ -199,10 +200,9 @@ def make_noisy(
             (f"garbage_{k}.png", garbage),
             (f"notes_{k}.txt", b"not an image\n"),
         )[kind]
-        broken.add(f"broken/{name}")
+        asked.add(f"broken/{name}")
         if not (out / "broken" / name).is_file():
             _write(out / "broken" / name, payload)
-    asked = {path(i) for i in range(count)} | broken
     others = sorted(rel for rel in _visible_files(out) if rel not in asked)
     if others:
         print(

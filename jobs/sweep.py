@@ -1389,9 +1389,11 @@ class VariantASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)  # checks metric/mode
-        variant = trial.config.get("model", "")
-        brackets = self._variant_brackets.setdefault(variant, copy.deepcopy(self._fresh_brackets))
-        self._trial_info[trial.trial_id] = brackets[0]
+        self._trial_info[trial.trial_id] = self._brackets_of(trial.config.get("model", ""))[0]
+
+    def _brackets_of(self, variant: str) -> list:
+        """The variant's own brackets, made fresh for its first trial (or its rungs)."""
+        return self._variant_brackets.setdefault(variant, copy.deepcopy(self._fresh_brackets))
 
     def rungs(self) -> dict[str, list[list[tuple[float, dict[str, float]]]]]:
         """The scores recorded at each rung, per variant and bracket."""
@@ -1405,10 +1407,7 @@ class VariantASHA(ASHAScheduler):
     def set_rungs(self, rungs: dict[str, list[list[tuple[float, dict[str, float]]]]]) -> None:
         """Puts back what `rungs` returned, before the trials are added again."""
         for variant, saved in rungs.items():
-            brackets = self._variant_brackets.setdefault(
-                variant, copy.deepcopy(self._fresh_brackets)
-            )
-            for bracket, bracket_rungs in zip(brackets, saved, strict=True):
+            for bracket, bracket_rungs in zip(self._brackets_of(variant), saved, strict=True):
                 bracket._rungs = [(milestone, dict(scores)) for milestone, scores in bracket_rungs]
 
 
