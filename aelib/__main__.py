@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="train on a folder of your own images instead of MNIST (any size and colour: "
         "converted to gray, then resized or cut to 28x28, see --image-mode); the last tenth "
-        "is the test split",
+        "is the test split (whole images)",
     )
     t.add_argument(
         "--image-mode",

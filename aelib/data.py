@@ -426,7 +426,8 @@ def load_image_folder(
     mode: str = "resize",
     invert: bool = False,
     on_error: str = "raise",
-) -> np.ndarray:
+    return_counts: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Loads a folder of the user's own images as uint8 (N, H, W) grayscale.
 
     An autoencoder only works on data like its training data, so the images
@@ -441,6 +442,8 @@ def load_image_folder(
         invert: turn dark-on-light images into MNIST's light-on-dark.
         on_error: "raise" if any file is unreadable (naming up to 100 of them, so
             that one run finds the broken files), or "skip" them with a warning naming them.
+        return_counts: also return how many of the arrays each image gave, in order
+            (1 each with mode="resize"), to split them by whole images.
 
     Raises:
         UnreadableImages: (on_error="raise") an unreadable file.
@@ -506,4 +509,5 @@ def load_image_folder(
             "left out)."
         )
     images = np.concatenate(out).astype(np.uint8)
-    return 255 - images if invert else images
+    images = 255 - images if invert else images
+    return (images, np.array([len(a) for a in out])) if return_counts else images

@@ -219,22 +219,44 @@ class Splits:
 
 def load_arrays(config: TrainConfig) -> MnistArrays:
     """MNIST (by path), or the user's image folder as 28x28 digits-like arrays with
-    its last tenth (at least one image) as the test split and no labels (-1: the
-    figures colour no digits)."""
+    its last tenth as the test split (whole images: see `tail_for_test`) and no labels (-1:
+    the figures colour no digits)."""
     if config.images is None:
         return data_lib.load_mnist(config.data)
-    x = data_lib.load_image_folder(
+    x, counts = data_lib.load_image_folder(
         config.images,
         size=(28, 28),
         mode=config.image_mode,
         invert=config.invert,
         on_error="skip" if config.skip_unreadable else "raise",
+        return_counts=True,
     )
     if len(x) < 3:
         raise ValueError(f"{config.images} gives {len(x)} images; training needs at least 3.")
-    n_test = max(1, len(x) // 10)
+    n_test = tail_for_test(counts)
+    if len(counts) == 1:
+        warnings.warn(
+            f"{config.images} holds one image: the last tenth of its patches is the test "
+            "split, so the test scores are of the image the other patches train on (with "
+            "two or more images the test split holds whole images)",
+            data_lib.AelibWarning,
+            2,
+        )
     labels = np.full(len(x), -1, np.int16)
     return (x[:-n_test], labels[:-n_test]), (x[-n_test:], labels[-n_test:])
+
+
+def tail_for_test(counts: np.ndarray) -> int:
+    """How many arrays at the end make the test split, of images that gave `counts`
+    arrays each, in order: the last whole images whose arrays come closest to a tenth
+    of all, at least one image, and one left to train on (the test split was the last
+    tenth of the patches, so an image's patches were both trained on and scored). One
+    image: the last tenth of its patches (at least one)."""
+    target = max(1, int(np.sum(counts)) // 10)
+    if len(counts) < 2:
+        return target
+    tails = np.cumsum(counts[::-1])[:-1]  # (the arrays of the last 1, 2, ... n - 1 images)
+    return int(tails[np.argmin(np.abs(tails - target))])
 
 
 def check_out_dir(out_dir: str | os.PathLike, images: str | os.PathLike | None, names=None):
@@ -338,10 +360,20 @@ def restore_training_state(model: keras.Model, path: str | os.PathLike) -> None:
     which a learning-rate schedule reads) to those saved in `path` with the same model
     compiled: a run continued from it trains on as if it had never stopped. Call it
     after `compile`, before the first step (a callback's `on_train_begin`)."""
-    from aelib.saving import load
+    from aelib.saving import load, read_info
 
     saved = load(path, compile=True).autoencoder
     model.set_weights(saved.get_weights())
+    states = read_info(path).get(SEED_STATES)
+    if states is not None:  # (None: a checkpoint of a version before them)
+        generators = seed_states(model)
+        if len(states) != len(generators):
+            raise ValueError(
+                f"{path} holds {len(states)} random generators' states; this model has "
+                f"{len(generators)}"
+            )
+        for variable, value in zip(generators, states, strict=True):
+            variable.assign(np.asarray(value).astype(variable.dtype))
     state = saved.optimizer.variables if saved.optimizer else []
     if not model.optimizer.built:  # (TensorFlow builds it at the first step)
         model.optimizer.build(model.trainable_variables)
@@ -353,6 +385,23 @@ def restore_training_state(model: keras.Model, path: str | os.PathLike) -> None:
         )
     for mine, theirs in zip(own, state, strict=True):
         mine.assign(theirs)
+
+
+def seed_states(model: keras.Model) -> list:
+    """The state variables of `model`'s random generators (the VAE's sampling noise):
+    neither `get_weights()` nor a `.keras` file holds them, so a resumed run drew the
+    noise of its first epochs again. A checkpoint's record keeps their values since
+    (`SEED_STATES`: `seed_state_values`), which `restore_training_state` puts back."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+SEED_STATES = "seed_states"  # (the key of their values in a checkpoint's aelib record)
+
+
+def seed_state_values(model: keras.Model) -> list:
+    """The values of `seed_states(model)`, for a checkpoint's record."""
+    return [keras.ops.convert_to_numpy(v).tolist() for v in seed_states(model)]
 
 
 class CheckpointUnusable(ValueError):
@@ -422,7 +471,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             "history": self.history,
             "train_seconds": self.past_seconds + time.perf_counter() - self.start,
         }
-        save(self.bundle, self.path, {"train_config": self.config.to_dict(), CHECKPOINT: state})
+        record = {"train_config": self.config.to_dict(), CHECKPOINT: state}
+        save(self.bundle, self.path, {**record, SEED_STATES: seed_state_values(self.model)})
 
 
 def resume_settings(config: TrainConfig, arrays: MnistArrays) -> dict[str, Any]:
@@ -431,12 +481,15 @@ def resume_settings(config: TrainConfig, arrays: MnistArrays) -> dict[str, Any]:
     same run), the training images themselves (by a hash of their bytes, not by the
     path given: a relative --data read another file from another folder, and the same
     file given another way was another run), and not what only the final evaluation
-    reads (test_limit)."""
+    reads (test_limit, unless val_split is 0: the epochs then validate on the test split,
+    and a resumed run's history mixed the losses of two validation sets)."""
     values = config.to_dict()
     # (skip_unreadable: which images it read is in their hash; a run stopped before the
     # field was recorded goes on)
-    for name in ("data", "images", "test_limit", "skip_unreadable"):
+    for name in ("data", "images", "skip_unreadable"):
         values.pop(name)
+    if config.val_split:
+        values.pop("test_limit")
     values["model_options"] = {**model_defaults(config.model), **config.model_options}
     x_train = np.ascontiguousarray(arrays[0][0][: config.limit])
     digest = hashlib.blake2b(memoryview(x_train).cast("B"), digest_size=16).hexdigest()

@@ -1342,7 +1342,7 @@ def _TuneReporter(model, config, past_history, where, weights):  # noqa: N802
 
     from aelib.registry import Autoencoder, model_input_kind
     from aelib.saving import save
-    from aelib.train import restore_training_state
+    from aelib.train import SEED_STATES, restore_training_state, seed_state_values
 
     class TuneReporter(keras.callbacks.Callback):
         def __init__(self):
@@ -1367,7 +1367,8 @@ def _TuneReporter(model, config, past_history, where, weights):  # noqa: N802
                 self.model, model, model_input_kind(model), config["model_options"]
             )
             tmp = _staging_dir("ckpt")  # the next epoch's call deletes it
-            save(bundle, Path(tmp, f"{model}.keras"), {"train_config": config})
+            record = {"train_config": config, SEED_STATES: seed_state_values(self.model)}
+            save(bundle, Path(tmp, f"{model}.keras"), record)
             state = {"finished": False, "epochs_done": epoch_no, "history": self.history}
             Path(tmp, CHECKPOINT_STATE).write_text(json.dumps(state, default=float))
             tune.report({**self.last_logs, **where}, checkpoint=tune.Checkpoint.from_directory(tmp))

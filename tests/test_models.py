@@ -28,7 +28,9 @@ from aelib.train import (
     load_arrays,
     make_splits,
     resume_settings,
+    seed_states,
     stopped_run,
+    tail_for_test,
     training_data,
 )
 from helpers import subprocess_env
@@ -1233,6 +1235,12 @@ def test_the_library_functions_name_what_they_take(tmp_path):
     assert data.unflatten([[0, 1, 2, 3]]).shape == (1, 2, 2)
 
 
+class StopAfterEpoch2(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
 def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     """A run with out_dir saves a checkpoint after every epoch but the last; resume=True
     goes on from it with its weights, its optimizer's state (Adam's step count, which the
@@ -1243,12 +1251,6 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     data = ((x, np.arange(100) % 10), (x[:20], np.arange(20) % 10))
     config = TrainConfig(model="dense", epochs=3, batch_size=32, lr_schedule="cosine")
     steps = 3  # (90 training images after val_split 0.1, in batches of 32)
-
-    class StopAfterEpoch2(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
@@ -1310,6 +1312,70 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     with pytest.warns(UserWarning, match="other settings: other training images; training"):
         result = aelib.train(config, flipped, out, figures=False, verbose=0, resume=True)
     assert "resumed_after_epoch" not in result.metrics
+
+
+def test_a_resumed_vae_draws_the_noise_an_unstopped_one_drew(tmp_path):
+    """The VAE samples its code with a random generator whose state is no weight: a run
+    resumed after epoch 2 drew epoch 1's noise again, and its losses differed from an
+    unstopped run's (in the fourth digit of val_loss). Its checkpoint keeps the state.
+    With val_split 0 the epochs validate on the test split: test_limit is then a setting
+    a run resumes with."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (100, 28, 28)).astype(np.uint8)
+    data = ((x, np.arange(100) % 10), (x[:20], np.arange(20) % 10))
+    config = TrainConfig(model="vae", epochs=3, batch_size=32)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+    recorded = aelib.read_info(checkpoint_path(out, "vae"))["seed_states"]
+    assert len(recorded) == 1 and recorded[0][1] > 0  # (a seed and a counter, moved on)
+    resumed = aelib.train(config, data, out, figures=False, verbose=0, resume=True)
+    unstopped = aelib.train(config, data, figures=False, verbose=0)
+    assert resumed.metrics["resumed_after_epoch"] == 2
+
+    def states(result):
+        model = result.model.autoencoder
+        return [keras.ops.convert_to_numpy(v).tolist() for v in seed_states(model)]
+
+    assert states(resumed) == states(unstopped)
+    if keras.backend.backend() == "tensorflow":  # (see test_a_resumed_run_sees_the_orders_...)
+        assert resumed.history == unstopped.history  # to the bit
+
+    on_test = TrainConfig(model="dense", val_split=0, test_limit=10)
+    other = TrainConfig.from_dict({**on_test.to_dict(), "test_limit": 20})
+    assert resume_settings(on_test, data) != resume_settings(other, data)
+    held = TrainConfig.from_dict({**other.to_dict(), "val_split": 0.1})
+    assert resume_settings(held, data) == resume_settings(
+        TrainConfig.from_dict({**held.to_dict(), "test_limit": 10}), data
+    )
+
+
+def test_own_images_test_split_holds_whole_images(tmp_path):
+    """The test split of an image folder is its last whole images, those closest to a
+    tenth of the arrays: in patch mode it was the last tenth of the patches, so the last
+    image's other patches were trained on and its test scores flattered the model."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    scans = [rng.integers(0, 255, (56, 84), dtype=np.uint8) for _ in range(7)]
+    for i, scan in enumerate(scans):  # (6 patches each: 42, of which a tenth is 4)
+        Image.fromarray(scan).save(tmp_path / f"scan{i}.png")
+    config = TrainConfig(model="denoise", images=str(tmp_path), image_mode="patch")
+    (x_train, _), (x_test, _) = load_arrays(config)
+    last = scans[-1].reshape(2, 28, 3, 28).transpose(0, 2, 1, 3).reshape(6, 28, 28)
+    assert np.array_equal(x_test, last) and len(x_train) == 36
+    assert not any((x_train == patch).all(axis=(1, 2)).any() for patch in last)
+
+    assert tail_for_test(np.ones(30, int)) == 3  # (resize mode: a tenth, as before)
+    assert tail_for_test(np.array([100, 100, 40, 40])) == 40
+    assert tail_for_test(np.array([500, 5, 5, 5])) == 15
+    assert tail_for_test(np.array([10, 1000])) == 1000  # (one image each side)
+    assert tail_for_test(np.array([50])) == 5  # (one image: its last tenth)
+    for extra in tmp_path.glob("scan[1-6].png"):
+        extra.unlink()
+    with pytest.warns(UserWarning, match="holds one image: the last tenth of its patches"):
+        (x_train, _), (x_test, _) = load_arrays(config)
+    assert len(x_train) == 5 and len(x_test) == 1
 
 
 @pytest.mark.parametrize("when", ["epoch_begin", "last_batch"])
