@@ -692,6 +692,28 @@ def data_label(args: argparse.Namespace) -> str:
     return str(path) if path is not None else "MNIST from Keras"
 
 
+def _resume_on_first_data(args: argparse.Namespace) -> None:
+    """A --resume given neither --data nor $AELIB_MNIST reads the file the sweep started
+    with (its digest is checked as any other's): from another shell it tried Keras's
+    download, and offline failed without naming the file the sweep had used."""
+    first = args.first_data.get("data")
+    if data_label(args) != "MNIST from Keras" or not first or first == "MNIST from Keras":
+        return
+    if Path(first).is_file():
+        args.data = first
+        print(
+            f"sweep.py: note: --resume reads {first}, the data file {args.name} started "
+            "with (no --data or $AELIB_MNIST given)",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"sweep.py: note: {args.name} started with {first}, which is not there now: "
+            "give its digits with --data",
+            file=sys.stderr,
+        )
+
+
 def _shown(key: str, value: Any) -> str:
     """A setting as its flag takes it: `dense.batch_size=64`, `dense vae`, `3`."""
     if key == "pins":
@@ -778,6 +800,7 @@ def _keep_first_settings(args: argparse.Namespace, given: set[str], parser) -> N
     # at the noise it trained at, and its trials to come are scored so too.
     args.scoring = first.get("scoring", "as-trained")
     args.first_data = {k: first[k] for k in ("data", "data_sha256") if k in first}
+    _resume_on_first_data(args)
     if not first:
         return
     now = _settings(args)
@@ -2205,9 +2228,9 @@ def _sweep_locked(args: argparse.Namespace) -> int:
         print(f"sweep.py: experiment {experiment}; cluster {ray.cluster_resources()}")
         if not args.resume:
             write_settings(args)
+        _no_tune_restore_hint()
         tuner = build_tuner(args, arrays, experiment)
         handler = signal.getsignal(signal.SIGINT)
-        _no_tune_restore_hint()
         try:
             results = tuner.fit()
         except (EOFError, pickle.UnpicklingError) as e:  # (a trial's error file, cut short)
@@ -2258,9 +2281,14 @@ def _no_tune_restore_hint() -> None:
     """Drops Tune's "Resume experiment with: Tuner.restore(path=..., trainable=...)" after
     a Ctrl-C or SIGTERM: it came just before the sweep's own hint (the same command with
     --resume, see _interrupted_line), and pointed to an API call that is not how a sweep
-    goes on (its settings, checks and trial table are the job's)."""
-    # (ray/tune/tune.py's own logger; adding the same filter again adds nothing)
+    goes on (its settings, checks and trial table are the job's). Also drops Tune's
+    "Failed to fetch metrics ... result.json and progress.csv were not found" of a
+    --resume whose stopped sweep had a trial that had not reported yet: a FileNotFoundError
+    that read as a broken experiment, where the trial is simply run (the trial table
+    says what each trial did)."""
+    # (the modules' own loggers; adding the same filter again adds nothing)
     logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_no_missing_results)
 
 
 def _no_retracing_warning(record) -> bool:
@@ -2270,6 +2298,14 @@ def _no_retracing_warning(record) -> bool:
     each new model's first calls traced, as they must, and the trials logged the warning
     (twice in README step 1's sweep)."""
     return "triggered tf.function retracing" not in record.getMessage()
+
+
+def _no_missing_results(record) -> bool:
+    """A logging filter: False for Tune's "Failed to fetch metrics" where every trial it
+    names has no results yet (and only then)."""
+    first, *trials = record.getMessage().splitlines() or [""]
+    missing = " and progress.csv were not found at "
+    return not (first.startswith("Failed to fetch metrics") and all(missing in t for t in trials))
 
 
 def _no_restore_hint(record) -> bool:

@@ -758,10 +758,11 @@ def test_a_resume_keeps_the_settings_the_sweep_started_with(tmp_path, capsys):
         assert said in err, (text, err)
 
 
-def test_a_resume_on_other_data_is_refused(tmp_path):
+def test_a_resume_on_other_data_is_refused(tmp_path, monkeypatch, capsys):
     """sweep_settings.json records a digest of the arrays the trials get: a resume with
     another --data (or $AELIB_MNIST) would rank models trained on either, and is refused;
-    the same arrays from another path are the same data."""
+    the same arrays from another path are the same data. A resume given neither reads
+    the file the sweep started with."""
     sweep = _load_sweep_module()
     flags = ["--storage-path", str(tmp_path), "--name", "s", "--models", "dense"]
     flags += ["--limit", "100", "--test-limit", "50"]
@@ -783,6 +784,15 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
             continue
         with pytest.raises(SystemExit, match=f"started with other data \\({MNIST}, digest"):
             sweep.check_same_data(args)
+    # Neither --data nor $AELIB_MNIST (another shell): the file it started with, said.
+    monkeypatch.delenv("AELIB_MNIST", raising=False)
+    args = sweep.parse_args([*flags, "--resume"])
+    assert args.data == str(MNIST)
+    assert f"--resume reads {MNIST}, the data file s started with" in capsys.readouterr().err
+    settings = tmp_path / "s" / "sweep_settings.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "data": str(copy) + "x"}))
+    assert sweep.parse_args([*flags, "--resume"]).data is None
+    assert f"s started with {copy}x, which is not there now" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ bad flags
@@ -1728,6 +1738,33 @@ def test_sweep_runs_under_jax_without_tensorflow(seeded_runs):
         assert (exp / "best" / f"{model}.keras").stat().st_size > 0
     assert (exp / "report" / "report.md").is_file()
     assert run["leftover"] == []
+
+
+def test_tunes_warning_of_a_trial_with_no_results_yet_is_dropped():
+    """A --resume of a sweep stopped before a trial's first epoch logged Tune's "Failed to
+    fetch metrics ... FileNotFoundError", which read as a broken experiment; other
+    failures to read a trial's results are still logged."""
+    import logging
+
+    sweep = _load_sweep_module()
+    sweep._no_tune_restore_hint()
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    missing = (
+        "- train_trial_1f2e3_00003: FileNotFoundError('Could not fetch metrics for "
+        "train_trial_1f2e3_00003: both result.json and progress.csv were not found at /x')"
+    )
+    broken = "- train_trial_1f2e3_00004: JSONDecodeError('Expecting value: line 1 column 1')"
+    records = []
+    handler = logging.Handler()  # (Ray's loggers may not propagate to pytest's at the root)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning(f"Failed to fetch metrics for 1 trial(s):\n{missing}")
+        logger.warning(f"Failed to fetch metrics for 2 trial(s):\n{missing}\n{broken}")
+        logger.warning("")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage().count("\n") for r in records] == [2, 0]
 
 
 def test_a_trial_error_is_one_plain_line():
