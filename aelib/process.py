@@ -17,6 +17,8 @@
 - `replaced`: a temp file beside a path, renamed onto it once written: a reader, a
   crash or a stop never sees half a file.
 - `exit_without_teardown`: a command's exit that skips the interpreter's teardown.
+- `node_types`, `beyond_node_types`: the node types a cluster launcher's autoscaler may
+  add, from its config, and whether none holds what a job's trial or actor asks for.
 
 Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
 importing the aelib package (whose __init__ imports Keras).
@@ -323,3 +325,53 @@ def exit_without_teardown(main: Callable[[], int | str | None], usage: str = "")
         except (OSError, ValueError):  # (a closed pipe: Python's own exit says 120)
             code = code or 120
     os._exit(code or 0)
+
+
+# Where `ray up` leaves, on the head, the config its autoscaler reads; another file (the
+# local fake cluster's, see cluster/local.py) is named by this variable.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+AUTOSCALING_CONFIG_ENV = "AELIB_AUTOSCALING_CONFIG"
+
+
+def node_types(path: str | os.PathLike | None = None) -> tuple[str, dict] | None:
+    """The autoscaling config's file and the node types its autoscaler may add ({name:
+    {resource: amount}}): `path`, else $AELIB_AUTOSCALING_CONFIG, else the file `ray up`
+    leaves on the head. None where there is no such file (a driver off the head, a
+    cluster not of the launcher) or it does not say every type's resources: what may be
+    added is then not known here."""
+    path = os.path.expanduser(path or os.environ.get(AUTOSCALING_CONFIG_ENV) or LAUNCHER_CONFIG)
+    try:
+        import yaml  # (PyYAML: a dependency of Ray's, which runs the jobs)
+
+        with open(path) as f:
+            config = yaml.safe_load(f)
+        head = config.get("head_node_type")
+        types = {
+            name: {k: float(v) for k, v in spec["resources"].items()}
+            for name, spec in config["available_node_types"].items()
+            # (Ray's defaults: the head's type none, another the cluster's max_workers)
+            if spec.get("max_workers", 0 if name == head else config.get("max_workers", 2)) > 0
+        }
+    except Exception:  # (no such file, not YAML, not such a config: not known)
+        return None
+    if not all(types.values()):  # (resources left to the launcher to fill in)
+        return None
+    return path, types
+
+
+def beyond_node_types(need: dict[str, float]) -> str | None:
+    """Why no node the autoscaler may add holds `need` ({"CPU": 8, "GPU": 1}: what one
+    trial or actor asks for), naming the types and the file: with --allow-autoscale a job
+    waited for such a node without end. None where a type holds it, or where that is not
+    known (`node_types`)."""
+    found = node_types()
+    if found is None:
+        return None
+    path, types = found
+    if any(all(r.get(k, 0.0) >= v for k, v in need.items() if v > 0) for r in types.values()):
+        return None
+    shown = "; ".join(
+        f"{name}: {{{', '.join(f'{k}: {r.get(k, 0.0):g}' for k in need)}}}"
+        for name, r in types.items()
+    )
+    return f"nor may its autoscaler add one: the node types in {path} have {shown or 'none'}"

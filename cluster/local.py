@@ -50,6 +50,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "local-fake-gpu.yaml"
+AUTOSCALING_CONFIG = "AELIB_AUTOSCALING_CONFIG"  # (aelib.process.AUTOSCALING_CONFIG_ENV)
 DEFAULT_DIR = Path(os.environ.get("AELIB_FAKE_CLUSTER_DIR", "/tmp/aelib-fakecluster"))
 HOST = "127.0.0.1"
 STATE_FILE = "state.json"
@@ -125,6 +126,11 @@ def client_env(state: dict, base: dict | None = None) -> dict:
         RAY_AUTH_TOKEN_PATH=state["token_path"],
     )
     env.pop("RAY_AUTH_TOKEN", None)
+    # The autoscaling config, where the jobs look for the node types it may add (on a
+    # cluster of `ray up` they read the head's ~/ray_bootstrap_config.yaml).
+    env.pop(AUTOSCALING_CONFIG, None)
+    if state.get("config"):
+        env[AUTOSCALING_CONFIG] = state["config"]
     return env
 
 
@@ -448,6 +454,8 @@ def _run(args: argparse.Namespace) -> int:
         print("export RAY_AUTH_MODE=token")
         print(f"export RAY_AUTH_TOKEN_PATH={state['token_path']}")
         print(f"export AELIB_DASHBOARD_URL={state['dashboard_url']}")
+        config = state.get("config")  # (where the jobs look for the node types to come)
+        print(f"export {AUTOSCALING_CONFIG}={config}" if config else f"unset {AUTOSCALING_CONFIG}")
     return 0
 
 

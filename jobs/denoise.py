@@ -3606,12 +3606,37 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
         f"resources now: {total or 'none'}; {len(nodes)} node(s))."
     )
     if allow_autoscale:
-        print(f"denoise: warning: {message} Waiting for the autoscaler.", file=sys.stderr)
+        process = _aelib_process()
+        beyond = process.beyond_node_types(need) if process else None
+        if beyond:  # (Ray Data waited for such a node without end)
+            raise ValueError(
+                f"{message[:-1]}, {beyond}. Lower --cpus-per-worker or --gpus-per-worker."
+            )
+        print(
+            f"denoise: warning: {message} Waiting for the autoscaler to add such a node: "
+            "the job waits for as long as none joins.",
+            file=sys.stderr,
+        )
         return
     raise ValueError(
         f"{message} Lower the request, or pass --allow-autoscale on a cluster whose "
         "autoscaler can add such nodes."
     )
+
+
+def _aelib_process():
+    """aelib/process.py, loaded from its file without importing the aelib package (whose
+    __init__ imports Keras: seconds); None where aelib is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("aelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "process.py")
+    module_spec = importlib.util.spec_from_file_location("_aelib_process", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def _ray_address_unreachable() -> str | None:

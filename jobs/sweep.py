@@ -1051,7 +1051,16 @@ def check_resources(args: argparse.Namespace) -> None:
         f"(cluster resources now: {total or 'none'}; {len(nodes)} node(s))."
     )
     if args.allow_autoscale:
-        print(f"sweep.py: warning: {message} Waiting for the autoscaler (--allow-autoscale).")
+        beyond = _aelib_module("process").beyond_node_types(need)
+        if beyond:  # (it waited for such a node without end, the autoscaler's log said why)
+            raise SystemExit(
+                f"sweep.py: error: {message[:-1]}, {beyond}. Lower --cpus-per-trial or "
+                "--gpus-per-trial."
+            )
+        print(
+            f"sweep.py: warning: {message} Waiting for the autoscaler (--allow-autoscale) "
+            "to add such a node: the sweep waits for as long as none joins."
+        )
         return
     raise SystemExit(
         f"sweep.py: error: {message} Lower the request, or pass --allow-autoscale on a "

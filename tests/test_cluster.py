@@ -93,6 +93,32 @@ def test_config_passes_ray_schema_and_has_autoscaling_gpu_workers(path, monkeypa
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_jobs_read_the_node_types_to_come_from_the_config_ray_up_leaves(
+    path, monkeypatch, tmp_path
+):
+    """With --allow-autoscale a trial or actor that no node type holds waited for such a
+    node without end (the autoscaler logged "No available node types can fulfill"): the
+    jobs now read the node types from the config `ray up` leaves on the head (as JSON, at
+    ~/ray_bootstrap_config.yaml) and refuse such a request (see the jobs' tests)."""
+    import aelib.process as process
+
+    config = _prepared(path, monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(process.AUTOSCALING_CONFIG_ENV, raising=False)
+    assert process.node_types() is None and process.beyond_node_types({"CPU": 99}) is None
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(config))
+    path, types = process.node_types()
+    workers = _worker_types(config).items()
+    assert types == {k: {r: float(v) for r, v in t["resources"].items()} for k, t in workers}
+    gpu = next(r for r in types.values() if r.get("GPU"))
+    assert process.beyond_node_types({"CPU": gpu["CPU"], "GPU": 1}) is None
+    said = process.beyond_node_types({"CPU": gpu["CPU"] + 1, "GPU": 1})
+    assert said.startswith(f"nor may its autoscaler add one: the node types in {path} have ")
+    assert f"gpu_worker: {{CPU: {gpu['CPU']:g}, GPU: 1}}" in said
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
 def test_cloud_config_installs_the_project_and_tensorflow_gpu_on_every_node(path, monkeypatch):
     config = _prepared(path, monkeypatch)
@@ -625,7 +651,9 @@ def test_local_py_says_in_one_line_when_there_is_no_cluster_to_use(tmp_path, cap
         while not local._cluster_pids(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert local.main(["env", "--dir", str(tmp_path)]) == 0
-        assert "export RAY_ADDRESS=127.0.0.1:1" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "export RAY_ADDRESS=127.0.0.1:1" in out
+        assert "unset AELIB_AUTOSCALING_CONFIG" in out  # (a head without an autoscaler)
         assert local.main(["start", "--dir", str(tmp_path)]) == 1
         said = f"local.py: error: a cluster is already running in {tmp_path}; stop it first"
         assert capsys.readouterr().err == said + "\n"

@@ -1641,6 +1641,19 @@ def test_an_impossible_actor_request_fails_instead_of_waiting(
     assert "no node of this Ray cluster has that much" in result.stderr, result.stderr[-2000:]
     assert "{CPU: 1, GPU: 1}" in result.stderr and "--allow-autoscale" in result.stderr
     assert not dst.exists(), "nothing left behind, nor the --output folder it made"
+    # With --allow-autoscale on a cluster whose autoscaler may add no such node either
+    # (its node types as the config `ray up` leaves on the head says them), it waited
+    # without end; it now says so. (An actor that a node type holds is waited for.)
+    config = Path(__file__).resolve().parents[1] / "cluster.yaml"  # (gpu_worker: 4 CPUs, 1 GPU)
+    result = run_job(
+        "--model", model_path, "--input", dataset["src"], "--output", dst,
+        "--gpus-per-worker", "2", "--allow-autoscale", timeout=120,
+        ray={**shared_ray, "AELIB_AUTOSCALING_CONFIG": str(config)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = f"nor may its autoscaler add one: the node types in {config} have gpu_worker: "
+    assert said + "{CPU: 4, GPU: 1}. Lower --cpus-per-worker or --gpus-per-worker" in result.stderr
+    assert not dst.exists()
 
 
 def test_folder_links_are_followed_loops_end_and_broken_links_get_a_row(tmp_path):

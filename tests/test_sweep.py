@@ -1524,6 +1524,22 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_before_any_trial(tmp_path, 
     assert _ray_left(ray_tmp) == []
 
 
+def test_a_trial_no_node_type_holds_fails_even_with_allow_autoscale(tmp_path, shared_ray):
+    """--allow-autoscale waited without end for a trial that no node type of the cluster
+    holds (the autoscaler logged "No available node types can fulfill"): with the node
+    types the config `ray up` leaves on the head says, the sweep refuses it at once."""
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--gpus-per-trial", "1", "--cpus-per-trial", "8", "--allow-autoscale"]
+    cmd += ["--storage-path", str(tmp_path), "--name", "beyond"]
+    config = REPO / "cluster.yaml"  # (gpu_worker: 4 CPUs, 1 GPU)
+    env = {**_env(None, shared_ray), "AELIB_AUTOSCALING_CONFIG": str(config)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = f"nor may its autoscaler add one: the node types in {config} have gpu_worker: "
+    assert said + "{CPU: 4, GPU: 1}. Lower --cpus-per-trial or --gpus-per-trial" in proc.stderr
+    assert not (tmp_path / "beyond").exists()
+
+
 def test_a_report_drawn_again_keeps_no_figures_of_an_earlier_one(tmp_path):
     """report/<variant> held an earlier report's figures after a resume that found no
     best model for the variant, or that drew none (--no-figures): report.md no longer
