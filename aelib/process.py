@@ -20,8 +20,9 @@
 - `node_types`, `beyond_node_types`: the node types a cluster launcher's autoscaler may
   add, from its config, and whether none holds what a job's trial or actor asks for.
 
-Standard library only: `jobs/sweep.py` and `jobs/make_noisy.py` load this file without
-importing the aelib package (whose __init__ imports Keras).
+Standard library only (and PyYAML, Ray's, in `node_types` as it runs): `jobs/sweep.py`,
+`jobs/make_noisy.py` and `jobs/denoise.py` load this file without importing the aelib
+package (whose __init__ imports Keras).
 """
 
 from __future__ import annotations
