@@ -346,12 +346,13 @@ def node_types(path: str | os.PathLike | None = None) -> tuple[str, dict] | None
 
         with open(path) as f:
             config = yaml.safe_load(f)
-        head = config.get("head_node_type")
+        head, most = config.get("head_node_type"), config.get("max_workers", 2)
         types = {
             name: {k: float(v) for k, v in spec["resources"].items()}
             for name, spec in config["available_node_types"].items()
-            # (Ray's defaults: the head's type none, another the cluster's max_workers)
-            if spec.get("max_workers", 0 if name == head else config.get("max_workers", 2)) > 0
+            # (Ray's defaults: the head's type none, another the cluster's max_workers,
+            # which caps them all)
+            if most > 0 and spec.get("max_workers", 0 if name == head else most) > 0
         }
     except Exception:  # (no such file, not YAML, not such a config: not known)
         return None

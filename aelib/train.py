@@ -233,12 +233,21 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
     )
     if len(x) < 3:
         raise ValueError(f"{config.images} gives {len(x)} images; training needs at least 3.")
-    n_test = tail_for_test(counts)
-    if len(counts) == 1:
+    n_test, whole = tail_for_test(counts)
+    total, target = len(x), max(1, len(x) // 10)
+    if not whole:
+        one = "holds one image" if len(counts) == 1 else "ends in an image of over half the patches"
         warnings.warn(
-            f"{config.images} holds one image: the last tenth of its patches is the test "
-            "split, so the test scores are of the image the other patches train on (with "
-            "two or more images the test split holds whole images)",
+            f"{config.images} {one}: the test split is the last tenth of the patches, so the "
+            "test scores are of an image whose other patches are trained on (with more "
+            "images, none of them over half, it holds whole images)",
+            data_lib.AelibWarning,
+            2,
+        )
+    elif not target / 2 <= n_test <= 2 * target:
+        warnings.warn(
+            f"{config.images}: the test split holds {n_test} of the {total} patches (whole "
+            "images: of the last ones, the number of patches nearest a tenth)",
             data_lib.AelibWarning,
             2,
         )
@@ -246,17 +255,20 @@ def load_arrays(config: TrainConfig) -> MnistArrays:
     return (x[:-n_test], labels[:-n_test]), (x[-n_test:], labels[-n_test:])
 
 
-def tail_for_test(counts: np.ndarray) -> int:
+def tail_for_test(counts: np.ndarray) -> tuple[int, bool]:
     """How many arrays at the end make the test split, of images that gave `counts`
-    arrays each, in order: the last whole images whose arrays come closest to a tenth
-    of all, at least one image, and one left to train on (the test split was the last
-    tenth of the patches, so an image's patches were both trained on and scored). One
-    image: the last tenth of its patches (at least one)."""
-    target = max(1, int(np.sum(counts)) // 10)
-    if len(counts) < 2:
-        return target
+    arrays each, in order, and whether they are whole images: the last whole images whose
+    arrays come closest to a tenth of all, at most half of them (the test split was the
+    last tenth of the patches, so an image's patches were both trained on and scored).
+    Where even the last image holds over half (or is the only one): the last tenth of the
+    arrays (at least one), not whole images."""
+    total = int(np.sum(counts))
+    target = max(1, total // 10)
     tails = np.cumsum(counts[::-1])[:-1]  # (the arrays of the last 1, 2, ... n - 1 images)
-    return int(tails[np.argmin(np.abs(tails - target))])
+    tails = tails[tails <= total / 2]
+    if not len(tails):
+        return target, False
+    return int(tails[np.argmin(np.abs(tails - target))]), True
 
 
 def check_out_dir(out_dir: str | os.PathLike, images: str | os.PathLike | None, names=None):
@@ -517,6 +529,8 @@ def stopped_run(
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         return None, f"{path.name} is not a checkpoint of aelib train"
     theirs, ours = state["settings"], settings
+    if "test_limit" in ours and "test_limit" not in theirs:  # (a version before it was one)
+        theirs = {**theirs, "test_limit": (info.get("train_config") or {}).get("test_limit")}
     differ = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
     if differ:
         were = ", ".join(

@@ -54,6 +54,7 @@ AUTOSCALING_CONFIG = "AELIB_AUTOSCALING_CONFIG"  # (aelib.process.AUTOSCALING_CO
 DEFAULT_DIR = Path(os.environ.get("AELIB_FAKE_CLUSTER_DIR", "/tmp/aelib-fakecluster"))
 HOST = "127.0.0.1"
 STATE_FILE = "state.json"
+RENDERED = "autoscaling.yaml"  # (the config with this head's address, in the state dir)
 TOKEN_FILE = "auth_token"
 
 
@@ -202,7 +203,7 @@ def start(
     if config is not None:
         cfg = yaml.safe_load(Path(config).read_text())
         cfg["provider"]["gcs_address"] = address
-        rendered = state_dir / "autoscaling.yaml"
+        rendered = state_dir / RENDERED
         rendered.write_text(yaml.safe_dump(cfg, sort_keys=False))
         head = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
         cmd += [
@@ -341,6 +342,9 @@ def stop(
     state_file = state_dir / STATE_FILE
     if state_file.exists():
         state_file.unlink()
+    # (a shell that ran `env` keeps AELIB_AUTOSCALING_CONFIG: without the file, a job sent
+    # to another cluster from there judges no request by this one's node types)
+    (state_dir / RENDERED).unlink(missing_ok=True)
     if remove:
         shutil.rmtree(state_dir, ignore_errors=True)
     return len(found)

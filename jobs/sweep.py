@@ -1054,8 +1054,10 @@ def check_resources(args: argparse.Namespace) -> None:
         beyond = _aelib_module("process").beyond_node_types(need)
         if beyond:  # (it waited for such a node without end, the autoscaler's log said why)
             raise SystemExit(
-                f"sweep.py: error: {message[:-1]}, {beyond}. Lower --cpus-per-trial or "
-                "--gpus-per-trial."
+                f"sweep.py: error: a trial needs {{CPU: {args.cpus_per_trial:g}, GPU: "
+                f"{args.gpus_per_trial:g}}} (--cpus-per-trial, --gpus-per-trial) but no node "
+                f"of this Ray cluster has that much ({len(nodes)} node(s) now), {beyond}. "
+                "Lower the request."
             )
         print(
             f"sweep.py: warning: {message} Waiting for the autoscaler (--allow-autoscale) "

@@ -116,6 +116,10 @@ def test_the_jobs_read_the_node_types_to_come_from_the_config_ray_up_leaves(
     said = process.beyond_node_types({"CPU": gpu["CPU"] + 1, "GPU": 1})
     assert said.startswith(f"nor may its autoscaler add one: the node types in {path} have ")
     assert f"gpu_worker: {{CPU: {gpu['CPU']:g}, GPU: 1}}" in said
+    # A cluster-wide max_workers of 0 caps every type: none may be added.
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps({**config, "max_workers": 0}))
+    assert process.node_types() == (path, {})
+    assert process.beyond_node_types({"CPU": 1}).endswith(f"the node types in {path} have none")
 
 
 @pytest.mark.cluster
@@ -660,3 +664,8 @@ def test_local_py_says_in_one_line_when_there_is_no_cluster_to_use(tmp_path, cap
     finally:
         sleeper.kill()
         sleeper.wait()
+    # A stopped cluster's autoscaling config goes with it: a shell that exported it
+    # judged a job for another cluster by this one's node types.
+    (tmp_path / local.RENDERED).write_text("{}")
+    local.stop(tmp_path)
+    assert not (tmp_path / local.RENDERED).exists()

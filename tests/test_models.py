@@ -1341,13 +1341,24 @@ def test_a_resumed_vae_draws_the_noise_an_unstopped_one_drew(tmp_path):
     if keras.backend.backend() == "tensorflow":  # (see test_a_resumed_run_sees_the_orders_...)
         assert resumed.history == unstopped.history  # to the bit
 
-    on_test = TrainConfig(model="dense", val_split=0, test_limit=10)
+    on_test = TrainConfig(model="dense", epochs=3, batch_size=32, val_split=0, test_limit=10)
     other = TrainConfig.from_dict({**on_test.to_dict(), "test_limit": 20})
     assert resume_settings(on_test, data) != resume_settings(other, data)
     held = TrainConfig.from_dict({**other.to_dict(), "val_split": 0.1})
     assert resume_settings(held, data) == resume_settings(
         TrainConfig.from_dict({**held.to_dict(), "test_limit": 10}), data
     )
+    # A checkpoint of a version before it (no test_limit in its settings): its config's.
+    old = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        aelib.train(on_test, data, old, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+    path = checkpoint_path(old, "dense")
+    record = aelib.read_info(path)
+    del record["checkpoint"]["settings"]["test_limit"]
+    aelib.save(aelib.load(path), path, record)
+    assert stopped_run(old, "dense", resume_settings(on_test, data))[0]
+    said = stopped_run(old, "dense", resume_settings(other, data))[1]
+    assert said.endswith("other settings: test_limit=10 (now 20)"), said
 
 
 def test_own_images_test_split_holds_whole_images(tmp_path):
@@ -1366,14 +1377,31 @@ def test_own_images_test_split_holds_whole_images(tmp_path):
     assert np.array_equal(x_test, last) and len(x_train) == 36
     assert not any((x_train == patch).all(axis=(1, 2)).any() for patch in last)
 
-    assert tail_for_test(np.ones(30, int)) == 3  # (resize mode: a tenth, as before)
-    assert tail_for_test(np.array([100, 100, 40, 40])) == 40
-    assert tail_for_test(np.array([500, 5, 5, 5])) == 15
-    assert tail_for_test(np.array([10, 1000])) == 1000  # (one image each side)
-    assert tail_for_test(np.array([50])) == 5  # (one image: its last tenth)
+    assert tail_for_test(np.ones(30, int)) == (3, True)  # (resize mode: a tenth, as before)
+    assert tail_for_test(np.array([100, 100, 40, 40])) == (40, True)
+    assert tail_for_test(np.array([500, 5, 5, 5])) == (15, True)
+    # (an image of over half, or the only one: a tenth of the patches, not whole images)
+    assert tail_for_test(np.array([10, 1000])) == (101, False)
+    assert tail_for_test(np.array([50])) == (5, False)
+    big = rng.integers(0, 255, (280, 280), dtype=np.uint8)  # (100 patches of 142)
+    Image.fromarray(big).save(tmp_path / "scan9.png")
+    with pytest.warns(UserWarning, match="ends in an image of over half the patches: the test"):
+        (x_train, _), (x_test, _) = load_arrays(config)
+    assert len(x_train) == 128 and len(x_test) == 14
+    (tmp_path / "scan9.png").unlink()
+    far = tmp_path / "far"  # (60 patches, then 1 and 1: the nearest whole tail is 2 of 62)
+    far.mkdir()
+    Image.fromarray(rng.integers(0, 255, (168, 280), dtype=np.uint8)).save(far / "a.png")
+    for name in ("b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(far / name)
+    with pytest.warns(UserWarning, match="the test split holds 2 of the 62 patches"):
+        load_arrays(TrainConfig.from_dict({**config.to_dict(), "images": str(far)}))
+    for made in far.iterdir():
+        made.unlink()
+    far.rmdir()
     for extra in tmp_path.glob("scan[1-6].png"):
         extra.unlink()
-    with pytest.warns(UserWarning, match="holds one image: the last tenth of its patches"):
+    with pytest.warns(UserWarning, match="holds one image: the test split is the last tenth"):
         (x_train, _), (x_test, _) = load_arrays(config)
     assert len(x_train) == 5 and len(x_test) == 1
 

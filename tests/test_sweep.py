@@ -1535,8 +1535,9 @@ def test_a_trial_no_node_type_holds_fails_even_with_allow_autoscale(tmp_path, sh
     env = {**_env(None, shared_ray), "AELIB_AUTOSCALING_CONFIG": str(config)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a trial needs {CPU: 8, GPU: 1} (--cpus-per-trial, --gpus-per-trial)" in proc.stderr
     said = f"nor may its autoscaler add one: the node types in {config} have gpu_worker: "
-    assert said + "{CPU: 4, GPU: 1}. Lower --cpus-per-trial or --gpus-per-trial" in proc.stderr
+    assert said + "{CPU: 4, GPU: 1}. Lower the request." in proc.stderr
     assert not (tmp_path / "beyond").exists()
 
 
