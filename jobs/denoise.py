@@ -959,7 +959,8 @@ def decode(
     should carry over (`info`) and its alpha channel.
 
     Grayscale stays 1 channel; RGB stays 3 (or becomes 1 with rgb="luminance");
-    an alpha channel is set aside unchanged. 16-bit grayscale keeps 0..65535.
+    an alpha channel is set aside unchanged. 16-bit grayscale keeps 0..65535 (maximum
+    value 255 where all its values lie in 0-255: 8-bit values in a wider file).
     `info` holds the file's EXIF (its orientation tag says how to show the pixels,
     which keep their stored layout), ICC profile (kept only while the image keeps its
     color space) and DPI, and a `note` when Pillow read it with less depth than the
@@ -1013,7 +1014,23 @@ def decode(
                     )
                 if isinstance(key, int) and (array == key).any():  # 16-bit gray's tRNS
                     alpha = np.where(array == key, 0, 65535).astype(np.uint16)
-                return array.astype(np.uint16)[..., None], 65535, info, alpha
+                # Values that all lie in 0-255 are 8-bit values in a wider file, as
+                # aelib's training reads them (aelib.data.read_gray): on the 16-bit
+                # scale the model saw a near-black image, and its output was of another
+                # scale than its input. They are denoised on the 8-bit scale and written
+                # back in a file as wide as the input's.
+                notes = [info.get("note")]
+                if mode == "I":
+                    notes.append("32-bit integer pixels written as 16 bits")
+                if high <= 255:
+                    notes.append(
+                        f"{'32' if mode == 'I' else '16'}-bit pixels of values 0 to "
+                        f"{high} denoised as 8-bit values"
+                    )
+                if any(notes):
+                    info["note"] = "; ".join(filter(None, notes))
+                maxval = 255 if high <= 255 else 65535
+                return array.astype(np.uint16)[..., None], maxval, info, alpha
             # A PNG's tRNS colour is on the file's scale, which Pillow keeps as it scales
             # the pixels (16-bit RGB to its high bytes, 2- and 4-bit gray to 0-255): the
             # colour on the pixels' scale, else others than it became transparent.
@@ -1132,7 +1149,11 @@ def _png_info_chunks(info: dict) -> list[bytes]:
 
 
 def encode(
-    array: np.ndarray, fmt: str, quality: int = 95, info: dict | None = None
+    array: np.ndarray,
+    fmt: str,
+    quality: int = 95,
+    info: dict | None = None,
+    maxval: int | None = None,
 ) -> tuple[bytes, str | None]:
     """Encodes (H, W, C) in format `fmt` (a Pillow format name; JPEG and WEBP at
     `quality`) with the input's EXIF, ICC profile and DPI (`info`, from decode) where
@@ -1140,14 +1161,21 @@ def encode(
     the image as it is (JPEG and BMP: no alpha; JPEG, BMP and WEBP: no 16 bits; TIFF as
     Pillow writes it: no 16-bit gray + alpha; BMP: no EXIF or ICC profile; WEBP: no
     gray), so the alpha channel, EXIF or profile was dropped, the values scaled to 8
-    bits or gray stored as RGB."""
+    bits or gray stored as RGB. `maxval`: the scale of a 16-bit array's pixels (255: 8-bit
+    values in a 16-bit file, which such a format gets as they are; its alpha is scaled)."""
     info = {k: v for k, v in (info or {}).items() if k != "note"}
     if fmt == "PNG":
         return encode_png(array, info), None
     notes = []
     if array.dtype == np.uint16 and fmt not in HOLDS_16_BITS:  # WEBP would clip it to white
-        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        notes.append("16-bit values scaled to 8 bits")
+        scaled = (array.astype(np.uint32) * 255 + 32767) // 65535
+        if maxval == 255:
+            colour = array.shape[2] - (array.shape[2] in (2, 4))  # (the alpha: scaled)
+            scaled[..., :colour] = array[..., :colour]
+            notes.append("8-bit values of a 16-bit file written as 8 bits")
+        else:
+            notes.append("16-bit values scaled to 8 bits")
+        array = scaled.astype(np.uint8)
     if array.dtype == np.uint16 and array.shape[2] == 2:  # Pillow writes no 16-bit LA
         array = array[..., :1]
         notes.append("alpha dropped")
@@ -1790,7 +1818,9 @@ class Denoiser:
             to_write = result
             if item["alpha"] is not None:
                 to_write = np.concatenate([result, item["alpha"][..., None]], axis=-1)
-            payload, note = encode(to_write, item["fmt"], self.s.quality, item["info"])
+            payload, note = encode(
+                to_write, item["fmt"], self.s.quality, item["info"], item["maxval"]
+            )
             note = "; ".join(filter(None, [item["info"].get("note"), note])) or None
             with self._write_lock:
                 self.out.write_atomic(item["out_rel"], payload)
@@ -1829,7 +1859,7 @@ class Denoiser:
         channels of the model's output."""
         back, back_max, _, _ = decode(payload, self.s.rgb, self.s.max_pixels)
         back = back[..., : result.shape[2]]  # WEBP stores a gray image as RGB
-        if back_max != maxval:  # 16 bits written as 8
+        if back.dtype != result.dtype:  # 16 bits written as 8 (a file as wide: as written)
             back = np.rint(back * (maxval / back_max))
         return back.astype(result.dtype)
 

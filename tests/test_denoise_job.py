@@ -2608,6 +2608,61 @@ def test_big_images_go_in_pixel_bounded_groups_and_tiles_with_the_whole_image_re
         assert np.abs(got - expected).max() <= 1, name  # float rounding at most
 
 
+def test_eight_bit_values_in_a_wider_file_are_denoised_as_eight_bit(model_path, tmp_path):
+    """A 16-bit or 32-bit integer gray file whose values all lie in 0-255 holds 8-bit
+    values (aelib's training reads it so): the model saw them on the 16-bit scale, a
+    near-black image, and wrote an output on another scale. Now it is denoised as the
+    8-bit file is, written as wide as it came (32 bits as 16), and said in its row;
+    PSNR against a reference of the same kind is the 8-bit pair's."""
+    src, clean = tmp_path / "in", tmp_path / "clean"
+    src.mkdir()
+    clean.mkdir()
+    rng = np.random.default_rng(8)
+    digit = (rng.random((20, 24)) * 200).astype(np.uint8) + 10
+    reference = np.clip(digit.astype(int) + 20, 0, 255).astype(np.uint8)
+    kinds = {
+        "a8.png": (digit, "PNG"),
+        "a16.png": (digit.astype(np.uint16), "PNG"),
+        "a32.tif": (digit.astype(np.int32), "TIFF"),
+    }
+    for name, (array, fmt) in kinds.items():
+        Image.fromarray(array).save(src / name, format=fmt)
+        Image.fromarray(reference.astype(array.dtype)).save(clean / name, format=fmt)
+    for fmt in ("same", "jpeg"):
+        dst = tmp_path / fmt
+        settings = job.JobSettings.in_process(
+            str(model_path), str(src), str(dst), clean=str(clean), fmt=fmt
+        )
+        rows = {
+            r["path"]: r
+            for r in job.Denoiser(settings)({"path": np.array(sorted(kinds))}).to_pylist()
+        }
+        assert [r["status"] for r in rows.values()] == ["ok"] * 3, rows
+        outputs = {name: Image.open(dst / rows[name]["output"]) for name in kinds}
+        eight = np.asarray(outputs["a8.png"])
+        for name in ("a16.png", "a32.tif"):
+            assert np.array_equal(np.asarray(outputs[name]), eight), (fmt, name)
+            for key in ("psnr", "psnr_noisy", "ssim"):
+                assert rows[name][key] == pytest.approx(rows["a8.png"][key], abs=1e-9), key
+        if fmt == "same":
+            assert outputs["a16.png"].mode == outputs["a32.tif"].mode == "I;16"
+            assert (
+                rows["a16.png"]["error"]
+                == f"16-bit pixels of values 0 to {digit.max()} denoised as 8-bit values"
+            )
+            assert rows["a32.tif"]["error"].startswith(
+                "32-bit integer pixels written as 16 bits; 32-bit"
+            )
+        else:
+            assert "8-bit values of a 16-bit file written as 8 bits" in rows["a16.png"]["error"]
+    # A 16-bit output read back (written with a note) whose values happen to lie in
+    # 0-255 stays on its input's 16-bit scale: the same width, nothing to rescale.
+    denoiser = object.__new__(job.Denoiser)
+    denoiser.s = SimpleNamespace(rgb="per-channel", max_pixels=None)
+    dark = digit.astype(np.uint16)[..., None]
+    assert np.array_equal(denoiser._read_back(job.encode_png(dark), dark, 65535), dark)
+
+
 def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, capfd):
     """A GPU shared by actors, or big planes, can run out of memory on a call that fit
     before: the call is split in halves until it fits, and later calls stay small.
