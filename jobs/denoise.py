@@ -1277,6 +1277,37 @@ def output_for(
     return out_rel
 
 
+def orientation(info: dict) -> int:
+    """The EXIF orientation tag of a file decode() read (1, as stored, where none)."""
+    if not info.get("exif"):
+        return 1
+    from PIL import Image
+
+    try:
+        exif = Image.Exif()
+        exif.load(info["exif"])
+        value = exif.get(0x0112, 1)
+    except Exception:  # (a damaged EXIF block: Pillow shows the pixels as stored too)
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def as_shown(array: np.ndarray, tag: int) -> np.ndarray:
+    """(H, W, C) pixels as a viewer shows them under EXIF orientation `tag`, as
+    PIL.ImageOps.exif_transpose turns an image."""
+    if tag in (5, 7):  # transpose, then as 1 or 3
+        array = array.transpose(1, 0, 2)
+    turns = {3: 2, 6: 3, 7: 2, 8: 1}.get(tag, 0)  # (quarter turns counter-clockwise)
+    array = np.rot90(array, turns) if turns else array
+    if tag in (2, 4):
+        array = array[:, ::-1] if tag == 2 else array[::-1]
+    return array
+
+
+def _equal_planes(array: np.ndarray) -> bool:
+    return bool((array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all())
+
+
 def _metrics(
     clean: np.ndarray, clean_max: int, noisy: np.ndarray, out: np.ndarray, maxval: int
 ) -> dict:
@@ -1838,17 +1869,28 @@ class Denoiser:
                 except FileNotFoundError:
                     raise ValueError(f"no clean reference {ref} in --clean") from None
                 try:
-                    clean, clean_max, _, _ = decode(reference, self.s.rgb, self.s.max_pixels)
+                    clean, clean_max, shown, _ = decode(reference, self.s.rgb, self.s.max_pixels)
                 except Exception as e:
                     raise ValueError(f"clean reference {ref}: {_reason(e)}") from e
-                if clean.shape != item["array"].shape:
-                    raise ValueError(
-                        f"clean reference is {clean.shape}, the input {item['array'].shape}"
-                    )
                 written = result
                 if item["fmt"] in LOSSY or note:  # the metrics of the file as written
                     written = self._read_back(payload, result, item["maxval"])
-                row.update(_metrics(clean, clean_max, item["array"], written, item["maxval"]))
+                noisy = item["array"]
+                # Compared as shown where the two files' EXIF orientations differ (a photo
+                # and its reference exported upright: "no metrics" for their sizes, or,
+                # square, metrics of rotated pixels).
+                turn, back = orientation(item["info"]), orientation(shown)
+                if turn != back:
+                    noisy, written = as_shown(noisy, turn), as_shown(written, turn)
+                    clean = as_shown(clean, back)
+                if clean.shape[2] == 3 and noisy.shape[2] == 1 and _equal_planes(clean):
+                    clean = clean[..., :1]  # (gray saved as RGB, as WEBP and many tools do)
+                if clean.shape != noisy.shape:
+                    why = f" (EXIF orientations {turn} and {back})" if turn != back else ""
+                    raise ValueError(
+                        f"clean reference is {clean.shape}, the input {noisy.shape}{why}"
+                    )
+                row.update(_metrics(clean, clean_max, noisy, written, item["maxval"]))
                 if row["ssim"] is None:
                     row["error"] = "; ".join(filter(None, [note, f"no SSIM: {TOO_SMALL}"]))
             except Exception as e:

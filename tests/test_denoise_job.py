@@ -2663,6 +2663,54 @@ def test_eight_bit_values_in_a_wider_file_are_denoised_as_eight_bit(model_path, 
     assert np.array_equal(denoiser._read_back(job.encode_png(dark), dark, 65535), dark)
 
 
+def test_references_are_compared_as_shown_and_gray_may_be_stored_as_rgb(model_path, tmp_path):
+    """A photo with an EXIF orientation and its reference exported upright: compared as
+    stored they got "no metrics" for their sizes or, square, metrics of rotated pixels;
+    now both as shown (as PIL.ImageOps.exif_transpose shows them). A gray input's
+    reference stored as RGB of three equal channels was "no metrics" too."""
+    from PIL import ImageOps
+    from skimage.metrics import peak_signal_noise_ratio
+
+    src, clean = tmp_path / "in", tmp_path / "clean"
+    src.mkdir()
+    clean.mkdir()
+    rng = np.random.default_rng(9)
+    upright = {"wide.png": (20, 28), "square.png": (24, 24), "gray.png": (16, 20)}
+    for name, size in upright.items():
+        truth = (rng.random(size) * 255).astype(np.uint8)
+        noisy = np.clip(truth + rng.normal(0, 40, size), 0, 255).astype(np.uint8)
+        if name == "gray.png":  # (stored as shown; the reference as RGB)
+            Image.fromarray(noisy).save(src / name)
+            Image.fromarray(np.dstack([truth] * 3)).save(clean / name)
+            continue
+        exif = Image.Exif()
+        exif[0x0112] = 6  # (shown turned: stored a quarter turn the other way)
+        Image.fromarray(np.rot90(noisy, 1).copy()).save(src / name, exif=exif)
+        Image.fromarray(truth).save(clean / name)
+    dst = tmp_path / "out"
+    settings = job.JobSettings.in_process(str(model_path), str(src), str(dst), clean=str(clean))
+    batch = {"path": np.array(sorted(upright))}
+    rows = {r["path"]: r for r in job.Denoiser(settings)(batch).to_pylist()}
+    for name in upright:
+        assert rows[name]["status"] == "ok" and rows[name]["error"] is None, rows[name]
+        with Image.open(clean / name) as ref, Image.open(dst / name) as out:
+            shown = np.asarray(ImageOps.exif_transpose(out), np.float64) / 255
+            truth = np.asarray(ref.convert("L"), np.float64) / 255
+        assert rows[name]["psnr"] == pytest.approx(
+            peak_signal_noise_ratio(truth, shown, data_range=1.0), abs=1e-9
+        ), name
+    for tag in range(1, 9):  # (every orientation as Pillow shows it)
+        image = Image.fromarray((rng.random((3, 5)) * 255).astype(np.uint8))
+        exif = image.getexif()
+        exif[0x0112] = tag
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", exif=exif)
+        array, _, info, _ = job.decode(buffer.getvalue(), "per-channel")
+        with Image.open(io.BytesIO(buffer.getvalue())) as saved:
+            expected = np.asarray(ImageOps.exif_transpose(saved))
+        assert np.array_equal(job.as_shown(array, job.orientation(info))[..., 0], expected), tag
+
+
 def test_calls_that_run_out_of_device_memory_are_retried_smaller(model_path, capfd):
     """A GPU shared by actors, or big planes, can run out of memory on a call that fit
     before: the call is split in halves until it fits, and later calls stay small.
