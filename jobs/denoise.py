@@ -171,6 +171,11 @@ MANIFEST_SCHEMA = pa.schema(
         # metadata names this run's): a `skipped` row keeps the earlier run's, which
         # may be another model's. Null where unknown (a DST of an older version).
         ("model_sha256", pa.string()),
+        # The --clean reference's size and modification time when it was read for the
+        # metrics (a local --clean; -1 bytes: there was none): a rerun does again an
+        # input whose reference changed since, whose metrics were of a file now gone.
+        ("clean_bytes", pa.int64()),
+        ("clean_mtime_ns", pa.int64()),
     ]
 )
 _COLUMNS = MANIFEST_SCHEMA.names
@@ -179,6 +184,7 @@ EARLIER = "(earlier run) "  # (an error or note carried over from an earlier run
 _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 TOO_SMALL = "under 3 px on a side"  # SSIM's smallest window
+_STAMPS = ("clean_bytes", "clean_mtime_ns")
 _INPUT_COLUMNS = (
     "width",
     "height",
@@ -187,6 +193,7 @@ _INPUT_COLUMNS = (
     "input_mtime_ns",
     "psnr_noisy",
     "ssim_noisy",
+    *_STAMPS,
 )
 # On a CPU the model runs on slices of a group of one of these many pixels, whatever
 # --batch-size is; which one is faster depends on the CPU. The tutorial's denoiser on one
@@ -326,6 +333,19 @@ class Storage:
 
     def full(self, rel: str) -> str:
         return os.path.join(self.root, rel) if self.local else f"{self.root}/{rel}"
+
+    def stamp(self, rel: str) -> tuple[int | None, int | None]:
+        """A local file's size and modification time ((-1, None): none there; None and
+        None where not known: not local, or it cannot be looked at)."""
+        if not self.local:
+            return None, None
+        try:
+            st = os.stat(self.full(rel))
+        except FileNotFoundError:
+            return -1, None
+        except OSError:
+            return None, None
+        return st.st_size, st.st_mtime_ns
 
     def uri(self, rel: str) -> str:
         """A file under the root as a location of its own: a path, or the root's URI as
@@ -1864,6 +1884,7 @@ class Denoiser:
                 # At the input's relative path as its output's is made of it: a Parquet
                 # row's normalised ("sub\\a.png", "sub//a.png": sub/a.png, as written).
                 ref = safe_relative(item["rel"], foreign=self.src is None)
+                row.update(zip(_STAMPS, self.clean.stamp(ref), strict=True))  # (before the read)
                 try:  # (which file: the reason named no reference, as if the input were bad)
                     reference = self.clean.read(ref)
                 except FileNotFoundError:
@@ -2771,7 +2792,7 @@ def previous_rows(
     )
     for row in rows.values():
         if target and row["_clean"] and row["_clean"] != target:
-            row.update(dict.fromkeys((k for k in _METRICS if k in row), None))
+            row.update(dict.fromkeys((k for k in (*_METRICS, *_STAMPS) if k in row), None))
             if row.get("error") and row.get("status") != "failed":  # (and what it said of them)
                 row["error"] = _without_metric_note(row["error"])
         del row["_clean"]
@@ -4005,9 +4026,11 @@ def _run_locked(
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
+        reference = Storage(args.clean).stamp if args.clean and _is_local(args.clean) else None
         early, todo = _plan(
-            inputs, args, done, before, retry, kept, unrecorded, within, cut, unowned, kept_for
-        )
+            inputs, args, done, before, retry, kept, unrecorded, within, cut, unowned, kept_for,
+            reference,
+        )  # fmt: skip
         if unrecorded:
             _warn_unrecorded(output, sum(row["status"] == "skipped" for row in early))
         # Where this job has no record yet, the outputs skipped now may be another
@@ -4144,6 +4167,7 @@ def _plan(
     cut: set[str] = frozenset(),
     unowned: set[str] = frozenset(),
     kept_for: set[str] = frozenset(),
+    reference: Callable[[str], tuple] | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -4159,12 +4183,15 @@ def _plan(
     `within`: the input folder, for outputs to stay out of (see output_for). `cut`: the
     files at output paths that are cut short: done again, but those of them that are not
     this job's (`unowned`, see _run_locked) fail, as do the inputs whose last row failed
-    so (`kept_for`) while a file is there."""
+    so (`kept_for`) while a file is there. `reference`: the stamp (Storage.stamp) of an
+    input's --clean reference now: an output whose row recorded another is done again,
+    for its metrics (they were of a reference replaced, fixed or removed since)."""
     early: list[dict[str, Any]] = []
     redone, kept_cut = [], []  # (the files in `cut` of this run's inputs)
     todo: list[tuple[str, int]] = []
     orphans = 0  # outputs without a row, of a run that stopped
     touched = 0  # inputs of the size recorded, with another modification time
+    restamped = 0  # outputs done again for their reference's sake
     mtimes = inputs.storage.mtimes if inputs.storage is not None else {}
     linked_out = inputs.storage.linked_out if inputs.storage is not None else {}
     others = inputs.storage.others if inputs.storage is not None else set()
@@ -4276,10 +4303,17 @@ def _plan(
             and (last.get("error") or "").removeprefix(EARLIER).startswith(BAD_INPUT)
             and not retry_failed
         )
+        stale = (
+            done_here
+            and same_time
+            and reference is not None
+            and last.get("clean_bytes") is not None
+            and reference(rel) != (last["clean_bytes"], last.get("clean_mtime_ns"))
+        )
         if out_rel in done and not (last or record or unrecorded):
             orphans += 1
             todo.append((rel, size))
-        elif done_here and same_time:
+        elif done_here and same_time and not stale:
             row = _skipped_row(rel, out_rel, size, last)
             if unrecorded and not last and not record:  # (said once, then lost: the row
                 row["error"] = UNRECORDED_NOTE  # keeps it, carried by later runs)
@@ -4290,6 +4324,7 @@ def _plan(
             early.append(carried)
         else:
             touched += (done_here and not same_time) or (fails_again and not same_as_last)
+            restamped += stale
             todo.append((rel, size))
     for rel, why in inputs.unlisted.items():  # (its files, if any, had no row at all)
         reason = f"a folder that could not be listed ({why}): its files are not inputs of this run"
@@ -4304,6 +4339,12 @@ def _plan(
         print(
             f"denoise: note: {touched} input(s) have the size recorded but another "
             "modification time (changed in place, or touched): they are done again",
+            file=sys.stderr,
+        )
+    if restamped:
+        print(
+            f"denoise: note: the --clean references of {restamped} input(s) changed since "
+            "their metrics were measured: they are done again",
             file=sys.stderr,
         )
     if redone or kept_cut:

@@ -1808,6 +1808,49 @@ def test_hidden_files_are_not_inputs_unless_a_glob_names_them(tmp_path, monkeypa
         job.find_inputs(f"{tmp_path}/s*", "auto")
 
 
+def test_a_rerun_measures_again_the_outputs_whose_reference_changed(
+    model_path, tmp_path, shared_ray
+):
+    """A --clean reference replaced (fixed, regenerated) or removed since: a rerun skipped
+    its output with the metrics of the old file, and a user could only delete DST and
+    denoise everything again. Each row records its reference's size and time; an input
+    whose reference has others now is done again, and the rest stay skipped."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    src, clean, dst = tmp_path / "in", tmp_path / "clean", tmp_path / "out"
+    src.mkdir()
+    clean.mkdir()
+    rng = np.random.default_rng(11)
+    truth = {name: (rng.random((28, 28)) * 255).astype(np.uint8) for name in "abc"}
+    for name, digit in truth.items():
+        noisy = np.clip(digit + rng.normal(0, 60, digit.shape), 0, 255).astype(np.uint8)
+        (src / f"{name}.png").write_bytes(png(noisy))
+        (clean / f"{name}.png").write_bytes(png(digit))
+    args = ["--model", model_path, "--input", src, "--output", dst, "--clean", clean]
+    assert run_job(*args, ray=shared_ray).returncode == 0
+    first = manifest(dst)
+    assert first["a.png"]["clean_bytes"] == (clean / "a.png").stat().st_size
+    assert first["a.png"]["clean_mtime_ns"] == (clean / "a.png").stat().st_mtime_ns
+    fixed = 255 - truth["a"]
+    (clean / "a.png").write_bytes(png(fixed))
+    (clean / "b.png").unlink()
+    result = run_job(*args, ray=shared_ray)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the --clean references of 2 input(s) changed since" in result.stderr
+    rows = manifest(dst)
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "a.png": "ok", "b.png": "ok", "c.png": "skipped"
+    }  # fmt: skip
+    out = np.asarray(Image.open(dst / "a.png"), np.float64) / 255
+    assert rows["a.png"]["psnr"] == pytest.approx(
+        peak_signal_noise_ratio(fixed / 255, out, data_range=1.0), abs=1e-9
+    )
+    assert rows["b.png"]["psnr"] is None and rows["b.png"]["clean_bytes"] == -1
+    assert rows["c.png"]["psnr"] == first["c.png"]["psnr"]
+    again = run_job(*args, ray=shared_ray)  # (nothing changed since: nothing to do)
+    assert "0 ok, 0 failed, 3 skipped" in again.stdout, again.stdout[-2000:]
+
+
 def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
     """A write that failed (disk full, read-only) or a model call that failed may pass
     now; an unreadable image fails again: only that one is carried over."""
