@@ -172,10 +172,13 @@ MANIFEST_SCHEMA = pa.schema(
         # may be another model's. Null where unknown (a DST of an older version).
         ("model_sha256", pa.string()),
         # The --clean reference's size and modification time when it was read for the
-        # metrics (a local --clean; -1 bytes: there was none): a rerun does again an
-        # input whose reference changed since, whose metrics were of a file now gone.
+        # metrics (a local --clean; -1 bytes: there was none), and the CRC-32 of its
+        # bytes: a rerun does again an input whose reference has other bytes since,
+        # whose metrics were of a file now gone (a copy that did not keep its time,
+        # same bytes, is not).
         ("clean_bytes", pa.int64()),
         ("clean_mtime_ns", pa.int64()),
+        ("clean_crc32", pa.int64()),
     ]
 )
 _COLUMNS = MANIFEST_SCHEMA.names
@@ -185,6 +188,7 @@ _ROW_SCHEMA = MANIFEST_SCHEMA.remove_metadata()
 _METRICS = ("psnr_noisy", "psnr", "ssim_noisy", "ssim")
 TOO_SMALL = "under 3 px on a side"  # SSIM's smallest window
 _STAMPS = ("clean_bytes", "clean_mtime_ns")
+_REFERENCE_COLUMNS = (*_STAMPS, "clean_crc32")
 _INPUT_COLUMNS = (
     "width",
     "height",
@@ -193,7 +197,7 @@ _INPUT_COLUMNS = (
     "input_mtime_ns",
     "psnr_noisy",
     "ssim_noisy",
-    *_STAMPS,
+    *_REFERENCE_COLUMNS,
 )
 # On a CPU the model runs on slices of a group of one of these many pixels, whatever
 # --batch-size is; which one is faster depends on the CPU. The tutorial's denoiser on one
@@ -1297,19 +1301,37 @@ def output_for(
     return out_rel
 
 
-def orientation(info: dict) -> int:
-    """The EXIF orientation tag of a file decode() read (1, as stored, where none)."""
+def orientation(info: dict) -> int | None:
+    """The EXIF orientation tag of a file decode() read (None where it has none, or one
+    that is not 1-8: shown as stored)."""
     if not info.get("exif"):
-        return 1
+        return None
     from PIL import Image
 
     try:
         exif = Image.Exif()
         exif.load(info["exif"])
-        value = exif.get(0x0112, 1)
+        value = exif.get(0x0112)
     except Exception:  # (a damaged EXIF block: Pillow shows the pixels as stored too)
-        return 1
-    return value if value in range(1, 9) else 1
+        return None
+    return value if value in range(1, 9) else None
+
+
+def _turned(turn: int | None, back: int | None, shape: tuple, clean_shape: tuple) -> bool:
+    """Whether an input and its reference, of EXIF orientations `turn` and `back`, are
+    compared as shown rather than as stored: where both files say an orientation and
+    they differ (a photo and its reference exported upright with the tag set to 1), or
+    where one says none and only as shown are they of one size (a reference exported
+    upright without its tag). A reference of the stored pixels with its camera's tag
+    and a noisy copy saved without one stay as stored (noise added to the stored array),
+    as does a square pair of which one file says no orientation."""
+    if (turn or 1) == (back or 1):
+        return False
+    if turn is not None and back is not None:
+        return True
+    shown = as_shown(np.empty(shape[:2] + (0,)), turn or 1).shape[:2]
+    clean_shown = as_shown(np.empty(clean_shape[:2] + (0,)), back or 1).shape[:2]
+    return shape[:2] != clean_shape[:2] and shown == clean_shown
 
 
 def as_shown(array: np.ndarray, tag: int) -> np.ndarray:
@@ -1324,8 +1346,10 @@ def as_shown(array: np.ndarray, tag: int) -> np.ndarray:
     return array
 
 
-def _equal_planes(array: np.ndarray) -> bool:
-    return bool((array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all())
+def _gray_planes(array: np.ndarray) -> bool:
+    """Whether RGB planes are gray: equal, or within 2 levels (lossy WEBP's gray)."""
+    planes = array.astype(np.int32)
+    return bool(np.abs(planes - planes[..., :1]).max() <= 2)
 
 
 def _metrics(
@@ -1869,10 +1893,10 @@ class Denoiser:
             to_write = result
             if item["alpha"] is not None:
                 to_write = np.concatenate([result, item["alpha"][..., None]], axis=-1)
-            payload, note = encode(
+            payload, changed = encode(
                 to_write, item["fmt"], self.s.quality, item["info"], item["maxval"]
             )
-            note = "; ".join(filter(None, [item["info"].get("note"), note])) or None
+            note = "; ".join(filter(None, [item["info"].get("note"), changed])) or None
             with self._write_lock:
                 self.out.write_atomic(item["out_rel"], payload)
         except Exception as e:
@@ -1889,29 +1913,41 @@ class Denoiser:
                     reference = self.clean.read(ref)
                 except FileNotFoundError:
                     raise ValueError(f"no clean reference {ref} in --clean") from None
+                row["clean_crc32"] = zlib.crc32(reference)
                 try:
                     clean, clean_max, shown, _ = decode(reference, self.s.rgb, self.s.max_pixels)
                 except Exception as e:
                     raise ValueError(f"clean reference {ref}: {_reason(e)}") from e
                 written = result
-                if item["fmt"] in LOSSY or note:  # the metrics of the file as written
+                # The metrics of the file as written, where it is not the result (lossy,
+                # or changed to fit its format; decode's notes are of the input: a 16-bit
+                # gray + alpha output read back came as 8 bits, black for 8-bit values).
+                if item["fmt"] in LOSSY or changed:
                     written = self._read_back(payload, result, item["maxval"])
                 noisy = item["array"]
                 # Compared as shown where the two files' EXIF orientations differ (a photo
                 # and its reference exported upright: "no metrics" for their sizes, or,
                 # square, metrics of rotated pixels).
                 turn, back = orientation(item["info"]), orientation(shown)
-                if turn != back:
+                if _turned(turn, back, noisy.shape, clean.shape):
                     noisy, written = as_shown(noisy, turn), as_shown(written, turn)
                     clean = as_shown(clean, back)
-                if clean.shape[2] == 3 and noisy.shape[2] == 1 and _equal_planes(clean):
-                    clean = clean[..., :1]  # (gray saved as RGB, as WEBP and many tools do)
+                if clean.shape[2] == 3 and noisy.shape[2] == 1 and _gray_planes(clean):
+                    # (gray saved as RGB, as WEBP and many tools do; lossy WEBP's planes
+                    # differ by a level or two: their mean)
+                    clean = np.rint(clean.mean(axis=-1, keepdims=True)).astype(clean.dtype)
                 if clean.shape != noisy.shape:
                     why = f" (EXIF orientations {turn} and {back})" if turn != back else ""
                     raise ValueError(
                         f"clean reference is {clean.shape}, the input {noisy.shape}{why}"
                     )
-                row.update(_metrics(clean, clean_max, noisy, written, item["maxval"]))
+                # Two 16-bit files on one scale, the wider: each is 8-bit values or not by
+                # its own values (decode), and a noisy copy can pass 255 where its
+                # reference does not.
+                scale = item["maxval"]
+                if clean.dtype == noisy.dtype == np.uint16:
+                    scale = clean_max = max(clean_max, scale)
+                row.update(_metrics(clean, clean_max, noisy, written, scale))
                 if row["ssim"] is None:
                     row["error"] = "; ".join(filter(None, [note, f"no SSIM: {TOO_SMALL}"]))
             except Exception as e:
@@ -2792,7 +2828,9 @@ def previous_rows(
     )
     for row in rows.values():
         if target and row["_clean"] and row["_clean"] != target:
-            row.update(dict.fromkeys((k for k in (*_METRICS, *_STAMPS) if k in row), None))
+            row.update(
+                dict.fromkeys((k for k in (*_METRICS, *_REFERENCE_COLUMNS) if k in row), None)
+            )
             if row.get("error") and row.get("status") != "failed":  # (and what it said of them)
                 row["error"] = _without_metric_note(row["error"])
         del row["_clean"]
@@ -4026,7 +4064,7 @@ def _run_locked(
         raise ValueError(f"--output {args.output}: cannot write there ({e})") from e
     try:
         retry = args.retry_failed or bool(changed)
-        reference = Storage(args.clean).stamp if args.clean and _is_local(args.clean) else None
+        reference = Storage(args.clean) if args.clean and _is_local(args.clean) else None
         early, todo = _plan(
             inputs, args, done, before, retry, kept, unrecorded, within, cut, unowned, kept_for,
             reference,
@@ -4167,7 +4205,7 @@ def _plan(
     cut: set[str] = frozenset(),
     unowned: set[str] = frozenset(),
     kept_for: set[str] = frozenset(),
-    reference: Callable[[str], tuple] | None = None,
+    reference: Storage | None = None,
 ):
     """Splits file inputs into rows settled now (failed, skipped) and the (path, size)
     of each file to denoise. `writers`: output -> (the input an earlier run wrote it
@@ -4183,9 +4221,10 @@ def _plan(
     `within`: the input folder, for outputs to stay out of (see output_for). `cut`: the
     files at output paths that are cut short: done again, but those of them that are not
     this job's (`unowned`, see _run_locked) fail, as do the inputs whose last row failed
-    so (`kept_for`) while a file is there. `reference`: the stamp (Storage.stamp) of an
-    input's --clean reference now: an output whose row recorded another is done again,
-    for its metrics (they were of a reference replaced, fixed or removed since)."""
+    so (`kept_for`) while a file is there. `reference`: a local --clean: an output whose
+    row recorded another reference than the one there now (by size and time, then by
+    CRC-32: a copy that did not keep times is the same) is done again, for its metrics
+    (they were of a reference replaced, fixed or removed since)."""
     early: list[dict[str, Any]] = []
     redone, kept_cut = [], []  # (the files in `cut` of this run's inputs)
     todo: list[tuple[str, int]] = []
@@ -4303,18 +4342,18 @@ def _plan(
             and (last.get("error") or "").removeprefix(EARLIER).startswith(BAD_INPUT)
             and not retry_failed
         )
-        stale = (
-            done_here
-            and same_time
-            and reference is not None
-            and last.get("clean_bytes") is not None
-            and reference(rel) != (last["clean_bytes"], last.get("clean_mtime_ns"))
-        )
+        stamp = None  # (the reference's now, where its row recorded one to compare)
+        if done_here and same_time and reference and last.get("clean_bytes") is not None:
+            stamp = reference.stamp(rel)
+        recorded = (last.get("clean_bytes"), last.get("clean_mtime_ns"))
+        stale = stamp not in (None, recorded) and not _same_bytes(reference, rel, stamp, last)
         if out_rel in done and not (last or record or unrecorded):
             orphans += 1
             todo.append((rel, size))
         elif done_here and same_time and not stale:
             row = _skipped_row(rel, out_rel, size, last)
+            if stamp is not None:  # (its time now, where only that changed)
+                row.update(zip(_STAMPS, stamp, strict=True))
             if unrecorded and not last and not record:  # (said once, then lost: the row
                 row["error"] = UNRECORDED_NOTE  # keeps it, carried by later runs)
             early.append(row)
@@ -4350,6 +4389,17 @@ def _plan(
     if redone or kept_cut:
         _note_cut(args.output, redone, kept_cut)
     return early, todo
+
+
+def _same_bytes(clean: Storage, rel: str, stamp: tuple, last: dict) -> bool:
+    """Whether a reference whose time changed since its row still has the bytes the row's
+    metrics were of (its size, then its CRC-32)."""
+    if stamp[0] != last.get("clean_bytes") or last.get("clean_crc32") is None:
+        return False
+    try:
+        return zlib.crc32(clean.read(rel)) == last["clean_crc32"]
+    except Exception:  # (gone since the stat, unreadable: not known to be the same)
+        return False
 
 
 def _unreadable(storage: Storage, rel: str) -> str | None:

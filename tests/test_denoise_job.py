@@ -1847,8 +1847,14 @@ def test_a_rerun_measures_again_the_outputs_whose_reference_changed(
     )
     assert rows["b.png"]["psnr"] is None and rows["b.png"]["clean_bytes"] == -1
     assert rows["c.png"]["psnr"] == first["c.png"]["psnr"]
-    again = run_job(*args, ray=shared_ray)  # (nothing changed since: nothing to do)
+    # The same bytes with another time (a copy that did not keep times, `touch`): not
+    # done again, the row takes the time it has now.
+    assert rows["c.png"]["clean_crc32"] == zlib.crc32((clean / "c.png").read_bytes())
+    os.utime(clean / "c.png", ns=(10**18, 10**18))
+    again = run_job(*args, ray=shared_ray)
     assert "0 ok, 0 failed, 3 skipped" in again.stdout, again.stdout[-2000:]
+    assert "changed since" not in again.stderr
+    assert manifest(dst)["c.png"]["clean_mtime_ns"] == 10**18
 
 
 def test_a_rerun_retries_failures_that_were_not_the_input(tmp_path):
@@ -2657,6 +2663,8 @@ def test_eight_bit_values_in_a_wider_file_are_denoised_as_eight_bit(model_path, 
     near-black image, and wrote an output on another scale. Now it is denoised as the
     8-bit file is, written as wide as it came (32 bits as 16), and said in its row;
     PSNR against a reference of the same kind is the 8-bit pair's."""
+    from skimage.metrics import peak_signal_noise_ratio
+
     src, clean = tmp_path / "in", tmp_path / "clean"
     src.mkdir()
     clean.mkdir()
@@ -2671,16 +2679,27 @@ def test_eight_bit_values_in_a_wider_file_are_denoised_as_eight_bit(model_path, 
     for name, (array, fmt) in kinds.items():
         Image.fromarray(array).save(src / name, format=fmt)
         Image.fromarray(reference.astype(array.dtype)).save(clean / name, format=fmt)
+    # With a transparent colour (its output a 16-bit gray + alpha PNG, which Pillow reads
+    # back as 8 bits: its metrics were of a black image); and a noisy copy past 255 of a
+    # reference within it, each 16-bit file on its own scale: measured on one, 16 bits.
+    Image.fromarray(digit.astype(np.uint16)).save(src / "t16.png", transparency=int(digit[0, 0]))
+    Image.fromarray(reference.astype(np.uint16)).save(clean / "t16.png")
+    past = digit.astype(np.uint16)
+    past[0, 0] = 300
+    Image.fromarray(past).save(src / "p16.png")
+    Image.fromarray(reference.astype(np.uint16)).save(clean / "p16.png")
+    names = sorted([*kinds, "t16.png", "p16.png"])
     for fmt in ("same", "jpeg"):
         dst = tmp_path / fmt
         settings = job.JobSettings.in_process(
             str(model_path), str(src), str(dst), clean=str(clean), fmt=fmt
         )
-        rows = {
-            r["path"]: r
-            for r in job.Denoiser(settings)({"path": np.array(sorted(kinds))}).to_pylist()
-        }
-        assert [r["status"] for r in rows.values()] == ["ok"] * 3, rows
+        rows = {r["path"]: r for r in job.Denoiser(settings)({"path": np.array(names)}).to_pylist()}
+        assert [r["status"] for r in rows.values()] == ["ok"] * 5, rows
+        for key in ("psnr", "psnr_noisy", "ssim"):
+            assert rows["t16.png"][key] == pytest.approx(rows["a16.png"][key], abs=1e-9), key
+        expected = peak_signal_noise_ratio(reference / 65535, past / 65535, data_range=1.0)
+        assert rows["p16.png"]["psnr_noisy"] == pytest.approx(expected, abs=1e-9)
         outputs = {name: Image.open(dst / rows[name]["output"]) for name in kinds}
         eight = np.asarray(outputs["a8.png"])
         for name in ("a16.png", "a32.tif"):
@@ -2709,8 +2728,11 @@ def test_eight_bit_values_in_a_wider_file_are_denoised_as_eight_bit(model_path, 
 def test_references_are_compared_as_shown_and_gray_may_be_stored_as_rgb(model_path, tmp_path):
     """A photo with an EXIF orientation and its reference exported upright: compared as
     stored they got "no metrics" for their sizes or, square, metrics of rotated pixels;
-    now both as shown (as PIL.ImageOps.exif_transpose shows them). A gray input's
-    reference stored as RGB of three equal channels was "no metrics" too."""
+    now as shown (as PIL.ImageOps.exif_transpose shows them) where both files say an
+    orientation, or where only as shown are they of one size. A reference of the stored
+    pixels with its camera's tag and a noisy copy saved without one (noise added to the
+    stored array) stay as stored. A gray input's reference stored as RGB of three equal
+    channels (or within 2 levels, as lossy WEBP stores gray) was "no metrics" too."""
     from PIL import ImageOps
     from skimage.metrics import peak_signal_noise_ratio
 
@@ -2718,30 +2740,47 @@ def test_references_are_compared_as_shown_and_gray_may_be_stored_as_rgb(model_pa
     src.mkdir()
     clean.mkdir()
     rng = np.random.default_rng(9)
-    upright = {"wide.png": (20, 28), "square.png": (24, 24), "gray.png": (16, 20)}
-    for name, size in upright.items():
+    turned = Image.Exif()
+    turned[0x0112] = 6  # (shown a quarter turn from how it is stored)
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    cases = {  # name: (size as shown, how the pair is stored, compared as shown)
+        "wide.png": ((20, 28), "input turned, reference upright without a tag", True),
+        "square.png": ((24, 24), "input turned, reference upright with tag 1", True),
+        "camera.png": ((20, 28), "reference with its camera's tag, input without", False),
+        "gray.png": ((16, 20), "reference as RGB", False),
+    }
+    for name, (size, _, _) in cases.items():
         truth = (rng.random(size) * 255).astype(np.uint8)
         noisy = np.clip(truth + rng.normal(0, 40, size), 0, 255).astype(np.uint8)
-        if name == "gray.png":  # (stored as shown; the reference as RGB)
+        if name == "gray.png":
             Image.fromarray(noisy).save(src / name)
             Image.fromarray(np.dstack([truth] * 3)).save(clean / name)
-            continue
-        exif = Image.Exif()
-        exif[0x0112] = 6  # (shown turned: stored a quarter turn the other way)
-        Image.fromarray(np.rot90(noisy, 1).copy()).save(src / name, exif=exif)
-        Image.fromarray(truth).save(clean / name)
+        elif name == "camera.png":
+            Image.fromarray(truth).save(clean / name, exif=turned)
+            Image.fromarray(noisy).save(src / name)
+        else:
+            Image.fromarray(np.rot90(noisy, 1).copy()).save(src / name, exif=turned)
+            tags = {"exif": upright} if name == "square.png" else {}
+            Image.fromarray(truth).save(clean / name, **tags)
     dst = tmp_path / "out"
     settings = job.JobSettings.in_process(str(model_path), str(src), str(dst), clean=str(clean))
-    batch = {"path": np.array(sorted(upright))}
+    batch = {"path": np.array(sorted(cases))}
     rows = {r["path"]: r for r in job.Denoiser(settings)(batch).to_pylist()}
-    for name in upright:
+    for name, (_, _, as_shown) in cases.items():
         assert rows[name]["status"] == "ok" and rows[name]["error"] is None, rows[name]
         with Image.open(clean / name) as ref, Image.open(dst / name) as out:
-            shown = np.asarray(ImageOps.exif_transpose(out), np.float64) / 255
+            if as_shown:
+                ref, out = ImageOps.exif_transpose(ref), ImageOps.exif_transpose(out)
+            shown = np.asarray(out, np.float64) / 255
             truth = np.asarray(ref.convert("L"), np.float64) / 255
         assert rows[name]["psnr"] == pytest.approx(
             peak_signal_noise_ratio(truth, shown, data_range=1.0), abs=1e-9
         ), name
+    webp = io.BytesIO()  # (lossy WEBP stores gray as RGB, its planes a level or two apart)
+    Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8)).save(webp, format="WEBP")
+    planes = job.decode(webp.getvalue(), "per-channel")[0]
+    assert job._gray_planes(planes) and not job._gray_planes(planes + [[[0, 3, 0]]])
     for tag in range(1, 9):  # (every orientation as Pillow shows it)
         image = Image.fromarray((rng.random((3, 5)) * 255).astype(np.uint8))
         exif = image.getexif()
