@@ -942,12 +942,16 @@ def test_train_on_own_image_folder(tmp_path, capsys):
     assert main(args) == 0  # in this process (`trained` runs `python -m aelib` itself)
     record = json.loads((tmp_path / "o" / "metrics.json").read_text())
     # a denoiser that does not denoise yet says so (it ended in silence, exit 0)
-    said = "has not learned to denoise yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    said = "has not learned to denoise yet" in err
     m = record["metrics"]
     assert said == (m["psnr_gain"] <= 0 or m["test_ssim"] <= m["noisy_ssim"]), m
     assert record["data_settings"]["source"] == str(tmp_path / "imgs")
-    assert record["metrics"]["test_images"] == 1  # 16 patches, the last tenth held out
-    assert record["data_settings"]["train_images"] == 13  # 15, minus round(1.5) = 2 for val
+    # 16 patches: the last whole image's 4 are the test split (none of them trained on),
+    # the whole images nearest a tenth, which a warning says is not one.
+    assert record["metrics"]["test_images"] == 4
+    assert "the test split holds 4 of the 16 patches (whole images" in err
+    assert record["data_settings"]["train_images"] == 11  # 12, minus round(1.2) = 1 for val
 
 
 def test_own_images_that_cannot_be_read_stop_the_run_or_are_left_out(tmp_path, capsys):
