@@ -1329,9 +1329,11 @@ def _turned(turn: int | None, back: int | None, shape: tuple, clean_shape: tuple
         return False
     if turn is not None and back is not None:
         return True
-    shown = as_shown(np.empty(shape[:2] + (0,)), turn or 1).shape[:2]
-    clean_shown = as_shown(np.empty(clean_shape[:2] + (0,)), back or 1).shape[:2]
-    return shape[:2] != clean_shape[:2] and shown == clean_shown
+
+    def shown(size: tuple, tag: int | None) -> tuple:  # (tags 5-8 swap the axes)
+        return size[1::-1] if (tag or 1) >= 5 else size[:2]
+
+    return shape[:2] != clean_shape[:2] and shown(shape, turn) == shown(clean_shape, back)
 
 
 def as_shown(array: np.ndarray, tag: int) -> np.ndarray:
@@ -3734,23 +3736,21 @@ def check_resources(cpus: float, gpus: float, allow_autoscale: bool) -> None:
     message = (
         f"an actor needs {{CPU: {cpus:g}, GPU: {gpus:g}}} (--cpus-per-worker, "
         f"--gpus-per-worker) but no node of this Ray cluster has that much (cluster "
-        f"resources now: {total or 'none'}; {len(nodes)} node(s))."
+        f"resources now: {total or 'none'}; {len(nodes)} node(s))"
     )
     if allow_autoscale:
         process = _aelib_process()
         beyond = process.beyond_node_types(need) if process else None
         if beyond:  # (Ray Data waited for such a node without end)
-            raise ValueError(
-                f"{message[:-1]}, {beyond}. Lower --cpus-per-worker or --gpus-per-worker."
-            )
+            raise ValueError(f"{message}, {beyond}. Lower --cpus-per-worker or --gpus-per-worker.")
         print(
-            f"denoise: warning: {message} Waiting for the autoscaler to add such a node: "
+            f"denoise: warning: {message}. Waiting for the autoscaler to add such a node: "
             "the job waits for as long as none joins.",
             file=sys.stderr,
         )
         return
     raise ValueError(
-        f"{message} Lower the request, or pass --allow-autoscale on a cluster whose "
+        f"{message}. Lower the request, or pass --allow-autoscale on a cluster whose "
         "autoscaler can add such nodes."
     )
 

@@ -1041,31 +1041,28 @@ def check_resources(args: argparse.Namespace) -> None:
     if fits:
         return
     total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    # (where no node type holds it either, the whole request: CPUs may be what is short)
+    beyond = args.allow_autoscale and _aelib_module("process").beyond_node_types(need)
     what = (
         f"--gpus-per-trial {args.gpus_per_trial:g} asks for GPUs"
-        if args.gpus_per_trial > 0 and not total.get("GPU")
-        else f"a trial needs {{CPU: {args.cpus_per_trial:g}, GPU: {args.gpus_per_trial:g}}}"
+        if args.gpus_per_trial > 0 and not total.get("GPU") and not beyond
+        else f"a trial needs {{CPU: {args.cpus_per_trial:g}, GPU: {args.gpus_per_trial:g}}} "
+        "(--cpus-per-trial, --gpus-per-trial)"
     )
     message = (
         f"{what} but no node of this Ray cluster has that much "
-        f"(cluster resources now: {total or 'none'}; {len(nodes)} node(s))."
+        f"(cluster resources now: {total or 'none'}; {len(nodes)} node(s))"
     )
+    if beyond:  # (it waited for such a node without end, the autoscaler's log said why)
+        raise SystemExit(f"sweep.py: error: {message}, {beyond}. Lower the request.")
     if args.allow_autoscale:
-        beyond = _aelib_module("process").beyond_node_types(need)
-        if beyond:  # (it waited for such a node without end, the autoscaler's log said why)
-            raise SystemExit(
-                f"sweep.py: error: a trial needs {{CPU: {args.cpus_per_trial:g}, GPU: "
-                f"{args.gpus_per_trial:g}}} (--cpus-per-trial, --gpus-per-trial) but no node "
-                f"of this Ray cluster has that much ({len(nodes)} node(s) now), {beyond}. "
-                "Lower the request."
-            )
         print(
-            f"sweep.py: warning: {message} Waiting for the autoscaler (--allow-autoscale) "
+            f"sweep.py: warning: {message}. Waiting for the autoscaler (--allow-autoscale) "
             "to add such a node: the sweep waits for as long as none joins."
         )
         return
     raise SystemExit(
-        f"sweep.py: error: {message} Lower the request, or pass --allow-autoscale on a "
+        f"sweep.py: error: {message}. Lower the request, or pass --allow-autoscale on a "
         "cluster whose autoscaler can add such nodes."
     )
 
