@@ -1917,7 +1917,7 @@ class Denoiser:
                     raise ValueError(f"no clean reference {ref} in --clean") from None
                 row["clean_crc32"] = zlib.crc32(reference)
                 try:
-                    clean, clean_max, shown, _ = decode(reference, self.s.rgb, self.s.max_pixels)
+                    clean, clean_max, tags, _ = decode(reference, self.s.rgb, self.s.max_pixels)
                 except Exception as e:
                     raise ValueError(f"clean reference {ref}: {_reason(e)}") from e
                 written = result
@@ -1927,10 +1927,10 @@ class Denoiser:
                 if item["fmt"] in LOSSY or changed:
                     written = self._read_back(payload, result, item["maxval"])
                 noisy = item["array"]
-                # Compared as shown where the two files' EXIF orientations differ (a photo
-                # and its reference exported upright: "no metrics" for their sizes, or,
+                # Compared as shown where their EXIF orientations say so (_turned: a photo
+                # and its reference exported upright got "no metrics" for their sizes, or,
                 # square, metrics of rotated pixels).
-                turn, back = orientation(item["info"]), orientation(shown)
+                turn, back = orientation(item["info"]), orientation(tags)
                 if _turned(turn, back, noisy.shape, clean.shape):
                     noisy, written = as_shown(noisy, turn), as_shown(written, turn)
                     clean = as_shown(clean, back)
