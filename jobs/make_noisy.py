@@ -62,6 +62,10 @@ process = _load_aelib("process")
 _CHUNK = 10_000
 SETTINGS = ".make_noisy.json"  # in each folder: what its digits were made with
 _LAYOUT = re.compile(r"(\d)/(\d{6})\.png")  # relative_path's: LABEL/INDEX.png
+_TEMP_FILES = (  # _write's temp files (process.replaced's .STEM.PID.tmp.SUFFIX)
+    r"\.(?:\d{6,}|(?:truncated|garbage)_\d+|notes_\d+|\.make_noisy)\.(\d+)\.tmp"
+    r"(?:\.(?:png|txt|json))?"
+)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -82,12 +86,19 @@ def _write(path: Path, payload: bytes) -> None:
         raise
 
 
+def _written(path: Path) -> bool:
+    """Whether `path` holds a file a rerun keeps: one of some bytes (an empty one, of a
+    disk that filled or a user's `: > file`, is written again)."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _remove_stale_temp_files(folder: Path) -> None:
     """Removes the temp files (see _write) under `folder` of runs no longer running."""
     for root, _, _ in os.walk(folder):
-        # (.NAME.PID.tmp.png/.json/.txt, and .NAME.PID.tmp before: only what _write
-        # makes, in folders that may hold the user's own files)
-        process.remove_dead_temp_files(root, r"\..+\.(\d+)\.tmp(\.(png|txt|json))?")
+        # (.NAME.PID.tmp.png/.json/.txt, and .NAME.PID.tmp before, of the names _write
+        # writes: digits, broken files, the record. The folders may hold the user's own
+        # files, and a hidden ".notes.123.tmp.txt" of theirs is none of ours)
+        process.remove_dead_temp_files(root, _TEMP_FILES)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -181,15 +192,14 @@ def make_noisy(
         for i, image, ref in zip(index, noisy(index), clean, strict=True):
             rel = path(int(i))
             asked.add(rel)
-            target = out / rel
-            if target.is_file() and target.stat().st_size > 0:
+            if _written(out / rel):
                 kept += 1
             else:
-                _write(target, png_bytes(image))
+                _write(out / rel, png_bytes(image))
                 written += 1
-            if clean_root is not None and not (clean_root / rel).is_file():
-                _write(clean_root / rel, png_bytes(ref))
-                clean_written += 1
+            if clean_root is not None and not _written(clean_root / rel):
+                _write(clean_root / rel, png_bytes(ref))  # (an emptied one too: denoise
+                clean_written += 1  # would score against a broken reference)
     digit = png_bytes(x_test[0])  # (cut in its IDAT: Pillow opens it, then fails to load it)
     rng = np.random.default_rng(seed)
     for k in range(corrupt):  # (kept too: written again, the denoise job retried them)

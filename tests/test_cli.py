@@ -1079,7 +1079,8 @@ def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path,
     """A rerun that adds a --clean-out to a folder of noisy digits wrote every reference
     and said {'written': 0, 'kept': N}, as if it had made nothing. A rerun with a smaller
     --count or --corrupt removes nothing and said only "kept: 4": it counts and names the
-    files it did not ask for, which the denoise job takes as inputs."""
+    files it did not ask for, which the denoise job takes as inputs. An emptied file of
+    either folder is written again."""
     monkeypatch.syspath_prepend(str(REPO / "jobs"))
     import make_noisy
 
@@ -1097,6 +1098,15 @@ def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path,
     said = f"make_noisy: note: {noisy} also holds 3 file(s) this run did not ask for (e.g. "
     assert said in capsys.readouterr().err
     assert len([p for p in noisy.rglob("*") if p.is_file() and p.name[0] != "."]) == 7
+    # An emptied file (a full disk, `: > file`) is written again, a clean reference too
+    # (it was kept: the denoise job scored against a broken reference).
+    emptied = [folder / make_noisy.relative_path(2, 1) for folder in (noisy, tmp_path / "clean")]
+    before = [path.read_bytes() for path in emptied]
+    for path in emptied:
+        path.write_bytes(b"")
+    counts = make_noisy.make_noisy(str(MNIST), 4, noisy, tmp_path / "clean")
+    assert counts == {"written": 1, "kept": 3, "clean_written": 1, "corrupt": 0, "others": 3}
+    assert [path.read_bytes() for path in emptied] == before
 
 
 def test_make_noisy_takes_what_load_mnist_takes(monkeypatch, tmp_path, capsys):
@@ -1281,16 +1291,19 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
         with pytest.raises(OSError, match="truncated"):
             cut.load()
     # A kill -9 leaves its temp file (.STEM.PID.tmp.png): a rerun removes those of runs gone.
-    stale, live = noisy / "7" / ".000000.4194304.tmp.png", clean / f".x.{os.getpid()}.tmp.png"
-    stale.write_bytes(b"")
-    live.write_bytes(b"")
-    other = noisy / "7" / ".x.20241205120000.tmp"  # (another tool's: no PID, kept)
-    other.write_bytes(b"")
+    stale = [noisy / "7" / ".000000.4194304.tmp.png", noisy / "..make_noisy.4194304.tmp.json"]
+    stale += [noisy / "broken" / ".notes_0.4194304.tmp.txt", clean / ".000001.4194304.tmp"]
+    live = clean / f".000001.{os.getpid()}.tmp.png"
+    other = [noisy / "7" / ".x.20241205120000.tmp"]  # (another tool's: no PID, kept)
+    # the user's own hidden files of that shape, which no run of make_noisy writes: kept
+    other += [noisy / ".keepme.123.tmp.txt", clean / "7" / ".mynotes.4000001.tmp.txt"]
+    for path in [*stale, live, *other]:
+        path.write_bytes(b"")
     proc = make("--out", noisy, "--clean-out", clean, "--corrupt", "3")
     assert proc.returncode == 0 and "'written': 0, 'kept': 6" in proc.stdout, proc.stderr
-    assert not stale.exists() and live.exists() and other.exists()
-    live.unlink()
-    other.unlink()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in [live, *other])
+    for path in [live, *other]:
+        path.unlink()
     # the broken files too (written again, a denoise rerun retried them as changed inputs)
     assert {p: p.stat().st_mtime_ns for p in (noisy / "broken").iterdir()} == broken
     # SIGTERM (and Ctrl-C) end it with a line, not in silence (or Pillow's traceback).
