@@ -11,7 +11,8 @@ One Tuner runs every variant's trials side by side. Each trial calls
 loss per epoch (plus PSNR/SSIM for `denoise`) with a `.keras` checkpoint, and
 its final test metrics. ASHA stops poor trials early, comparing a trial only
 with trials of its own variant (their losses differ in kind: `vae` adds a KL
-term, `sparse` an L1 penalty); `--search optuna` adds a model-based search.
+term, `sparse` an L1 penalty); `--search optuna` adds a model-based search, an
+Optuna TPE study per variant for the same reason.
 
 Everything lands under `<storage-path>/<name>/`:
     best/<variant>.keras   the best model of each variant (aelib.load reloads it)
@@ -93,7 +94,7 @@ if __name__ == "__main__":  # (over Python's own handlers only: not a signal ign
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
-from ray.tune.search import BasicVariantGenerator  # noqa: E402
+from ray.tune.search import BasicVariantGenerator, Searcher  # noqa: E402
 
 if __name__ == "__main__":
     for _signum, _handler in _HANDLERS.items():
@@ -1114,6 +1115,62 @@ class OptunaSpace:
         return {"hparams": {model: hparams}}
 
 
+class VariantOptuna(Searcher):
+    """`--search optuna`: a TPE study of its own for each variant, and the trials handed
+    out in `order` (a variant's name per trial: heaviest first).
+
+    One study for the whole sweep ranked every trial by val_loss whatever its variant
+    (TPE splits all trials into good and bad by value before it looks at parameters),
+    while the losses do not compare across variants: `vae`'s adds a KL term, `sparse`'s
+    an L1 penalty. A variant whose losses run higher had no trial among the good, and its
+    search did no better than random. Each study starts with `startup` random trials
+    (Optuna's 10, or half a variant's trials where it has fewer), then models its own."""
+
+    def __init__(
+        self, order: list[str], pins: dict, metric: str, mode: str, seed: int, startup: int
+    ):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        super().__init__(metric=metric, mode=mode)
+        self.order = list(order)  # (what is still to hand out)
+        self.variant: dict[str, str] = {}  # trial id -> its variant
+        self.searchers = {}
+        for model in dict.fromkeys(order):
+            digest = hashlib.sha256(f"{seed}:{model}".encode()).digest()
+            sampler = optuna.samplers.TPESampler(
+                seed=int.from_bytes(digest[:4], "big"), n_startup_trials=startup
+            )
+            space = OptunaSpace([model], pins)
+            self.searchers[model] = OptunaSearch(space, metric, mode, sampler=sampler)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if not self.order:
+            return Searcher.FINISHED
+        model = self.order.pop(0)
+        self.variant[trial_id] = model
+        return self.searchers[model].suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.variant:
+            self.searchers[self.variant[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False) -> None:
+        if trial_id in self.variant:
+            searcher = self.searchers[self.variant[trial_id]]
+            searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        from ray import cloudpickle  # (as Tune pickles the searcher: classes of __main__ too)
+
+        with open(checkpoint_path, "wb") as f:
+            cloudpickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
 # ---------------------------------------------------------------- trials
 
 
@@ -1916,20 +1973,13 @@ def build_tuner(args: argparse.Namespace, arrays, experiment_path: str) -> tune.
     else:
         scheduler, callbacks = FIFOScheduler(), []
     if args.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        order = heaviest_first(args.models)
-        points = [{"model": m} for m in order for _ in range(args.num_samples)]
-        # A define-by-run space ignores TuneConfig's metric/mode: hand them over here too.
-        search_alg = OptunaSearch(
-            space=OptunaSpace(args.models, settings["pins"]),
-            metric=METRIC,
-            mode=MODE,
-            points_to_evaluate=points,
-            seed=args.seed,
-        )
+        # Round after round, heaviest first (as the grid of random search repeats): the
+        # later trials of a variant start when its first have told its study something.
+        order = heaviest_first(args.models) * args.num_samples
+        startup = min(10, max(1, args.num_samples // 2))
+        search_alg = VariantOptuna(order, settings["pins"], METRIC, MODE, args.seed, startup)
         param_space: dict[str, Any] = {}
-        num_samples = len(points)
+        num_samples = len(order)
         max_concurrent_trials = args.max_concurrent  # Tune wraps the searcher in a limiter
     else:
         # Seeded: the same --seed samples the same hyperparameters (Tune's default
