@@ -849,7 +849,9 @@ def train(
         initial_epoch=initial_epoch,
     )
     process.raise_if_stopped()  # (here and below: a stop that process.defer_stops held)
-    train_seconds = past["train_seconds"] + time.perf_counter() - start
+    # (fit's own time where it trained: a rerun of a run stopped after its last epoch
+    # trains none, and its fit, which only restores the checkpoint, added a second)
+    train_seconds = past["train_seconds"] + (time.perf_counter() - start) * bool(history.epoch)
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     hist = merge_history(past["history"], hist)
     last_loss = hist.get("loss", [math.nan])[-1]

@@ -1235,9 +1235,15 @@ def test_the_library_functions_name_what_they_take(tmp_path):
     assert data.unflatten([[0, 1, 2, 3]]).shape == (1, 2, 2)
 
 
-class StopAfterEpoch2(keras.callbacks.Callback):
+class StopAfter(keras.callbacks.Callback):
+    """Ctrl-C after epoch `epochs` (after its checkpoint: aelib's callbacks run first)."""
+
+    def __init__(self, epochs: int = 2):
+        super().__init__()
+        self.epochs = epochs
+
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
+        if epoch + 1 == self.epochs:
             raise KeyboardInterrupt
 
 
@@ -1253,7 +1259,7 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     steps = 3  # (90 training images after val_split 0.1, in batches of 32)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+        aelib.train(config, data, out, callbacks=[StopAfter(2)], figures=False, verbose=0)
     state, why_not = stopped_run(out, "dense", resume_settings(config, data))
     assert why_not == "" and state["epochs_done"] == 2 and len(state["history"]["loss"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["dense.checkpoint.keras"]
@@ -1298,7 +1304,7 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
     record = json.loads((out / "metrics.json").read_text())
     assert len(record["history"]["loss"]) == 3
     with pytest.raises(KeyboardInterrupt):  # (resume=False: from epoch 1, not the end)
-        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], verbose=0)
+        aelib.train(config, data, out, callbacks=[StopAfter(2)], verbose=0)
     with pytest.raises(ValueError, match="initial_epoch and resume=True both say where"):
         aelib.train(config, data, out, initial_epoch=1, resume=True, verbose=0)
     # An out_dir that is a file is refused before training (after it, before), and an
@@ -1308,6 +1314,14 @@ def test_train_goes_on_from_the_checkpoint_a_stopped_run_left(tmp_path):
         aelib.train(config, data, tmp_path / "afile" / "o", verbose=0)
     with pytest.raises(ValueError, match="images must be a folder's path, or None"):
         TrainConfig.from_dict({**config.to_dict(), "images": ""})
+    # Stopped after its last epoch (in its evaluation): the rerun trains no epoch, and its
+    # time to train is the stopped run's (fit, which only restored the weights, added ~1 s).
+    with pytest.raises(KeyboardInterrupt):
+        aelib.train(config, data, tmp_path / "end", callbacks=[StopAfter(3)], verbose=0)
+    state, _ = stopped_run(tmp_path / "end", "dense", resume_settings(config, data))
+    result = aelib.train(config, data, tmp_path / "end", figures=False, verbose=0, resume=True)
+    assert result.metrics["resumed_after_epoch"] == 3 and result.metrics["epochs_run"] == 3
+    assert result.metrics["train_seconds"] == state["train_seconds"]
     # A checkpoint resume=True cannot go on from is said, not passed over in silence.
     with pytest.warns(UserWarning, match="other settings: other training images; training"):
         result = aelib.train(config, flipped, out, figures=False, verbose=0, resume=True)
@@ -1326,7 +1340,7 @@ def test_a_resumed_vae_draws_the_noise_an_unstopped_one_drew(tmp_path):
     config = TrainConfig(model="vae", epochs=3, batch_size=32)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        aelib.train(config, data, out, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+        aelib.train(config, data, out, callbacks=[StopAfter(2)], figures=False, verbose=0)
     recorded = aelib.read_info(checkpoint_path(out, "vae"))["seed_states"]
     assert len(recorded) == 1 and recorded[0][1] > 0  # (a seed and a counter, moved on)
     resumed = aelib.train(config, data, out, figures=False, verbose=0, resume=True)
@@ -1351,7 +1365,7 @@ def test_a_resumed_vae_draws_the_noise_an_unstopped_one_drew(tmp_path):
     # A checkpoint of a version before it (no test_limit in its settings): its config's.
     old = tmp_path / "old"
     with pytest.raises(KeyboardInterrupt):
-        aelib.train(on_test, data, old, callbacks=[StopAfterEpoch2()], figures=False, verbose=0)
+        aelib.train(on_test, data, old, callbacks=[StopAfter(2)], figures=False, verbose=0)
     path = checkpoint_path(old, "dense")
     record = aelib.read_info(path)
     del record["checkpoint"]["settings"]["test_limit"]
