@@ -29,7 +29,7 @@ from typing import Any
 import keras
 
 from aelib import process
-from aelib.registry import Autoencoder, finite, json_default, plain_message
+from aelib.registry import INPUT_KINDS, Autoencoder, finite, json_default, plain_message
 
 INFO_MEMBER = "aelib.json"
 CONFIG_MEMBER = "config.json"  # Keras's: the model's config, and its compile config
@@ -202,6 +202,7 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
         raise ValueError(
             f"{path} is not a readable .keras file: {type(e).__name__}: {plain_message(e)}"
         ) from e
+    _check_input_kind(path, info["input_kind"], model)
     options = info.get("model_config") or {}
     try:
         return Autoencoder.from_autoencoder(model, info["name"], info["input_kind"], options, info)
@@ -210,6 +211,24 @@ def load(path: str | os.PathLike, compile: bool = True) -> Autoencoder:
             f"{path} is not a model aelib.save wrote: {plain_message(e)} (an aelib model's "
             "autoencoder holds an encoder and a decoder)"
         ) from e
+
+
+def _check_input_kind(path: Path, kind: Any, model: keras.Model) -> None:
+    """The record's input_kind, which the jobs and figures go by, against the model's
+    input: a record edited or of another file (a dense model said to be "image") was
+    believed, and what read it failed far from the cause."""
+    rank = {"flat": 2, "image": 4, "sequence": 3}  # (batch, 784), (batch, H, W, C), ...
+    if kind not in INPUT_KINDS:
+        raise ValueError(
+            f"{path}: its {INFO_MEMBER} says input_kind {kind!r}; expected one of {INPUT_KINDS}."
+        )
+    shape = model.input_shape
+    if not isinstance(shape, tuple) or len(shape) != rank[kind]:
+        raise ValueError(
+            f"{path}: its {INFO_MEMBER} says input_kind {kind!r}, which takes input of "
+            f"{rank[kind]} dimensions, but its model takes {shape}: the record is not of "
+            "this model."
+        )
 
 
 def _compile_config(path: str | os.PathLike) -> dict | None:

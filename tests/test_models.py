@@ -793,6 +793,19 @@ def test_load_names_the_file_and_what_is_damaged(tmp_path):
         ("json.keras", b"{bad", "json.keras: its aelib.json cannot be read"),
         ("list.keras", b"[1, 2]", "list.keras: its aelib.json is not aelib's record"),
         ("kind.keras", b'{"name": "dense"}', "kind.keras: its aelib.json lacks input_kind"),
+        # a record edited, or of another file: believed, the jobs failed far from the cause
+        (
+            "banana.keras",
+            b'{"name": "dense", "input_kind": "banana"}',
+            "banana.keras: its aelib.json says input_kind 'banana'; expected one of "
+            + re.escape("('flat', 'image', 'sequence')"),
+        ),
+        (
+            "image.keras",
+            b'{"name": "conv", "input_kind": "image"}',
+            "image.keras: its aelib.json says input_kind 'image', which takes input of 4 "
+            + re.escape("dimensions, but its model takes (None, 784): the record is not"),
+        ),
     ):
         with pytest.raises(ValueError, match=said):
             aelib.load(variant(name, **{"aelib.json": record}))
