@@ -41,6 +41,7 @@ unfinished ones continue from their last epoch's checkpoint.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import ast
 import contextlib
@@ -2433,8 +2434,22 @@ def _on_sigterm(signum, frame) -> None:
 
 @contextlib.contextmanager
 def _sigterm_in_ray_init():
-    """A SIGTERM while ray.init runs meets Ray's handler (it exits the driver with status
-    15): the Ctrl-C path instead. Our handler is set again once Ray is up."""
+    """A SIGTERM while ray.init runs ends the sweep as Ctrl-C does.
+
+    ray.init set Ray's handlers first thing, which raise SystemExit wherever the driver
+    is. ray.init forks Ray's processes, and in logging's at-fork hook Python drops the
+    exception with the logging module's lock still held: the stop was lost, and a thread
+    that logs hung for good (seen with jobs/denoise.py, once in ~20 SIGTERMs 2 s after
+    the start). Ray's are not set now; ours raises, but not in logging
+    (_on_sigterm_in_ray_init), and is set again once Ray is up. (A Ray that sets them
+    another way: its SystemExit is taken as the stop.)"""
+    import ray._private.utils as ray_utils
+
+    ray_sets = getattr(ray_utils, "set_sigterm_handler", None)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm_in_ray_init)
+        if ray_sets is not None:
+            ray_utils.set_sigterm_handler = lambda handler: None
     try:
         yield
     except SystemExit as e:
@@ -2442,7 +2457,24 @@ def _sigterm_in_ray_init():
             raise
         _TERMINATED.append(signal.SIGTERM)
         raise KeyboardInterrupt from None
-    _sigterm_as_ctrl_c()
+    finally:
+        if ray_sets is not None:
+            ray_utils.set_sigterm_handler = ray_sets
+        _sigterm_as_ctrl_c()
+    if _TERMINATED:  # (one that came after ray.init's last Python line)
+        raise KeyboardInterrupt
+
+
+def _on_sigterm_in_ray_init(signum, frame) -> None:
+    """Records the stop and raises KeyboardInterrupt, where the main thread is in no
+    function of logging's: there (its at-fork hook drops the exception and keeps its
+    lock) the signal comes again 50 ms later."""
+    if signum not in _TERMINATED:
+        _TERMINATED.append(signum)
+    if frame is not None and frame.f_code.co_filename == logging.__file__:
+        threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+        return
+    raise KeyboardInterrupt
 
 
 def _own_ray_processes(kind: str | None = None) -> list:

@@ -1334,3 +1334,60 @@ def test_make_noisy_refuses_folders_it_would_get_wrong(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     said = f"--out {tmp_path / 'junk'} holds digits with no record of what made them, and its "
     assert said + "7/000000.png cannot be read (cannot identify image file" in proc.stderr
+
+
+_SIGTERM_IN_RAY_INIT = """
+import importlib.util, logging, os, signal, sys, time, types
+import ray._private.utils as ray_utils
+spec = importlib.util.spec_from_file_location("job", sys.argv[1])
+job = sys.modules["job"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(job)
+stops = getattr(job, sys.argv[2])
+try:
+    with job._sigterm_in_ray_init():
+        ray_utils.set_sigterm_handler(lambda s, f: sys.exit(s))  # (what ray.init does first)
+        print("during", signal.getsignal(signal.SIGTERM).__name__)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # (the handler runs at the next bytecode)
+        print("not raised")
+except KeyboardInterrupt:
+    print("raised", [int(s) for s in stops])
+print("after", signal.getsignal(signal.SIGTERM).__name__, ray_utils.set_sigterm_handler.__name__)
+stops.clear()
+# One that lands in logging (its at-fork hook, which drops the exception and keeps its
+# lock: the job hung) is recorded there and raised a moment later, out of logging.
+in_logging = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=logging.__file__))
+try:
+    with job._sigterm_in_ray_init():
+        job._on_sigterm_in_ray_init(signal.SIGTERM, in_logging)
+        print("recorded", [int(s) for s in stops])
+        time.sleep(2)
+        print("not raised")
+except KeyboardInterrupt:
+    print("raised", [int(s) for s in stops])
+"""
+
+
+@pytest.mark.parametrize("job, stops", [("denoise", "_STOPS"), ("sweep", "_TERMINATED")])
+def test_a_sigterm_in_ray_init_is_not_lost_in_logging(job, stops):
+    """Ray's handlers, which ray.init set first thing, raised SystemExit wherever the
+    driver was: in logging's at-fork hook (ray.init forks Ray's processes) Python dropped
+    it with logging's lock held, and the denoise job hung for good holding DST's lock
+    (once in ~20 SIGTERMs, a reviewer's). In ray.init the job's own handler takes the
+    Ctrl-C path, and where the signal lands in logging, a moment later."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_IN_RAY_INIT, str(REPO / "jobs" / f"{job}.py"), stops],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    handler = "_on_stop" if job == "denoise" else "_on_sigterm"
+    assert proc.stdout.splitlines() == [
+        "during _on_sigterm_in_ray_init",
+        "raised [15]",
+        f"after {handler} set_sigterm_handler",
+        "recorded [15]",
+        "raised [15]",
+    ]
