@@ -1013,6 +1013,10 @@ def decode(
                 raise _too_big(img.width * img.height, max_pixels)
             img.load()
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
+            if img.format == "TIFF" and 282 not in getattr(img, "tag_v2", {}):
+                # (Pillow says (1, 1) of a TIFF without XResolution: the outputs said so,
+                # a 50-pixel image 50 inches wide)
+                info.pop("dpi", None)
             if img.format == "WEBP" and _webp_lossless(payload):  # (written lossy at 95)
                 info["lossless"] = True
             mode = img.mode

@@ -2438,6 +2438,27 @@ def test_a_bmp_output_says_it_dropped_the_exif_and_icc_profile():
                 assert note is None and kept, (fmt, info)
 
 
+def test_a_tiff_without_a_resolution_gives_outputs_without_one():
+    """Pillow reads a TIFF without XResolution as 1 DPI: every output format then said
+    1 dot per inch (a 50-pixel image 50 inches wide). One with a resolution keeps it."""
+    image = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    for saved, expected in (({}, None), ({"dpi": (72, 72)}, (72, 72))):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="TIFF", **saved)
+        _, _, info, _ = job.decode(buf.getvalue(), "per-channel")
+        assert info.get("dpi") == (expected and pytest.approx(expected)), saved
+        for fmt in ("TIFF", "PNG", "JPEG"):
+            payload, _ = job.encode(image, fmt, 95, info)
+            with Image.open(io.BytesIO(payload)) as written:
+                dpi = written.info.get("dpi")
+                if fmt == "TIFF" and expected is None:
+                    assert 282 not in written.tag_v2, dict(written.tag_v2)
+                elif expected is None:
+                    assert dpi is None, (fmt, dpi, written.info)
+                else:
+                    assert dpi == pytest.approx(expected, abs=0.01), (fmt, dpi)
+
+
 def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
     for bad in ("../x.png", "/etc/passwd", "a/../../x", "C:/x.png", "..\\x.png"):
