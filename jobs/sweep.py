@@ -1928,6 +1928,16 @@ def _publish(local_dir: Path, experiment_uri: str) -> None:
 def load_arrays(args: argparse.Namespace):
     """MNIST, cut to what the trials use, loaded once by the driver."""
     (x_train, y_train), (x_test, y_test) = _aelib_module("data").load_mnist(args.data)
+    for flag, limit, images, kind in (
+        ("--limit", args.limit, x_train, "training"),
+        ("--test-limit", args.test_limit, x_test, "test"),
+    ):
+        if limit is not None and limit > len(images):  # (as `aelib train` says it)
+            print(
+                f"sweep.py: note: {flag} {limit} is more than the {len(images)} {kind} "
+                f"images; using all {len(images)}",
+                file=sys.stderr,
+            )
     if args.limit is not None:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     if args.test_limit is not None:

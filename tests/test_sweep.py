@@ -1659,6 +1659,28 @@ def test_the_reports_counts_and_data_are_what_the_trials_had(tmp_path):
     assert f"Data: {MNIST}; the first 2" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_limits_past_the_datas_size_are_said(tmp_path, capsys):
+    """--limit 100000 --test-limit 20000 ran on MNIST's 60,000 and 10,000 without a word
+    (its sweep_settings.json says what was asked); `aelib train` notes it, and so does
+    the sweep now."""
+    sweep = _load_sweep_module()
+    data = tmp_path / "small.npz"
+    digits = np.zeros((5, 28, 28), np.uint8)
+    labels = np.zeros(5, np.int64)
+    np.savez(data, x_train=digits, y_train=labels, x_test=digits[:3], y_test=labels[:3])
+    flags = ["--data", str(data), "--storage-path", str(tmp_path)]
+    (x_train, _), (x_test, _) = sweep.load_arrays(
+        sweep.parse_args([*flags, "--limit", "10", "--test-limit", "4"])
+    )
+    assert (len(x_train), len(x_test)) == (5, 3)
+    assert capsys.readouterr().err.splitlines() == [
+        "sweep.py: note: --limit 10 is more than the 5 training images; using all 5",
+        "sweep.py: note: --test-limit 4 is more than the 3 test images; using all 3",
+    ]
+    sweep.load_arrays(sweep.parse_args([*flags, "--limit", "5", "--test-limit", "2"]))
+    assert capsys.readouterr().err == ""
+
+
 def test_a_report_drawn_again_replaces_its_figures_one_by_one(tmp_path, monkeypatch):
     """Drawing a report again deleted the earlier one's figures first, and drew its
     compare.png straight onto the file: a driver stopped or killed in between left
