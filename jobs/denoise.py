@@ -4171,8 +4171,8 @@ def _run_locked(
             f"; start-up: Ray ready after {timings['ray_ready_s']:.1f} s, first results "
             f"after {timings['first_result_s']:.1f} s"
         )
-    for failure in manifest.failures:
-        print(f"denoise: failed: {failure}", file=sys.stderr)
+    for failure in manifest.failures:  # (a name's NUL or newline escaped: one line each)
+        print(f"denoise: failed: {_one_line(failure)}", file=sys.stderr)
     if counts["failed"] > len(manifest.failures):  # (the first few only)
         more = counts["failed"] - len(manifest.failures)
         print(
@@ -5195,6 +5195,12 @@ def _on_sigterm_in_ray_init(signum, frame) -> None:
         threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
         return
     raise KeyboardInterrupt
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a Parquet row's
+    path "a\\x00b.png" put a NUL in the log, which grep then took for a binary file)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _credentials_hint(text: str) -> str:

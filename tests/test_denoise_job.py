@@ -2459,6 +2459,14 @@ def test_a_tiff_without_a_resolution_gives_outputs_without_one():
                     assert dpi == pytest.approx(expected, abs=0.01), (fmt, dpi)
 
 
+def test_a_failure_is_said_on_one_line_without_control_characters():
+    """A Parquet row's path "a\\x00b.png" put a NUL in the log (grep: "binary file
+    matches"), and a name with a newline broke its line in two."""
+    said = job._one_line("a\x00b.png: cannot write a\x00b.png: embedded null byte")
+    assert said == "a\\x00b.png: cannot write a\\x00b.png: embedded null byte"
+    assert job._one_line("new\nline.png: tab\there, é ok") == "new\\nline.png: tab\\there, é ok"
+
+
 def test_safe_relative_and_png_encoder():
     assert job.safe_relative("a/./b/../c.png") == "a/c.png"
     for bad in ("../x.png", "/etc/passwd", "a/../../x", "C:/x.png", "..\\x.png"):
