@@ -38,6 +38,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -144,6 +145,26 @@ def _ensure_token(state_dir: Path) -> Path:
     return token_path
 
 
+def _fake_config(config: Path) -> dict:
+    """The cluster config at `config`, which must be a fake_multinode one: another
+    provider's (cluster.yaml's AWS) ran that provider's autoscaler on this head, whose
+    jobs then asked it for real cloud nodes."""
+    try:
+        cfg = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        said = " ".join(str(e).split())  # (YAML's error spans lines)
+        raise RuntimeError(f"--config {config}: cannot read it as a cluster config: {said}") from e
+    provider = cfg.get("provider") if isinstance(cfg, dict) else None
+    kind = provider.get("type") if isinstance(provider, dict) else None
+    if kind != "fake_multinode":
+        raise RuntimeError(
+            f"--config {config}: its provider type is {kind!r}; this rehearsal runs "
+            "fake_multinode configs only (such as cluster/local-fake-gpu.yaml): use "
+            "`ray up` for a real cluster"
+        )
+    return cfg
+
+
 def start(
     config: Path | None = DEFAULT_CONFIG,
     state_dir: Path = DEFAULT_DIR,
@@ -160,6 +181,9 @@ def start(
     and `head_gpus` GPUs, declared only: Ray schedules on them, nothing computes there.
     """
     state_dir = Path(state_dir).resolve()
+    cfg = None if config is None else _fake_config(Path(config))
+    if head_cpus is not None and head_cpus < 0:
+        raise RuntimeError(f"--head-cpus {head_cpus}: expected 0 or more CPUs")
     if _read_state(state_dir) and _cluster_pids(state_dir):
         raise RuntimeError(f"a cluster is already running in {state_dir}; stop it first")
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -200,8 +224,7 @@ def start(
         "--disable-usage-stats",
     ]
     rendered = None
-    if config is not None:
-        cfg = yaml.safe_load(Path(config).read_text())
+    if cfg is not None:
         cfg["provider"]["gcs_address"] = address
         rendered = state_dir / RENDERED
         rendered.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -445,7 +468,8 @@ def _run(args: argparse.Namespace) -> int:
         config = None if args.single_node else args.config
         state = start(config, args.dir, head_cpus=args.head_cpus)
         print(json.dumps(state, indent=2))
-        print(f'# next: eval "$(python {sys.argv[0]} env --dir {args.dir})"')
+        env = shlex.join(["python", sys.argv[0], "env", "--dir", str(args.dir)])
+        print(f'# next: eval "$({env})"')
     elif args.action == "stop":
         print(f"stopped {stop(args.dir, remove=args.remove)} processes")
     elif args.action == "status":
@@ -454,12 +478,16 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(nodes(args.dir), indent=2))
     else:  # env: shell exports for clients (drivers, `ray job submit`, `ray status`)
         state = _read_state(args.dir.resolve())
-        print(f"export RAY_ADDRESS={state['address']}")
+        q = shlex.quote  # (a --dir with a space split the exports)
+        print(f"export RAY_ADDRESS={q(state['address'])}")
         print("export RAY_AUTH_MODE=token")
-        print(f"export RAY_AUTH_TOKEN_PATH={state['token_path']}")
-        print(f"export AELIB_DASHBOARD_URL={state['dashboard_url']}")
+        print(f"export RAY_AUTH_TOKEN_PATH={q(state['token_path'])}")
+        print(f"export AELIB_DASHBOARD_URL={q(state['dashboard_url'])}")
         config = state.get("config")  # (where the jobs look for the node types to come)
-        print(f"export {AUTOSCALING_CONFIG}={config}" if config else f"unset {AUTOSCALING_CONFIG}")
+        if config:
+            print(f"export {AUTOSCALING_CONFIG}={q(config)}")
+        else:
+            print(f"unset {AUTOSCALING_CONFIG}")
     return 0
 
 

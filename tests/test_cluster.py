@@ -645,6 +645,22 @@ def test_local_py_says_in_one_line_when_there_is_no_cluster_to_use(tmp_path, cap
         captured = capsys.readouterr()
         assert captured.err.startswith("local.py: error: ") and said in captured.err, action
         assert "Traceback" not in captured.err and "export" not in captured.out
+    # A config of another provider (cluster.yaml's AWS: its autoscaler ran on the head,
+    # and jobs asked it for real nodes), a config it cannot read, negative CPUs: one line
+    # each, before anything starts.
+    fresh, listed = tmp_path / "fresh", tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    for flags, said in (
+        (["--config", str(REPO / "cluster.yaml")], "its provider type is 'aws'; this rehearsal"),
+        (["--config", str(tmp_path / "no.yaml")], "no.yaml: cannot read it as a cluster config"),
+        (["--config", str(REPO / "README.md")], "README.md: cannot read it as a cluster"),
+        (["--config", str(listed)], "list.yaml: its provider type is None"),
+        (["--single-node", "--head-cpus", "-1"], "--head-cpus -1: expected 0 or more CPUs"),
+    ):
+        assert local.main(["start", "--dir", str(fresh), *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith("local.py: error: ") and said in err and len(err.splitlines()) == 1
+        assert not fresh.exists(), flags
     # With a process of it running (as its daemons name its Ray folder): exported, and a
     # second start refused.
     sleeper = subprocess.Popen(
@@ -658,6 +674,14 @@ def test_local_py_says_in_one_line_when_there_is_no_cluster_to_use(tmp_path, cap
         out = capsys.readouterr().out
         assert "export RAY_ADDRESS=127.0.0.1:1" in out
         assert "unset AELIB_AUTOSCALING_CONFIG" in out  # (a head without an autoscaler)
+        # Paths with spaces are quoted for the shell (`eval` split them).
+        spaced = {**state, "token_path": f"{tmp_path}/sp ace/t", "config": "/a b/c.yaml"}
+        (tmp_path / local.STATE_FILE).write_text(json.dumps(spaced))
+        assert local.main(["env", "--dir", str(tmp_path)]) == 0
+        shell = capsys.readouterr().out + 'echo "$RAY_AUTH_TOKEN_PATH|$AELIB_AUTOSCALING_CONFIG"'
+        echoed = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
+        assert echoed.stdout == f"{tmp_path}/sp ace/t|/a b/c.yaml\n", echoed.stderr
+        (tmp_path / local.STATE_FILE).write_text(json.dumps(state))
         assert local.main(["start", "--dir", str(tmp_path)]) == 1
         said = f"local.py: error: a cluster is already running in {tmp_path}; stop it first"
         assert capsys.readouterr().err == said + "\n"
