@@ -67,7 +67,10 @@ from bench_common import at_least_one, given_file  # noqa: E402
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("RAY_ADDRESS", "local")  # a fresh local Ray per run, not someone's cluster
+    # A fresh local Ray per run, not someone's cluster: an exported RAY_ADDRESS (what
+    # cluster/local.py env leaves in the shell) had the job join it, its start-up and the
+    # actors' CPU out of the figures.
+    env["RAY_ADDRESS"] = "local"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 

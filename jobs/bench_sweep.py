@@ -171,7 +171,7 @@ def main() -> int:
     given_file(parser, "--data", args.data, "Keras's mnist.npz")
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.setdefault("RAY_ADDRESS", "local")  # a fresh local Ray, not a cluster found on the host
+    env["RAY_ADDRESS"] = "local"  # a fresh local Ray, not a cluster exported or on the host
     spec = {k: getattr(args, k) for k in ("data", "models", "num_samples", "epochs", "limit")}
     spec["test_limit"] = args.test_limit
     trials = len(args.models) * args.num_samples
