@@ -226,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=os.environ.get("AELIB_MNIST"))
-    p.add_argument("--out", default="jobs/results")
+    p.add_argument(
+        "--out",
+        default="runs/bench_overhead",
+        help="results folder (default: runs/bench_overhead; the published ones: --out "
+        "jobs/results, whose default let a smoke run replace them)",
+    )
     p.add_argument("--name", default=None, help="file stem under --out (default: overhead)")
     args = p.parse_args(argv)
     given_file(p, "--data", args.data, "Keras's mnist.npz")

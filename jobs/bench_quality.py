@@ -810,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="results folder (default: jobs/results; runs/bench_quick with --quick)",
+        help="results folder (default: jobs/results; runs/bench_quick with --quick, "
+        "--epochs, --limit or --test-limit)",
     )
     p.add_argument(
         "--runs-dir",
@@ -855,9 +856,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.tune_limit, args.slow_limit = QUICK["tune_limit"], QUICK["slow_limit"]
         args.slow_tune_limit = QUICK["slow_tune_limit"]
-    args.out = args.out or ("runs/bench_quick" if args.quick else "jobs/results")
-    runs_dir = Path(args.runs_dir or ("runs/bench_quick" if args.quick else "runs/bench"))
-    if args.quick and args.runs_dir is None:
+    # A smaller run's rows go to a scratch folder unless --out says otherwise: one of
+    # --limit 200 replaced the published full-size row in jobs/results without a word.
+    smaller = args.quick or any(v is not None for v in (args.epochs, args.limit, args.test_limit))
+    if args.out is None and smaller and not args.quick:
+        print(
+            "bench_quality: note: --epochs, --limit or --test-limit given: results go to "
+            "runs/bench_quick, not the published jobs/results (--out jobs/results to "
+            "replace those)",
+            file=sys.stderr,
+        )
+    args.out = args.out or ("runs/bench_quick" if smaller else "jobs/results")
+    runs_dir = Path(args.runs_dir or ("runs/bench_quick" if smaller else "runs/bench"))
+    if smaller and args.runs_dir is None:
         runs_dir = Path(args.out) / "runs"
     selected = [] if args.report else [r.strip() for r in args.models.split(",") if r.strip()]
     unknown = sorted(r for r in selected if r not in ROWS and not is_plus(r))

@@ -300,3 +300,24 @@ def test_bench_denoise_times_the_job_on_a_ray_head_it_starts_and_stops(tmp_path,
     assert min(by_process.values()) >= 0, by_process
     left = ray_left(ray_tmp, timeout=30)
     assert not left, "processes of the benchmark's Ray head left running:\n" + "\n".join(left)
+
+
+def test_smaller_benchmark_runs_leave_the_published_results_alone(tmp_path):
+    """A smoke run of bench_quality (--limit 200) or bench_overhead without --out replaced
+    the published full-size rows in jobs/results: theirs go to scratch folders now."""
+    (tmp_path / "jobs" / "results").mkdir(parents=True)
+    flags = ["--models", "classical", "--denoisers", "gaussian", "--data", str(MNIST)]
+    flags += ["--limit", "200", "--test-limit", "20", "--tune-limit", "20", "--slow-limit", "20"]
+    proc = _run("bench_quality", [*flags, "--no-figures"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "results go to runs/bench_quick, not the published jobs/results" in proc.stderr
+    assert (tmp_path / "runs" / "bench_quick" / "results.json").is_file()
+    assert list((tmp_path / "jobs" / "results").iterdir()) == []
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "bench_overhead.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    said = " ".join(proc.stdout.split())
+    assert "(default: runs/bench_overhead; the published ones: --out" in said
