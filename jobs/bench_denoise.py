@@ -722,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         for name in names:
             ordered = sorted(runs[name], key=lambda run: run["seconds"])
-            results[name] = dict(ordered[len(ordered) // 2])  # the median run
+            # the median run (of an even count, the slower of the middle two)
+            results[name] = dict(ordered[len(ordered) // 2])
             results[name]["all_seconds"] = [run["seconds"] for run in runs[name]]
             if name in small:  # fixed cost and steady rate from the two sizes
                 extra = results[name]["seconds"] - small[name]["seconds"]
