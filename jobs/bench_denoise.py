@@ -64,6 +64,18 @@ sys.path.insert(0, str(HERE))  # (also when loaded by its path, as the tests do)
 from bench_common import at_least_one, given_file  # noqa: E402
 
 
+def _seconds(text: str) -> float:
+    """argparse type of a wait: seconds >= 0 (-1 failed in time.sleep, after the images
+    were written)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds. Received: {text!r}") from None
+    if not value >= 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be >= 0. Received: {text}")
+    return value
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -605,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also time each method once on this many images, to split start-up from "
         "steady throughput (default: 1,000 digits; 0, skipped, with --photos)",
     )
-    p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after sync")
+    p.add_argument("--settle", type=_seconds, default=3.0, help="seconds to wait after sync (>= 0)")
     p.add_argument(
         "--out-dir",
         default=None,

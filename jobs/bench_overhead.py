@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="per run (>= 2: the 1st is apart)")
     p.add_argument("--repeats", type=at_least_one, default=2, help="alternating runs per side")
     p.add_argument("--limit", type=int, default=12000, help="training digits (0: all 60,000)")
-    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--test-limit", type=at_least_one, default=1000)
     p.add_argument(
         "--metrics-limits",
         default=None,
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     given_file(p, "--data", args.data, "Keras's mnist.npz")
     if args.epochs < 2:
         p.error("--epochs must be >= 2")
+    if args.limit < 0:
+        p.error(f"--limit {args.limit}: expected a number of digits, or 0 for all")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in VARIANTS]
     if unknown or not models:

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (also when loaded by its path)
 
-from bench_common import code_version, given_file  # noqa: E402
+from bench_common import at_least_one, code_version, given_file  # noqa: E402
 
 # Priority order of a full run: the denoising comparison first.
 # The classical denoisers (--denoisers), as classical_methods() names them (bm3d only
@@ -770,27 +770,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--epochs",
-        type=int,
+        type=at_least_one,
         default=None,
         help="override every variant's epochs (default: the tutorial's)",
     )
-    p.add_argument("--limit", type=int, default=None, help="first N training digits (all)")
-    p.add_argument("--test-limit", type=int, default=None, help="first N test digits (all)")
+    p.add_argument("--limit", type=at_least_one, default=None, help="first N training digits (all)")
+    p.add_argument("--test-limit", type=at_least_one, default=None, help="first N test digits")
     p.add_argument(
         "--tune-limit",
-        type=int,
+        type=at_least_one,
         default=500,
         help="held-out training digits the classical parameters are tuned on",
     )
     p.add_argument(
         "--slow-tune-limit",
-        type=int,
+        type=at_least_one,
         default=40,
         help="tuning digits for the slow BM3D",
     )
     p.add_argument(
         "--slow-limit",
-        type=int,
+        type=at_least_one,
         default=300,
         help="test digits BM3D (~1 img/s on 2 cores) is scored on; all methods also on these",
     )

@@ -321,3 +321,22 @@ def test_smaller_benchmark_runs_leave_the_published_results_alone(tmp_path):
     )
     said = " ".join(proc.stdout.split())
     assert "(default: runs/bench_overhead; the published ones: --out" in said
+
+
+@pytest.mark.parametrize(
+    "script, flags, words",
+    [
+        ("bench_sweep", ["--limit", "0"], ["argument --limit", ">= 1"]),
+        ("bench_sweep", ["--test-limit", "-5"], ["argument --test-limit", ">= 1"]),
+        ("bench_quality", ["--epochs", "0"], ["argument --epochs", ">= 1"]),
+        ("bench_quality", ["--slow-limit", "0"], ["argument --slow-limit", ">= 1"]),
+        ("bench_quality", ["--tune-limit", "0"], ["argument --tune-limit", ">= 1"]),
+        ("bench_overhead", ["--limit", "-5"], ["--limit -5: expected a number of digits"]),
+        ("bench_overhead", ["--test-limit", "0"], ["argument --test-limit", ">= 1"]),
+        ("bench_denoise", ["--settle", "-1"], ["argument --settle", ">= 0"]),
+    ],
+)
+def test_sizes_and_waits_out_of_range_are_usage_errors(script, flags, words, tmp_path):
+    # (before: a traceback after the work before it (bench_quality's classical rows, the
+    # images bench_denoise writes), or NaN columns written to results.md)
+    _assert_usage_error(_run(script, [*flags, "--data", str(MNIST)], tmp_path), *words)
