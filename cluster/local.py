@@ -190,7 +190,10 @@ def start(
     token_path = _ensure_token(state_dir)
     temp_dir = state_dir / "ray"  # short: Ray's unix sockets live below it (107-byte limit)
 
-    ports = _free_ports(["gcs", "dashboard", "client_server", "dashboard_agent"])
+    # (and the three metrics servers: Ray's fixed defaults, 44217 and 44227 among them,
+    # failed with "Address already in use" beside another Ray on the machine)
+    names = ["gcs", "dashboard", "client_server", "dashboard_agent"]
+    ports = _free_ports([*names, "metrics", "autoscaler_metrics", "dashboard_metrics"])
     address = f"{HOST}:{ports['gcs']}"
     env = dict(os.environ)
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
@@ -199,6 +202,8 @@ def start(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
         RAY_USAGE_STATS_ENABLED="0",
+        AUTOSCALER_METRIC_PORT=str(ports["autoscaler_metrics"]),
+        DASHBOARD_METRIC_PORT=str(ports["dashboard_metrics"]),
         # job entrypoints (`python ...`) and fake nodes use this interpreter's environment
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
@@ -215,6 +220,7 @@ def start(
         f"--dashboard-port={ports['dashboard']}",
         f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
         f"--ray-client-server-port={ports['client_server']}",
+        f"--metrics-export-port={ports['metrics']}",
         # Workers bind ports the kernel draws: two heads on one machine (two test
         # processes) gave them out of one range, 10002-19999, each checking a port is
         # free before its worker binds it, so both could hand out the same one (as Ray's
