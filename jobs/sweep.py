@@ -1117,49 +1117,71 @@ class OptunaSpace:
 
 
 class VariantOptuna(Searcher):
-    """`--search optuna`: a TPE study of its own for each variant, and the trials handed
-    out in `order` (a variant's name per trial: heaviest first).
+    """`--search optuna`: an Optuna TPE study of its own for each variant, asked and told
+    directly, and the trials handed out in `order` (a variant's name per trial).
 
     One study for the whole sweep ranked every trial by val_loss whatever its variant
     (TPE splits all trials into good and bad by value before it looks at parameters),
     while the losses do not compare across variants: `vae`'s adds a KL term, `sparse`'s
     an L1 penalty. A variant whose losses run higher had no trial among the good, and its
     search did no better than random. Each study starts with `startup` random trials
-    (Optuna's 10, or half a variant's trials where it has fewer), then models its own."""
+    (Optuna's 10, or half a variant's trials where it has fewer), then models its own.
+
+    A trial that diverged (NaN) is told as the worst value, so that TPE learns to keep
+    away from where it was (a NaN is no value to Optuna: such trials stayed RUNNING and
+    were left out); one that errored is FAIL, and its rerun on --resume (Tune reruns
+    errored trials) is told as a trial of its own with the same values (Ray's
+    OptunaSearch dropped every result after the first telling)."""
 
     def __init__(
         self, order: list[str], pins: dict, metric: str, mode: str, seed: int, startup: int
     ):
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
 
         super().__init__(metric=metric, mode=mode)
         self.order = list(order)  # (what is still to hand out)
-        self.variant: dict[str, str] = {}  # trial id -> its variant
-        self.searchers = {}
-        for model in dict.fromkeys(order):
+        self.trials: dict[str, tuple[str, int]] = {}  # trial id -> (variant, Optuna number)
+        self.spaces = {model: OptunaSpace([model], pins) for model in dict.fromkeys(order)}
+        self.studies = {}
+        for model in self.spaces:
             digest = hashlib.sha256(f"{seed}:{model}".encode()).digest()
             sampler = optuna.samplers.TPESampler(
                 seed=int.from_bytes(digest[:4], "big"), n_startup_trials=startup
             )
-            space = OptunaSpace([model], pins)
-            self.searchers[model] = OptunaSearch(space, metric, mode, sampler=sampler)
+            direction = "minimize" if mode == "min" else "maximize"
+            self.studies[model] = optuna.create_study(direction=direction, sampler=sampler)
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not self.order:
             return Searcher.FINISHED
         model = self.order.pop(0)
-        self.variant[trial_id] = model
-        return self.searchers[model].suggest(trial_id)
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.variant:
-            self.searchers[self.variant[trial_id]].on_trial_result(trial_id, result)
+        trial = self.studies[model].ask()
+        self.trials[trial_id] = (model, trial.number)
+        return {"model": model, **self.spaces[model](trial)}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False) -> None:
-        if trial_id in self.variant:
-            searcher = self.searchers[self.variant[trial_id]]
-            searcher.on_trial_complete(trial_id, result=result, error=error)
+        import optuna
+
+        if trial_id not in self.trials:
+            return
+        model, number = self.trials[trial_id]
+        study = self.studies[model]
+        value = (result or {}).get(self.metric)
+        if error or not isinstance(value, (int, float)):
+            state, value = optuna.trial.TrialState.FAIL, None
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+            if not math.isfinite(value):  # diverged: the worst there is
+                value = math.inf if self.mode == "min" else -math.inf
+        told = study.get_trials(deepcopy=False)[number]
+        if told.state == optuna.trial.TrialState.RUNNING:
+            study.tell(number, value, state=state)
+            return
+        rerun = optuna.trial.create_trial(  # (a rerun of a trial told before)
+            params=told.params, distributions=told.distributions, value=value, state=state
+        )
+        study.add_trial(rerun)
+        self.trials[trial_id] = (model, study.get_trials(deepcopy=False)[-1].number)
 
     def save(self, checkpoint_path: str) -> None:
         from ray import cloudpickle  # (as Tune pickles the searcher: classes of __main__ too)

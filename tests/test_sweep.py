@@ -1089,14 +1089,42 @@ def test_optuna_models_each_variant_on_its_own_trials(tmp_path):
         rates[model].append(config["hparams"][model]["learning_rate"])
         searcher.on_trial_complete(f"t{i}", {"val_loss": loss(model, config)})
     assert searcher.suggest("t-past") == "FINISHED"
-    for model, searched in searcher.searchers.items():
-        trials = searched._ot_study.get_trials()
+    for model, study in searcher.studies.items():
+        trials = study.get_trials()
         assert len(trials) == 24 and {t.params["model"] for t in trials} == {model}, model
     for model in rates:  # (random draws over 3e-4..3e-3 have a median near 9.5e-4)
         assert statistics.median(rates[model][12:]) < 6e-4, (model, rates[model])
     restored = sweep.VariantOptuna(["dense"], {}, "val_loss", "min", seed=1, startup=1)
     restored.restore(str(tmp_path / "state.pkl"))
     assert restored.suggest("t20") == saved.suggest("t20")
+
+
+def test_optuna_is_told_of_diverged_errored_and_rerun_trials():
+    """A diverged trial's NaN is no value to Optuna: it stayed RUNNING, left out of TPE's
+    model, so the region that diverged was never marked bad; it is the worst value now.
+    A trial that errored is FAIL, and its rerun on --resume (Tune reruns errored trials),
+    which Ray's OptunaSearch dropped, is told as a trial with the same values."""
+    pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
+    sweep = _load_sweep_module()
+    searcher = sweep.VariantOptuna(["dense"] * 3, {}, "val_loss", "min", seed=0, startup=1)
+    configs = [searcher.suggest(f"t{i}") for i in range(3)]
+    searcher.on_trial_complete("t0", {"val_loss": math.nan})
+    searcher.on_trial_complete("t1", None, error=True)
+    searcher.on_trial_complete("t2", {"val_loss": 0.25})
+    searcher.on_trial_complete("t1", {"val_loss": 0.5})  # (its rerun, after --resume)
+    trials = searcher.studies["dense"].get_trials()
+    told = [(t.state, t.value) for t in trials]
+    assert told == [
+        (TrialState.COMPLETE, math.inf),
+        (TrialState.FAIL, None),
+        (TrialState.COMPLETE, 0.25),
+        (TrialState.COMPLETE, 0.5),
+    ]
+    assert trials[3].params == trials[1].params
+    rate = configs[1]["hparams"]["dense"]["learning_rate"]
+    assert trials[1].params["dense.learning_rate"] == rate
 
 
 def test_an_optuna_sweep_feeds_each_variants_study_and_resumes(tmp_path, shared_ray):
@@ -1117,11 +1145,11 @@ def test_an_optuna_sweep_feeds_each_variants_study_and_resumes(tmp_path, shared_
     (state,) = (tmp_path / "opt").glob("searcher-state-*.pkl")
     with open(state, "rb") as f:
         state = pickle.load(f)
-    assert list(state["variant"].values()) == ["dense", "sparse"] * 2  # (in suggestion order)
-    assert state["variant"] == {r["trial_id"]: r["model"] for r in rows}
-    searchers = state["searchers"]
-    for model, searcher in searchers.items():
-        told = sorted(t.value for t in searcher._ot_study.get_trials())
+    variants = {trial_id: model for trial_id, (model, _) in state["trials"].items()}
+    assert list(variants.values()) == ["dense", "sparse"] * 2  # (in suggestion order)
+    assert variants == {r["trial_id"]: r["model"] for r in rows}
+    for model, study in state["studies"].items():
+        told = sorted(t.value for t in study.get_trials())
         measured = sorted(float(r["val_loss"]) for r in rows if r["model"] == model)
         assert told == pytest.approx(measured, rel=1e-6), model
     proc = subprocess.run(
