@@ -2500,13 +2500,21 @@ def _sigterm_in_ray_init():
 def _on_sigterm_in_ray_init(signum, frame) -> None:
     """Records the stop and raises KeyboardInterrupt, where the main thread is in no
     function of logging's: there (its at-fork hook drops the exception and keeps its
-    lock) the signal comes again 50 ms later."""
+    lock) the signal comes again 50 ms later, while ray.init still runs (after it, the
+    recorded stop is acted on: a signal sent again then broke into the job's shutdown)."""
     if signum not in _TERMINATED:
         _TERMINATED.append(signum)
     if frame is not None and frame.f_code.co_filename == logging.__file__:
-        threading.Timer(0.05, _thread.interrupt_main, (signum,)).start()
+        again = threading.Timer(0.05, _sigterm_again_in_ray_init, (signum,))
+        again.daemon = True
+        again.start()
         return
     raise KeyboardInterrupt
+
+
+def _sigterm_again_in_ray_init(signum: int) -> None:
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm_in_ray_init:
+        _thread.interrupt_main(signum)
 
 
 def _own_ray_processes(kind: str | None = None) -> list:
