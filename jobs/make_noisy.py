@@ -211,7 +211,7 @@ def make_noisy(
             (f"notes_{k}.txt", b"not an image\n"),
         )[kind]
         asked.add(f"broken/{name}")
-        if not (out / "broken" / name).is_file():
+        if not _written(out / "broken" / name):
             _write(out / "broken" / name, payload)
     others = sorted(rel for rel in _visible_files(out) if rel not in asked)
     if others:

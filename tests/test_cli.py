@@ -1101,11 +1101,12 @@ def test_make_noisy_counts_the_clean_references_it_writes(monkeypatch, tmp_path,
     # An emptied file (a full disk, `: > file`) is written again, a clean reference too
     # (it was kept: the denoise job scored against a broken reference).
     emptied = [folder / make_noisy.relative_path(2, 1) for folder in (noisy, tmp_path / "clean")]
+    emptied.append(noisy / "broken" / "truncated_0.png")  # (of the earlier --corrupt 1)
     before = [path.read_bytes() for path in emptied]
     for path in emptied:
         path.write_bytes(b"")
-    counts = make_noisy.make_noisy(str(MNIST), 4, noisy, tmp_path / "clean")
-    assert counts == {"written": 1, "kept": 3, "clean_written": 1, "corrupt": 0, "others": 3}
+    counts = make_noisy.make_noisy(str(MNIST), 4, noisy, tmp_path / "clean", corrupt=1)
+    assert counts == {"written": 1, "kept": 3, "clean_written": 1, "corrupt": 1, "others": 2}
     assert [path.read_bytes() for path in emptied] == before
 
 
