@@ -851,7 +851,8 @@ def train(
     process.raise_if_stopped()  # (here and below: a stop that process.defer_stops held)
     # (fit's own time where it trained: a rerun of a run stopped after its last epoch
     # trains none, and its fit, which only restores the checkpoint, added a second)
-    train_seconds = past["train_seconds"] + (time.perf_counter() - start) * bool(history.epoch)
+    trained = time.perf_counter() - start if history.epoch else 0.0
+    train_seconds = past["train_seconds"] + trained
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     hist = merge_history(past["history"], hist)
     last_loss = hist.get("loss", [math.nan])[-1]

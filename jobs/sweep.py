@@ -1085,9 +1085,11 @@ def variant_space(model: str, pins: dict[str, dict]) -> dict[str, Any]:
 
 
 class OptunaSpace:
-    """A define-by-run space: each variant's keys are namespaced, so Optuna's model of
-    one variant's hyperparameters learns only from that variant's trials. (A class,
-    not a closure: Tune pickles the searcher into its experiment state.)"""
+    """A define-by-run space, its keys namespaced by variant ("dense.learning_rate").
+    VariantOptuna gives each variant's study one of its own, of that variant alone; a
+    sweep started before it resumes with its one study of all `models`, whose searcher
+    state names this class. (A class, not a closure: Tune pickles the searcher into its
+    experiment state.)"""
 
     def __init__(self, models: list[str], pins: dict[str, dict] | None = None):
         self.models = list(models)
@@ -1143,12 +1145,12 @@ class VariantOptuna(Searcher):
         self.trials: dict[str, tuple[str, int]] = {}  # trial id -> (variant, Optuna number)
         self.spaces = {model: OptunaSpace([model], pins) for model in dict.fromkeys(order)}
         self.studies = {}
+        direction = "minimize" if mode == "min" else "maximize"
         for model in self.spaces:
             digest = hashlib.sha256(f"{seed}:{model}".encode()).digest()
             sampler = optuna.samplers.TPESampler(
                 seed=int.from_bytes(digest[:4], "big"), n_startup_trials=startup
             )
-            direction = "minimize" if mode == "min" else "maximize"
             self.studies[model] = optuna.create_study(direction=direction, sampler=sampler)
 
     def suggest(self, trial_id: str) -> dict | str | None:
