@@ -641,6 +641,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} {value}: expected a number of images >= 0")
     if args.count is None:
         args.count = 12 if photo else 50_000
+    if args.startup_count and args.count and args.startup_count >= args.count:
+        p.error(
+            f"--startup-count {args.startup_count}: expected fewer images than --count "
+            f"{args.count} (it times a smaller run to split start-up from steady images/s)"
+        )
     if args.startup_count is None:
         args.startup_count = 0 if photo else 1000
     allowed = ["plain", "job", "job_running_ray"]

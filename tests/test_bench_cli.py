@@ -334,6 +334,11 @@ def test_smaller_benchmark_runs_leave_the_published_results_alone(tmp_path):
         ("bench_overhead", ["--limit", "-5"], ["--limit -5: expected a number of digits"]),
         ("bench_overhead", ["--test-limit", "0"], ["argument --test-limit", ">= 1"]),
         ("bench_denoise", ["--settle", "-1"], ["argument --settle", ">= 0"]),
+        (
+            "bench_denoise",
+            ["--count", "500", "--startup-count", "500"],
+            ["--startup-count 500: expected fewer images than --count 500"],
+        ),
     ],
 )
 def test_sizes_and_waits_out_of_range_are_usage_errors(script, flags, words, tmp_path):
