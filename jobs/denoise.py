@@ -3654,6 +3654,25 @@ def _default_resources(
     return cpus, gpus, workers
 
 
+def _note_workers_beyond_nodes(workers: int, cpus: float, gpus: float, autoscale: bool) -> None:
+    """Says so where --workers asks for more actors than the live nodes hold: Ray Data
+    starts those that fit and runs on them; the others wait (for an autoscaler's nodes,
+    or till the job ends)."""
+    import ray
+
+    hold = sum(
+        _actors_on(n.get("Resources", {}), cpus, gpus) for n in ray.nodes() if n.get("Alive")
+    )
+    if workers > hold:
+        then = "for the autoscaler to add nodes" if autoscale else "and are never started"
+        print(
+            f"denoise: note: --workers {workers}, but the nodes of this Ray cluster hold "
+            f"{hold} actor(s) of {{CPU: {cpus:g}, GPU: {gpus:g}}} now: the job runs on "
+            f"those, the others wait {then}",
+            file=sys.stderr,
+        )
+
+
 def _actors_on(resources: dict, cpus: float, gpus: float) -> int:
     """How many actors of `cpus` CPUs and `gpus` GPUs a node of `resources` holds."""
     fits = resources.get("CPU", 0) / cpus
@@ -4738,6 +4757,7 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     # No more actors than blocks: one with none would only load the model (on a CPU,
     # TensorFlow's import: seconds of a core the others need), and Ray Data warns of it.
     workers = max(1, min(workers, blocks))
+    _note_workers_beyond_nodes(workers, cpus, gpus, args.allow_autoscale)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     calls = (
         f"up to {args.batch_size} images per model call"

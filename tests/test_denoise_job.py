@@ -875,10 +875,14 @@ def test_a_block_whose_worker_keeps_dying_is_given_up_and_the_rest_is_done(
     assert f"{len(rows) - len(lost)} ok, {len(lost)} failed" in result.stdout
     assert f"denoise: failed: {min(lost)}: {job.LOST} did not come back after" in result.stderr
 
-    # A rerun does them again (the big image now a digit, and no killer).
+    # A rerun does them again (the big image now a digit, and no killer), here asking
+    # for more actors than the shared head's 2 CPUs hold: it says so and runs on 2.
     (src / "zz_big.png").write_bytes(png((rng.random((28, 28)) * 255).astype(np.uint8)))
-    result = run_job(*args, ray=shared_ray)
+    result = run_job(*args[:-2], "--workers", 3, ray=shared_ray)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: --workers 3, but the nodes of this Ray cluster hold 2 actor(s)" in " ".join(
+        result.stderr.split()
+    ), result.stderr[-3000:]
     rows = manifest(dst)
     assert {path for path, row in rows.items() if row["status"] == "ok"} == lost
     assert {row["status"] for path, row in rows.items() if path not in lost} == {"skipped"}
