@@ -3103,6 +3103,14 @@ def one_run_at_a_time(output: Storage, flag: str):
         refused = True
         raise
     finally:  # removed while still held, so no run can lock the file and then lose it
+        if refused and made and _only_journals(output.root):
+            # A DST this run made, in which it wrote no output (its actors refused the
+            # model, say): its journal records nothing, and the folder goes too.
+            hold.keep_mark = False
+            for name in os.listdir(output.root):
+                if JOURNAL.fullmatch(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(output.root, name))
         if fd is not None:
             if not hold.keep_mark:
                 with contextlib.suppress(OSError):
@@ -3118,6 +3126,15 @@ def _utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _only_journals(folder: str) -> bool:
+    """Whether `folder` holds journals (and the lock) only: no output, nor a temp file."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return all(name == LOCK or JOURNAL.fullmatch(name) for name in names)
 
 
 def _missing_folders(path: str) -> list[str]:

@@ -2094,6 +2094,8 @@ def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path, share
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("denoise: error: --model"), result.stderr[-3000:]
     assert "the actors cannot use it: ValueError: Model" in line, line
+    # It wrote nothing: the --output it made goes (it kept a journal of no rows there).
+    assert not (tmp_path / "o").exists(), list((tmp_path / "o").iterdir())
 
 
 @pytest.fixture(scope="module")
