@@ -865,6 +865,13 @@ def _spec(config: dict, info: dict, unusable: list[str], label: str) -> ModelSpe
             f"Model {label} ({name}) has {channels} input channels; the job supports 1 "
             "(grayscale) or 3 (RGB)."
         )
+    out_channels = _output_filters(config)
+    if out_channels is not None and out_channels != channels:
+        raise ValueError(
+            f"Model {label} ({name}) maps images of {channels} channel(s) to images of "
+            f"{out_channels} (its output layer's filters): the denoise job needs a model "
+            "whose output has its input's shape, such as aelib's `denoise`."
+        )
     depth = info.get("model_config", {}).get("depth")
     note = ""
     try:
@@ -910,6 +917,35 @@ def _uses_aelib(config: Any) -> bool:
     if isinstance(config, list):
         return any(_uses_aelib(v) for v in config)
     return False
+
+
+def _output_filters(config: dict) -> int | None:
+    """The `filters` of a Keras model's output layer where it is one of Keras's
+    convolutions (how many channels the model's output has), else None: the actors then
+    find out when they try the model."""
+    inner = config.get("config") or {}
+    layers = inner.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    if config.get("class_name") == "Sequential":
+        last = layers[-1]
+    else:
+        outputs = inner.get("output_layers")
+        if not (isinstance(outputs, list) and len(outputs) == 3 and isinstance(outputs[0], str)):
+            outputs = outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else None
+        if not (isinstance(outputs, list) and outputs and isinstance(outputs[0], str)):
+            return None
+        last = next((x for x in layers if x.get("name") == outputs[0]), None)
+    if not isinstance(last, dict) or not str(last.get("module") or "").startswith("keras"):
+        return None
+    filters = (last.get("config") or {}).get("filters")
+    if last.get("class_name") in CONVOLUTIONS and isinstance(filters, int):
+        return filters
+    return None
+
+
+# Keras's layers whose `filters` are their output's channels.
+CONVOLUTIONS = ("Conv2D", "Conv2DTranspose", "SeparableConv2D")
 
 
 def _input_shape(config: dict) -> list | None:

@@ -2080,12 +2080,14 @@ def test_a_model_whose_weights_are_nan_is_refused_up_front(model_path, dataset, 
 
 def test_a_model_the_actors_cannot_use_is_a_clear_error(dataset, tmp_path, shared_ray):
     """Its config looks like an image model; only running it shows that it maps one
-    channel to two. After Ray's log of the actor's error, the job ends with one line
-    naming --model and the error, and exit 2 (it was Ray's traceback and exit 1)."""
+    channel to two (its output layer is no convolution, whose filters the driver reads).
+    After Ray's log of the actor's error, the job ends with one line naming --model and
+    the error, and exit 2 (it was Ray's traceback and exit 1)."""
     import keras
 
     inputs = keras.Input((None, None, 1))
-    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, padding="same")(inputs))
+    x = keras.layers.Conv2D(2, 3, padding="same")(inputs)
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid")(x))
     model.save(tmp_path / "two.keras")
     src = dataset["src"] / "sizes"
     model = tmp_path / "two.keras"
@@ -3229,6 +3231,19 @@ def test_valid_padding_models_pass_the_actor_probe_and_two_inputs_are_refused(tm
     two.save(tmp_path / "two.keras")
     with pytest.raises(ValueError, match=r"takes 2 inputs: the denoise job needs a model of one"):
         job.inspect_model((tmp_path / "two.keras").read_bytes(), "two.keras")
+    # Nor is one whose output convolution has other channels than its input (it was, by
+    # the actors, after Ray and TensorFlow had started, ~10-20 s later), in either API.
+    keras.Model(inputs, keras.layers.Conv2D(3, 3, padding="same")(inputs)).save(
+        tmp_path / "3.keras"
+    )
+    rgb = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(1, 3)])
+    rgb.save(tmp_path / "seq.keras")
+    for name, channels in (
+        ("3.keras", r"1 channel\(s\) to images of 3"),
+        ("seq.keras", "3 channel"),
+    ):
+        with pytest.raises(ValueError, match=rf"maps images of {channels}.*output layer's filters"):
+            job.inspect_model((tmp_path / name).read_bytes(), name)
 
 
 def test_a_config_whose_graph_cannot_be_followed_is_run_whole_with_a_note(model_path):
