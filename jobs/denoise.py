@@ -948,6 +948,18 @@ def _output_filters(config: dict) -> int | None:
 CONVOLUTIONS = ("Conv2D", "Conv2DTranspose", "SeparableConv2D")
 
 
+def _ppm_maxval(img) -> int:
+    """A Netpbm file's maximum value (its white), from the tile Pillow opened it with;
+    0 for other formats. Pillow reads one above 255 as 16-bit gray (mode I, scaled to
+    0..65535) or as 8-bit RGB."""
+    if img.format != "PPM" or not img.tile:
+        return 0
+    args = img.tile[0].args
+    if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int):
+        return args[1]  # (Pillow's own decoder, which scales)
+    return 65535 if args == "I;16B" else 255
+
+
 def _input_shape(config: dict) -> list | None:
     inner = config.get("config", {})
     for layer in inner.get("layers", []):
@@ -1047,6 +1059,7 @@ def decode(
         with Image.open(io.BytesIO(payload), formats=formats) as img:
             if max_pixels and img.width * img.height > max_pixels:  # from the header alone
                 raise _too_big(img.width * img.height, max_pixels)
+            ppm_max = _ppm_maxval(img)  # (from the tile, which load() clears)
             img.load()
             info = {k: img.info[k] for k in ("exif", "icc_profile", "dpi") if img.info.get(k)}
             if img.format == "TIFF" and 282 not in getattr(img, "tag_v2", {}):
@@ -1060,6 +1073,7 @@ def decode(
             # A TIFF's bits per sample: Pillow reads 16-bit RGB(A) ones as 8 bits too.
             bits = img.tag_v2.get(258) if img.format == "TIFF" else None
             deep = bool(bits) and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+            deep = deep or mode == "RGB" and ppm_max > 255  # a PPM's RGB of 9 to 16 bits
             key = img.info.get("transparency")  # a transparent colour (PNG's tRNS)
             if mode == "F":  # converting would round [0, 1] floats to black: refuse instead
                 raise UnsupportedImage(
@@ -1086,11 +1100,17 @@ def decode(
                 # scale than its input. They are denoised on the 8-bit scale and written
                 # back in a file as wide as the input's.
                 notes = [info.get("note")]
-                if mode == "I":
+                wider = mode == "I" and img.format != "PPM"  # (a PGM's "I" is 16 bits)
+                if wider:
                     notes.append("32-bit integer pixels written as 16 bits")
+                elif img.format == "PPM" and ppm_max != 65535:  # 0..maxval as 0..65535
+                    notes.append(
+                        f"PGM of maximum value {ppm_max}, read scaled to 0 to 65535 (Pillow), "
+                        "written as 16 bits"
+                    )
                 if high <= 255:
                     notes.append(
-                        f"{'32' if mode == 'I' else '16'}-bit pixels of values 0 to "
+                        f"{'32' if wider else '16'}-bit pixels of values 0 to "
                         f"{high} denoised as 8-bit values"
                     )
                 if any(notes):

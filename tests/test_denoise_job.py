@@ -3445,6 +3445,20 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
         with pytest.raises(job.UnsupportedImage, match="32-bit integer pixels") as e:
             job.decode(buf.getvalue(), "per-channel")
         assert str(e.value).startswith(job.BAD_INPUT)
+    # A 16-bit PGM (Pillow's mode I too) is no 32-bit file; one of another maximum value
+    # than 65535 is read scaled to 0..65535, which its note says (it said neither). A
+    # PPM's RGB of more than 8 bits is read as 8 bits, as a 16-bit PNG's.
+    values = np.array([[0, 1000, 4095, 2000]] * 3, np.uint16)
+    for maxval, note in ((65535, None), (4095, "PGM of maximum value 4095, read scaled to")):
+        pgm = b"P5\n4 3\n%d\n" % maxval + values.astype(">u2").tobytes()
+        array, _, info, _ = job.decode(pgm, "per-channel")
+        assert array.dtype == np.uint16 and (info.get("note") or "").startswith(note or ""), info
+        assert note or "note" not in info
+    assert array[0, :, 0].tolist() == [0, 16004, 65535, 32007]  # (0..4095 on 0..65535)
+    ppm = b"P6\n1 3\n4095\n" + values.astype(">u2").tobytes()
+    assert job.decode(ppm, "per-channel")[2]["note"] == (
+        "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
+    )
     # An animation keeps its first frame, and says so.
     frames = [Image.fromarray(np.full((6, 6), v, np.uint8)) for v in (0, 100, 200)]
     buf = io.BytesIO()
