@@ -116,6 +116,8 @@ class TrainConfig:
                 value is None and name in ("limit", "test_limit") or is_int(value),
                 f"{name} must be an int. Received: {name}={value!r}",
             )
+            if value is not None:  # (NumPy's as Python's: Keras's set_random_seed took
+                setattr(self, name, int(value))  # no np.int64 seed, after the checks)
         for name in ("learning_rate", "noise_factor", "val_split"):
             value = getattr(self, name)
             _check(is_number(value), f"{name} must be a number. Received: {name}={value!r}")
@@ -543,8 +545,16 @@ def stopped_run(
 
 
 def merge_history(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
-    """Two runs' per-epoch logs, one after the other."""
-    return {k: list(a.get(k, [])) + list(b.get(k, [])) for k in dict.fromkeys([*a, *b])}
+    """Two runs' per-epoch logs, one after the other, aligned by epoch: a key one of them
+    lacks is None in its epochs. (A key a caller's callback adds is one: the checkpoint
+    a stopped run goes on from is saved before those callbacks run, so that a stop they
+    raise keeps the epoch; its lists, joined as they were, put the resumed run's values
+    at the first epochs.)"""
+    epochs_a, epochs_b = (max(map(len, h.values()), default=0) for h in (a, b))
+    return {
+        k: list(a.get(k, [None] * epochs_a)) + list(b.get(k, [None] * epochs_b))
+        for k in dict.fromkeys([*a, *b])
+    }
 
 
 def tf_data_autotune_off() -> bool:
@@ -595,7 +605,8 @@ def training_data(
     `steps_per_epoch`): batches of `batch_size` in a new order each epoch.
 
     JAX and PyTorch get the arrays with shuffle=True: Keras draws each epoch's order
-    with NumPy's generator, which keras.utils.set_random_seed seeds.
+    with NumPy's generator under JAX, and with torch's (a RandomSampler) under
+    PyTorch, both of which keras.utils.set_random_seed seeds.
 
     TensorFlow gets a tf.data pipeline of its own, because there Keras's shuffle=True
     gives every epoch the same order once set_random_seed has set TensorFlow's global
@@ -735,7 +746,9 @@ def train(
             (Ray trials pass it from the object store instead).
         out_dir: if set, writes `NAME.keras`, `metrics.json` and `figures/*.png` there.
         callbacks: extra Keras callbacks, run after aelib's own (so they see
-            `val_psnr`/`val_ssim` for `denoise`).
+            `val_psnr`/`val_ssim` for `denoise`; the epoch's checkpoint is saved
+            before them, so a key they add to the logs is None in a resumed run's
+            history for the epochs before it).
         tensorboard_dir: if set, Keras's TensorBoard callback logs there.
         figures: draw the tutorial's figures into out_dir.
         verbose: Keras's fit verbosity ("auto": a progress bar on a terminal).
