@@ -648,6 +648,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.startup_count is None:
         args.startup_count = 0 if photo else 1000
+        if args.count and args.startup_count >= args.count:  # (the default's too small a run)
+            print(
+                f"bench_denoise: note: no start-up split: --count {args.count} is not above "
+                f"the default --startup-count {args.startup_count} (give a smaller one)",
+                file=sys.stderr,
+            )
     allowed = ["plain", "job", "job_running_ray"]
     if not photo:
         allowed.insert(1, "docs")

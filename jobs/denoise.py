@@ -954,10 +954,11 @@ def _ppm_maxval(img) -> int:
     0..65535) or as 8-bit RGB."""
     if img.format != "PPM" or not img.tile:
         return 0
-    args = img.tile[0].args
+    args = img.tile[0][3]  # (a plain tuple before Pillow 11, a named one since)
     if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int):
         return args[1]  # (Pillow's own decoder, which scales)
-    return 65535 if args == "I;16B" else 255
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    return 65535 if rawmode == "I;16B" else 255
 
 
 def _input_shape(config: dict) -> list | None:
@@ -1073,7 +1074,14 @@ def decode(
             # A TIFF's bits per sample: Pillow reads 16-bit RGB(A) ones as 8 bits too.
             bits = img.tag_v2.get(258) if img.format == "TIFF" else None
             deep = bool(bits) and max(bits if isinstance(bits, tuple) else (bits,)) > 8
-            deep = deep or mode == "RGB" and ppm_max > 255  # a PPM's RGB of 9 to 16 bits
+            if mode in ("L", "RGB") and ppm_max not in (0, 255):  # (the 1-bit PBM's: 255)
+                # A Netpbm file whose white is not 255: Pillow scales it to 0..255
+                kind = "PGM" if mode == "L" else "PPM"
+                note = (
+                    f"{kind} of maximum value {ppm_max} read scaled to 0 to 255 (Pillow), "
+                    "written as 8 bits"
+                )
+                info["note"] = "; ".join(filter(None, [info.get("note"), note]))
             key = img.info.get("transparency")  # a transparent colour (PNG's tRNS)
             if mode == "F":  # converting would round [0, 1] floats to black: refuse instead
                 raise UnsupportedImage(
@@ -3727,19 +3735,22 @@ def _default_resources(
     return cpus, gpus, workers
 
 
-def _note_workers_beyond_nodes(workers: int, cpus: float, gpus: float, autoscale: bool) -> None:
-    """Says so where --workers asks for more actors than the live nodes hold: Ray Data
-    starts those that fit and runs on them; the others wait (for an autoscaler's nodes,
-    or till the job ends)."""
+def _note_workers_beyond_nodes(
+    given: int, workers: int, cpus: float, gpus: float, autoscale: bool
+) -> None:
+    """Says so where --workers `given` asks for more actors (`workers`, no more than the
+    blocks) than the live nodes hold: Ray Data starts those that fit and runs on them;
+    the others wait (for an autoscaler's nodes, or till the job ends). Where none fits,
+    check_resources has said so already."""
     import ray
 
     hold = sum(
         _actors_on(n.get("Resources", {}), cpus, gpus) for n in ray.nodes() if n.get("Alive")
     )
-    if workers > hold:
+    if 0 < hold < workers:
         then = "for the autoscaler to add nodes" if autoscale else "and are never started"
         print(
-            f"denoise: note: --workers {workers}, but the nodes of this Ray cluster hold "
+            f"denoise: note: --workers {given}, but the nodes of this Ray cluster hold "
             f"{hold} actor(s) of {{CPU: {cpus:g}, GPU: {gpus:g}}} now: the job runs on "
             f"those, the others wait {then}",
             file=sys.stderr,
@@ -4830,7 +4841,8 @@ def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_star
     # No more actors than blocks: one with none would only load the model (on a CPU,
     # TensorFlow's import: seconds of a core the others need), and Ray Data warns of it.
     workers = max(1, min(workers, blocks))
-    _note_workers_beyond_nodes(workers, cpus, gpus, args.allow_autoscale)
+    if args.workers is not None:  # (the default fills the nodes; on none, see check_resources)
+        _note_workers_beyond_nodes(args.workers, workers, cpus, gpus, args.allow_autoscale)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     calls = (
         f"up to {args.batch_size} images per model call"

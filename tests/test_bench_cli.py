@@ -339,6 +339,11 @@ def test_smaller_benchmark_runs_leave_the_published_results_alone(tmp_path):
             ["--count", "500", "--startup-count", "500"],
             ["--startup-count 500: expected fewer images than --count 500"],
         ),
+        (  # (the default's: a note, said before the usage error that ends this one)
+            "bench_denoise",
+            ["--count", "500", "--only", "nope"],
+            ["no start-up split: --count 500 is not above the default --startup-count", "--only"],
+        ),
     ],
 )
 def test_sizes_and_waits_out_of_range_are_usage_errors(script, flags, words, tmp_path):

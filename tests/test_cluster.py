@@ -492,6 +492,8 @@ class TestFakeMultiNodeGPUCluster:
         proc, seconds = _run(cmd, env, timeout=300)
         TIMINGS["denoise"] = seconds
         assert proc.returncode == 0, _tail(proc)
+        # (no GPU node at the start: the autoscaler's warning, not a --workers note)
+        assert "note: --workers" not in proc.stderr, _tail(proc)
         manifest = pq.read_table(dst / "manifest.parquet").to_pandas()
         assert len(manifest) == 200 and (manifest["status"] == "ok").all()
         print(f"\ndenoise images per node: {manifest.groupby('node').size().to_dict()}")

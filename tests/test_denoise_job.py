@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 import zipfile
 import zlib
@@ -3457,8 +3458,17 @@ def test_pixels_pillow_reads_otherwise_get_a_note_or_a_reason(monkeypatch):
     assert array[0, :, 0].tolist() == [0, 16004, 65535, 32007]  # (0..4095 on 0..65535)
     ppm = b"P6\n1 3\n4095\n" + values.astype(">u2").tobytes()
     assert job.decode(ppm, "per-channel")[2]["note"] == (
-        "16-bit RGB read as 8 bits (Pillow), written as 8 bits"
+        "PPM of maximum value 4095 read scaled to 0 to 255 (Pillow), written as 8 bits"
     )
+    array, _, info, _ = job.decode(b"P5\n4 1\n100\n" + bytes([0, 50, 100, 20]), "per-channel")
+    assert array.ravel().tolist() == [0, 128, 255, 51] and info["note"].startswith(
+        "PGM of maximum value 100 read scaled to 0 to 255"
+    )
+    assert "note" not in job.decode(b"P5\n1 1\n255\n\x07", "per-channel")[2]
+    # (Pillow before 11 keeps its tiles as plain tuples, with 3 arguments for raw data)
+    for args, maxval in ((("L", 0, 1), 255), (("I;16B", 0, 1), 65535), (("I", 4095), 4095)):
+        tile = [("raw", (0, 0, 1, 1), 11, args)]
+        assert job._ppm_maxval(types.SimpleNamespace(format="PPM", tile=tile)) == maxval
     # An animation keeps its first frame, and says so.
     frames = [Image.fromarray(np.full((6, 6), v, np.uint8)) for v in (0, 100, 200)]
     buf = io.BytesIO()
