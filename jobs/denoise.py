@@ -4749,8 +4749,11 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
     ready and when the first results came back, in seconds since `start`."""
     import ray
 
-    with _sigterm_in_ray_init():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    try:
+        with _sigterm_in_ray_init():
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except ConnectionError as e:  # (an OSError: "the outputs written are kept", of none)
+        raise ValueError(_ray_connect_failed(e)) from e
     timings = {"ray_ready_s": round(time.perf_counter() - start, 2), "first_result_s": None}
     pipeline = None
     try:  # (from here on, however it ends, Ray is shut down below)
@@ -4782,6 +4785,26 @@ def _run_ray(args, spec, model_bytes, inputs, todo, units, parquet, manifest, st
         shutdown_ray()
         _sigterm_as_ctrl_c()  # (again: Ray's shutdown set SIGTERM's default action back)
     return timings
+
+
+def _ray_connect_failed(error: Exception) -> str:
+    """What to say of a ray.init that could not connect to RAY_ADDRESS's cluster. One
+    that takes token authentication (Ray 2.60's `ray start` turns it on wherever
+    ~/.ray/auth_token exists) refuses a driver without the token; ray.init retried for
+    20 s, logging "InvalidAuthToken" each second, and said only "Failed to connect"."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        return str(error)
+    why = f"{error} {error.__cause__ or ''}"
+    if "InvalidAuthToken" in why or "AuthenticationError" in why:
+        mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+        return (
+            f"RAY_ADDRESS={address}: the Ray cluster there takes token authentication and "
+            f"refused this driver (RAY_AUTH_MODE {mode}): export RAY_AUTH_MODE=token, with "
+            "the cluster's token in ~/.ray/auth_token or at RAY_AUTH_TOKEN_PATH (`python "
+            "cluster/local.py env` prints both for its clusters)"
+        )
+    return f"RAY_ADDRESS={address}: {error}"
 
 
 def _run_pipeline(args, spec, model_bytes, inputs, todo, units, parquet, on_start=None):

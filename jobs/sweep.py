@@ -2231,6 +2231,26 @@ def _sweep(argv: list[str] | None) -> int:
             raise SystemExit(_out_of_space_message(experiment, e)) from e
 
 
+def _ray_connect_failed(error: Exception) -> str:
+    """What to say of a ray.init that could not connect to RAY_ADDRESS's cluster. One
+    that takes token authentication (Ray 2.60's `ray start` turns it on wherever
+    ~/.ray/auth_token exists) refuses a driver without the token; ray.init retried for
+    20 s, logging "InvalidAuthToken" each second, and said only "Failed to connect"."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        return str(error)
+    why = f"{error} {error.__cause__ or ''}"
+    if "InvalidAuthToken" in why or "AuthenticationError" in why:
+        mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+        return (
+            f"RAY_ADDRESS={address}: the Ray cluster there takes token authentication and "
+            f"refused this driver (RAY_AUTH_MODE {mode}): export RAY_AUTH_MODE=token, with "
+            "the cluster's token in ~/.ray/auth_token or at RAY_AUTH_TOKEN_PATH (`python "
+            "cluster/local.py env` prints both for its clusters)"
+        )
+    return f"RAY_ADDRESS={address}: {error}"
+
+
 class _TrialErrorUnreadable(Exception):
     """Tune's fit could not read back a failed trial's pickled error: a full disk left
     the file empty (EOFError) or cut short (UnpicklingError)."""
@@ -2299,8 +2319,11 @@ def _sweep_locked(args: argparse.Namespace) -> int:
         check_pins(args, arrays)
     elif not args.no_figures:
         _import_aelib_early()
-    with _sigterm_in_ray_init():
-        ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
+    try:
+        with _sigterm_in_ray_init():
+            ray.init(include_dashboard=False)  # ignored when connecting to a running Ray
+    except ConnectionError as e:
+        raise SystemExit(f"sweep.py: error: {_ray_connect_failed(e)}") from e
     _trial_actors_on_prestarted_workers()
     try:
         if args.gpus_per_trial is None:

@@ -1437,7 +1437,9 @@ def test_a_glob_the_shell_expanded_is_said_to_be_one(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, dataset, tmp_path):
+def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(
+    model_path, dataset, tmp_path, shared_ray
+):
     """Each exits 2 with a message naming the flag, before any image is touched."""
     folder = tmp_path / "pq"  # a folder of Parquet files: the manifest would be listed
     folder.mkdir()
@@ -1542,6 +1544,15 @@ def test_bad_locations_and_flags_fail_at_once_and_leave_nothing(model_path, data
     assert result.returncode == 2, result.stderr[-2000:]
     said = "denoise: error: RAY_ADDRESS=x: not the address of a Ray cluster (expected host:port"
     assert said in result.stderr and not (tmp_path / "o9").exists()
+    # A cluster of token authentication, given another token: ray.init logged its refusal
+    # each second for 20 s (here Ray's retries cut to 1 s), then "Failed to connect".
+    (tmp_path / "token").write_text("0" * 64)
+    other = {**shared_ray, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    other["RAY_gcs_server_port_wait_time_s"] = "1"
+    result = run_job(*src, "--output", tmp_path / "o9", ray=other, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    said = "takes token authentication and refused this driver (RAY_AUTH_MODE token): export"
+    assert said in result.stderr and not (tmp_path / "o9").exists(), result.stderr[-2000:]
 
 
 def test_flags_the_inputs_give_nothing_to_act_on_are_noted(tmp_path, capsys):

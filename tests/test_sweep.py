@@ -959,6 +959,23 @@ def test_a_stopped_clusters_address_fails_before_anything(tmp_path, ray_tmp):
         assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "store" / "gone").exists()
 
 
+def test_a_cluster_of_token_authentication_without_the_token_is_one_line(tmp_path, shared_ray):
+    """RAY_ADDRESS of a cluster that takes token authentication (Ray 2.60's `ray start`
+    turns it on where ~/.ray/auth_token exists), RAY_AUTH_MODE not set: ray.init logged
+    its refusal each second for 20 s (here Ray's retries cut to 1 s), then a traceback."""
+    cmd = [sys.executable, str(SWEEP), "--smoke-test", "--data", str(MNIST), "--models", "dense"]
+    cmd += ["--storage-path", str(tmp_path / "store"), "--name", "auth"]
+    env = {**_env(None, shared_ray), "RAY_gcs_server_port_wait_time_s": "1"}
+    env.pop("RAY_AUTH_MODE")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    said = "takes token authentication and refused this driver (RAY_AUTH_MODE unset): export"
+    assert f"sweep.py: error: RAY_ADDRESS={shared_ray['RAY_ADDRESS']}: the Ray cluster" in (
+        proc.stderr
+    )
+    assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_file_of_one_training_image_fails_before_ray(tmp_path, ray_tmp):
     """--limit 1 is refused before Ray; a file holding one training image passed, and
     every trial failed after Ray's start-up ("no training images left"), with retries."""
