@@ -1666,20 +1666,31 @@ def _why_no_best(rows: list[dict], model: str) -> str:
     return text + (" (see the error column of trials.csv)" if "error" in counts else "")
 
 
+def trial_table(rows: list[dict]):
+    """The rows as the trial table's DataFrame: nullable ints stay ints beside blanks,
+    floats stay floats (a float pinned at a whole number, --set vae.learning_rate=10000.0,
+    made its column Int64), and each variant's hyperparameters come after trial_id and
+    model, together (in the order they first came, the later variants' came after the
+    path column)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows).convert_dtypes()
+    for column in table.columns:
+        if any(isinstance(r.get(column), float) for r in rows):
+            table[column] = table[column].astype("Float64")
+    hp = [c for c in table.columns if c.startswith("hp_")]
+    return table[[*table.columns[:2], *hp, *(c for c in table.columns[2:] if c not in hp)]]
+
+
 def write_results(
     results, args, arrays, out_dir: Path, unfinished: dict[str, dict] | None = None
 ) -> tuple[list[dict], dict[str, dict]]:
     """Writes the trial table, best models and report into `out_dir` (local)."""
-    import pandas as pd
 
     pins = _pins_by_model(args.pins)
     rows = [_flatten_row(r, args.epochs, pins, unfinished) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
-    table = pd.DataFrame(rows).convert_dtypes()  # nullable ints stay ints beside blanks
-    # Each variant's hyperparameters after trial_id and model, together: in the order
-    # they first came, the later variants' came after the path column.
-    hp = [c for c in table.columns if c.startswith("hp_")]
-    table = table[[*table.columns[:2], *hp, *(c for c in table.columns[2:] if c not in hp)]]
+    table = trial_table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each file is written beside its place, then renamed: a driver stopped while it
     # writes leaves the last run's file whole (for --resume to write again), never half.

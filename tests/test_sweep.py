@@ -312,6 +312,23 @@ def test_smoke_sweep_trial_table(smoke):
     assert list(table.columns[: 2 + len(hp)]) == ["trial_id", "model", *hp], list(table.columns)
 
 
+def test_the_trial_tables_columns_keep_their_kinds():
+    """Ints beside blanks stay ints, floats stay floats also where every value is whole
+    (a pinned --set vae.learning_rate=10000.0 made the column Int64), and the variants'
+    hyperparameters come together after trial_id and model."""
+    rows = [
+        {"trial_id": "a", "model": "vae", "hp_learning_rate": 10000.0, "path": "p"},
+        {"trial_id": "b", "model": "dense", "hp_batch_size": 64, "epochs_run": 2, "path": "q"},
+    ]
+    table = _load_sweep_module().trial_table(rows)
+    assert list(table.columns) == [
+        "trial_id", "model", "hp_learning_rate", "hp_batch_size", "path", "epochs_run",
+    ]  # fmt: skip
+    kinds = {c: str(table[c].dtype) for c in table.columns}
+    assert kinds["hp_learning_rate"] == "Float64" and kinds["hp_batch_size"] == "Int64", kinds
+    assert kinds["epochs_run"] == "Int64", kinds
+
+
 def test_trial_actors_get_no_runtime_env_that_keeps_them_off_prestarted_workers(monkeypatch):
     """Any runtime env keeps an actor off the workers Ray starts with the cluster, and
     Tune gives every trial actor one by default (PL_DISABLE_FORK): the sweep removes it,
