@@ -930,9 +930,9 @@ def _output_filters(config: dict) -> int | None:
     if config.get("class_name") == "Sequential":
         last = layers[-1]
     else:
-        outputs = inner.get("output_layers")
-        if not (isinstance(outputs, list) and len(outputs) == 3 and isinstance(outputs[0], str)):
-            outputs = outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else None
+        outputs = inner.get("output_layers")  # [name, node, tensor], or a list of such
+        if isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], list):
+            outputs = outputs[0]
         if not (isinstance(outputs, list) and outputs and isinstance(outputs[0], str)):
             return None
         last = next((x for x in layers if x.get("name") == outputs[0]), None)
@@ -3171,10 +3171,9 @@ def one_run_at_a_time(output: Storage, flag: str):
             # A DST this run made, in which it wrote no output (its actors refused the
             # model, say): its journal records nothing, and the folder goes too.
             hold.keep_mark = False
-            for name in os.listdir(output.root):
-                if JOURNAL.fullmatch(name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(output.root, name))
+            for name in _journals(output):
+                with contextlib.suppress(OSError):
+                    os.unlink(output.full(name))
         if fd is not None:
             if not hold.keep_mark:
                 with contextlib.suppress(OSError):
@@ -3731,7 +3730,7 @@ def _default_resources(
         gpus = 0.0
     cpus = 1.0 if cpus is None else cpus
     if workers is None:  # as many as the nodes hold now (an autoscaler's: at least 1)
-        workers = max(1, sum(_actors_on(n.get("Resources", {}), cpus, gpus) for n in nodes))
+        workers = max(1, _actors_held(nodes, cpus, gpus))
     return cpus, gpus, workers
 
 
@@ -3744,9 +3743,7 @@ def _note_workers_beyond_nodes(
     check_resources has said so already."""
     import ray
 
-    hold = sum(
-        _actors_on(n.get("Resources", {}), cpus, gpus) for n in ray.nodes() if n.get("Alive")
-    )
+    hold = _actors_held([n for n in ray.nodes() if n.get("Alive")], cpus, gpus)
     if 0 < hold < workers:
         then = "for the autoscaler to add nodes" if autoscale else "and are never started"
         print(
@@ -3755,6 +3752,11 @@ def _note_workers_beyond_nodes(
             f"those, the others wait {then}",
             file=sys.stderr,
         )
+
+
+def _actors_held(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many actors of `cpus` CPUs and `gpus` GPUs the `nodes` (ray.nodes()) hold."""
+    return sum(_actors_on(n.get("Resources", {}), cpus, gpus) for n in nodes)
 
 
 def _actors_on(resources: dict, cpus: float, gpus: float) -> int:

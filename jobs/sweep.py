@@ -1686,7 +1686,6 @@ def write_results(
     results, args, arrays, out_dir: Path, unfinished: dict[str, dict] | None = None
 ) -> tuple[list[dict], dict[str, dict]]:
     """Writes the trial table, best models and report into `out_dir` (local)."""
-
     pins = _pins_by_model(args.pins)
     rows = [_flatten_row(r, args.epochs, pins, unfinished) for r in results]
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
